@@ -1,0 +1,208 @@
+"""Run plans on the master host itself: the embedded default and the test backend.
+
+Only hosts the inventory marks `ansible_connection=local` (or `localhost`) are eligible; any other
+host is reported unreachable rather than silently run here. Commands are argv lists run without a
+shell, in their own process group so a cancel or timeout kills the whole tree.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO
+
+from masters.backends.base import CappedText, HostResult, HostStatus, RunContext
+from modules.params import within
+from modules.plan import Arg, Command, Emit, Ping, PutFile, RequireWithin, Shell, Step, TempPath
+
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+KILL_GRACE_SECONDS = 2.0
+READER_GRACE_SECONDS = 2.0
+_POLL_SECONDS = 0.05
+
+
+class StepFailed(Exception):
+    def __init__(self, status: HostStatus, message: str, rc: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.rc = status, rc
+
+
+class LocalBackend:
+    name = "local"
+
+    def run(self, ctx: RunContext) -> None:
+        if len(ctx.hosts) == 1:  # no pool for the common single-host case
+            ctx.report(self._run_host(ctx, ctx.hosts[0]))
+            return
+        with ThreadPoolExecutor(max_workers=min(ctx.max_parallel, len(ctx.hosts))) as pool:
+            for host in ctx.hosts:
+                pool.submit(lambda h=host: ctx.report(self._run_host(ctx, h)))
+
+    def _run_host(self, ctx: RunContext, host: str) -> HostResult:
+        started = time.time()
+        out, err = CappedText(ctx.output_cap), CappedText(ctx.output_cap)
+        status, rc, error = HostStatus.OK, None, None
+        if not _is_local(host, ctx.host_vars(host)):
+            status, error = HostStatus.UNREACHABLE, "the local backend runs only on hosts with ansible_connection=local"
+        else:
+            tmp = tempfile.mkdtemp(prefix="ombot-")
+            try:
+                for step in ctx.plan.steps:
+                    rc = _run_step(step, ctx, host, Path(tmp), out, err)
+            except StepFailed as exc:
+                status, rc, error = exc.status, exc.rc, str(exc)
+            except OSError as exc:
+                status, error = HostStatus.FAILED, f"{type(exc).__name__}: {exc.strerror or exc}"
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        result = HostResult.from_output(host, status, out, err, rc=rc, started=started, ended=time.time(), error=error)
+        if status is HostStatus.OK and ctx.plan.parse is not None:
+            _attach_data(result, ctx)
+        return result
+
+
+def _attach_data(result: HostResult, ctx: RunContext) -> None:
+    try:
+        result.data = ctx.plan.parse(result.stdout)  # type: ignore[misc]
+    except Exception as exc:  # a module's parser failing is that host's failure, not the job's
+        result.status, result.error = HostStatus.FAILED, f"could not parse output: {type(exc).__name__}: {exc}"
+
+
+def _is_local(host: str, host_vars: dict[str, object]) -> bool:
+    return host in LOCAL_NAMES or host_vars.get("ansible_connection") == "local"
+
+
+def _run_step(step: Step, ctx: RunContext, host: str, tmp: Path, out: CappedText, err: CappedText) -> int | None:
+    match step:
+        case Emit(text):
+            out.write(text.encode() + b"\n")
+        case Ping():
+            out.write(b"pong\n")
+        case Command(argv, stdin):
+            return _execute([_resolve(a, tmp) for a in argv], stdin, ctx, host, tmp, out, err)
+        case Shell(cmd):
+            return _execute(["/bin/sh", "-c", cmd], None, ctx, host, tmp, out, err)
+        case PutFile():
+            _put_file(step, ctx, tmp)
+        case RequireWithin(path, roots):
+            real = os.path.realpath(path)
+            if not any(within(real, root) for root in roots):
+                raise StepFailed(HostStatus.FAILED, f"{path} resolves to {real}, outside {', '.join(roots)}")
+        case _:
+            raise StepFailed(HostStatus.FAILED, f"the local backend cannot run {type(step).__name__}")
+    return None
+
+
+def _resolve(arg: Arg, tmp: Path) -> str:
+    return str(tmp / arg.name) if isinstance(arg, TempPath) else arg
+
+
+def _put_file(step: PutFile, ctx: RunContext, tmp: Path) -> None:
+    dest = Path(_resolve(step.dest, tmp))
+    if step.source is not None:
+        if ctx.file_store is None:
+            raise StepFailed(HostStatus.FAILED, "this master has no file store configured")
+        source = (ctx.file_store / step.source).resolve()
+        if not within(str(source), str(ctx.file_store.resolve())) or not source.is_file():
+            raise StepFailed(HostStatus.FAILED, f"{step.source} is not a file in the master's store")
+        data = source.read_bytes()
+    else:
+        data = (step.content or "").encode()
+    partial = dest.with_name(f".{dest.name}.ombot-partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(partial, step.mode)
+    if step.owner or step.group:
+        shutil.chown(partial, user=step.owner, group=step.group)
+    os.replace(partial, dest)  # atomic: readers see the old file or the new one, never half
+
+
+def _child_env(ctx: RunContext, host: str, tmp: Path) -> dict[str, str]:
+    # A fixed, minimal environment: the master's own secrets never reach a module's commands.
+    return {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(tmp), "TMPDIR": str(tmp),
+        "OMBOT_JOB_ID": ctx.job_id, "OMBOT_HOST": host,
+    }
+
+
+def _execute(argv: list[str], stdin: str | None, ctx: RunContext, host: str, tmp: Path,
+             out: CappedText, err: CappedText) -> int:
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp, env=_child_env(ctx, host, tmp),
+            start_new_session=True, close_fds=True,
+        )
+    except FileNotFoundError:
+        raise StepFailed(HostStatus.FAILED, f"command not found: {argv[0]}", rc=127) from None
+    readers = [_drain(proc.stdout, out), _drain(proc.stderr, err)]
+    if stdin is not None:
+        _feed(proc, stdin)
+    stopped = _wait(proc, ctx)
+    for reader in readers:
+        # A background child that inherited the pipe may keep it open long after the command exits.
+        reader.join(timeout=READER_GRACE_SECONDS)
+    if stopped is not None:
+        raise StepFailed(stopped, "cancelled" if stopped is HostStatus.CANCELLED else "timed out", rc=proc.returncode)
+    if proc.returncode != 0:
+        raise StepFailed(HostStatus.FAILED, f"{argv[0]} exited with {proc.returncode}", rc=proc.returncode)
+    return proc.returncode
+
+
+def _drain(stream: IO[bytes] | None, sink: CappedText) -> threading.Thread:
+    def pump() -> None:
+        assert stream is not None
+        with stream:
+            for chunk in iter(lambda: stream.read1(65536), b""):
+                sink.write(chunk)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
+
+
+def _feed(proc: subprocess.Popen[bytes], text: str) -> None:
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(text.encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+
+
+def _wait(proc: subprocess.Popen[bytes], ctx: RunContext) -> HostStatus | None:
+    """Wait for the process; kill its group on cancel or deadline and say which."""
+    while True:
+        try:
+            proc.wait(timeout=_POLL_SECONDS)
+            return None
+        except subprocess.TimeoutExpired:
+            pass
+        if ctx.cancelled.is_set():
+            _kill_group(proc)
+            return HostStatus.CANCELLED
+        if ctx.remaining() <= 0:
+            _kill_group(proc)
+            return HostStatus.TIMED_OUT
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig, grace in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue

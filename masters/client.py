@@ -1,0 +1,215 @@
+"""The client library the CLI and the bot use to talk to masters.
+
+Routing: each IDC has masters in failover order. A request moves on to the next master only when
+connecting failed, so nothing was sent. Once a submit was sent, the job belongs to that master:
+if the link breaks we keep polling that master and finally report the job `unknown`, never
+re-sending it elsewhere, where it could run twice.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import rpyc
+from rpyc.core.stream import SocketStream
+
+from masters.envelope import Peer, Refused, new_request
+from masters.keys import Identity, decode_public
+from modules import Catalog
+from ombot.config import Config, MasterSettings
+from ombot.errors import OmbotError
+
+CLIENT_CONFIG: dict[str, Any] = {
+    "allow_safe_attrs": False,
+    "allow_public_attrs": False,
+    "allow_all_attrs": False,
+    "allow_pickle": False,
+    "include_local_traceback": False,
+    "include_local_version": False,
+    "instantiate_custom_exceptions": False,
+    "sync_request_timeout": 30,  # above the master's 20 s long-poll
+}
+POLL_WAIT_SECONDS = 15.0
+LOST_RETRY_SECONDS = 10.0
+FINAL = frozenset({"ok", "failed", "partial", "cancelled", "timed_out", "unknown"})
+
+
+class ConnectFailed(OmbotError):
+    """Could not reach a master; nothing was sent, so another master may be tried."""
+
+
+class MasterLost(OmbotError):
+    """The link broke after a request was sent: its outcome is unknown."""
+
+
+class NoMasterAvailable(OmbotError):
+    def __init__(self, idc: str, reasons: list[str]) -> None:
+        super().__init__(f"no master of IDC {idc!r} could be reached: " + "; ".join(reasons))
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """A job and the master that owns it: status and cancel go there and nowhere else."""
+
+    job_id: str
+    idc: str
+    master_id: str
+
+
+class MasterLink:
+    """One connection to one master; one request in flight at a time."""
+
+    def __init__(self, master: MasterSettings, identity: Identity, requester: str, origin: str,
+                 connect_timeout: float = 3.0) -> None:
+        self.master, self.requester, self.origin = master, requester, origin
+        self.connect_timeout = connect_timeout
+        self.peer = Peer(identity, decode_public(master.public_key))
+        self._conn: rpyc.Connection | None = None
+        self._methods: dict[str, Callable[[bytes], Any]] = {}
+        self._lock = threading.Lock()
+
+    def call(self, op: str, args: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:
+        with self._lock:
+            method = self._method(op)
+            request = new_request(op, self.master.id, self.requester, self.origin, args, request_id)
+            try:
+                reply = method(self.peer.seal_request(request))
+            except (EOFError, OSError, TimeoutError, rpyc.AsyncResultTimeout) as exc:
+                self.close()
+                raise MasterLost(f"lost master {self.master.id} during {op}: {type(exc).__name__}") from None
+            if type(reply) is not bytes:
+                raise Refused("bad_reply", "the master's reply is not bytes")
+            return self.peer.open_reply(reply, request)
+
+    def _method(self, op: str) -> Callable[[bytes], Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn, self._methods = self._connect(), {}
+        if op not in self._methods:
+            self._methods[op] = getattr(self._conn.root, op)  # cached: saves a round trip per call
+        return self._methods[op]
+
+    def _connect(self) -> rpyc.Connection:
+        try:
+            stream = SocketStream.connect(self.master.host, self.master.port, timeout=self.connect_timeout)
+            conn = rpyc.connect_stream(stream, config={**CLIENT_CONFIG, "sync_request_timeout": self.connect_timeout})
+            conn.root  # fetch the root now, under the short timeout: a hung master counts as unreachable
+            conn._config["sync_request_timeout"] = CLIENT_CONFIG["sync_request_timeout"]
+            return conn
+        except (OSError, EOFError, socket.timeout, rpyc.AsyncResultTimeout) as exc:
+            raise ConnectFailed(f"{self.master.id} at {self.master.host}:{self.master.port}: "
+                                f"{type(exc).__name__}: {exc}") from None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+        self._conn, self._methods = None, {}
+
+
+class Router:
+    def __init__(self, config: Config, identity: Identity, requester: str, origin: str,
+                 connect_timeout: float = 3.0) -> None:
+        self.config = config
+        self.links = {mid: MasterLink(m, identity, requester, origin, connect_timeout)
+                      for mid, m in config.masters.items()}
+
+    def masters_of(self, idc: str) -> tuple[str, ...]:
+        if idc not in self.config.idcs:
+            raise OmbotError(f"unknown IDC {idc!r} (known: {', '.join(self.config.idcs) or 'none'})")
+        return self.config.idcs[idc]
+
+    def _first(self, idc: str, op: str, args: dict[str, Any], resend_ok: bool,
+               request_id: str | None = None) -> tuple[str, dict[str, Any]]:
+        reasons: list[str] = []
+        for master_id in self.masters_of(idc):
+            try:
+                return master_id, self.links[master_id].call(op, args, request_id)
+            except ConnectFailed as exc:
+                reasons.append(str(exc))
+            except MasterLost as exc:
+                if not resend_ok:
+                    raise
+                reasons.append(str(exc))
+        raise NoMasterAvailable(idc, reasons)
+
+    def catalog(self, idc: str) -> Catalog:
+        return Catalog.from_schema(self._first(idc, "catalog", {}, resend_ok=True)[1]["catalog"])
+
+    def expand(self, idc: str, targets: str) -> list[str]:
+        return list(self._first(idc, "expand", {"targets": targets}, resend_ok=True)[1]["hosts"])
+
+    def submit(self, idc: str, module: str, params: dict[str, Any], hosts: list[str],
+               approvers: Iterable[str] = (), timeout: int | None = None,
+               request_id: str | None = None) -> tuple[JobRef, dict[str, Any]]:
+        """Send a job to the first reachable master of the IDC. MasterLost means: sent, outcome unknown."""
+        request_id = request_id or str(uuid.uuid4())
+        args = {"module": module, "params": params, "hosts": hosts, "idc": idc,
+                "approvers": list(approvers), "timeout": timeout}
+        reasons: list[str] = []
+        for master_id in self.masters_of(idc):
+            try:
+                result = self.links[master_id].call("submit", args, request_id)
+                return JobRef(request_id, idc, master_id), result
+            except ConnectFailed as exc:
+                reasons.append(str(exc))
+            except MasterLost as exc:
+                raise MasterLost(f"{exc}; job {request_id} may or may not have started there") from None
+        raise NoMasterAvailable(idc, reasons)
+
+    def events(self, ref: JobRef, after: int = 0, wait: float = 0.0) -> dict[str, Any]:
+        return self.links[ref.master_id].call("events", {"job": ref.job_id, "after": after, "wait": wait})
+
+    def cancel(self, ref: JobRef) -> dict[str, Any]:
+        return self.links[ref.master_id].call("cancel", {"job": ref.job_id})
+
+    def follow(self, ref: JobRef, on_event: Callable[[dict[str, Any]], None]) -> str:
+        """Stream a job's events to `on_event` until it ends; returns the final state.
+
+        If its master stops answering for LOST_RETRY_SECONDS, the state is `unknown`.
+        """
+        after, lost_since = 0, None
+        while True:
+            try:
+                reply = self.events(ref, after, POLL_WAIT_SECONDS)
+                lost_since = None
+            except (MasterLost, ConnectFailed):
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > LOST_RETRY_SECONDS:
+                    on_event({"seq": after + 1, "kind": "finished", "at": time.time(), "data": {
+                        "state": "unknown", "counts": {},
+                        "reason": f"lost contact with master {ref.master_id}; the job was not re-sent elsewhere"}})
+                    return "unknown"
+                time.sleep(0.5)
+                continue
+            for event in reply["events"]:
+                after = event["seq"]
+                on_event(event)
+                if event["kind"] == "finished":
+                    return str(event["data"]["state"])
+            if reply["done"] and not reply["events"]:
+                return str(reply["state"])
+
+    def health(self) -> list[dict[str, Any]]:
+        """Every configured master, reachable or not, with its round-trip time."""
+        report = []
+        for master_id, link in self.links.items():
+            started = time.perf_counter()
+            try:
+                info = link.call("health", {})
+                report.append({"master": master_id, "idc": link.master.idc, "ok": True,
+                               "rtt_ms": round((time.perf_counter() - started) * 1000, 1), **info})
+            except (ConnectFailed, MasterLost, Refused) as exc:
+                report.append({"master": master_id, "idc": link.master.idc, "ok": False, "error": str(exc)})
+        return report
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.close()

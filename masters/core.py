@@ -1,0 +1,338 @@
+"""The master's logic, independent of the transport: open a request, check it, act, seal the reply.
+
+`MasterCore.handle(op, frame)` never raises and never returns a traceback: every refusal is a
+structured error in the reply, and anything unexpected becomes `internal` with a reference that
+is also in the master's log.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from nacl.signing import VerifyKey
+
+import ombot
+from masters import store
+from masters.backends.base import Backend, HostResult, HostStatus, RunContext
+from masters.envelope import Opener, Peer, Refused, Request
+from masters.inventory import Inventory, TargetError
+from masters.keys import Identity
+from modules import Module, ParamError, Plan, Shell, catalog_of
+from ombot.config import MasterSettings
+
+log = logging.getLogger("ombot.master")
+
+MAX_WAIT_SECONDS = 20.0  # below rpyc's 30 s sync timeout
+MAX_EVENTS_PER_REPLY = 500
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    PARTIAL = "partial"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+    UNKNOWN = "unknown"
+
+
+FINAL_STATES = frozenset({JobState.OK, JobState.FAILED, JobState.PARTIAL, JobState.CANCELLED,
+                          JobState.TIMED_OUT, JobState.UNKNOWN})
+
+
+@dataclass
+class LiveJob:
+    """A job this process is running: where its events are announced and its cancel is signalled."""
+
+    id: str
+    next_seq: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    results: list[HostResult] = field(default_factory=list)
+
+
+class MasterCore:
+    def __init__(self, settings: MasterSettings, identity: Identity, accepted: dict[str, VerifyKey],
+                 modules: dict[str, Module], inventory: Inventory | None, backend: Backend,
+                 max_jobs: int = 8) -> None:
+        self.settings, self.modules, self.inventory, self.backend = settings, modules, inventory, backend
+        self.catalog = catalog_of(modules)
+        limits = settings.limits
+        self.opener = Opener(identity, settings.id, accepted, limits.max_frame_bytes,
+                             limits.clock_skew_seconds, limits.max_validity_seconds)
+        self.live: dict[str, LiveJob] = {}
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="job")
+        self.started_at = time.time()
+        self.ops: dict[str, Callable[[Request], dict[str, Any]]] = {
+            "catalog": self._catalog, "expand": self._expand, "submit": self._submit,
+            "events": self._events, "cancel": self._cancel, "health": self._health,
+        }
+        self._recover_interrupted()
+
+    # -- transport entry point -------------------------------------------------------------
+
+    def handle(self, op: str, frame: object) -> bytes:
+        peer: Peer | None = None
+        request: Request | None = None
+        try:
+            request, peer = self.opener.open(frame, op)
+            if op in ("submit", "cancel"):  # state-changing: a replay must never act twice
+                self._remember(request)
+            return self.opener.seal_reply(peer, request, self.ops[op](request))
+        except Refused as refused:
+            log.info("refused %s: %s (%s)", op, refused.code, refused.message)
+            return self.opener.seal_refusal(peer, request, refused)
+        except Exception:
+            ref = uuid.uuid4().hex[:8]
+            log.exception("internal error on %s, ref E-%s", op, ref)
+            return self.opener.seal_refusal(peer, request, Refused("internal", f"internal error, ref E-{ref}"))
+
+    def _remember(self, request: Request) -> None:
+        keep_until = max(request.expires_at, request.issued_at + self.opener.skew) + 1
+        if not store.remember_nonce(request.nonce, keep_until):
+            raise Refused("replay", "this request was already received (replayed nonce)")
+
+    # -- read-only operations ------------------------------------------------------------------
+
+    def _catalog(self, request: Request) -> dict[str, Any]:
+        return {"catalog": self.catalog.schema()}
+
+    def _health(self, request: Request) -> dict[str, Any]:
+        with self.lock:
+            running = len(self.live)
+        return {
+            "master": self.settings.id, "idc": self.settings.idc, "version": ombot.__version__,
+            "backend": self.backend.name, "time": int(time.time()), "uptime": int(time.time() - self.started_at),
+            "running_jobs": running, "catalog_version": self.catalog.version,
+        }
+
+    def _expand(self, request: Request) -> dict[str, Any]:
+        targets = request.args.get("targets")
+        if not isinstance(targets, str):
+            raise Refused("bad_request", "expand needs targets as a string")
+        try:
+            return {"hosts": self._inventory().expand(targets)}
+        except TargetError as exc:
+            raise Refused("bad_targets", str(exc)) from None
+
+    def _inventory(self) -> Inventory:
+        if self.inventory is None:
+            raise Refused("no_inventory", f"master {self.settings.id} has no inventory configured")
+        return self.inventory
+
+    # -- submit ------------------------------------------------------------------------------
+
+    def _submit(self, request: Request) -> dict[str, Any]:
+        existing = store.Job.get_or_none(store.Job.id == request.id)
+        if existing is not None:
+            return self._duplicate(existing, request)
+        module, values, hosts, timeout = self._check_job(request.args)
+        plan = self._plan(module, values)
+        job = self._record(request, module, values, hosts, timeout)
+        if job is None:  # the same request id raced in on another connection
+            return self._duplicate(store.Job.get_by_id(request.id), request)
+        self.pool.submit(self._run, request.id, plan, hosts, timeout)
+        return {"job": _summary(job), "duplicate": False}
+
+    def _duplicate(self, job: store.Job, request: Request) -> dict[str, Any]:
+        if job.sender != request.sender:
+            raise Refused("conflict", "that request id belongs to another client's job")
+        return {"job": _summary(job), "duplicate": True}
+
+    def _check_job(self, args: dict[str, Any]) -> tuple[Module, dict[str, Any], list[str], int]:
+        name = args.get("module")
+        if not isinstance(name, str) or name not in self.modules:
+            close = difflib.get_close_matches(str(name), self.modules, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise Refused("unknown_module", f"no module named {name!r} on this master{hint}")
+        module = self.modules[name]
+        if args.get("idc") != self.settings.idc:
+            raise Refused("wrong_idc", f"this master serves IDC {self.settings.idc!r}, not {args.get('idc')!r}")
+        params = args.get("params")
+        if not isinstance(params, dict):
+            raise Refused("invalid_params", "params must be an object")
+        try:
+            values = module.validate(params)
+        except ParamError as exc:
+            raise Refused("invalid_params", str(exc), param=exc.param) from None
+        return module, values, self._check_hosts(args.get("hosts")), self._timeout(module, args.get("timeout"))
+
+    def _check_hosts(self, hosts: Any) -> list[str]:
+        if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
+            raise Refused("bad_request", "hosts must be a non-empty list of host names")
+        if len(set(hosts)) != len(hosts):
+            raise Refused("bad_request", "hosts lists a host twice")
+        missing = self._inventory().missing(hosts)
+        if missing:
+            raise Refused("unknown_host", f"not in this master's inventory: {', '.join(missing[:10])}",
+                          hosts=missing[:100])
+        return hosts
+
+    def _timeout(self, module: Module, requested: Any) -> int:
+        ceiling = self.settings.limits.job_timeout_seconds
+        if requested is None:
+            return min(module.timeout or ceiling, ceiling)
+        if not isinstance(requested, int) or isinstance(requested, bool) or not 1 <= requested <= ceiling:
+            raise Refused("invalid_params", f"timeout: expected seconds from 1 to {ceiling}", param="timeout")
+        return requested
+
+    def _plan(self, module: Module, values: dict[str, Any]) -> Plan:
+        try:
+            plan = module.plan(values)
+        except Exception as exc:
+            log.exception("module %s failed to plan", module.name)
+            raise Refused("module_error", f"{module.name} could not plan: {type(exc).__name__}") from None
+        if any(isinstance(step, Shell) for step in plan.steps) and not module.allows_shell:
+            raise Refused("module_error", f"{module.name} tried to run a shell without declaring a shell parameter")
+        return plan
+
+    def _record(self, request: Request, module: Module, values: dict[str, Any], hosts: list[str],
+                timeout: int) -> store.Job | None:
+        now = int(time.time())
+        live = LiveJob(request.id, next_seq=1)
+        try:
+            with store.db.atomic():
+                job = store.Job.create(
+                    id=request.id, sender=request.sender, requester=request.requester, origin=request.origin,
+                    approvers=request.args.get("approvers") or [], module=module.name, params=values,
+                    hosts=hosts, idc=self.settings.idc, timeout=timeout, state=JobState.QUEUED,
+                    created_at=now, signed_request=request.signed,
+                )
+                self._append(live, "accepted", {"hosts": hosts, "module": module.name, "timeout": timeout})
+        except store.peewee.IntegrityError:
+            return None
+        with self.lock:
+            self.live[request.id] = live
+        return job
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _run(self, job_id: str, plan: Plan, hosts: list[str], timeout: int) -> None:
+        live = self.live[job_id]
+        started = time.time()
+        self._set_state(job_id, JobState.RUNNING)
+        ctx = RunContext(
+            job_id=job_id, plan=plan, hosts=hosts, host_vars=self._host_vars, report=lambda r: self._report(live, r),
+            output_cap=self.settings.limits.output_cap_bytes, deadline=time.monotonic() + timeout,
+            cancelled=live.cancelled, max_parallel=self.settings.limits.max_parallel_hosts,
+            file_store=self.settings.state_dir / "files",
+        )
+        try:
+            self.backend.run(ctx)
+        except Exception:
+            log.exception("backend %s failed on job %s", self.backend.name, job_id)
+        self._finish(live, hosts, started)
+
+    def _host_vars(self, host: str) -> dict[str, Any]:
+        return self.inventory.host_vars(host) if self.inventory else {}
+
+    def _report(self, live: LiveJob, result: HostResult) -> None:
+        live.results.append(result)
+        self._append(live, "host", result.as_dict())
+
+    def _finish(self, live: LiveJob, hosts: list[str], started: float) -> None:
+        done = {r.host for r in live.results}
+        for host in hosts:  # a backend bug must not leave a host unreported
+            if host not in done:
+                live.results.append(HostResult(host, HostStatus.FAILED, error="the backend reported no result"))
+        state = final_state([r.status for r in live.results], live.cancelled.is_set())
+        counts: dict[str, int] = {}
+        for r in live.results:
+            counts[str(r.status)] = counts.get(str(r.status), 0) + 1
+        self._set_state(live.id, state, finished=True)
+        self._append(live, "finished", {"state": state, "counts": counts, "duration": round(time.time() - started, 3)})
+        with self.lock:
+            self.live.pop(live.id, None)
+
+    def _append(self, live: LiveJob, kind: str, data: dict[str, Any]) -> None:
+        with live.changed:
+            store.JobEvent.create(job=live.id, seq=live.next_seq, kind=kind, at=time.time(), data=data)
+            live.next_seq += 1
+            live.changed.notify_all()
+
+    def _set_state(self, job_id: str, state: JobState, finished: bool = False) -> None:
+        fields: dict[Any, Any] = {store.Job.state: state}
+        if finished:
+            fields[store.Job.finished_at] = int(time.time())
+        store.Job.update(fields).where(store.Job.id == job_id).execute()
+
+    def _recover_interrupted(self) -> None:
+        """Jobs that were running when this master stopped: their outcome on the hosts is unknown."""
+        for job in store.Job.select().where(store.Job.state.in_([JobState.QUEUED, JobState.RUNNING])):
+            last = store.JobEvent.select(store.fn.MAX(store.JobEvent.seq)).where(store.JobEvent.job == job.id).scalar()
+            live = LiveJob(job.id, next_seq=(last or 0) + 1)
+            self._set_state(job.id, JobState.UNKNOWN, finished=True)
+            self._append(live, "finished", {"state": JobState.UNKNOWN, "counts": {},
+                                            "reason": "the master stopped while the job ran; hosts may or may not have finished"})
+
+    # -- events and cancel -------------------------------------------------------------------
+
+    def _job_for(self, request: Request) -> store.Job:
+        job_id = request.args.get("job")
+        job = store.Job.get_or_none(store.Job.id == job_id) if isinstance(job_id, str) else None
+        if job is None or job.sender != request.sender:
+            raise Refused("unknown_job", f"no job {job_id!r} on master {self.settings.id}")
+        return job
+
+    def _events(self, request: Request) -> dict[str, Any]:
+        job = self._job_for(request)
+        after, wait = request.args.get("after", 0), request.args.get("wait", 0)
+        if not isinstance(after, int) or not isinstance(wait, (int, float)):
+            raise Refused("bad_request", "after must be an integer and wait a number")
+        wait = max(0.0, min(float(wait), MAX_WAIT_SECONDS))
+        events = self._read_events(job.id, after)
+        live = self.live.get(job.id)
+        if not events and live is not None and wait > 0:
+            with live.changed:
+                live.changed.wait_for(lambda: live.next_seq > after + 1, timeout=wait)
+            events = self._read_events(job.id, after)
+        state = store.Job.get_by_id(job.id).state
+        return {"job": job.id, "state": state, "done": state in FINAL_STATES, "events": events}
+
+    @staticmethod
+    def _read_events(job_id: str, after: int) -> list[dict[str, Any]]:
+        rows = (store.JobEvent.select().where((store.JobEvent.job == job_id) & (store.JobEvent.seq > after))
+                .order_by(store.JobEvent.seq).limit(MAX_EVENTS_PER_REPLY))
+        return [{"seq": r.seq, "kind": r.kind, "at": r.at, "data": r.data} for r in rows]
+
+    def _cancel(self, request: Request) -> dict[str, Any]:
+        job = self._job_for(request)
+        live = self.live.get(job.id)
+        if live is None:
+            return {"job": job.id, "cancelled": False, "state": job.state}
+        live.cancelled.set()
+        self._append(live, "cancel_requested", {"by": request.requester})
+        return {"job": job.id, "cancelled": True, "state": job.state}
+
+    def close(self) -> None:
+        for live in list(self.live.values()):
+            live.cancelled.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def final_state(statuses: list[HostStatus], cancelled: bool) -> JobState:
+    if cancelled and any(s is HostStatus.CANCELLED for s in statuses):
+        return JobState.CANCELLED
+    if statuses and all(s is HostStatus.OK for s in statuses):
+        return JobState.OK
+    if any(s is HostStatus.TIMED_OUT for s in statuses) and not any(s is HostStatus.OK for s in statuses):
+        return JobState.TIMED_OUT
+    if any(s is HostStatus.OK for s in statuses):
+        return JobState.PARTIAL
+    return JobState.FAILED
+
+
+def _summary(job: store.Job) -> dict[str, Any]:
+    return {"id": job.id, "module": job.module, "hosts": job.hosts, "idc": job.idc, "state": job.state,
+            "requester": job.requester, "created_at": job.created_at}

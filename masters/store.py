@@ -1,0 +1,82 @@
+"""The master's own state: replay cache, jobs and their events. One database per master."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import peewee
+
+from ombot.storage import create_tables, open_database
+
+db = peewee.DatabaseProxy()
+
+
+class JSONField(peewee.TextField):
+    def db_value(self, value: Any) -> str:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+    def python_value(self, value: str | None) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = db
+
+
+class SeenNonce(BaseModel):
+    """Nonces of accepted requests, kept until their request could no longer pass the time checks."""
+
+    nonce = peewee.CharField(max_length=32, primary_key=True)
+    keep_until = peewee.IntegerField(index=True)
+
+
+class Job(BaseModel):
+    id = peewee.CharField(max_length=36, primary_key=True)  # the request id
+    sender = peewee.CharField(max_length=64)
+    requester = peewee.CharField(max_length=256)
+    origin = peewee.CharField(max_length=16)
+    approvers = JSONField()
+    module = peewee.CharField(max_length=128)
+    params = JSONField()
+    hosts = JSONField()
+    idc = peewee.CharField(max_length=64)
+    timeout = peewee.IntegerField()
+    state = peewee.CharField(max_length=16, index=True)
+    created_at = peewee.IntegerField()
+    finished_at = peewee.IntegerField(null=True)
+    signed_request = peewee.BlobField()  # the signed envelope: proof of who asked for this job
+
+
+class JobEvent(BaseModel):
+    job = peewee.ForeignKeyField(Job, backref="events", on_delete="CASCADE")
+    seq = peewee.IntegerField()
+    kind = peewee.CharField(max_length=32)
+    at = peewee.FloatField()
+    data = JSONField()
+
+    class Meta:
+        indexes = ((("job", "seq"), True),)
+
+
+MIGRATIONS = [create_tables(SeenNonce, Job, JobEvent)]
+
+
+def open_store(url: str) -> peewee.Database:
+    return open_database(url, db, "master", MIGRATIONS)
+
+
+def remember_nonce(nonce: str, keep_until: int) -> bool:
+    """Record a nonce; False if it was already seen (a replay). One insert, no read-then-write race."""
+    try:
+        with db.atomic():  # a savepoint, so a conflict does not poison an outer transaction (Postgres)
+            SeenNonce.create(nonce=nonce, keep_until=keep_until)
+        return True
+    except peewee.IntegrityError:
+        return False
+
+
+def forget_old_nonces(now: float | None = None) -> int:
+    return SeenNonce.delete().where(SeenNonce.keep_until < int(now or time.time())).execute()

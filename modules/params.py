@@ -1,0 +1,243 @@
+"""Typed module parameters. Each converts a raw value (text from chat or the CLI, or JSON from a
+form or an envelope) or raises ParamError naming the parameter and what was expected.
+
+A parameter round-trips through `schema()` / `from_schema()`, so the bot validates with exactly the
+rules the master will apply again on its side.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+from ombot.errors import OmbotError
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+class ParamError(OmbotError):
+    def __init__(self, param: str, expected: str, got: Any = ...) -> None:
+        message = f"{param}: expected {expected}"
+        if got is not ...:
+            shown = got if not isinstance(got, str) or len(got) <= 60 else got[:57] + "..."
+            message += f", got {shown!r}"
+        super().__init__(message)
+        self.param, self.expected = param, expected
+
+
+@dataclass(frozen=True)
+class Param:
+    """Base of all parameter types. `kind` names the type in schemas and forms."""
+
+    name: str
+    help: str = ""
+    required: bool = True
+    default: Any = None
+    kind: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type[Param]]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.kind:
+            Param.registry[cls.kind] = cls
+
+    def convert(self, raw: Any) -> Any:
+        raise NotImplementedError
+
+    def fail(self, expected: str, got: Any = ...) -> ParamError:
+        return ParamError(self.name, expected, got)
+
+    def schema(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if v is not None}
+        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}}
+
+    @staticmethod
+    def from_schema(data: dict[str, Any]) -> Param:
+        kind = data.get("kind")
+        cls = Param.registry.get(str(kind))
+        if cls is None:
+            raise ValueError(f"unknown parameter kind {kind!r}")
+        settable = {f.name for f in fields(cls) if f.init}
+        unknown = set(data) - {f.name for f in fields(cls)} - {"kind"}
+        if unknown:
+            raise ValueError(f"unknown schema keys for {kind}: {', '.join(sorted(unknown))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in settable}
+        return cls(**values)
+
+    def _text(self, raw: Any) -> str:
+        if not isinstance(raw, str):
+            raise self.fail("text", raw)
+        return raw
+
+
+@dataclass(frozen=True)
+class String(Param):
+    """One line of text. No control characters; no leading '-' unless allowed (an option lookalike)."""
+
+    pattern: str | None = None
+    min_len: int = 0
+    max_len: int = 256
+    allow_dash: bool = False
+    kind: ClassVar[str] = "string"
+
+    def convert(self, raw: Any) -> str:
+        text = self._text(raw)
+        if _CONTROL.search(text):
+            raise self.fail("one line of text without control characters", text)
+        if not self.min_len <= len(text) <= self.max_len:
+            raise self.fail(f"{self.min_len}-{self.max_len} characters", text)
+        if text.startswith("-") and not self.allow_dash:
+            raise self.fail("a value that does not start with '-'", text)
+        if self.pattern and not re.fullmatch(self.pattern, text):
+            raise self.fail(f"text matching {self.pattern}", text)
+        return text
+
+
+@dataclass(frozen=True)
+class Int(Param):
+    min: int | None = None
+    max: int | None = None
+    kind: ClassVar[str] = "int"
+
+    def convert(self, raw: Any) -> int:
+        if isinstance(raw, bool):
+            raise self.fail(self._expected(), raw)
+        if isinstance(raw, str) and re.fullmatch(r"[+-]?\d{1,18}", raw.strip()):
+            raw = int(raw)
+        if not isinstance(raw, int) or not self._in_range(raw):
+            raise self.fail(self._expected(), raw)
+        return raw
+
+    def _in_range(self, value: int) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def _expected(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"an integer from {self.min} to {self.max}"
+        if self.min is not None:
+            return f"an integer of at least {self.min}"
+        if self.max is not None:
+            return f"an integer of at most {self.max}"
+        return "an integer"
+
+
+@dataclass(frozen=True)
+class Bool(Param):
+    kind: ClassVar[str] = "bool"
+
+    def convert(self, raw: Any) -> bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise self.fail("true or false", raw)
+
+
+@dataclass(frozen=True)
+class Choice(Param):
+    """One of a fixed list (a select in forms)."""
+
+    choices: tuple[str, ...] = ()
+    kind: ClassVar[str] = "choice"
+
+    def convert(self, raw: Any) -> str:
+        text = self._text(raw)
+        if text not in self.choices:
+            raise self.fail(f"one of {', '.join(self.choices)}", text)
+        return text
+
+
+@dataclass(frozen=True)
+class Radio(Choice):
+    """One of a short fixed list (radio buttons in forms)."""
+
+    kind: ClassVar[str] = "radio"
+
+
+@dataclass(frozen=True)
+class MultiChoice(Param):
+    """Any of a fixed list (checkboxes in forms); text form is comma-separated."""
+
+    choices: tuple[str, ...] = ()
+    kind: ClassVar[str] = "multi"
+
+    def convert(self, raw: Any) -> list[str]:
+        items = [s.strip() for s in raw.split(",") if s.strip()] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise self.fail(f"a list of {', '.join(self.choices)}", raw)
+        bad = [i for i in items if i not in self.choices]
+        if bad:
+            raise self.fail(f"items from {', '.join(self.choices)}", bad[0])
+        return list(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class HostPattern(Param):
+    """A target expression as `ombot run` takes it (names, groups, ranges, comma lists)."""
+
+    kind: ClassVar[str] = "hosts"
+    _ALLOWED: ClassVar[re.Pattern[str]] = re.compile(r"[A-Za-z0-9_.:\-\[\],*!&]+")
+
+    def convert(self, raw: Any) -> str:
+        text = self._text(raw).strip()
+        if not self._ALLOWED.fullmatch(text) or text.startswith("-"):
+            raise self.fail("host names, groups or ranges such as web[01-03]", text)
+        return text
+
+
+@dataclass(frozen=True)
+class Path(Param):
+    """An absolute path under one of the allow-listed roots. `..` is refused outright; symlinks are
+    resolved where the file lives (the backend checks the real path on the host before use)."""
+
+    roots: tuple[str, ...] = ()
+    kind: ClassVar[str] = "path"
+
+    def convert(self, raw: Any) -> str:
+        text = self._text(raw)
+        expected = f"an absolute path under {', '.join(self.roots)}"
+        if _CONTROL.search(text) or not text.startswith("/") or ".." in text.split("/"):
+            raise self.fail(expected, text)
+        normal = posixpath.normpath(text)
+        if not any(within(normal, root) for root in self.roots):
+            raise self.fail(expected, text)
+        return normal
+
+
+def within(path: str, root: str) -> bool:
+    root = posixpath.normpath(root)
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+@dataclass(frozen=True)
+class Script(Param):
+    """Script text: many lines, no NUL bytes."""
+
+    max_len: int = 64 * 1024
+    kind: ClassVar[str] = "script"
+
+    def convert(self, raw: Any) -> str:
+        text = self._text(raw)
+        if "\x00" in text or not 0 < len(text) <= self.max_len:
+            raise self.fail(f"script text of 1-{self.max_len} characters without NUL bytes")
+        return text
+
+
+@dataclass(frozen=True)
+class ShellCommand(Param):
+    """A command line for `sh -c`. The one parameter exempt from the no-shell rule; only modules of
+    risk 'high' may declare it, and the schema says so (`shell: true`)."""
+
+    max_len: int = 4096
+    shell: bool = field(default=True, init=False)
+    kind: ClassVar[str] = "shell"
+
+    def convert(self, raw: Any) -> str:
+        text = self._text(raw)
+        if "\x00" in text or not 0 < len(text.strip()) <= self.max_len:
+            raise self.fail(f"a command of 1-{self.max_len} characters")
+        return text

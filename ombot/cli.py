@@ -1,0 +1,164 @@
+"""The `ombot` command. User-facing errors are caught in one place (`main`) and printed plainly."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ombot import config as cfg
+from ombot import initdir
+from ombot.errors import OmbotError
+from ombot.logs import setup_logging
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="OMBot: run and audit Linux clusters from chat.")
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", envvar=cfg.CONFIG_ENV, help="Path to ombot.toml [default: ./ombot.toml]"),
+]
+IdcOpt = Annotated[Optional[str], typer.Option("--idc", help="IDC to act in [default: the client's default_idc]")]
+
+
+@app.callback()
+def _root(ctx: typer.Context, config: ConfigOpt = None,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail")] = False) -> None:
+    ctx.obj = {"config": config}
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
+
+
+def _config(ctx: typer.Context, local: Path | None) -> cfg.Config:
+    return cfg.load(local or (ctx.obj or {}).get("config"))
+
+
+def _router(conf: cfg.Config, origin: str = "cli") -> Any:
+    from masters import Identity, Router
+
+    client = conf.require_client()
+    return Router(conf, Identity.load(client.key_file), f"cli:{getpass.getuser()}", origin)
+
+
+@app.command()
+def init(directory: Annotated[Path, typer.Argument(help="Directory to create")],
+         master_port: Annotated[int, typer.Option(help="Port for the local master")] = initdir.DEFAULT_PORT) -> None:
+    """Write a working starter set: ombot.toml, fresh keys, an inventory, a sample policy."""
+    path = initdir.init(directory, master_port)
+    typer.echo(f"wrote {path}")
+    typer.echo(f"start a master:  ombot --config {path} master")
+    typer.echo(f"run a module:    ombot --config {path} run facts localhost")
+
+
+@app.command()
+def keygen(name: Annotated[str, typer.Argument(help="Key name, e.g. bot or bj-master-1")],
+           directory: Annotated[Path, typer.Option("--dir", help="Where to write NAME.key and NAME.pub")] = Path("keys")) -> None:
+    """Make a key pair (private file 0600, never overwritten) and print the public key."""
+    from masters import Identity
+
+    identity = Identity.generate()
+    identity.save(directory / f"{name}.key")
+    typer.echo(identity.public)
+
+
+@app.command()
+def master(ctx: typer.Context, config: ConfigOpt = None,
+           master_id: Annotated[Optional[str], typer.Option("--id", help="Which [masters.NAME] to serve")] = None,
+           ready_file: Annotated[Optional[Path], typer.Option(help="Write host:port here once listening")] = None) -> None:
+    """Serve one master of an IDC (rpyc on its configured address)."""
+    from masters.server import serve
+
+    conf = _config(ctx, config)
+    serve(conf, conf.master(master_id), ready_file)
+
+
+@app.command()
+def up(ctx: typer.Context, config: ConfigOpt = None,
+       directory: Annotated[Path, typer.Argument(help="Demo directory, created on first use")] = Path("demo")) -> None:
+    """Start OMBot on the embedded default: a local master on SQLite, configured on first use."""
+    from masters.server import serve
+
+    path = config or (ctx.obj or {}).get("config") or directory / "ombot.toml"
+    if not Path(path).exists():
+        initdir.init(Path(path).parent, initdir.DEFAULT_PORT)
+        typer.echo(f"wrote a demo configuration to {path}")
+    conf = cfg.load(path)
+    settings = conf.master()
+    typer.echo(f"master {settings.id} listening on {settings.host}:{settings.port}; in another terminal try:")
+    typer.echo(f"  ombot --config {path} run facts localhost")
+    typer.echo(f"  ombot --config {path} run echo localhost message=hello")
+    serve(conf, settings)
+
+
+@app.command("modules")
+def list_modules(ctx: typer.Context, config: ConfigOpt = None, idc: IdcOpt = None) -> None:
+    """List the modules the IDC's master offers."""
+    conf = _config(ctx, config)
+    router = _router(conf)
+    catalog = router.catalog(idc or conf.require_client().default_idc)
+    width = max((len(n) for n in catalog.modules), default=4)
+    for spec in catalog.modules.values():
+        typer.echo(f"{spec.name:<{width}}  {spec.risk:<6}  {spec.description}")
+
+
+@app.command()
+def run(ctx: typer.Context,
+        module: Annotated[str, typer.Argument(help="Module name, e.g. facts")],
+        targets: Annotated[str, typer.Argument(help="Hosts, groups, ranges: web[01-03],db")],
+        params: Annotated[Optional[list[str]], typer.Argument(help="key=value parameters")] = None,
+        config: ConfigOpt = None, idc: IdcOpt = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the hosts and stop")] = False,
+        timeout: Annotated[Optional[int], typer.Option(help="Job timeout in seconds")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines")] = False) -> None:
+    """Run a module on hosts and print a per-host table; exit 0 only if every host succeeded."""
+    from ombot.runcmd import run_module
+
+    conf = _config(ctx, config)
+    code = run_module(_router(conf), idc or conf.require_client().default_idc, module, targets,
+                      parse_pairs(params or []), dry_run, timeout, as_json)
+    raise typer.Exit(code)
+
+
+@app.command()
+def masters(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    """Health of every configured master; exit 1 if any is down."""
+    conf = _config(ctx, config)
+    report = _router(conf).health()
+    for m in report:
+        if m["ok"]:
+            typer.echo(f"{m['master']:<16} {m['idc']:<10} up    {m['rtt_ms']:>7} ms  backend={m['backend']} "
+                       f"running={m['running_jobs']} catalog={m['catalog_version']}")
+        else:
+            typer.echo(f"{m['master']:<16} {m['idc']:<10} DOWN  {m['error']}")
+    raise typer.Exit(0 if all(m["ok"] for m in report) else 1)
+
+
+def parse_pairs(pairs: list[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise OmbotError(f"parameters are key=value, got {pair!r}")
+        if key in values:
+            raise OmbotError(f"parameter {key!r} given twice")
+        values[key] = value
+    return values
+
+
+def main() -> None:
+    from masters import ConnectFailed, MasterLost, NoMasterAvailable, Refused
+
+    try:
+        app()
+    except Refused as exc:
+        typer.echo(f"refused ({exc.code}): {exc.message}", err=True)
+        sys.exit(2)
+    except (NoMasterAvailable, ConnectFailed, MasterLost) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(3)
+    except OmbotError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,247 @@
+"""ombot.toml: one file of settings, validated before anything runs.
+
+Secrets never live in the TOML file. Keys are 0600 files named by path; database URLs with a
+password come from the environment or a 0600 file. A config error names the file, the key path
+and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ombot.errors import ConfigError
+
+CONFIG_ENV = "OMBOT_CONFIG"
+DEFAULT_CONFIG = "ombot.toml"
+SECRET_FILE_MODE_MASK = 0o077
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame_bytes: int = 1024 * 1024
+    clock_skew_seconds: int = 60
+    max_validity_seconds: int = 300
+    output_cap_bytes: int = 64 * 1024
+    job_timeout_seconds: int = 600
+    max_parallel_hosts: int = 16
+
+
+@dataclass(frozen=True)
+class MasterSettings:
+    id: str
+    idc: str
+    host: str
+    port: int
+    public_key: str
+    key_file: Path | None
+    inventory: Path | None
+    backend: str
+    accept: tuple[str, ...]
+    state_dir: Path
+    database_url: str
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    id: str
+    key_file: Path
+    default_idc: str
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    client: ClientSettings | None
+    clients: dict[str, str]  # client id -> public key
+    idcs: dict[str, tuple[str, ...]]  # idc -> master ids, in failover order
+    masters: dict[str, MasterSettings]
+    module_dirs: tuple[Path, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def master(self, master_id: str | None = None) -> MasterSettings:
+        if master_id is None:
+            if len(self.masters) != 1:
+                raise ConfigError(self.path, "masters", "exactly one master, or --id NAME to pick one")
+            return next(iter(self.masters.values()))
+        try:
+            return self.masters[master_id]
+        except KeyError:
+            raise ConfigError(self.path, f"masters.{master_id}", "a [masters.NAME] table") from None
+
+    def require_client(self) -> ClientSettings:
+        if self.client is None:
+            raise ConfigError(self.path, "client", "a [client] table with id, key_file and default_idc")
+        return self.client
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """The config file to use: --config, then $OMBOT_CONFIG, then ./ombot.toml."""
+    return Path(explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    path = config_path(path).resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(path, "", "an existing file (create one with `ombot init DIR`)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"valid TOML ({exc})") from None
+    return _parse(path, raw)
+
+
+class _Reader:
+    """Typed access to one table of the TOML document, naming the key path on errors."""
+
+    def __init__(self, path: Path, table: Any, prefix: str) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(path, prefix, "a table")
+        self.path, self.table, self.prefix = path, table, prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., what: str = "") -> Any:
+        if name not in self.table:
+            if default is ...:
+                raise ConfigError(self.path, self.key(name), f"{what or _kind_name(kind)} (missing)")
+            return default
+        value = self.table[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(self.path, self.key(name), what or _kind_name(kind), value)
+        return value
+
+    def sub(self, name: str, required: bool = False) -> _Reader:
+        if name not in self.table and not required:
+            return _Reader(self.path, {}, self.key(name))
+        return _Reader(self.path, self.get(name, dict, what="a table"), self.key(name))
+
+    def file(self, name: str, default: Any = ...) -> Path | None:
+        value = self.get(name, str, default, what="a file path")
+        return None if value is None else (self.path.parent / value)
+
+    def strings(self, name: str, default: Any = ...) -> tuple[str, ...]:
+        value = self.get(name, list, default, what="a list of strings")
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(self.path, self.key(name), "a list of strings", value)
+        return tuple(value)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "true or false", list: "a list", dict: "a table"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def _check_name(path: Path, key: str, value: str) -> str:
+    if not _NAME.match(value):
+        raise ConfigError(path, key, "a name of letters, digits, '.', '_' or '-'", value)
+    return value
+
+
+def _parse(path: Path, raw: dict[str, Any]) -> Config:
+    top = _Reader(path, raw, "")
+    clients = {
+        _check_name(path, f"clients.{cid}", cid): top.sub("clients").sub(cid, True).get("public_key", str)
+        for cid in top.sub("clients").table
+    }
+    masters = {
+        _check_name(path, f"masters.{mid}", mid): _parse_master(top.sub("masters").sub(mid, True), mid, clients)
+        for mid in top.sub("masters").table
+    }
+    idcs = _parse_idcs(top.sub("idcs"), masters)
+    client = _parse_client(top.sub("client"), idcs) if "client" in raw else None
+    modules = top.sub("modules")
+    module_dirs = tuple(path.parent / d for d in modules.strings("dirs", ()))
+    return Config(path, client, clients, idcs, masters, module_dirs, raw)
+
+
+def _parse_master(r: _Reader, master_id: str, clients: dict[str, str]) -> MasterSettings:
+    host, port = parse_address(r, "address")
+    accept = r.strings("accept", ())
+    for cid in accept:
+        if cid not in clients:
+            raise ConfigError(r.path, r.key("accept"), f"client ids defined under [clients]; unknown {cid!r}")
+    state_dir = r.file("state_dir", "state") or r.path.parent / "state"
+    limits = r.sub("limits")
+    return MasterSettings(
+        id=master_id,
+        idc=_check_name(r.path, r.key("idc"), r.get("idc", str)),
+        host=host,
+        port=port,
+        public_key=r.get("public_key", str),
+        key_file=r.file("key_file", None),
+        inventory=r.file("inventory", None),
+        backend=r.get("backend", str, "local"),
+        accept=accept,
+        state_dir=state_dir,
+        database_url=database_url(r, "OMBOT_MASTER_DATABASE_URL", f"sqlite:///{state_dir / master_id}.db"),
+        limits=Limits(**{k: limits.get(k, int, v) for k, v in Limits().__dict__.items()}),
+    )
+
+
+def _parse_idcs(r: _Reader, masters: dict[str, MasterSettings]) -> dict[str, tuple[str, ...]]:
+    idcs: dict[str, tuple[str, ...]] = {}
+    for idc in r.table:
+        sub = r.sub(idc, True)
+        ids = sub.strings("masters")
+        for mid in ids:
+            if mid not in masters:
+                raise ConfigError(r.path, sub.key("masters"), f"master ids defined under [masters]; unknown {mid!r}")
+            if masters[mid].idc != idc:
+                raise ConfigError(r.path, sub.key("masters"), f"masters of IDC {idc!r}; {mid!r} is in {masters[mid].idc!r}")
+        idcs[idc] = ids
+    return idcs
+
+
+def _parse_client(r: _Reader, idcs: dict[str, tuple[str, ...]]) -> ClientSettings:
+    default_idc = r.get("default_idc", str)
+    if default_idc not in idcs:
+        raise ConfigError(r.path, r.key("default_idc"), f"one of the IDCs under [idcs] ({', '.join(idcs)})", default_idc)
+    return ClientSettings(id=r.get("id", str), key_file=r.file("key_file"), default_idc=default_idc)
+
+
+def parse_address(r: _Reader, name: str) -> tuple[str, int]:
+    value = r.get(name, str, what="'host:port'")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(r.path, r.key(name), "'host:port'", value)
+    return host.strip("[]"), int(port)
+
+
+def database_url(r: _Reader, env_name: str, default: str) -> str:
+    """A database URL from $ENV, a 0600 file (`database_url_file`), or `database` if it holds no password."""
+    if os.environ.get(env_name):
+        return os.environ[env_name]
+    secret_file = r.file("database_url_file", None)
+    if secret_file is not None:
+        return read_secret_file(secret_file, r.path, r.key("database_url_file"))
+    url = r.get("database", str, default)
+    if urlsplit(url).password:
+        raise ConfigError(r.path, r.key("database"), f"a URL without a password (put it in ${env_name} or a 0600 database_url_file)")
+    return url
+
+
+def read_secret_file(secret: Path, config: Path | None = None, key: str = "") -> str:
+    """Read a secret from a file that only its owner can read."""
+    try:
+        mode = secret.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(config or secret, key, f"an existing file: {secret}") from None
+    if mode & SECRET_FILE_MODE_MASK:
+        raise ConfigError(config or secret, key, f"a file only its owner can read (chmod 600 {secret})")
+    return secret.read_text(encoding="utf-8").strip()

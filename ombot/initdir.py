@@ -1,0 +1,79 @@
+"""`ombot init DIR`: a working starter set with fresh keys. Nothing secret goes into ombot.toml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ombot.errors import OmbotError
+
+DEFAULT_PORT = 18861
+
+CONFIG_TEMPLATE = """\
+# OMBot settings. Secrets never go in this file: private keys are 0600 files named below;
+# database URLs with passwords come from the environment (OMBOT_MASTER_DATABASE_URL) or a
+# 0600 file named by `database_url_file`. Paths are relative to this file.
+
+# Who this installation talks as, when it is the bot or the CLI.
+[client]
+id = "bot"
+key_file = "keys/bot.key"
+default_idc = "local"
+
+# Clients the masters may accept, by public key.
+[clients.bot]
+public_key = "{bot_public}"
+
+# Each IDC lists its masters in failover order.
+[idcs.local]
+masters = ["local-1"]
+
+[masters.local-1]
+idc = "local"
+address = "127.0.0.1:{port}"
+public_key = "{master_public}"
+key_file = "keys/local-1.key"      # needed only where this master runs
+inventory = "inventory/local.ini"  # Ansible INI or YAML
+backend = "local"
+accept = ["bot"]
+state_dir = "state"                # SQLite database, file store; or set OMBOT_MASTER_DATABASE_URL
+
+[masters.local-1.limits]
+max_frame_bytes = 1048576
+clock_skew_seconds = 60
+output_cap_bytes = 65536
+job_timeout_seconds = 600
+
+# Extra directories of task modules, loaded after the built-ins.
+[modules]
+dirs = []
+"""
+
+INVENTORY = """\
+# Ansible INI inventory for IDC "local". The local backend runs only on hosts marked
+# ansible_connection=local, i.e. on the master host itself.
+[local]
+localhost ansible_connection=local
+"""
+
+POLICY = """\
+# Access policy: who may run which modules on which hosts, and what needs approval.
+# The policy engine and its reference (docs/policy.md) arrive with the approvals work; until then
+# every client accepted by a master may run every module.
+"""
+
+
+def init(directory: Path, port: int = DEFAULT_PORT) -> Path:
+    from masters.keys import Identity
+
+    config = directory / "ombot.toml"
+    if config.exists():
+        raise OmbotError(f"{config} exists; refusing to overwrite it")
+    bot, master = Identity.generate(), Identity.generate()
+    bot.save(directory / "keys" / "bot.key")
+    master.save(directory / "keys" / "local-1.key")
+    (directory / "inventory").mkdir(parents=True, exist_ok=True)
+    (directory / "inventory" / "local.ini").write_text(INVENTORY)
+    (directory / "state" / "files").mkdir(parents=True, exist_ok=True)
+    (directory / "policy.toml").write_text(POLICY)
+    config.write_text(CONFIG_TEMPLATE.format(bot_public=bot.public, master_public=master.public, port=port))
+    return config

@@ -1,0 +1,36 @@
+"""Logging in UTC, with secrets redacted from every record before it is written."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+_PATTERNS = [
+    (re.compile(r"(://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),  # passwords in URLs
+    (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]+"), "xox?-***"),  # Slack bot/user tokens
+    (re.compile(r"\bxapp-[A-Za-z0-9-]+"), "xapp-***"),  # Slack app-level tokens
+]
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    converter = time.gmtime  # UTC everywhere
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)sZ %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("ombot.master.rpyc", "rpyc"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -1,0 +1,99 @@
+"""Databases by URL (sqlite:///, mysql://, postgresql://) and a small schema-migration runner.
+
+Each component (a master, the bot) binds its peewee models to a `DatabaseProxy` and calls
+`open_database(url, proxy, migrations)` once at start.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import peewee
+from playhouse.db_url import connect
+
+Migration = Callable[[peewee.Database], None]
+
+_SQLITE_PRAGMAS = {
+    "journal_mode": "wal",  # readers are never blocked by the writer
+    "synchronous": "normal",  # durable across process crashes; WAL keeps it consistent on power loss
+    "busy_timeout": 10_000,
+    "foreign_keys": 1,
+}
+# MySQL's TEXT and BLOB stop at 64 KiB; envelopes and captured output can be larger.
+_MYSQL_FIELD_TYPES = {"TEXT": "LONGTEXT", "BLOB": "LONGBLOB"}
+
+
+class SchemaVersion(peewee.Model):
+    component = peewee.CharField(max_length=64, primary_key=True)
+    version = peewee.IntegerField()
+
+    class Meta:
+        table_name = "ombot_schema_version"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for logs and error messages."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def connect_url(url: str) -> peewee.Database:
+    scheme = url.split(":", 1)[0].lower()
+    kwargs: dict[str, Any] = {}
+    if scheme.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["pragmas"] = _SQLITE_PRAGMAS
+        kwargs["check_same_thread"] = False
+    elif scheme.startswith("mysql"):
+        kwargs["field_types"] = _MYSQL_FIELD_TYPES
+        kwargs.setdefault("charset", "utf8mb4")
+    try:
+        return connect(url, **kwargs)
+    except Exception as exc:  # peewee raises bare errors for unknown schemes and missing drivers
+        raise ValueError(f"cannot use database {redact_url(url)}: {exc}") from None
+
+
+def open_database(
+    url: str,
+    proxy: peewee.DatabaseProxy,
+    component: str,
+    migrations: Sequence[Migration],
+) -> peewee.Database:
+    """Connect, bind `proxy`, and apply the component's migrations that have not run yet."""
+    db = connect_url(url)
+    proxy.initialize(db)
+    migrate(db, component, migrations)
+    return db
+
+
+def migrate(db: peewee.Database, component: str, migrations: Sequence[Migration]) -> int:
+    """Run migrations[current:] in order, each in a transaction; returns the new version."""
+    with db.bind_ctx([SchemaVersion]):
+        db.create_tables([SchemaVersion], safe=True)
+        row = SchemaVersion.get_or_none(SchemaVersion.component == component)
+        current = row.version if row else 0
+        for version, step in enumerate(migrations[current:], start=current + 1):
+            with db.atomic():
+                step(db)
+                _record_version(component, version)
+        return len(migrations)
+
+
+def _record_version(component: str, version: int) -> None:
+    updated = SchemaVersion.update(version=version).where(SchemaVersion.component == component).execute()
+    if not updated:
+        SchemaVersion.create(component=component, version=version)
+
+
+def create_tables(*models: type[peewee.Model]) -> Migration:
+    """A migration that creates tables for models bound to the database it runs on."""
+
+    def step(db: peewee.Database) -> None:
+        with db.bind_ctx(models):
+            db.create_tables(models)
+
+    return step
