@@ -116,8 +116,8 @@ class MasterLink:
 
 class Router:
     def __init__(self, config: Config, identity: Identity, requester: str, origin: str,
-                 connect_timeout: float = 3.0) -> None:
-        self.config = config
+                 connect_timeout: float = 3.0, lost_retry: float = LOST_RETRY_SECONDS) -> None:
+        self.config, self.lost_retry = config, lost_retry
         self.links = {mid: MasterLink(m, identity, requester, origin, connect_timeout)
                       for mid, m in config.masters.items()}
 
@@ -173,7 +173,7 @@ class Router:
     def follow(self, ref: JobRef, on_event: Callable[[dict[str, Any]], None]) -> str:
         """Stream a job's events to `on_event` until it ends; returns the final state.
 
-        If its master stops answering for LOST_RETRY_SECONDS, the state is `unknown`.
+        If its master stops answering for `lost_retry` seconds, the state is `unknown`.
         """
         after, lost_since = 0, None
         while True:
@@ -182,7 +182,7 @@ class Router:
                 lost_since = None
             except (MasterLost, ConnectFailed):
                 lost_since = lost_since or time.monotonic()
-                if time.monotonic() - lost_since > LOST_RETRY_SECONDS:
+                if time.monotonic() - lost_since > self.lost_retry:
                     on_event({"seq": after + 1, "kind": "finished", "at": time.time(), "data": {
                         "state": "unknown", "counts": {},
                         "reason": f"lost contact with master {ref.master_id}; the job was not re-sent elsewhere"}})

@@ -270,7 +270,7 @@ class MasterCore:
     def _recover_interrupted(self) -> None:
         """Jobs that were running when this master stopped: their outcome on the hosts is unknown."""
         for job in store.Job.select().where(store.Job.state.in_([JobState.QUEUED, JobState.RUNNING])):
-            last = store.JobEvent.select(store.fn.MAX(store.JobEvent.seq)).where(store.JobEvent.job == job.id).scalar()
+            last = store.JobEvent.select(store.peewee.fn.MAX(store.JobEvent.seq)).where(store.JobEvent.job == job.id).scalar()
             live = LiveJob(job.id, next_seq=(last or 0) + 1)
             self._set_state(job.id, JobState.UNKNOWN, finished=True)
             self._append(live, "finished", {"state": JobState.UNKNOWN, "counts": {},

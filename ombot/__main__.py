@@ -1,0 +1,3 @@
+from ombot.cli import main
+
+main()

@@ -1,0 +1,155 @@
+"""Test support: real configs with fresh keys, and real master processes on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from masters.keys import Identity
+from ombot import config as cfg
+
+REPO = Path(__file__).resolve().parent.parent
+
+INVENTORY = """\
+[local]
+localhost ansible_connection=local
+
+[web]
+web01 ansible_connection=local
+web02 ansible_connection=local
+web03 ansible_connection=local
+
+[db]
+db01 ansible_connection=local
+
+[remote]
+far01 ansible_host=192.0.2.10
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    """A config directory describing IDCs, their masters and one client ("bot")."""
+
+    root: Path
+    idcs: dict[str, list[str]]
+    limits: dict[str, int] = field(default_factory=dict)
+    inventory: str = INVENTORY
+    module_dirs: list[Path] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+    processes: dict[str, "MasterProcess"] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        keys = self.root / "keys"
+        bot = Identity.generate()
+        bot.save(keys / "bot.key")
+        (self.root / "inventory.ini").write_text(self.inventory)
+        (self.root / "files").mkdir(exist_ok=True)
+        lines = ['[client]', 'id = "bot"', 'key_file = "keys/bot.key"', f'default_idc = "{next(iter(self.idcs))}"',
+                 '', '[clients.bot]', f'public_key = "{bot.public}"', '',
+                 '[modules]', f'dirs = {[str(d) for d in self.module_dirs]!r}'.replace("'", '"'), '']
+        for idc, masters in self.idcs.items():
+            lines += [f'[idcs.{idc}]', f'masters = {masters!r}'.replace("'", '"'), '']
+            for mid in masters:
+                ident = Identity.generate()
+                ident.save(keys / f"{mid}.key")
+                self.ports[mid] = free_port()
+                lines += [
+                    f'[masters.{mid}]', f'idc = "{idc}"', f'address = "127.0.0.1:{self.ports[mid]}"',
+                    f'public_key = "{ident.public}"', f'key_file = "keys/{mid}.key"',
+                    'inventory = "inventory.ini"', 'accept = ["bot"]', f'state_dir = "state-{mid}"', '',
+                    f'[masters.{mid}.limits]', *[f"{k} = {v}" for k, v in self.limits.items()], '',
+                ]
+        self.config_path.write_text("\n".join(lines))
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "ombot.toml"
+
+    def config(self) -> cfg.Config:
+        return cfg.load(self.config_path)
+
+    def start(self, master_id: str, env: dict[str, str] | None = None) -> "MasterProcess":
+        proc = MasterProcess(self, master_id, env or {})
+        self.processes[master_id] = proc
+        proc.start()
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.processes.values():
+            proc.stop()
+
+    def router(self, requester: str = "cli:test", origin: str = "cli", **kw):
+        from masters import Router
+
+        conf = self.config()
+        return Router(conf, Identity.load(conf.require_client().key_file), requester, origin,
+                      connect_timeout=2.0, **kw)
+
+    def ombot(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the real `ombot` CLI against this cluster's config."""
+        return subprocess.run([sys.executable, "-m", "ombot", "--config", str(self.config_path), *args],
+                              capture_output=True, text=True, timeout=timeout, env=child_env())
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMBOT_")}
+    env["PYTHONPATH"] = str(REPO)
+    return {**env, **(extra or {})}
+
+
+class MasterProcess:
+    def __init__(self, cluster: Cluster, master_id: str, env: dict[str, str]) -> None:
+        self.cluster, self.id, self.env = cluster, master_id, env
+        self.log_path = cluster.root / f"{master_id}.log"
+        self.ready = cluster.root / f"{master_id}.ready"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        self.ready.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ombot", "--config", str(self.cluster.config_path), "master", "--id", self.id,
+             "--ready-file", str(self.ready)],
+            stdout=log, stderr=subprocess.STDOUT, env=child_env(self.env), start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while not self.ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"master {self.id} exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"master {self.id} did not become ready:\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
