@@ -8,6 +8,7 @@ re-sending it elsewhere, where it could run twice.
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -62,37 +63,77 @@ class JobRef:
     master_id: str
 
 
+class _Connection:
+    """One rpyc connection with its remote methods looked up once (saves a round trip per call)."""
+
+    def __init__(self, conn: rpyc.Connection) -> None:
+        self.conn = conn
+        self.methods: dict[str, Callable[[bytes], Any]] = {}
+
+    def method(self, op: str) -> Callable[[bytes], Any]:
+        if op not in self.methods:
+            self.methods[op] = getattr(self.conn.root, op)
+        return self.methods[op]
+
+    def usable(self) -> bool:
+        """An idle connection with something to read was closed by the master (e.g. it restarted):
+        using it would turn a clean failover into an 'unknown' outcome."""
+        if self.conn.closed:
+            return False
+        try:
+            readable, _, _ = select.select([self.conn.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+
+
 class MasterLink:
-    """One connection to one master; one request in flight at a time."""
+    """Requests to one master over a small pool of connections, so long-polls do not block others."""
 
     def __init__(self, master: MasterSettings, identity: Identity, requester: str, origin: str,
-                 connect_timeout: float = 3.0) -> None:
+                 connect_timeout: float = 3.0, max_idle: int = 8) -> None:
         self.master, self.requester, self.origin = master, requester, origin
-        self.connect_timeout = connect_timeout
+        self.connect_timeout, self.max_idle = connect_timeout, max_idle
         self.peer = Peer(identity, decode_public(master.public_key))
-        self._conn: rpyc.Connection | None = None
-        self._methods: dict[str, Callable[[bytes], Any]] = {}
+        self._idle: list[_Connection] = []
         self._lock = threading.Lock()
 
-    def call(self, op: str, args: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:
-        with self._lock:
-            method = self._method(op)
-            request = new_request(op, self.master.id, self.requester, self.origin, args, request_id)
-            try:
-                reply = method(self.peer.seal_request(request))
-            except (EOFError, OSError, TimeoutError, rpyc.AsyncResultTimeout) as exc:
-                self.close()
-                raise MasterLost(f"lost master {self.master.id} during {op}: {type(exc).__name__}") from None
-            if type(reply) is not bytes:
-                raise Refused("bad_reply", "the master's reply is not bytes")
-            return self.peer.open_reply(reply, request)
+    def call(self, op: str, args: dict[str, Any], request_id: str | None = None,
+             requester: str | None = None) -> dict[str, Any]:
+        """One request; `requester` overrides the link's default (the bot acts for many users)."""
+        conn = self._checkout()
+        request = new_request(op, self.master.id, requester or self.requester, self.origin, args, request_id)
+        try:
+            reply = conn.method(op)(self.peer.seal_request(request))
+        except (EOFError, OSError, TimeoutError, rpyc.AsyncResultTimeout) as exc:
+            conn.close()
+            raise MasterLost(f"lost master {self.master.id} during {op}: {type(exc).__name__}") from None
+        self._checkin(conn)
+        if type(reply) is not bytes:
+            raise Refused("bad_reply", "the master's reply is not bytes")
+        return self.peer.open_reply(reply, request)
 
-    def _method(self, op: str) -> Callable[[bytes], Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn, self._methods = self._connect(), {}
-        if op not in self._methods:
-            self._methods[op] = getattr(self._conn.root, op)  # cached: saves a round trip per call
-        return self._methods[op]
+    def _checkout(self) -> _Connection:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.usable():
+                    return conn
+                conn.close()
+        return _Connection(self._connect())
+
+    def _checkin(self, conn: _Connection) -> None:
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def _connect(self) -> rpyc.Connection:
         try:
@@ -106,12 +147,10 @@ class MasterLink:
                                 f"{type(exc).__name__}: {exc}") from None
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                pass
-        self._conn, self._methods = None, {}
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 class Router:
@@ -126,29 +165,25 @@ class Router:
             raise OmbotError(f"unknown IDC {idc!r} (known: {', '.join(self.config.idcs) or 'none'})")
         return self.config.idcs[idc]
 
-    def _first(self, idc: str, op: str, args: dict[str, Any], resend_ok: bool,
-               request_id: str | None = None) -> tuple[str, dict[str, Any]]:
+    def _read(self, idc: str, op: str, args: dict[str, Any], requester: str | None = None) -> dict[str, Any]:
+        """A read-only request: safe to re-send, so any failure moves on to the next master."""
         reasons: list[str] = []
         for master_id in self.masters_of(idc):
             try:
-                return master_id, self.links[master_id].call(op, args, request_id)
-            except ConnectFailed as exc:
-                reasons.append(str(exc))
-            except MasterLost as exc:
-                if not resend_ok:
-                    raise
+                return self.links[master_id].call(op, args, requester=requester)
+            except (ConnectFailed, MasterLost) as exc:
                 reasons.append(str(exc))
         raise NoMasterAvailable(idc, reasons)
 
     def catalog(self, idc: str) -> Catalog:
-        return Catalog.from_schema(self._first(idc, "catalog", {}, resend_ok=True)[1]["catalog"])
+        return Catalog.from_schema(self._read(idc, "catalog", {})["catalog"])
 
-    def expand(self, idc: str, targets: str) -> list[str]:
-        return list(self._first(idc, "expand", {"targets": targets}, resend_ok=True)[1]["hosts"])
+    def expand(self, idc: str, targets: str, requester: str | None = None) -> list[str]:
+        return list(self._read(idc, "expand", {"targets": targets}, requester)["hosts"])
 
     def submit(self, idc: str, module: str, params: dict[str, Any], hosts: list[str],
                approvers: Iterable[str] = (), timeout: int | None = None,
-               request_id: str | None = None) -> tuple[JobRef, dict[str, Any]]:
+               request_id: str | None = None, requester: str | None = None) -> tuple[JobRef, dict[str, Any]]:
         """Send a job to the first reachable master of the IDC. MasterLost means: sent, outcome unknown."""
         request_id = request_id or str(uuid.uuid4())
         args = {"module": module, "params": params, "hosts": hosts, "idc": idc,
@@ -156,7 +191,7 @@ class Router:
         reasons: list[str] = []
         for master_id in self.masters_of(idc):
             try:
-                result = self.links[master_id].call("submit", args, request_id)
+                result = self.links[master_id].call("submit", args, request_id, requester)
                 return JobRef(request_id, idc, master_id), result
             except ConnectFailed as exc:
                 reasons.append(str(exc))
@@ -167,18 +202,22 @@ class Router:
     def events(self, ref: JobRef, after: int = 0, wait: float = 0.0) -> dict[str, Any]:
         return self.links[ref.master_id].call("events", {"job": ref.job_id, "after": after, "wait": wait})
 
-    def cancel(self, ref: JobRef) -> dict[str, Any]:
-        return self.links[ref.master_id].call("cancel", {"job": ref.job_id})
+    def cancel(self, ref: JobRef, requester: str | None = None) -> dict[str, Any]:
+        return self.links[ref.master_id].call("cancel", {"job": ref.job_id}, requester=requester)
 
-    def follow(self, ref: JobRef, on_event: Callable[[dict[str, Any]], None]) -> str:
+    def follow(self, ref: JobRef, on_event: Callable[[dict[str, Any]], None],
+               next_wait: Callable[[], float] = lambda: POLL_WAIT_SECONDS,
+               on_poll: Callable[[], None] = lambda: None) -> str:
         """Stream a job's events to `on_event` until it ends; returns the final state.
 
-        If its master stops answering for `lost_retry` seconds, the state is `unknown`.
+        `next_wait` says how long the next long-poll may wait and `on_poll` runs after each poll,
+        so a caller can flush throttled work (the bot's card updates) while no events arrive.
+        If the master stops answering for `lost_retry` seconds, the state is `unknown`.
         """
         after, lost_since = 0, None
         while True:
             try:
-                reply = self.events(ref, after, POLL_WAIT_SECONDS)
+                reply = self.events(ref, after, next_wait())
                 lost_since = None
             except (MasterLost, ConnectFailed):
                 lost_since = lost_since or time.monotonic()
@@ -194,6 +233,7 @@ class Router:
                 on_event(event)
                 if event["kind"] == "finished":
                     return str(event["data"]["state"])
+            on_poll()
             if reply["done"] and not reply["events"]:
                 return str(reply["state"])
 

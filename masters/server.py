@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
 import rpyc
+from rpyc.core.channel import Channel
 from rpyc.utils.server import ThreadedServer
 
 from masters import store
@@ -42,11 +44,62 @@ SERVER_CONFIG: dict[str, Any] = {
     "log_exceptions": False,
     "sync_request_timeout": 30,
 }
+# An rpyc message carries one frame plus a little brine framing; anything much larger is not ours.
+RPYC_OVERHEAD_BYTES = 64 * 1024
+
+
+class OversizedMessage(EOFError):
+    """Raised inside rpyc's receive loop; an EOFError, so rpyc just closes that one connection."""
+
+
+class BoundedChannel(Channel):
+    """rpyc's Channel believes the peer's 4-byte length and inflates compressed messages without
+    limit, so an unauthenticated peer could make the master read or allocate gigabytes before the
+    envelope's own size check runs. This one refuses both above `max_message` bytes."""
+
+    __slots__ = ["max_message"]
+
+    def __init__(self, stream: Any, max_message: int) -> None:
+        super().__init__(stream)
+        self.max_message = max_message
+
+    def recv(self) -> bytes:
+        length, compressed = self.FRAME_HEADER.unpack(self.stream.read(self.FRAME_HEADER.size))
+        if length > self.max_message:
+            self._refuse(f"an rpyc message of {length} bytes is over the cap of {self.max_message}")
+        data = self.stream.read(length + len(self.FLUSHER))[: -len(self.FLUSHER)]
+        if compressed:
+            inflater = zlib.decompressobj()
+            try:
+                data = inflater.decompress(data, self.max_message + 1)
+            except zlib.error:
+                self._refuse("a compressed rpyc message is corrupt")
+            if len(data) > self.max_message or inflater.unconsumed_tail:
+                self._refuse(f"a compressed rpyc message inflates past the cap of {self.max_message} bytes")
+            if not inflater.eof:
+                self._refuse("a compressed rpyc message is truncated")
+        return data
+
+    def _refuse(self, reason: str) -> None:
+        log.warning("closing the connection from %s: %s", _peer_name(self.stream), reason)
+        raise OversizedMessage(reason)
+
+
+def _peer_name(stream: Any) -> str:
+    try:
+        return "%s:%s" % stream.sock.getpeername()[:2]
+    except (AttributeError, OSError):
+        return "an unknown peer"
 
 
 class MasterService(rpyc.Service):
     def __init__(self, core: MasterCore) -> None:
         self._core = core
+        self._max_message = core.settings.limits.max_frame_bytes + RPYC_OVERHEAD_BYTES
+
+    def _connect(self, channel: Channel, config: dict[str, Any]) -> rpyc.Connection:
+        """Every connection the server accepts goes through here: swap in the bounded channel."""
+        return super()._connect(BoundedChannel(channel.stream, self._max_message), config)
 
     def _rpyc_getattr(self, name: str) -> Any:
         if name in EXPOSED:

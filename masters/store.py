@@ -30,7 +30,7 @@ class SeenNonce(BaseModel):
     """Nonces of accepted requests, kept until their request could no longer pass the time checks."""
 
     nonce = peewee.CharField(max_length=32, primary_key=True)
-    keep_until = peewee.IntegerField(index=True)
+    keep_until = peewee.BigIntegerField(index=True)  # epoch seconds: 64-bit, past 2038
 
 
 class Job(BaseModel):
@@ -45,8 +45,8 @@ class Job(BaseModel):
     idc = peewee.CharField(max_length=64)
     timeout = peewee.IntegerField()
     state = peewee.CharField(max_length=16, index=True)
-    created_at = peewee.IntegerField()
-    finished_at = peewee.IntegerField(null=True)
+    created_at = peewee.BigIntegerField()
+    finished_at = peewee.BigIntegerField(null=True)
     signed_request = peewee.BlobField()  # the signed envelope: proof of who asked for this job
 
 
@@ -54,7 +54,7 @@ class JobEvent(BaseModel):
     job = peewee.ForeignKeyField(Job, backref="events", on_delete="CASCADE")
     seq = peewee.IntegerField()
     kind = peewee.CharField(max_length=32)
-    at = peewee.FloatField()
+    at = peewee.DoubleField()  # FloatField is 32-bit on Postgres and MySQL: about 2 minutes of resolution
     data = JSONField()
 
     class Meta:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import sys
 from pathlib import Path
@@ -78,19 +79,62 @@ def master(ctx: typer.Context, config: ConfigOpt = None,
 @app.command()
 def up(ctx: typer.Context, config: ConfigOpt = None,
        directory: Annotated[Path, typer.Argument(help="Demo directory, created on first use")] = Path("demo")) -> None:
-    """Start OMBot on the embedded default: a local master on SQLite, configured on first use."""
-    from masters.server import serve
+    """Start OMBot on the embedded default: a local master on SQLite (configured on first use) and
+    the chat front end: Slack when its tokens are set, else the console."""
+    from bot.settings import SlackSecrets
+    from ombot.launch import local_masters
 
-    path = config or (ctx.obj or {}).get("config") or directory / "ombot.toml"
-    if not Path(path).exists():
-        initdir.init(Path(path).parent, initdir.DEFAULT_PORT)
+    path = Path(config or (ctx.obj or {}).get("config") or directory / "ombot.toml")
+    if not path.exists():
+        initdir.init(path.parent, initdir.DEFAULT_PORT)
         typer.echo(f"wrote a demo configuration to {path}")
     conf = cfg.load(path)
-    settings = conf.master()
-    typer.echo(f"master {settings.id} listening on {settings.host}:{settings.port}; in another terminal try:")
-    typer.echo(f"  ombot --config {path} run facts localhost")
-    typer.echo(f"  ombot --config {path} run echo localhost message=hello")
-    serve(conf, settings)
+    with local_masters(conf) as started:
+        for line in started:
+            typer.echo(line)
+        typer.echo(f"from another terminal: ombot --config {path} run facts localhost")
+        if SlackSecrets.from_env().configured:
+            _serve_slack(conf)
+        else:
+            _serve_console(conf)
+
+
+@app.command()
+def console(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    """The /om grammar in this terminal, through the same handlers as Slack."""
+    _serve_console(_config(ctx, config))
+
+
+@app.command()
+def bot(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    """Serve the Slack app: Socket Mode when SLACK_APP_TOKEN is set, else HTTP on [bot] listen."""
+    _serve_slack(_config(ctx, config))
+
+
+@app.command("slack-manifest")
+def slack_manifest(ctx: typer.Context, config: ConfigOpt = None,
+                   http_url: Annotated[Optional[str], typer.Option(help="Public URL for HTTP mode; omit for Socket Mode")] = None) -> None:
+    """Print the Slack app manifest (JSON) to create the app with."""
+    from bot.slack_app import manifest
+
+    typer.echo(json.dumps(manifest(http_url), indent=2))
+
+
+def _serve_console(conf: cfg.Config) -> None:
+    from bot.console import run_console
+    from bot.service import BotService
+
+    service = BotService(conf, origin="console")
+    try:
+        run_console(service)
+    finally:
+        service.close()
+
+
+def _serve_slack(conf: cfg.Config) -> None:
+    from bot.slack_app import serve_slack
+
+    serve_slack(conf)
 
 
 @app.command("modules")

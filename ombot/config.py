@@ -7,6 +7,9 @@ and what was expected.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import difflib
 import os
 import re
 import tomllib
@@ -106,13 +109,15 @@ class _Reader:
 
     def __init__(self, path: Path, table: Any, prefix: str) -> None:
         if not isinstance(table, dict):
-            raise ConfigError(path, prefix, "a table")
+            raise ConfigError(path, prefix, "a table", table)
         self.path, self.table, self.prefix = path, table, prefix
+        self.known: set[str] = set()  # every key asked for, present or not
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
     def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., what: str = "") -> Any:
+        self.known.add(name)
         if name not in self.table:
             if default is ...:
                 raise ConfigError(self.path, self.key(name), f"{what or _kind_name(kind)} (missing)")
@@ -123,6 +128,7 @@ class _Reader:
         return value
 
     def sub(self, name: str, required: bool = False) -> _Reader:
+        self.known.add(name)
         if name not in self.table and not required:
             return _Reader(self.path, {}, self.key(name))
         return _Reader(self.path, self.get(name, dict, what="a table"), self.key(name))
@@ -136,6 +142,14 @@ class _Reader:
         if not all(isinstance(v, str) for v in value):
             raise ConfigError(self.path, self.key(name), "a list of strings", value)
         return tuple(value)
+
+    def done(self) -> None:
+        """Refuse keys nobody asked for: a misspelt key must not silently fall back to its default."""
+        for name in self.table:
+            if name not in self.known:
+                close = difflib.get_close_matches(name, self.known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(self.path, self.key(name), f"a known key ({hint}known: {', '.join(sorted(self.known))})")
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -154,11 +168,10 @@ def _check_name(path: Path, key: str, value: str) -> str:
 
 
 def _parse(path: Path, raw: dict[str, Any]) -> Config:
+    # Top-level tables other than these belong to other components (read from Config.raw).
     top = _Reader(path, raw, "")
-    clients = {
-        _check_name(path, f"clients.{cid}", cid): top.sub("clients").sub(cid, True).get("public_key", str)
-        for cid in top.sub("clients").table
-    }
+    clients = {_check_name(path, f"clients.{cid}", cid): _parse_clients_entry(top.sub("clients").sub(cid, True))
+               for cid in top.sub("clients").table}
     masters = {
         _check_name(path, f"masters.{mid}", mid): _parse_master(top.sub("masters").sub(mid, True), mid, clients)
         for mid in top.sub("masters").table
@@ -167,7 +180,26 @@ def _parse(path: Path, raw: dict[str, Any]) -> Config:
     client = _parse_client(top.sub("client"), idcs) if "client" in raw else None
     modules = top.sub("modules")
     module_dirs = tuple(path.parent / d for d in modules.strings("dirs", ()))
+    modules.done()
     return Config(path, client, clients, idcs, masters, module_dirs, raw)
+
+
+def _parse_clients_entry(r: _Reader) -> str:
+    key = public_key(r, "public_key")
+    r.done()
+    return key
+
+
+def public_key(r: _Reader, name: str) -> str:
+    """A base64 Ed25519 public key, as `ombot keygen` prints it."""
+    value = r.get(name, str, what="a base64 public key (as printed by `ombot keygen`)")
+    try:
+        ok = len(base64.b64decode(value, validate=True)) == 32
+    except (binascii.Error, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(r.path, r.key(name), "a base64 public key of 32 bytes (as printed by `ombot keygen`)", value)
+    return value
 
 
 def _parse_master(r: _Reader, master_id: str, clients: dict[str, str]) -> MasterSettings:
@@ -177,21 +209,32 @@ def _parse_master(r: _Reader, master_id: str, clients: dict[str, str]) -> Master
         if cid not in clients:
             raise ConfigError(r.path, r.key("accept"), f"client ids defined under [clients]; unknown {cid!r}")
     state_dir = r.file("state_dir", "state") or r.path.parent / "state"
-    limits = r.sub("limits")
-    return MasterSettings(
+    limits_table = r.sub("limits")
+    limits = Limits(**{k: _positive(limits_table, k, v) for k, v in Limits().__dict__.items()})
+    limits_table.done()
+    settings = MasterSettings(
         id=master_id,
         idc=_check_name(r.path, r.key("idc"), r.get("idc", str)),
         host=host,
         port=port,
-        public_key=r.get("public_key", str),
+        public_key=public_key(r, "public_key"),
         key_file=r.file("key_file", None),
         inventory=r.file("inventory", None),
         backend=r.get("backend", str, "local"),
         accept=accept,
         state_dir=state_dir,
         database_url=database_url(r, "OMBOT_MASTER_DATABASE_URL", f"sqlite:///{state_dir / master_id}.db"),
-        limits=Limits(**{k: limits.get(k, int, v) for k, v in Limits().__dict__.items()}),
+        limits=limits,
     )
+    r.done()
+    return settings
+
+
+def _positive(r: _Reader, name: str, default: int) -> int:
+    value = r.get(name, int, default)
+    if value <= 0:
+        raise ConfigError(r.path, r.key(name), "a positive integer", value)
+    return value
 
 
 def _parse_idcs(r: _Reader, masters: dict[str, MasterSettings]) -> dict[str, tuple[str, ...]]:
@@ -199,6 +242,9 @@ def _parse_idcs(r: _Reader, masters: dict[str, MasterSettings]) -> dict[str, tup
     for idc in r.table:
         sub = r.sub(idc, True)
         ids = sub.strings("masters")
+        sub.done()
+        if not ids:
+            raise ConfigError(r.path, sub.key("masters"), "at least one master id", [])
         for mid in ids:
             if mid not in masters:
                 raise ConfigError(r.path, sub.key("masters"), f"master ids defined under [masters]; unknown {mid!r}")
@@ -212,7 +258,10 @@ def _parse_client(r: _Reader, idcs: dict[str, tuple[str, ...]]) -> ClientSetting
     default_idc = r.get("default_idc", str)
     if default_idc not in idcs:
         raise ConfigError(r.path, r.key("default_idc"), f"one of the IDCs under [idcs] ({', '.join(idcs)})", default_idc)
-    return ClientSettings(id=r.get("id", str), key_file=r.file("key_file"), default_idc=default_idc)
+    client = ClientSettings(id=_check_name(r.path, r.key("id"), r.get("id", str)), key_file=r.file("key_file"),
+                            default_idc=default_idc)
+    r.done()
+    return client
 
 
 def parse_address(r: _Reader, name: str) -> tuple[str, int]:
@@ -224,15 +273,34 @@ def parse_address(r: _Reader, name: str) -> tuple[str, int]:
 
 
 def database_url(r: _Reader, env_name: str, default: str) -> str:
-    """A database URL from $ENV, a 0600 file (`database_url_file`), or `database` if it holds no password."""
+    """A database URL from $ENV, a 0600 file (`database_url_file`), or `database` if it holds no password.
+
+    Both keys are always read, so neither is reported as unknown. A relative SQLite path in
+    `database` is relative to the config file, like every other path in it.
+    """
+    secret_file = r.file("database_url_file", None)
+    url = r.get("database", str, default)
+    if _has_password(url):
+        raise ConfigError(r.path, r.key("database"),
+                          f"a URL without a password (put it in ${env_name} or a 0600 database_url_file)")
     if os.environ.get(env_name):
         return os.environ[env_name]
-    secret_file = r.file("database_url_file", None)
     if secret_file is not None:
         return read_secret_file(secret_file, r.path, r.key("database_url_file"))
-    url = r.get("database", str, default)
-    if urlsplit(url).password:
-        raise ConfigError(r.path, r.key("database"), f"a URL without a password (put it in ${env_name} or a 0600 database_url_file)")
+    return _anchor_sqlite(url, r.path.parent)
+
+
+def _has_password(url: str) -> bool:
+    try:
+        return bool(urlsplit(url).password)
+    except ValueError:  # e.g. a bad port: still refuse anything that looks like user:password@
+        return "@" in url and ":" in url.split("@", 1)[0].split("://", 1)[-1]
+
+
+def _anchor_sqlite(url: str, base: Path) -> str:
+    scheme, sep, rest = url.partition(":///")
+    if sep and scheme.lower().startswith("sqlite") and rest and not rest.startswith(("/", ":memory:")):
+        return f"{scheme}:///{base / rest}"
     return url
 
 

@@ -43,6 +43,16 @@ clock_skew_seconds = 60
 output_cap_bytes = 65536
 job_timeout_seconds = 600
 
+# The chat bot. Slack tokens come from the environment: SLACK_BOT_TOKEN, and SLACK_APP_TOKEN
+# (Socket Mode) or SLACK_SIGNING_SECRET (HTTP mode). Its database: state/bot.db, or
+# OMBOT_BOT_DATABASE_URL / database_url_file.
+[bot]
+# team_id = "T0123456"             # the one Slack workspace this bot serves
+listen = "127.0.0.1:3000"          # HTTP mode: Slack posts to http://HOST:PORT/slack/events
+workers = 8
+console_user = "U0DEMO"            # who `ombot console` acts as
+console_allow_as = true            # demo only: lets the console switch users with /as USER
+
 # Extra directories of task modules, loaded after the built-ins.
 [modules]
 dirs = []

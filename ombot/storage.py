@@ -6,13 +6,16 @@ Each component (a master, the bot) binds its peewee models to a `DatabaseProxy` 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import peewee
 from playhouse.db_url import connect
+
+from ombot.errors import OmbotError
+from ombot.logs import redact
 
 Migration = Callable[[peewee.Database], None]
 
@@ -26,6 +29,10 @@ _SQLITE_PRAGMAS = {
 _MYSQL_FIELD_TYPES = {"TEXT": "LONGTEXT", "BLOB": "LONGBLOB"}
 
 
+class StorageError(OmbotError):
+    """A database URL that cannot be used, or a database that cannot be reached."""
+
+
 class SchemaVersion(peewee.Model):
     component = peewee.CharField(max_length=64, primary_key=True)
     version = peewee.IntegerField()
@@ -35,11 +42,24 @@ class SchemaVersion(peewee.Model):
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced, for logs and error messages."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """The URL with its password replaced, for logs and error messages.
+
+    Split the way the drivers split it (the last '@' ends the credentials), so a password
+    containing '@' or ':' is hidden whole.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def connect_url(url: str) -> peewee.Database:
+    """A peewee database for the URL (not yet connected). User and password may be %-encoded."""
     scheme = url.split(":", 1)[0].lower()
     kwargs: dict[str, Any] = {}
     if scheme.startswith("sqlite"):
@@ -48,13 +68,16 @@ def connect_url(url: str) -> peewee.Database:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         kwargs["pragmas"] = _SQLITE_PRAGMAS
         kwargs["check_same_thread"] = False
-    elif scheme.startswith("mysql"):
+    elif scheme.startswith(("mysql", "mariadb")):
         kwargs["field_types"] = _MYSQL_FIELD_TYPES
         kwargs.setdefault("charset", "utf8mb4")
     try:
-        return connect(url, **kwargs)
+        db = connect(url, unquote_password=True, unquote_user=True, **kwargs)
     except Exception as exc:  # peewee raises bare errors for unknown schemes and missing drivers
-        raise ValueError(f"cannot use database {redact_url(url)}: {exc}") from None
+        raise StorageError(f"cannot use database {redact_url(url)}: {redact(str(exc))}") from None
+    if "passwd" in db.connect_params:  # playhouse still spells it the way PyMySQL deprecated
+        db.connect_params["password"] = db.connect_params.pop("passwd")
+    return db
 
 
 def open_database(
@@ -65,6 +88,11 @@ def open_database(
 ) -> peewee.Database:
     """Connect, bind `proxy`, and apply the component's migrations that have not run yet."""
     db = connect_url(url)
+    try:
+        db.connect(reuse_if_open=True)
+    except (peewee.OperationalError, peewee.ImproperlyConfigured) as exc:
+        # Unreachable server, bad credentials, missing database or driver: say which, never the password.
+        raise StorageError(f"cannot open database {redact_url(url)}: {redact(str(exc)).strip()}") from None
     proxy.initialize(db)
     migrate(db, component, migrations)
     return db

@@ -69,3 +69,12 @@ def test_health_sweep_reports_every_master(pair) -> None:
     assert not report["m2"]["ok"] and "ConnectionRefused" in report["m2"]["error"]
     out = pair.ombot("masters")
     assert out.returncode == 1 and "DOWN" in out.stdout and "up" in out.stdout
+
+
+def test_pooled_connection_to_a_restarted_master_fails_over_cleanly(pair) -> None:
+    router = pair.router()
+    ref, _ = router.submit("local", "echo", {"message": "one"}, ["localhost"])
+    assert ref.master_id == "m1" and router.follow(ref, lambda e: None) == "ok"
+    pair.processes["m1"].stop()  # the router still holds an idle connection to m1
+    ref, _ = router.submit("local", "echo", {"message": "two"}, ["localhost"])
+    assert ref.master_id == "m2"

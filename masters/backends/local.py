@@ -7,7 +7,9 @@ shell, in their own process group so a cancel or timeout kills the whole tree.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -20,8 +22,9 @@ from typing import IO
 
 from masters.backends.base import CappedText, HostResult, HostStatus, RunContext
 from modules.params import within
-from modules.plan import Arg, Command, Emit, Ping, PutFile, RequireWithin, Shell, Step, TempPath
+from modules.plan import Arg, Command, Emit, FirstAvailable, Ping, PutFile, RequireWithin, Shell, Step, TempPath
 
+CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 KILL_GRACE_SECONDS = 2.0
 READER_GRACE_SECONDS = 2.0
@@ -87,14 +90,17 @@ def _run_step(step: Step, ctx: RunContext, host: str, tmp: Path, out: CappedText
             out.write(b"pong\n")
         case Command(argv, stdin):
             return _execute([_resolve(a, tmp) for a in argv], stdin, ctx, host, tmp, out, err)
+        case FirstAvailable(commands):
+            return _run_step(_first_installed(commands), ctx, host, tmp, out, err)
         case Shell(cmd):
             return _execute(["/bin/sh", "-c", cmd], None, ctx, host, tmp, out, err)
         case PutFile():
             _put_file(step, ctx, tmp)
-        case RequireWithin(path, roots):
+        case RequireWithin(path, roots, param):
             real = os.path.realpath(path)
             if not any(within(real, root) for root in roots):
-                raise StepFailed(HostStatus.FAILED, f"{path} resolves to {real}, outside {', '.join(roots)}")
+                label = f"{param}: " if param else ""
+                raise StepFailed(HostStatus.FAILED, f"{label}{path} resolves to {real}, outside {', '.join(roots)}")
         case _:
             raise StepFailed(HostStatus.FAILED, f"the local backend cannot run {type(step).__name__}")
     return None
@@ -104,31 +110,61 @@ def _resolve(arg: Arg, tmp: Path) -> str:
     return str(tmp / arg.name) if isinstance(arg, TempPath) else arg
 
 
+def _first_installed(commands: tuple[Command, ...]) -> Command:
+    for command in commands:
+        if shutil.which(str(command.argv[0]), path=CHILD_PATH):
+            return command
+    names = ", ".join(str(c.argv[0]) for c in commands)
+    raise StepFailed(HostStatus.FAILED, f"none of these programs is installed: {names}", rc=127)
+
+
 def _put_file(step: PutFile, ctx: RunContext, tmp: Path) -> None:
     dest = Path(_resolve(step.dest, tmp))
-    if step.source is not None:
-        if ctx.file_store is None:
-            raise StepFailed(HostStatus.FAILED, "this master has no file store configured")
-        source = (ctx.file_store / step.source).resolve()
-        if not within(str(source), str(ctx.file_store.resolve())) or not source.is_file():
-            raise StepFailed(HostStatus.FAILED, f"{step.source} is not a file in the master's store")
-        data = source.read_bytes()
-    else:
-        data = (step.content or "").encode()
-    partial = dest.with_name(f".{dest.name}.ombot-partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(partial, step.mode)
-    if step.owner or step.group:
-        shutil.chown(partial, user=step.owner, group=step.group)
-    os.replace(partial, dest)  # atomic: readers see the old file or the new one, never half
+    data = _file_data(step, ctx)
+    uid, gid = _owner_ids(step)
+    # A fresh, randomly named file (O_EXCL, no symlink following) in the destination's directory, so
+    # nothing planted there beforehand can redirect the write; renamed over dest when complete.
+    fd, partial = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".ombot-partial", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if uid != -1 or gid != -1:
+                os.fchown(f.fileno(), uid, gid)
+            os.fchmod(f.fileno(), step.mode)  # after chown, which clears set-id bits
+        os.replace(partial, dest)  # atomic: readers see the old file or the new one, never half
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def _file_data(step: PutFile, ctx: RunContext) -> bytes:
+    if step.source is None:
+        return (step.content or "").encode()
+    if ctx.file_store is None:
+        raise StepFailed(HostStatus.FAILED, "this master has no file store configured")
+    source = (ctx.file_store / step.source).resolve()
+    if not within(str(source), str(ctx.file_store.resolve())) or not source.is_file():
+        raise StepFailed(HostStatus.FAILED, f"{step.source} is not a file in the master's store")
+    return source.read_bytes()
+
+
+def _owner_ids(step: PutFile) -> tuple[int, int]:
+    """Numeric ids for owner and group (-1: leave as is); an unknown name fails the host, naming it."""
+    try:
+        uid = pwd.getpwnam(step.owner).pw_uid if step.owner else -1
+    except KeyError:
+        raise StepFailed(HostStatus.FAILED, f"no user named {step.owner!r} on this host") from None
+    try:
+        gid = grp.getgrnam(step.group).gr_gid if step.group else -1
+    except KeyError:
+        raise StepFailed(HostStatus.FAILED, f"no group named {step.group!r} on this host") from None
+    return uid, gid
 
 
 def _child_env(ctx: RunContext, host: str, tmp: Path) -> dict[str, str]:
     # A fixed, minimal environment: the master's own secrets never reach a module's commands.
     return {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": CHILD_PATH,
         "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(tmp), "TMPDIR": str(tmp),
         "OMBOT_JOB_ID": ctx.job_id, "OMBOT_HOST": host,
     }

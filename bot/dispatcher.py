@@ -1,0 +1,271 @@
+"""One command dispatcher behind every transport. It runs after the transport has acked, on
+OMBot's worker pool, and answers every input: a reply, a card, a form, or a clear error."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from bot import forms, grammar, store
+from bot.jobs import JobFollower, card_of
+from bot.messages import Message, clip, code, job_card, slack_date, text_message
+from bot.transport import ChatRequest, Transport
+from masters import ConnectFailed, JobRef, MasterLost, NoMasterAvailable, Refused, Router
+from modules import Catalog, ModuleSpec, ParamError
+from ombot.errors import OmbotError
+
+log = logging.getLogger("ombot.bot")
+
+CATALOG_TTL = 60.0
+PREVIEW_HOSTS = 30
+JOBS_LISTED = 15
+
+
+class CatalogCache:
+    """Catalogs per IDC, kept warm so a modal opens within the trigger's 3 s."""
+
+    def __init__(self, router: Router, ttl: float = CATALOG_TTL) -> None:
+        self.router, self.ttl = router, ttl
+        self._cached: dict[str, tuple[float, Catalog]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, idc: str) -> Catalog:
+        hit = self._cached.get(idc)
+        if hit and time.monotonic() - hit[0] < self.ttl:
+            return hit[1]
+        with self._lock:
+            catalog = self.router.catalog(idc)
+            self._cached[idc] = (time.monotonic(), catalog)
+            return catalog
+
+    def warm(self, idcs: list[str]) -> None:
+        for idc in idcs:
+            try:
+                self.get(idc)
+            except OmbotError as exc:
+                log.warning("could not load the catalog of IDC %s: %s", idc, exc)
+
+
+class Dispatcher:
+    def __init__(self, router: Router, catalogs: CatalogCache, follower: JobFollower, default_idc: str) -> None:
+        self.router, self.catalogs, self.follower, self.default_idc = router, catalogs, follower, default_idc
+
+    # -- entry points (called by transports after their ack) ----------------------------------
+
+    def command(self, req: ChatRequest, transport: Transport) -> None:
+        self._answering(req, transport, lambda: self._dispatch(grammar.parse(req.text), req, transport))
+
+    def cancel_clicked(self, req: ChatRequest, job_id: str, transport: Transport) -> None:
+        self._answering(req, transport, lambda: self._cancel(grammar.Cancel(job_id), req, transport))
+
+    def form_submitted(self, req: ChatRequest, metadata: str, state: dict[str, Any],
+                       transport: Transport) -> dict[str, str]:
+        """Validate a modal; return field errors (shown in the modal) or start the job and return {}."""
+        meta = json.loads(metadata)
+        spec = self.catalogs.get(meta["idc"]).modules[meta["module"]]
+        targets, raw = forms.read_submission(state)
+        values, errors = forms.validate_submission(spec, raw)
+        hosts: list[str] = []
+        if not targets.strip():
+            errors[forms.TARGETS_BLOCK] = "required"
+        else:
+            try:
+                hosts = self.router.expand(meta["idc"], targets, requester=req.user)
+            except Refused as exc:
+                errors[forms.TARGETS_BLOCK] = clip(exc.message, 150)
+        if errors:
+            return errors
+        run = grammar.Run(spec.name, targets, {k: v for k, v in values.items()}, meta["idc"])
+        channel_req = ChatRequest(req.user, meta["channel"], origin=req.origin, team=req.team)
+        self.follower.pool.submit(self._answering, channel_req, transport,
+                                  lambda: self._start(run, spec, hosts, channel_req, transport))
+        return {}
+
+    def _answering(self, req: ChatRequest, transport: Transport, action: Any) -> None:
+        """Run an action; whatever goes wrong, the person gets an answer and never a traceback."""
+        try:
+            action()
+        except (grammar.CommandError, ParamError) as exc:
+            transport.respond(req, text_message(str(exc)))
+        except Refused as exc:
+            transport.respond(req, text_message(f"Refused: {exc.message}"))
+        except (NoMasterAvailable, ConnectFailed, MasterLost) as exc:
+            transport.respond(req, text_message(f"Cannot reach the masters: {exc}"))
+        except OmbotError as exc:
+            transport.respond(req, text_message(str(exc)))
+        except Exception:
+            ref = uuid.uuid4().hex[:8]
+            log.exception("internal error handling %r from %s, ref E-%s", req.text, req.user, ref)
+            transport.respond(req, text_message(f"Internal error, ref E-{ref}. The operators can find it in the bot's log."))
+
+    def _dispatch(self, command: grammar.Command, req: ChatRequest, transport: Transport) -> None:
+        match command:
+            case grammar.Help(module):
+                transport.respond(req, self._help(module))
+            case grammar.Modules(category):
+                transport.respond(req, self._modules(category))
+            case grammar.Run():
+                self._run(command, req, transport)
+            case grammar.Form(module):
+                self._form(grammar.Run(module, None), req, transport)
+            case grammar.Jobs(mine):
+                transport.respond(req, self._jobs(req.user if mine else None))
+            case grammar.Status(job):
+                transport.respond(req, self._status(job))
+            case grammar.Cancel():
+                self._cancel(command, req, transport)
+            case grammar.Masters():
+                transport.respond(req, self._masters())
+            case grammar.Approvals() | grammar.Approve() | grammar.Deny():
+                transport.respond(req, text_message("Approvals are not enabled on this OMBot."))
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _spec(self, idc: str, name: str) -> ModuleSpec:
+        catalog = self.catalogs.get(idc)
+        if name in catalog.modules:
+            return catalog.modules[name]
+        close = difflib.get_close_matches(name, catalog.modules, n=3)
+        hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else " Try `/om modules`."
+        raise OmbotError(f"No module `{name}` in IDC {idc}.{hint}")
+
+    def _help(self, module: str | None) -> Message:
+        if module:
+            spec = self._spec(self.default_idc, module)
+            lines = [f"*{spec.name}* ({spec.category}, risk {spec.risk}): {spec.description}",
+                     f"usage: `/om {spec.usage()}`"]
+            for p in spec.params:
+                lines.append(f"\u2022 `{p.name}` {p.kind}{'' if p.required else ' (optional)'}"
+                             + (f": {p.help}" if p.help else "") + _choices(p))
+            return text_message("\n".join(lines))
+        usage = "\n".join(f"`{u}`" for u in grammar.USAGE.values())
+        return text_message(f"*OMBot commands*\n{usage}\nShort form: `/om MODULE TARGETS key=value ...`\n"
+                            "`/om modules` lists what you can run.")
+
+    def _modules(self, category: str | None) -> Message:
+        specs = [s for s in self.catalogs.get(self.default_idc).modules.values()
+                 if category is None or s.category == category]
+        if not specs:
+            return text_message(f"No modules in category {category!r}.")
+        lines = [f"`{s.name}` ({s.category}, risk {s.risk}) {s.description}" for s in specs]
+        return text_message("\n".join(lines))
+
+    def _jobs(self, requester: str | None) -> Message:
+        query = store.BotJob.select().order_by(store.BotJob.number.desc()).limit(JOBS_LISTED)
+        if requester:
+            query = query.where(store.BotJob.requester == requester)
+        lines = [f"#{j.number} {j.state:<9} `{j.module}` on {j.host_count} host(s) in {j.idc} by <@{j.requester}> "
+                 f"{slack_date(j.created_at)}" for j in query]
+        return text_message("\n".join(lines) or "No jobs yet.")
+
+    def _status(self, ref: str) -> Message:
+        job = _find(ref)
+        state = job.state
+        if job.master_id and state not in ("ok", "failed", "partial", "cancelled", "timed_out", "unknown"):
+            state = self.router.events(JobRef(job.job_id, job.idc, job.master_id), after=10**9)["state"]
+        return text_message(f"#{job.number} `{job.module}` on {job.host_count} host(s) in {job.idc}: *{state}*\n"
+                            f"job id `{job.job_id}` on master `{job.master_id}`, requested by <@{job.requester}> "
+                            f"{slack_date(job.created_at)}")
+
+    def _masters(self) -> Message:
+        rows = []
+        for m in self.router.health():
+            status = f"up, {m['rtt_ms']} ms, {m['running_jobs']} running" if m["ok"] else f"DOWN: {m['error']}"
+            rows.append(f"{m['master']:<16} {m['idc']:<8} {status}")
+        return text_message(code("\n".join(rows) or "no masters configured"))
+
+    # -- acting --------------------------------------------------------------------------------
+
+    def _run(self, command: grammar.Run, req: ChatRequest, transport: Transport) -> None:
+        idc = command.idc or self.default_idc
+        spec = self._spec(idc, command.module)
+        missing = [p.name for p in spec.params if p.required and p.name not in command.params]
+        if command.targets is None or missing:
+            self._form(command, req, transport, missing)
+            return
+        try:
+            spec.validate(command.params)
+        except ParamError as exc:
+            raise ParamError(exc.param, f"{exc.expected}\nusage: `/om {spec.usage()}`") from None
+        hosts = self.router.expand(idc, command.targets, requester=req.user)
+        if command.dry_run:
+            transport.respond(req, _preview(spec.name, idc, hosts, "Dry run: would run"))
+            return
+        self._start(command, spec, hosts, req, transport)
+
+    def _form(self, command: grammar.Run, req: ChatRequest, transport: Transport, missing: list[str] | None = None) -> None:
+        idc = command.idc or self.default_idc
+        spec = self._spec(idc, command.module)
+        view = forms.build_view(spec, idc, req.channel, command.targets, command.params)
+        if req.trigger_id and transport.open_form(req, view):
+            return
+        need = ", ".join(missing or []) or "targets"
+        transport.respond(req, text_message(f"`{spec.name}` needs: {need}.\nusage: `/om {spec.usage()}`"))
+
+    def _start(self, command: grammar.Run, spec: ModuleSpec, hosts: list[str], req: ChatRequest,
+               transport: Transport) -> None:
+        values = spec.validate(command.params)
+        idc = command.idc or self.default_idc
+        shown = {k: v for k, v in values.items() if v is not None}
+        job = store.BotJob.create(
+            job_id=str(uuid.uuid4()), requester=req.user, origin=req.origin, channel=req.channel, idc=idc,
+            module=spec.name, params=json.dumps(shown), host_count=len(hosts), state="submitting",
+            created_at=store.now(),
+        )
+        transport.respond(req, _preview(spec.name, idc, hosts, f"Starting job #{job.number}:"))
+        card_ts = transport.post(req.channel, job_card(card_of(job)), req=req)
+        store.update_job(job, card_ts=card_ts)
+        try:
+            ref, _ = self.router.submit(idc, spec.name, command.params, hosts, timeout=command.timeout,
+                                        request_id=job.job_id, requester=req.user)
+        except MasterLost as exc:
+            self._end_early(job, transport, "unknown", str(exc))
+            return
+        except (Refused, NoMasterAvailable) as exc:
+            self._end_early(job, transport, "failed", getattr(exc, "message", str(exc)))
+            return
+        store.update_job(job, master_id=ref.master_id, state="queued")
+        self.follower.start(job, transport)
+
+    def _end_early(self, job: store.BotJob, transport: Transport, state: str, reason: str) -> None:
+        store.update_job(job, state=state, finished_at=store.now())
+        card = card_of(job)
+        card.finished_at, card.note = time.time(), reason
+        if job.card_ts:
+            transport.update(job.channel, job.card_ts, job_card(card))
+        else:
+            transport.post(job.channel, job_card(card))
+
+    def _cancel(self, command: grammar.Cancel, req: ChatRequest, transport: Transport) -> None:
+        job = _find(command.job)
+        if req.user != job.requester:
+            raise OmbotError(f"Only the requester (<@{job.requester}>) can cancel job #{job.number}.")
+        if job.master_id is None:
+            raise OmbotError(f"Job #{job.number} never reached a master.")
+        reply = self.router.cancel(JobRef(job.job_id, job.idc, job.master_id), requester=req.user)
+        if reply["cancelled"]:
+            transport.respond(req, text_message(f"Cancelling job #{job.number}."))
+        else:
+            transport.respond(req, text_message(f"Job #{job.number} already ended: {reply['state']}."))
+
+
+def _find(ref: str) -> store.BotJob:
+    job = store.find_job(ref)
+    if job is None:
+        raise OmbotError(f"No job {ref!r}. `/om jobs` lists recent jobs.")
+    return job
+
+
+def _choices(param: Any) -> str:
+    choices = getattr(param, "choices", ())
+    return f" (one of: {', '.join(choices)})" if choices else ""
+
+
+def _preview(module: str, idc: str, hosts: list[str], lead: str) -> Message:
+    shown = ", ".join(hosts[:PREVIEW_HOSTS]) + (f" \u2026 and {len(hosts) - PREVIEW_HOSTS} more" if len(hosts) > PREVIEW_HOSTS else "")
+    return text_message(f"{lead} `{module}` on {len(hosts)} host(s) in {idc}: {shown}")

@@ -1,0 +1,168 @@
+"""What OMBot says: messages with Slack blocks and a plain-text twin (the console shows the text).
+
+Every builder keeps within Slack's limits (reference/slack.md): a section's text at most 3,000
+characters, at most 50 blocks, and far below the ~13k characters where Slack starts refusing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+SECTION_LIMIT = 3000
+TEXT_LIMIT = 3500  # the plain-text twin: what notifications and the console show
+INLINE_LOG_LIMIT = 2400  # longer per-host output goes into a file in the thread
+CANCEL_ACTION = "om_cancel"
+
+STATE_ICONS = {
+    "submitting": ":hourglass:", "queued": ":hourglass:", "running": ":arrows_counterclockwise:",
+    "ok": ":white_check_mark:", "failed": ":x:", "partial": ":warning:", "cancelled": ":no_entry_sign:",
+    "timed_out": ":alarm_clock:", "unknown": ":grey_question:",
+}
+FINAL_STATES = frozenset({"ok", "failed", "partial", "cancelled", "timed_out", "unknown"})
+
+
+@dataclass(frozen=True)
+class Message:
+    text: str
+    blocks: list[dict[str, Any]] | None = None
+    files: list[tuple[str, str]] = field(default_factory=list)  # (filename, content) to attach
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": clip(text, SECTION_LIMIT)}}
+
+
+def code(text: str, limit: int = SECTION_LIMIT - 8) -> str:
+    # Triple backticks inside the text would end the block early.
+    return "```" + clip(text.replace("```", "``\u200b`"), limit) + "```"
+
+
+def slack_date(epoch: float, fallback_format: str = "%Y-%m-%d %H:%M UTC") -> str:
+    """A time each reader sees in their own time zone (Slack date formatting), UTC as fallback."""
+    fallback = time.strftime(fallback_format, time.gmtime(epoch))
+    return f"<!date^{int(epoch)}^{{date_short_pretty}} {{time}}|{fallback}>"
+
+
+def text_message(text: str) -> Message:
+    return Message(clip(text, TEXT_LIMIT), [section(text)])
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+@dataclass
+class CardState:
+    """Everything a job card shows; rebuilt from the master's events after a bot restart."""
+
+    number: int
+    job_id: str
+    requester: str
+    module: str
+    params: dict[str, Any]
+    idc: str
+    hosts: int
+    created_at: float
+    state: str = "submitting"
+    done: int = 0
+    ok: int = 0
+    failed: int = 0
+    finished_at: float | None = None
+    note: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+def job_card(card: CardState) -> Message:
+    params = " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) or ' ' in v else v}"
+                      for k, v in card.params.items()) or "(no parameters)"
+    icon = STATE_ICONS.get(card.state, "")
+    progress = f"{card.done}/{card.hosts} hosts \u00b7 {card.ok} ok \u00b7 {card.failed} failed"
+    when = slack_date(card.created_at)
+    took = f" \u00b7 took {duration(card.finished_at - card.created_at)}" if card.finished_at else ""
+    headline = f"{icon} *#{card.number}* `{card.module}` on *{card.hosts} host{'s' * (card.hosts != 1)}* in `{card.idc}` \u2014 *{card.state}*"
+    blocks: list[dict[str, Any]] = [
+        section(headline),
+        section(f"requested by <@{card.requester}> {when}\n{code(params, 1500)}"),
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": clip(progress + took, 2000)}]},
+    ]
+    if card.note:
+        blocks.append(section(card.note))
+    if not card.final:
+        blocks.append({"type": "actions", "block_id": f"job:{card.job_id}", "elements": [{
+            "type": "button", "action_id": CANCEL_ACTION, "style": "danger", "value": card.job_id,
+            "text": {"type": "plain_text", "text": "Cancel"},
+            "confirm": {"title": {"type": "plain_text", "text": f"Cancel job #{card.number}?"},
+                        "text": {"type": "mrkdwn", "text": f"Stop `{card.module}` on {card.hosts} hosts."},
+                        "confirm": {"type": "plain_text", "text": "Cancel job"},
+                        "deny": {"type": "plain_text", "text": "Keep running"}},
+        }]})
+    text = (f"[#{card.number} {card.state}] {card.module} on {card.hosts} host(s) in {card.idc} "
+            f"by {card.requester}: {progress}{took}" + (f"\n{card.note}" if card.note else ""))
+    return Message(clip(text, TEXT_LIMIT), blocks)
+
+
+def results_message(number: int, results: list[dict[str, Any]]) -> Message:
+    """The per-host summary for the card's thread; the full log rides along as a file when long."""
+    ordered = sorted(results, key=lambda r: r["host"])
+    width = min(max((len(r["host"]) for r in ordered), default=4), 40)
+    rows = [f"{'HOST':<{width}}  {'STATUS':<11} {'RC':>4} {'TIME':>7}  OUTPUT"]
+    for r in ordered:
+        rc = "" if r.get("rc") is None else str(r["rc"])
+        first = (r.get("error") or _first_line(r.get("stdout", "")) or _first_line(r.get("stderr", "")))
+        rows.append(f"{r['host'][:width]:<{width}}  {r['status']:<11} {rc:>4} "
+                    f"{r['ended'] - r['started']:>6.1f}s  {clip(first, 60)}")
+    table, shown = _fit_rows(rows, SECTION_LIMIT - 80)
+    log = full_log(ordered)
+    files = [(f"job-{number}.log", log)] if shown < len(rows) or len(log) > INLINE_LOG_LIMIT else []
+    more = f"\n_{len(rows) - shown} more hosts in the attached log_" if shown < len(rows) else ""
+    blocks = [section(f"*Results of #{number}*{more}\n{code(table)}")]
+    if not files and log.strip():
+        blocks.append(section(code(log)))
+    text = f"Results of #{number}\n{table}" + ("" if files else f"\n{log}")
+    return Message(clip(text, TEXT_LIMIT), blocks, files)
+
+
+def _first_line(text: str) -> str:
+    return next((line for line in text.splitlines() if line.strip()), "")
+
+
+def _fit_rows(rows: list[str], limit: int) -> tuple[str, int]:
+    kept, size = [], 0
+    for row in rows:
+        if size + len(row) + 1 > limit:
+            break
+        kept.append(row)
+        size += len(row) + 1
+    return "\n".join(kept), len(kept)
+
+
+def full_log(results: list[dict[str, Any]]) -> str:
+    parts = []
+    for r in results:
+        parts.append(f"=== {r['host']} ({r['status']}, rc={r.get('rc')})")
+        if r.get("error"):
+            parts.append(f"error: {r['error']}")
+        if r.get("data"):
+            parts.append(json.dumps(r["data"], indent=2, sort_keys=True))
+        elif r.get("stdout"):
+            parts.append(r["stdout"].rstrip("\n"))
+        if r.get("stderr"):
+            parts.append("--- stderr\n" + r["stderr"].rstrip("\n"))
+        if r.get("truncated"):
+            parts.append(f"[output cut by the master: {r['stdout_bytes']} stdout and {r['stderr_bytes']} "
+                         f"stderr bytes produced, first {len(r['stdout'].encode())}/{len(r['stderr'].encode())} kept]")
+    return "\n".join(parts) + "\n"

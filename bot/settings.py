@@ -1,0 +1,57 @@
+"""The [bot] table of ombot.toml, and the Slack secrets from the environment."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ombot.config import Config, _Reader, database_url, parse_address
+
+SLACK_API_ENV = "OMBOT_SLACK_API_URL"
+
+
+@dataclass(frozen=True)
+class SlackSecrets:
+    bot_token: str | None
+    app_token: str | None
+    signing_secret: str | None
+    api_url: str | None
+
+    @classmethod
+    def from_env(cls) -> SlackSecrets:
+        get = lambda name: os.environ.get(name) or None  # noqa: E731
+        return cls(get("SLACK_BOT_TOKEN"), get("SLACK_APP_TOKEN"), get("SLACK_SIGNING_SECRET"), get(SLACK_API_ENV))
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.bot_token and (self.app_token or self.signing_secret))
+
+
+@dataclass(frozen=True)
+class BotSettings:
+    team_id: str | None
+    listen_host: str
+    listen_port: int
+    workers: int
+    database_url: str
+    console_user: str
+    console_allow_as: bool
+    state_dir: Path
+
+    @classmethod
+    def from_config(cls, config: Config) -> BotSettings:
+        r = _Reader(config.path, config.raw, "").sub("bot")
+        state_dir = r.file("state_dir", "state") or config.base_dir / "state"
+        host, port = parse_address(r, "listen") if "listen" in r.table else ("127.0.0.1", 3000)
+        return cls(
+            team_id=r.get("team_id", str, None),
+            listen_host=host,
+            listen_port=port,
+            workers=r.get("workers", int, 8),
+            database_url=database_url(r, "OMBOT_BOT_DATABASE_URL", f"sqlite:///{state_dir / 'bot.db'}"),
+            console_user=r.get("console_user", str, f"console:{getpass.getuser()}"),
+            console_allow_as=r.get("console_allow_as", bool, False),
+            state_dir=state_dir,
+        )

@@ -1,0 +1,59 @@
+"""The bot's central database: the jobs it started, where their cards are, and which master owns them."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import peewee
+
+from ombot.storage import create_tables, open_database
+
+db = peewee.DatabaseProxy()
+
+
+class BotJob(peewee.Model):
+    number = peewee.AutoField()  # the short number people type: /om cancel 12
+    job_id = peewee.CharField(max_length=36, unique=True)  # the UUID, also the request id at the master
+    requester = peewee.CharField(max_length=64, index=True)
+    origin = peewee.CharField(max_length=16)
+    channel = peewee.CharField(max_length=64)
+    card_ts = peewee.CharField(max_length=32, null=True)
+    idc = peewee.CharField(max_length=64)
+    master_id = peewee.CharField(max_length=64, null=True)
+    module = peewee.CharField(max_length=128)
+    params = peewee.TextField()  # JSON, as shown on the card
+    host_count = peewee.IntegerField()
+    state = peewee.CharField(max_length=16, index=True)
+    last_seq = peewee.IntegerField(default=0)
+    created_at = peewee.IntegerField()
+    finished_at = peewee.IntegerField(null=True)
+
+    class Meta:
+        database = db
+        table_name = "bot_job"
+
+
+MIGRATIONS = [create_tables(BotJob)]
+
+
+def open_store(url: str) -> peewee.Database:
+    return open_database(url, db, "bot", MIGRATIONS)
+
+
+def find_job(ref: str) -> BotJob | None:
+    """A job by its short number or its UUID."""
+    ref = ref.lstrip("#")
+    if ref.isdigit():
+        return BotJob.get_or_none(BotJob.number == int(ref))
+    return BotJob.get_or_none(BotJob.job_id == ref)
+
+
+def update_job(job: BotJob, **fields: Any) -> None:
+    for key, value in fields.items():
+        setattr(job, key, value)
+    BotJob.update(**fields).where(BotJob.number == job.number).execute()
+
+
+def now() -> int:
+    return int(time.time())
