@@ -215,7 +215,7 @@ class Dispatcher:
         job = store.BotJob.create(
             job_id=str(uuid.uuid4()), requester=req.user, origin=req.origin, channel=req.channel, idc=idc,
             module=spec.name, params=json.dumps(shown), host_count=len(hosts), state="submitting",
-            created_at=store.now(),
+            created_at=store.now(), reply_url=req.response_url,
         )
         transport.respond(req, _preview(spec.name, idc, hosts, f"Starting job #{job.number}:"))
         card_ts = transport.post(req.channel, job_card(card_of(job)), req=req)
@@ -233,13 +233,14 @@ class Dispatcher:
         self.follower.start(job, transport)
 
     def _end_early(self, job: store.BotJob, transport: Transport, state: str, reason: str) -> None:
-        store.update_job(job, state=state, finished_at=store.now())
+        store.update_job(job, state=state, finished_at=store.now(), reported=True)
         card = card_of(job)
         card.finished_at, card.note = time.time(), reason
         if job.card_ts:
             transport.update(job.channel, job.card_ts, job_card(card))
         else:
-            transport.post(job.channel, job_card(card))
+            transport.post(job.channel, job_card(card),
+                           req=ChatRequest(job.requester, job.channel, response_url=job.reply_url))
 
     def _cancel(self, command: grammar.Cancel, req: ChatRequest, transport: Transport) -> None:
         job = _find(command.job)

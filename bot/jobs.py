@@ -11,7 +11,7 @@ from typing import Any
 
 from bot import store
 from bot.messages import CardState, job_card, results_message
-from bot.transport import Transport
+from bot.transport import ChatRequest, Transport
 from masters import JobRef, Router
 
 log = logging.getLogger("ombot.bot.jobs")
@@ -29,9 +29,7 @@ class JobFollower:
 
     def resume_all(self, transport_for: Callable[[str], Transport | None]) -> int:
         """After a restart: follow again every job that had not ended, updating its existing card."""
-        pending = store.BotJob.select().where(
-            store.BotJob.state.not_in(["ok", "failed", "partial", "cancelled", "timed_out", "unknown"])
-            & store.BotJob.master_id.is_null(False))
+        pending = store.BotJob.select().where(~store.BotJob.reported & store.BotJob.master_id.is_null(False))
         count = 0
         for job in pending:
             transport = transport_for(job.origin)
@@ -67,11 +65,15 @@ class JobFollower:
 
         ref = JobRef(job.job_id, job.idc, job.master_id)
         self.router.follow(ref, on_event, next_wait, flush)
-        dirty = True
-        flush(force=True)
-        if job.card_ts or job.origin == "console":
-            transport.post(job.channel, results_message(job.number, list(results.values())), thread_ts=job.card_ts)
         store.update_job(job, state=card.state, finished_at=int(card.finished_at or time.time()))
+        req = ChatRequest(job.requester, job.channel, origin=job.origin, response_url=job.reply_url)
+        if job.card_ts:
+            dirty = True
+            flush(force=True)
+        else:
+            transport.post(job.channel, job_card(card), req=req)
+        transport.post(job.channel, results_message(job.number, list(results.values())), thread_ts=job.card_ts, req=req)
+        store.update_job(job, reported=True)
 
 
 def card_of(job: store.BotJob) -> CardState:

@@ -18,14 +18,15 @@ class BotJob(peewee.Model):
     requester = peewee.CharField(max_length=64, index=True)
     origin = peewee.CharField(max_length=16)
     channel = peewee.CharField(max_length=64)
-    card_ts = peewee.CharField(max_length=32, null=True)
+    card_ts = peewee.CharField(max_length=32, null=True)  # None when the card went out by response_url
+    reply_url = peewee.TextField(null=True)  # the command's response_url, for channels the bot is not in
     idc = peewee.CharField(max_length=64)
     master_id = peewee.CharField(max_length=64, null=True)
     module = peewee.CharField(max_length=128)
     params = peewee.TextField()  # JSON, as shown on the card
     host_count = peewee.IntegerField()
     state = peewee.CharField(max_length=16, index=True)
-    last_seq = peewee.IntegerField(default=0)
+    reported = peewee.BooleanField(default=False)  # final card and thread results are posted
     created_at = peewee.IntegerField()
     finished_at = peewee.IntegerField(null=True)
 

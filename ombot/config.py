@@ -265,11 +265,14 @@ def _parse_client(r: _Reader, idcs: dict[str, tuple[str, ...]]) -> ClientSetting
 
 
 def parse_address(r: _Reader, name: str) -> tuple[str, int]:
-    value = r.get(name, str, what="'host:port'")
+    what = "'host:port' (an IPv6 address in brackets: '[::1]:7001')"
+    value = r.get(name, str, what=what)
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(r.path, r.key(name), "'host:port'", value)
-    return host.strip("[]"), int(port)
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if not sep or not host or (":" in host) != bracketed or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(r.path, r.key(name), what, value)
+    return host, int(port)
 
 
 def database_url(r: _Reader, env_name: str, default: str) -> str:

@@ -93,9 +93,19 @@ def open_database(
     except (peewee.OperationalError, peewee.ImproperlyConfigured) as exc:
         # Unreachable server, bad credentials, missing database or driver: say which, never the password.
         raise StorageError(f"cannot open database {redact_url(url)}: {redact(str(exc)).strip()}") from None
+    if isinstance(db, peewee.MySQLDatabase):
+        _require_utf8mb4(db, url)
     proxy.initialize(db)
     migrate(db, component, migrations)
     return db
+
+
+def _require_utf8mb4(db: peewee.Database, url: str) -> None:
+    """New tables take the database's character set; anything but utf8mb4 loses emoji and more."""
+    name, charset = db.execute_sql("SELECT DATABASE(), @@character_set_database").fetchone()
+    if charset != "utf8mb4":
+        raise StorageError(f"database {redact_url(url)} uses character set {charset}; OMBot needs utf8mb4: "
+                           f"ALTER DATABASE `{name}` CHARACTER SET utf8mb4")
 
 
 def migrate(db: peewee.Database, component: str, migrations: Sequence[Migration]) -> int:

@@ -48,6 +48,7 @@ class Cluster:
     limits: dict[str, int] = field(default_factory=dict)
     inventory: str = INVENTORY
     module_dirs: list[Path] = field(default_factory=list)
+    extra_toml: str = ""
     ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, "MasterProcess"] = field(default_factory=dict)
 
@@ -73,7 +74,7 @@ class Cluster:
                     'inventory = "inventory.ini"', 'accept = ["bot"]', f'state_dir = "state-{mid}"', '',
                     f'[masters.{mid}.limits]', *[f"{k} = {v}" for k, v in self.limits.items()], '',
                 ]
-        self.config_path.write_text("\n".join(lines))
+        self.config_path.write_text("\n".join(lines) + "\n" + self.extra_toml)
 
     @property
     def config_path(self) -> Path:
@@ -153,3 +154,48 @@ class MasterProcess:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+class BotProcess:
+    """`ombot bot` (or `ombot console`) as a real child process."""
+
+    def __init__(self, cluster: Cluster, env: dict[str, str], args: tuple[str, ...] = ("bot",)) -> None:
+        self.cluster, self.env, self.args = cluster, env, args
+        self.log_path = cluster.root / "bot.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int | None = None, timeout: float = 30) -> "BotProcess":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ombot", "--config", str(self.cluster.config_path), *self.args],
+            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=child_env(self.env),
+            start_new_session=True,
+        )
+        if port is not None:
+            wait_for_port(port, timeout, self)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def wait_for_port(port: int, timeout: float, owner: "BotProcess | None" = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if owner is not None and owner.proc is not None and owner.proc.poll() is not None:
+                raise RuntimeError(f"process exited {owner.proc.returncode}:\n{owner.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listening on {port}" + (f":\n{owner.log()}" if owner else ""))
+            time.sleep(0.05)

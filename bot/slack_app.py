@@ -1,0 +1,272 @@
+"""The Slack transport: a thin Bolt adapter over the dispatcher. The only module importing slack_bolt.
+
+Listeners only ack and hand the work to OMBot's pool, so Bolt runs them inline
+(`process_before_response=True`): the ack leaves as soon as the listener returns, without Bolt's
+10 ms ack-polling loop or its five-thread listener pool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from socketserver import ThreadingMixIn
+
+from slack_bolt import App, BoltResponse
+from slack_bolt.adapter.wsgi import SlackRequestHandler
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
+from slack_sdk.webhook import WebhookClient
+
+from bot import forms
+from bot.messages import CANCEL_ACTION, Message
+from bot.service import BotService
+from bot.settings import SlackSecrets
+from bot.transport import ChatRequest
+from ombot.config import Config
+from ombot.errors import OmbotError
+
+log = logging.getLogger("ombot.bot.slack")
+
+COMMAND = "/om"
+RESPONSE_URL_USES = 5  # Slack accepts at most five posts to one response_url
+RATE_LIMIT_RETRIES = 6
+SEND_ATTEMPTS = 20  # after the client's own retries: a result is never dropped for a 429 storm
+SCOPES = ["commands", "chat:write", "chat:write.public", "files:write", "usergroups:read", "users:read"]
+
+
+def web_client(secrets: SlackSecrets) -> WebClient:
+    kwargs: dict[str, Any] = {"token": secrets.bot_token,
+                              "retry_handlers": [RateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES)]}
+    if secrets.api_url:
+        kwargs["base_url"] = secrets.api_url.rstrip("/") + "/"
+    return WebClient(**kwargs)
+
+
+class ChannelQueues:
+    """Slack calls run in order per channel, one channel's 429s never stall another's."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, queue.Queue[tuple[Callable[[], Any], Future[Any]]]] = {}
+        self._lock = threading.Lock()
+
+    def run(self, channel: str, call: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if channel not in self._queues:
+                self._queues[channel] = queue.Queue()
+                threading.Thread(target=self._drain, args=(self._queues[channel],), daemon=True,
+                                 name=f"slack-{channel}").start()
+            self._queues[channel].put((call, future))
+        return future
+
+    @staticmethod
+    def _drain(calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]]) -> None:
+        while True:
+            call, future = calls.get()
+            try:
+                future.set_result(_persist(call))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+
+def _persist(call: Callable[[], Any]) -> Any:
+    """Retry a call that is still rate limited after the client's own retries."""
+    for attempt in range(SEND_ATTEMPTS):
+        try:
+            return call()
+        except SlackApiError as exc:
+            if exc.response.status_code != 429 or attempt == SEND_ATTEMPTS - 1:
+                raise
+            time.sleep(float(exc.response.headers.get("Retry-After", "1") or 1))
+    raise AssertionError("unreachable")
+
+
+class SlackTransport:
+    def __init__(self, client: WebClient) -> None:
+        self.client = client
+        self.queues = ChannelQueues()
+        self._url_uses: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _take_response_url(self, url: str | None) -> bool:
+        if not url:
+            return False
+        with self._lock:
+            used = self._url_uses.get(url, 0)
+            if used >= RESPONSE_URL_USES:
+                return False
+            self._url_uses[url] = used + 1
+            return True
+
+    def respond(self, req: ChatRequest, message: Message) -> None:
+        if self._take_response_url(req.response_url):
+            WebhookClient(req.response_url).send(text=message.text, blocks=message.blocks, response_type="ephemeral")
+            return
+        try:
+            self.queues.run(req.channel, lambda: self.client.chat_postEphemeral(
+                channel=req.channel, user=req.user, text=message.text, blocks=message.blocks)).result()
+        except SlackApiError as exc:
+            log.warning("could not answer %s in %s: %s", req.user, req.channel, exc.response.get("error"))
+
+    def post(self, channel: str, message: Message, thread_ts: str | None = None,
+             req: ChatRequest | None = None) -> str | None:
+        try:
+            ts = self.queues.run(channel, lambda: self._post(channel, message, thread_ts)).result()
+        except SlackApiError as exc:
+            # Not in a private channel: the command's response_url still reaches it, once per use.
+            if req is not None and self._take_response_url(req.response_url):
+                WebhookClient(req.response_url).send(text=message.text, blocks=message.blocks,
+                                                     response_type="in_channel")
+                return None
+            log.warning("could not post to %s: %s", channel, exc.response.get("error"))
+            return None
+        return ts
+
+    def _post(self, channel: str, message: Message, thread_ts: str | None) -> str:
+        reply = self.client.chat_postMessage(channel=channel, text=message.text, blocks=message.blocks,
+                                             thread_ts=thread_ts)
+        ts = str(reply["ts"])
+        for filename, content in message.files:
+            self.client.files_upload_v2(channel=reply["channel"], thread_ts=thread_ts or ts, content=content,
+                                        filename=filename, title=filename)
+        return ts
+
+    def update(self, channel: str, ts: str, message: Message) -> None:
+        try:
+            self.queues.run(channel, lambda: self.client.chat_update(
+                channel=channel, ts=ts, text=message.text, blocks=message.blocks)).result()
+        except SlackApiError as exc:
+            log.warning("could not update %s/%s: %s", channel, ts, exc.response.get("error"))
+
+    def open_form(self, req: ChatRequest, view: dict[str, Any]) -> bool:
+        try:
+            self.client.views_open(trigger_id=req.trigger_id, view=view)
+            return True
+        except SlackApiError as exc:
+            log.info("could not open a form for %s: %s", req.user, exc.response.get("error"))
+            return False
+
+
+def build_app(service: BotService, secrets: SlackSecrets, client: WebClient, socket_mode: bool) -> tuple[App, SlackTransport]:
+    transport = SlackTransport(client)
+    app = App(client=client, signing_secret=secrets.signing_secret, process_before_response=True,
+              request_verification_enabled=not socket_mode, token_verification_enabled=False,
+              ignoring_self_events_enabled=False)
+    team_id = service.settings.team_id
+    dispatcher = service.dispatcher
+
+    @app.middleware
+    def only_our_workspace(body: dict[str, Any], next: Callable[[], BoltResponse]) -> BoltResponse | None:
+        team = _team_of(body)
+        if team_id and team != team_id:
+            log.warning("refused a request from workspace %r", team)
+            return BoltResponse(status=403, body="This OMBot serves another Slack workspace.")
+        return next()
+
+    @app.command(COMMAND)
+    def on_command(ack: Callable[..., None], body: dict[str, Any]) -> None:
+        ack()  # nothing touches a master before this
+        req = ChatRequest(user=body["user_id"], channel=body["channel_id"], text=body.get("text", ""),
+                          team=body.get("team_id"), trigger_id=body.get("trigger_id"),
+                          response_url=body.get("response_url"))
+        service.commands.submit(dispatcher.command, req, transport)
+
+    @app.action(CANCEL_ACTION)
+    def on_cancel(ack: Callable[..., None], body: dict[str, Any], action: dict[str, Any]) -> None:
+        ack()
+        req = ChatRequest(user=body["user"]["id"], channel=(body.get("channel") or {}).get("id", ""),
+                          team=_team_of(body), response_url=body.get("response_url"))
+        service.commands.submit(dispatcher.cancel_clicked, req, str(action.get("value", "")), transport)
+
+    @app.view(forms.CALLBACK_ID)
+    def on_form(ack: Callable[..., None], body: dict[str, Any], view: dict[str, Any]) -> None:
+        req = ChatRequest(user=body["user"]["id"], channel="", team=_team_of(body))
+        try:
+            errors = dispatcher.form_submitted(req, view.get("private_metadata", "{}"),
+                                               view.get("state", {}).get("values", {}), transport)
+        except (OmbotError, KeyError, ValueError) as exc:
+            errors = {forms.TARGETS_BLOCK: str(exc)[:150]}
+        if errors:
+            ack(response_action="errors", errors=errors)
+        else:
+            ack()
+
+    return app, transport
+
+
+def _team_of(body: dict[str, Any]) -> str | None:
+    return body.get("team_id") or (body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id")
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+def http_server(app: App, host: str, port: int) -> WSGIServer:
+    """Bolt's WSGI adapter on a threaded server bound to the configured (loopback by default) address."""
+    handler = SlackRequestHandler(app)
+
+    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") != "/slack/events":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found"]
+        return handler(environ, start_response)
+
+    return make_server(host, port, wsgi, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+
+
+def serve_slack(config: Config) -> None:
+    secrets = SlackSecrets.from_env()
+    if not secrets.bot_token:
+        raise OmbotError("SLACK_BOT_TOKEN is not set (see the README: creating the Slack app)")
+    if not (secrets.app_token or secrets.signing_secret):
+        raise OmbotError("set SLACK_APP_TOKEN for Socket Mode, or SLACK_SIGNING_SECRET for HTTP mode")
+    service = BotService(config, origin="slack")
+    client = web_client(secrets)
+    socket_mode = bool(secrets.app_token)
+    app, transport = build_app(service, secrets, client, socket_mode)
+    service.start(transport)
+    try:
+        if socket_mode:
+            from slack_bolt.adapter.socket_mode import SocketModeHandler
+
+            log.info("connecting to Slack in Socket Mode")
+            SocketModeHandler(app, secrets.app_token, web_client=client).start()
+        else:
+            server = http_server(app, service.settings.listen_host, service.settings.listen_port)
+            log.info("serving Slack requests on http://%s:%s/slack/events", *server.server_address[:2])
+            server.serve_forever()
+    finally:
+        service.close()
+
+
+def manifest(http_url: str | None = None) -> dict[str, Any]:
+    """The app manifest: /om, interactivity, the scopes OMBot uses; Socket Mode unless a URL is given."""
+    command: dict[str, Any] = {"command": COMMAND, "description": "Run and audit operations with OMBot",
+                               "usage_hint": "run MODULE TARGETS key=value ...", "should_escape": False}
+    interactivity: dict[str, Any] = {"is_enabled": True}
+    if http_url:
+        url = http_url.rstrip("/") + "/slack/events"
+        command["url"] = url
+        interactivity["request_url"] = url
+    return {
+        "display_information": {"name": "OMBot", "description": "ChatOps for Linux clusters"},
+        "features": {"bot_user": {"display_name": "ombot", "always_online": True}, "slash_commands": [command]},
+        "oauth_config": {"scopes": {"bot": SCOPES}},
+        "settings": {"interactivity": interactivity, "socket_mode_enabled": http_url is None,
+                     "org_deploy_enabled": False, "token_rotation_enabled": False},
+    }

@@ -1,0 +1,188 @@
+"""The Slack face end to end: signed requests to the real `ombot bot` process, our fake Slack Web API,
+and a real master with the local backend."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.fakeslack import (
+    TEAM_ID, FakeSlack, block_actions_body, signed_request, slash_command_body, view_submission_body,
+)
+from tests.support import REPO, BotProcess, Cluster, free_port
+
+SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
+CHANNEL = "C0OPS"
+
+
+@dataclass
+class SlackRig:
+    fake: FakeSlack
+    cluster: Cluster
+    bot: BotProcess
+    port: int
+
+    def send(self, body: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/slack/events", data=body.encode(),
+                                         headers=headers or signed_request(SECRET, body), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def command(self, text: str, **fields: Any) -> tuple[int, str]:
+        fields.setdefault("response_url", self.fake.new_response_url())
+        return self.send(slash_command_body(text=text, **fields))
+
+    def card(self, number: int) -> dict[str, Any]:
+        """The job card for job #number, as the channel shows it now."""
+        def find() -> dict[str, Any] | None:
+            return next((m for m in self.fake.messages(CHANNEL) if f"[#{number} " in m.get("text", "")), None)
+        return self.fake.wait_for(find, what=f"the card of job #{number}")
+
+    def final_card(self, number: int, timeout: float = 30) -> dict[str, Any]:
+        return self.fake.wait_for(lambda: (c := self.card(number)) and _final(c) and c, timeout,
+                                  what=f"job #{number} to end")
+
+    def results(self, card: dict[str, Any]) -> dict[str, Any]:
+        return self.fake.wait_for(lambda: next((m for m in self.fake.thread(CHANNEL, card["ts"])
+                                                if m["ts"] != card["ts"]), None), what="results in the thread")
+
+    def replies_to_user(self) -> list[str]:
+        return [json.dumps(c.body) for c in self.fake.response_posts]
+
+
+def _final(card: dict[str, Any]) -> bool:
+    return any(f" {s}]" in card["text"] for s in ("ok", "failed", "partial", "cancelled", "timed_out", "unknown"))
+
+
+@pytest.fixture
+def rig(make_cluster) -> Any:
+    with FakeSlack() as fake:
+        port = free_port()
+        cluster = make_cluster(module_dirs=[REPO / "tests" / "site_modules"],
+                               extra_toml=f'[bot]\nteam_id = "{TEAM_ID}"\nlisten = "127.0.0.1:{port}"\n')
+        cluster.start("m1")
+        env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url}
+        bot = BotProcess(cluster, env).start(port)
+        try:
+            yield SlackRig(fake, cluster, bot, port)
+            fake.assert_no_violations()
+        finally:
+            bot.stop()
+
+
+def test_signature_is_checked(rig: SlackRig) -> None:
+    body = slash_command_body(text="help")
+    assert rig.send(body)[0] == 200
+    assert rig.send(body, signed_request("wrong-secret", body))[0] == 401
+    assert rig.send(body, signed_request(SECRET, body, timestamp=int(time.time()) - 6 * 60))[0] == 401
+    assert rig.send(body, {"Content-Type": "application/x-www-form-urlencoded"})[0] == 401
+
+
+def test_other_workspace_is_refused(rig: SlackRig) -> None:
+    status, _ = rig.send(slash_command_body(text="help", team_id="T0OTHER"))
+    assert status == 403
+    time.sleep(0.5)
+    assert not rig.fake.response_posts
+
+
+def test_slash_command_card_progress_and_thread_results(rig: SlackRig) -> None:
+    status, body = rig.command("echo web[01-03] message=\u201chello there\u201d")
+    assert status == 200 and body == ""  # acked at once, nothing else in the ack
+    card = rig.final_card(1)
+    assert "[#1 ok] echo on 3 host(s) in local by U0ALICE: 3/3 hosts \u00b7 3 ok" in card["text"]
+    assert not any(b["type"] == "actions" for b in card["blocks"])  # no Cancel button once ended
+    assert rig.fake.calls_to("chat.update")
+    results = rig.results(card)
+    for host in ("web01", "web02", "web03"):
+        assert host in results["text"]
+    assert "hello there" in results["text"]
+    assert any("Starting job #1" in r for r in rig.replies_to_user())
+
+
+def test_bad_input_always_gets_an_answer(rig: SlackRig) -> None:
+    cases = {
+        "ech localhost": "Did you mean",
+        "echo localhost message=x colour=red": "colour",
+        "echo nohost message=x": "no host or group matches",
+        'echo localhost message="unclosed': "close every quote",
+        "facts web[0:2]": "Ansible subscripts",
+        "status 999": "No job",
+    }
+    for text, expected in cases.items():
+        url = rig.fake.new_response_url()
+        assert rig.command(text, response_url=url)[0] == 200
+        reply = rig.fake.wait_for(lambda: [c for c in rig.fake.response_posts if c.path.endswith(url.rsplit("/", 1)[1])],
+                                  what=f"an answer to {text!r}")
+        assert expected in json.dumps(reply[0].body), (text, reply[0].body)
+
+
+def test_missing_params_open_a_generated_modal_with_field_errors(rig: SlackRig) -> None:
+    trigger = rig.fake.issue_trigger()
+    assert rig.command("run test.sleep", trigger_id=trigger)[0] == 200
+    opened = rig.fake.wait_for_call("views.open")
+    view = opened.body["view"] if isinstance(opened.body["view"], dict) else json.loads(opened.body["view"])
+    blocks = {b.get("block_id"): b for b in view["blocks"]}
+    assert blocks["p:seconds"]["element"]["type"] == "number_input"
+    assert "targets" in blocks
+    bad = {"targets": {"v": "localhost"}, "p:seconds": {"v": {"type": "number_input", "value": "9999"}}}
+    status, answer = rig.send(view_submission_body("om_run", bad, private_metadata=view["private_metadata"]))
+    assert status == 200
+    errors = json.loads(answer)
+    assert errors["response_action"] == "errors" and "0 to 600" in errors["errors"]["p:seconds"]
+    good = {"targets": {"v": "localhost"}, "p:seconds": {"v": {"type": "number_input", "value": "0"}}}
+    status, answer = rig.send(view_submission_body("om_run", good, private_metadata=view["private_metadata"]))
+    assert status == 200 and answer == ""
+    assert "[#1 ok] test.sleep" in rig.final_card(1)["text"]
+
+
+def test_cancel_button_mid_run(rig: SlackRig) -> None:
+    rig.command("test.sleep localhost seconds=60")
+    card = rig.fake.wait_for(lambda: (c := rig.card(1)) and "running" in c["text"] and c, what="a running card")
+    button = next(b for b in card["blocks"] if b["type"] == "actions")["elements"][0]
+    stranger = block_actions_body(button["action_id"], button["value"], user_id="U0MALLORY", message_ts=card["ts"],
+                                  response_url=rig.fake.new_response_url())
+    assert rig.send(stranger)[0] == 200
+    rig.fake.wait_for(lambda: any("Only the requester" in r for r in rig.replies_to_user()), what="a refusal")
+    click = block_actions_body(button["action_id"], button["value"], message_ts=card["ts"],
+                               response_url=rig.fake.new_response_url())
+    assert rig.send(click)[0] == 200
+    final = rig.final_card(1)
+    assert "[#1 cancelled]" in final["text"] and "cancel requested by @U0ALICE" not in final["text"]
+
+
+def test_rate_limit_storm_loses_nothing(rig: SlackRig) -> None:
+    rig.fake.rate_limit("chat.postMessage", times=4, retry_after=1)
+    rig.fake.rate_limit("chat.update", times=4, retry_after=1)
+    rig.command("echo web[01-03] message=storm")
+    card = rig.final_card(1, timeout=60)
+    assert "3/3 hosts" in card["text"]
+    assert "storm" in rig.results(card)["text"]
+    assert len(rig.fake.calls_to("chat.postMessage", include_rate_limited=True)) > len(rig.fake.calls_to("chat.postMessage"))
+
+
+def test_long_output_goes_to_a_file_in_the_thread(rig: SlackRig) -> None:
+    rig.command('shell.exec localhost cmd="seq 1 4000"')
+    card = rig.final_card(1)
+    rig.results(card)
+    upload = rig.fake.wait_for(lambda: rig.fake.files, what="an uploaded file")[0]
+    assert upload.thread_ts == card["ts"]
+    assert b"\n3999\n4000\n" in upload.content
+
+
+def test_jobs_status_and_masters(rig: SlackRig) -> None:
+    rig.command("echo localhost message=one")
+    rig.final_card(1)
+    for text, expected in (("jobs", "#1 ok"), ("jobs mine", "#1 ok"), ("status 1", "*ok*"), ("masters", "m1")):
+        url = rig.fake.new_response_url()
+        rig.command(text, response_url=url)
+        rig.fake.wait_for(lambda: any(expected in json.dumps(c.body) for c in rig.fake.response_posts
+                                      if c.path.endswith(url.rsplit("/", 1)[1])), what=f"reply to {text}")
