@@ -9,9 +9,14 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import Any
 
+import approvals
+from approvals import ApprovalError, Decision, Gate
 from bot import forms, grammar, store
+from bot.approval_flow import ApprovalFlow
 from bot.jobs import JobFollower, card_of
 from bot.messages import Message, clip, code, job_card, slack_date, text_message
 from bot.transport import ChatRequest, Transport
@@ -52,16 +57,21 @@ class CatalogCache:
 
 
 class Dispatcher:
-    def __init__(self, router: Router, catalogs: CatalogCache, follower: JobFollower, default_idc: str) -> None:
+    def __init__(self, router: Router, catalogs: CatalogCache, follower: JobFollower, default_idc: str,
+                 gate: Gate | None, pool: Executor) -> None:
         self.router, self.catalogs, self.follower, self.default_idc = router, catalogs, follower, default_idc
+        self.gate, self.pool = gate, pool
+        self.approvals = ApprovalFlow(self)
 
     # -- entry points (called by transports after their ack) ----------------------------------
 
     def command(self, req: ChatRequest, transport: Transport) -> None:
-        self._answering(req, transport, lambda: self._dispatch(grammar.parse(req.text), req, transport))
+        self.answering(req, transport, "command", req.text,
+                       lambda: self._dispatch(grammar.parse(req.text), req, transport))
 
     def cancel_clicked(self, req: ChatRequest, job_id: str, transport: Transport) -> None:
-        self._answering(req, transport, lambda: self._cancel(grammar.Cancel(job_id), req, transport))
+        self.answering(req, transport, "cancel click", job_id,
+                       lambda: self._cancel(grammar.Cancel(job_id), req, transport))
 
     def form_submitted(self, req: ChatRequest, metadata: str, state: dict[str, Any],
                        transport: Transport) -> dict[str, str]:
@@ -80,35 +90,51 @@ class Dispatcher:
                 errors[forms.TARGETS_BLOCK] = clip(exc.message, 150)
         if errors:
             return errors
-        run = grammar.Run(spec.name, targets, {k: v for k, v in values.items()}, meta["idc"])
+        run = grammar.Run(spec.name, targets, dict(values), meta["idc"])
         channel_req = ChatRequest(req.user, meta["channel"], origin=req.origin, team=req.team)
-        self.follower.pool.submit(self._answering, channel_req, transport,
-                                  lambda: self._start(run, spec, hosts, channel_req, transport))
+        self.pool.submit(self.answering, channel_req, transport, "form", f"{spec.name} {targets}",
+                         lambda: self._authorized_run(run, spec, hosts, channel_req, transport))
         return {}
 
-    def _answering(self, req: ChatRequest, transport: Transport, action: Any) -> None:
-        """Run an action; whatever goes wrong, the person gets an answer and never a traceback."""
+    def answering(self, req: ChatRequest, transport: Transport, action: str, detail: str,
+                  work: Callable[[], None]) -> None:
+        """Run work; whatever goes wrong, the person gets an answer (never a traceback), and the
+        action and its outcome go into the trail."""
+        outcome = "ok"
         try:
-            action()
-        except (grammar.CommandError, ParamError) as exc:
+            work()
+        except PolicyRefusal as exc:
+            outcome = f"refused: {exc}"
+            transport.respond(req, text_message(f"Refused: {exc}"))
+        except (grammar.CommandError, ParamError, ApprovalError) as exc:
+            outcome = f"error: {exc}"
             transport.respond(req, text_message(str(exc)))
         except Refused as exc:
+            outcome = f"refused by master: {exc.code}"
             transport.respond(req, text_message(f"Refused: {exc.message}"))
         except (NoMasterAvailable, ConnectFailed, MasterLost) as exc:
+            outcome = "masters unreachable"
             transport.respond(req, text_message(f"Cannot reach the masters: {exc}"))
         except OmbotError as exc:
+            outcome = f"error: {exc}"
             transport.respond(req, text_message(str(exc)))
         except Exception:
             ref = uuid.uuid4().hex[:8]
-            log.exception("internal error handling %r from %s, ref E-%s", req.text, req.user, ref)
+            outcome = f"internal error E-{ref}"
+            log.exception("internal error handling %r from %s, ref E-%s", detail, req.user, ref)
             transport.respond(req, text_message(f"Internal error, ref E-{ref}. The operators can find it in the bot's log."))
+        finally:
+            try:
+                approvals.store.record(req.user, req.channel, req.origin, action, detail, outcome)
+            except Exception:
+                log.exception("could not record %s by %s in the trail", action, req.user)
 
     def _dispatch(self, command: grammar.Command, req: ChatRequest, transport: Transport) -> None:
         match command:
             case grammar.Help(module):
-                transport.respond(req, self._help(module))
+                transport.respond(req, self._help(module, req.user))
             case grammar.Modules(category):
-                transport.respond(req, self._modules(category))
+                transport.respond(req, self._modules(category, req.user))
             case grammar.Run():
                 self._run(command, req, transport)
             case grammar.Form(module):
@@ -121,8 +147,12 @@ class Dispatcher:
                 self._cancel(command, req, transport)
             case grammar.Masters():
                 transport.respond(req, self._masters())
-            case grammar.Approvals() | grammar.Approve() | grammar.Deny():
-                transport.respond(req, text_message("Approvals are not enabled on this OMBot."))
+            case grammar.Approvals():
+                transport.respond(req, self.approvals.listing())
+            case grammar.Approve(ref):
+                self.approvals.approve(ref, req, transport)
+            case grammar.Deny(ref, reason):
+                self.approvals.deny(ref, reason, req, transport)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -134,7 +164,11 @@ class Dispatcher:
         hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else " Try `/om modules`."
         raise OmbotError(f"No module `{name}` in IDC {idc}.{hint}")
 
-    def _help(self, module: str | None) -> Message:
+    def _allowed_specs(self, user: str) -> list[ModuleSpec]:
+        specs = self.catalogs.get(self.default_idc).modules.values()
+        return [s for s in specs if self.gate is not None and self.gate.may_run(user, s.name, self.default_idc)]
+
+    def _help(self, module: str | None, user: str) -> Message:
         if module:
             spec = self._spec(self.default_idc, module)
             lines = [f"*{spec.name}* ({spec.category}, risk {spec.risk}): {spec.description}",
@@ -144,16 +178,15 @@ class Dispatcher:
                              + (f": {p.help}" if p.help else "") + _choices(p))
             return text_message("\n".join(lines))
         usage = "\n".join(f"`{u}`" for u in grammar.USAGE.values())
+        names = ", ".join(f"`{s.name}`" for s in self._allowed_specs(user)) or "none (ask your admins for access)"
         return text_message(f"*OMBot commands*\n{usage}\nShort form: `/om MODULE TARGETS key=value ...`\n"
-                            "`/om modules` lists what you can run.")
+                            f"Modules you may run: {names}")
 
-    def _modules(self, category: str | None) -> Message:
-        specs = [s for s in self.catalogs.get(self.default_idc).modules.values()
-                 if category is None or s.category == category]
+    def _modules(self, category: str | None, user: str) -> Message:
+        specs = [s for s in self._allowed_specs(user) if category is None or s.category == category]
         if not specs:
-            return text_message(f"No modules in category {category!r}.")
-        lines = [f"`{s.name}` ({s.category}, risk {s.risk}) {s.description}" for s in specs]
-        return text_message("\n".join(lines))
+            return text_message("No modules you may run" + (f" in category {category!r}." if category else "."))
+        return text_message("\n".join(f"`{s.name}` ({s.category}, risk {s.risk}) {s.description}" for s in specs))
 
     def _jobs(self, requester: str | None) -> Message:
         query = store.BotJob.select().order_by(store.BotJob.number.desc()).limit(JOBS_LISTED)
@@ -193,10 +226,27 @@ class Dispatcher:
         except ParamError as exc:
             raise ParamError(exc.param, f"{exc.expected}\nusage: `/om {spec.usage()}`") from None
         hosts = self.router.expand(idc, command.targets, requester=req.user)
+        self._authorized_run(command, spec, hosts, req, transport)
+
+    def decide(self, user: str, module: str, hosts: list[str], idc: str) -> Decision:
+        if self.gate is None:
+            raise PolicyRefusal("no access policy is configured ([bot] policy in ombot.toml), so nothing may run")
+        decision = self.gate.decide(user, module, hosts, idc)
+        if not decision.allowed:
+            raise PolicyRefusal(decision.reason)
+        return decision
+
+    def _authorized_run(self, command: grammar.Run, spec: ModuleSpec, hosts: list[str], req: ChatRequest,
+                        transport: Transport) -> None:
+        idc = command.idc or self.default_idc
+        decision = self.decide(req.user, spec.name, hosts, idc)
         if command.dry_run:
-            transport.respond(req, _preview(spec.name, idc, hosts, "Dry run: would run"))
-            return
-        self._start(command, spec, hosts, req, transport)
+            gate = f"; needs {decision.approval.count} approval(s)" if decision.needs_approval else ""
+            transport.respond(req, _preview(spec.name, idc, hosts, f"Dry run ({decision.reason}{gate}): would run"))
+        elif decision.needs_approval:
+            self.approvals.ask(command, spec, hosts, decision, req, transport)
+        else:
+            self.start_job(command, spec, hosts, req, transport, cancel_roles=decision.cancel_roles)
 
     def _form(self, command: grammar.Run, req: ChatRequest, transport: Transport, missing: list[str] | None = None) -> None:
         idc = command.idc or self.default_idc
@@ -207,22 +257,24 @@ class Dispatcher:
         need = ", ".join(missing or []) or "targets"
         transport.respond(req, text_message(f"`{spec.name}` needs: {need}.\nusage: `/om {spec.usage()}`"))
 
-    def _start(self, command: grammar.Run, spec: ModuleSpec, hosts: list[str], req: ChatRequest,
-               transport: Transport) -> None:
+    def start_job(self, command: grammar.Run, spec: ModuleSpec, hosts: list[str], req: ChatRequest,
+                  transport: Transport, approvers: Sequence[str] = (), cancel_roles: Sequence[str] = (),
+                  job_id: str | None = None) -> None:
         values = spec.validate(command.params)
         idc = command.idc or self.default_idc
         shown = {k: v for k, v in values.items() if v is not None}
         job = store.BotJob.create(
-            job_id=str(uuid.uuid4()), requester=req.user, origin=req.origin, channel=req.channel, idc=idc,
-            module=spec.name, params=json.dumps(shown), host_count=len(hosts), state="submitting",
-            created_at=store.now(), reply_url=req.response_url,
+            job_id=job_id or str(uuid.uuid4()), requester=req.user, origin=req.origin, channel=req.channel,
+            idc=idc, module=spec.name, params=json.dumps(shown), host_count=len(hosts), state="submitting",
+            created_at=store.now(), reply_url=req.response_url, approvers=json.dumps(list(approvers)),
+            cancel_roles=json.dumps(list(cancel_roles)),
         )
         transport.respond(req, _preview(spec.name, idc, hosts, f"Starting job #{job.number}:"))
         card_ts = transport.post(req.channel, job_card(card_of(job)), req=req)
         store.update_job(job, card_ts=card_ts)
         try:
-            ref, _ = self.router.submit(idc, spec.name, command.params, hosts, timeout=command.timeout,
-                                        request_id=job.job_id, requester=req.user)
+            ref, _ = self.router.submit(idc, spec.name, command.params, hosts, approvers=approvers,
+                                        timeout=command.timeout, request_id=job.job_id, requester=req.user)
         except MasterLost as exc:
             self._end_early(job, transport, "unknown", str(exc))
             return
@@ -244,8 +296,12 @@ class Dispatcher:
 
     def _cancel(self, command: grammar.Cancel, req: ChatRequest, transport: Transport) -> None:
         job = _find(command.job)
-        if req.user != job.requester:
-            raise OmbotError(f"Only the requester (<@{job.requester}>) can cancel job #{job.number}.")
+        approvers = json.loads(job.approvers)
+        allowed = req.user == job.requester or (
+            self.gate is not None and self.gate.may_cancel(req.user, job.requester, approvers, json.loads(job.cancel_roles)))
+        if not allowed:
+            raise PolicyRefusal(f"only the requester (<@{job.requester}>), its approvers or the roles the policy "
+                                f"names may cancel job #{job.number}")
         if job.master_id is None:
             raise OmbotError(f"Job #{job.number} never reached a master.")
         reply = self.router.cancel(JobRef(job.job_id, job.idc, job.master_id), requester=req.user)
@@ -253,6 +309,10 @@ class Dispatcher:
             transport.respond(req, text_message(f"Cancelling job #{job.number}."))
         else:
             transport.respond(req, text_message(f"Job #{job.number} already ended: {reply['state']}."))
+
+
+class PolicyRefusal(OmbotError):
+    """The access policy says no; the message names the rule."""
 
 
 def _find(ref: str) -> store.BotJob:

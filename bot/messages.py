@@ -15,6 +15,9 @@ SECTION_LIMIT = 3000
 TEXT_LIMIT = 3500  # the plain-text twin: what notifications and the console show
 INLINE_LOG_LIMIT = 2400  # longer per-host output goes into a file in the thread
 CANCEL_ACTION = "om_cancel"
+APPROVE_ACTION = "om_approve"
+DENY_ACTION = "om_deny"
+DENY_CALLBACK = "om_deny_reason"
 
 STATE_ICONS = {
     "submitting": ":hourglass:", "queued": ":hourglass:", "running": ":arrows_counterclockwise:",
@@ -166,3 +169,65 @@ def full_log(results: list[dict[str, Any]]) -> str:
             parts.append(f"[output cut by the master: {r['stdout_bytes']} stdout and {r['stderr_bytes']} "
                          f"stderr bytes produced, first {len(r['stdout'].encode())}/{len(r['stderr'].encode())} kept]")
     return "\n".join(parts) + "\n"
+
+
+@dataclass
+class RequestView:
+    """What an approval message shows."""
+
+    number: int
+    request_id: str
+    requester: str
+    module: str
+    params: str
+    idc: str
+    hosts: list[str]
+    needed: int
+    approver_roles: list[str]
+    approvers: list[tuple[str, int]]  # (user, epoch)
+    state: str
+    expires_at: int
+    decided_by: str | None = None
+    reason: str | None = None
+
+
+def approval_card(view: RequestView) -> Message:
+    shown = ", ".join(view.hosts[:30]) + (f" \u2026 and {len(view.hosts) - 30} more (list attached)" if len(view.hosts) > 30 else "")
+    got = len(view.approvers)
+    votes = ", ".join(f"<@{u}> {slack_date(at, '%H:%M UTC')}" for u, at in view.approvers) or "none yet"
+    status = {
+        "pending": f"{got}/{view.needed} approvals from {', '.join(view.approver_roles)}; "
+                   f"expires {slack_date(view.expires_at)}",
+        "approved": f"approved ({got}/{view.needed}); the job is starting",
+        "denied": f"denied by <@{view.decided_by}>: {view.reason}",
+        "expired": "expired before enough approvals",
+    }.get(view.state, view.state)
+    blocks: list[dict[str, Any]] = [
+        section(f":lock: *Approval #{view.number}* \u2014 <@{view.requester}> asks to run `{view.module}` on "
+                f"*{len(view.hosts)} host{'s' * (len(view.hosts) != 1)}* in `{view.idc}`"),
+        section(f"{code(view.params or '(no parameters)', 1500)}\nhosts: {clip(shown, 1200)}"),
+        section(f"*{view.state}*: {status}\napproved by: {votes}"),
+    ]
+    if view.state == "pending":
+        blocks.append({"type": "actions", "block_id": f"approval:{view.request_id}", "elements": [
+            {"type": "button", "action_id": APPROVE_ACTION, "style": "primary", "value": view.request_id,
+             "text": {"type": "plain_text", "text": "Approve"}},
+            {"type": "button", "action_id": DENY_ACTION, "style": "danger", "value": view.request_id,
+             "text": {"type": "plain_text", "text": "Deny"}},
+        ]})
+    text = (f"[approval #{view.number} {view.state}] {view.module} on {len(view.hosts)} host(s) in {view.idc} "
+            f"requested by {view.requester}: {status}; approved by: {votes}")
+    if view.state == "pending":
+        text += f"\n(/om approve {view.number}  or  /om deny {view.number} REASON)"
+    files = [(f"approval-{view.number}-hosts.txt", "\n".join(view.hosts) + "\n")] if len(view.hosts) > 30 else []
+    return Message(clip(text, TEXT_LIMIT), blocks, files)
+
+
+def deny_form(request_id: str, number: int) -> dict[str, Any]:
+    return {
+        "type": "modal", "callback_id": DENY_CALLBACK, "private_metadata": request_id,
+        "title": {"type": "plain_text", "text": f"Deny request #{number}"[:24]},
+        "submit": {"type": "plain_text", "text": "Deny"}, "close": {"type": "plain_text", "text": "Back"},
+        "blocks": [{"type": "input", "block_id": "reason", "label": {"type": "plain_text", "text": "Reason"},
+                    "element": {"type": "plain_text_input", "action_id": "v", "multiline": True, "max_length": 1000}}],
+    }

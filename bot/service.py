@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import approvals
+from approvals import Gate, load_policy
 from bot import store
 from bot.dispatcher import CatalogCache, Dispatcher
 from bot.jobs import JobFollower
@@ -17,27 +20,44 @@ log = logging.getLogger("ombot.bot")
 
 
 class BotService:
-    def __init__(self, config: Config, origin: str) -> None:
+    def __init__(self, config: Config, origin: str,
+                 group_members: Callable[[str], frozenset[str]] | None = None) -> None:
         self.config, self.origin = config, origin
         self.settings = BotSettings.from_config(config)
         client = config.require_client()
-        store.open_store(self.settings.database_url)
+        approvals.bind(store.open_store(self.settings.database_url))
         self.router = Router(config, Identity.load(client.key_file), requester="bot", origin=origin)
+        self.gate = self._gate(group_members)
         # Commands and job-following use separate pools: long-polls must never starve commands.
         self.commands = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="om-cmd")
         self.following = ThreadPoolExecutor(self.settings.workers * 4, thread_name_prefix="om-follow")
         self.catalogs = CatalogCache(self.router)
         self.follower = JobFollower(self.router, self.following)
-        self.dispatcher = Dispatcher(self.router, self.catalogs, self.follower, client.default_idc)
+        self.dispatcher = Dispatcher(self.router, self.catalogs, self.follower, client.default_idc, self.gate,
+                                     self.commands)
+
+    def _gate(self, group_members: Callable[[str], frozenset[str]] | None) -> Gate | None:
+        if self.settings.policy is None:
+            log.warning("no [bot] policy configured: every request will be refused")
+            return None
+        policy = load_policy(self.settings.policy)
+        if group_members is None:  # the console: groups come from the policy file itself
+            group_members = lambda group: policy.console_groups.get(group, frozenset())  # noqa: E731
+        return Gate(policy, group_members)
 
     def start(self, transport: Transport) -> None:
-        """Warm the catalogs and pick up jobs a previous run left unfinished."""
+        """Warm the catalogs, pick up jobs a previous run left unfinished, re-arm approval expiries."""
         self.commands.submit(self.catalogs.warm, list(self.config.idcs))
+        if self.gate is not None:
+            self.gate.on_expired = lambda request: self.dispatcher.approvals.expired(request, transport)
+            self.gate.start()
         resumed = self.follower.resume_all(lambda origin: transport if origin == self.origin else None)
         if resumed:
             log.info("following %d unfinished job(s) again", resumed)
 
     def close(self) -> None:
+        if self.gate is not None:
+            self.gate.close()
         self.commands.shutdown(wait=False, cancel_futures=True)
         self.following.shutdown(wait=False, cancel_futures=True)
         self.router.close()

@@ -39,6 +39,7 @@ class BotSettings:
     console_user: str
     console_allow_as: bool
     state_dir: Path
+    policy: Path | None
 
     @classmethod
     def from_config(cls, config: Config) -> BotSettings:
@@ -54,4 +55,5 @@ class BotSettings:
             console_user=r.get("console_user", str, f"console:{getpass.getuser()}"),
             console_allow_as=r.get("console_allow_as", bool, False),
             state_dir=state_dir,
+            policy=r.file("policy", None),
         )

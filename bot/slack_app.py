@@ -26,7 +26,7 @@ from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 from slack_sdk.webhook import WebhookClient
 
 from bot import forms
-from bot.messages import CANCEL_ACTION, Message
+from bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK, Message
 from bot.service import BotService
 from bot.settings import SlackSecrets
 from bot.transport import ChatRequest
@@ -182,9 +182,26 @@ def build_app(service: BotService, secrets: SlackSecrets, client: WebClient, soc
     @app.action(CANCEL_ACTION)
     def on_cancel(ack: Callable[..., None], body: dict[str, Any], action: dict[str, Any]) -> None:
         ack()
-        req = ChatRequest(user=body["user"]["id"], channel=(body.get("channel") or {}).get("id", ""),
-                          team=_team_of(body), response_url=body.get("response_url"))
-        service.commands.submit(dispatcher.cancel_clicked, req, str(action.get("value", "")), transport)
+        service.commands.submit(dispatcher.cancel_clicked, _click(body), str(action.get("value", "")), transport)
+
+    @app.action(APPROVE_ACTION)
+    def on_approve(ack: Callable[..., None], body: dict[str, Any], action: dict[str, Any]) -> None:
+        ack()
+        service.commands.submit(dispatcher.approvals.approve_clicked, _click(body), str(action.get("value", "")),
+                                transport)
+
+    @app.action(DENY_ACTION)
+    def on_deny(ack: Callable[..., None], body: dict[str, Any], action: dict[str, Any]) -> None:
+        ack()  # the reason form opens right after, within the trigger's 3 s
+        service.commands.submit(dispatcher.approvals.deny_clicked, _click(body), str(action.get("value", "")),
+                                transport)
+
+    @app.view(DENY_CALLBACK)
+    def on_deny_reason(ack: Callable[..., None], body: dict[str, Any], view: dict[str, Any]) -> None:
+        req = ChatRequest(user=body["user"]["id"], channel="", team=_team_of(body))
+        reason = str(((view.get("state", {}).get("values", {}).get("reason") or {}).get("v") or {}).get("value") or "")
+        errors = dispatcher.approvals.deny_submitted(req, view.get("private_metadata", ""), reason, transport)
+        ack(response_action="errors", errors=errors) if errors else ack()
 
     @app.view(forms.CALLBACK_ID)
     def on_form(ack: Callable[..., None], body: dict[str, Any], view: dict[str, Any]) -> None:
@@ -202,8 +219,18 @@ def build_app(service: BotService, secrets: SlackSecrets, client: WebClient, soc
     return app, transport
 
 
+def _click(body: dict[str, Any]) -> ChatRequest:
+    return ChatRequest(user=body["user"]["id"], channel=(body.get("channel") or {}).get("id", ""),
+                       team=_team_of(body), trigger_id=body.get("trigger_id"), response_url=body.get("response_url"))
+
+
 def _team_of(body: dict[str, Any]) -> str | None:
     return body.get("team_id") or (body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id")
+
+
+def slack_group_members(client: WebClient, group: str) -> frozenset[str]:
+    """Members of a Slack user group (S...). Errors propagate: the gate then fails closed."""
+    return frozenset(client.usergroups_users_list(usergroup=group)["users"])
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -235,8 +262,8 @@ def serve_slack(config: Config) -> None:
         raise OmbotError("SLACK_BOT_TOKEN is not set (see the README: creating the Slack app)")
     if not (secrets.app_token or secrets.signing_secret):
         raise OmbotError("set SLACK_APP_TOKEN for Socket Mode, or SLACK_SIGNING_SECRET for HTTP mode")
-    service = BotService(config, origin="slack")
     client = web_client(secrets)
+    service = BotService(config, origin="slack", group_members=lambda group: slack_group_members(client, group))
     socket_mode = bool(secrets.app_token)
     app, transport = build_app(service, secrets, client, socket_mode)
     service.start(transport)

@@ -26,6 +26,8 @@ class BotJob(peewee.Model):
     params = peewee.TextField()  # JSON, as shown on the card
     host_count = peewee.IntegerField()
     state = peewee.CharField(max_length=16, index=True)
+    approvers = peewee.TextField(default="[]")  # JSON: who approved it (they may cancel it too)
+    cancel_roles = peewee.TextField(default="[]")  # JSON: policy roles that may cancel it
     reported = peewee.BooleanField(default=False)  # final card and thread results are posted
     created_at = peewee.IntegerField()
     finished_at = peewee.IntegerField(null=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 from pathlib import Path
 
 from ombot.errors import OmbotError
@@ -52,6 +53,7 @@ listen = "127.0.0.1:3000"          # HTTP mode: Slack posts to http://HOST:PORT/
 workers = 8
 console_user = "U0DEMO"            # who `ombot console` acts as
 console_allow_as = true            # demo only: lets the console switch users with /as USER
+policy = "policy.toml"             # who may run what; without it every request is refused
 
 # Extra directories of task modules, loaded after the built-ins.
 [modules]
@@ -66,9 +68,36 @@ localhost ansible_connection=local
 """
 
 POLICY = """\
-# Access policy: who may run which modules on which hosts, and what needs approval.
-# The policy engine and its reference (docs/policy.md) arrive with the approvals work; until then
-# every client accepted by a master may run every module.
+# OMBot access policy (docs/policy.md). Deny by default: a request no rule allows is refused.
+# Roles name Slack user ids (U.../W...), Slack user-group ids (S...) and CLI identities
+# (cli:NAME) -- never display names, which change. For each target host the first matching
+# rule decides; every host must be allowed.
+
+[roles.ops]
+users = ["U0DEMO", "cli:{unix_user}"]  # the console's demo user and you on the CLI
+groups = []                            # e.g. ["S0123OPS"]: every member of that Slack user group
+
+[roles.leads]
+users = ["U0LEAD1", "U0LEAD2"]         # try approvals alone in the console: /as U0LEAD1
+
+# The console has no Slack to ask for group members: it reads them here.
+[console_groups]
+# S0123OPS = ["U0DEMO"]
+
+[[rules]]
+name = "risky changes need a lead"
+modules = ["shell.exec", "script.run", "file.push"]
+request = ["ops"]
+max_hosts = 20
+approval = {{ count = 1, roles = ["leads"], expiry_seconds = 1800 }}
+cancel = ["leads"]
+
+[[rules]]
+name = "everyday operations"
+modules = ["echo", "ping", "facts", "log.tail", "service"]
+request = ["ops"]
+max_hosts = 100
+cancel = ["leads"]
 """
 
 
@@ -84,6 +113,6 @@ def init(directory: Path, port: int = DEFAULT_PORT) -> Path:
     (directory / "inventory").mkdir(parents=True, exist_ok=True)
     (directory / "inventory" / "local.ini").write_text(INVENTORY)
     (directory / "state" / "files").mkdir(parents=True, exist_ok=True)
-    (directory / "policy.toml").write_text(POLICY)
+    (directory / "policy.toml").write_text(POLICY.format(unix_user=getpass.getuser()))
     config.write_text(CONFIG_TEMPLATE.format(bot_public=bot.public, master_public=master.public, port=port))
     return config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -33,6 +34,29 @@ far01 ansible_host=192.0.2.10
 """
 
 
+ALLOW_ALL_POLICY = """\
+[roles.everyone]
+users = ["U0ALICE", "U0BOB", "U0CAROL", "U0DAVE", "U0DEMO"]
+
+[[rules]]
+name = "anything"
+request = ["everyone"]
+"""
+
+
+def bot_table(port: int | None = None, team_id: str = "T0OMBOT", policy: str | None = ALLOW_ALL_POLICY,
+              **extra: object) -> str:
+    """A [bot] table for Cluster(extra_toml=...); the policy text lands in policy.toml beside it."""
+    lines = ["[bot]", f'team_id = "{team_id}"']
+    if port is not None:
+        lines.append(f'listen = "127.0.0.1:{port}"')
+    if policy is not None:
+        lines.append('policy = "policy.toml"')
+    for key, value in extra.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,6 +73,7 @@ class Cluster:
     inventory: str = INVENTORY
     module_dirs: list[Path] = field(default_factory=list)
     extra_toml: str = ""
+    policy: str = ALLOW_ALL_POLICY  # written to policy.toml; used when the [bot] table names it
     ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, "MasterProcess"] = field(default_factory=dict)
 
@@ -58,6 +83,7 @@ class Cluster:
         bot = Identity.generate()
         bot.save(keys / "bot.key")
         (self.root / "inventory.ini").write_text(self.inventory)
+        (self.root / "policy.toml").write_text(self.policy)
         (self.root / "files").mkdir(exist_ok=True)
         lines = ['[client]', 'id = "bot"', 'key_file = "keys/bot.key"', f'default_idc = "{next(iter(self.idcs))}"',
                  '', '[clients.bot]', f'public_key = "{bot.public}"', '',

@@ -15,7 +15,7 @@ import pytest
 from tests.fakeslack import (
     TEAM_ID, FakeSlack, block_actions_body, signed_request, slash_command_body, view_submission_body,
 )
-from tests.support import REPO, BotProcess, Cluster, free_port
+from tests.support import REPO, BotProcess, Cluster, bot_table, free_port
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 CHANNEL = "C0OPS"
@@ -68,7 +68,7 @@ def rig(make_cluster) -> Any:
     with FakeSlack() as fake:
         port = free_port()
         cluster = make_cluster(module_dirs=[REPO / "tests" / "site_modules"],
-                               extra_toml=f'[bot]\nteam_id = "{TEAM_ID}"\nlisten = "127.0.0.1:{port}"\n')
+                               extra_toml=bot_table(port, TEAM_ID))
         cluster.start("m1")
         env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url}
         bot = BotProcess(cluster, env).start(port)

@@ -1,0 +1,195 @@
+"""The approval gate: decide, open requests, count votes, expire. No chat code here: the bot renders.
+
+Exactly-once start: votes have a unique (request, approver) key, and the move from pending to
+approved is one compare-and-set in the database, so two last approvals arriving together start one job.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import peewee
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from approvals import store
+from approvals.policy import Approval, Decision, Policy
+from ombot.errors import OmbotError
+
+log = logging.getLogger("ombot.approvals")
+
+GROUP_CACHE_SECONDS = 60.0
+
+
+class ApprovalError(OmbotError):
+    """A click or command on an approval request that cannot be taken; the message says why."""
+
+
+@dataclass(frozen=True)
+class Vote:
+    request: store.ApprovalRequest
+    approved: int  # distinct approvals so far
+    start: bool  # this vote completed the approval: start the job now (exactly one caller sees True)
+
+
+class CachedGroups:
+    """User-group membership, cached briefly; when the source fails, membership is empty (fail closed)."""
+
+    def __init__(self, source: Callable[[str], frozenset[str]], ttl: float = GROUP_CACHE_SECONDS) -> None:
+        self.source, self.ttl = source, ttl
+        self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+        self._lock = threading.Lock()
+
+    def members(self, group: str) -> frozenset[str]:
+        hit = self._cache.get(group)
+        if hit and time.monotonic() - hit[0] < self.ttl:
+            return hit[1]
+        try:
+            users = self.source(group)
+        except Exception as exc:
+            log.warning("cannot read members of user group %s, treating it as empty: %s", group, exc)
+            return frozenset()
+        with self._lock:
+            self._cache[group] = (time.monotonic(), users)
+        return users
+
+
+class Gate:
+    def __init__(self, policy: Policy, group_members: Callable[[str], frozenset[str]]) -> None:
+        self.policy = policy
+        self.groups = CachedGroups(group_members)
+        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
+        self.on_expired: Callable[[store.ApprovalRequest], None] = lambda request: None
+
+    # -- who is who --------------------------------------------------------------------------
+
+    def groups_of(self, user: str) -> frozenset[str]:
+        wanted = {g for role in self.policy.roles.values() for g in role.groups}
+        return frozenset(g for g in wanted if user in self.groups.members(g))
+
+    def decide(self, user: str, module: str, hosts: list[str], idc: str) -> Decision:
+        return self.policy.decide(user, self.groups_of(user), module, hosts, idc)
+
+    def may_run(self, user: str, module: str, idc: str) -> bool:
+        """Whether any rule could let this user run the module (for help listings)."""
+        groups = self.groups_of(user)
+        return any(self.policy.in_roles(user, groups, r.request) and _matches_module(r.modules, module, r.idcs, idc)
+                   for r in self.policy.rules)
+
+    def may_cancel(self, user: str, requester: str, approvers: list[str], cancel_roles: list[str]) -> bool:
+        return user == requester or user in approvers or self.policy.in_roles(user, self.groups_of(user), cancel_roles)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def open_request(self, *, requester: str, origin: str, channel: str, reply_url: str | None, idc: str,
+                     module: str, params: dict[str, Any], hosts: list[str], timeout: int | None,
+                     decision: Decision) -> store.ApprovalRequest:
+        approval = decision.approval
+        assert approval is not None
+        now = int(time.time())
+        request = store.ApprovalRequest.create(
+            request_id=str(uuid.uuid4()), requester=requester, origin=origin, channel=channel, reply_url=reply_url,
+            idc=idc, module=module, params=params, hosts=hosts, timeout=timeout, rules=list(decision.rules),
+            needed=approval.count, approver_roles=list(approval.roles), self_approval=approval.self_approval,
+            cancel_roles=list(decision.cancel_roles), created_at=now, expires_at=now + approval.expiry,
+        )
+        self._schedule(request)
+        return request
+
+    def approve(self, ref: str, user: str) -> Vote:
+        request = self._pending(ref)
+        groups = self.groups_of(user)
+        if not self.policy.in_roles(user, groups, request.approver_roles):
+            raise ApprovalError(f"You are not an approver for request #{request.number} "
+                                f"(approvers: {', '.join(request.approver_roles)}).")
+        if user == request.requester and not request.self_approval:
+            raise ApprovalError(f"You asked for request #{request.number}; someone else must approve it.")
+        try:
+            with store.db.atomic():
+                store.ApprovalVote.create(request=request.number, approver=user, at=int(time.time()))
+        except peewee.IntegrityError:
+            raise ApprovalError(f"You already approved request #{request.number}.") from None
+        count = store.ApprovalVote.select().where(store.ApprovalVote.request == request.number).count()
+        start = count >= request.needed and store.transition(request, store.APPROVED, decided_by=user)
+        return Vote(_reload(request), count, start)
+
+    def deny(self, ref: str, user: str, reason: str) -> store.ApprovalRequest:
+        request = self._pending(ref)
+        if not self.policy.in_roles(user, self.groups_of(user), request.approver_roles) and user != request.requester:
+            raise ApprovalError(f"Only an approver (or the requester, to withdraw) can deny request #{request.number}.")
+        if not reason.strip():
+            raise ApprovalError("A denial needs a reason.")
+        if not store.transition(request, store.DENIED, decided_by=user, reason=reason.strip()[:1000]):
+            raise ApprovalError(f"Request #{request.number} was already decided: {_reload(request).state}.")
+        return request
+
+    def expire(self, request_id: str) -> store.ApprovalRequest | None:
+        request = store.ApprovalRequest.get_or_none(store.ApprovalRequest.request_id == request_id)
+        if request is None or not store.transition(request, store.EXPIRED):
+            return None
+        return request
+
+    def pending(self) -> list[store.ApprovalRequest]:
+        return list(store.ApprovalRequest.select().where(store.ApprovalRequest.state == store.PENDING)
+                    .order_by(store.ApprovalRequest.number))
+
+    def _pending(self, ref: str) -> store.ApprovalRequest:
+        request = store.find_request(ref)
+        if request is None:
+            raise ApprovalError(f"No approval request {ref!r}. `/om approvals` lists pending ones.")
+        if request.state == store.PENDING and request.expires_at <= time.time():
+            self._expired(request.request_id)
+            request = _reload(request)
+        if request.state != store.PENDING:
+            raise ApprovalError(f"Request #{request.number} is no longer open: it was {request.state}.")
+        return request
+
+    # -- expiry ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Rebuild expiry timers from the table (the scheduler keeps none of its own); overdue ones expire now."""
+        self.scheduler.start()
+        for request in self.pending():
+            self._schedule(request)
+
+    def _schedule(self, request: store.ApprovalRequest) -> None:
+        if not self.scheduler.running:
+            return
+        when = datetime.fromtimestamp(request.expires_at, tz=timezone.utc)
+        self.scheduler.add_job(self._expired, "date", run_date=when, args=[request.request_id],
+                               id=request.request_id, replace_existing=True, misfire_grace_time=None)
+
+    def _expired(self, request_id: str) -> None:
+        request = self.expire(request_id)
+        if request is not None:
+            try:
+                self.on_expired(request)
+            except Exception:
+                log.exception("after expiring request %s", request_id)
+
+    def close(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+
+def _reload(request: store.ApprovalRequest) -> store.ApprovalRequest:
+    return store.ApprovalRequest.get_by_id(request.number)
+
+
+def _matches_module(patterns: tuple[str, ...], module: str, idcs: tuple[str, ...], idc: str) -> bool:
+    return any(fnmatch.fnmatchcase(module, p) for p in patterns) and any(fnmatch.fnmatchcase(idc, p) for p in idcs)
+
+
+def params_text(request: store.ApprovalRequest) -> str:
+    return " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) or ' ' in v else v}"
+                    for k, v in request.params.items())
+
+

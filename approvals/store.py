@@ -1,0 +1,113 @@
+"""Approval requests, votes, and the trail of every chat action. Bound to the bot's database."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import peewee
+
+from ombot.storage import create_tables
+
+db = peewee.DatabaseProxy()
+
+PENDING, APPROVED, DENIED, EXPIRED = "pending", "approved", "denied", "expired"
+
+
+class JSONText(peewee.TextField):
+    def db_value(self, value: Any) -> str:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+    def python_value(self, value: str | None) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = db
+
+
+class ApprovalRequest(BaseModel):
+    number = peewee.AutoField()  # for people: /om approve 7
+    request_id = peewee.CharField(max_length=36, unique=True)  # becomes the job id once approved
+    requester = peewee.CharField(max_length=64)
+    origin = peewee.CharField(max_length=16)
+    channel = peewee.CharField(max_length=64)  # where the request was made (the job card goes there)
+    reply_url = peewee.TextField(null=True)
+    idc = peewee.CharField(max_length=64)
+    module = peewee.CharField(max_length=128)
+    params = JSONText()
+    hosts = JSONText()
+    timeout = peewee.IntegerField(null=True)
+    rules = JSONText()
+    needed = peewee.IntegerField()
+    approver_roles = JSONText()
+    self_approval = peewee.BooleanField(default=False)
+    cancel_roles = JSONText()
+    state = peewee.CharField(max_length=16, index=True, default=PENDING)
+    created_at = peewee.IntegerField()
+    expires_at = peewee.IntegerField(index=True)
+    decided_at = peewee.IntegerField(null=True)
+    decided_by = peewee.CharField(max_length=64, null=True)
+    reason = peewee.TextField(null=True)
+    message_channel = peewee.CharField(max_length=64, null=True)
+    message_ts = peewee.CharField(max_length=32, null=True)
+
+    class Meta:
+        table_name = "approval_request"
+
+
+class ApprovalVote(BaseModel):
+    request = peewee.ForeignKeyField(ApprovalRequest, backref="votes", on_delete="CASCADE")
+    approver = peewee.CharField(max_length=64)
+    at = peewee.IntegerField()
+
+    class Meta:
+        table_name = "approval_vote"
+        indexes = ((("request", "approver"), True),)  # one vote per approver, whatever the race
+
+
+class TrailEntry(BaseModel):
+    """Every chat action: commands, refusals, clicks, approvals, cancels."""
+
+    at = peewee.FloatField(index=True)
+    user = peewee.CharField(max_length=64, index=True)
+    channel = peewee.CharField(max_length=64)
+    origin = peewee.CharField(max_length=16)
+    action = peewee.CharField(max_length=32)
+    detail = peewee.TextField()
+    outcome = peewee.TextField()
+
+    class Meta:
+        table_name = "chat_trail"
+
+
+MIGRATIONS = [create_tables(ApprovalRequest, ApprovalVote, TrailEntry)]
+
+
+def record(user: str, channel: str, origin: str, action: str, detail: str, outcome: str) -> None:
+    TrailEntry.create(at=time.time(), user=user, channel=channel, origin=origin, action=action,
+                      detail=detail[:4000], outcome=outcome[:4000])
+
+
+def find_request(ref: str) -> ApprovalRequest | None:
+    ref = ref.lstrip("#")
+    if ref.isdigit():
+        return ApprovalRequest.get_or_none(ApprovalRequest.number == int(ref))
+    return ApprovalRequest.get_or_none(ApprovalRequest.request_id == ref)
+
+
+def transition(request: ApprovalRequest, to: str, **fields: Any) -> bool:
+    """Compare-and-set from pending: exactly one caller wins, however many race."""
+    won = (ApprovalRequest.update(state=to, decided_at=int(time.time()), **fields)
+           .where((ApprovalRequest.number == request.number) & (ApprovalRequest.state == PENDING)).execute())
+    if won:
+        request.state = to
+        for key, value in fields.items():
+            setattr(request, key, value)
+    return bool(won)
+
+
+def approvers(request: ApprovalRequest) -> list[str]:
+    return [v.approver for v in ApprovalVote.select().where(ApprovalVote.request == request.number).order_by(ApprovalVote.id)]
