@@ -174,8 +174,8 @@ def _rule(r: _Reader, roles: dict[str, Role], index: int) -> Rule:
         if count < 1:
             raise ConfigError(r.path, a.key("count"), "at least 1 approval (remove the table for none)", count)
         expiry = a.get("expiry_seconds", int, DEFAULT_EXPIRY)
-        if not 60 <= expiry <= 7 * 86400:
-            raise ConfigError(r.path, a.key("expiry_seconds"), "60 to 604800 seconds", expiry)
+        if not 1 <= expiry <= 7 * 86400:
+            raise ConfigError(r.path, a.key("expiry_seconds"), "1 to 604800 seconds", expiry)
         approval = Approval(count, _known_roles(a, "roles", roles) or _missing(a, "roles"), expiry,
                             a.get("self_approval", bool, False), a.get("channel", str, None))
     return Rule(

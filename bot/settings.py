@@ -46,7 +46,7 @@ class BotSettings:
         r = _Reader(config.path, config.raw, "").sub("bot")
         state_dir = r.file("state_dir", "state") or config.base_dir / "state"
         host, port = parse_address(r, "listen") if "listen" in r.table else ("127.0.0.1", 3000)
-        return cls(
+        settings = cls(
             team_id=r.get("team_id", str, None),
             listen_host=host,
             listen_port=port,
@@ -57,3 +57,5 @@ class BotSettings:
             state_dir=state_dir,
             policy=r.file("policy", None),
         )
+        r.done()
+        return settings

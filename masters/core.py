@@ -8,6 +8,7 @@ is also in the master's log.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import logging
 import threading
 import time
@@ -137,7 +138,7 @@ class MasterCore:
         existing = store.Job.get_or_none(store.Job.id == request.id)
         if existing is not None:
             return self._duplicate(existing, request)
-        module, values, hosts, timeout = self._check_job(request.args)
+        module, values, hosts, timeout = self._check_job(request.args, request.requester)
         plan = self._plan(module, values)
         job = self._record(request, module, values, hosts, timeout)
         if job is None:  # the same request id raced in on another connection
@@ -150,7 +151,7 @@ class MasterCore:
             raise Refused("conflict", "that request id belongs to another client's job")
         return {"job": _summary(job), "duplicate": True}
 
-    def _check_job(self, args: dict[str, Any]) -> tuple[Module, dict[str, Any], list[str], int]:
+    def _check_job(self, args: dict[str, Any], requester: str) -> tuple[Module, dict[str, Any], list[str], int]:
         name = args.get("module")
         if not isinstance(name, str) or name not in self.modules:
             close = difflib.get_close_matches(str(name), self.modules, n=3)
@@ -166,7 +167,25 @@ class MasterCore:
             values = module.validate(params)
         except ParamError as exc:
             raise Refused("invalid_params", str(exc), param=exc.param) from None
+        self._check_approvals(module.name, args.get("approvers"), requester)
         return module, values, self._check_hosts(args.get("hosts")), self._timeout(module, args.get("timeout"))
+
+    def _check_approvals(self, module: str, approvers: Any, requester: str) -> None:
+        """The master's own approval floor: it never trusts the bot to have run the approval flow."""
+        if approvers is None:
+            approvers = []
+        if not isinstance(approvers, list) or not all(isinstance(a, str) and a for a in approvers):
+            raise Refused("bad_request", "approvers must be a list of user ids")
+        needed = max((n for glob, n in self.settings.approvals.items() if fnmatch.fnmatchcase(module, glob)), default=0)
+        if not needed:
+            return
+        if requester in approvers:
+            raise Refused("approval_required", f"{module}: the requester cannot approve their own job")
+        if len(set(approvers)) != len(approvers):
+            raise Refused("approval_required", f"{module}: an approver is listed twice")
+        if len(approvers) < needed:
+            raise Refused("approval_required", f"{module} needs {needed} approval(s) on this master; "
+                                               f"the request carries {len(approvers)}", needed=needed)
 
     def _check_hosts(self, hosts: Any) -> list[str]:
         if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):

@@ -49,6 +49,8 @@ class MasterSettings:
     state_dir: Path
     database_url: str
     limits: Limits
+    # module glob -> approvals the master itself demands: a bot bug cannot skip approval
+    approvals: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -225,9 +227,19 @@ def _parse_master(r: _Reader, master_id: str, clients: dict[str, str]) -> Master
         state_dir=state_dir,
         database_url=database_url(r, "OMBOT_MASTER_DATABASE_URL", f"sqlite:///{state_dir / master_id}.db"),
         limits=limits,
+        approvals=_approvals(r.sub("approvals")),
     )
     r.done()
     return settings
+
+
+def _approvals(r: _Reader) -> dict[str, int]:
+    """[masters.X.approvals]: module glob -> how many approvers (never the requester) a job needs."""
+    counts = {glob: r.get(glob, int, what="a number of approvals") for glob in r.table}
+    for glob, count in counts.items():
+        if not 1 <= count <= 10:
+            raise ConfigError(r.path, r.key(glob), "from 1 to 10 approvals", count)
+    return counts
 
 
 def _positive(r: _Reader, name: str, default: int) -> int:

@@ -44,6 +44,13 @@ clock_skew_seconds = 60
 output_cap_bytes = 65536
 job_timeout_seconds = 600
 
+# The master's own approval floor, checked on every job whatever the bot says: module glob ->
+# approvals (by people other than the requester) the envelope must carry.
+[masters.local-1.approvals]
+"shell.exec" = 1
+"script.run" = 1
+"file.push" = 1
+
 # The chat bot. Slack tokens come from the environment: SLACK_BOT_TOKEN, and SLACK_APP_TOKEN
 # (Socket Mode) or SLACK_SIGNING_SECRET (HTTP mode). Its database: state/bot.db, or
 # OMBOT_BOT_DATABASE_URL / database_url_file.

@@ -10,13 +10,15 @@ from typing import Any
 
 import typer
 
+from approvals import Gate
 from masters import JobRef, MasterLost, Router
 from modules import ParamError
 from ombot.errors import OmbotError
 
 
-def run_module(router: Router, idc: str, module: str, targets: str, params: dict[str, str],
+def run_module(router: Router, gate: Gate | None, idc: str, module: str, targets: str, params: dict[str, str],
                dry_run: bool, timeout: int | None, as_json: bool) -> int:
+    """`gate` is the access policy when the config names one: the CLI then obeys it like chat does."""
     catalog = router.catalog(idc)
     spec = catalog.modules.get(module)
     if spec is None:
@@ -30,6 +32,8 @@ def run_module(router: Router, idc: str, module: str, targets: str, params: dict
         raise OmbotError(f"{exc}\nusage: ombot run {spec.usage()}") from None
     hosts = router.expand(idc, targets)
     typer.echo(f"{module} on {len(hosts)} host(s) in {idc}: {', '.join(hosts)}", err=as_json)
+    if gate is not None:
+        _authorize(gate, router.links[router.masters_of(idc)[0]].requester, module, hosts, idc)
     if dry_run:
         return 0
     try:
@@ -44,6 +48,15 @@ def run_module(router: Router, idc: str, module: str, targets: str, params: dict
         print_results(results)
         typer.echo(f"state: {state}")
     return 0 if state == "ok" else 1
+
+
+def _authorize(gate: Gate, requester: str, module: str, hosts: list[str], idc: str) -> None:
+    decision = gate.decide(requester, module, hosts, idc)
+    if not decision.allowed:
+        raise OmbotError(f"refused by policy: {decision.reason}")
+    if decision.needs_approval:
+        raise OmbotError(f"{module} needs approval ({decision.reason}); approval-gated modules cannot be "
+                         "started from the CLI: ask in Slack or the console")
 
 
 def _follow_cancellable(router: Router, ref: JobRef, on_event: Any) -> str:
