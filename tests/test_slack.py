@@ -151,12 +151,12 @@ def test_cancel_button_mid_run(rig: SlackRig) -> None:
     stranger = block_actions_body(button["action_id"], button["value"], user_id="U0MALLORY", message_ts=card["ts"],
                                   response_url=rig.fake.new_response_url())
     assert rig.send(stranger)[0] == 200
-    rig.fake.wait_for(lambda: any("Only the requester" in r for r in rig.replies_to_user()), what="a refusal")
+    rig.fake.wait_for(lambda: any("only the requester" in r for r in rig.replies_to_user()), what="a refusal")
     click = block_actions_body(button["action_id"], button["value"], message_ts=card["ts"],
                                response_url=rig.fake.new_response_url())
     assert rig.send(click)[0] == 200
     final = rig.final_card(1)
-    assert "[#1 cancelled]" in final["text"] and "cancel requested by @U0ALICE" not in final["text"]
+    assert "[#1 cancelled]" in final["text"] and "cancel requested by <@U0ALICE>" in final["text"]
 
 
 def test_rate_limit_storm_loses_nothing(rig: SlackRig) -> None:
@@ -186,3 +186,26 @@ def test_jobs_status_and_masters(rig: SlackRig) -> None:
         rig.command(text, response_url=url)
         rig.fake.wait_for(lambda: any(expected in json.dumps(c.body) for c in rig.fake.response_posts
                                       if c.path.endswith(url.rsplit("/", 1)[1])), what=f"reply to {text}")
+
+
+def test_not_in_the_channel_the_card_goes_by_response_url(rig: SlackRig) -> None:
+    rig.fake.fail("chat.postMessage", "not_in_channel", times=2)
+    url = rig.fake.new_response_url(channel=CHANNEL)
+    rig.command("echo localhost message=private", response_url=url)
+    token = url.rsplit("/", 1)[1]
+    posts = rig.fake.wait_for(lambda: (p := [c for c in rig.fake.response_posts if c.path.endswith(token)])
+                              and len(p) >= 3 and p, what="card and results by response_url")
+    texts = [json.dumps(p.body) for p in posts]
+    assert any("in_channel" in t and "[#1 " in t for t in texts)
+    assert any("private" in t for t in texts)
+    assert len(posts) <= 5
+
+
+def test_restarted_bot_finds_its_cards(rig: SlackRig) -> None:
+    rig.command("test.sleep localhost seconds=4")
+    card = rig.fake.wait_for(lambda: (c := rig.card(1)) and "running" in c["text"] and c, what="a running card")
+    rig.bot.stop()
+    rig.bot.start(rig.port)
+    final = rig.final_card(1, timeout=30)
+    assert final["ts"] == card["ts"] and "[#1 ok]" in final["text"]
+    assert "woke" in rig.results(final)["text"]
