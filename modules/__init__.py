@@ -10,14 +10,14 @@
 
 from modules import params
 from modules.params import ParamError
-from modules.plan import Command, Emit, Ping, Plan, PutFile, RequireWithin, Shell, TempPath
+from modules.plan import Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, Shell, TempPath
 from modules.registry import (
     RESERVED_COMMANDS, RESERVED_PARAMS, Catalog, Module, ModuleLoadError, ModuleSpec, Risk,
     catalog_of, load_modules, module,
 )
 
 __all__ = [
-    "RESERVED_COMMANDS", "RESERVED_PARAMS", "Catalog", "Command", "Emit", "Module", "ModuleLoadError",
+    "RESERVED_COMMANDS", "RESERVED_PARAMS", "Catalog", "Command", "Emit", "FirstAvailable", "Module", "ModuleLoadError",
     "ModuleSpec", "ParamError", "Ping", "Plan", "PutFile", "RequireWithin", "Risk", "Shell", "TempPath",
     "catalog_of", "load_modules", "module", "params",
 ]

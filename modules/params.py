@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import shlex
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -48,6 +49,9 @@ class Param:
     def convert(self, raw: Any) -> Any:
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Raise ValueError if the declaration itself is unusable (the loader reports it)."""
+
     def fail(self, expected: str, got: Any = ...) -> ParamError:
         return ParamError(self.name, expected, got)
 
@@ -66,7 +70,9 @@ class Param:
         if unknown:
             raise ValueError(f"unknown schema keys for {kind}: {', '.join(sorted(unknown))}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in settable}
-        return cls(**values)
+        param = cls(**values)
+        param.check()
+        return param
 
     def _text(self, raw: Any) -> str:
         if not isinstance(raw, str):
@@ -83,6 +89,15 @@ class String(Param):
     max_len: int = 256
     allow_dash: bool = False
     kind: ClassVar[str] = "string"
+
+    def check(self) -> None:
+        if not 0 <= self.min_len <= self.max_len:
+            raise ValueError(f"needs 0 <= min_len <= max_len, got {self.min_len} and {self.max_len}")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {exc}") from None
 
     def convert(self, raw: Any) -> str:
         text = self._text(raw)
@@ -102,6 +117,10 @@ class Int(Param):
     min: int | None = None
     max: int | None = None
     kind: ClassVar[str] = "int"
+
+    def check(self) -> None:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
 
     def convert(self, raw: Any) -> int:
         if isinstance(raw, bool):
@@ -144,6 +163,9 @@ class Choice(Param):
     choices: tuple[str, ...] = ()
     kind: ClassVar[str] = "choice"
 
+    def check(self) -> None:
+        _check_choices(self.choices)
+
     def convert(self, raw: Any) -> str:
         text = self._text(raw)
         if text not in self.choices:
@@ -165,14 +187,24 @@ class MultiChoice(Param):
     choices: tuple[str, ...] = ()
     kind: ClassVar[str] = "multi"
 
+    def check(self) -> None:
+        _check_choices(self.choices)
+
     def convert(self, raw: Any) -> list[str]:
         items = [s.strip() for s in raw.split(",") if s.strip()] if isinstance(raw, str) else raw
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
             raise self.fail(f"a list of {', '.join(self.choices)}", raw)
         bad = [i for i in items if i not in self.choices]
         if bad:
             raise self.fail(f"items from {', '.join(self.choices)}", bad[0])
         return list(dict.fromkeys(items))
+
+
+def _check_choices(choices: tuple[str, ...]) -> None:
+    if not choices or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError("choices must be a non-empty list of non-empty strings")
+    if len(set(choices)) != len(choices):
+        raise ValueError("choices lists a value twice")
 
 
 @dataclass(frozen=True)
@@ -197,6 +229,13 @@ class Path(Param):
     roots: tuple[str, ...] = ()
     kind: ClassVar[str] = "path"
 
+    def check(self) -> None:
+        if not self.roots:
+            raise ValueError("a Path needs at least one allow-listed root")
+        for root in self.roots:
+            if not isinstance(root, str) or not root.startswith("/") or posixpath.normpath(root) != root:
+                raise ValueError(f"root {root!r} must be a normalized absolute path such as /var/log")
+
     def convert(self, raw: Any) -> str:
         text = self._text(raw)
         expected = f"an absolute path under {', '.join(self.roots)}"
@@ -220,11 +259,49 @@ class Script(Param):
     max_len: int = 64 * 1024
     kind: ClassVar[str] = "script"
 
+    def check(self) -> None:
+        _check_positive("max_len", self.max_len)
+
     def convert(self, raw: Any) -> str:
         text = self._text(raw)
         if "\x00" in text or not 0 < len(text) <= self.max_len:
             raise self.fail(f"script text of 1-{self.max_len} characters without NUL bytes")
         return text
+
+
+@dataclass(frozen=True)
+class Args(Param):
+    """Command arguments: text split like a shell would quote it (`a 'b c'` is two items), or a
+    list of strings. Never run through a shell: each item becomes exactly one argv entry. Items may
+    start with '-' (they are options to the module's own program); control characters are refused."""
+
+    max_items: int = 64
+    max_len: int = 4096
+    kind: ClassVar[str] = "args"
+
+    def check(self) -> None:
+        _check_positive("max_items", self.max_items)
+        _check_positive("max_len", self.max_len)
+
+    def convert(self, raw: Any) -> list[str]:
+        expected = "arguments with shell-style quoting"
+        if isinstance(raw, str):
+            if _CONTROL.search(raw):
+                raise self.fail(f"{expected}, without control characters", raw)
+            try:
+                items = shlex.split(raw)
+            except ValueError as exc:  # "No closing quotation", "No escaped character"
+                raise self.fail(f"{expected} ({str(exc).lower()})", raw) from None
+        elif isinstance(raw, (list, tuple)) and all(isinstance(i, str) for i in raw):
+            items = list(raw)
+        else:
+            raise self.fail(f"{expected} as text, or a list of strings", raw)
+        if len(items) > self.max_items or sum(len(i) for i in items) > self.max_len:
+            raise self.fail(f"{expected}, at most {self.max_items} items and {self.max_len} characters", raw)
+        bad = next((i for i in items if _CONTROL.search(i)), None)
+        if bad is not None:
+            raise self.fail(f"{expected}, without control characters", bad)
+        return items
 
 
 @dataclass(frozen=True)
@@ -236,8 +313,16 @@ class ShellCommand(Param):
     shell: bool = field(default=True, init=False)
     kind: ClassVar[str] = "shell"
 
+    def check(self) -> None:
+        _check_positive("max_len", self.max_len)
+
     def convert(self, raw: Any) -> str:
         text = self._text(raw)
         if "\x00" in text or not 0 < len(text.strip()) <= self.max_len:
             raise self.fail(f"a command of 1-{self.max_len} characters")
         return text
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -50,6 +50,23 @@ class Command:
 
 
 @dataclass(frozen=True)
+class FirstAvailable:
+    """Run the first command whose program is installed on the host (`systemctl`, else `service`).
+
+    Only whether the program exists decides. A chosen command that runs and fails is that host's
+    failure, never a reason to try the next one, so an action cannot run twice. If none is installed
+    the host fails with rc 127.
+    """
+
+    commands: tuple[Command, ...]
+
+    def __init__(self, *commands: Command) -> None:
+        if not commands or not all(isinstance(c, Command) and isinstance(c.argv[0], str) for c in commands):
+            raise TypeError("FirstAvailable takes one or more Commands whose program is a plain string")
+        object.__setattr__(self, "commands", commands)
+
+
+@dataclass(frozen=True)
 class Shell:
     """`sh -c cmd`, for modules that declare a ShellCommand parameter (shell.exec) and nothing else."""
 
@@ -70,13 +87,15 @@ class PutFile:
 
 @dataclass(frozen=True)
 class RequireWithin:
-    """Refuse the host unless `path`, symlinks resolved on that host, lies under one of `roots`."""
+    """Refuse the host unless `path`, symlinks resolved on that host, lies under one of `roots`.
+    `param` names the parameter the path came from, so the host's error names it too."""
 
     path: str
     roots: tuple[str, ...]
+    param: str | None = None
 
 
-Step = Emit | Ping | Command | Shell | PutFile | RequireWithin
+Step = Emit | Ping | Command | FirstAvailable | Shell | PutFile | RequireWithin
 
 
 @dataclass(frozen=True)
@@ -102,11 +121,14 @@ def _describe(step: Step) -> str:
             return "ping"
         case Command(argv, stdin):
             return "run " + " ".join(repr(str(a)) for a in argv) + (" (with stdin)" if stdin else "")
+        case FirstAvailable(commands):
+            return "first installed of: " + "; ".join(_describe(c) for c in commands)
         case Shell(cmd):
             return f"sh -c {cmd!r}"
         case PutFile(dest, content, source, mode, owner, group):
             what = f"store:{source}" if source else f"{len(content or '')} chars"
-            return f"put {what} -> {dest} mode {mode:o}" + (f" owner {owner}" if owner else "")
-        case RequireWithin(path, roots):
+            return (f"put {what} -> {dest} mode {mode:04o}" + (f" owner {owner}" if owner else "")
+                    + (f" group {group}" if group else ""))
+        case RequireWithin(path, roots, _):
             return f"require {path} within {', '.join(roots)}"
     raise TypeError(f"not a plan step: {step!r}")

@@ -8,6 +8,7 @@ import inspect
 import json
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -26,6 +27,12 @@ RESERVED_COMMANDS = frozenset({
 RESERVED_PARAMS = frozenset({"idc", "dry_run", "timeout"})
 _MODULE_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 _PARAM_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_CATEGORY = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+# Every @module call lands here too, so the loader sees all of a file's declarations, even two
+# that share the name `run` (the second would hide the first in the file's namespace).
+_declared: list[Module] = []
+_loading = threading.Lock()
 
 
 class Risk(StrEnum):
@@ -70,8 +77,8 @@ class ModuleSpec:
                 values[p.name] = p.convert(raw[p.name])
             elif p.required:
                 raise ParamError(p.name, f"a value ({p.help or p.kind})")
-            else:
-                values[p.name] = p.default
+            else:  # defaults go through convert too, so run() always gets the converted type
+                values[p.name] = None if p.default is None else p.convert(p.default)
         return values
 
     def usage(self) -> str:
@@ -121,10 +128,12 @@ def module(
 
     def wrap(run: Callable[..., Plan]) -> Module:
         doc = inspect.getdoc(run) or ""
-        return Module(
+        declared = Module(
             name=name, description=doc.splitlines()[0] if doc else "", category=category, risk=Risk(risk),
             params=tuple(params), timeout=timeout, run=run, source=inspect.getsourcefile(run) or "",
         )
+        _declared.append(declared)
+        return declared
 
     return wrap
 
@@ -173,14 +182,19 @@ def _load_file(path: Path) -> Module:
     if spec is None or spec.loader is None:
         raise ModuleLoadError(str(path), "cannot be imported")
     py = importlib.util.module_from_spec(spec)
-    sys.modules[unique] = py
-    try:
-        spec.loader.exec_module(py)
-    except Exception as exc:
-        raise ModuleLoadError(str(path), f"failed to import: {type(exc).__name__}: {exc}") from exc
-    declared = [v for v in vars(py).values() if isinstance(v, Module)]
+    with _loading:
+        _declared.clear()
+        sys.modules[unique] = py
+        try:
+            spec.loader.exec_module(py)
+        except Exception as exc:
+            sys.modules.pop(unique, None)
+            raise ModuleLoadError(str(path), f"failed to import: {type(exc).__name__}: {exc}") from exc
+        declared = list(_declared)
     if len(declared) != 1:
-        raise ModuleLoadError(str(path), f"a module file declares exactly one @module, found {len(declared)}")
+        sys.modules.pop(unique, None)
+        names = f" ({', '.join(m.name for m in declared)})" if declared else ""
+        raise ModuleLoadError(str(path), f"a module file declares exactly one @module, found {len(declared)}{names}")
     mod = declared[0]
     _check(mod, str(path))
     return mod
@@ -193,10 +207,18 @@ def _check(mod: Module, source: str) -> None:
         raise ModuleLoadError(source, f"module name {mod.name!r} collides with the reserved command word")
     if not mod.description:
         raise ModuleLoadError(source, f"{mod.name}: run() needs a docstring (the module's help)")
-    names = [p.name for p in mod.params]
+    if not isinstance(mod.category, str) or not _CATEGORY.match(mod.category):
+        raise ModuleLoadError(source, f"{mod.name}: category {mod.category!r} must be one lowercase word")
+    if mod.timeout is not None and (not isinstance(mod.timeout, int) or isinstance(mod.timeout, bool) or mod.timeout < 1):
+        raise ModuleLoadError(source, f"{mod.name}: timeout must be a positive number of seconds, got {mod.timeout!r}")
+    names = [p.name for p in mod.params if isinstance(p, Param)]
     for p in mod.params:
         if not isinstance(p, Param) or not _PARAM_NAME.match(p.name):
-            raise ModuleLoadError(source, f"{mod.name}: bad parameter {p!r}")
+            raise ModuleLoadError(source, f"{mod.name}: bad parameter {p!r} (a params.* type named like 'lines')")
+        try:
+            p.check()
+        except ValueError as exc:
+            raise ModuleLoadError(source, f"{mod.name}: parameter {p.name!r}: {exc}") from None
         if p.name in RESERVED_PARAMS:
             raise ModuleLoadError(source, f"{mod.name}: parameter name {p.name!r} is reserved")
         if names.count(p.name) > 1:
@@ -208,6 +230,14 @@ def _check(mod: Module, source: str) -> None:
                 raise ModuleLoadError(source, f"{mod.name}: default of {exc}") from None
     if mod.allows_shell and mod.risk is not Risk.HIGH:
         raise ModuleLoadError(source, f"{mod.name}: a ShellCommand parameter requires risk='high'")
-    signature = inspect.signature(mod.run)
-    if set(signature.parameters) != set(names):
-        raise ModuleLoadError(source, f"{mod.name}: run() must take exactly its parameters ({', '.join(names)})")
+    _check_signature(mod, names, source)
+
+
+def _check_signature(mod: Module, names: list[str], source: str) -> None:
+    """run() is called as run(**values): it takes exactly the declared parameters, by keyword."""
+    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    taken = inspect.signature(mod.run).parameters
+    if set(taken) != set(names) or any(p.kind not in by_keyword for p in taken.values()):
+        declared = ", ".join(names) or "no parameters"
+        raise ModuleLoadError(source, f"{mod.name}: run() must take exactly its declared parameters ({declared}), "
+                                      f"got run({', '.join(taken)})")
