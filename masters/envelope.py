@@ -96,22 +96,38 @@ class Peer:
         return REQUEST_MAGIC + self.me.verify_key_bytes + bytes(self.box.encrypt(bytes(signed)))
 
     def open_reply(self, frame: bytes, request: Request) -> dict[str, Any]:
-        """The reply's result, or raise Refused with the master's reason."""
+        """The reply's result, or raise Refused with the master's reason.
+
+        A refusal frame is not authenticated, so whoever sits on the link can write one: it may
+        only ever refuse, never carry a result. Anything malformed is `bad_reply`.
+        """
+        reply = self._reply_of(frame, request)
+        if reply.get("ok") is True:
+            if frame[:4] != REPLY_MAGIC:
+                raise Refused("bad_reply", "a result arrived in an unauthenticated frame")
+            result = reply.get("result", {})
+            if not isinstance(result, dict):
+                raise Refused("bad_reply", "the reply's result is not an object")
+            return result
+        raise _refusal(reply.get("error"))
+
+    def _reply_of(self, frame: bytes, request: Request) -> dict[str, Any]:
         if frame[:4] == REFUSAL_MAGIC:
-            reply = _json(frame[4:])
+            body = frame[4:]
         elif frame[:4] == REPLY_MAGIC:
             try:
-                reply = _json(self.box.decrypt(frame[4:]))
+                body = self.box.decrypt(frame[4:])
             except CryptoError:
                 raise Refused("bad_reply", "the reply failed authentication") from None
-            if reply.get("re") != request.nonce:
-                raise Refused("bad_reply", "the reply answers another request")
         else:
             raise Refused("bad_reply", "not an OMBot reply frame")
-        if reply.get("ok") is True:
-            return reply.get("result") or {}
-        error = reply.get("error") or {}
-        raise Refused(str(error.get("code", "refused")), str(error.get("message", "refused")), **(error.get("details") or {}))
+        try:
+            reply = _json(body)
+        except Refused as exc:  # e.g. our own request frame reflected back: it opens with the same Box
+            raise Refused("bad_reply", f"the reply is malformed: {exc.message}") from None
+        if frame[:4] == REPLY_MAGIC and reply.get("re") != request.nonce:
+            raise Refused("bad_reply", "the reply answers another request")
+        return reply
 
 
 class Opener:
@@ -196,10 +212,20 @@ class Opener:
         return REPLY_MAGIC + bytes(peer.box.encrypt(dumps({"re": request.nonce, **body})))
 
 
+def _refusal(error: Any) -> Refused:
+    """The master's refusal as an exception to raise."""
+    if not isinstance(error, dict):
+        return Refused("bad_reply", "the reply is neither a result nor an error")
+    refused = Refused(str(error.get("code", "refused")), str(error.get("message", "refused")))
+    details = error.get("details")
+    refused.details = dict(details) if isinstance(details, dict) else {}  # not **details: it may hold "code"
+    return refused
+
+
 def _json(data: bytes) -> dict[str, Any]:
     try:
         value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... nested too deep
         raise Refused("bad_request", "the message is not JSON") from None
     if not isinstance(value, dict):
         raise Refused("bad_request", "the message is not a JSON object")

@@ -82,6 +82,9 @@ class BoundedChannel(Channel):
 
     def _refuse(self, reason: str) -> None:
         log.warning("closing the connection from %s: %s", _peer_name(self.stream), reason)
+        # Close first: rpyc answers an EOFError with a polite close request and waits for the reply,
+        # which would mean reading on from the middle of the refused message.
+        self.stream.close()
         raise OversizedMessage(reason)
 
 
