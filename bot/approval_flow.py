@@ -3,6 +3,7 @@ starting exactly once when enough approvers said yes. The rules themselves live 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from approvals import ApprovalError, Decision, params_text
@@ -15,6 +16,8 @@ from ombot.errors import OmbotError
 
 if TYPE_CHECKING:
     from bot.dispatcher import Dispatcher
+
+log = logging.getLogger("ombot.bot.approvals")
 
 
 class ApprovalFlow:
@@ -64,30 +67,46 @@ class ApprovalFlow:
     def deny_clicked(self, req: ChatRequest, request_id: str, transport: Transport) -> None:
         """A Deny click asks for the reason in a modal (checks run again when it is submitted)."""
         def work() -> None:
-            request = astore.find_request(request_id)
-            if request is None or request.state != astore.PENDING:
-                raise ApprovalError("That request is no longer open.")
+            request = self.gate.check_deny(request_id, req.user)  # a stranger gets no modal
             if not (req.trigger_id and transport.open_form(req, deny_form(request_id, request.number))):
                 transport.respond(req, text_message(f"Type `/om deny {request.number} REASON` to deny it."))
 
         self.d.answering(req, transport, "deny click", request_id, work)
 
     def deny_submitted(self, req: ChatRequest, request_id: str, reason: str, transport: Transport) -> dict[str, str]:
-        if not reason.strip():
-            return {"reason": "A denial needs a reason."}
+        """The reason modal, answered before the ack: field errors, or {} once the denial is recorded.
+        Chat updates go to the pool, so a slow or rate-limited Slack cannot delay the ack past 3 s."""
         try:
-            self.deny(request_id, reason, req, transport)
-        except ApprovalError as exc:
+            request = self.gate.deny(request_id, req.user, reason)  # checks the reason too
+        except OmbotError as exc:
+            self._record_form(req, request_id, f"error: {exc}")
             return {"reason": str(exc)[:150]}
-        finally:
-            astore.record(req.user, req.channel, req.origin, "deny form", request_id, "submitted")
+        self._record_form(req, request_id, "denied")
+        self.d.pool.submit(self._announce_denial, request, req.user, transport)
         return {}
+
+    @staticmethod
+    def _record_form(req: ChatRequest, request_id: str, outcome: str) -> None:
+        """Into the trail; a modal has no channel, so the approval message's channel stands in."""
+        try:
+            found = astore.find_request(request_id)
+            channel = req.channel or (found.message_channel or found.channel if found else "")
+            astore.record(req.user, channel, req.origin, "deny form", request_id, outcome)
+        except Exception:
+            log.exception("could not record the deny form of %s in the trail", req.user)
 
     def deny(self, ref: str, reason: str, req: ChatRequest, transport: Transport) -> None:
         request = self.gate.deny(ref, req.user, reason)
-        self.show(request, transport)
-        self._tell_requester(request, transport, f"Request #{request.number} (`{request.module}`) was denied by "
-                                                 f"<@{req.user}>: {request.reason}")
+        transport.respond(req, text_message(f"Denied request #{request.number}."))
+        self._announce_denial(request, req.user, transport)
+
+    def _announce_denial(self, request: astore.ApprovalRequest, user: str, transport: Transport) -> None:
+        try:
+            self.show(request, transport)
+            self._tell_requester(request, transport, f"Request #{request.number} (`{request.module}`) was denied "
+                                                     f"by <@{user}>: {request.reason}")
+        except Exception:  # on the pool nobody else would see it
+            log.exception("announcing the denial of request %s", request.request_id)
 
     def expired(self, request: astore.ApprovalRequest, transport: Transport) -> None:
         self.show(request, transport)
@@ -117,7 +136,10 @@ class ApprovalFlow:
         requester = ChatRequest(request.requester, request.channel, origin=request.origin,
                                 response_url=request.reply_url)
         spec = self.d._spec(request.idc, request.module)
-        self.d.start_job(run, spec, request.hosts, requester, transport, approvers=astore.approvers(request),
+        # The master's floor counts approvals by people other than the requester (and refuses an
+        # envelope naming the requester): a self-approval the policy allowed stays in our votes only.
+        others = [a for a in astore.approvers(request) if a != request.requester]
+        self.d.start_job(run, spec, request.hosts, requester, transport, approvers=others,
                          cancel_roles=request.cancel_roles, job_id=request.request_id)
 
 

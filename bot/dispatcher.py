@@ -20,7 +20,7 @@ from bot.approval_flow import ApprovalFlow
 from bot.jobs import JobFollower, card_of
 from bot.messages import Message, clip, code, job_card, slack_date, text_message
 from bot.transport import ChatRequest, Transport
-from masters import ConnectFailed, JobRef, MasterLost, NoMasterAvailable, Refused, Router
+from masters import FINAL_STATES, ConnectFailed, JobRef, MasterLost, NoMasterAvailable, Refused, Router
 from modules import Catalog, ModuleSpec, ParamError
 from ombot.errors import OmbotError
 
@@ -199,7 +199,7 @@ class Dispatcher:
     def _status(self, ref: str) -> Message:
         job = _find(ref)
         state = job.state
-        if job.master_id and state not in ("ok", "failed", "partial", "cancelled", "timed_out", "unknown"):
+        if job.master_id and state not in FINAL_STATES:
             state = self.router.events(JobRef(job.job_id, job.idc, job.master_id), after=10**9)["state"]
         return text_message(f"#{job.number} `{job.module}` on {job.host_count} host(s) in {job.idc}: *{state}*\n"
                             f"job id `{job.job_id}` on master `{job.master_id}`, requested by <@{job.requester}> "

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from masters import FINAL_STATES
+
 SECTION_LIMIT = 3000
 TEXT_LIMIT = 3500  # the plain-text twin: what notifications and the console show
 INLINE_LOG_LIMIT = 2400  # longer per-host output goes into a file in the thread
@@ -24,7 +26,6 @@ STATE_ICONS = {
     "ok": ":white_check_mark:", "failed": ":x:", "partial": ":warning:", "cancelled": ":no_entry_sign:",
     "timed_out": ":alarm_clock:", "unknown": ":grey_question:",
 }
-FINAL_STATES = frozenset({"ok", "failed", "partial", "cancelled", "timed_out", "unknown"})
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
 from masters.client import ConnectFailed, JobRef, MasterLink, MasterLost, NoMasterAvailable, Router
 from masters.envelope import Refused
 from masters.keys import Identity, KeyFileError
+from masters.states import FINAL_STATES, JobState
 
-__all__ = ["ConnectFailed", "Identity", "JobRef", "KeyFileError", "MasterLink", "MasterLost",
+__all__ = ["FINAL_STATES", "ConnectFailed", "Identity", "JobRef", "JobState", "KeyFileError", "MasterLink", "MasterLost",
            "NoMasterAvailable", "Refused", "Router"]

@@ -38,7 +38,6 @@ CLIENT_CONFIG: dict[str, Any] = {
 }
 POLL_WAIT_SECONDS = 15.0
 LOST_RETRY_SECONDS = 10.0
-FINAL = frozenset({"ok", "failed", "partial", "cancelled", "timed_out", "unknown"})
 
 
 class ConnectFailed(OmbotError):

@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from nacl.signing import VerifyKey
@@ -27,6 +26,7 @@ from masters.backends.base import Backend, HostResult, HostStatus, RunContext
 from masters.envelope import Opener, Peer, Refused, Request
 from masters.inventory import Inventory, TargetError
 from masters.keys import Identity
+from masters.states import FINAL_STATES, JobState
 from modules import Module, ParamError, Plan, Shell, catalog_of
 from ombot.config import MasterSettings
 
@@ -34,21 +34,6 @@ log = logging.getLogger("ombot.master")
 
 MAX_WAIT_SECONDS = 20.0  # below rpyc's 30 s sync timeout
 MAX_EVENTS_PER_REPLY = 500
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    OK = "ok"
-    FAILED = "failed"
-    PARTIAL = "partial"
-    CANCELLED = "cancelled"
-    TIMED_OUT = "timed_out"
-    UNKNOWN = "unknown"
-
-
-FINAL_STATES = frozenset({JobState.OK, JobState.FAILED, JobState.PARTIAL, JobState.CANCELLED,
-                          JobState.TIMED_OUT, JobState.UNKNOWN})
 
 
 @dataclass
