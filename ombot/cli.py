@@ -19,15 +19,20 @@ from ombot.logs import setup_logging
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="OMBot: run and audit Linux clusters from chat.")
 
-ConfigOpt = Annotated[
+RootConfigOpt = Annotated[
     Optional[Path],
     typer.Option("--config", "-c", envvar=cfg.CONFIG_ENV, help="Path to ombot.toml [default: ./ombot.toml]"),
+]
+# After the subcommand: no envvar here, or $OMBOT_CONFIG would beat a --config given before it.
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="Path to ombot.toml (also accepted before the subcommand)"),
 ]
 IdcOpt = Annotated[Optional[str], typer.Option("--idc", help="IDC to act in [default: the client's default_idc]")]
 
 
 @app.callback()
-def _root(ctx: typer.Context, config: ConfigOpt = None,
+def _root(ctx: typer.Context, config: RootConfigOpt = None,
           verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail")] = False) -> None:
     ctx.obj = {"config": config}
     setup_logging(logging.DEBUG if verbose else logging.INFO)
@@ -162,7 +167,7 @@ def run(ctx: typer.Context,
 
     conf = _config(ctx, config)
     code = run_module(_router(conf), _cli_gate(conf), idc or conf.require_client().default_idc, module, targets,
-                      parse_pairs(params or []), dry_run, timeout, as_json)
+                      params or [], dry_run, timeout, as_json)
     raise typer.Exit(code)
 
 
@@ -243,18 +248,6 @@ def policy_explain(ctx: typer.Context,
                    + ("; the requester may approve" if a.self_approval else "; not by the requester"))
     if decision.cancel_roles:
         typer.echo(f"may cancel: the requester, its approvers, {', '.join(decision.cancel_roles)}")
-
-
-def parse_pairs(pairs: list[str]) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise OmbotError(f"parameters are key=value, got {pair!r}")
-        if key in values:
-            raise OmbotError(f"parameter {key!r} given twice")
-        values[key] = value
-    return values
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ import re
 import time
 
 _PATTERNS = [
-    (re.compile(r"(://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),  # passwords in URLs
+    (re.compile(r"(://[^:/@\s]*:)\S*@"), r"\1***@"),  # passwords in URLs, even ones holding '@'
+
     (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]+"), "xox?-***"),  # Slack bot/user tokens
     (re.compile(r"\bxapp-[A-Za-z0-9-]+"), "xapp-***"),  # Slack app-level tokens
 ]

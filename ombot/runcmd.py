@@ -16,7 +16,7 @@ from modules import ParamError
 from ombot.errors import OmbotError
 
 
-def run_module(router: Router, gate: Gate | None, idc: str, module: str, targets: str, params: dict[str, str],
+def run_module(router: Router, gate: Gate | None, idc: str, module: str, targets: str, pairs: list[str],
                dry_run: bool, timeout: int | None, as_json: bool) -> int:
     """`gate` is the access policy when the config names one: the CLI then obeys it like chat does."""
     catalog = router.catalog(idc)
@@ -27,8 +27,9 @@ def run_module(router: Router, gate: Gate | None, idc: str, module: str, targets
         close = difflib.get_close_matches(module, catalog.modules, n=3)
         raise OmbotError(f"no module {module!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     try:
+        params = parse_pairs(pairs)
         spec.validate(params)  # friendly errors here; the master validates again and decides
-    except ParamError as exc:
+    except (ParamError, OmbotError) as exc:
         raise OmbotError(f"{exc}\nusage: ombot run {spec.usage()}") from None
     hosts = router.expand(idc, targets)
     typer.echo(f"{module} on {len(hosts)} host(s) in {idc}: {', '.join(hosts)}", err=as_json)
@@ -48,6 +49,18 @@ def run_module(router: Router, gate: Gate | None, idc: str, module: str, targets
         print_results(results)
         typer.echo(f"state: {state}")
     return 0 if state == "ok" else 1
+
+
+def parse_pairs(pairs: list[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise OmbotError(f"parameters are key=value, got {pair!r}")
+        if key in values:
+            raise OmbotError(f"parameter {key!r} given twice")
+        values[key] = value
+    return values
 
 
 def _authorize(gate: Gate, requester: str, module: str, hosts: list[str], idc: str) -> None:
