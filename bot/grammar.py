@@ -175,7 +175,7 @@ def _flag(name: str, value: str | None) -> bool:
 def _seconds(value: str | None) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or not 1 <= int(value) <= 86_400:
+    if not (value.isascii() and value.isdigit()) or len(value) > 5 or not 1 <= int(value) <= 86_400:
         raise CommandError(f"timeout is a number of seconds from 1 to 86400, got {value!r}")
     return int(value)
 

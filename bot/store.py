@@ -47,8 +47,8 @@ def open_store(url: str) -> peewee.Database:
 def find_job(ref: str) -> BotJob | None:
     """A job by its short number or its UUID."""
     ref = ref.lstrip("#")
-    if ref.isdigit():
-        return BotJob.get_or_none(BotJob.number == int(ref))
+    if ref.isascii() and ref.isdigit():  # "²".isdigit() is true too; int() of 5000 digits raises
+        return BotJob.get_or_none(BotJob.number == int(ref)) if len(ref) <= 18 else None
     return BotJob.get_or_none(BotJob.job_id == ref)
 
 

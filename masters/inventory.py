@@ -66,9 +66,9 @@ class Inventory:
         terms = expand_ranges(targets)
         names: dict[str, None] = {}
         for term in terms:
-            if term[0] not in "!&" and not self._im.get_hosts(term):
+            if term[0] not in "!&" and not _listed(self._im.get_hosts(term)):
                 raise TargetError(f"no host or group matches {term!r}")
-        for host in self._im.get_hosts(terms):
+        for host in _listed(self._im.get_hosts(terms)):
             names[host.name] = None
         if not names:
             raise TargetError(f"{targets!r} selects no hosts")
@@ -77,6 +77,12 @@ class Inventory:
     def missing(self, hosts: list[str]) -> list[str]:
         known = set(self.hosts())
         return [h for h in hosts if h not in known]
+
+
+def _listed(hosts: list[Any]) -> list[Any]:
+    # Ansible invents an implicit `localhost` (connection local) for the names localhost and
+    # 127.0.0.1 even when the inventory lacks them; a target must be a host the inventory lists.
+    return [h for h in hosts if not getattr(h, "implicit", False)]
 
 
 def expand_ranges(targets: str) -> list[str]:
