@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import peewee
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from approvals import store
@@ -119,16 +120,24 @@ class Gate:
             raise ApprovalError(f"You already approved request #{request.number}.") from None
         count = store.ApprovalVote.select().where(store.ApprovalVote.request == request.number).count()
         start = count >= request.needed and store.transition(request, store.APPROVED, decided_by=user)
+        if start:
+            self._unschedule(request)
         return Vote(_reload(request), count, start)
 
-    def deny(self, ref: str, user: str, reason: str) -> store.ApprovalRequest:
+    def check_deny(self, ref: str, user: str) -> store.ApprovalRequest:
+        """The open request `user` may deny (an approver, or its requester withdrawing it), or ApprovalError."""
         request = self._pending(ref)
         if not self.policy.in_roles(user, self.groups_of(user), request.approver_roles) and user != request.requester:
             raise ApprovalError(f"Only an approver (or the requester, to withdraw) can deny request #{request.number}.")
+        return request
+
+    def deny(self, ref: str, user: str, reason: str) -> store.ApprovalRequest:
+        request = self.check_deny(ref, user)
         if not reason.strip():
             raise ApprovalError("A denial needs a reason.")
         if not store.transition(request, store.DENIED, decided_by=user, reason=reason.strip()[:1000]):
             raise ApprovalError(f"Request #{request.number} was already decided: {_reload(request).state}.")
+        self._unschedule(request)
         return request
 
     def expire(self, request_id: str) -> store.ApprovalRequest | None:
@@ -166,6 +175,13 @@ class Gate:
         when = datetime.fromtimestamp(request.expires_at, tz=timezone.utc)
         self.scheduler.add_job(self._expired, "date", run_date=when, args=[request.request_id],
                                id=request.request_id, replace_existing=True, misfire_grace_time=None)
+
+    def _unschedule(self, request: store.ApprovalRequest) -> None:
+        """A decided request needs no expiry timer (it would find nothing to expire anyway)."""
+        try:
+            self.scheduler.remove_job(request.request_id)
+        except JobLookupError:
+            pass
 
     def _expired(self, request_id: str) -> None:
         request = self.expire(request_id)

@@ -3,12 +3,15 @@
 A rule matches a (module, host, IDC) triple by globs. For each expanded host the first matching rule
 decides; every host must be allowed, or the request is refused naming the rule (or "no rule", deny by
 default). When the hosts of one request fall under several rules, the strictest of them applies: the
-smallest max_hosts and the approval that needs the most approvers.
+smallest max_hosts, the most approvals, the shortest expiry, self-approval only if every rule allows
+it. Rules whose approvals name different approver roles cannot be combined: such a request is
+refused and has to be split, so no host is approved by someone its own rule does not name.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,6 +24,11 @@ from ombot.errors import ConfigError
 GroupsOf = Callable[[str], frozenset[str]]  # user id -> the user-group ids they belong to
 
 DEFAULT_EXPIRY = 3600
+# Ids, never display names (which anyone can change): Slack users U.../W..., user groups S...,
+# channels C.../G.../D...; CLI and console identities are prefixed.
+USER_ID = re.compile(r"^(?:[UW][A-Z0-9]{2,}|(?:cli|console):\S+)$")
+GROUP_ID = re.compile(r"^S[A-Z0-9]{2,}$")
+CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
 
 
 @dataclass(frozen=True)
@@ -109,14 +117,27 @@ class Policy:
         if max_hosts is not None and host_count > max_hosts:
             return Decision(False, f"{host_count} hosts is over the limit of {max_hosts} set by rule "
                                    f"`{next(r.name for r in rules if r.max_hosts == max_hosts)}`", names, max_hosts)
-        approvals = [r.approval for r in rules if r.approval is not None]
-        approval = max(approvals, key=lambda a: a.count) if approvals else None
+        gated = [(r.name, r.approval) for r in rules if r.approval is not None]
+        if len({frozenset(a.roles) for _, a in gated}) > 1:
+            shown = "; ".join(f"`{name}`: {', '.join(a.roles)}" for name, a in gated)
+            return Decision(False, f"these hosts need approvers from different roles ({shown}); "
+                                   f"ask for them in separate requests", names, max_hosts)
         cancel = tuple(dict.fromkeys(role for r in rules for role in r.cancel))
         rule_text = ", ".join(f"`{n}`" for n in names)
-        return Decision(True, f"allowed by rule {rule_text}", names, max_hosts, approval, cancel)
+        return Decision(True, f"allowed by rule {rule_text}", names, max_hosts,
+                        _strictest([a for _, a in gated]), cancel)
 
     def may_approve(self, user: str, groups: frozenset[str], approval: Approval) -> bool:
         return self.in_roles(user, groups, approval.roles)
+
+
+def _strictest(approvals: list[Approval]) -> Approval | None:
+    """One approval at least as strict as each given one (they name the same roles)."""
+    if not approvals:
+        return None
+    most = max(approvals, key=lambda a: a.count)  # the first of equals: its channel is used
+    return Approval(most.count, most.roles, min(a.expiry for a in approvals),
+                    all(a.self_approval for a in approvals), most.channel)
 
 
 def load_policy(path: Path) -> Policy:
@@ -139,19 +160,28 @@ def parse_policy(path: Path, raw: dict[str, Any]) -> Policy:
         if names.count(name) > 1:
             raise ConfigError(path, "rules", f"unique rule names; {name!r} is used twice")
     groups = top.sub("console_groups")
-    console_groups = {g: frozenset(groups.strings(g)) for g in groups.table}
+    console_groups = {_id(groups, g, GROUP_ID, "Slack user-group ids (S...) as keys", g):
+                      frozenset(_ids(groups, g, USER_ID, "user ids (U..., W..., cli:NAME or console:NAME)"))
+                      for g in groups.table}
+    top.done()
     return Policy(roles, rules, console_groups, path)
 
 
+def _id(r: _Reader, key: str, pattern: re.Pattern[str], what: str, value: str) -> str:
+    if not pattern.match(value):
+        raise ConfigError(r.path, r.key(key), what, value)
+    return value
+
+
+def _ids(r: _Reader, key: str, pattern: re.Pattern[str], what: str) -> tuple[str, ...]:
+    return tuple(_id(r, key, pattern, what, v) for v in r.strings(key, ()))
+
+
 def _role(r: _Reader, name: str) -> Role:
-    users = r.strings("users", ())
-    for user in users:
-        if not (user[:1] in ("U", "W") or user.startswith(("cli:", "console:"))):
-            raise ConfigError(r.path, r.key("users"), "Slack user ids (U... or W...) or cli:NAME identities", user)
-    groups = r.strings("groups", ())
-    for group in groups:
-        if not group.startswith("S"):
-            raise ConfigError(r.path, r.key("groups"), "Slack user-group ids (S...)", group)
+    users = _ids(r, "users", USER_ID, "Slack user ids (U... or W...) or cli:NAME / console:NAME identities, "
+                                      "never display names")
+    groups = _ids(r, "groups", GROUP_ID, "Slack user-group ids (S...)")
+    r.done()
     return Role(name, frozenset(users), frozenset(groups))
 
 
@@ -163,31 +193,48 @@ def _known_roles(r: _Reader, key: str, roles: dict[str, Role]) -> tuple[str, ...
     return names
 
 
+def _patterns(r: _Reader, key: str) -> tuple[str, ...]:
+    globs = r.strings(key, ("*",))
+    if not globs:
+        raise ConfigError(r.path, r.key(key), "at least one glob (leave the key out to match everything)", [])
+    return globs
+
+
 def _rule(r: _Reader, roles: dict[str, Role], index: int) -> Rule:
+    name = r.get("name", str, f"rule {index + 1}")
+    r.prefix = f"{r.prefix} ({name!r})"  # errors name the rule, not only its place in the file
     max_hosts = r.get("max_hosts", int, None)
     if max_hosts is not None and max_hosts < 1:
         raise ConfigError(r.path, r.key("max_hosts"), "a positive number of hosts", max_hosts)
-    approval = None
-    if "approval" in r.table:
-        a = r.sub("approval")
-        count = a.get("count", int)
-        if count < 1:
-            raise ConfigError(r.path, a.key("count"), "at least 1 approval (remove the table for none)", count)
-        expiry = a.get("expiry_seconds", int, DEFAULT_EXPIRY)
-        if not 1 <= expiry <= 7 * 86400:
-            raise ConfigError(r.path, a.key("expiry_seconds"), "1 to 604800 seconds", expiry)
-        approval = Approval(count, _known_roles(a, "roles", roles) or _missing(a, "roles"), expiry,
-                            a.get("self_approval", bool, False), a.get("channel", str, None))
-    return Rule(
-        name=r.get("name", str, f"rule {index + 1}"),
-        modules=r.strings("modules", ("*",)),
-        targets=r.strings("targets", ("*",)),
-        idcs=r.strings("idcs", ("*",)),
+    approval = _approval(r.sub("approval"), roles) if "approval" in r.table else None
+    rule = Rule(
+        name=name,
+        modules=_patterns(r, "modules"),
+        targets=_patterns(r, "targets"),
+        idcs=_patterns(r, "idcs"),
         request=_known_roles(r, "request", roles),
         max_hosts=max_hosts,
         approval=approval,
         cancel=_known_roles(r, "cancel", roles),
     )
+    r.done()  # a misspelt `module` or `target` must not silently widen the rule to everything
+    return rule
+
+
+def _approval(a: _Reader, roles: dict[str, Role]) -> Approval:
+    count = a.get("count", int)
+    if count < 1:
+        raise ConfigError(a.path, a.key("count"), "at least 1 approval (remove the table for none)", count)
+    expiry = a.get("expiry_seconds", int, DEFAULT_EXPIRY)
+    if not 1 <= expiry <= 7 * 86400:
+        raise ConfigError(a.path, a.key("expiry_seconds"), "1 to 604800 seconds", expiry)
+    channel = a.get("channel", str, None)
+    if channel is not None:
+        _id(a, "channel", CHANNEL_ID, "a Slack channel id (C..., G...), not a channel name", channel)
+    approval = Approval(count, _known_roles(a, "roles", roles) or _missing(a, "roles"), expiry,
+                        a.get("self_approval", bool, False), channel)
+    a.done()
+    return approval
 
 
 def _missing(r: _Reader, key: str) -> tuple[str, ...]:

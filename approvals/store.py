@@ -93,8 +93,9 @@ def record(user: str, channel: str, origin: str, action: str, detail: str, outco
 
 def find_request(ref: str) -> ApprovalRequest | None:
     ref = ref.lstrip("#")
-    if ref.isdigit():
-        return ApprovalRequest.get_or_none(ApprovalRequest.number == int(ref))
+    if ref.isascii() and ref.isdigit():  # "²".isdigit() is true too, and int() refuses it
+        # int() of thousands of digits raises, and past 2**63 the database refuses the query itself
+        return ApprovalRequest.get_or_none(ApprovalRequest.number == int(ref)) if len(ref) <= 18 else None
     return ApprovalRequest.get_or_none(ApprovalRequest.request_id == ref)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from approvals import ApprovalError, Decision, params_text
+from approvals import Decision, params_text
 from approvals import store as astore
 from bot import grammar
 from bot.messages import Message, RequestView, approval_card, deny_form, slack_date, text_message

@@ -1,0 +1,617 @@
+"""Who may run what, end to end: signed Slack requests to the real `ombot bot` process (HTTP mode),
+the fake Slack Web API, and a real master whose own approval floor gates shell.exec.
+
+One rig (master + bot + fake Slack) serves the whole module: every test makes its own requests and
+finds them again by the numbers the bot answers with, so no test depends on another's leftovers.
+Tests that need a fresh bot process (restart, an empty group cache) restart it themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pexpect
+import pytest
+
+import approvals
+from approvals import ApprovalError, Gate
+from approvals import store as astore
+from approvals.policy import parse_policy
+from masters import JobRef, Refused
+from ombot.storage import connect_url
+from tests.fakeslack import TEAM_ID, FakeSlack, interactive_body, signed_request
+from tests.support import REPO, BotProcess, Cluster, bot_table, child_env, free_port
+
+SECRET = "0c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f"
+CHANNEL = "C0OPS"
+
+POLICY = """\
+[roles.ops]
+users = ["U0ALICE"]
+groups = ["S0OPS"]
+
+[roles.leads]
+users = ["U0LEAD1", "U0LEAD2", "U0LEAD3"]
+
+[roles.oncall]
+users = ["U0ONCALL"]
+
+[roles.dbas]
+users = ["U0DBA"]
+
+[[rules]]
+name = "db hosts are for dbas"
+modules = ["echo"]
+targets = ["db*"]
+request = ["dbas"]
+
+[[rules]]
+name = "web shell needs two leads"
+modules = ["shell.exec"]
+targets = ["web*"]
+request = ["ops"]
+approval = { count = 2, roles = ["leads"] }
+cancel = ["oncall"]
+
+[[rules]]
+name = "localhost changes need a lead"
+modules = ["shell.exec", "test.sleep"]
+targets = ["localhost"]
+request = ["ops", "leads"]
+approval = { count = 1, roles = ["leads"] }
+
+[[rules]]
+name = "quick approvals expire"
+modules = ["facts"]
+targets = ["localhost"]
+request = ["ops"]
+approval = { count = 1, roles = ["leads"], expiry_seconds = 2 }
+
+[[rules]]
+name = "leads on db01 may approve their own"
+modules = ["shell.exec"]
+targets = ["db01"]
+request = ["leads"]
+approval = { count = 2, roles = ["leads"], self_approval = true }
+
+[[rules]]
+name = "everyday"
+modules = ["echo", "test.sleep"]
+targets = ["web*", "localhost"]
+request = ["ops"]
+max_hosts = 2
+cancel = ["oncall"]
+"""
+
+# The master's own floor: whatever the bot says, shell.exec needs one approver other than the requester.
+MASTER_FLOOR = '\n[masters.m1.approvals]\n"shell.exec" = 1\n'
+
+ALICE, BOB, MALLORY, ONCALL, DBA = "U0ALICE", "U0BOB", "U0MALLORY", "U0ONCALL", "U0DBA"
+LEAD1, LEAD2, LEAD3 = "U0LEAD1", "U0LEAD2", "U0LEAD3"
+
+
+# -- the rig ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """The answers (ephemeral, by response_url) to one command or click."""
+
+    fake: FakeSlack
+    url: str
+
+    def texts(self) -> list[str]:
+        token = self.url.rsplit("/", 1)[1]
+        return [str(c.body.get("text", "")) for c in self.fake.response_posts if c.path.endswith(token)]
+
+    def wait(self, needle: str) -> str:
+        return self.fake.wait_for(lambda: next((t for t in self.texts() if needle in t), None),
+                                  what=f"an answer containing {needle!r}; got {self.texts()}")
+
+    def first(self) -> str:
+        return self.fake.wait_for(lambda: next(iter(self.texts()), None), what="an answer")
+
+    def number(self, pattern: str) -> int:
+        """A number the bot answered with, e.g. number("Waiting as request #") or ("Starting job #")."""
+        text = self.wait(pattern)
+        return int(re.search(re.escape(pattern) + r"(\d+)", text).group(1))
+
+
+@dataclass
+class Pending:
+    """An approval request as the channel shows it."""
+
+    number: int
+    request_id: str
+    ts: str
+    asked: Reply  # the requester's command: "Starting job #N" arrives there once approved
+
+
+@dataclass
+class Rig:
+    fake: FakeSlack
+    cluster: Cluster
+    bot: BotProcess
+    port: int
+    env: dict[str, str]
+
+    # -- talking to the bot --
+
+    def send(self, body: str) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/slack/events", data=body.encode(),
+                                         headers=signed_request(SECRET, body), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def command(self, text: str, user: str = ALICE) -> Reply:
+        fields = self.fake.slash_command(text=text, user_id=user, channel_id=CHANNEL)
+        status, _ = self.send(urlencode(fields))
+        assert status == 200
+        return Reply(self.fake, fields["response_url"])
+
+    def click_body(self, action_id: str, value: str, ts: str, user: str) -> tuple[str, Reply]:
+        payload = self.fake.block_actions(action_id, value, user_id=user, channel_id=CHANNEL, message_ts=ts)
+        return interactive_body(payload), Reply(self.fake, payload["response_url"])
+
+    def click(self, action_id: str, value: str, ts: str, user: str) -> Reply:
+        body, reply = self.click_body(action_id, value, ts, user)
+        assert self.send(body)[0] == 200
+        return reply
+
+    def approve(self, pending: Pending, user: str) -> Reply:
+        return self.click("om_approve", pending.request_id, pending.ts, user)
+
+    # -- what the channel shows --
+
+    def ask(self, text: str, user: str = ALICE) -> Pending:
+        """A command that needs approval: its request number and the Approve/Deny message."""
+        reply = self.command(text, user)
+        number = reply.number("Waiting as request #")
+        message = self.approval_message(number)
+        buttons = next(b for b in message["blocks"] if b["type"] == "actions")["elements"]
+        assert [b["action_id"] for b in buttons] == ["om_approve", "om_deny"]
+        return Pending(number, buttons[0]["value"], message["ts"], reply)
+
+    def approval_message(self, number: int, state: str = "") -> dict[str, Any]:
+        lead = f"[approval #{number} {state}"
+        return self.fake.wait_for(lambda: next((m for m in self.fake.messages(CHANNEL)
+                                                if m.get("text", "").startswith(lead)), None),
+                                  what=f"approval message {lead!r}")
+
+    def cards(self, number: int) -> list[dict[str, Any]]:
+        return [m for m in self.fake.messages(CHANNEL) if m.get("text", "").startswith(f"[#{number} ")]
+
+    def final_card(self, number: int, timeout: float = 30) -> dict[str, Any]:
+        finals = ("ok", "failed", "partial", "cancelled", "timed_out", "unknown")
+        return self.fake.wait_for(
+            lambda: next((c for c in self.cards(number) if c["text"].split("]")[0].split()[-1] in finals), None),
+            timeout, what=f"job #{number} to end")
+
+    def running_card(self, number: int) -> dict[str, Any]:
+        return self.fake.wait_for(lambda: next((c for c in self.cards(number) if " running]" in c["text"]), None),
+                                  what=f"job #{number} to run")
+
+    def results(self, card: dict[str, Any]) -> str:
+        return self.fake.wait_for(lambda: next((m["text"] for m in self.fake.thread(CHANNEL, card["ts"])
+                                                if m["ts"] != card["ts"]), None), what="results in the thread")
+
+    # -- state --
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.cluster.root / "state" / "bot.db", timeout=10)
+
+    def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        with self.db() as conn:
+            return conn.execute(sql, args).fetchall()
+
+    def master_events(self, job_id: str) -> list[dict[str, Any]]:
+        router = self.cluster.router()
+        try:
+            return router.events(JobRef(job_id, "local", "m1"))["events"]
+        finally:
+            router.close()
+
+    def restart_bot(self, between: Any = None) -> None:
+        """Stop the bot process and start a new one on the same config and state."""
+        self.bot.stop()
+        if between is not None:
+            between()
+        self.bot = BotProcess(self.cluster, self.env).start(self.port)
+
+
+@pytest.fixture(scope="module")
+def shared_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    with FakeSlack(usergroups={"S0OPS": [BOB]}) as fake:
+        port = free_port()
+        cluster = Cluster(tmp_path_factory.mktemp("approvals"), {"local": ["m1"]},
+                          module_dirs=[REPO / "tests" / "site_modules"], policy=POLICY,
+                          extra_toml=bot_table(port, TEAM_ID) + MASTER_FLOOR)
+        cluster.start("m1")
+        env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url}
+        rig = Rig(fake, cluster, BotProcess(cluster, env).start(port), port, env)
+        try:
+            yield rig
+        finally:
+            rig.bot.stop()
+            cluster.stop_all()
+
+
+@pytest.fixture
+def rig(shared_rig: Rig) -> Iterator[Rig]:
+    yield shared_rig
+    shared_rig.fake.assert_no_violations()
+
+
+# -- who may run what -------------------------------------------------------------------------------
+
+
+def test_refusals_name_the_rule_and_the_host(rig: Rig) -> None:
+    cases = [
+        (MALLORY, "echo localhost message=x", "rule `everyday` does not let you run `echo` on localhost"),
+        # one disallowed host among allowed ones refuses the whole request
+        (ALICE, "echo web01,db01 message=x", "rule `db hosts are for dbas` does not let you run `echo` on db01"),
+        (ALICE, "echo web01,far01 message=x", "no rule allows `echo` on far01 in local (deny by default)"),
+        (ALICE, "ping localhost", "no rule allows `ping` on localhost"),
+        (ALICE, "echo web message=x", "3 hosts is over the limit of 2 set by rule `everyday`"),
+    ]
+    replies = [(rig.command(text, user), expected) for user, text, expected in cases]
+    for reply, expected in replies:
+        assert reply.wait(expected).startswith("Refused: ")
+    assert not any(m["text"].startswith("[approval") and "far01" in m["text"] for m in rig.fake.messages(CHANNEL))
+
+
+def test_allowed_request_without_approval_runs(rig: Rig) -> None:
+    reply = rig.command("echo web01,web02 message=plain")
+    number = reply.number("Starting job #")
+    card = rig.final_card(number)
+    assert f"[#{number} ok] echo on 2 host(s)" in card["text"]
+    assert "plain" in rig.results(card)
+    # the DBA may run echo on db hosts, which the first rule keeps for them
+    number = rig.command("echo db01 message=x", DBA).number("Starting job #")
+    assert f"[#{number} ok]" in rig.final_card(number)["text"]
+
+
+def test_two_of_three_approvals_start_the_job_once(rig: Rig) -> None:
+    pending = rig.ask('shell.exec web01,web02 cmd="echo two-of-three"')
+    assert "needs 2 approval(s) from leads" in pending.asked.wait("Waiting as request")
+    assert "0/2 approvals from leads" in rig.approval_message(pending.number, "pending")["text"]
+
+    rig.approve(pending, LEAD1).wait(f"Approved request #{pending.number}: 1/2 approvals")
+    rig.approve(pending, LEAD1).wait(f"You already approved request #{pending.number}")  # counted once
+    assert rig.rows("SELECT approver FROM approval_vote WHERE request_id = ?", pending.number) == [(LEAD1,)]
+    assert "1/2 approvals" in rig.approval_message(pending.number)["text"]
+
+    rig.approve(pending, LEAD2).wait(f"Approved request #{pending.number}; its job starts now")
+    number = pending.asked.number("Starting job #")
+    card = rig.final_card(number)
+    assert "[#%d ok] shell.exec on 2 host(s)" % number in card["text"]
+    assert "two-of-three" in rig.results(card)
+    approved = rig.approval_message(pending.number, "approved")
+    assert not any(b["type"] == "actions" for b in approved["blocks"])  # no buttons once decided
+    assert f"<@{LEAD1}>" in approved["text"] and f"<@{LEAD2}>" in approved["text"]
+
+    rig.approve(pending, LEAD3).wait(f"Request #{pending.number} is no longer open: it was approved")
+    assert len(rig.cards(number)) == 1
+    assert rig.rows("SELECT COUNT(*) FROM bot_job WHERE job_id = ?", pending.request_id) == [(1,)]
+    # the master got the approvers in the envelope and recorded one job under the request's id
+    events = rig.master_events(pending.request_id)
+    assert [e["kind"] for e in events].count("accepted") == 1
+
+
+def test_self_and_stranger_approvals_are_refused(rig: Rig) -> None:
+    pending = rig.ask('shell.exec localhost cmd="echo mine"', user=LEAD1)
+    rig.approve(pending, LEAD1).wait(f"You asked for request #{pending.number}; someone else must approve it")
+    rig.approve(pending, MALLORY).wait(f"You are not an approver for request #{pending.number}")
+    rig.approve(pending, ALICE).wait(f"You are not an approver for request #{pending.number}")
+    assert rig.rows("SELECT COUNT(*) FROM approval_vote WHERE request_id = ?", pending.number) == [(0,)]
+    assert rig.rows("SELECT state FROM approval_request WHERE number = ?", pending.number) == [("pending",)]
+    rig.approve(pending, LEAD2).wait("its job starts now")
+    assert "mine" in rig.results(rig.final_card(pending.asked.number("Starting job #")))
+
+
+def test_self_approval_when_the_rule_allows_it(rig: Rig) -> None:
+    """The rule lets a lead approve their own request; the master's floor still wants someone else,
+    so the bot sends only the other approvers and the job runs once the second lead agrees."""
+    pending = rig.ask('shell.exec db01 cmd="echo self-approved"', user=LEAD1)
+    rig.approve(pending, LEAD1).wait(f"Approved request #{pending.number}: 1/2 approvals")
+    rig.approve(pending, LEAD2).wait("its job starts now")
+    card = rig.final_card(pending.asked.number("Starting job #"))
+    assert " ok]" in card["text"] and "self-approved" in rig.results(card)
+
+
+def test_two_last_approvals_at_once_start_one_job(rig: Rig) -> None:
+    for round_ in range(3):
+        pending = rig.ask(f'shell.exec web03 cmd="echo race-{round_}"')
+        bodies = [rig.click_body("om_approve", pending.request_id, pending.ts, user) for user in (LEAD1, LEAD2)]
+        barrier = threading.Barrier(len(bodies))
+        statuses: list[int] = []
+
+        def click(body: str) -> None:
+            barrier.wait()
+            statuses.append(rig.send(body)[0])
+
+        threads = [threading.Thread(target=click, args=(body,)) for body, _ in bodies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert statuses == [200, 200]
+        answers = [reply.wait(f"#{pending.number}") for _, reply in bodies]
+        assert sum("its job starts now" in a for a in answers) == 1, answers
+        number = pending.asked.number("Starting job #")
+        assert f"race-{round_}" in rig.results(rig.final_card(number))
+        assert len(rig.cards(number)) == 1
+        assert sum("Starting job #" in t for t in pending.asked.texts()) == 1
+        assert rig.rows("SELECT COUNT(*) FROM bot_job WHERE job_id = ?", pending.request_id) == [(1,)]
+        assert rig.rows("SELECT COUNT(*) FROM approval_vote WHERE request_id = ?", pending.number) == [(2,)]
+        assert [e["kind"] for e in rig.master_events(pending.request_id)].count("accepted") == 1
+
+
+def test_deny_with_a_reason_from_the_modal(rig: Rig) -> None:
+    pending = rig.ask('shell.exec localhost cmd="echo never"')
+    opened_before = len(rig.fake.calls_to("views.open"))
+    rig.click("om_deny", pending.request_id, pending.ts, MALLORY).wait(
+        f"Only an approver (or the requester, to withdraw) can deny request #{pending.number}")
+    assert len(rig.fake.calls_to("views.open")) == opened_before  # a stranger gets no modal
+
+    rig.click("om_deny", pending.request_id, pending.ts, LEAD1)
+    rig.fake.wait_for_call("views.open", lambda c: pending.request_id in json.dumps(c.body))
+    view_id = next(v for v, view in rig.fake.views.items() if view.get("private_metadata") == pending.request_id)
+    assert rig.fake.views[view_id]["callback_id"] == "om_deny_reason"
+
+    def submit(reason: str) -> tuple[int, str]:
+        payload = rig.fake.view_submission(view_id, {"reason": {"v": reason}}, user_id=LEAD1)
+        return rig.send(interactive_body(payload))
+
+    status, answer = submit("   ")
+    assert status == 200 and json.loads(answer) == {"response_action": "errors",
+                                                    "errors": {"reason": "A denial needs a reason."}}
+    assert rig.rows("SELECT state FROM approval_request WHERE number = ?", pending.number) == [("pending",)]
+    assert submit("change freeze until Monday") == (200, "")
+    denied = rig.approval_message(pending.number, "denied")
+    assert f"denied by <@{LEAD1}>: change freeze until Monday" in denied["text"]
+    assert not any(b["type"] == "actions" for b in denied["blocks"])
+    rig.fake.wait_for(lambda: any(f"Request #{pending.number} (`shell.exec`) was denied by <@{LEAD1}>" in m["text"]
+                                  for m in rig.fake.messages(CHANNEL)), what="the requester to be told")
+    # a late click, and a second submit of the same modal, find the request decided
+    rig.approve(pending, LEAD2).wait(f"Request #{pending.number} is no longer open: it was denied")
+    status, answer = submit("again")
+    assert "no longer open" in json.loads(answer)["errors"]["reason"]
+
+
+def test_expired_request_is_shown_and_refuses_later_clicks(rig: Rig) -> None:
+    pending = rig.ask("facts localhost")
+    expired = rig.approval_message(pending.number, "expired")
+    assert "expired before enough approvals" in expired["text"]
+    assert not any(b["type"] == "actions" for b in expired["blocks"])
+    rig.fake.wait_for(lambda: any(f"Request #{pending.number} (`facts`) expired" in m["text"]
+                                  for m in rig.fake.messages(CHANNEL)), what="the requester to be told")
+    rig.approve(pending, LEAD1).wait(f"Request #{pending.number} is no longer open: it was expired")
+    assert not rig.rows("SELECT * FROM bot_job WHERE job_id = ?", pending.request_id)
+
+
+def test_restart_keeps_pending_requests_and_expires_overdue_ones(rig: Rig) -> None:
+    waiting = rig.ask('shell.exec localhost cmd="echo after-restart"')
+    overdue = rig.ask('shell.exec localhost cmd="echo too-late"')
+
+    def time_passes() -> None:  # while the bot is down, the second request's expiry passes
+        with rig.db() as conn:
+            conn.execute("UPDATE approval_request SET expires_at = ? WHERE number = ?",
+                         (int(time.time()) - 1, overdue.number))
+
+    rig.restart_bot(between=time_passes)
+    rig.approval_message(overdue.number, "expired")  # expired at start, message updated
+    rig.approve(waiting, LEAD1).wait("its job starts now")
+    card = rig.final_card(waiting.asked.number("Starting job #"))
+    assert "after-restart" in rig.results(card)
+    rig.approve(overdue, LEAD1).wait("no longer open: it was expired")
+
+
+def test_master_refuses_gated_module_without_approvals(rig: Rig) -> None:
+    router = rig.cluster.router(requester=ALICE)
+    try:
+        for approvers in ([], [ALICE], [LEAD1, LEAD1]):
+            with pytest.raises(Refused) as refused:
+                router.submit("local", "shell.exec", {"cmd": "true"}, ["localhost"], approvers=approvers,
+                              requester=ALICE)
+            assert refused.value.code == "approval_required", approvers
+        ref, _ = router.submit("local", "shell.exec", {"cmd": "true"}, ["localhost"], approvers=[LEAD1],
+                               requester=ALICE)
+        assert router.follow(ref, lambda event: None) == "ok"
+    finally:
+        router.close()
+
+
+def test_cancel_permissions(rig: Rig) -> None:
+    # an approved job: a stranger may not cancel it, its approver may
+    pending = rig.ask("test.sleep localhost seconds=60")
+    rig.approve(pending, LEAD1).wait("its job starts now")
+    approved = pending.asked.number("Starting job #")
+    card = rig.running_card(approved)
+    button = next(b for b in card["blocks"] if b["type"] == "actions")["elements"][0]
+    rig.click(button["action_id"], button["value"], card["ts"], MALLORY).wait("Refused: only the requester")
+    rig.command(f"cancel {approved}", LEAD2).wait("Refused: only the requester")  # a lead, but not its approver
+    rig.click(button["action_id"], button["value"], card["ts"], LEAD1).wait(f"Cancelling job #{approved}")
+    final = rig.final_card(approved)
+    assert f"[#{approved} cancelled]" in final["text"] and f"cancel requested by <@{LEAD1}>" in final["text"]
+
+    # a job without approval: the rule's cancel role may cancel it
+    plain = rig.command("test.sleep web01 seconds=60").number("Starting job #")
+    rig.running_card(plain)
+    rig.command(f"cancel {plain}", DBA).wait("Refused: only the requester")
+    rig.command(f"cancel {plain}", ONCALL).wait(f"Cancelling job #{plain}")
+    assert f"[#{plain} cancelled]" in rig.final_card(plain)["text"]
+
+
+def test_group_membership_comes_from_slack_and_fails_closed(rig: Rig) -> None:
+    rig.restart_bot()  # a new process: nothing cached about user groups
+    rig.fake.fail("usergroups.users.list", "ratelimited", times=1000)
+    try:
+        rig.command("echo localhost message=grouped", BOB).wait("Refused: rule `everyday` does not let you run")
+        assert rig.fake.calls_to("usergroups.users.list")
+    finally:
+        rig.fake.fail("usergroups.users.list", "ratelimited", times=0)
+    number = rig.command("echo localhost message=grouped", BOB).number("Starting job #")
+    assert f"[#{number} ok]" in rig.final_card(number)["text"]
+
+
+def test_text_fallbacks_apply_the_same_checks(rig: Rig) -> None:
+    first = rig.ask('shell.exec localhost cmd="echo by-text"')
+    second = rig.ask('shell.exec localhost cmd="echo denied-by-text"')
+    listing = rig.command("approvals", MALLORY).wait(f"#{first.number} `shell.exec`")
+    assert f"#{second.number} `shell.exec` on 1 host(s) in local by <@{ALICE}>: 0/1 approvals" in listing
+
+    rig.command(f"approve {first.number}", MALLORY).wait(f"You are not an approver for request #{first.number}")
+    rig.command(f"deny {second.number} nope", MALLORY).wait("Only an approver")
+    rig.command(f"deny {second.number}", LEAD2).wait("deny needs a reason")
+    rig.command("approve 99999", LEAD1).wait("No approval request '99999'")
+    for ref in ("\u00b2", "9" * 25, "#0"):  # a digit int() refuses, a number SQLite refuses
+        rig.command(f"approve {ref}", LEAD1).wait(f"No approval request {ref!r}")
+
+    rig.command(f"approve {first.number}", LEAD1).wait("its job starts now")
+    assert "by-text" in rig.results(rig.final_card(first.asked.number("Starting job #")))
+    rig.command(f"deny {second.number} not during the freeze", LEAD2).wait(f"Denied request #{second.number}.")
+    assert "not during the freeze" in rig.approval_message(second.number, "denied")["text"]
+    rig.command(f"approve {second.number}", LEAD1).wait("no longer open: it was denied")
+    after = rig.command("approvals").first()
+    assert f"#{first.number} " not in after and f"#{second.number} " not in after
+
+
+def test_help_and_modules_show_only_what_the_caller_may_run(rig: Rig) -> None:
+    def listed(text: str) -> set[str]:
+        return set(re.findall(r"`([a-z][\w.]*)` \(", text))
+
+    assert listed(rig.command("modules", ALICE).wait("echo")) == {"echo", "shell.exec", "test.sleep", "facts"}
+    assert listed(rig.command("modules", DBA).wait("echo")) == {"echo"}
+    assert listed(rig.command("modules", LEAD1).wait("shell.exec")) == {"shell.exec", "test.sleep"}
+    assert "No modules you may run" in rig.command("modules", MALLORY).wait("No modules")
+    assert "Modules you may run: none" in rig.command("help", ONCALL).wait("Modules you may run")
+    helped = rig.command("help", BOB).wait("Modules you may run")  # through the S0OPS user group
+    assert "`echo`" in helped and "`shell.exec`" in helped and "`ping`" not in helped
+
+
+def test_the_trail_records_every_action(rig: Rig) -> None:
+    since = time.time()
+    rig.command("echo localhost message=x", MALLORY).wait("Refused")
+    ran = rig.command("echo localhost message=trail").number("Starting job #")
+    pending = rig.ask('shell.exec localhost cmd="echo trail"')
+    rig.approve(pending, MALLORY).wait("not an approver")
+    rig.approve(pending, LEAD1).wait("its job starts now")
+    rig.final_card(ran)
+    job = pending.asked.number("Starting job #")
+    rig.command(f"cancel {job}", MALLORY).wait("Refused")
+    card = rig.fake.wait_for(lambda: rig.cards(job), what=f"the card of job #{job}")[0]
+    rig.click("om_cancel", pending.request_id, card["ts"], MALLORY).wait("Refused")  # the job id is the request id
+
+    def entries() -> list[tuple[Any, ...]]:
+        return rig.rows("SELECT at, user, channel, origin, action, detail, outcome FROM chat_trail "
+                        "WHERE at >= ? ORDER BY id", since)
+
+    rig.fake.wait_for(lambda: len(entries()) >= 7, what="seven trail entries")
+    rows = entries()
+    assert all(since <= at <= time.time() and channel == CHANNEL and origin == "slack"
+               for at, _, channel, origin, *_ in rows), rows
+    seen = {(user, action, outcome.split(":")[0]) for _, user, _, _, action, _, outcome in rows}
+    assert {(MALLORY, "command", "refused"), (ALICE, "command", "ok"), (MALLORY, "approve click", "error"),
+            (LEAD1, "approve click", "ok"), (MALLORY, "cancel click", "refused")} <= seen, rows
+    refusal = next(r for r in rows if r[1] == MALLORY and r[4] == "command" and r[5].startswith("echo"))
+    assert "rule `everyday`" in refusal[6]
+    cancel = next(r for r in rows if r[5] == f"cancel {job}")
+    assert cancel[6].startswith("refused: only the requester")
+    click = next(r for r in rows if r[1] == LEAD1 and r[4] == "approve click")
+    assert click[5] == pending.request_id
+
+
+def test_deny_modal_is_in_the_trail(rig: Rig) -> None:
+    since = time.time()
+    pending = rig.ask('shell.exec localhost cmd="echo x"')
+    rig.click("om_deny", pending.request_id, pending.ts, LEAD3)
+    rig.fake.wait_for_call("views.open", lambda c: pending.request_id in json.dumps(c.body))
+    view_id = next(v for v, view in rig.fake.views.items() if view.get("private_metadata") == pending.request_id)
+    payload = rig.fake.view_submission(view_id, {"reason": {"v": "wrong host"}}, user_id=LEAD3)
+    assert rig.send(interactive_body(payload)) == (200, "")
+    rows = rig.fake.wait_for(lambda: rig.rows("SELECT user, channel, action, outcome FROM chat_trail "
+                                              "WHERE at >= ? AND action = 'deny form'", since), what="the deny form")
+    assert rows == [(LEAD3, CHANNEL, "deny form", "denied")]
+
+
+# -- console mode -----------------------------------------------------------------------------------
+
+
+def test_console_approval_flow_with_as(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "console", {"local": ["m1"]}, policy=POLICY,
+                      extra_toml=bot_table(None, TEAM_ID, console_user=ALICE, console_allow_as=True) + MASTER_FLOOR)
+    cluster.start("m1")
+    child = pexpect.spawn(sys.executable, ["-m", "ombot", "--config", str(cluster.config_path), "console"],
+                          env=child_env(), encoding="utf-8", timeout=30, echo=False)
+    try:
+        child.expect_exact(f"you are {ALICE}")
+        child.sendline('/om shell.exec localhost cmd="echo from-the-console"')
+        child.expect_exact("Waiting as request #1")
+        child.sendline("/om approve 1")
+        child.expect_exact("You are not an approver for request #1")
+        child.sendline(f"/as {LEAD1}")
+        child.expect_exact(f"you are now {LEAD1}")
+        child.sendline("/om approve 1")
+        child.expect_exact("its job starts now")
+        child.expect_exact("[#1 ok] shell.exec on 1 host(s) in local by U0ALICE")
+        child.expect_exact("from-the-console")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+        cluster.stop_all()
+
+
+# -- the gate itself, under a real race ---------------------------------------------------------------
+
+
+def test_gate_starts_exactly_once_under_many_concurrent_approvals(tmp_path: Path) -> None:
+    """Ten approvers hit one needs-3 request at the same moment, twenty times over: one start each."""
+    users = [f"U0AP{i:02d}" for i in range(10)]
+    policy = parse_policy(tmp_path / "p.toml", {
+        "roles": {"ops": {"users": ["U0REQ"]}, "leads": {"users": users}},
+        "rules": [{"name": "gated", "request": ["ops"], "approval": {"count": 3, "roles": ["leads"]}}],
+    })
+    db = connect_url(f"sqlite:///{tmp_path / 'gate.db'}")
+    db.connect()
+    approvals.bind(db)
+    gate = Gate(policy, lambda group: frozenset())
+    for _ in range(20):
+        decision = gate.decide("U0REQ", "echo", ["localhost"], "local")
+        request = gate.open_request(requester="U0REQ", origin="slack", channel=CHANNEL, reply_url=None,
+                                    idc="local", module="echo", params={}, hosts=["localhost"], timeout=None,
+                                    decision=decision)
+        barrier = threading.Barrier(len(users))
+        starts: list[bool] = []
+
+        def vote(user: str) -> None:
+            barrier.wait()
+            try:
+                starts.append(gate.approve(str(request.number), user).start)
+            except ApprovalError as exc:  # too late: the request was already approved
+                assert "no longer open: it was approved" in str(exc)
+
+        threads = [threading.Thread(target=vote, args=(u,)) for u in users]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert starts.count(True) == 1, starts
+        assert astore.find_request(str(request.number)).state == astore.APPROVED
