@@ -154,11 +154,14 @@ def serve(config: Config, settings: MasterSettings, ready_file: Path | None = No
         MasterService(core), hostname=settings.host, port=settings.port, reuse_addr=True,
         protocol_config=SERVER_CONFIG, logger=logging.getLogger("ombot.master.rpyc"),
     )
+    server._listen()  # rpyc only binds in __init__: without listen() now, "ready" clients would be refused
     host, port = server.listener.getsockname()[:2]
     log.info("master %s (IDC %s) listening on %s:%s with %d modules", settings.id, settings.idc, host, port,
              len(core.modules))
-    if ready_file is not None:
-        ready_file.write_text(f"{host}:{port}\n")
+    if ready_file is not None:  # written whole, then renamed: a watcher never reads it half-written
+        partial = ready_file.with_name(ready_file.name + ".partial")
+        partial.write_text(f"{host}:{port}\n")
+        partial.replace(ready_file)
     stop = threading.Event()
 
     def shutdown(signum: int, frame: Any) -> None:
