@@ -34,6 +34,8 @@ log = logging.getLogger("ombot.master")
 
 MAX_WAIT_SECONDS = 20.0  # below rpyc's 30 s sync timeout
 MAX_EVENTS_PER_REPLY = 500
+COALESCE_SECONDS = 0.01  # once events exist, wait this long for more so a quick job ends in one reply
+NONCE_PURGE_SECONDS = 300
 
 
 @dataclass
@@ -42,6 +44,8 @@ class LiveJob:
 
     id: str
     next_seq: int
+    state: JobState = JobState.QUEUED
+    finished: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
     changed: threading.Condition = field(default_factory=threading.Condition)
     results: list[HostResult] = field(default_factory=list)
@@ -60,6 +64,7 @@ class MasterCore:
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="job")
         self.started_at = time.time()
+        self._next_purge = 0.0
         self.ops: dict[str, Callable[[Request], dict[str, Any]]] = {
             "catalog": self._catalog, "expand": self._expand, "submit": self._submit,
             "events": self._events, "cancel": self._cancel, "health": self._health,
@@ -73,11 +78,15 @@ class MasterCore:
         request: Request | None = None
         try:
             request, peer = self.opener.open(frame, op)
-            if op in ("submit", "cancel"):  # state-changing: a replay must never act twice
+            if op == "cancel":  # state-changing: a replay must never act twice (submit checks in _record)
                 self._remember(request)
+            if op in ("submit", "cancel") and time.monotonic() >= self._next_purge:
+                # Nonces past their window can never pass the time checks again: forget them.
+                self._next_purge = time.monotonic() + NONCE_PURGE_SECONDS
+                store.forget_old_nonces()
             return self.opener.seal_reply(peer, request, self.ops[op](request))
         except Refused as refused:
-            log.info("refused %s: %s (%s)", op, refused.code, refused.message)
+            log.info("refused %s: %s (%r)", op, refused.code, refused.message)
             return self.opener.seal_refusal(peer, request, refused)
         except Exception:
             ref = uuid.uuid4().hex[:8]
@@ -85,9 +94,11 @@ class MasterCore:
             return self.opener.seal_refusal(peer, request, Refused("internal", f"internal error, ref E-{ref}"))
 
     def _remember(self, request: Request) -> None:
-        keep_until = max(request.expires_at, request.issued_at + self.opener.skew) + 1
-        if not store.remember_nonce(request.nonce, keep_until):
+        if not store.remember_nonce(request.nonce, self._keep_nonce_until(request)):
             raise Refused("replay", "this request was already received (replayed nonce)")
+
+    def _keep_nonce_until(self, request: Request) -> int:
+        return max(request.expires_at, request.issued_at + self.opener.skew) + 1
 
     # -- read-only operations ------------------------------------------------------------------
 
@@ -120,18 +131,25 @@ class MasterCore:
     # -- submit ------------------------------------------------------------------------------
 
     def _submit(self, request: Request) -> dict[str, Any]:
-        existing = store.Job.get_or_none(store.Job.id == request.id)
-        if existing is not None:
-            return self._duplicate(existing, request)
-        module, values, hosts, timeout = self._check_job(request.args, request.requester)
-        plan = self._plan(module, values)
+        try:
+            module, values, hosts, timeout = self._check_job(request.args, request.requester)
+            plan = self._plan(module, values)
+        except Refused:
+            if self._known(request.id):  # a re-submit is answered with the job, even if it would fail now
+                return self._duplicate(request)
+            raise
         job = self._record(request, module, values, hosts, timeout)
-        if job is None:  # the same request id raced in on another connection
-            return self._duplicate(store.Job.get_by_id(request.id), request)
+        if job is None:  # this request id is already a job: idempotent, it never runs twice
+            return self._duplicate(request)
         self.pool.submit(self._run, request.id, plan, hosts, timeout)
         return {"job": _summary(job), "duplicate": False}
 
-    def _duplicate(self, job: store.Job, request: Request) -> dict[str, Any]:
+    @staticmethod
+    def _known(job_id: str) -> bool:
+        return store.Job.select(store.Job.id).where(store.Job.id == job_id).exists()
+
+    def _duplicate(self, request: Request) -> dict[str, Any]:
+        job = store.Job.get_by_id(request.id)
         if job.sender != request.sender:
             raise Refused("conflict", "that request id belongs to another client's job")
         return {"job": _summary(job), "duplicate": True}
@@ -206,7 +224,9 @@ class MasterCore:
         now = int(time.time())
         live = LiveJob(request.id, next_seq=1)
         try:
-            with store.db.atomic():
+            with store.db.atomic():  # nonce, job and first event: all or nothing, in one transaction
+                if not store.remember_nonce(request.nonce, self._keep_nonce_until(request)):
+                    raise Refused("replay", "this request was already received (replayed nonce)")
                 job = store.Job.create(
                     id=request.id, sender=request.sender, requester=request.requester, origin=request.origin,
                     approvers=request.args.get("approvers") or [], module=module.name, params=values,
@@ -225,7 +245,7 @@ class MasterCore:
     def _run(self, job_id: str, plan: Plan, hosts: list[str], timeout: int) -> None:
         live = self.live[job_id]
         started = time.time()
-        self._set_state(job_id, JobState.RUNNING)
+        live.state = JobState.RUNNING  # in memory only: one write less per job; a restart reports it unknown anyway
         ctx = RunContext(
             job_id=job_id, plan=plan, hosts=hosts, host_vars=self._host_vars, report=lambda r: self._report(live, r),
             output_cap=self.settings.limits.output_cap_bytes, deadline=time.monotonic() + timeout,
@@ -254,8 +274,10 @@ class MasterCore:
         counts: dict[str, int] = {}
         for r in live.results:
             counts[str(r.status)] = counts.get(str(r.status), 0) + 1
-        self._set_state(live.id, state, finished=True)
-        self._append(live, "finished", {"state": state, "counts": counts, "duration": round(time.time() - started, 3)})
+        with store.db.atomic():  # a reader that sees the final state also sees the "finished" event
+            self._set_state(live.id, state, finished=True)
+            self._append(live, "finished", {"state": state, "counts": counts,
+                                            "duration": round(time.time() - started, 3)})
         with self.lock:
             self.live.pop(live.id, None)
 
@@ -263,6 +285,7 @@ class MasterCore:
         with live.changed:
             store.JobEvent.create(job=live.id, seq=live.next_seq, kind=kind, at=time.time(), data=data)
             live.next_seq += 1
+            live.finished = live.finished or kind == "finished"
             live.changed.notify_all()
 
     def _set_state(self, job_id: str, state: JobState, finished: bool = False) -> None:
@@ -282,47 +305,59 @@ class MasterCore:
 
     # -- events and cancel -------------------------------------------------------------------
 
-    def _job_for(self, request: Request) -> store.Job:
+    def _job_state(self, request: Request) -> tuple[str, str]:
+        """(job id, state) of the requesting client's job; other clients' jobs do not exist for it."""
         job_id = request.args.get("job")
-        job = store.Job.get_or_none(store.Job.id == job_id) if isinstance(job_id, str) else None
-        if job is None or job.sender != request.sender:
+        row = (store.Job.select(store.Job.sender, store.Job.state).where(store.Job.id == job_id).tuples().first()
+               if isinstance(job_id, str) else None)
+        if row is None or row[0] != request.sender:
             raise Refused("unknown_job", f"no job {job_id!r} on master {self.settings.id}")
-        return job
+        return job_id, row[1]
 
     def _events(self, request: Request) -> dict[str, Any]:
-        job = self._job_for(request)
+        job_id, state = self._job_state(request)
         after, wait = request.args.get("after", 0), request.args.get("wait", 0)
         if not isinstance(after, int) or not isinstance(wait, (int, float)):
             raise Refused("bad_request", "after must be an integer and wait a number")
-        wait = max(0.0, min(float(wait), MAX_WAIT_SECONDS))
-        events = self._read_events(job.id, after)
-        live = self.live.get(job.id)
-        if not events and live is not None and wait > 0:
-            with live.changed:
-                live.changed.wait_for(lambda: live.next_seq > after + 1, timeout=wait)
-            events = self._read_events(job.id, after)
-        state = store.Job.get_by_id(job.id).state
-        return {"job": job.id, "state": state, "done": state in FINAL_STATES, "events": events}
+        live = self.live.get(job_id)
+        if live is not None:
+            _await_events(live, after, max(0.0, min(float(wait), MAX_WAIT_SECONDS)))
+            # State first, then events: a final state was committed together with its "finished" event.
+            state = (store.Job.select(store.Job.state).where(store.Job.id == job_id).scalar()
+                     if live.finished else live.state)
+        events = self._read_events(job_id, after)
+        return {"job": job_id, "state": state, "done": state in FINAL_STATES, "events": events}
 
     @staticmethod
     def _read_events(job_id: str, after: int) -> list[dict[str, Any]]:
-        rows = (store.JobEvent.select().where((store.JobEvent.job == job_id) & (store.JobEvent.seq > after))
-                .order_by(store.JobEvent.seq).limit(MAX_EVENTS_PER_REPLY))
-        return [{"seq": r.seq, "kind": r.kind, "at": r.at, "data": r.data} for r in rows]
+        rows = (store.JobEvent.select(store.JobEvent.seq, store.JobEvent.kind, store.JobEvent.at, store.JobEvent.data)
+                .where((store.JobEvent.job == job_id) & (store.JobEvent.seq > after))
+                .order_by(store.JobEvent.seq).limit(MAX_EVENTS_PER_REPLY).tuples())
+        return [{"seq": seq, "kind": kind, "at": at, "data": data} for seq, kind, at, data in rows]
 
     def _cancel(self, request: Request) -> dict[str, Any]:
-        job = self._job_for(request)
-        live = self.live.get(job.id)
+        job_id, state = self._job_state(request)
+        live = self.live.get(job_id)
         if live is None:
-            return {"job": job.id, "cancelled": False, "state": job.state}
+            return {"job": job_id, "cancelled": False, "state": state}
         live.cancelled.set()
         self._append(live, "cancel_requested", {"by": request.requester})
-        return {"job": job.id, "cancelled": True, "state": job.state}
+        return {"job": job_id, "cancelled": True, "state": state}
 
     def close(self) -> None:
         for live in list(self.live.values()):
             live.cancelled.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _await_events(live: LiveJob, after: int, wait: float) -> None:
+    """Long-poll: until an event after `after` exists (or `wait` passes), then briefly for the rest
+    of a burst, so a quick job comes back whole in one reply instead of one event per round trip."""
+    deadline = time.monotonic() + wait
+    with live.changed:
+        if not live.changed.wait_for(lambda: live.next_seq > after + 1, timeout=wait):
+            return
+        live.changed.wait_for(lambda: live.finished, timeout=max(0.0, min(COALESCE_SECONDS, deadline - time.monotonic())))
 
 
 def final_state(statuses: list[HostStatus], cancelled: bool) -> JobState:

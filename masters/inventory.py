@@ -50,6 +50,7 @@ class Inventory:
             self._im = InventoryManager(loader=DataLoader(), sources=[str(path)])
         except AnsibleError as exc:
             raise TargetError(f"inventory {path}: {exc.message}") from None
+        self._known = frozenset(self.hosts())  # read once: the inventory is loaded at start
 
     def hosts(self) -> list[str]:
         return [h.name for h in self._im.get_hosts("all")]
@@ -75,8 +76,7 @@ class Inventory:
         return list(names)
 
     def missing(self, hosts: list[str]) -> list[str]:
-        known = set(self.hosts())
-        return [h for h in hosts if h not in known]
+        return [h for h in hosts if h not in self._known]
 
 
 def _listed(hosts: list[Any]) -> list[Any]:

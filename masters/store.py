@@ -70,12 +70,9 @@ def open_store(url: str) -> peewee.Database:
 
 def remember_nonce(nonce: str, keep_until: int) -> bool:
     """Record a nonce; False if it was already seen (a replay). One insert, no read-then-write race."""
-    try:
-        with db.atomic():  # a savepoint, so a conflict does not poison an outer transaction (Postgres)
-            SeenNonce.create(nonce=nonce, keep_until=keep_until)
-        return True
-    except peewee.IntegrityError:
-        return False
+    # INSERT ... ON CONFLICT DO NOTHING (INSERT IGNORE on MySQL): one statement, no savepoint.
+    inserted = SeenNonce.insert(nonce=nonce, keep_until=keep_until).on_conflict_ignore().as_rowcount().execute()
+    return inserted == 1
 
 
 def forget_old_nonces(now: float | None = None) -> int:

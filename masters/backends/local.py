@@ -25,6 +25,7 @@ from modules.params import within
 from modules.plan import Arg, Command, Emit, FirstAvailable, Ping, PutFile, RequireWithin, Shell, Step, TempPath
 
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_NEEDS_TMP = (Command, Shell, PutFile, FirstAvailable)
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 KILL_GRACE_SECONDS = 2.0
 READER_GRACE_SECONDS = 2.0
@@ -55,16 +56,19 @@ class LocalBackend:
         if not _is_local(host, ctx.host_vars(host)):
             status, error = HostStatus.UNREACHABLE, "the local backend runs only on hosts with ansible_connection=local"
         else:
-            tmp = tempfile.mkdtemp(prefix="ombot-")
+            # A private working directory only for plans that run or write something: making and
+            # removing one costs milliseconds, more than the rest of an echo.
+            tmp = tempfile.mkdtemp(prefix="ombot-") if any(isinstance(s, _NEEDS_TMP) for s in ctx.plan.steps) else None
             try:
                 for step in ctx.plan.steps:
-                    rc = _run_step(step, ctx, host, Path(tmp), out, err)
+                    rc = _run_step(step, ctx, host, Path(tmp or "/nonexistent"), out, err)
             except StepFailed as exc:
                 status, rc, error = exc.status, exc.rc, str(exc)
             except OSError as exc:
                 status, error = HostStatus.FAILED, f"{type(exc).__name__}: {exc.strerror or exc}"
             finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
         result = HostResult.from_output(host, status, out, err, rc=rc, started=started, ended=time.time(), error=error)
         if status is HostStatus.OK and ctx.plan.parse is not None:
             _attach_data(result, ctx)
