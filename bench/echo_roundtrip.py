@@ -1,6 +1,6 @@
 """Echo round trips through a real master, against a raw rpyc + NaCl echo of the same frame size.
 
-    /tmp/venv/bin/python bench/echo_roundtrip.py [--n 300] [--warmup 20] [--message hello]
+    .venv/bin/python bench/echo_roundtrip.py [--n 300] [--warmup 20] [--message hello]
 
 Prints figures, asserts nothing. Three series, interleaved so machine noise hits them alike:
 

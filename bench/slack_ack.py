@@ -1,7 +1,7 @@
 """Slash-command ack latency: OMBot's real HTTP server next to a bare Bolt app that only acks.
 
-    /tmp/venv/bin/python bench/slack_ack.py [--rounds 3] [--single 200] [--burst 1000] [--senders 1,50]
-    /tmp/venv/bin/python bench/slack_ack.py --alt waitress,cheroot   # also OMBot on other WSGI servers
+    .venv/bin/python bench/slack_ack.py [--rounds 3] [--single 200] [--burst 1000] [--senders 1,50]
+    .venv/bin/python bench/slack_ack.py --alt waitress,cheroot   # also OMBot on other WSGI servers
 
 Prints figures, asserts nothing. Each stack runs in its own process; all are measured in the same run,
 interleaved round by round (the order rotating) so machine noise hits them alike:
