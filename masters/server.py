@@ -148,11 +148,35 @@ def build_core(config: Config, settings: MasterSettings) -> MasterCore:
     return MasterCore(settings, identity, accepted, modules, inventory, backend_named(settings.backend))
 
 
+class CappedThreadedServer(ThreadedServer):
+    """A thread per connection, up to a cap: past it, new connections are closed at once instead of
+    letting a flood of idle sockets exhaust the master's threads and memory."""
+
+    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def _accept_method(self, sock: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("refusing a connection: %d connections already open", self.max_connections)
+            sock.close()
+            return
+        threading.Thread(target=self._serve_then_release, args=(sock,), daemon=True).start()
+
+    def _serve_then_release(self, sock: Any) -> None:
+        try:
+            self._authenticate_and_serve_client(sock)
+        finally:
+            self._slots.release()
+
+
 def serve(config: Config, settings: MasterSettings, ready_file: Path | None = None) -> None:
     core = build_core(config, settings)
-    server = ThreadedServer(
+    server = CappedThreadedServer(
         MasterService(core), hostname=settings.host, port=settings.port, reuse_addr=True,
         protocol_config=SERVER_CONFIG, logger=logging.getLogger("ombot.master.rpyc"),
+        max_connections=settings.limits.max_connections,
     )
     server._listen()  # rpyc only binds in __init__: without listen() now, "ready" clients would be refused
     host, port = server.listener.getsockname()[:2]

@@ -33,6 +33,7 @@ class Limits:
     output_cap_bytes: int = 64 * 1024
     job_timeout_seconds: int = 600
     max_parallel_hosts: int = 16
+    max_connections: int = 256
 
 
 @dataclass(frozen=True)

@@ -588,3 +588,30 @@ def test_refusal_details_cannot_break_the_refusal(link: tuple[Peer, Peer, Reques
             with pytest.raises(Refused) as info:
                 client.open_reply(frame, request)
             assert (info.value.code, info.value.message, info.value.details) == ("stale", "too old", expected)
+
+
+def test_a_connection_flood_is_capped_and_the_master_recovers(make_cluster) -> None:
+    import socket as _socket
+
+    cluster = make_cluster(limits={"max_connections": 4})
+    master = cluster.start("m1")
+    port = cluster.ports["m1"]
+    held = [_socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    try:
+        extra = _socket.create_connection(("127.0.0.1", port))
+        extra.settimeout(5)
+        assert extra.recv(1) == b""  # closed by the master straight away
+        extra.close()
+    finally:
+        for sock in held:
+            sock.close()
+    router = cluster.router()
+    for _ in range(20):  # the slots free up as the held sockets' threads notice the close
+        try:
+            assert router.health()[0]["ok"]
+            break
+        except AssertionError:
+            time.sleep(0.2)
+    else:
+        raise AssertionError(f"master did not recover:\n{master.log()}")
+    assert "refusing a connection" in master.log()
