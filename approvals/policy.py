@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ombot.config import _Reader
+from ombot.config import _Reader, read_toml
 from ombot.errors import ConfigError
 
 GroupsOf = Callable[[str], frozenset[str]]  # user id -> the user-group ids they belong to
@@ -141,13 +140,7 @@ def _strictest(approvals: list[Approval]) -> Approval | None:
 
 
 def load_policy(path: Path) -> Policy:
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(path, "", "an existing policy file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, "", f"valid TOML ({exc})") from None
-    return parse_policy(path, raw)
+    return parse_policy(path, read_toml(path, "an existing policy file"))
 
 
 def parse_policy(path: Path, raw: dict[str, Any]) -> Policy:

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import peewee
 
-from ombot.storage import create_tables
+from ombot.storage import JSONField, create_tables
 
 db = peewee.DatabaseProxy()
 
 PENDING, APPROVED, DENIED, EXPIRED = "pending", "approved", "denied", "expired"
-
-
-class JSONText(peewee.TextField):
-    def db_value(self, value: Any) -> str:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-    def python_value(self, value: str | None) -> Any:
-        return None if value is None else json.loads(value)
 
 
 class BaseModel(peewee.Model):
@@ -37,14 +28,14 @@ class ApprovalRequest(BaseModel):
     reply_url = peewee.TextField(null=True)
     idc = peewee.CharField(max_length=64)
     module = peewee.CharField(max_length=128)
-    params = JSONText()
-    hosts = JSONText()
+    params = JSONField()
+    hosts = JSONField()
     timeout = peewee.IntegerField(null=True)
-    rules = JSONText()
+    rules = JSONField()
     needed = peewee.IntegerField()
-    approver_roles = JSONText()
+    approver_roles = JSONField()
     self_approval = peewee.BooleanField(default=False)
-    cancel_roles = JSONText()
+    cancel_roles = JSONField()
     state = peewee.CharField(max_length=16, index=True, default=PENDING)
     created_at = peewee.IntegerField()
     expires_at = peewee.IntegerField(index=True)

@@ -29,13 +29,18 @@ def encode_public(key: VerifyKey) -> str:
 
 
 def decode_public(text: str) -> VerifyKey:
+    return VerifyKey(_key_bytes(text, f"public key {text[:16]!r}..."))
+
+
+def _key_bytes(text: str, what: str) -> bytes:
+    """32 bytes from base64, or a KeyFileError saying what was wrong with `what`."""
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise KeyFileError(f"not a base64 public key: {text[:16]!r}...") from None
+        raise KeyFileError(f"{what}: not base64 (keys are written by `ombot keygen`)") from None
     if len(raw) != 32:
-        raise KeyFileError(f"a public key is 32 bytes, this one is {len(raw)}")
-    return VerifyKey(raw)
+        raise KeyFileError(f"{what}: a key is 32 bytes, this one is {len(raw)}")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -66,14 +71,7 @@ class Identity:
 
     @classmethod
     def load(cls, path: Path) -> Identity:
-        seed_text = read_secret_file(path)
-        try:
-            seed = base64.b64decode(seed_text, validate=True)
-        except (binascii.Error, ValueError):
-            raise KeyFileError(f"{path}: not a key file written by `ombot keygen`") from None
-        if len(seed) != 32:
-            raise KeyFileError(f"{path}: a key seed is 32 bytes, this one is {len(seed)}")
-        return cls(SigningKey(seed))
+        return cls(SigningKey(_key_bytes(read_secret_file(path), str(path))))
 
     def save(self, path: Path) -> None:
         """Write the private key (0600, never overwriting) and NAME.pub beside it."""

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any
 
 import peewee
 
-from ombot.storage import create_tables, open_database
+from ombot.storage import JSONField, create_tables, open_database
 
 db = peewee.DatabaseProxy()
-
-
-class JSONField(peewee.TextField):
-    def db_value(self, value: Any) -> str:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-    def python_value(self, value: str | None) -> Any:
-        return None if value is None else json.loads(value)
 
 
 class BaseModel(peewee.Model):

@@ -98,13 +98,17 @@ def config_path(explicit: str | os.PathLike[str] | None) -> Path:
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
     path = config_path(path).resolve()
+    return _parse(path, read_toml(path, "an existing file (create one with `ombot init DIR`)"))
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's contents; a missing or broken file is a ConfigError naming it."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(path, "", "an existing file (create one with `ombot init DIR`)") from None
+        raise ConfigError(path, "", what) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"valid TOML ({exc})") from None
-    return _parse(path, raw)
 
 
 class _Reader:

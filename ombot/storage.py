@@ -6,6 +6,7 @@ Each component (a master, the bot) binds its peewee models to a `DatabaseProxy` 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,16 @@ _MYSQL_FIELD_TYPES = {"TEXT": "LONGTEXT", "BLOB": "LONGBLOB"}
 
 class StorageError(OmbotError):
     """A database URL that cannot be used, or a database that cannot be reached."""
+
+
+class JSONField(peewee.TextField):
+    """JSON in a text column: the same on SQLite, MySQL and Postgres."""
+
+    def db_value(self, value: Any) -> str:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+    def python_value(self, value: str | None) -> Any:
+        return None if value is None else json.loads(value)
 
 
 class SchemaVersion(peewee.Model):
