@@ -1,0 +1,47 @@
+"""`ombot up`, the README's first command, and `ombot slack-manifest`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import child_env, free_port
+
+
+def ombot(*args: str, stdin: str = "", cwd: Path | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ombot", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=child_env(), cwd=cwd)
+
+
+def test_up_configures_on_first_use_starts_a_master_and_the_console(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    assert ombot("init", str(demo), "--master-port", str(free_port())).returncode == 0
+    session = "/om echo localhost message=hello-up\n/om facts localhost\n"
+    out = ombot("--config", str(demo / "ombot.toml"), "up", stdin=session)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "master local-1 (IDC local) on 127.0.0.1:" in out.stdout
+    assert "OMBot console: you are U0DEMO" in out.stdout
+    assert "Starting job #1" in out.stdout and "Starting job #2" in out.stdout
+    # The console leaves at end of input; jobs it started are recorded and ran on the real master.
+    assert (demo / "state" / "local-1.db").exists() and (demo / "state" / "bot.db").exists()
+
+
+def test_up_writes_the_demo_config_when_none_exists(tmp_path: Path) -> None:
+    out = ombot("up", "fresh", stdin="", cwd=tmp_path)
+    # The default port may be taken on a shared machine; either way the config must have been written.
+    assert (tmp_path / "fresh" / "ombot.toml").exists() and (tmp_path / "fresh" / "keys" / "bot.key").exists()
+    assert "wrote a demo configuration" in out.stdout
+
+
+def test_slack_manifest(tmp_path: Path) -> None:
+    socket_mode = json.loads(ombot("slack-manifest").stdout)
+    assert socket_mode["settings"]["socket_mode_enabled"] is True
+    assert socket_mode["features"]["slash_commands"][0]["command"] == "/om"
+    assert set(socket_mode["oauth_config"]["scopes"]["bot"]) == {
+        "commands", "chat:write", "chat:write.public", "files:write", "usergroups:read", "users:read"}
+    http = json.loads(ombot("slack-manifest", "--http-url", "https://ombot.example.com/").stdout)
+    assert http["settings"]["socket_mode_enabled"] is False
+    assert http["settings"]["interactivity"]["request_url"] == "https://ombot.example.com/slack/events"
+    assert http["features"]["slash_commands"][0]["url"] == "https://ombot.example.com/slack/events"
