@@ -43,12 +43,15 @@ class LiveJob:
     """A job this process is running: where its events are announced and its cancel is signalled."""
 
     id: str
+    sender: str
+    host_count: int
     next_seq: int
     state: JobState = JobState.QUEUED
-    finished: bool = False
+    finished: bool = False  # set once the final state and "finished" event are committed
     cancelled: threading.Event = field(default_factory=threading.Event)
     changed: threading.Condition = field(default_factory=threading.Condition)
     results: list[HostResult] = field(default_factory=list)
+    held: HostResult | None = None  # the last host's result, written together with the final state
 
 
 class MasterCore:
@@ -222,7 +225,7 @@ class MasterCore:
     def _record(self, request: Request, module: Module, values: dict[str, Any], hosts: list[str],
                 timeout: int) -> store.Job | None:
         now = int(time.time())
-        live = LiveJob(request.id, next_seq=1)
+        live = LiveJob(request.id, request.sender, len(hosts), next_seq=1)
         try:
             with store.db.atomic():  # nonce, job and first event: all or nothing, in one transaction
                 if not store.remember_nonce(request.nonce, self._keep_nonce_until(request)):
@@ -262,31 +265,49 @@ class MasterCore:
         return self.inventory.host_vars(host) if self.inventory else {}
 
     def _report(self, live: LiveJob, result: HostResult) -> None:
-        live.results.append(result)
-        self._append(live, "host", result.as_dict())
+        with live.changed:  # backends may report from several threads
+            live.results.append(result)
+            last = len(live.results) == live.host_count
+        if last:
+            live.held = result  # saves a commit: written with the final state, right after
+        else:
+            self._append(live, "host", result.as_dict())
 
     def _finish(self, live: LiveJob, hosts: list[str], started: float) -> None:
         done = {r.host for r in live.results}
-        for host in hosts:  # a backend bug must not leave a host unreported
-            if host not in done:
-                live.results.append(HostResult(host, HostStatus.FAILED, error="the backend reported no result"))
+        # A backend bug must not leave a host unreported.
+        missing = [HostResult(h, HostStatus.FAILED, error="the backend reported no result") for h in hosts if h not in done]
+        live.results.extend(missing)
         state = final_state([r.status for r in live.results], live.cancelled.is_set())
         counts: dict[str, int] = {}
         for r in live.results:
             counts[str(r.status)] = counts.get(str(r.status), 0) + 1
-        with store.db.atomic():  # a reader that sees the final state also sees the "finished" event
+        last = ([live.held] if live.held else []) + missing
+        events = [("host", r.as_dict()) for r in last]
+        events.append(("finished", {"state": state, "counts": counts, "duration": round(time.time() - started, 3)}))
+        with store.db.atomic():  # final state and "finished" event become visible together
             self._set_state(live.id, state, finished=True)
-            self._append(live, "finished", {"state": state, "counts": counts,
-                                            "duration": round(time.time() - started, 3)})
+            self._write_events(live, events)
+        with live.changed:
+            live.state, live.finished = state, True
+            live.changed.notify_all()
         with self.lock:
             self.live.pop(live.id, None)
 
     def _append(self, live: LiveJob, kind: str, data: dict[str, Any]) -> None:
+        self._write_events(live, [(kind, data)])
         with live.changed:
-            store.JobEvent.create(job=live.id, seq=live.next_seq, kind=kind, at=time.time(), data=data)
-            live.next_seq += 1
-            live.finished = live.finished or kind == "finished"
             live.changed.notify_all()
+
+    @staticmethod
+    def _write_events(live: LiveJob, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Numbered in order, in one INSERT."""
+        with live.changed:
+            now = time.time()
+            rows = [{"job": live.id, "seq": live.next_seq + i, "kind": kind, "at": now, "data": data}
+                    for i, (kind, data) in enumerate(events)]
+            store.JobEvent.insert_many(rows).execute()
+            live.next_seq += len(rows)
 
     def _set_state(self, job_id: str, state: JobState, finished: bool = False) -> None:
         fields: dict[Any, Any] = {store.Job.state: state}
@@ -298,7 +319,7 @@ class MasterCore:
         """Jobs that were running when this master stopped: their outcome on the hosts is unknown."""
         for job in store.Job.select().where(store.Job.state.in_([JobState.QUEUED, JobState.RUNNING])):
             last = store.JobEvent.select(store.peewee.fn.MAX(store.JobEvent.seq)).where(store.JobEvent.job == job.id).scalar()
-            live = LiveJob(job.id, next_seq=(last or 0) + 1)
+            live = LiveJob(job.id, job.sender, len(job.hosts), next_seq=(last or 0) + 1)
             self._set_state(job.id, JobState.UNKNOWN, finished=True)
             self._append(live, "finished", {"state": JobState.UNKNOWN, "counts": {},
                                             "reason": "the master stopped while the job ran; hosts may or may not have finished"})
@@ -315,17 +336,18 @@ class MasterCore:
         return job_id, row[1]
 
     def _events(self, request: Request) -> dict[str, Any]:
-        job_id, state = self._job_state(request)
         after, wait = request.args.get("after", 0), request.args.get("wait", 0)
         if not isinstance(after, int) or not isinstance(wait, (int, float)):
             raise Refused("bad_request", "after must be an integer and wait a number")
-        live = self.live.get(job_id)
-        if live is not None:
+        job_arg = request.args.get("job")
+        live = self.live.get(job_arg) if isinstance(job_arg, str) else None
+        if live is not None and live.sender == request.sender:
+            job_id = live.id
             _await_events(live, after, max(0.0, min(float(wait), MAX_WAIT_SECONDS)))
-            # State first, then events: a final state was committed together with its "finished" event.
-            state = (store.Job.select(store.Job.state).where(store.Job.id == job_id).scalar()
-                     if live.finished else live.state)
-        events = self._read_events(job_id, after)
+            state = live.state  # final only once committed, together with its "finished" event
+        else:
+            job_id, state = self._job_state(request)
+        events = self._read_events(job_id, after)  # state first, then events: never a final state without them
         return {"job": job_id, "state": state, "done": state in FINAL_STATES, "events": events}
 
     @staticmethod
