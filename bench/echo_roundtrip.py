@@ -117,8 +117,8 @@ class OmbotClient:
         return len(peer.seal_request(new_request("submit", "m1", "cli:bench", "cli", args)))
 
     def echo(self) -> None:
-        ref, _ = self.router.submit("local", "echo", {"message": self.message}, ["localhost"])
-        state = self.router.follow(ref, lambda event: None)
+        ref, reply = self.router.submit("local", "echo", {"message": self.message}, ["localhost"])
+        state = self.router.follow(ref, lambda event: None, first=reply.get("events", []))
         if state != "ok":
             raise RuntimeError(f"echo job ended {state}:\n{self.cluster.processes['m1'].log()[-2000:]}")
 

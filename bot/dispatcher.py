@@ -273,7 +273,7 @@ class Dispatcher:
         card_ts = transport.post(req.channel, job_card(card_of(job)), req=req)
         store.update_job(job, card_ts=card_ts)
         try:
-            ref, _ = self.router.submit(idc, spec.name, command.params, hosts, approvers=approvers,
+            ref, reply = self.router.submit(idc, spec.name, command.params, hosts, approvers=approvers,
                                         timeout=command.timeout, request_id=job.job_id, requester=req.user)
         except MasterLost as exc:
             self._end_early(job, transport, "unknown", str(exc))
@@ -282,7 +282,7 @@ class Dispatcher:
             self._end_early(job, transport, "failed", getattr(exc, "message", str(exc)))
             return
         store.update_job(job, master_id=ref.master_id, state="queued")
-        self.follower.start(job, transport)
+        self.follower.start(job, transport, reply.get("events", []))
 
     def _end_early(self, job: store.BotJob, transport: Transport, state: str, reason: str) -> None:
         store.update_job(job, state=state, finished_at=store.now(), reported=True)

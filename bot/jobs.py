@@ -24,8 +24,9 @@ class JobFollower:
     def __init__(self, router: Router, pool: ThreadPoolExecutor) -> None:
         self.router, self.pool = router, pool
 
-    def start(self, job: store.BotJob, transport: Transport) -> None:
-        self.pool.submit(self._guarded, job, transport)
+    def start(self, job: store.BotJob, transport: Transport, first: list[dict[str, Any]] = ()) -> None:
+        """Follow a job; `first` are events already in hand (from the submit reply)."""
+        self.pool.submit(self._guarded, job, transport, list(first))
 
     def resume_all(self, transport_for: Callable[[str], Transport | None]) -> int:
         """After a restart: follow again every job that had not ended, updating its existing card."""
@@ -38,13 +39,13 @@ class JobFollower:
                 count += 1
         return count
 
-    def _guarded(self, job: store.BotJob, transport: Transport) -> None:
+    def _guarded(self, job: store.BotJob, transport: Transport, first: list[dict[str, Any]] = ()) -> None:
         try:
-            self._follow(job, transport)
+            self._follow(job, transport, first)
         except Exception:
             log.exception("following job %s failed", job.job_id)
 
-    def _follow(self, job: store.BotJob, transport: Transport) -> None:
+    def _follow(self, job: store.BotJob, transport: Transport, first: list[dict[str, Any]]) -> None:
         card = card_of(job)
         results: dict[str, dict[str, Any]] = {}
         last_update, dirty = 0.0, False
@@ -64,7 +65,7 @@ class JobFollower:
                 last_update, dirty = time.monotonic(), False
 
         ref = JobRef(job.job_id, job.idc, job.master_id)
-        self.router.follow(ref, on_event, next_wait, flush)
+        self.router.follow(ref, on_event, next_wait, flush, first)
         store.update_job(job, state=card.state, finished_at=int(card.finished_at or time.time()))
         req = ChatRequest(job.requester, job.channel, origin=job.origin, response_url=job.reply_url)
         if job.card_ts:

@@ -37,6 +37,7 @@ CLIENT_CONFIG: dict[str, Any] = {
     "sync_request_timeout": 30,  # above the master's 20 s long-poll
 }
 POLL_WAIT_SECONDS = 15.0
+SUBMIT_WAIT_SECONDS = 0.05
 LOST_RETRY_SECONDS = 10.0
 
 
@@ -182,11 +183,15 @@ class Router:
 
     def submit(self, idc: str, module: str, params: dict[str, Any], hosts: list[str],
                approvers: Iterable[str] = (), timeout: int | None = None,
-               request_id: str | None = None, requester: str | None = None) -> tuple[JobRef, dict[str, Any]]:
-        """Send a job to the first reachable master of the IDC. MasterLost means: sent, outcome unknown."""
+               request_id: str | None = None, requester: str | None = None,
+               wait: float = SUBMIT_WAIT_SECONDS) -> tuple[JobRef, dict[str, Any]]:
+        """Send a job to the first reachable master of the IDC. MasterLost means: sent, outcome unknown.
+
+        The master holds the reply up to `wait` seconds for the job to end, so a quick job comes back
+        whole (its events in the reply, for `follow(first=...)`) in a single round trip."""
         request_id = request_id or str(uuid.uuid4())
         args = {"module": module, "params": params, "hosts": hosts, "idc": idc,
-                "approvers": list(approvers), "timeout": timeout}
+                "approvers": list(approvers), "timeout": timeout, "wait": wait}
         reasons: list[str] = []
         for master_id in self.masters_of(idc):
             try:
@@ -206,14 +211,20 @@ class Router:
 
     def follow(self, ref: JobRef, on_event: Callable[[dict[str, Any]], None],
                next_wait: Callable[[], float] = lambda: POLL_WAIT_SECONDS,
-               on_poll: Callable[[], None] = lambda: None) -> str:
+               on_poll: Callable[[], None] = lambda: None, first: list[dict[str, Any]] = ()) -> str:
         """Stream a job's events to `on_event` until it ends; returns the final state.
 
+        `first` are events already in hand (a submit reply carries those of a quick job).
         `next_wait` says how long the next long-poll may wait and `on_poll` runs after each poll,
         so a caller can flush throttled work (the bot's card updates) while no events arrive.
         If the master stops answering for `lost_retry` seconds, the state is `unknown`.
         """
         after, lost_since = 0, None
+        for event in first:
+            after = event["seq"]
+            on_event(event)
+            if event["kind"] == "finished":
+                return str(event["data"]["state"])
         while True:
             try:
                 reply = self.events(ref, after, next_wait())

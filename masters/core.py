@@ -36,6 +36,7 @@ MAX_WAIT_SECONDS = 20.0  # below rpyc's 30 s sync timeout
 MAX_EVENTS_PER_REPLY = 500
 COALESCE_SECONDS = 0.01  # once events exist, wait this long for more so a quick job ends in one reply
 NONCE_PURGE_SECONDS = 300
+MAX_SUBMIT_WAIT_SECONDS = 2.0
 
 
 @dataclass
@@ -144,8 +145,15 @@ class MasterCore:
         job = self._record(request, module, values, hosts, timeout)
         if job is None:  # this request id is already a job: idempotent, it never runs twice
             return self._duplicate(request)
+        live = self.live[request.id]
         self.pool.submit(self._run, request.id, plan, hosts, timeout)
-        return {"job": _summary(job), "duplicate": False}
+        reply = {"job": _summary(job), "duplicate": False}
+        wait = request.args.get("wait") or 0
+        if isinstance(wait, (int, float)) and wait > 0:  # a quick job comes back whole, in this one reply
+            with live.changed:
+                live.changed.wait_for(lambda: live.finished, timeout=min(float(wait), MAX_SUBMIT_WAIT_SECONDS))
+            reply["events"] = self._read_events(request.id, 0)
+        return reply
 
     @staticmethod
     def _known(job_id: str) -> bool:

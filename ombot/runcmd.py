@@ -38,13 +38,13 @@ def run_module(router: Router, gate: Gate | None, idc: str, module: str, targets
     if dry_run:
         return 0
     try:
-        ref, _ = router.submit(idc, module, params, hosts, timeout=timeout)
+        ref, reply = router.submit(idc, module, params, hosts, timeout=timeout)
     except MasterLost as exc:
         typer.echo(f"job state unknown: {exc}", err=True)
         return 3
     typer.echo(f"job {ref.job_id} on master {ref.master_id}", err=as_json)
     results: list[dict[str, Any]] = []
-    state = _follow_cancellable(router, ref, lambda ev: _on_event(ev, results, as_json))
+    state = _follow_cancellable(router, ref, lambda ev: _on_event(ev, results, as_json), reply.get("events", []))
     if not as_json:
         print_results(results)
         typer.echo(f"state: {state}")
@@ -72,7 +72,7 @@ def _authorize(gate: Gate, requester: str, module: str, hosts: list[str], idc: s
                          "started from the CLI: ask in Slack or the console")
 
 
-def _follow_cancellable(router: Router, ref: JobRef, on_event: Any) -> str:
+def _follow_cancellable(router: Router, ref: JobRef, on_event: Any, first: list[dict[str, Any]]) -> str:
     """Follow the job; the first Ctrl-C asks its master to cancel it, and we keep following."""
     asked = threading.Event()
 
@@ -85,7 +85,7 @@ def _follow_cancellable(router: Router, ref: JobRef, on_event: Any) -> str:
 
     previous = signal.signal(signal.SIGINT, interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
-        return router.follow(ref, on_event)
+        return router.follow(ref, on_event, first=first)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
