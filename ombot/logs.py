@@ -33,5 +33,5 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("ombot.master.rpyc", "rpyc"):
+    for noisy in ("ombot.master.rpyc", "rpyc", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
