@@ -209,3 +209,15 @@ def test_restarted_bot_finds_its_cards(rig: SlackRig) -> None:
     final = rig.final_card(1, timeout=30)
     assert final["ts"] == card["ts"] and "[#1 ok]" in final["text"]
     assert "woke" in rig.results(final)["text"]
+
+
+def test_card_updates_are_throttled_but_the_final_state_is_always_written(rig: SlackRig) -> None:
+    # web01..web03 finish 1, 2 and 3 s in: four events inside three seconds.
+    rig.command('shell.exec web[01-03] cmd="sleep ${OMBOT_HOST#web0}; echo done"')
+    card = rig.final_card(1)
+    assert "3/3 hosts \u00b7 3 ok" in card["text"]
+    updates = [c for c in rig.fake.calls_to("chat.update") if c.body.get("ts") == card["ts"]]
+    progress = [u for u in updates if "[#1 ok]" not in json.dumps(u.body)]
+    gaps = [later.at - earlier.at for earlier, later in zip(progress, progress[1:])]
+    assert progress and all(gap >= 1.9 for gap in gaps), gaps  # at most one update per 2 s per card
+    assert "[#1 ok]" in json.dumps(updates[-1].body)
