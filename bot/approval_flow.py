@@ -135,7 +135,7 @@ class ApprovalFlow:
         run = grammar.Run(request.module, None, request.params, request.idc, timeout=request.timeout)
         requester = ChatRequest(request.requester, request.channel, origin=request.origin,
                                 response_url=request.reply_url)
-        spec = self.d._spec(request.idc, request.module)
+        spec = self.d.spec_of(request.idc, request.module)
         # The master's floor counts approvals by people other than the requester (and refuses an
         # envelope naming the requester): a self-approval the policy allowed stays in our votes only.
         others = [a for a in astore.approvers(request) if a != request.requester]

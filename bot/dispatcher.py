@@ -156,7 +156,7 @@ class Dispatcher:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _spec(self, idc: str, name: str) -> ModuleSpec:
+    def spec_of(self, idc: str, name: str) -> ModuleSpec:
         catalog = self.catalogs.get(idc)
         if name in catalog.modules:
             return catalog.modules[name]
@@ -170,7 +170,7 @@ class Dispatcher:
 
     def _help(self, module: str | None, user: str) -> Message:
         if module:
-            spec = self._spec(self.default_idc, module)
+            spec = self.spec_of(self.default_idc, module)
             lines = [f"*{spec.name}* ({spec.category}, risk {spec.risk}): {spec.description}",
                      f"usage: `/om {spec.usage()}`"]
             for p in spec.params:
@@ -216,7 +216,7 @@ class Dispatcher:
 
     def _run(self, command: grammar.Run, req: ChatRequest, transport: Transport) -> None:
         idc = command.idc or self.default_idc
-        spec = self._spec(idc, command.module)
+        spec = self.spec_of(idc, command.module)
         missing = [p.name for p in spec.params if p.required and p.name not in command.params]
         if command.targets is None or missing:
             self._form(command, req, transport, missing)
@@ -250,7 +250,7 @@ class Dispatcher:
 
     def _form(self, command: grammar.Run, req: ChatRequest, transport: Transport, missing: list[str] | None = None) -> None:
         idc = command.idc or self.default_idc
-        spec = self._spec(idc, command.module)
+        spec = self.spec_of(idc, command.module)
         view = forms.build_view(spec, idc, req.channel, command.targets, command.params)
         if req.trigger_id and transport.open_form(req, view):
             return
