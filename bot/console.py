@@ -28,25 +28,25 @@ class ConsoleTransport:
         self._lock = threading.Lock()
         self._ts = itertools.count(1)
 
-    def _print(self, text: str) -> None:
+    def say(self, text: str) -> None:
         with self._lock:
             self.out.write(plain(text).rstrip("\n") + "\n")
             self.out.flush()
 
     def respond(self, req: ChatRequest, message: Message) -> None:
-        self._print(f"(to {req.user}) {message.text}")
+        self.say(f"(to {req.user}) {message.text}")
 
     def post(self, channel: str, message: Message, thread_ts: str | None = None,
              req: ChatRequest | None = None) -> str | None:
         ts = str(next(self._ts))
         lead = f"  \u21b3 (thread of {thread_ts}) " if thread_ts else f"[{channel} #{ts}] "
-        self._print(lead + message.text)
+        self.say(lead + message.text)
         for name, content in message.files:
-            self._print(f"  \u21b3 file {name} ({len(content)} bytes):\n{content}")
+            self.say(f"  \u21b3 file {name} ({len(content)} bytes):\n{content}")
         return ts
 
     def update(self, channel: str, ts: str, message: Message) -> None:
-        self._print(f"[{channel} #{ts} updated] {message.text}")
+        self.say(f"[{channel} #{ts} updated] {message.text}")
 
     def open_form(self, req: ChatRequest, view: dict[str, Any]) -> bool:
         return False
@@ -61,7 +61,7 @@ def run_console(service: BotService, stdin: TextIO = sys.stdin, out: TextIO = sy
     transport = ConsoleTransport(out)
     service.start(transport)
     user = service.settings.console_user
-    transport._print(f"OMBot console: you are {user}. Type /om help; /as USER switches user; /quit leaves.")
+    transport.say(f"OMBot console: you are {user}. Type /om help; /as USER switches user; /quit leaves.")
     while True:
         out.write(PROMPT)
         out.flush()
@@ -81,10 +81,10 @@ def run_console(service: BotService, stdin: TextIO = sys.stdin, out: TextIO = sy
 
 def _switch_user(service: BotService, transport: ConsoleTransport, user: str, new: str) -> str:
     if not service.settings.console_allow_as:
-        transport._print("/as is disabled (set console_allow_as = true under [bot] to allow it).")
+        transport.say("/as is disabled (set console_allow_as = true under [bot] to allow it).")
         return user
     if not new or " " in new:
-        transport._print("usage: /as USER")
+        transport.say("usage: /as USER")
         return user
-    transport._print(f"you are now {new}")
+    transport.say(f"you are now {new}")
     return new
