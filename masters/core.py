@@ -34,6 +34,7 @@ log = logging.getLogger("ombot.master")
 
 MAX_WAIT_SECONDS = 20.0  # below rpyc's 30 s sync timeout
 MAX_EVENTS_PER_REPLY = 500
+MAX_REPLY_OUTPUT = 1024 * 1024  # captured output per events reply, at least one event
 COALESCE_SECONDS = 0.01  # once events exist, wait this long for more so a quick job ends in one reply
 NONCE_PURGE_SECONDS = 300
 MAX_SUBMIT_WAIT_SECONDS = 2.0
@@ -50,7 +51,7 @@ class LiveJob:
     state: JobState = JobState.QUEUED
     finished: bool = False  # set once the final state and "finished" event are committed
     cancelled: threading.Event = field(default_factory=threading.Event)
-    changed: threading.Condition = field(default_factory=threading.Condition)
+    changed: threading.Condition = field(default_factory=lambda: threading.Condition(threading.RLock()))
     results: list[HostResult] = field(default_factory=list)
     held: HostResult | None = None  # the last host's result, written together with the final state
 
@@ -267,7 +268,16 @@ class MasterCore:
             self.backend.run(ctx)
         except Exception:
             log.exception("backend %s failed on job %s", self.backend.name, job_id)
-        self._finish(live, hosts, started)
+        try:
+            self._finish(live, hosts, started)
+        except Exception:
+            # The final record could not be written: say so, and never leave a follower waiting forever.
+            log.exception("could not record the end of job %s", job_id)
+            with live.changed:
+                live.state, live.finished = JobState.UNKNOWN, True
+                live.changed.notify_all()
+            with self.lock:
+                self.live.pop(live.id, None)
 
     def _host_vars(self, host: str) -> dict[str, Any]:
         return self.inventory.host_vars(host) if self.inventory else {}
@@ -293,7 +303,7 @@ class MasterCore:
         last = ([live.held] if live.held else []) + missing
         events = [("host", r.as_dict()) for r in last]
         events.append(("finished", {"state": state, "counts": counts, "duration": round(time.time() - started, 3)}))
-        with store.db.atomic():  # final state and "finished" event become visible together
+        with live.changed, store.db.atomic():  # final state and "finished" event become visible together
             self._set_state(live.id, state, finished=True)
             self._write_events(live, events)
         with live.changed:
@@ -363,16 +373,26 @@ class MasterCore:
         rows = (store.JobEvent.select(store.JobEvent.seq, store.JobEvent.kind, store.JobEvent.at, store.JobEvent.data)
                 .where((store.JobEvent.job == job_id) & (store.JobEvent.seq > after))
                 .order_by(store.JobEvent.seq).limit(MAX_EVENTS_PER_REPLY).tuples())
-        return [{"seq": seq, "kind": kind, "at": at, "data": data} for seq, kind, at, data in rows]
+        events, size = [], 0
+        for seq, kind, at, data in rows:
+            events.append({"seq": seq, "kind": kind, "at": at, "data": data})
+            size += len(data.get("stdout", "")) + len(data.get("stderr", "")) + 512
+            if size >= MAX_REPLY_OUTPUT:  # the rest comes with the next poll
+                break
+        return events
 
     def _cancel(self, request: Request) -> dict[str, Any]:
         job_id, state = self._job_state(request)
         live = self.live.get(job_id)
         if live is None:
             return {"job": job_id, "cancelled": False, "state": state}
-        live.cancelled.set()
-        self._append(live, "cancel_requested", {"by": request.requester})
-        return {"job": job_id, "cancelled": True, "state": state}
+        with live.changed:  # decided under the job's lock: a job that just finished stays finished
+            if live.finished:
+                return {"job": job_id, "cancelled": False, "state": live.state}
+            live.cancelled.set()
+            self._write_events(live, [("cancel_requested", {"by": request.requester})])
+            live.changed.notify_all()
+            return {"job": job_id, "cancelled": True, "state": live.state}
 
     def close(self) -> None:
         for live in list(self.live.values()):

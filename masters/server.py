@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
 import threading
 import zlib
@@ -20,7 +22,7 @@ from masters.inventory import Inventory
 from masters.keys import Identity, decode_public
 from modules import load_modules
 from ombot.config import Config, MasterSettings
-from ombot.errors import ConfigError
+from ombot.errors import ConfigError, OmbotError
 
 log = logging.getLogger("ombot.master")
 
@@ -171,25 +173,33 @@ class CappedThreadedServer(ThreadedServer):
             self._slots.release()
 
 
+def _claim_state(settings: MasterSettings) -> int:
+    """Make the state directory private and lock it: a second copy of this master must not touch
+    the running one's jobs (its start-up would mark them unknown)."""
+    os.umask(0o077)  # job output, parameters and signed requests are for the master's eyes only
+    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(settings.state_dir / f"{settings.id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OmbotError(f"master {settings.id} is already running on this state directory "
+                         f"({settings.state_dir})") from None
+    return fd  # held open, so locked, for the life of the process
+
+
 def serve(config: Config, settings: MasterSettings, ready_file: Path | None = None) -> None:
+    _claim_state(settings)
     core = build_core(config, settings)
-    server = CappedThreadedServer(
-        MasterService(core), hostname=settings.host, port=settings.port, reuse_addr=True,
-        protocol_config=SERVER_CONFIG, logger=logging.getLogger("ombot.master.rpyc"),
-        max_connections=settings.limits.max_connections,
-    )
-    server._listen()  # rpyc only binds in __init__: without listen() now, "ready" clients would be refused
-    host, port = server.listener.getsockname()[:2]
-    log.info("master %s (IDC %s) listening on %s:%s with %d modules", settings.id, settings.idc, host, port,
-             len(core.modules))
-    if ready_file is not None:  # written whole, then renamed: a watcher never reads it half-written
-        partial = ready_file.with_name(ready_file.name + ".partial")
-        partial.write_text(f"{host}:{port}\n")
-        partial.replace(ready_file)
-    stop = threading.Event()
+    try:
+        server = _server(core, settings)
+    except OSError as exc:
+        core.close()
+        raise OmbotError(f"master {settings.id} cannot listen on {settings.host}:{settings.port}: "
+                         f"{exc.strerror or exc}") from None
+    _announce(core, settings, server, ready_file)
 
     def shutdown(signum: int, frame: Any) -> None:
-        stop.set()
         server.close()
 
     signal.signal(signal.SIGTERM, shutdown)
@@ -198,3 +208,24 @@ def serve(config: Config, settings: MasterSettings, ready_file: Path | None = No
         server.start()
     finally:
         core.close()
+
+
+def _server(core: MasterCore, settings: MasterSettings) -> CappedThreadedServer:
+    server = CappedThreadedServer(
+        MasterService(core), hostname=settings.host, port=settings.port, reuse_addr=True,
+        protocol_config=SERVER_CONFIG, logger=logging.getLogger("ombot.master.rpyc"),
+        max_connections=settings.limits.max_connections,
+    )
+    server._listen()  # rpyc only binds in __init__: without listen() now, "ready" clients would be refused
+    return server
+
+
+def _announce(core: MasterCore, settings: MasterSettings, server: CappedThreadedServer,
+              ready_file: Path | None) -> None:
+    host, port = server.listener.getsockname()[:2]
+    log.info("master %s (IDC %s) listening on %s:%s with %d modules", settings.id, settings.idc, host, port,
+             len(core.modules))
+    if ready_file is not None:  # written whole, then renamed: a watcher never reads it half-written
+        partial = ready_file.with_name(ready_file.name + ".partial")
+        partial.write_text(f"{host}:{port}\n")
+        partial.replace(ready_file)

@@ -48,6 +48,9 @@ def run_module(router: Router, gate: Gate | None, idc: str, module: str, targets
     if not as_json:
         print_results(results)
         typer.echo(f"state: {state}")
+    if state == "unknown":  # not "failed": whether it ran is not known, so never blindly retry it
+        typer.echo(f"job {ref.job_id} on master {ref.master_id}: outcome unknown", err=True)
+        return 3
     return 0 if state == "ok" else 1
 
 
@@ -86,6 +89,8 @@ def _follow_cancellable(router: Router, ref: JobRef, on_event: Any, first: list[
     previous = signal.signal(signal.SIGINT, interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         return router.follow(ref, on_event, first=first)
+    except KeyboardInterrupt:
+        raise OmbotError(f"stopped waiting; job {ref.job_id} on master {ref.master_id} may still be running") from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

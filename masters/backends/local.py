@@ -8,6 +8,7 @@ shell, in their own process group so a cancel or timeout kills the whole tree.
 from __future__ import annotations
 
 import grp
+import logging
 import os
 import pwd
 import shutil
@@ -25,6 +26,7 @@ from modules.params import within
 from modules.plan import Arg, Command, Emit, FirstAvailable, Ping, PutFile, RequireWithin, Shell, Step, TempPath
 
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+log = logging.getLogger("ombot.master.local")
 _NEEDS_TMP = (Command, Shell, PutFile, FirstAvailable)
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 KILL_GRACE_SECONDS = 2.0
@@ -50,6 +52,13 @@ class LocalBackend:
                 pool.submit(lambda h=host: ctx.report(self._run_host(ctx, h)))
 
     def _run_host(self, ctx: RunContext, host: str) -> HostResult:
+        try:
+            return self._run_host_steps(ctx, host)
+        except Exception as exc:  # a bug here must cost one host, loudly, not the job's bookkeeping
+            log.exception("local backend failed on host %s of job %s", host, ctx.job_id)
+            return HostResult(host, HostStatus.FAILED, error=f"backend error: {type(exc).__name__}")
+
+    def _run_host_steps(self, ctx: RunContext, host: str) -> HostResult:
         started = time.time()
         out, err = CappedText(ctx.output_cap), CappedText(ctx.output_cap)
         status, rc, error = HostStatus.OK, None, None
@@ -61,6 +70,7 @@ class LocalBackend:
             tmp = tempfile.mkdtemp(prefix="ombot-") if any(isinstance(s, _NEEDS_TMP) for s in ctx.plan.steps) else None
             try:
                 for step in ctx.plan.steps:
+                    _check_stop(ctx)  # a cancelled or overdue job starts nothing more on this host
                     rc = _run_step(step, ctx, host, Path(tmp or "/nonexistent"), out, err)
             except StepFailed as exc:
                 status, rc, error = exc.status, exc.rc, str(exc)
@@ -73,6 +83,13 @@ class LocalBackend:
         if status is HostStatus.OK and ctx.plan.parse is not None:
             _attach_data(result, ctx)
         return result
+
+
+def _check_stop(ctx: RunContext) -> None:
+    if ctx.cancelled.is_set():
+        raise StepFailed(HostStatus.CANCELLED, "cancelled before this step started")
+    if ctx.remaining() <= 0:
+        raise StepFailed(HostStatus.TIMED_OUT, "timed out before this step started")
 
 
 def _attach_data(result: HostResult, ctx: RunContext) -> None:
@@ -185,8 +202,8 @@ def _execute(argv: list[str], stdin: str | None, ctx: RunContext, host: str, tmp
     except FileNotFoundError:
         raise StepFailed(HostStatus.FAILED, f"command not found: {argv[0]}", rc=127) from None
     readers = [_drain(proc.stdout, out), _drain(proc.stderr, err)]
-    if stdin is not None:
-        _feed(proc, stdin)
+    if stdin is not None:  # from a thread: a child that never reads must not hold off cancel and timeout
+        threading.Thread(target=_feed, args=(proc, stdin), daemon=True).start()
     stopped = _wait(proc, ctx)
     for reader in readers:
         # A background child that inherited the pipe may keep it open long after the command exits.
@@ -215,18 +232,19 @@ def _feed(proc: subprocess.Popen[bytes], text: str) -> None:
     try:
         proc.stdin.write(text.encode())
         proc.stdin.close()
-    except BrokenPipeError:
+    except (BrokenPipeError, ValueError, OSError):  # the child exited or was killed first
         pass
 
 
 def _wait(proc: subprocess.Popen[bytes], ctx: RunContext) -> HostStatus | None:
     """Wait for the process; kill its group on cancel or deadline and say which."""
     while True:
-        try:
-            proc.wait(timeout=_POLL_SECONDS)
-            return None
-        except subprocess.TimeoutExpired:
-            pass
+        if not ctx.cancelled.is_set() and ctx.remaining() > 0:
+            try:
+                proc.wait(timeout=min(_POLL_SECONDS, max(ctx.remaining(), 0.001)))
+                return None
+            except subprocess.TimeoutExpired:
+                pass
         if ctx.cancelled.is_set():
             _kill_group(proc)
             return HostStatus.CANCELLED
@@ -236,13 +254,28 @@ def _wait(proc: subprocess.Popen[bytes], ctx: RunContext) -> HostStatus | None:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    for sig, grace in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
+    """SIGTERM to the command's whole process group, then SIGKILL to whatever of it is left: a
+    child that ignores SIGTERM must not outlive its cancelled job."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + KILL_GRACE_SECONDS
+    while time.monotonic() < deadline and _group_alive(proc.pid):
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
+            proc.wait(timeout=_POLL_SECONDS)
         except subprocess.TimeoutExpired:
-            continue
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
