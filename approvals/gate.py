@@ -64,8 +64,12 @@ class CachedGroups:
 
 
 class Gate:
-    def __init__(self, policy: Policy, group_members: Callable[[str], frozenset[str]]) -> None:
+    def __init__(self, policy: Policy, group_members: Callable[[str], frozenset[str]],
+                 origin: str | None = None) -> None:
         self.policy = policy
+        # A Slack bot and a console may share one database: each decides and expires only the
+        # requests made through it, whose cards and jobs it can show.
+        self.origin = origin
         self.groups = CachedGroups(group_members)
         self.scheduler = BackgroundScheduler(timezone=timezone.utc)
         self.on_expired: Callable[[store.ApprovalRequest], None] = lambda request: None
@@ -147,13 +151,17 @@ class Gate:
         return request
 
     def pending(self) -> list[store.ApprovalRequest]:
-        return list(store.ApprovalRequest.select().where(store.ApprovalRequest.state == store.PENDING)
-                    .order_by(store.ApprovalRequest.number))
+        query = store.ApprovalRequest.select().where(store.ApprovalRequest.state == store.PENDING)
+        if self.origin is not None:
+            query = query.where(store.ApprovalRequest.origin == self.origin)
+        return list(query.order_by(store.ApprovalRequest.number))
 
     def _pending(self, ref: str) -> store.ApprovalRequest:
         request = store.find_request(ref)
         if request is None:
             raise ApprovalError(f"No approval request {ref!r}. `/om approvals` lists pending ones.")
+        if self.origin is not None and request.origin != self.origin:
+            raise ApprovalError(f"Request #{request.number} was made in {request.origin}; decide it there.")
         if request.state == store.PENDING and request.expires_at <= time.time():
             self._expired(request.request_id)
             request = _reload(request)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from approvals import Decision, params_text
 from approvals import store as astore
 from bot import grammar
-from bot.messages import Message, RequestView, approval_card, deny_form, slack_date, text_message
+from bot.messages import Message, RequestView, approval_card, deny_form, escape, slack_date, text_message
 from bot.transport import ChatRequest, Transport
 from modules import ModuleSpec
 from ombot.errors import OmbotError
@@ -40,7 +40,7 @@ class ApprovalFlow:
             idc=command.idc or self.d.default_idc, module=spec.name, params=command.params, hosts=hosts,
             timeout=command.timeout, decision=decision)
         where = decision.approval.channel or req.channel
-        ts = transport.post(where, approval_card(view_of(request)), req=req)
+        ts = transport.post(where, approval_card(view_of(request)), req=req)  # falls back only in req's own channel
         astore.ApprovalRequest.update(message_channel=where, message_ts=ts).where(
             astore.ApprovalRequest.number == request.number).execute()
         transport.respond(req, text_message(
@@ -51,15 +51,21 @@ class ApprovalFlow:
     # -- deciding ------------------------------------------------------------------------------
 
     def approve(self, ref: str, req: ChatRequest, transport: Transport) -> None:
+        found = astore.find_request(ref)
+        if found is not None:  # check it can still run before a vote could mark it approved
+            self.d.spec_of(found.idc, found.module).validate(found.params)
         vote = self.gate.approve(ref, req.user)
         request = vote.request
         self.show(request, transport)
-        if not vote.start:
+        if vote.start:
+            transport.respond(req, text_message(f"Approved request #{request.number}; its job starts now."))
+            self._start(request, transport)
+        elif request.state != astore.PENDING:
+            transport.respond(req, text_message(f"Your approval was recorded, but request #{request.number} "
+                                                f"is {request.state}."))
+        else:
             transport.respond(req, text_message(f"Approved request #{request.number}: "
                                                 f"{vote.approved}/{request.needed} approvals."))
-            return
-        transport.respond(req, text_message(f"Approved request #{request.number}; its job starts now."))
-        self._start(request, transport)
 
     def approve_clicked(self, req: ChatRequest, request_id: str, transport: Transport) -> None:
         self.d.answering(req, transport, "approve click", request_id, lambda: self.approve(request_id, req, transport))
@@ -104,7 +110,7 @@ class ApprovalFlow:
         try:
             self.show(request, transport)
             self._tell_requester(request, transport, f"Request #{request.number} (`{request.module}`) was denied "
-                                                     f"by <@{user}>: {request.reason}")
+                                                     f"by <@{user}>: {escape(request.reason or '')}")
         except Exception:  # on the pool nobody else would see it
             log.exception("announcing the denial of request %s", request.request_id)
 
@@ -122,7 +128,9 @@ class ApprovalFlow:
     # -- helpers ---------------------------------------------------------------------------------
 
     def show(self, request: astore.ApprovalRequest, transport: Transport) -> None:
-        """Update the approval message in place."""
+        """Update the approval message in place, from a fresh read: racing votes must not leave a
+        stale 'pending' card behind the final one."""
+        request = astore.ApprovalRequest.get_by_id(request.number)
         if request.message_channel and request.message_ts:
             transport.update(request.message_channel, request.message_ts, approval_card(view_of(request)))
 

@@ -6,6 +6,7 @@ user when the config allows it (the demo config does, so approval flows can be t
 
 from __future__ import annotations
 
+import html
 import itertools
 import re
 import sys
@@ -54,7 +55,7 @@ class ConsoleTransport:
 
 def plain(text: str) -> str:
     """Slack's markup as a terminal shows it: dates in UTC, mentions as @user."""
-    return _MENTION.sub(r"@\1", _DATE.sub(r"\1", text))
+    return html.unescape(_MENTION.sub(r"@\1", _DATE.sub(r"\1", text)))
 
 
 def run_console(service: BotService, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:

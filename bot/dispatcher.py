@@ -90,8 +90,10 @@ class Dispatcher:
                 errors[forms.TARGETS_BLOCK] = clip(exc.message, 150)
         if errors:
             return errors
-        run = grammar.Run(spec.name, targets, dict(values), meta["idc"])
-        channel_req = ChatRequest(req.user, meta["channel"], origin=req.origin, team=req.team)
+        run = grammar.Run(spec.name, targets, dict(values), meta["idc"], dry_run=bool(meta.get("dry_run")),
+                          timeout=meta.get("timeout"))
+        channel_req = ChatRequest(req.user, meta["channel"], origin=req.origin, team=req.team,
+                                  response_url=meta.get("response_url"))
         self.pool.submit(self.answering, channel_req, transport, "form", f"{spec.name} {targets}",
                          lambda: self._authorized_run(run, spec, hosts, channel_req, transport))
         return {}
@@ -251,7 +253,8 @@ class Dispatcher:
     def _form(self, command: grammar.Run, req: ChatRequest, transport: Transport, missing: list[str] | None = None) -> None:
         idc = command.idc or self.default_idc
         spec = self.spec_of(idc, command.module)
-        view = forms.build_view(spec, idc, req.channel, command.targets, command.params)
+        carry = {"dry_run": command.dry_run, "timeout": command.timeout, "response_url": req.response_url}
+        view = forms.build_view(spec, idc, req.channel, command.targets, command.params, carry)
         if req.trigger_id and transport.open_form(req, view):
             return
         need = ", ".join(missing or []) or "targets"
@@ -275,8 +278,12 @@ class Dispatcher:
         try:
             ref, reply = self.router.submit(idc, spec.name, command.params, hosts, approvers=approvers,
                                         timeout=command.timeout, request_id=job.job_id, requester=req.user)
-        except MasterLost as exc:
-            self._end_early(job, transport, "unknown", str(exc))
+        except MasterLost as exc:  # sent, then the link broke: follow it where it went, never re-send
+            if exc.ref is None:
+                self._end_early(job, transport, "unknown", str(exc))
+            else:
+                store.update_job(job, master_id=exc.ref.master_id, state="queued")
+                self.follower.start(job, transport)
             return
         except (Refused, NoMasterAvailable) as exc:
             self._end_early(job, transport, "failed", getattr(exc, "message", str(exc)))

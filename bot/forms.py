@@ -30,12 +30,14 @@ def block_id(name: str) -> str:
     return f"p:{name}"
 
 
-def build_view(spec: ModuleSpec, idc: str, channel: str, targets: str | None, given: dict[str, str]) -> dict[str, Any]:
+def build_view(spec: ModuleSpec, idc: str, channel: str, targets: str | None, given: dict[str, str],
+               carry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The modal; `carry` rides along in private_metadata (dry_run, timeout, the command's response_url)."""
     blocks = [_input(TARGETS_BLOCK, "Targets", _text_element(targets), "Hosts, groups or ranges, e.g. web[01-03]", False)]
     for param in spec.params[:95]:  # a modal holds at most 100 blocks
         blocks.append(_input(block_id(param.name), param.name, _element(param, given.get(param.name)),
                              param.help, not param.required))
-    metadata = json.dumps({"module": spec.name, "idc": idc, "channel": channel})
+    metadata = json.dumps({"module": spec.name, "idc": idc, "channel": channel, **(carry or {})})
     return {
         "type": "modal", "callback_id": CALLBACK_ID, "private_metadata": metadata,
         "title": _plain(f"Run {spec.name}", 24), "submit": _plain("Run"), "close": _plain("Cancel"),

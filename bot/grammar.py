@@ -118,11 +118,14 @@ USAGE = {
 
 
 def parse(text: str) -> Command:
-    words = _split(normalise(text))
+    text = normalise(text)
+    if text.split(None, 1)[:1] and text.split(None, 1)[0].lower() == "deny":
+        return _deny_raw(text)  # a reason is prose: apostrophes and quotes are not shell syntax
+    words = _split(text)
     if not words:
         return Help()
     head, rest = words[0].lower(), words[1:]
-    if head in ("help", "modules", "form", "jobs", "status", "cancel", "masters", "approvals", "approve", "deny"):
+    if head in _PARSERS:
         return _PARSERS[head](rest)
     if head == "run":
         if not rest:
@@ -208,10 +211,11 @@ def _jobs(args: list[str]) -> Command:
     return Jobs(mine=bool(args))
 
 
-def _deny(args: list[str]) -> Command:
-    if len(args) < 2:
+def _deny_raw(text: str) -> Command:
+    parts = text.split(None, 2)
+    if len(parts) < 3:
         raise CommandError(f"deny needs a reason.\nusage: {USAGE['deny']}")
-    return Deny(args[0], " ".join(args[1:]))
+    return Deny(parts[1], parts[2])
 
 
 def _no_args(command: Command, name: str):  # type: ignore[no-untyped-def]
@@ -232,5 +236,4 @@ _PARSERS = {
     "masters": _no_args(Masters(), "masters"),
     "approvals": _no_args(Approvals(), "approvals"),
     "approve": lambda args: Approve(_exactly_one("approve", args)),
-    "deny": _deny,
 }

@@ -43,9 +43,14 @@ def section(text: str) -> dict[str, Any]:
     return {"type": "section", "text": {"type": "mrkdwn", "text": clip(text, SECTION_LIMIT)}}
 
 
+def escape(text: str) -> str:
+    """User-supplied text in mrkdwn: `<!channel>` or `<@U1>` typed by someone must not ping anyone."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def code(text: str, limit: int = SECTION_LIMIT - 8) -> str:
     # Triple backticks inside the text would end the block early.
-    return "```" + clip(text.replace("```", "``\u200b`"), limit) + "```"
+    return "```" + clip(escape(text).replace("```", "``\u200b`"), limit) + "```"
 
 
 def slack_date(epoch: float, fallback_format: str = "%Y-%m-%d %H:%M UTC") -> str:
@@ -200,7 +205,7 @@ def approval_card(view: RequestView) -> Message:
         "pending": f"{got}/{view.needed} approvals from {', '.join(view.approver_roles)}; "
                    f"expires {slack_date(view.expires_at)}",
         "approved": f"approved ({got}/{view.needed}); the job is starting",
-        "denied": f"denied by <@{view.decided_by}>: {view.reason}",
+        "denied": f"denied by <@{view.decided_by}>: {escape(view.reason or '')}",
         "expired": "expired before enough approvals",
     }.get(view.state, view.state)
     blocks: list[dict[str, Any]] = [

@@ -43,7 +43,7 @@ class BotService:
         policy = load_policy(self.settings.policy)
         if group_members is None:  # the console: groups come from the policy file itself
             group_members = lambda group: policy.console_groups.get(group, frozenset())  # noqa: E731
-        return Gate(policy, group_members)
+        return Gate(policy, group_members, origin=self.origin)
 
     def start(self, transport: Transport) -> None:
         """Warm the catalogs, pick up jobs a previous run left unfinished, re-arm approval expiries."""

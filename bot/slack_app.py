@@ -22,7 +22,7 @@ from slack_bolt import App, BoltResponse
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
+from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
 from slack_sdk.webhook import WebhookClient
 
 from bot import forms
@@ -43,8 +43,9 @@ SCOPES = ["commands", "chat:write", "chat:write.public", "files:write", "usergro
 
 
 def web_client(secrets: SlackSecrets) -> WebClient:
-    kwargs: dict[str, Any] = {"token": secrets.bot_token,
-                              "retry_handlers": [RateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES)]}
+    # Both handlers: passing any replaces slack_sdk's default connection-error retry.
+    handlers = [ConnectionErrorRetryHandler(), RateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES)]
+    kwargs: dict[str, Any] = {"token": secrets.bot_token, "retry_handlers": handlers}
     if secrets.api_url:
         kwargs["base_url"] = secrets.api_url.rstrip("/") + "/"
     return WebClient(**kwargs)
@@ -89,6 +90,13 @@ def _persist(call: Callable[[], Any]) -> Any:
     raise AssertionError("unreachable")
 
 
+DELIVERY_ERRORS = (SlackApiError, OSError)  # API refusals, and network failures after the client's retries
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc.response.get("error")) if isinstance(exc, SlackApiError) else f"{type(exc).__name__}: {exc}"
+
+
 class SlackTransport:
     def __init__(self, client: WebClient) -> None:
         self.client = client
@@ -106,52 +114,63 @@ class SlackTransport:
             self._url_uses[url] = used + 1
             return True
 
+    def _webhook(self, url: str | None, message: Message, response_type: str) -> bool:
+        """Post to a response_url (at most five uses); False when that did not reach Slack."""
+        if not self._take_response_url(url):
+            return False
+        try:
+            reply = WebhookClient(url).send(text=message.text, blocks=message.blocks, response_type=response_type)
+        except OSError as exc:
+            log.warning("response_url post failed: %s", exc)
+            return False
+        if reply.status_code != 200:
+            log.warning("response_url answered %s: %s", reply.status_code, reply.body[:200])
+            return False
+        return True
+
     def respond(self, req: ChatRequest, message: Message) -> None:
-        if self._take_response_url(req.response_url):
-            WebhookClient(req.response_url).send(text=message.text, blocks=message.blocks, response_type="ephemeral")
+        if self._webhook(req.response_url, message, "ephemeral"):
             return
         try:
             self.queues.run(req.channel, lambda: self.client.chat_postEphemeral(
                 channel=req.channel, user=req.user, text=message.text, blocks=message.blocks)).result()
-        except SlackApiError as exc:
-            log.warning("could not answer %s in %s: %s", req.user, req.channel, exc.response.get("error"))
+        except DELIVERY_ERRORS as exc:
+            log.warning("could not answer %s in %s: %s", req.user, req.channel, _reason(exc))
 
     def post(self, channel: str, message: Message, thread_ts: str | None = None,
              req: ChatRequest | None = None) -> str | None:
         try:
-            ts = self.queues.run(channel, lambda: self._post(channel, message, thread_ts)).result()
-        except SlackApiError as exc:
-            # Not in a private channel: the command's response_url still reaches it, once per use.
-            if req is not None and self._take_response_url(req.response_url):
-                WebhookClient(req.response_url).send(text=message.text, blocks=message.blocks,
-                                                     response_type="in_channel")
+            reply = self.queues.run(channel, lambda: self.client.chat_postMessage(
+                channel=channel, text=message.text, blocks=message.blocks, thread_ts=thread_ts)).result()
+        except DELIVERY_ERRORS as exc:
+            # Not in a private channel: the command's response_url still reaches that channel, once per use.
+            if req is not None and channel == req.channel and self._webhook(req.response_url, message, "in_channel"):
                 return None
-            log.warning("could not post to %s: %s", channel, exc.response.get("error"))
+            log.warning("could not post to %s: %s", channel, _reason(exc))
             return None
-        return ts
-
-    def _post(self, channel: str, message: Message, thread_ts: str | None) -> str:
-        reply = self.client.chat_postMessage(channel=channel, text=message.text, blocks=message.blocks,
-                                             thread_ts=thread_ts)
         ts = str(reply["ts"])
-        for filename, content in message.files:
-            self.client.files_upload_v2(channel=reply["channel"], thread_ts=thread_ts or ts, content=content,
-                                        filename=filename, title=filename)
+        for filename, content in message.files:  # each upload on its own: a failed one never re-posts the message
+            try:
+                self.queues.run(channel, lambda: self.client.files_upload_v2(
+                    channel=reply["channel"], thread_ts=thread_ts or ts, content=content, filename=filename,
+                    title=filename)).result()
+            except DELIVERY_ERRORS as exc:
+                log.warning("could not attach %s in %s: %s", filename, channel, _reason(exc))
         return ts
 
     def update(self, channel: str, ts: str, message: Message) -> None:
         try:
             self.queues.run(channel, lambda: self.client.chat_update(
                 channel=channel, ts=ts, text=message.text, blocks=message.blocks)).result()
-        except SlackApiError as exc:
-            log.warning("could not update %s/%s: %s", channel, ts, exc.response.get("error"))
+        except DELIVERY_ERRORS as exc:
+            log.warning("could not update %s/%s: %s", channel, ts, _reason(exc))
 
     def open_form(self, req: ChatRequest, view: dict[str, Any]) -> bool:
         try:
             self.client.views_open(trigger_id=req.trigger_id, view=view)
             return True
-        except SlackApiError as exc:
-            log.info("could not open a form for %s: %s", req.user, exc.response.get("error"))
+        except DELIVERY_ERRORS as exc:
+            log.info("could not open a form for %s: %s", req.user, _reason(exc))
             return False
 
 

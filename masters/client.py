@@ -46,7 +46,12 @@ class ConnectFailed(OmbotError):
 
 
 class MasterLost(OmbotError):
-    """The link broke after a request was sent: its outcome is unknown."""
+    """The link broke after a request was sent: its outcome is unknown. For a submit, `ref` says
+    where the job may be: follow it there, never re-send it elsewhere."""
+
+    def __init__(self, message: str, ref: JobRef | None = None) -> None:
+        super().__init__(message)
+        self.ref = ref
 
 
 class NoMasterAvailable(OmbotError):
@@ -200,7 +205,8 @@ class Router:
             except ConnectFailed as exc:
                 reasons.append(str(exc))
             except MasterLost as exc:
-                raise MasterLost(f"{exc}; job {request_id} may or may not have started there") from None
+                raise MasterLost(f"{exc}; job {request_id} may or may not have started there",
+                                 JobRef(request_id, idc, master_id)) from None
         raise NoMasterAvailable(idc, reasons)
 
     def events(self, ref: JobRef, after: int = 0, wait: float = 0.0) -> dict[str, Any]:
@@ -229,6 +235,13 @@ class Router:
             try:
                 reply = self.events(ref, after, next_wait())
                 lost_since = None
+            except Refused as exc:
+                if exc.code != "unknown_job":
+                    raise
+                # The submit never arrived (its link broke before the master read it): nothing ran.
+                on_event({"seq": after + 1, "kind": "finished", "at": time.time(), "data": {
+                    "state": "unknown", "counts": {}, "reason": f"master {ref.master_id} has no such job"}})
+                return "unknown"
             except (MasterLost, ConnectFailed):
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > self.lost_retry:

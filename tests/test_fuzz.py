@@ -7,6 +7,7 @@ The property: every input gets an answer, never an exception and never a traceba
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -339,3 +340,17 @@ def test_commands_parse() -> None:
 def test_errors_say_what_is_wrong(text: str, expected: str) -> None:
     with pytest.raises(grammar.CommandError, match=re.escape(expected)):
         grammar.parse(text)
+
+
+def test_a_deny_reason_is_prose_and_never_pings() -> None:
+    from bot.grammar import Deny, parse
+    from bot.messages import RequestView, approval_card
+    from tests.fakeslack import message_problems
+
+    assert parse("deny 3 don't run this on friday") == Deny("3", "don't run this on friday")
+    denied = parse("deny 3 &lt;!channel&gt; nope")
+    view = RequestView(3, "r", "U0A", "echo", "message=x", "local", ["web01"], 1, ["leads"], [], "denied",
+                       0, decided_by="U0B", reason=denied.reason)
+    card = approval_card(view)
+    assert "<!channel>" not in json.dumps(card.blocks) and "&lt;!channel&gt;" in json.dumps(card.blocks)
+    assert not message_problems(card.text, card.blocks)

@@ -221,3 +221,18 @@ def test_card_updates_are_throttled_but_the_final_state_is_always_written(rig: S
     gaps = [later.at - earlier.at for earlier, later in zip(progress, progress[1:])]
     assert progress and all(gap >= 1.9 for gap in gaps), gaps  # at most one update per 2 s per card
     assert "[#1 ok]" in json.dumps(updates[-1].body)
+
+
+def test_a_dry_run_through_the_modal_stays_a_dry_run(rig: SlackRig) -> None:
+    trigger = rig.fake.issue_trigger()
+    url = rig.fake.new_response_url(channel=CHANNEL)
+    rig.command("run test.sleep dry_run=yes seconds=0", trigger_id=trigger, response_url=url)
+    opened = rig.fake.wait_for_call("views.open")
+    view = opened.body["view"] if isinstance(opened.body["view"], dict) else json.loads(opened.body["view"])
+    good = {"targets": {"v": "localhost"}, "p:seconds": {"v": {"type": "number_input", "value": "0"}}}
+    assert rig.send(view_submission_body("om_run", good, private_metadata=view["private_metadata"]))[0] == 200
+    token = url.rsplit("/", 1)[1]
+    rig.fake.wait_for(lambda: any("Dry run" in json.dumps(c.body) for c in rig.fake.response_posts
+                                  if c.path.endswith(token)), what="the dry-run answer by response_url")
+    time.sleep(0.5)
+    assert not rig.fake.messages(CHANNEL)  # no job card: nothing ran

@@ -1,0 +1,89 @@
+"""Job control on a real master: cancel and timeout stop everything, a second copy of a master
+cannot touch the running one's jobs, and a lost submit is followed where it went."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from masters import MasterLost
+from tests.support import REPO, child_env
+
+SITE = [REPO / "tests" / "site_modules"]
+
+
+@pytest.fixture
+def cluster(make_cluster):
+    c = make_cluster(module_dirs=SITE, limits={"max_parallel_hosts": 1})
+    c.start("m1")
+    return c
+
+
+def test_a_cancelled_job_starts_nothing_more(cluster, tmp_path: Path) -> None:
+    router = cluster.router()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # One host at a time: cancelling during web01's sleep must keep web02 and web03 from running.
+    ref, _ = router.submit("local", "shell.exec", {"cmd": f"touch {marks}/$OMBOT_HOST; sleep 2"},
+                           ["web01", "web02", "web03"])
+    time.sleep(0.8)
+    router.cancel(ref)
+    events: list[dict] = []
+    assert router.follow(ref, events.append) == "cancelled"
+    assert sorted(p.name for p in marks.iterdir()) == ["web01"]
+    statuses = {e["data"]["host"]: e["data"]["status"] for e in events if e["kind"] == "host"}
+    assert statuses == {"web01": "cancelled", "web02": "cancelled", "web03": "cancelled"}
+
+
+def test_timeout_kills_children_that_ignore_sigterm(cluster, tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    cmd = f"sh -c 'trap \"\" TERM; echo $$ > {pidfile}; sleep 60' & wait"
+    ref, _ = cluster.router().submit("local", "shell.exec", {"cmd": cmd}, ["localhost"], timeout=2)
+    assert cluster.router().follow(ref, lambda e: None) == "timed_out"
+    child = int(pidfile.read_text())
+    for _ in range(50):
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"child {child} survived the timeout")
+
+
+def test_a_second_copy_of_a_master_refuses_to_start_and_leaves_jobs_alone(cluster) -> None:
+    router = cluster.router()
+    ref, _ = router.submit("local", "test.sleep", {"seconds": "2"}, ["localhost"])
+    second = subprocess.run([sys.executable, "-m", "ombot", "--config", str(cluster.config_path), "master",
+                             "--id", "m1"], capture_output=True, text=True, timeout=60, env=child_env())
+    assert second.returncode == 2 and "already running" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    assert router.follow(ref, lambda e: None) == "ok"
+
+
+def test_the_master_state_is_private(cluster) -> None:
+    state = cluster.root / "state-m1"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "m1.db").stat().st_mode) & 0o077 == 0
+
+
+def test_a_submit_whose_link_broke_is_followed_where_it_went(cluster) -> None:
+    router = cluster.router(lost_retry=1.0)
+    link = router.links["m1"]
+    real_call = link.call
+
+    def breaks_after_sending(op, args, request_id=None, requester=None):
+        result = real_call(op, args, request_id, requester)
+        if op == "submit":
+            raise MasterLost("link broke after sending")
+        return result
+
+    link.call = breaks_after_sending  # the reply is lost; the job reached the master
+    with pytest.raises(MasterLost) as lost:
+        router.submit("local", "echo", {"message": "x"}, ["localhost"])
+    link.call = real_call
+    assert lost.value.ref is not None and lost.value.ref.master_id == "m1"
+    assert router.follow(lost.value.ref, lambda e: None) == "ok"
