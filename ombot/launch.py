@@ -42,7 +42,12 @@ def local_masters(config: Config, timeout: float = 60) -> Iterator[list[str]]:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
             for proc in procs:
-                proc.wait(timeout=15)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:  # a master stuck in shutdown must not keep `up` alive
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout: float) -> None:
