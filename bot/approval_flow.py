@@ -80,26 +80,18 @@ class ApprovalFlow:
         self.d.answering(req, transport, "deny click", request_id, work)
 
     def deny_submitted(self, req: ChatRequest, request_id: str, reason: str, transport: Transport) -> dict[str, str]:
-        """The reason modal, answered before the ack: field errors, or {} once the denial is recorded.
-        Chat updates go to the pool, so a slow or rate-limited Slack cannot delay the ack past 3 s."""
-        try:
-            request = self.gate.deny(request_id, req.user, reason)  # checks the reason too
-        except OmbotError as exc:
-            self._record_form(req, request_id, f"error: {exc}")
-            return {"reason": str(exc)[:150]}
-        self._record_form(req, request_id, "denied")
-        self.d.pool.submit(self._announce_denial, request, req.user, transport)
+        """The reason modal: an empty reason is a field error; the rest (group lookups in Slack, the
+        database, the chat updates) happens after the ack, so it can never push the ack past 3 s."""
+        if not reason.strip():
+            return {"reason": "A denial needs a reason."}
+        found = astore.find_request(request_id)  # the local database only: no Slack call before the ack
+        if found is None or found.state != astore.PENDING:
+            state = found.state if found else "unknown"
+            return {"reason": f"This request is no longer open: it was {state}."}
+        where = ChatRequest(req.user, found.message_channel or found.channel, origin=req.origin)
+        self.d.pool.submit(self.d.answering, where, transport, "deny form", request_id,
+                           lambda: self.deny(request_id, reason, where, transport))
         return {}
-
-    @staticmethod
-    def _record_form(req: ChatRequest, request_id: str, outcome: str) -> None:
-        """Into the trail; a modal has no channel, so the approval message's channel stands in."""
-        try:
-            found = astore.find_request(request_id)
-            channel = req.channel or (found.message_channel or found.channel if found else "")
-            astore.record(req.user, channel, req.origin, "deny form", request_id, outcome)
-        except Exception:
-            log.exception("could not record the deny form of %s in the trail", req.user)
 
     def deny(self, ref: str, reason: str, req: ChatRequest, transport: Transport) -> None:
         request = self.gate.deny(ref, req.user, reason)

@@ -548,7 +548,7 @@ def test_deny_modal_is_in_the_trail(rig: Rig) -> None:
     assert rig.send(interactive_body(payload)) == (200, "")
     rows = rig.fake.wait_for(lambda: rig.rows("SELECT user, channel, action, outcome FROM chat_trail "
                                               "WHERE at >= ? AND action = 'deny form'", since), what="the deny form")
-    assert rows == [(LEAD3, CHANNEL, "deny form", "denied")]
+    assert rows == [(LEAD3, CHANNEL, "deny form", "ok")]
 
 
 # -- console mode -----------------------------------------------------------------------------------
