@@ -22,7 +22,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from approvals import store
-from approvals.policy import Approval, Decision, Policy
+from approvals.policy import Decision, Policy
 from ombot.errors import OmbotError
 
 log = logging.getLogger("ombot.approvals")

@@ -7,7 +7,6 @@ Listeners only ack and hand the work to OMBot's pool, so Bolt runs them inline
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
