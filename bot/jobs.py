@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,7 +24,7 @@ class JobFollower:
     def __init__(self, router: Router, pool: ThreadPoolExecutor) -> None:
         self.router, self.pool = router, pool
 
-    def start(self, job: store.BotJob, transport: Transport, first: list[dict[str, Any]] = ()) -> None:
+    def start(self, job: store.BotJob, transport: Transport, first: Sequence[dict[str, Any]] = ()) -> None:
         """Follow a job; `first` are events already in hand (from the submit reply)."""
         self.pool.submit(self._guarded, job, transport, list(first))
 
@@ -39,7 +39,7 @@ class JobFollower:
                 count += 1
         return count
 
-    def _guarded(self, job: store.BotJob, transport: Transport, first: list[dict[str, Any]] = ()) -> None:
+    def _guarded(self, job: store.BotJob, transport: Transport, first: Sequence[dict[str, Any]] = ()) -> None:
         try:
             self._follow(job, transport, first)
         except Exception:

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,7 +217,7 @@ class Router:
 
     def follow(self, ref: JobRef, on_event: Callable[[dict[str, Any]], None],
                next_wait: Callable[[], float] = lambda: POLL_WAIT_SECONDS,
-               on_poll: Callable[[], None] = lambda: None, first: list[dict[str, Any]] = ()) -> str:
+               on_poll: Callable[[], None] = lambda: None, first: Sequence[dict[str, Any]] = ()) -> str:
         """Stream a job's events to `on_event` until it ends; returns the final state.
 
         `first` are events already in hand (a submit reply carries those of a quick job).
