@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from typing import Any
 from ombot.config import _Reader, read_toml
 from ombot.errors import ConfigError
 
-GroupsOf = Callable[[str], frozenset[str]]  # user id -> the user-group ids they belong to
 
 DEFAULT_EXPIRY = 3600
 # Ids, never display names (which anyone can change): Slack users U.../W..., user groups S...,
@@ -89,9 +88,6 @@ class Policy:
     console_groups: dict[str, frozenset[str]] = field(default_factory=dict)
     path: Path | None = None
 
-    def roles_of(self, user: str, groups: frozenset[str]) -> set[str]:
-        return {name for name, role in self.roles.items() if role.has(user, groups)}
-
     def in_roles(self, user: str, groups: frozenset[str], roles: Iterable[str]) -> bool:
         return any(self.roles[r].has(user, groups) for r in roles if r in self.roles)
 
@@ -126,8 +122,6 @@ class Policy:
         return Decision(True, f"allowed by rule {rule_text}", names, max_hosts,
                         _strictest([a for _, a in gated]), cancel)
 
-    def may_approve(self, user: str, groups: frozenset[str], approval: Approval) -> bool:
-        return self.in_roles(user, groups, approval.roles)
 
 
 def _strictest(approvals: list[Approval]) -> Approval | None:

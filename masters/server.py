@@ -18,6 +18,7 @@ from rpyc.utils.server import ThreadedServer
 from masters import store
 from masters.backends import backend_named
 from masters.core import MasterCore
+from masters.envelope import OPS
 from masters.inventory import Inventory
 from masters.keys import Identity, decode_public
 from modules import load_modules
@@ -26,7 +27,7 @@ from ombot.errors import ConfigError, OmbotError
 
 log = logging.getLogger("ombot.master")
 
-EXPOSED = ("catalog", "expand", "submit", "events", "cancel", "health")
+EXPOSED = OPS  # the six request kinds of the envelope, and nothing else
 
 # Nothing but the six methods: no public or "safe" attributes, no pickling, no tracebacks sent back.
 SERVER_CONFIG: dict[str, Any] = {

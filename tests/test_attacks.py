@@ -26,12 +26,10 @@ from rpyc.core import consts
 from rpyc.utils import classic
 
 from masters import JobRef, Router
-from masters.envelope import REFUSAL_MAGIC, REQUEST_MAGIC, Peer, Refused, Request, dumps, new_request
+from masters.envelope import OPS, REFUSAL_MAGIC, REQUEST_MAGIC, Peer, Refused, Request, dumps, new_request
 from masters.keys import Identity, decode_public
 from masters.server import RPYC_OVERHEAD_BYTES
 from tests.support import Cluster
-
-OPS = ("catalog", "expand", "submit", "events", "cancel", "health")
 RAW_CONFIG = {"allow_pickle": False, "sync_request_timeout": 30}
 MAX_FRAME = 4096  # the shared master's cap: small, so oversized frames are cheap to build
 TRANSPORT_CAP = MAX_FRAME + RPYC_OVERHEAD_BYTES  # what one rpyc message may carry
