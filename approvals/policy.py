@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ombot.config import _Reader, read_toml
+from ombot.config import TableReader, read_toml
 from ombot.errors import ConfigError
 
 
@@ -138,10 +138,10 @@ def load_policy(path: Path) -> Policy:
 
 
 def parse_policy(path: Path, raw: dict[str, Any]) -> Policy:
-    top = _Reader(path, raw, "")
+    top = TableReader(path, raw, "")
     roles = {name: _role(top.sub("roles").sub(name, True), name) for name in top.sub("roles").table}
     rules_raw = top.get("rules", list, [], what="an array of [[rules]] tables")
-    rules = tuple(_rule(_Reader(path, r, f"rules[{i}]"), roles, i) for i, r in enumerate(rules_raw))
+    rules = tuple(_rule(TableReader(path, r, f"rules[{i}]"), roles, i) for i, r in enumerate(rules_raw))
     names = [r.name for r in rules]
     for name in names:
         if names.count(name) > 1:
@@ -154,17 +154,17 @@ def parse_policy(path: Path, raw: dict[str, Any]) -> Policy:
     return Policy(roles, rules, console_groups, path)
 
 
-def _id(r: _Reader, key: str, pattern: re.Pattern[str], what: str, value: str) -> str:
+def _id(r: TableReader, key: str, pattern: re.Pattern[str], what: str, value: str) -> str:
     if not pattern.match(value):
         raise ConfigError(r.path, r.key(key), what, value)
     return value
 
 
-def _ids(r: _Reader, key: str, pattern: re.Pattern[str], what: str) -> tuple[str, ...]:
+def _ids(r: TableReader, key: str, pattern: re.Pattern[str], what: str) -> tuple[str, ...]:
     return tuple(_id(r, key, pattern, what, v) for v in r.strings(key, ()))
 
 
-def _role(r: _Reader, name: str) -> Role:
+def _role(r: TableReader, name: str) -> Role:
     users = _ids(r, "users", USER_ID, "Slack user ids (U... or W...) or cli:NAME / console:NAME identities, "
                                       "never display names")
     groups = _ids(r, "groups", GROUP_ID, "Slack user-group ids (S...)")
@@ -172,7 +172,7 @@ def _role(r: _Reader, name: str) -> Role:
     return Role(name, frozenset(users), frozenset(groups))
 
 
-def _known_roles(r: _Reader, key: str, roles: dict[str, Role]) -> tuple[str, ...]:
+def _known_roles(r: TableReader, key: str, roles: dict[str, Role]) -> tuple[str, ...]:
     names = r.strings(key, ())
     for name in names:
         if name not in roles:
@@ -180,14 +180,14 @@ def _known_roles(r: _Reader, key: str, roles: dict[str, Role]) -> tuple[str, ...
     return names
 
 
-def _patterns(r: _Reader, key: str) -> tuple[str, ...]:
+def _patterns(r: TableReader, key: str) -> tuple[str, ...]:
     globs = r.strings(key, ("*",))
     if not globs:
         raise ConfigError(r.path, r.key(key), "at least one glob (leave the key out to match everything)", [])
     return globs
 
 
-def _rule(r: _Reader, roles: dict[str, Role], index: int) -> Rule:
+def _rule(r: TableReader, roles: dict[str, Role], index: int) -> Rule:
     name = r.get("name", str, f"rule {index + 1}")
     r.prefix = f"{r.prefix} ({name!r})"  # errors name the rule, not only its place in the file
     max_hosts = r.get("max_hosts", int, None)
@@ -208,7 +208,7 @@ def _rule(r: _Reader, roles: dict[str, Role], index: int) -> Rule:
     return rule
 
 
-def _approval(a: _Reader, roles: dict[str, Role]) -> Approval:
+def _approval(a: TableReader, roles: dict[str, Role]) -> Approval:
     count = a.get("count", int)
     if count < 1:
         raise ConfigError(a.path, a.key("count"), "at least 1 approval (remove the table for none)", count)
@@ -224,5 +224,5 @@ def _approval(a: _Reader, roles: dict[str, Role]) -> Approval:
     return approval
 
 
-def _missing(r: _Reader, key: str) -> tuple[str, ...]:
+def _missing(r: TableReader, key: str) -> tuple[str, ...]:
     raise ConfigError(r.path, r.key(key), "at least one approver role")

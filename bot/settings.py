@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ombot.config import Config, _Reader, database_url, parse_address
+from ombot.config import Config, TableReader, database_url, parse_address
 
 SLACK_API_ENV = "OMBOT_SLACK_API_URL"
 
@@ -43,7 +43,7 @@ class BotSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> BotSettings:
-        r = _Reader(config.path, config.raw, "").sub("bot")
+        r = TableReader(config.path, config.raw, "").sub("bot")
         state_dir = r.file("state_dir", "state") or config.base_dir / "state"
         host, port = parse_address(r, "listen") if "listen" in r.table else ("127.0.0.1", 3000)
         settings = cls(

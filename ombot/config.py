@@ -111,7 +111,7 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(path, "", f"valid TOML ({exc})") from None
 
 
-class _Reader:
+class TableReader:
     """Typed access to one table of the TOML document, naming the key path on errors."""
 
     def __init__(self, path: Path, table: Any, prefix: str) -> None:
@@ -134,11 +134,11 @@ class _Reader:
             raise ConfigError(self.path, self.key(name), what or _kind_name(kind), value)
         return value
 
-    def sub(self, name: str, required: bool = False) -> _Reader:
+    def sub(self, name: str, required: bool = False) -> TableReader:
         self.known.add(name)
         if name not in self.table and not required:
-            return _Reader(self.path, {}, self.key(name))
-        return _Reader(self.path, self.get(name, dict, what="a table"), self.key(name))
+            return TableReader(self.path, {}, self.key(name))
+        return TableReader(self.path, self.get(name, dict, what="a table"), self.key(name))
 
     def file(self, name: str, default: Any = ...) -> Path | None:
         value = self.get(name, str, default, what="a file path")
@@ -176,7 +176,7 @@ def _check_name(path: Path, key: str, value: str) -> str:
 
 def _parse(path: Path, raw: dict[str, Any]) -> Config:
     # Top-level tables other than these belong to other components (read from Config.raw).
-    top = _Reader(path, raw, "")
+    top = TableReader(path, raw, "")
     clients = {_check_name(path, f"clients.{cid}", cid): _parse_clients_entry(top.sub("clients").sub(cid, True))
                for cid in top.sub("clients").table}
     masters = {
@@ -191,13 +191,13 @@ def _parse(path: Path, raw: dict[str, Any]) -> Config:
     return Config(path, client, clients, idcs, masters, module_dirs, raw)
 
 
-def _parse_clients_entry(r: _Reader) -> str:
+def _parse_clients_entry(r: TableReader) -> str:
     key = public_key(r, "public_key")
     r.done()
     return key
 
 
-def public_key(r: _Reader, name: str) -> str:
+def public_key(r: TableReader, name: str) -> str:
     """A base64 Ed25519 public key, as `ombot keygen` prints it."""
     value = r.get(name, str, what="a base64 public key (as printed by `ombot keygen`)")
     try:
@@ -209,7 +209,7 @@ def public_key(r: _Reader, name: str) -> str:
     return value
 
 
-def _parse_master(r: _Reader, master_id: str, clients: dict[str, str]) -> MasterSettings:
+def _parse_master(r: TableReader, master_id: str, clients: dict[str, str]) -> MasterSettings:
     host, port = parse_address(r, "address")
     accept = r.strings("accept", ())
     for cid in accept:
@@ -238,7 +238,7 @@ def _parse_master(r: _Reader, master_id: str, clients: dict[str, str]) -> Master
     return settings
 
 
-def _approvals(r: _Reader) -> dict[str, int]:
+def _approvals(r: TableReader) -> dict[str, int]:
     """[masters.X.approvals]: module glob -> how many approvers (never the requester) a job needs."""
     counts = {glob: r.get(glob, int, what="a number of approvals") for glob in r.table}
     for glob, count in counts.items():
@@ -247,14 +247,14 @@ def _approvals(r: _Reader) -> dict[str, int]:
     return counts
 
 
-def _positive(r: _Reader, name: str, default: int) -> int:
+def _positive(r: TableReader, name: str, default: int) -> int:
     value = r.get(name, int, default)
     if value <= 0:
         raise ConfigError(r.path, r.key(name), "a positive integer", value)
     return value
 
 
-def _parse_idcs(r: _Reader, masters: dict[str, MasterSettings]) -> dict[str, tuple[str, ...]]:
+def _parse_idcs(r: TableReader, masters: dict[str, MasterSettings]) -> dict[str, tuple[str, ...]]:
     idcs: dict[str, tuple[str, ...]] = {}
     for idc in r.table:
         sub = r.sub(idc, True)
@@ -271,7 +271,7 @@ def _parse_idcs(r: _Reader, masters: dict[str, MasterSettings]) -> dict[str, tup
     return idcs
 
 
-def _parse_client(r: _Reader, idcs: dict[str, tuple[str, ...]]) -> ClientSettings:
+def _parse_client(r: TableReader, idcs: dict[str, tuple[str, ...]]) -> ClientSettings:
     default_idc = r.get("default_idc", str)
     if default_idc not in idcs:
         raise ConfigError(r.path, r.key("default_idc"), f"one of the IDCs under [idcs] ({', '.join(idcs)})", default_idc)
@@ -281,7 +281,7 @@ def _parse_client(r: _Reader, idcs: dict[str, tuple[str, ...]]) -> ClientSetting
     return client
 
 
-def parse_address(r: _Reader, name: str) -> tuple[str, int]:
+def parse_address(r: TableReader, name: str) -> tuple[str, int]:
     what = "'host:port' (an IPv6 address in brackets: '[::1]:7001')"
     value = r.get(name, str, what=what)
     host, sep, port = value.rpartition(":")
@@ -292,7 +292,7 @@ def parse_address(r: _Reader, name: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def database_url(r: _Reader, env_name: str, default: str) -> str:
+def database_url(r: TableReader, env_name: str, default: str) -> str:
     """A database URL from $ENV, a 0600 file (`database_url_file`), or `database` if it holds no password.
 
     Both keys are always read, so neither is reported as unknown. A relative SQLite path in
