@@ -23,11 +23,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from approvals import store
 from approvals.policy import Decision, Policy
+from ombot.clock import MS_PER_SECOND, now_ms, seconds
 from ombot.errors import OmbotError
 
 log = logging.getLogger("ombot.approvals")
 
 GROUP_CACHE_SECONDS = 60.0
+GROUP_FAILURE_CACHE_SECONDS = 15.0  # fail closed meanwhile; short, so a fixed group is soon seen
 
 
 class ApprovalError(OmbotError):
@@ -42,25 +44,47 @@ class Vote:
 
 
 class CachedGroups:
-    """User-group membership, cached briefly; when the source fails, membership is empty (fail closed)."""
+    """User-group membership, cached briefly; when the source fails, membership is empty (fail closed).
 
-    def __init__(self, source: Callable[[str], frozenset[str]], ttl: float = GROUP_CACHE_SECONDS) -> None:
-        self.source, self.ttl = source, ttl
-        self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+    A failure is cached too, for less long: a command checks every policy group several times, and an
+    unreadable group must cost one call to Slack, not one (or one rate-limit wait) per check. One lookup
+    per group at a time: concurrent commands wait for it instead of repeating it.
+    """
+
+    def __init__(self, source: Callable[[str], frozenset[str]], ttl: float = GROUP_CACHE_SECONDS,
+                 failure_ttl: float = GROUP_FAILURE_CACHE_SECONDS) -> None:
+        self.source, self.ttl, self.failure_ttl = source, ttl, failure_ttl
+        self._cache: dict[str, tuple[float, frozenset[str]]] = {}  # group -> (good until, monotonic; members)
+        self._lookups: dict[str, threading.Lock] = {}  # one per policy group: bounded by the policy
         self._lock = threading.Lock()
 
     def members(self, group: str) -> frozenset[str]:
-        hit = self._cache.get(group)
-        if hit and time.monotonic() - hit[0] < self.ttl:
-            return hit[1]
-        try:
-            users = self.source(group)
-        except Exception as exc:
-            log.warning("cannot read members of user group %s, treating it as empty: %s", group, exc)
-            return frozenset()
+        cached = self._fresh(group)
+        if cached is not None:
+            return cached
+        with self._lookup_lock(group):
+            cached = self._fresh(group)  # looked up while this thread waited
+            if cached is not None:
+                return cached
+            try:
+                users, ttl = self.source(group), self.ttl
+            except Exception as exc:
+                reason = " ".join(str(exc).split())[:300]
+                log.warning("cannot read members of user group %s, treating it as empty for %.0f s: %s",
+                            group, self.failure_ttl, reason)
+                users, ttl = frozenset(), self.failure_ttl
+            with self._lock:
+                self._cache[group] = (time.monotonic() + ttl, users)
+            return users
+
+    def _fresh(self, group: str) -> frozenset[str] | None:
         with self._lock:
-            self._cache[group] = (time.monotonic(), users)
-        return users
+            hit = self._cache.get(group)
+        return hit[1] if hit and time.monotonic() < hit[0] else None
+
+    def _lookup_lock(self, group: str) -> threading.Lock:
+        with self._lock:
+            return self._lookups.setdefault(group, threading.Lock())
 
 
 class Gate:
@@ -89,6 +113,12 @@ class Gate:
         return any(self.policy.in_roles(user, groups, r.request) and _matches_module(r.modules, module, r.idcs, idc)
                    for r in self.policy.rules)
 
+    def may_request_anything(self, user: str) -> bool:
+        """Whether the user holds a role some rule names under `request`. Checked before a user's
+        targets are expanded, so someone who may run nothing never makes a master do work."""
+        groups = self.groups_of(user)
+        return any(self.policy.in_roles(user, groups, r.request) for r in self.policy.rules)
+
     def may_cancel(self, user: str, requester: str, approvers: list[str], cancel_roles: list[str]) -> bool:
         return user == requester or user in approvers or self.policy.in_roles(user, self.groups_of(user), cancel_roles)
 
@@ -99,12 +129,12 @@ class Gate:
                      decision: Decision) -> store.ApprovalRequest:
         approval = decision.approval
         assert approval is not None
-        now = int(time.time())
+        now = now_ms()
         request = store.ApprovalRequest.create(
             request_id=str(uuid.uuid4()), requester=requester, origin=origin, channel=channel, reply_url=reply_url,
             idc=idc, module=module, params=params, hosts=hosts, timeout=timeout, rules=list(decision.rules),
             needed=approval.count, approver_roles=list(approval.roles), self_approval=approval.self_approval,
-            cancel_roles=list(decision.cancel_roles), created_at=now, expires_at=now + approval.expiry,
+            cancel_roles=list(decision.cancel_roles), created_at=now, expires_at=now + approval.expiry * MS_PER_SECOND,
         )
         self._schedule(request)
         return request
@@ -119,7 +149,7 @@ class Gate:
             raise ApprovalError(f"You asked for request #{request.number}; someone else must approve it.")
         try:
             with store.db.atomic():
-                store.ApprovalVote.create(request=request.number, approver=user, at=int(time.time()))
+                store.ApprovalVote.create(request=request.number, approver=user, at=now_ms())
         except peewee.IntegrityError:
             raise ApprovalError(f"You already approved request #{request.number}.") from None
         count = store.ApprovalVote.select().where(store.ApprovalVote.request == request.number).count()
@@ -162,7 +192,7 @@ class Gate:
             raise ApprovalError(f"No approval request {ref!r}. `/om approvals` lists pending ones.")
         if self.origin is not None and request.origin != self.origin:
             raise ApprovalError(f"Request #{request.number} was made in {request.origin}; decide it there.")
-        if request.state == store.PENDING and request.expires_at <= time.time():
+        if request.state == store.PENDING and request.expires_at <= now_ms():
             self._expired(request.request_id)
             request = _reload(request)
         if request.state != store.PENDING:
@@ -180,7 +210,7 @@ class Gate:
     def _schedule(self, request: store.ApprovalRequest) -> None:
         if not self.scheduler.running:
             return
-        when = datetime.fromtimestamp(request.expires_at, tz=timezone.utc)
+        when = datetime.fromtimestamp(seconds(request.expires_at), tz=timezone.utc)
         self.scheduler.add_job(self._expired, "date", run_date=when, args=[request.request_id],
                                id=request.request_id, replace_existing=True, misfire_grace_time=None)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import peewee
 
-from ombot.storage import JSONField, create_tables
+from ombot.clock import now_ms
+from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms
 
 db = peewee.DatabaseProxy()
 
@@ -20,6 +20,8 @@ class BaseModel(peewee.Model):
 
 
 class ApprovalRequest(BaseModel):
+    """Timestamps here and in the votes and the trail are UTC epoch milliseconds (ombot.clock)."""
+
     number = peewee.AutoField()  # for people: /om approve 7
     request_id = peewee.CharField(max_length=36, unique=True)  # becomes the job id once approved
     requester = peewee.CharField(max_length=64)
@@ -37,9 +39,9 @@ class ApprovalRequest(BaseModel):
     self_approval = peewee.BooleanField(default=False)
     cancel_roles = JSONField()
     state = peewee.CharField(max_length=16, index=True, default=PENDING)
-    created_at = peewee.IntegerField()
-    expires_at = peewee.IntegerField(index=True)
-    decided_at = peewee.IntegerField(null=True)
+    created_at = peewee.BigIntegerField()
+    expires_at = peewee.BigIntegerField(index=True)
+    decided_at = peewee.BigIntegerField(null=True)
     decided_by = peewee.CharField(max_length=64, null=True)
     reason = peewee.TextField(null=True)
     message_channel = peewee.CharField(max_length=64, null=True)
@@ -52,7 +54,7 @@ class ApprovalRequest(BaseModel):
 class ApprovalVote(BaseModel):
     request = peewee.ForeignKeyField(ApprovalRequest, backref="votes", on_delete="CASCADE")
     approver = peewee.CharField(max_length=64)
-    at = peewee.IntegerField()
+    at = peewee.BigIntegerField()
 
     class Meta:
         table_name = "approval_vote"
@@ -62,7 +64,7 @@ class ApprovalVote(BaseModel):
 class TrailEntry(BaseModel):
     """Every chat action: commands, refusals, clicks, approvals, cancels."""
 
-    at = peewee.FloatField(index=True)
+    at = peewee.BigIntegerField(index=True)
     user = peewee.CharField(max_length=64, index=True)
     channel = peewee.CharField(max_length=64)
     origin = peewee.CharField(max_length=16)
@@ -74,11 +76,16 @@ class TrailEntry(BaseModel):
         table_name = "chat_trail"
 
 
-MIGRATIONS = [create_tables(ApprovalRequest, ApprovalVote, TrailEntry)]
+MIGRATIONS = [
+    create_tables(ApprovalRequest, ApprovalVote, TrailEntry),
+    # Version 1: seconds in 32-bit INTs, and the trail in a float (15 s off on a Postgres REAL).
+    epoch_seconds_to_ms({"approval_request": ("created_at", "expires_at", "decided_at"), "approval_vote": ("at",),
+                         "chat_trail": ("at",)}),
+]
 
 
 def record(user: str, channel: str, origin: str, action: str, detail: str, outcome: str) -> None:
-    TrailEntry.create(at=time.time(), user=user, channel=channel, origin=origin, action=action,
+    TrailEntry.create(at=now_ms(), user=user, channel=channel, origin=origin, action=action,
                       detail=detail[:4000], outcome=outcome[:4000])
 
 
@@ -92,7 +99,7 @@ def find_request(ref: str) -> ApprovalRequest | None:
 
 def transition(request: ApprovalRequest, to: str, **fields: Any) -> bool:
     """Compare-and-set from pending: exactly one caller wins, however many race."""
-    won = (ApprovalRequest.update(state=to, decided_at=int(time.time()), **fields)
+    won = (ApprovalRequest.update(state=to, decided_at=now_ms(), **fields)
            .where((ApprovalRequest.number == request.number) & (ApprovalRequest.state == PENDING)).execute())
     if won:
         request.state = to

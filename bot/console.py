@@ -61,7 +61,7 @@ def plain(text: str) -> str:
 def run_console(service: BotService, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
     transport = ConsoleTransport(out)
     service.start(transport)
-    user = service.settings.console_user
+    user = service.console_user
     transport.say(f"OMBot console: you are {user}. Type /om help; /as USER switches user; /quit leaves.")
     while True:
         out.write(PROMPT)
@@ -81,7 +81,7 @@ def run_console(service: BotService, stdin: TextIO = sys.stdin, out: TextIO = sy
 
 
 def _switch_user(service: BotService, transport: ConsoleTransport, user: str, new: str) -> str:
-    if not service.settings.console_allow_as:
+    if not service.console_may_switch:
         transport.say("/as is disabled (set console_allow_as = true under [bot] to allow it).")
         return user
     if not new or " " in new:

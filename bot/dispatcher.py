@@ -76,6 +76,7 @@ class Dispatcher:
     def form_submitted(self, req: ChatRequest, metadata: str, state: dict[str, Any],
                        transport: Transport) -> dict[str, str]:
         """Validate a modal; return field errors (shown in the modal) or start the job and return {}."""
+        self.check_may_request(req.user)  # before the catalog and any expansion reach a master
         meta = json.loads(metadata)
         spec = self.catalogs.get(meta["idc"]).modules[meta["module"]]
         targets, raw = forms.read_submission(state)
@@ -217,6 +218,7 @@ class Dispatcher:
     # -- acting --------------------------------------------------------------------------------
 
     def _run(self, command: grammar.Run, req: ChatRequest, transport: Transport) -> None:
+        self.check_may_request(req.user)  # before the catalog and any expansion reach a master
         idc = command.idc or self.default_idc
         spec = self.spec_of(idc, command.module)
         missing = [p.name for p in spec.params if p.required and p.name not in command.params]
@@ -229,6 +231,13 @@ class Dispatcher:
             raise ParamError(exc.param, f"{exc.expected}\nusage: `/om {spec.usage()}`") from None
         hosts = self.router.expand(idc, command.targets, requester=req.user)
         self._authorized_run(command, spec, hosts, req, transport)
+
+    def check_may_request(self, user: str) -> None:
+        """Refuse, before any target reaches a master, a user whom no rule lets request anything."""
+        if self.gate is None:
+            raise PolicyRefusal("no access policy is configured ([bot] policy in ombot.toml), so nothing may run")
+        if not self.gate.may_request_anything(user):
+            raise PolicyRefusal("you hold no role that the access policy lets request jobs; ask your admins for access")
 
     def decide(self, user: str, module: str, hosts: list[str], idc: str) -> Decision:
         if self.gate is None:
@@ -268,9 +277,9 @@ class Dispatcher:
         shown = {k: v for k, v in values.items() if v is not None}
         job = store.BotJob.create(
             job_id=job_id or str(uuid.uuid4()), requester=req.user, origin=req.origin, channel=req.channel,
-            idc=idc, module=spec.name, params=json.dumps(shown), host_count=len(hosts), state="submitting",
-            created_at=store.now(), reply_url=req.response_url, approvers=json.dumps(list(approvers)),
-            cancel_roles=json.dumps(list(cancel_roles)),
+            idc=idc, module=spec.name, params=shown, host_count=len(hosts), state="submitting",
+            created_at=store.now(), reply_url=req.response_url, approvers=list(approvers),
+            cancel_roles=list(cancel_roles),
         )
         transport.respond(req, _preview(spec.name, idc, hosts, f"Starting job #{job.number}:"))
         card_ts = transport.post(req.channel, job_card(card_of(job)), req=req)
@@ -294,7 +303,7 @@ class Dispatcher:
     def _end_early(self, job: store.BotJob, transport: Transport, state: str, reason: str) -> None:
         store.update_job(job, state=state, finished_at=store.now(), reported=True)
         card = card_of(job)
-        card.finished_at, card.note = time.time(), reason
+        card.finished_at, card.note = job.finished_at, reason
         if job.card_ts:
             transport.update(job.channel, job.card_ts, job_card(card))
         else:
@@ -303,9 +312,9 @@ class Dispatcher:
 
     def _cancel(self, command: grammar.Cancel, req: ChatRequest, transport: Transport) -> None:
         job = _find(command.job)
-        approvers = json.loads(job.approvers)
         allowed = req.user == job.requester or (
-            self.gate is not None and self.gate.may_cancel(req.user, job.requester, approvers, json.loads(job.cancel_roles)))
+            self.gate is not None and self.gate.may_cancel(req.user, job.requester, list(job.approvers),
+                                                           list(job.cancel_roles)))
         if not allowed:
             raise PolicyRefusal(f"only the requester (<@{job.requester}>), its approvers or the roles the policy "
                                 f"names may cancel job #{job.number}")

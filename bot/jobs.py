@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -66,7 +65,7 @@ class JobFollower:
 
         ref = JobRef(job.job_id, job.idc, job.master_id)
         self.router.follow(ref, on_event, next_wait, flush, first)
-        store.update_job(job, state=card.state, finished_at=int(card.finished_at or time.time()))
+        store.update_job(job, state=card.state, finished_at=card.finished_at or store.now())
         req = ChatRequest(job.requester, job.channel, origin=job.origin, response_url=job.reply_url)
         if job.card_ts:
             dirty = True
@@ -80,7 +79,7 @@ class JobFollower:
 def card_of(job: store.BotJob) -> CardState:
     return CardState(
         number=job.number, job_id=job.job_id, requester=job.requester, module=job.module,
-        params=json.loads(job.params), idc=job.idc, hosts=job.host_count, created_at=job.created_at,
+        params=job.params, idc=job.idc, hosts=job.host_count, created_at=job.created_at,
         state=job.state,
     )
 
@@ -97,6 +96,6 @@ def apply_event(card: CardState, results: dict[str, dict[str, Any]], event: dict
     elif kind == "cancel_requested":
         card.note = f"cancel requested by <@{data.get('by')}>"
     elif kind == "finished":
-        card.state, card.finished_at = data["state"], event["at"]
+        card.state, card.finished_at = data["state"], event["at"]  # epoch ms, as the master stores it
         if data.get("reason"):
             card.note = data["reason"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from masters import FINAL_STATES
+from ombot.clock import MS_PER_SECOND
 
 SECTION_LIMIT = 3000
 TEXT_LIMIT = 3500  # the plain-text twin: what notifications and the console show
@@ -53,10 +54,11 @@ def code(text: str, limit: int = SECTION_LIMIT - 8) -> str:
     return "```" + clip(escape(text).replace("```", "``\u200b`"), limit) + "```"
 
 
-def slack_date(epoch: float, fallback_format: str = "%Y-%m-%d %H:%M UTC") -> str:
-    """A time each reader sees in their own time zone (Slack date formatting), UTC as fallback."""
+def slack_date(epoch_ms: int, fallback_format: str = "%Y-%m-%d %H:%M UTC") -> str:
+    """A stored time (epoch ms) each reader sees in their own time zone (Slack date formatting), UTC as fallback."""
+    epoch = int(epoch_ms // MS_PER_SECOND)  # Slack's <!date^...> takes whole epoch seconds
     fallback = time.strftime(fallback_format, time.gmtime(epoch))
-    return f"<!date^{int(epoch)}^{{date_short_pretty}} {{time}}|{fallback}>"
+    return f"<!date^{epoch}^{{date_short_pretty}} {{time}}|{fallback}>"
 
 
 def text_message(text: str) -> Message:
@@ -82,12 +84,12 @@ class CardState:
     params: dict[str, Any]
     idc: str
     hosts: int
-    created_at: float
+    created_at: int  # epoch ms, as stored and as the master's events carry it
     state: str = "submitting"
     done: int = 0
     ok: int = 0
     failed: int = 0
-    finished_at: float | None = None
+    finished_at: int | None = None  # epoch ms
     note: str = ""
 
     @property
@@ -101,7 +103,7 @@ def job_card(card: CardState) -> Message:
     icon = STATE_ICONS.get(card.state, "")
     progress = f"{card.done}/{card.hosts} hosts \u00b7 {card.ok} ok \u00b7 {card.failed} failed"
     when = slack_date(card.created_at)
-    took = f" \u00b7 took {duration(card.finished_at - card.created_at)}" if card.finished_at else ""
+    took = f" \u00b7 took {duration((card.finished_at - card.created_at) / MS_PER_SECOND)}" if card.finished_at else ""
     headline = f"{icon} *#{card.number}* `{card.module}` on *{card.hosts} host{'s' * (card.hosts != 1)}* in `{card.idc}` \u2014 *{card.state}*"
     blocks: list[dict[str, Any]] = [
         section(headline),
@@ -190,9 +192,9 @@ class RequestView:
     hosts: list[str]
     needed: int
     approver_roles: list[str]
-    approvers: list[tuple[str, int]]  # (user, epoch)
+    approvers: list[tuple[str, int]]  # (user, epoch ms)
     state: str
-    expires_at: int
+    expires_at: int  # epoch ms
     decided_by: str | None = None
     reason: str | None = None
 

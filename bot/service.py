@@ -8,13 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import approvals
 from approvals import Gate, load_policy
-from bot import store
+from bot import replay, store
 from bot.dispatcher import CatalogCache, Dispatcher
 from bot.jobs import JobFollower
 from bot.settings import BotSettings
 from bot.transport import Transport
 from masters import Identity, Router
-from ombot.config import Config
+from ombot.config import ClientRegistration, Config
+from ombot.errors import ConfigError
 
 log = logging.getLogger("ombot.bot")
 
@@ -24,9 +25,12 @@ class BotService:
                  group_members: Callable[[str], frozenset[str]] | None = None) -> None:
         self.config, self.origin = config, origin
         self.settings = BotSettings.from_config(config)
-        client = config.require_client()
+        self.registration = self._registration(config, origin)
+        client = config.speaking_as(self.registration.id)
         approvals.bind(store.open_store(self.settings.database_url))
-        self.router = Router(config, Identity.load(client.key_file), requester="bot", origin=origin)
+        replay.prepare()
+        self.router = Router(config, Identity.load(client.key_file), requester=self.registration.identity,
+                             origin=origin)
         self.gate = self._gate(group_members)
         # Commands and job-following use separate pools: long-polls must never starve commands.
         self.commands = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="om-cmd")
@@ -35,6 +39,29 @@ class BotService:
         self.follower = JobFollower(self.router, self.following)
         self.dispatcher = Dispatcher(self.router, self.catalogs, self.follower, client.default_idc, self.gate,
                                      self.commands)
+
+    def _registration(self, config: Config, origin: str) -> ClientRegistration:
+        """The bot speaks as a chat client; the console as its own client, which acts as one fixed
+        console:USER unless it is registered as a chat client (the demo)."""
+        client_id = self.settings.console_client if origin == "console" else self.settings.client
+        registration = config.clients.get(client_id)
+        if registration is None:
+            key = "console_client" if origin == "console" else "client"
+            raise ConfigError(config.path, f"bot.{key}", f"a client defined under [clients] (not {client_id!r})")
+        if origin != "console" and registration.kind != "chat":
+            raise ConfigError(config.path, f"clients.{client_id}.kind", '"chat" for the Slack bot', registration.kind)
+        return registration
+
+    @property
+    def console_user(self) -> str:
+        """Who the console acts as: its fixed identity, or (a chat-kind console) the configured chat user."""
+        if self.registration.kind == "chat" and self.settings.console_user:
+            return self.settings.console_user
+        return self.registration.identity
+
+    @property
+    def console_may_switch(self) -> bool:
+        return self.registration.kind == "chat" and self.settings.console_allow_as
 
     def _gate(self, group_members: Callable[[str], frozenset[str]] | None) -> Gate | None:
         if self.settings.policy is None:

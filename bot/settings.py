@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,9 @@ class BotSettings:
     listen_port: int
     workers: int
     database_url: str
-    console_user: str
+    client: str  # the registration `ombot bot` speaks as
+    console_client: str  # the registration `ombot console` speaks as
+    console_user: str | None  # a chat user the console acts as; only a chat-kind console may
     console_allow_as: bool
     state_dir: Path
     policy: Path | None
@@ -52,7 +53,9 @@ class BotSettings:
             listen_port=port,
             workers=r.get("workers", int, 8),
             database_url=database_url(r, "OMBOT_BOT_DATABASE_URL", f"sqlite:///{state_dir / 'bot.db'}"),
-            console_user=r.get("console_user", str, f"console:{getpass.getuser()}"),
+            client=r.get("client", str, "bot"),
+            console_client=r.get("console_client", str, "console"),
+            console_user=r.get("console_user", str, None),
             console_allow_as=r.get("console_allow_as", bool, False),
             state_dir=state_dir,
             policy=r.file("policy", None),

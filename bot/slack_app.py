@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -17,14 +18,15 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from socketserver import ThreadingMixIn
 
-from slack_bolt import App, BoltResponse
+import peewee
+from slack_bolt import App, BoltRequest, BoltResponse
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
 from slack_sdk.webhook import WebhookClient
 
-from bot import forms
+from bot import forms, replay, store
 from bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK, Message
 from bot.service import BotService
 from bot.settings import SlackSecrets
@@ -38,12 +40,18 @@ COMMAND = "/om"
 RESPONSE_URL_USES = 5  # Slack accepts at most five posts to one response_url
 RATE_LIMIT_RETRIES = 6
 SEND_ATTEMPTS = 20  # after the client's own retries: a result is never dropped for a 429 storm
+# Slack's largest request is a modal's view_submission: the whole view (at most 250 kB of JSON) plus
+# its state, form-encoded; the largest modal bot/forms.py generates comes to about 430 kB.
+MAX_BODY_BYTES = 1024 * 1024
+LINGER_SECONDS = 2.0  # after refusing a body: drain what is in flight, so the refusal is not reset away
+CONNECTION_NOTES = "ombot.connection"  # WSGI environ key: a dict the app leaves notes in for the handler
+UNREAD_BODY = "unread_body"  # such a note: the body was refused, not read
 SCOPES = ["commands", "chat:write", "chat:write.public", "files:write", "usergroups:read", "users:read"]
 
 
-def web_client(secrets: SlackSecrets) -> WebClient:
+def web_client(secrets: SlackSecrets, rate_limit_retries: int = RATE_LIMIT_RETRIES) -> WebClient:
     # Both handlers: passing any replaces slack_sdk's default connection-error retry.
-    handlers = [ConnectionErrorRetryHandler(), RateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES)]
+    handlers = [ConnectionErrorRetryHandler(), RateLimitErrorRetryHandler(max_retry_count=rate_limit_retries)]
     kwargs: dict[str, Any] = {"token": secrets.bot_token, "retry_handlers": handlers}
     if secrets.api_url:
         kwargs["base_url"] = secrets.api_url.rstrip("/") + "/"
@@ -180,6 +188,8 @@ def build_app(service: BotService, secrets: SlackSecrets, client: WebClient, soc
               ignoring_self_events_enabled=False)
     team_id = service.settings.team_id
     dispatcher = service.dispatcher
+    if not socket_mode:  # Socket Mode requests come over the app's own authenticated connection
+        app.middleware(_drop_replays)
 
     @app.middleware
     def only_our_workspace(body: dict[str, Any], next: Callable[[], BoltResponse]) -> BoltResponse | None:
@@ -246,6 +256,35 @@ def _team_of(body: dict[str, Any]) -> str | None:
     return body.get("team_id") or (body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id")
 
 
+def _drop_replays(req: BoltRequest, next: Callable[[], BoltResponse]) -> BoltResponse | None:
+    """Runs after Bolt verified the signature: the first use of a signed request is served, a repeat
+    of the same bytes (same timestamp and signature) is acked and dropped."""
+    timestamp = (req.headers.get("x-slack-request-timestamp") or [""])[0]
+    signature = (req.headers.get("x-slack-signature") or [""])[0]
+    try:
+        try:
+            first = replay.first_use(timestamp, signature)
+        except peewee.PeeweeException as exc:
+            log.warning("cannot check a Slack request for replay, refusing it: %s", exc)
+            return BoltResponse(status=503, body="OMBot cannot reach its database; try again.")
+        if not first:
+            log.warning("dropped a replayed Slack request (signed at %s, digest %s)", timestamp,
+                        replay.digest_of(timestamp, signature)[:12])
+            return BoltResponse(status=200, body="")
+        return next()
+    finally:
+        _close_connection()
+
+
+def _close_connection() -> None:
+    """Each HTTP request has its own thread: close the database connection it opened (peewee keeps one
+    per thread), or every request would leave one behind until the thread object is collected."""
+    try:
+        store.db.close()
+    except peewee.PeeweeException as exc:
+        log.warning("could not close a request's database connection: %s", exc)
+
+
 def slack_group_members(client: WebClient, group: str) -> frozenset[str]:
     """Members of a Slack user group (S...). Errors propagate: the gate then fails closed."""
     return frozenset(client.usergroups_users_list(usergroup=group)["users"])
@@ -257,8 +296,57 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    notes: dict[str, Any]
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
+
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        environ[CONNECTION_NOTES] = self.notes  # the app sees a copy of the environ, but this same dict
+        return environ
+
+    def handle(self) -> None:
+        self.notes = {}
+        super().handle()
+        if self.notes.get(UNREAD_BODY):
+            _discard_rest(self.connection)
+
+
+def _discard_rest(sock: socket.socket) -> None:
+    """Half-close, then read and drop what the client still sends, for a moment only.
+
+    Closing with unread bytes makes the kernel reset the connection, and a client still sending may
+    then lose the answer before reading it. The drain reuses one buffer: nothing accumulates.
+    """
+    buffer = bytearray(64 * 1024)
+    deadline = time.monotonic() + LINGER_SECONDS
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv_into(buffer):
+                return
+    except OSError:
+        return
+
+
+def _body_refusal(environ: dict[str, Any]) -> tuple[str, str] | None:
+    """(status, reason) when the body must not be read: chunked, of undeclared or bad length, or too long.
+
+    Checked before Bolt reads anything, and so before the signature: Bolt reads the whole body into
+    memory to verify it, and anyone can send one.
+    """
+    length = str(environ.get("CONTENT_LENGTH") or "").strip()
+    if environ.get("HTTP_TRANSFER_ENCODING") or (not length and environ.get("REQUEST_METHOD") == "POST"):
+        return "411 Length Required", "Send the body with a Content-Length (not chunked)."
+    if not length:
+        return None
+    if not (length.isascii() and length.isdigit()):
+        return "400 Bad Request", "Content-Length must be a number of bytes."
+    if int(length) > MAX_BODY_BYTES:
+        return "413 Content Too Large", f"A request body may be at most {MAX_BODY_BYTES} bytes."
+    return None
 
 
 def http_server(app: App, host: str, port: int) -> WSGIServer:
@@ -269,6 +357,14 @@ def http_server(app: App, host: str, port: int) -> WSGIServer:
         if environ.get("PATH_INFO") != "/slack/events":
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found"]
+        refusal = _body_refusal(environ)
+        if refusal is not None:
+            status, reason = refusal
+            environ.get(CONNECTION_NOTES, {})[UNREAD_BODY] = True
+            log.info("refused a request from %s: %s (Content-Length %r)", environ.get("REMOTE_ADDR"), status,
+                     str(environ.get("CONTENT_LENGTH", ""))[:20])
+            start_response(status, [("Content-Type", "text/plain")])  # wsgiref closes after one request
+            return [reason.encode()]
         return handler(environ, start_response)
 
     return make_server(host, port, wsgi, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
@@ -281,7 +377,10 @@ def serve_slack(config: Config) -> None:
     if not (secrets.app_token or secrets.signing_secret):
         raise OmbotError("set SLACK_APP_TOKEN for Socket Mode, or SLACK_SIGNING_SECRET for HTTP mode")
     client = web_client(secrets)
-    service = BotService(config, origin="slack", group_members=lambda group: slack_group_members(client, group))
+    # A command waits on its group lookups: a rate-limited one fails at once (the group has no members
+    # until the failure's short cache expires) instead of holding every command for the Retry-After.
+    lookups = web_client(secrets, rate_limit_retries=0)
+    service = BotService(config, origin="slack", group_members=lambda group: slack_group_members(lookups, group))
     socket_mode = bool(secrets.app_token)
     app, transport = build_app(service, secrets, client, socket_mode)
     service.start(transport)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import peewee
 
-from ombot.storage import create_tables, open_database
+from ombot.clock import now_ms
+from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms, open_database
 
 db = peewee.DatabaseProxy()
 
 
 class BotJob(peewee.Model):
+    """Timestamps are UTC epoch milliseconds (ombot.clock)."""
+
     number = peewee.AutoField()  # the short number people type: /om cancel 12
     job_id = peewee.CharField(max_length=36, unique=True)  # the UUID, also the request id at the master
     requester = peewee.CharField(max_length=64, index=True)
@@ -23,21 +25,22 @@ class BotJob(peewee.Model):
     idc = peewee.CharField(max_length=64)
     master_id = peewee.CharField(max_length=64, null=True)
     module = peewee.CharField(max_length=128)
-    params = peewee.TextField()  # JSON, as shown on the card
+    params = JSONField()  # as shown on the card
     host_count = peewee.IntegerField()
     state = peewee.CharField(max_length=16, index=True)
-    approvers = peewee.TextField(default="[]")  # JSON: who approved it (they may cancel it too)
-    cancel_roles = peewee.TextField(default="[]")  # JSON: policy roles that may cancel it
+    approvers = JSONField(default=list)  # who approved it (they may cancel it too)
+    cancel_roles = JSONField(default=list)  # policy roles that may cancel it
     reported = peewee.BooleanField(default=False)  # final card and thread results are posted
-    created_at = peewee.IntegerField()
-    finished_at = peewee.IntegerField(null=True)
+    created_at = peewee.BigIntegerField()
+    finished_at = peewee.BigIntegerField(null=True)
 
     class Meta:
         database = db
         table_name = "bot_job"
 
 
-MIGRATIONS = [create_tables(BotJob)]
+# Version 1 kept seconds in 32-bit INTs; its JSON text columns are already what JSONField reads.
+MIGRATIONS = [create_tables(BotJob), epoch_seconds_to_ms({"bot_job": ("created_at", "finished_at")})]
 
 
 def open_store(url: str) -> peewee.Database:
@@ -59,4 +62,5 @@ def update_job(job: BotJob, **fields: Any) -> None:
 
 
 def now() -> int:
-    return int(time.time())
+    """Now in epoch ms, as BotJob's timestamps are stored."""
+    return now_ms()

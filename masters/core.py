@@ -14,21 +14,22 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-
-from nacl.signing import VerifyKey
 
 import ombot
 from masters import store
 from masters.backends.base import Backend, HostResult, HostStatus, RunContext
+from masters.clients import check_approvers, check_permitted, check_requester
 from masters.envelope import Opener, Peer, Refused, Request
 from masters.inventory import Inventory, TargetError
-from masters.keys import Identity
+from masters.keys import Identity, decode_public
+from masters.lograte import LogBudget
+from masters.slots import JobSlots
 from masters.states import FINAL_STATES, JobState
 from modules import Module, ParamError, Plan, Shell, catalog_of
-from ombot.config import MasterSettings
+from ombot.clock import MS_PER_SECOND, now_ms
+from ombot.config import ClientRegistration, MasterSettings
 
 log = logging.getLogger("ombot.master")
 
@@ -57,32 +58,42 @@ class LiveJob:
 
 
 class MasterCore:
-    def __init__(self, settings: MasterSettings, identity: Identity, accepted: dict[str, VerifyKey],
-                 modules: dict[str, Module], inventory: Inventory | None, backend: Backend,
-                 max_jobs: int = 8) -> None:
+    def __init__(self, settings: MasterSettings, identity: Identity, clients: dict[str, ClientRegistration],
+                 modules: dict[str, Module], inventory: Inventory | None, backend: Backend) -> None:
         self.settings, self.modules, self.inventory, self.backend = settings, modules, inventory, backend
+        self.clients = clients
         self.catalog = catalog_of(modules)
         limits = settings.limits
+        accepted = {cid: decode_public(client.public_key) for cid, client in clients.items()}
         self.opener = Opener(identity, settings.id, accepted, limits.max_frame_bytes,
                              limits.clock_skew_seconds, limits.max_validity_seconds)
         self.live: dict[str, LiveJob] = {}
         self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="job")
+        self.slots = JobSlots(limits.max_jobs, limits.max_jobs_per_requester)
         self.started_at = time.time()
         self._next_purge = 0.0
-        self.ops: dict[str, Callable[[Request], dict[str, Any]]] = {
+        operations: dict[str, Callable[[Request], dict[str, Any]]] = {
             "catalog": self._catalog, "expand": self._expand, "submit": self._submit,
             "events": self._events, "cancel": self._cancel, "health": self._health,
         }
+        # Every operation first checks who is asking against the sender's registration.
+        self.ops = {op: self._as_registered(work) for op, work in operations.items()}
         self._recover_interrupted()
 
     # -- transport entry point -------------------------------------------------------------
 
-    def handle(self, op: str, frame: object) -> bytes:
+    # What a peer without a valid envelope can make the master write: rate-limited, shared by all.
+    strangers_log = LogBudget(log, burst=20, per_second=0.5)
+
+    def handle(self, op: str, frame: object, authenticated: Callable[[], None] | None = None) -> bytes:
+        """`authenticated` is called once the frame has opened (a valid envelope from an accepted key),
+        before any work: the transport then stops treating that connection as a stranger's."""
         peer: Peer | None = None
         request: Request | None = None
         try:
             request, peer = self.opener.open(frame, op)
+            if authenticated is not None:
+                authenticated()
             if op == "cancel":  # state-changing: a replay must never act twice (submit checks in _record)
                 self._remember(request)
             if op in ("submit", "cancel") and time.monotonic() >= self._next_purge:
@@ -91,7 +102,10 @@ class MasterCore:
                 store.forget_old_nonces()
             return self.opener.seal_reply(peer, request, self.ops[op](request))
         except Refused as refused:
-            log.info("refused %s: %s (%r)", op, refused.code, refused.message)
+            if peer is None:  # nothing proves who sent it: anyone can send these, as fast as they like
+                self.strangers_log.info("refused %s: %s (%r)", op, refused.code, refused.message)
+            else:
+                log.info("refused %s: %s (%r)", op, refused.code, refused.message)
             return self.opener.seal_refusal(peer, request, refused)
         except Exception:
             ref = uuid.uuid4().hex[:8]
@@ -103,7 +117,15 @@ class MasterCore:
             raise Refused("replay", "this request was already received (replayed nonce)")
 
     def _keep_nonce_until(self, request: Request) -> int:
-        return max(request.expires_at, request.issued_at + self.opener.skew) + 1
+        """Epoch ms, as stored; the envelope's times are epoch seconds."""
+        return (max(request.expires_at, request.issued_at + self.opener.skew) + 1) * MS_PER_SECOND
+
+    def _as_registered(self, work: Callable[[Request], dict[str, Any]]) -> Callable[[Request], dict[str, Any]]:
+        def checked(request: Request) -> dict[str, Any]:
+            check_requester(self.clients[request.sender], request)
+            return work(request)
+
+        return checked
 
     # -- read-only operations ------------------------------------------------------------------
 
@@ -111,12 +133,11 @@ class MasterCore:
         return {"catalog": self.catalog.schema()}
 
     def _health(self, request: Request) -> dict[str, Any]:
-        with self.lock:
-            running = len(self.live)
+        running, waiting = self.slots.counts()
         return {
             "master": self.settings.id, "idc": self.settings.idc, "version": ombot.__version__,
             "backend": self.backend.name, "time": int(time.time()), "uptime": int(time.time() - self.started_at),
-            "running_jobs": running, "catalog_version": self.catalog.version,
+            "running_jobs": running, "waiting_jobs": waiting, "catalog_version": self.catalog.version,
         }
 
     def _expand(self, request: Request) -> dict[str, Any]:
@@ -137,7 +158,7 @@ class MasterCore:
 
     def _submit(self, request: Request) -> dict[str, Any]:
         try:
-            module, values, hosts, timeout = self._check_job(request.args, request.requester)
+            module, values, hosts, timeout = self._check_job(request)
             plan = self._plan(module, values)
         except Refused:
             if self._known(request.id):  # a re-submit is answered with the job, even if it would fail now
@@ -147,7 +168,7 @@ class MasterCore:
         if job is None:  # this request id is already a job: idempotent, it never runs twice
             return self._duplicate(request)
         live = self.live[request.id]
-        self.pool.submit(self._run, request.id, plan, hosts, timeout)
+        self.slots.submit(request.requester, lambda: self._run(request.id, plan, hosts, timeout))
         reply = {"job": _summary(job), "duplicate": False}
         wait = request.args.get("wait") or 0
         if isinstance(wait, (int, float)) and wait > 0:  # a quick job comes back whole, in this one reply
@@ -166,7 +187,8 @@ class MasterCore:
             raise Refused("conflict", "that request id belongs to another client's job")
         return {"job": _summary(job), "duplicate": True}
 
-    def _check_job(self, args: dict[str, Any], requester: str) -> tuple[Module, dict[str, Any], list[str], int]:
+    def _check_job(self, request: Request) -> tuple[Module, dict[str, Any], list[str], int]:
+        args, client = request.args, self.clients[request.sender]
         name = args.get("module")
         if not isinstance(name, str) or name not in self.modules:
             close = difflib.get_close_matches(str(name), self.modules, n=3)
@@ -182,15 +204,13 @@ class MasterCore:
             values = module.validate(params)
         except ParamError as exc:
             raise Refused("invalid_params", str(exc), param=exc.param) from None
-        self._check_approvals(module.name, args.get("approvers"), requester)
-        return module, values, self._check_hosts(args.get("hosts")), self._timeout(module, args.get("timeout"))
+        hosts = self._check_hosts(args.get("hosts"))
+        check_permitted(client, module.name, hosts)
+        self._check_approvals(module.name, check_approvers(client, args.get("approvers")), request.requester)
+        return module, values, hosts, self._timeout(module, args.get("timeout"))
 
-    def _check_approvals(self, module: str, approvers: Any, requester: str) -> None:
+    def _check_approvals(self, module: str, approvers: list[str], requester: str) -> None:
         """The master's own approval floor: it never trusts the bot to have run the approval flow."""
-        if approvers is None:
-            approvers = []
-        if not isinstance(approvers, list) or not all(isinstance(a, str) and a for a in approvers):
-            raise Refused("bad_request", "approvers must be a list of user ids")
         needed = max((n for glob, n in self.settings.approvals.items() if fnmatch.fnmatchcase(module, glob)), default=0)
         if not needed:
             return
@@ -233,7 +253,7 @@ class MasterCore:
 
     def _record(self, request: Request, module: Module, values: dict[str, Any], hosts: list[str],
                 timeout: int) -> store.Job | None:
-        now = int(time.time())
+        now = now_ms()
         live = LiveJob(request.id, request.sender, len(hosts), next_seq=1)
         try:
             with store.db.atomic():  # nonce, job and first event: all or nothing, in one transaction
@@ -321,7 +341,7 @@ class MasterCore:
     def _write_events(live: LiveJob, events: list[tuple[str, dict[str, Any]]]) -> None:
         """Numbered in order, in one INSERT."""
         with live.changed:
-            now = time.time()
+            now = now_ms()  # stored and sent to clients as epoch ms
             rows = [{"job": live.id, "seq": live.next_seq + i, "kind": kind, "at": now, "data": data}
                     for i, (kind, data) in enumerate(events)]
             store.JobEvent.insert_many(rows).execute()
@@ -330,7 +350,7 @@ class MasterCore:
     def _set_state(self, job_id: str, state: JobState, finished: bool = False) -> None:
         fields: dict[Any, Any] = {store.Job.state: state}
         if finished:
-            fields[store.Job.finished_at] = int(time.time())
+            fields[store.Job.finished_at] = now_ms()
         store.Job.update(fields).where(store.Job.id == job_id).execute()
 
     def _recover_interrupted(self) -> None:
@@ -397,7 +417,7 @@ class MasterCore:
     def close(self) -> None:
         for live in list(self.live.values()):
             live.cancelled.set()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.slots.close()
 
 
 def _await_events(live: LiveJob, after: int, wait: float) -> None:

@@ -172,8 +172,9 @@ class Opener:
             )
         except (KeyError, TypeError) as exc:
             raise Refused("bad_request", f"malformed request field: {exc}") from None
-        if data.get("v") != VERSION:
-            raise Refused("bad_request", f"unsupported envelope version {data.get('v')!r}")
+        version = data.get("v")
+        if type(version) is not int or version != VERSION:  # not `!=` alone: True == 1 and 1.0 == 1
+            raise Refused("bad_request", f"unsupported envelope version {version!r}")
         if not isinstance(request.args, dict):
             raise Refused("bad_request", "args must be an object")
         if len(request.nonce) != 32 or not all(c in "0123456789abcdef" for c in request.nonce):
@@ -229,7 +230,28 @@ def _json(data: bytes) -> dict[str, Any]:
         raise Refused("bad_request", "the message is not JSON") from None
     if not isinstance(value, dict):
         raise Refused("bad_request", "the message is not a JSON object")
+    if not _is_unicode_text(value):
+        raise Refused("bad_request", "the message holds a string that is not valid Unicode text (a lone surrogate)")
     return value
+
+
+def _is_unicode_text(value: Any) -> bool:
+    """Whether every string in the decoded JSON (keys too) is Unicode scalar text. JSON's \\ud800
+    escapes decode to lone surrogates, which no UTF-8 store or log line can take later."""
+    stack = [value]
+    while stack:  # a loop, not recursion: json.loads already accepted the nesting depth
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def _str(data: dict[str, Any], key: str) -> str:

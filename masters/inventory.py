@@ -9,13 +9,26 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import re2
+
 from ombot.errors import OmbotError
 
-MAX_HOSTS = 10_000
-_RANGE = re.compile(r"^([^\[\]]*)\[(\d+)-(\d+)\]([^\[\]]*)$")
+# Bounds on one expansion, so whoever may send a target expression cannot make the master work long.
+MAX_HOSTS = 10_000  # names a whole expression may expand to
+MAX_TARGETS_LENGTH = 4096  # characters in a whole expression
+MAX_TERMS = 100  # terms as written, before ranges expand
+MAX_TERM_LENGTH = 255  # characters in one term (a DNS name is at most 253)
+MAX_RANGE_DIGITS = 9  # digits of each bound in name[NN-MM]
+MAX_REGEX_PROGRAM = 2000  # re2 program size of one ~REGEX term
+REGEX_MEMORY = 1 << 20  # re2 memory budget per compiled ~REGEX (its DFA falls back to the NFA past it)
+EXPAND_SECONDS = 1.0  # wall time for matching the ~REGEX terms of one expression against the inventory
+
+_RANGE = re.compile(r"^([^\[\]]*)\[([0-9]+)-([0-9]+)\]([^\[\]]*)$")
 _SUBSCRIPT = re.compile(r"\[[^\]]*\]")
 _TERM = re.compile(r"^[!&]?[A-Za-z0-9_.*\-]+$|^[!&]?~.+$")
 
@@ -50,10 +63,14 @@ class Inventory:
             self._im = InventoryManager(loader=DataLoader(), sources=[str(path)])
         except AnsibleError as exc:
             raise TargetError(f"inventory {path}: {exc.message}") from None
+        # Ansible caches every pattern it resolves, without bound, and is not thread-safe about it:
+        # expansions hold this lock and empty the cache after each.
+        self._lock = threading.Lock()
         self._known = frozenset(self.hosts())  # read once: the inventory is loaded at start
 
     def hosts(self) -> list[str]:
-        return [h.name for h in self._im.get_hosts("all")]
+        with self._lock:
+            return [h.name for h in self._im.get_hosts("all")]
 
     def host_vars(self, host: str) -> dict[str, Any]:
         entry = self._im.get_host(host)
@@ -63,17 +80,50 @@ class Inventory:
         return sorted(self._im.groups)
 
     def expand(self, targets: str) -> list[str]:
-        """Resolve a target expression to the exact, ordered host list; every term must match."""
+        """Resolve a target expression to the exact, ordered host list; every term must match.
+
+        Each term is resolved on its own and the results are combined as Ansible combines a
+        pattern list (all plain terms, then the `&` ones, then the `!` ones). `~REGEX` terms never
+        reach Ansible, which would run them with Python's backtracking `re`: they are matched
+        here with re2, in linear time, against the inventory's group and host names."""
         terms = expand_ranges(targets)
-        names: dict[str, None] = {}
-        for term in terms:
-            if term[0] not in "!&" and not _listed(self._im.get_hosts(term)):
-                raise TargetError(f"no host or group matches {term!r}")
-        for host in _listed(self._im.get_hosts(terms)):
-            names[host.name] = None
+        regexes = {term: _compile_regex(term) for term in terms if _body(term).startswith("~")}
+        deadline = time.monotonic() + EXPAND_SECONDS
+        with self._lock:
+            try:
+                selected = [(term, self._select(term, regexes.get(term), deadline)) for term in terms]
+                names = _combine(selected, self._all_names)
+            finally:
+                self._im.clear_pattern_cache()
         if not names:
             raise TargetError(f"{targets!r} selects no hosts")
-        return list(names)
+        return names
+
+    def _select(self, term: str, regex: Any, deadline: float) -> list[str]:
+        """The hosts one term names, ignoring its `!`/`&`; a plain term must name some."""
+        body = _body(term)
+        hosts = self._regex_hosts(term, regex, deadline) if regex is not None else self._im.get_hosts(body)
+        names = [h.name for h in _listed(hosts)]
+        if body == term and not names:
+            raise TargetError(f"no host or group matches {term!r}")
+        return names
+
+    def _regex_hosts(self, term: str, regex: Any, deadline: float) -> list[Any]:
+        """Ansible's meaning of `~REGEX`: the hosts of every group whose name it matches, then every
+        host whose name it matches (re.match: anchored at the start only)."""
+        hosts: list[Any] = []
+        for name, group in self._im.groups.items():
+            _check_deadline(term, deadline)
+            if regex.match(name):
+                hosts.extend(group.get_hosts())
+        for name, host in self._im.hosts.items():
+            _check_deadline(term, deadline)
+            if regex.match(name):
+                hosts.append(host)
+        return hosts
+
+    def _all_names(self) -> list[str]:
+        return [h.name for h in _listed(self._im.get_hosts("all"))]
 
     def missing(self, hosts: list[str]) -> list[str]:
         return [h for h in hosts if h not in self._known]
@@ -85,11 +135,64 @@ def _listed(hosts: list[Any]) -> list[Any]:
     return [h for h in hosts if not getattr(h, "implicit", False)]
 
 
+def _body(term: str) -> str:
+    return term[1:] if term[:1] in ("!", "&") else term
+
+
+def _combine(selected: list[tuple[str, list[str]]], all_names: Any) -> list[str]:
+    """Ansible's order of applying a pattern list: the plain terms' union (in order), then each
+    `&` term intersects, then each `!` term removes; with no plain term, start from all hosts."""
+    plain = [names for term, names in selected if _body(term) == term]
+    result = dict.fromkeys(name for names in (plain or [all_names()]) for name in names)
+    for term, names in selected:
+        if term[0] == "&":
+            keep = set(names)
+            result = {name: None for name in result if name in keep}
+    for term, names in selected:
+        if term[0] == "!":
+            for name in names:
+                result.pop(name, None)
+    return list(result)
+
+
+def _compile_regex(term: str) -> Any:
+    """A `~REGEX` term compiled with re2 (linear time), or a TargetError saying why it cannot be."""
+    options = re2.Options()
+    options.log_errors = False  # re2 would write every refused pattern to stderr
+    options.never_capture = True  # only "does it match" is asked: lets re2 use its DFA throughout
+    options.max_mem = REGEX_MEMORY
+    pattern = _body(term)[1:]
+    try:
+        regex = re2.compile(pattern, options)
+    except UnicodeEncodeError:
+        raise TargetError(f"{term!r} is not valid Unicode text") from None
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise TargetError(f"{term!r} is not a regular expression OMBot can run ({reason}); target regexes use "
+                          "RE2 syntax, without backreferences or lookarounds") from None
+    if regex.programsize > MAX_REGEX_PROGRAM:
+        raise TargetError(f"{term!r}: the regular expression is too complex (RE2 program of {regex.programsize} "
+                          f"instructions, the cap is {MAX_REGEX_PROGRAM})")
+    return regex
+
+
+def _check_deadline(term: str, deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise TargetError(f"matching {term!r} against the inventory took over {EXPAND_SECONDS:g} s; "
+                          "use a simpler pattern")
+
+
 def expand_ranges(targets: str) -> list[str]:
-    """Split a target expression into terms and expand `name[NN-MM]` ranges (inclusive, padding kept)."""
+    """Split a target expression into terms and expand `name[NN-MM]` ranges (inclusive, padding kept).
+
+    `~REGEX` terms are kept as written: `~web0[1-2]` is a character class, not a range."""
+    if len(targets) > MAX_TARGETS_LENGTH:
+        raise TargetError(f"the target expression is {len(targets)} characters long; the cap is {MAX_TARGETS_LENGTH}")
     terms = [t for t in re.split(r"[,\s]+", targets.strip()) if t]
     if not terms:
         raise TargetError("no targets given")
+    if len(terms) > MAX_TERMS:
+        raise TargetError(f"{len(terms)} target terms; the cap is {MAX_TERMS} (a range such as web[01-40] is one term)")
     out: list[str] = []
     for term in terms:
         out.extend(_expand_term(term))
@@ -99,9 +202,17 @@ def expand_ranges(targets: str) -> list[str]:
 
 
 def _expand_term(term: str) -> list[str]:
+    if len(term) > MAX_TERM_LENGTH:
+        raise TargetError(f"target term {term[:40]!r}... is {len(term)} characters long; the cap is {MAX_TERM_LENGTH}")
+    if _body(term).startswith("~"):
+        if _body(term) == "~":
+            raise TargetError(f"{term!r}: a ~ term needs a regular expression after the ~")
+        return [term]
     match = _RANGE.match(term)
     if match:
         prefix, start, end, suffix = match.groups()
+        if max(len(start), len(end)) > MAX_RANGE_DIGITS:
+            raise TargetError(f"range {term[:60]!r}: a range bound has at most {MAX_RANGE_DIGITS} digits")
         if int(start) > int(end):
             raise TargetError(f"range {term!r} runs backwards")
         if int(end) - int(start) >= MAX_HOSTS:

@@ -6,13 +6,18 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import rpyc
 from rpyc.core.channel import Channel
+from rpyc.core.stream import SocketStream
 from rpyc.utils.server import ThreadedServer
 
 from masters import store
@@ -20,12 +25,15 @@ from masters.backends import backend_named
 from masters.core import MasterCore
 from masters.envelope import OPS
 from masters.inventory import Inventory
-from masters.keys import Identity, decode_public
+from masters.keys import Identity
+from masters.lograte import LogBudget
 from modules import load_modules
 from ombot.config import Config, MasterSettings
 from ombot.errors import ConfigError, OmbotError
 
 log = logging.getLogger("ombot.master")
+# Closed and refused connections of peers that never sent a valid envelope: one line each, rate-limited.
+strangers_log = LogBudget(log, burst=10, per_second=0.2)
 
 EXPOSED = OPS  # the six request kinds of the envelope, and nothing else
 
@@ -84,24 +92,38 @@ class BoundedChannel(Channel):
         return data
 
     def _refuse(self, reason: str) -> None:
-        log.warning("closing the connection from %s: %s", _peer_name(self.stream), reason)
-        # Close first: rpyc answers an EOFError with a polite close request and waits for the reply,
-        # which would mean reading on from the middle of the refused message.
+        # The server logs it: it knows whether the peer authenticated. Close first: rpyc answers an
+        # EOFError with a polite close request and waits for the reply, which would mean reading on
+        # from the middle of the refused message.
         self.stream.close()
         raise OversizedMessage(reason)
 
 
-def _peer_name(stream: Any) -> str:
+def _peer_of(sock: socket.socket) -> str:
     try:
-        return "%s:%s" % stream.sock.getpeername()[:2]
-    except (AttributeError, OSError):
+        return "%s:%s" % sock.getpeername()[:2]
+    except OSError:
         return "an unknown peer"
 
 
+def _hang_up(sock: socket.socket) -> None:
+    """Shut down first: a thread blocked reading this socket wakes up at once."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 class MasterService(rpyc.Service):
-    def __init__(self, core: MasterCore) -> None:
+    def __init__(self, core: MasterCore, on_authenticated: Callable[[], None] | None = None) -> None:
         self._core = core
+        self._on_authenticated = on_authenticated
         self._max_message = core.settings.limits.max_frame_bytes + RPYC_OVERHEAD_BYTES
+
+    def for_connection(self, on_authenticated: Callable[[], None]) -> MasterService:
+        """The service for one connection: it reports when a frame on it authenticates."""
+        return MasterService(self._core, on_authenticated)
 
     def _connect(self, channel: Channel, config: dict[str, Any]) -> rpyc.Connection:
         """Every connection the server accepts goes through here: swap in the bounded channel."""
@@ -119,22 +141,22 @@ class MasterService(rpyc.Service):
         raise AttributeError("read-only")
 
     def exposed_catalog(self, frame: bytes) -> bytes:
-        return self._core.handle("catalog", frame)
+        return self._core.handle("catalog", frame, self._on_authenticated)
 
     def exposed_expand(self, frame: bytes) -> bytes:
-        return self._core.handle("expand", frame)
+        return self._core.handle("expand", frame, self._on_authenticated)
 
     def exposed_submit(self, frame: bytes) -> bytes:
-        return self._core.handle("submit", frame)
+        return self._core.handle("submit", frame, self._on_authenticated)
 
     def exposed_events(self, frame: bytes) -> bytes:
-        return self._core.handle("events", frame)
+        return self._core.handle("events", frame, self._on_authenticated)
 
     def exposed_cancel(self, frame: bytes) -> bytes:
-        return self._core.handle("cancel", frame)
+        return self._core.handle("cancel", frame, self._on_authenticated)
 
     def exposed_health(self, frame: bytes) -> bytes:
-        return self._core.handle("health", frame)
+        return self._core.handle("health", frame, self._on_authenticated)
 
 
 def build_core(config: Config, settings: MasterSettings) -> MasterCore:
@@ -144,34 +166,167 @@ def build_core(config: Config, settings: MasterSettings) -> MasterCore:
     identity = Identity.load(settings.key_file)
     if identity.public != settings.public_key:
         raise ConfigError(config.path, f"masters.{settings.id}.public_key", f"the public key of {settings.key_file}")
-    accepted = {cid: decode_public(config.clients[cid]) for cid in settings.accept}
+    accepted = {cid: config.clients[cid] for cid in settings.accept}
     modules = load_modules(config.module_dirs)
     inventory = Inventory(settings.inventory) if settings.inventory else None
     store.open_store(settings.database_url)
     return MasterCore(settings, identity, accepted, modules, inventory, backend_named(settings.backend))
 
 
-class CappedThreadedServer(ThreadedServer):
-    """A thread per connection, up to a cap: past it, new connections are closed at once instead of
-    letting a flood of idle sockets exhaust the master's threads and memory."""
+REAPER_WAKE_SECONDS = 5.0  # at least this often the reaper also reports suppressed stranger lines
+THREAD_HEADROOM = 2  # threads of just-closed connections may still be finishing: cap all at 2x the cap
 
-    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+
+@dataclass(eq=False)  # hashed by identity: one Link per accepted socket
+class Link:
+    """One accepted connection, as the server tracks it."""
+
+    sock: socket.socket
+    peer: str
+    deadline: float  # time.monotonic() by which a frame on it must authenticate
+    authenticated: bool = False  # a frame on it passed Opener.open; it stays so
+    closed_because: str | None = None  # set when the master closes it on purpose
+
+
+class CappedThreadedServer(ThreadedServer):
+    """A thread per connection, at most `max_connections` open. Until a frame on it authenticates, a
+    connection is a stranger's: it is closed `auth_timeout` seconds after it was accepted, and at the
+    cap the oldest stranger is closed to admit a newcomer (else idle sockets would lock every client
+    out). Authenticated connections are never closed for strangers; with every slot authenticated,
+    newcomers are refused."""
+
+    def __init__(self, *args: Any, max_connections: int, auth_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.max_connections = max_connections
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections, self.auth_timeout = max_connections, auth_timeout
+        self._lock = threading.Condition()
+        self._open: dict[Link, None] = {}  # every open connection, as an ordered set
+        self._strangers: dict[Link, None] = {}  # those not yet authenticated, oldest (earliest deadline) first
+        self._threads = 0  # serving threads still running, closed connections' included
+        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            self._lock.notify_all()  # the reaper sees the server closed
+
+    # -- admission -------------------------------------------------------------------------------
 
     def _accept_method(self, sock: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.warning("refusing a connection: %d connections already open", self.max_connections)
-            sock.close()
+        link = self._admit(sock)
+        if isinstance(link, str):
+            strangers_log.warning("refusing a connection from %s: %s", _peer_of(sock), link)
+            self._discard(sock)
             return
-        threading.Thread(target=self._serve_then_release, args=(sock,), daemon=True).start()
-
-    def _serve_then_release(self, sock: Any) -> None:
         try:
-            self._authenticate_and_serve_client(sock)
+            threading.Thread(target=self._serve_link, args=(link,), daemon=True).start()
+        except RuntimeError:  # no thread to be had: this connection cannot be served
+            self._forget(link)
+            self._discard(sock)
+            log.warning("refusing a connection from %s: cannot start a thread", link.peer)
+
+    def _admit(self, sock: socket.socket) -> Link | str:
+        """The newcomer's Link, making room if a stranger holds a slot; else why it is refused."""
+        with self._lock:
+            if self._threads >= THREAD_HEADROOM * self.max_connections:
+                return f"{self._threads} connection threads are still running"
+            if len(self._open) >= self.max_connections:
+                oldest = next(iter(self._strangers), None)
+                if oldest is None:
+                    return f"{self.max_connections} connections already open, all authenticated"
+                self._close(oldest, f"the oldest unauthenticated connection, closed to admit a new one "
+                                    f"({self.max_connections} open)")
+            link = Link(sock, _peer_of(sock), time.monotonic() + self.auth_timeout)
+            self._open[link] = self._strangers[link] = None
+            self._threads += 1
+            self._lock.notify_all()  # the reaper may be waiting with no deadline in view
+            return link
+
+    def _authenticated(self, link: Link) -> None:
+        if link.authenticated:
+            return
+        with self._lock:
+            link.authenticated = True
+            self._strangers.pop(link, None)
+
+    def _close(self, link: Link, reason: str) -> None:
+        """Close an open connection from another thread (hold the lock); its own thread logs why."""
+        if link not in self._open:
+            return
+        self._forget(link)
+        link.closed_because = reason
+        try:
+            link.sock.shutdown(socket.SHUT_RDWR)  # its thread's blocking read returns
+        except OSError:
+            pass
+
+    def _forget(self, link: Link) -> None:
+        with self._lock:
+            self._open.pop(link, None)
+            self._strangers.pop(link, None)
+
+    def _discard(self, sock: socket.socket) -> None:
+        _hang_up(sock)
+        self.clients.discard(sock)
+
+    def _reap(self) -> None:
+        """Close strangers past their deadline; now and then say how many stranger lines were dropped."""
+        while not self._closed:
+            with self._lock:
+                now = time.monotonic()
+                while self._strangers and (overdue := next(iter(self._strangers))).deadline <= now:
+                    self._close(overdue, f"no valid request within {self.auth_timeout:g} s")
+                oldest = next(iter(self._strangers), None)
+                wait = REAPER_WAKE_SECONDS if oldest is None else oldest.deadline - now
+                self._lock.wait(min(REAPER_WAKE_SECONDS, max(0.0, wait)))
+            strangers_log.flush()
+            MasterCore.strangers_log.flush()
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    def _serve_link(self, link: Link) -> None:
+        try:
+            reason = self._serve(link)
+        except Exception as exc:  # never a thread's traceback on stderr, which a stranger could repeat
+            if link.authenticated:
+                log.exception("the connection from %s failed", link.peer)
+                reason = None
+            else:
+                reason = f"the connection failed ({type(exc).__name__})"
         finally:
-            self._slots.release()
+            self._forget(link)
+            self._discard(link.sock)
+            with self._lock:
+                self._threads -= 1
+        reason = link.closed_because or reason
+        if reason is not None:
+            say = log.warning if link.authenticated else strangers_log.warning
+            say("closing the connection from %s: %s", link.peer, reason)
+
+    def _serve(self, link: Link) -> str | None:
+        """Serve one connection until it ends; why the master ended it, if it did."""
+        service = self.service.for_connection(lambda: self._authenticated(link))
+        config = dict(self.protocol_config, endpoints=(None, link.peer), logger=self.logger)
+        conn = service._connect(Channel(SocketStream(link.sock)), config)
+        try:
+            while not conn.closed:
+                conn.serve(None)
+        except OversizedMessage as exc:
+            return str(exc)
+        except EOFError:  # the peer hung up, or the master shut the socket down (closed_because says why)
+            return None
+        except Exception as exc:  # brine could not decode it (e.g. RecursionError), an unknown message type...
+            if link.authenticated:  # a client with a key: its problem is worth the whole story
+                log.exception("closing the connection from %s: a malformed rpyc message", link.peer)
+                return None
+            return f"a malformed rpyc message ({type(exc).__name__})"
+        finally:
+            # Shut down before rpyc's close: it must not wait for the reply of a peer that broke the protocol.
+            try:
+                link.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+        return None
 
 
 def _claim_state(settings: MasterSettings) -> int:
@@ -215,7 +370,7 @@ def _server(core: MasterCore, settings: MasterSettings) -> CappedThreadedServer:
     server = CappedThreadedServer(
         MasterService(core), hostname=settings.host, port=settings.port, reuse_addr=True,
         protocol_config=SERVER_CONFIG, logger=logging.getLogger("ombot.master.rpyc"),
-        max_connections=settings.limits.max_connections,
+        max_connections=settings.limits.max_connections, auth_timeout=settings.limits.auth_timeout_seconds,
     )
     server._listen()  # rpyc only binds in __init__: without listen() now, "ready" clients would be refused
     return server

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import peewee
 
-from ombot.storage import JSONField, create_tables, open_database
+from ombot.clock import now_ms
+from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms, open_database
 
 db = peewee.DatabaseProxy()
 
@@ -17,10 +16,12 @@ class BaseModel(peewee.Model):
 
 
 class SeenNonce(BaseModel):
-    """Nonces of accepted requests, kept until their request could no longer pass the time checks."""
+    """Nonces of accepted requests, kept until their request could no longer pass the time checks.
+
+    Every timestamp here is UTC epoch milliseconds (ombot.clock) in a 64-bit integer."""
 
     nonce = peewee.CharField(max_length=32, primary_key=True)
-    keep_until = peewee.BigIntegerField(index=True)  # epoch seconds: 64-bit, past 2038
+    keep_until = peewee.BigIntegerField(index=True)
 
 
 class Job(BaseModel):
@@ -44,14 +45,17 @@ class JobEvent(BaseModel):
     job = peewee.ForeignKeyField(Job, backref="events", on_delete="CASCADE")
     seq = peewee.IntegerField()
     kind = peewee.CharField(max_length=32)
-    at = peewee.DoubleField()  # FloatField is 32-bit on Postgres and MySQL: about 2 minutes of resolution
+    at = peewee.BigIntegerField()  # sent to clients as stored: epoch ms
     data = JSONField()
 
     class Meta:
         indexes = ((("job", "seq"), True),)
 
 
-MIGRATIONS = [create_tables(SeenNonce, Job, JobEvent)]
+MIGRATIONS = [
+    create_tables(SeenNonce, Job, JobEvent),
+    epoch_seconds_to_ms({"seennonce": ("keep_until",), "job": ("created_at", "finished_at"), "jobevent": ("at",)}),
+]
 
 
 def open_store(url: str) -> peewee.Database:
@@ -59,11 +63,13 @@ def open_store(url: str) -> peewee.Database:
 
 
 def remember_nonce(nonce: str, keep_until: int) -> bool:
-    """Record a nonce; False if it was already seen (a replay). One insert, no read-then-write race."""
+    """Record a nonce, kept until `keep_until` (epoch ms); False if it was already seen (a replay).
+    One insert, no read-then-write race."""
     # INSERT ... ON CONFLICT DO NOTHING (INSERT IGNORE on MySQL): one statement, no savepoint.
     inserted = SeenNonce.insert(nonce=nonce, keep_until=keep_until).on_conflict_ignore().as_rowcount().execute()
     return inserted == 1
 
 
-def forget_old_nonces(now: float | None = None) -> int:
-    return SeenNonce.delete().where(SeenNonce.keep_until < int(now or time.time())).execute()
+def forget_old_nonces(now: int | None = None) -> int:
+    """Forget nonces kept until before `now` (epoch ms; default: now)."""
+    return SeenNonce.delete().where(SeenNonce.keep_until < (now_ms() if now is None else now)).execute()

@@ -10,7 +10,7 @@
 
 from modules import params
 from modules.params import ParamError
-from modules.plan import Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, Shell, TempPath
+from modules.plan import Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, Shell, TailFile, TempPath
 from modules.registry import (
     RESERVED_COMMANDS, RESERVED_PARAMS, Catalog, Module, ModuleLoadError, ModuleSpec, Risk,
     catalog_of, load_modules, module,
@@ -18,6 +18,6 @@ from modules.registry import (
 
 __all__ = [
     "RESERVED_COMMANDS", "RESERVED_PARAMS", "Catalog", "Command", "Emit", "FirstAvailable", "Module", "ModuleLoadError",
-    "ModuleSpec", "ParamError", "Ping", "Plan", "PutFile", "RequireWithin", "Risk", "Shell", "TempPath",
+    "ModuleSpec", "ParamError", "Ping", "Plan", "PutFile", "RequireWithin", "Risk", "Shell", "TailFile", "TempPath",
     "catalog_of", "load_modules", "module", "params",
 ]

@@ -95,7 +95,21 @@ class RequireWithin:
     param: str | None = None
 
 
-Step = Emit | Ping | Command | FirstAvailable | Shell | PutFile | RequireWithin
+@dataclass(frozen=True)
+class TailFile:
+    """Show the last `lines` lines of the regular file at `path`, which must lie under one of `roots`.
+
+    The backend checks what it opened, not the name: the open descriptor must be a regular file with
+    one link (no hardlink to a file elsewhere), whose real path is under a root. A symlink swapped in
+    between a check and the read therefore cannot lead out. `param` names the path's parameter."""
+
+    path: str
+    lines: int
+    roots: tuple[str, ...]
+    param: str | None = None
+
+
+Step = Emit | Ping | Command | FirstAvailable | Shell | PutFile | RequireWithin | TailFile
 
 
 @dataclass(frozen=True)
@@ -131,4 +145,6 @@ def _describe(step: Step) -> str:
                     + (f" group {group}" if group else ""))
         case RequireWithin(path, roots, _):
             return f"require {path} within {', '.join(roots)}"
+        case TailFile(path, lines, roots, _):
+            return f"show the last {lines} lines of {path} (a single-link regular file within {', '.join(roots)})"
     raise TypeError(f"not a plan step: {step!r}")

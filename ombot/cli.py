@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import getpass
 import json
+import os
 import logging
 import sys
 from pathlib import Path
@@ -33,8 +33,12 @@ IdcOpt = Annotated[Optional[str], typer.Option("--idc", help="IDC to act in [def
 
 @app.callback()
 def _root(ctx: typer.Context, config: RootConfigOpt = None,
+          client: Annotated[Optional[str], typer.Option(
+              "--client", envvar=cfg.CLIENT_ENV, help="The [clients.NAME] registration to speak as [default: [client] id]")] = None,
           verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail")] = False) -> None:
     ctx.obj = {"config": config}
+    if client:  # read by Config.require_client; only a key this user can read can be used
+        os.environ[cfg.CLIENT_ENV] = client
     setup_logging(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -43,10 +47,11 @@ def _config(ctx: typer.Context, local: Path | None) -> cfg.Config:
 
 
 def _router(conf: cfg.Config, origin: str = "cli") -> Any:
+    """The CLI speaks as its registration; the master fixes who that is (cli:USER), never the environment."""
     from masters import Identity, Router
 
     client = conf.require_client()
-    return Router(conf, Identity.load(client.key_file), f"cli:{getpass.getuser()}", origin)
+    return Router(conf, Identity.load(client.key_file), conf.clients[client.id].identity, origin)
 
 
 @app.command()
@@ -83,7 +88,8 @@ def master(ctx: typer.Context, config: ConfigOpt = None,
 
 @app.command()
 def up(ctx: typer.Context, config: ConfigOpt = None,
-       directory: Annotated[Path, typer.Argument(help="Demo directory, created on first use")] = Path("demo")) -> None:
+       directory: Annotated[Path, typer.Argument(help="Demo directory, created on first use")] = Path("demo"),
+       master_port: Annotated[int, typer.Option(help="Port for the demo's master, on first use")] = initdir.DEFAULT_PORT) -> None:
     """Start OMBot on the embedded default: a local master on SQLite (configured on first use) and
     the chat front end: Slack when its tokens are set, else the console."""
     from bot.settings import SlackSecrets
@@ -91,7 +97,7 @@ def up(ctx: typer.Context, config: ConfigOpt = None,
 
     path = Path(config or (ctx.obj or {}).get("config") or directory / "ombot.toml")
     if not path.exists():
-        initdir.init(path.parent, initdir.DEFAULT_PORT)
+        initdir.init(path.parent, master_port, demo=True)
         typer.echo(f"wrote a demo configuration to {path}")
     conf = cfg.load(path)
     with local_masters(conf) as started:
@@ -252,7 +258,10 @@ def policy_explain(ctx: typer.Context,
 
 def main() -> None:
     from masters import ConnectFailed, MasterLost, NoMasterAvailable, Refused
+    from ombot.proc import make_undumpable
 
+    os.umask(0o077)  # databases, logs, keys, state: every file OMBot writes is its user's alone
+    make_undumpable()  # jobs of the same uid must not read our secrets from /proc/PID/{environ,mem}
     try:
         app()
     except Refused as exc:

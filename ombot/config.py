@@ -34,6 +34,9 @@ class Limits:
     job_timeout_seconds: int = 600
     max_parallel_hosts: int = 16
     max_connections: int = 256
+    auth_timeout_seconds: int = 5  # a connection must present a valid envelope this soon, or it is closed
+    max_jobs: int = 8  # job slots of this master
+    max_jobs_per_requester: int = 4  # one requester never holds every slot
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,38 @@ class MasterSettings:
     approvals: dict[str, int] = field(default_factory=dict)
 
 
+CLIENT_KINDS = ("chat", "console", "cli")
+CLIENT_ENV = "OMBOT_CLIENT"
+_USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class ClientRegistration:
+    """A client key the masters may accept, and what the master lets it do.
+
+    `chat` clients (the bot) attest chat identities: they may name Slack users as requesters and
+    approvers. `cli` and `console` clients act as one fixed identity, `cli:USER` / `console:USER`,
+    whatever their requests say. `modules` and `hosts` are globs of what the key may run at all.
+    """
+
+    id: str
+    public_key: str
+    kind: str
+    user: str
+    key_file: Path | None = None
+    modules: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+
+    @property
+    def identity(self) -> str:
+        """Who this client is when it speaks for itself."""
+        return f"{self.kind}:{self.user}"
+
+
 @dataclass(frozen=True)
 class ClientSettings:
+    """The registration a front end on this machine speaks as, with its private key."""
+
     id: str
     key_file: Path
     default_idc: str
@@ -65,7 +98,7 @@ class ClientSettings:
 class Config:
     path: Path
     client: ClientSettings | None
-    clients: dict[str, str]  # client id -> public key
+    clients: dict[str, ClientRegistration]
     idcs: dict[str, tuple[str, ...]]  # idc -> master ids, in failover order
     masters: dict[str, MasterSettings]
     module_dirs: tuple[Path, ...] = ()
@@ -86,9 +119,21 @@ class Config:
             raise ConfigError(self.path, f"masters.{master_id}", "a [masters.NAME] table") from None
 
     def require_client(self) -> ClientSettings:
+        """The CLI's registration: [client] id, unless --client or $OMBOT_CLIENT names another."""
         if self.client is None:
-            raise ConfigError(self.path, "client", "a [client] table with id, key_file and default_idc")
-        return self.client
+            raise ConfigError(self.path, "client", "a [client] table with id and default_idc")
+        override = os.environ.get(CLIENT_ENV)
+        return self.client if not override else self.speaking_as(override, self.client.default_idc)
+
+    def speaking_as(self, client_id: str, default_idc: str | None = None) -> ClientSettings:
+        """Settings for a front end that speaks as registration `client_id` (it needs its key_file)."""
+        registration = self.clients.get(client_id)
+        if registration is None:
+            raise ConfigError(self.path, f"clients.{client_id}", "a [clients.NAME] table for this client")
+        if registration.key_file is None:
+            raise ConfigError(self.path, f"clients.{client_id}.key_file", "the client's private key file")
+        idc = default_idc or (self.client.default_idc if self.client else next(iter(self.idcs), ""))
+        return ClientSettings(client_id, registration.key_file, idc)
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path:
@@ -169,7 +214,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 def _check_name(path: Path, key: str, value: str) -> str:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ConfigError(path, key, "a name of letters, digits, '.', '_' or '-'", value)
     return value
 
@@ -177,24 +222,33 @@ def _check_name(path: Path, key: str, value: str) -> str:
 def _parse(path: Path, raw: dict[str, Any]) -> Config:
     # Top-level tables other than these belong to other components (read from Config.raw).
     top = TableReader(path, raw, "")
-    clients = {_check_name(path, f"clients.{cid}", cid): _parse_clients_entry(top.sub("clients").sub(cid, True))
+    clients = {_check_name(path, f"clients.{cid}", cid): _parse_clients_entry(top.sub("clients").sub(cid, True), cid)
                for cid in top.sub("clients").table}
     masters = {
         _check_name(path, f"masters.{mid}", mid): _parse_master(top.sub("masters").sub(mid, True), mid, clients)
         for mid in top.sub("masters").table
     }
     idcs = _parse_idcs(top.sub("idcs"), masters)
-    client = _parse_client(top.sub("client"), idcs) if "client" in raw else None
+    client = _parse_client(top.sub("client"), idcs, clients) if "client" in raw else None
     modules = top.sub("modules")
     module_dirs = tuple(path.parent / d for d in modules.strings("dirs", ()))
     modules.done()
     return Config(path, client, clients, idcs, masters, module_dirs, raw)
 
 
-def _parse_clients_entry(r: TableReader) -> str:
-    key = public_key(r, "public_key")
+def _parse_clients_entry(r: TableReader, client_id: str) -> ClientRegistration:
+    kind = r.get("kind", str, what=f"one of {', '.join(CLIENT_KINDS)}")
+    if kind not in CLIENT_KINDS:
+        raise ConfigError(r.path, r.key("kind"), f"one of {', '.join(CLIENT_KINDS)}", kind)
+    user = r.get("user", str, client_id)
+    if not _USER.fullmatch(user):
+        raise ConfigError(r.path, r.key("user"), "a lowercase user name (letters, digits, '_', '.', '-')", user)
+    registration = ClientRegistration(
+        id=client_id, public_key=public_key(r, "public_key"), kind=kind, user=user, key_file=r.file("key_file", None),
+        modules=r.strings("modules", ()), hosts=r.strings("hosts", ()),
+    )
     r.done()
-    return key
+    return registration
 
 
 def public_key(r: TableReader, name: str) -> str:
@@ -209,7 +263,7 @@ def public_key(r: TableReader, name: str) -> str:
     return value
 
 
-def _parse_master(r: TableReader, master_id: str, clients: dict[str, str]) -> MasterSettings:
+def _parse_master(r: TableReader, master_id: str, clients: dict[str, ClientRegistration]) -> MasterSettings:
     host, port = parse_address(r, "address")
     accept = r.strings("accept", ())
     for cid in accept:
@@ -271,14 +325,21 @@ def _parse_idcs(r: TableReader, masters: dict[str, MasterSettings]) -> dict[str,
     return idcs
 
 
-def _parse_client(r: TableReader, idcs: dict[str, tuple[str, ...]]) -> ClientSettings:
+def _parse_client(r: TableReader, idcs: dict[str, tuple[str, ...]],
+                  clients: dict[str, ClientRegistration]) -> ClientSettings:
+    """[client]: the IDC front ends act in by default, and the registration the CLI speaks as."""
     default_idc = r.get("default_idc", str)
     if default_idc not in idcs:
         raise ConfigError(r.path, r.key("default_idc"), f"one of the IDCs under [idcs] ({', '.join(idcs)})", default_idc)
-    client = ClientSettings(id=_check_name(r.path, r.key("id"), r.get("id", str)), key_file=r.file("key_file"),
-                            default_idc=default_idc)
+    client_id = _check_name(r.path, r.key("id"), r.get("id", str))
+    if client_id not in clients:
+        raise ConfigError(r.path, r.key("id"), f"a client id defined under [clients] ({', '.join(clients) or 'none'})",
+                          client_id)
     r.done()
-    return client
+    key_file = clients[client_id].key_file
+    if key_file is None:
+        raise ConfigError(r.path, f"clients.{client_id}.key_file", "the CLI client's private key file")
+    return ClientSettings(client_id, key_file, default_idc)
 
 
 def parse_address(r: TableReader, name: str) -> tuple[str, int]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import getpass
+import os
+import pwd
+import re
 from pathlib import Path
 
 from ombot.errors import OmbotError
@@ -14,15 +16,41 @@ CONFIG_TEMPLATE = """\
 # database URLs with passwords come from the environment (OMBOT_MASTER_DATABASE_URL) or a
 # 0600 file named by `database_url_file`. Paths are relative to this file.
 
-# Who this installation talks as, when it is the bot or the CLI.
+# The IDC front ends act in by default, and the registration `ombot run` speaks as
+# (another with --client NAME or $OMBOT_CLIENT).
 [client]
-id = "bot"
-key_file = "keys/bot.key"
+id = "{cli_id}"
 default_idc = "local"
 
-# Clients the masters may accept, by public key.
+# Every client key the masters may accept. Each has its own key and registration; the master maps
+# the key to who is asking and never takes the request's word for it:
+#   kind = "chat"     the bot: may name Slack users as requesters and approvers
+#   kind = "console"  `ombot console`: always acts as console:USER
+#   kind = "cli"      `ombot run`: always acts as cli:USER
+# modules and hosts are globs of what the key may run at all; the policy decides the rest.
+# key_file is needed only on the machine where that client runs.
 [clients.bot]
+kind = "chat"
 public_key = "{bot_public}"
+key_file = "keys/bot.key"
+modules = ["*"]
+hosts = ["*"]
+
+[clients.console]
+kind = "{console_kind}"{console_comment}
+user = "{unix_user}"
+public_key = "{console_public}"
+key_file = "keys/console.key"
+modules = ["*"]
+hosts = ["*"]
+
+[clients.{cli_id}]
+kind = "cli"
+user = "{unix_user}"
+public_key = "{cli_public}"
+key_file = "keys/{cli_id}.key"
+modules = ["*"]
+hosts = ["*"]
 
 # Each IDC lists its masters in failover order.
 [idcs.local]
@@ -35,7 +63,7 @@ public_key = "{master_public}"
 key_file = "keys/local-1.key"      # needed only where this master runs
 inventory = "inventory/local.ini"  # Ansible INI or YAML
 backend = "local"
-accept = ["bot"]
+accept = ["bot", "console", "{cli_id}"]  # revoke a client: remove it here, restart the master
 state_dir = "state"                # SQLite database, file store; or set OMBOT_MASTER_DATABASE_URL
 
 [masters.local-1.limits]
@@ -58,14 +86,21 @@ job_timeout_seconds = 600
 # team_id = "T0123456"             # the one Slack workspace this bot serves
 listen = "127.0.0.1:3000"          # HTTP mode: Slack posts to http://HOST:PORT/slack/events
 workers = 8
-console_user = "U0DEMO"            # who `ombot console` acts as
-console_allow_as = true            # demo only: lets the console switch users with /as USER
+client = "bot"                     # the registration `ombot bot` speaks as
+console_client = "console"         # the registration `ombot console` speaks as
 policy = "policy.toml"             # who may run what; without it every request is refused
-
+{demo_console}
 # Extra directories of task modules, loaded after the built-ins.
 [modules]
 dirs = []
 """
+
+# Only `ombot up`'s demo: the console attests chat users, so /as can play requester and approver alone.
+DEMO_CONSOLE = """\
+console_user = "U0DEMO"            # demo: the console acts as this chat user...
+console_allow_as = true            # ...and /as USER switches to another (never in production)
+"""
+DEMO_CONSOLE_COMMENT = "  # demo only: the console may act as the demo's chat users (/as)"
 
 INVENTORY = """\
 # Ansible INI inventory for IDC "local". The local backend runs only on hosts marked
@@ -81,11 +116,11 @@ POLICY = """\
 # rule decides; every host must be allowed.
 
 [roles.ops]
-users = ["U0DEMO", "cli:{unix_user}"]  # the console's demo user and you on the CLI
+users = [{ops_users}]
 groups = []                            # e.g. ["S0123OPS"]: every member of that Slack user group
 
 [roles.leads]
-users = ["U0LEAD1", "U0LEAD2"]         # try approvals alone in the console: /as U0LEAD1
+users = ["U0LEAD1", "U0LEAD2"]         # in `ombot up`'s demo, try approvals alone: /as U0LEAD1
 
 # The console has no Slack to ask for group members: it reads them here.
 [console_groups]
@@ -108,18 +143,32 @@ cancel = ["leads"]
 """
 
 
-def init(directory: Path, port: int = DEFAULT_PORT) -> Path:
+def init(directory: Path, port: int = DEFAULT_PORT, demo: bool = False) -> Path:
+    """Write a starter set. `demo` (for `ombot up`) lets the console play the demo's chat users."""
     from masters.keys import Identity
 
     config = directory / "ombot.toml"
     if config.exists():
         raise OmbotError(f"{config} exists; refusing to overwrite it")
-    bot, master = Identity.generate(), Identity.generate()
-    bot.save(directory / "keys" / "bot.key")
-    master.save(directory / "keys" / "local-1.key")
+    unix_user = _unix_user()
+    cli_id = f"cli-{unix_user}".replace("_", "-")[:63]
+    keys = {name: Identity.generate() for name in ("bot", "console", cli_id, "local-1")}
+    for name, identity in keys.items():
+        identity.save(directory / "keys" / f"{name}.key")
     (directory / "inventory").mkdir(parents=True, exist_ok=True)
     (directory / "inventory" / "local.ini").write_text(INVENTORY)
     (directory / "state" / "files").mkdir(parents=True, exist_ok=True)
-    (directory / "policy.toml").write_text(POLICY.format(unix_user=getpass.getuser()))
-    config.write_text(CONFIG_TEMPLATE.format(bot_public=bot.public, master_public=master.public, port=port))
+    ops = ['"U0DEMO"' if demo else f'"console:{unix_user}"', f'"cli:{unix_user}"']
+    (directory / "policy.toml").write_text(POLICY.format(ops_users=", ".join(ops)))
+    config.write_text(CONFIG_TEMPLATE.format(
+        cli_id=cli_id, unix_user=unix_user, port=port, bot_public=keys["bot"].public,
+        console_public=keys["console"].public, cli_public=keys[cli_id].public, master_public=keys["local-1"].public,
+        console_kind="chat" if demo else "console", console_comment=DEMO_CONSOLE_COMMENT if demo else "",
+        demo_console=DEMO_CONSOLE if demo else ""))
     return config
+
+
+def _unix_user() -> str:
+    """This machine's user, as a registration user name (lowercase letters, digits, '_', '.', '-')."""
+    name = re.sub(r"[^a-z0-9_.-]", "_", pwd.getpwuid(os.getuid()).pw_name.lower())
+    return name if re.match(r"^[a-z_]", name) else f"_{name}"[:32]

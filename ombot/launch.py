@@ -8,12 +8,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ombot import proc as hygiene
 from ombot.config import Config
 from ombot.errors import OmbotError
+
+# Of the environment of `ombot up` (which holds the Slack secrets), a master gets the allow-list
+# and these: its database URL, and Ansible's own settings for inventory parsing.
+MASTER_ENV_NAMES = ("OMBOT_MASTER_DATABASE_URL",)
+MASTER_ENV_PREFIXES = ("ANSIBLE_",)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
@@ -21,6 +29,7 @@ def local_masters(config: Config, timeout: float = 60) -> Iterator[list[str]]:
     """Start every master whose key file is here; stop them on exit. Yields what was started."""
     procs: list[subprocess.Popen[bytes]] = []
     lines: list[str] = []
+    previous = _stop_on_signals()
     with tempfile.TemporaryDirectory(prefix="ombot-up-") as tmp:
         try:
             for settings in config.masters.values():
@@ -28,16 +37,14 @@ def local_masters(config: Config, timeout: float = 60) -> Iterator[list[str]]:
                     continue
                 ready = Path(tmp) / f"{settings.id}.ready"
                 log = settings.state_dir / f"{settings.id}.log"
-                log.parent.mkdir(parents=True, exist_ok=True)
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "ombot", "--config", str(config.path), "master", "--id", settings.id,
-                     "--ready-file", str(ready)],
-                    stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-                ))
+                procs.append(_start_master(config, settings.id, ready, log))
                 _wait_ready(procs[-1], ready, log, timeout)
                 lines.append(f"master {settings.id} (IDC {settings.idc}) on {ready.read_text().strip()}, log {log}")
             yield lines
         finally:
+            for sig in STOP_SIGNALS:  # a second SIGTERM must not cut the masters' shutdown short
+                if previous:
+                    signal.signal(sig, signal.SIG_IGN)
             for proc in procs:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
@@ -48,6 +55,39 @@ def local_masters(config: Config, timeout: float = 60) -> Iterator[list[str]]:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _stop_on_signals() -> dict[int, object]:
+    """SIGTERM and SIGHUP end `up` the way Ctrl-C does, so its masters are stopped, not orphaned.
+    Returns the handlers replaced (none outside the main thread, where signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    return {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
+
+
+def _start_master(config: Config, master_id: str, ready: Path, log: Path) -> subprocess.Popen[bytes]:
+    """A master with an allow-listed environment (never the Slack secrets), a private log, and the
+    parent-death signal set: if `up` dies, even by SIGKILL, the master shuts down and frees its lock."""
+    log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # a log left 0644 by an older version becomes private too
+    keep = [*MASTER_ENV_NAMES, *(n for n in os.environ if n.startswith(MASTER_ENV_PREFIXES))]
+    parent = os.getpid()
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ombot", "--config", str(config.path), "master", "--id", master_id,
+             "--ready-file", str(ready)],
+            stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT, start_new_session=True,
+            env=hygiene.child_env(keep), preexec_fn=lambda: hygiene.die_with_parent(parent),
+        )
+    finally:
+        os.close(fd)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout: float) -> None:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import peewee
 from playhouse.db_url import connect
+from playhouse.migrate import SchemaMigrator
 
 from ombot.errors import OmbotError
 from ombot.logs import redact
@@ -35,7 +36,7 @@ class StorageError(OmbotError):
 
 
 class JSONField(peewee.TextField):
-    """JSON in a text column: the same on SQLite, MySQL and Postgres."""
+    """JSON in a text column: the same on SQLite, MySQL and Postgres. The one JSON type of every table."""
 
     def db_value(self, value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -76,7 +77,7 @@ def connect_url(url: str) -> peewee.Database:
     if scheme.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the chat trail is private
         kwargs["pragmas"] = _SQLITE_PRAGMAS
         kwargs["check_same_thread"] = False
     elif scheme.startswith(("mysql", "mariadb")):
@@ -146,3 +147,62 @@ def create_tables(*models: type[peewee.Model]) -> Migration:
             db.create_tables(models)
 
     return step
+
+
+# Any epoch in seconds before the year 5138 is below this, any epoch in milliseconds after March 1973
+# above it: so a conversion that was cut short (MySQL commits each ALTER at once) can simply run again.
+_SECONDS_BELOW = 10**11
+_FLOAT_TYPES = ("real", "float", "double")
+
+
+def epoch_seconds_to_ms(columns: dict[str, tuple[str, ...]]) -> Migration:
+    """A migration: these epoch-seconds columns (integer or float) become epoch milliseconds in a BIGINT.
+
+    `columns` maps a table to its timestamp columns. A float column is widened to double first (so its
+    fraction survives the scaling), scaled and rounded, then made BIGINT; an integer column is made
+    BIGINT first (milliseconds overflow a 32-bit INT), then scaled. Rows already in milliseconds are
+    left alone, so running it twice changes nothing.
+    """
+
+    def step(db: peewee.Database) -> None:
+        migrator = SchemaMigrator.from_database(db)
+        for table, names in columns.items():
+            found = {c.name: c for c in _columns(db, table)}
+            for name in names:
+                _column_to_ms(db, migrator, table, found[name])
+
+    return step
+
+
+def _columns(db: peewee.Database, table: str) -> list[peewee.ColumnMetadata]:
+    if isinstance(db, peewee.PostgresqlDatabase):  # introspection looks in "public" unless told
+        schema = db.execute_sql("SELECT current_schema()").fetchone()[0]
+        return db.get_columns(table, schema=schema)
+    return db.get_columns(table)
+
+
+def _column_to_ms(db: peewee.Database, migrator: SchemaMigrator, table: str,
+                  column: peewee.ColumnMetadata) -> None:
+    kind = column.data_type.lower()
+    rows = peewee.Table(table).bind(db)
+    value = getattr(rows.c, column.name)
+
+    def scale(to: peewee.Node) -> None:
+        rows.update({value: to}).where(value < _SECONDS_BELOW).execute()
+
+    if kind.startswith(_FLOAT_TYPES):
+        if not isinstance(db, peewee.SqliteDatabase):  # SQLite's REAL is a double already
+            _alter_type(migrator, table, column, peewee.DoubleField)
+        scale(peewee.fn.ROUND(value * 1000))
+        _alter_type(migrator, table, column, peewee.BigIntegerField)
+    else:
+        if "big" not in kind and not isinstance(db, peewee.SqliteDatabase):  # SQLite's INTEGER is 64-bit
+            _alter_type(migrator, table, column, peewee.BigIntegerField)
+        scale(value * 1000)
+
+
+def _alter_type(migrator: SchemaMigrator, table: str, column: peewee.ColumnMetadata,
+                field_class: type[peewee.Field]) -> None:
+    """Change a column's type in place, keeping its NULL-ness and indexes (SQLite copies the table)."""
+    # Unbound, the field's DDL is its type and constraints only, which is what the migrator expects.
+    migrator.alter_column_type(table, column.name, field_class(null=column.null)).run()

@@ -34,6 +34,8 @@ import itertools
 import json
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -412,6 +414,19 @@ def signed_request(signing_secret: str, body: str, timestamp: int | None = None)
         "X-Slack-Signature": f"v0={digest}",
         "Content-Type": "application/x-www-form-urlencoded",
     }
+
+
+def post_to_bot(port: int, body: str, signing_secret: str, headers: dict[str, str] | None = None,
+                timeout: float = 20) -> tuple[int, str]:
+    """POST `body` to a bot's /slack/events as Slack would (signed, unless `headers` say otherwise):
+    (HTTP status, response text), error statuses included."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/slack/events", data=body.encode(),
+                                     headers=headers or signed_request(signing_secret, body), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def slash_command_fields(

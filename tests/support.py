@@ -34,6 +34,10 @@ far01 ansible_host=192.0.2.10
 """
 
 
+CLI_CLIENT = "test"
+# The console acts as chat users here (console_user, /as), as in the demo: a chat client too.
+DEFAULT_CLIENTS = {"bot": "chat", CLI_CLIENT: "cli", "console": "chat"}
+
 ALLOW_ALL_POLICY = """\
 [roles.everyone]
 users = ["U0ALICE", "U0BOB", "U0CAROL", "U0DAVE", "U0DEMO"]
@@ -74,20 +78,25 @@ class Cluster:
     module_dirs: list[Path] = field(default_factory=list)
     extra_toml: str = ""
     policy: str = ALLOW_ALL_POLICY  # written to policy.toml; used when the [bot] table names it
+    # client id -> kind: "bot" attests chat users; "test" is the CLI (cli:test)
+    clients: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_CLIENTS))
     ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, "MasterProcess"] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         keys = self.root / "keys"
-        bot = Identity.generate()
-        bot.save(keys / "bot.key")
+        lines = ['[client]', f'id = "{CLI_CLIENT}"', f'default_idc = "{next(iter(self.idcs))}"', '']
+        for client_id, kind in self.clients.items():  # each client its own key and registration
+            ident = Identity.generate()
+            ident.save(keys / f"{client_id}.key")
+            lines += [f'[clients.{client_id}]', f'kind = "{kind}"', f'public_key = "{ident.public}"',
+                      f'key_file = "keys/{client_id}.key"', 'modules = ["*"]', 'hosts = ["*"]', '']
         (self.root / "inventory.ini").write_text(self.inventory)
         (self.root / "policy.toml").write_text(self.policy)
         (self.root / "files").mkdir(exist_ok=True)
-        lines = ['[client]', 'id = "bot"', 'key_file = "keys/bot.key"', f'default_idc = "{next(iter(self.idcs))}"',
-                 '', '[clients.bot]', f'public_key = "{bot.public}"', '',
-                 '[modules]', f'dirs = {[str(d) for d in self.module_dirs]!r}'.replace("'", '"'), '']
+        lines += ['[modules]', f'dirs = {[str(d) for d in self.module_dirs]!r}'.replace("'", '"'), '']
+        accept = "[" + ", ".join(f'"{c}"' for c in self.clients) + "]"
         for idc, masters in self.idcs.items():
             lines += [f'[idcs.{idc}]', f'masters = {masters!r}'.replace("'", '"'), '']
             for mid in masters:
@@ -97,7 +106,7 @@ class Cluster:
                 lines += [
                     f'[masters.{mid}]', f'idc = "{idc}"', f'address = "127.0.0.1:{self.ports[mid]}"',
                     f'public_key = "{ident.public}"', f'key_file = "keys/{mid}.key"',
-                    'inventory = "inventory.ini"', 'accept = ["bot"]', f'state_dir = "state-{mid}"', '',
+                    'inventory = "inventory.ini"', f'accept = {accept}', f'state_dir = "state-{mid}"', '',
                     f'[masters.{mid}.limits]', *[f"{k} = {v}" for k, v in self.limits.items()], '',
                 ]
         self.config_path.write_text("\n".join(lines) + "\n" + self.extra_toml)
@@ -119,12 +128,19 @@ class Cluster:
         for proc in self.processes.values():
             proc.stop()
 
-    def router(self, requester: str = "cli:test", origin: str = "cli", **kw):
+    def router(self, requester: str = "cli:test", origin: str | None = None, client: str | None = None, **kw):
+        """A client library Router; a chat user as requester speaks with the bot's key (origin slack),
+        cli:test with the CLI's."""
         from masters import Router
 
         conf = self.config()
-        return Router(conf, Identity.load(conf.require_client().key_file), requester, origin,
+        chat = not requester.startswith("cli:")
+        client = client or ("bot" if chat else CLI_CLIENT)
+        return Router(conf, self.identity(client), requester, origin or ("slack" if chat else "cli"),
                       connect_timeout=2.0, **kw)
+
+    def identity(self, client: str = CLI_CLIENT) -> Identity:
+        return Identity.load(self.root / "keys" / f"{client}.key")
 
     def ombot(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run the real `ombot` CLI against this cluster's config."""
@@ -211,6 +227,17 @@ class BotProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+def logged(master: MasterProcess, text: str, within: float = 10) -> bool:
+    """The master's log says `text` within `within` seconds (it writes after it closed the socket)."""
+    deadline = time.monotonic() + within
+    while text not in master.log():
+        if time.monotonic() > deadline:
+            print(master.log())
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def wait_for_port(port: int, timeout: float, owner: "BotProcess | None" = None) -> None:

@@ -48,6 +48,16 @@ def jobs_in(cluster: Cluster, master_id: str = "m1") -> int:
         db.close()
 
 
+def master_job(cluster: Cluster, job_id: str, master_id: str = "m1") -> dict[str, object]:
+    """One job's row, straight from the master's database."""
+    db = sqlite3.connect(cluster.root / f"state-{master_id}" / f"{master_id}.db")
+    db.row_factory = sqlite3.Row
+    try:
+        return dict(db.execute("SELECT * FROM job WHERE id = ?", (job_id,)).fetchone())
+    finally:
+        db.close()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One master for the whole file: these tests only add jobs, and count them as differences."""
@@ -136,12 +146,17 @@ def test_run_fails_when_a_host_fails(cluster: Cluster) -> None:
     result = cluster.ombot("run", "echo", "far01,localhost", "message=hi")
     assert result.returncode == 1, result.stdout + result.stderr
     assert table_rows(result.stdout) == {"far01": "unreachable", "localhost": "ok"}
+    assert result.stdout.rstrip().endswith("state: partial")
+    job_id = re.search(r"job (\S+) on master m1", result.stdout)[1]  # type: ignore[index]
+    assert master_job(cluster, job_id)["state"] == "partial"
     assert "ansible_connection=local" in result.stdout  # why far01 could not be reached
 
 
 def test_run_after_the_subcommand_options(cluster: Cluster) -> None:
-    result = cluster.ombot("run", "echo", "localhost", "message=x", "--idc", "local", "--timeout", "30")
+    result = cluster.ombot("run", "echo", "localhost", "message=x", "--idc", "local", "--timeout", "37")
     assert result.returncode == 0, result.stdout + result.stderr
+    job_id = re.search(r"job (\S+) on master m1", result.stdout)[1]  # type: ignore[index]
+    assert master_job(cluster, job_id)["timeout"] == 37  # the option reached the master
 
 
 def test_dry_run_shows_the_hosts_and_submits_nothing(cluster: Cluster) -> None:

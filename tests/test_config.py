@@ -17,15 +17,23 @@ BOT, BJ1, BJ2, SH1 = (Identity.generate().public for _ in range(4))
 
 VALID = f"""\
 [client]
-id = "bot"
-key_file = "keys/bot.key"
+id = "ops"
 default_idc = "bj"
 
 [clients.bot]
+kind = "chat"
 public_key = "{BOT}"
+key_file = "keys/bot.key"
+modules = ["*"]
+hosts = ["*"]
 
 [clients.ops]
+kind = "cli"
+user = "alice"
 public_key = "{SH1}"
+key_file = "keys/ops.key"
+modules = ["facts", "service"]
+hosts = ["web*"]
 
 [idcs.bj]
 masters = ["bj-1", "bj-2"]
@@ -91,8 +99,12 @@ def config_error(tmp_path: Path, text: str) -> ConfigError:
 def test_a_valid_file_and_its_defaults(tmp_path: Path) -> None:
     conf = cfg.load(write(tmp_path, VALID))
     base = tmp_path.resolve()
-    assert conf.client == cfg.ClientSettings("bot", base / "keys/bot.key", "bj")
-    assert conf.clients == {"bot": BOT, "ops": SH1}
+    assert conf.client == cfg.ClientSettings("ops", base / "keys/ops.key", "bj")
+    assert conf.clients == {
+        "bot": cfg.ClientRegistration("bot", BOT, "chat", "bot", base / "keys/bot.key", ("*",), ("*",)),
+        "ops": cfg.ClientRegistration("ops", SH1, "cli", "alice", base / "keys/ops.key", ("facts", "service"), ("web*",)),
+    }
+    assert conf.clients["ops"].identity == "cli:alice"
     assert conf.idcs == {"bj": ("bj-1", "bj-2"), "sh": ("sh-1",)}
     assert conf.module_dirs == (base / "my-modules",)
 
@@ -144,11 +156,39 @@ def test_invalid_toml_names_the_line(tmp_path: Path) -> None:
 # --- each table ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["id", "key_file", "default_idc"])
+@pytest.mark.parametrize("key", ["id", "default_idc"])
 def test_client_keys_are_required(tmp_path: Path, key: str) -> None:
     line = next(line for line in VALID.splitlines() if line.startswith(f"{key} = "))
     error = config_error(tmp_path, replace(line + "\n", ""))
     assert error.key == f"client.{key}" and "(missing)" in str(error)
+
+
+def test_the_cli_client_must_be_registered_with_a_key(tmp_path: Path) -> None:
+    error = config_error(tmp_path, replace('id = "ops"', 'id = "nobody"'))
+    assert error.key == "client.id" and "a client id defined under [clients] (bot, ops), got 'nobody'" in str(error)
+    error = config_error(tmp_path, replace('key_file = "keys/ops.key"\n', ""))
+    assert error.key == "clients.ops.key_file"
+
+
+def test_another_registration_by_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = cfg.load(write(tmp_path, VALID))
+    monkeypatch.setenv(cfg.CLIENT_ENV, "bot")
+    assert conf.require_client() == cfg.ClientSettings("bot", tmp_path.resolve() / "keys/bot.key", "bj")
+    monkeypatch.setenv(cfg.CLIENT_ENV, "ghost")
+    with pytest.raises(ConfigError, match=r"clients\.ghost: expected a \[clients\.NAME\] table"):
+        conf.require_client()
+
+
+@pytest.mark.parametrize("old, new, key, expected", [
+    ('kind = "cli"', 'kind = "root"', "clients.ops.kind", "expected one of chat, console, cli, got 'root'"),
+    ('kind = "cli"\n', "", "clients.ops.kind", "(missing)"),
+    ('user = "alice"', 'user = "Alice"', "clients.ops.user", "got 'Alice'"),
+    ('user = "alice"', 'user = "al ice"', "clients.ops.user", "got 'al ice'"),
+    ('hosts = ["web*"]', 'hosts = "web*"', "clients.ops.hosts", "expected a list of strings"),
+])
+def test_a_bad_registration(tmp_path: Path, old: str, new: str, key: str, expected: str) -> None:
+    error = config_error(tmp_path, replace(old, new))
+    assert error.key == key and expected in str(error), str(error)
 
 
 def test_the_default_idc_must_exist(tmp_path: Path) -> None:
@@ -202,7 +242,7 @@ def test_an_idc_needs_a_master(tmp_path: Path) -> None:
     ('idc = "sh"', "idc = 3", "masters.sh-1.idc", "expected a string, got 3"),
     ('idc = "sh"', 'idc = "s h"', "masters.sh-1.idc", "expected a name of letters, digits, '.', '_' or '-', got 's h'"),
     ('backend = "local"', "backend = false", "masters.bj-2.backend", "expected a string, got False"),
-    ('key_file = "keys/bot.key"', "key_file = 1", "client.key_file", "expected a file path, got 1"),
+    ('key_file = "keys/bot.key"', "key_file = 1", "clients.bot.key_file", "expected a file path, got 1"),
     ('dirs = ["my-modules"]', 'dirs = "my-modules"', "modules.dirs", "expected a list of strings, got 'my-modules'"),
     (f'public_key = "{BJ2}"', 'public_key = "not-a-key"', "masters.bj-2.public_key",
      "expected a base64 public key of 32 bytes (as printed by `ombot keygen`), got 'not-a-key'"),
@@ -212,7 +252,7 @@ def test_an_idc_needs_a_master(tmp_path: Path) -> None:
     ('backend = "local"', 'backnd = "local"', "masters.bj-2.backnd", "did you mean 'backend'?"),
     ("job_timeout_seconds = 120", "job_timeout = 120", "masters.bj-1.limits.job_timeout",
      "did you mean 'job_timeout_seconds'?"),
-    ('default_idc = "bj"\n', 'default_idc = "bj"\nidc = "bj"\n', "client.idc", "known: default_idc, id, key_file"),
+    ('default_idc = "bj"\n', 'default_idc = "bj"\nidc = "bj"\n', "client.idc", "known: default_idc, id"),
 ])
 def test_wrong_types_and_unknown_keys(tmp_path: Path, old: str, new: str, key: str, expected: str) -> None:
     error = config_error(tmp_path, replace(old, new))

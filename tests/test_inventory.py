@@ -89,3 +89,29 @@ def test_master_runs_exactly_the_listed_hosts_and_refuses_vanished_ones(cluster,
     with pytest.raises(Refused) as refused:
         cluster.router().submit("local", "echo", {"message": "x"}, hosts)
     assert refused.value.code == "unknown_host" and "web02" in refused.value.message
+
+
+def test_regex_terms_are_matched_with_re2_and_keep_ansibles_operators(inventory: Inventory) -> None:
+    assert expand_ranges("~web0[1-2],!~db") == ["~web0[1-2]", "!~db"]  # a regex is never range-expanded
+    assert inventory.expand("~web0[12]") == ["web01", "web02"]
+    assert inventory.expand("~w.*,!~web0[12]") == ["web10"]
+    assert inventory.expand("web,&~.*[02]$") == ["web02", "web10"]
+    assert inventory.expand("!~web") == ["db01"]  # only `!` terms: taken from all hosts, as in Ansible
+    assert inventory.expand("~d.") == ["db01"]  # matches the group db (and its host)
+    with pytest.raises(TargetError, match="RE2 syntax"):
+        inventory.expand(r"~(w)\1")
+    with pytest.raises(TargetError, match="too complex"):
+        inventory.expand("~(.*){1000}Z")
+    with pytest.raises(TargetError, match="not valid Unicode"):
+        inventory.expand("~web\ud800")
+
+
+def test_expansion_is_bounded() -> None:
+    with pytest.raises(TargetError, match="at most 9 digits"):
+        expand_ranges("web[" + "0" * 20 + "1-2]")
+    with pytest.raises(TargetError, match="the cap is 255"):
+        expand_ranges("w" * 256)
+    with pytest.raises(TargetError, match="101 target terms"):
+        expand_ranges(",".join(["web01"] * 101))
+    with pytest.raises(TargetError, match="the cap is 4096"):
+        expand_ranges("web01 " * 700)

@@ -7,12 +7,13 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from masters import MasterLost
-from tests.support import REPO, child_env
+from tests.support import REPO, Cluster, child_env
 
 SITE = [REPO / "tests" / "site_modules"]
 
@@ -87,3 +88,28 @@ def test_a_submit_whose_link_broke_is_followed_where_it_went(cluster) -> None:
     link.call = real_call
     assert lost.value.ref is not None and lost.value.ref.master_id == "m1"
     assert router.follow(lost.value.ref, lambda e: None) == "ok"
+
+
+@pytest.mark.slow
+def test_one_requester_cannot_hold_every_job_slot(make_cluster: Callable[..., Cluster]) -> None:
+    """Eight `sleep 20` from one person used to fill all eight slots and make everyone wait."""
+    cluster = make_cluster(module_dirs=[REPO / "tests" / "site_modules"],
+                           limits={"max_jobs": 4, "max_jobs_per_requester": 2})
+    cluster.start("m1")
+    hog, other = cluster.router("U0HOG"), cluster.router("U0OTHER")
+    try:
+        hogs = [hog.submit("local", "test.sleep", {"seconds": 30}, ["localhost"], requester="U0HOG")[0]
+                for _ in range(6)]
+        health = next(m for m in other.health() if m["master"] == "m1")
+        assert (health["running_jobs"], health["waiting_jobs"]) == (2, 4)
+        # Another person's job takes a free slot at once, not after the hog's queue.
+        ref, _ = other.submit("local", "echo", {"message": "my turn"}, ["localhost"], requester="U0OTHER")
+        assert other.follow(ref, lambda event: None) == "ok"
+        states = [hog.events(r, after=10**9)["state"] for r in hogs]
+        assert states.count("queued") == 4, states  # still waiting their turn: two at a time
+        for r in hogs:
+            hog.cancel(r, requester="U0HOG")
+        assert {hog.follow(r, lambda event: None) for r in hogs} == {"cancelled"}
+    finally:
+        hog.close()
+        other.close()

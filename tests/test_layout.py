@@ -23,6 +23,7 @@ LIBRARY_HOMES = {
     "rpyc": {"masters/server.py", "masters/client.py"},
     "ansible": {"masters/inventory.py"},
     "apscheduler": {"approvals/gate.py"},
+    "re2": {"masters/inventory.py"},
 }
 
 

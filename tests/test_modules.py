@@ -76,7 +76,8 @@ def test_log_tail_shows_the_last_lines(master, log_dir: Path) -> None:
 def test_log_tail_of_a_missing_file_fails_cleanly(master, log_dir: Path) -> None:
     state, host = run_job(master[1], "log.tail", {"path": str(log_dir / "absent.log")})
     assert (state, host["status"], host["rc"]) == ("failed", "failed", 1)
-    assert "tail exited with 1" in host["error"] and "No such file" in host["stderr"]
+    assert host["error"] == f"path: cannot open {log_dir / 'absent.log'}: No such file or directory"
+    assert "No such file" in host["stderr"]
 
 
 def store_file(cluster: Cluster, relative: str, content: str) -> None:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from tests.fakeslack import (
-    TEAM_ID, FakeSlack, block_actions_body, signed_request, slash_command_body, view_submission_body,
+    TEAM_ID, FakeSlack, block_actions_body, post_to_bot, signed_request, slash_command_body, view_submission_body,
 )
 from tests.support import REPO, BotProcess, Cluster, bot_table, free_port
 
@@ -29,13 +27,7 @@ class SlackRig:
     port: int
 
     def send(self, body: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/slack/events", data=body.encode(),
-                                         headers=headers or signed_request(SECRET, body), method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as reply:
-                return reply.status, reply.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        return post_to_bot(self.port, body, SECRET, headers)
 
     def command(self, text: str, **fields: Any) -> tuple[int, str]:
         fields.setdefault("response_url", self.fake.new_response_url())

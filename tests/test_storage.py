@@ -1,4 +1,4 @@
-"""The master's store on SQLite, PostgreSQL and MariaDB/MySQL: same models, same migrations.
+"""Every store (master, bot, approvals) on SQLite, PostgreSQL and MariaDB/MySQL: same models, same migrations.
 
 The servers come from scripts/services.sh (run by `./dev test` and `.ci/run`). A server that
 cannot be reached is a skip on a workstation and a failure when $CI is set.
@@ -11,6 +11,7 @@ of its own on both servers.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
@@ -23,11 +24,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import peewee
 import pytest
 
+import approvals
+from approvals import store as astore
+from bot import store as bot_store
 from masters import store
 from ombot import config as cfg
+from ombot.clock import now_ms
 from ombot.errors import ConfigError
 from ombot.logs import redact
-from ombot.storage import SchemaVersion, StorageError, connect_url, migrate, open_database, redact_url
+from ombot.storage import SchemaVersion, StorageError, connect_url, create_tables, migrate, open_database, redact_url
 from tests.support import Cluster
 
 SERVERS = {
@@ -126,10 +131,53 @@ def master_db(store_url: str) -> Iterator[peewee.Database]:
     db.close()
 
 
+@pytest.fixture
+def bot_db(store_url: str) -> Iterator[peewee.Database]:
+    """The bot's and the approvals' models on one fresh, migrated database, as the bot runs them."""
+    db = bot_store.open_store(store_url)
+    approvals.bind(db)
+    yield db
+    db.close()
+
+
+def current_schema(db: peewee.Database) -> str | None:
+    """Postgres introspection looks in "public" unless told; each test here has a schema of its own."""
+    if isinstance(db, peewee.PostgresqlDatabase):
+        return db.execute_sql("SELECT current_schema()").fetchone()[0]
+    return None
+
+
 def table_names(db: peewee.Database) -> set[str]:
-    if isinstance(db, peewee.PostgresqlDatabase):  # get_tables() looks in "public" unless told
-        return set(db.get_tables(schema=db.execute_sql("SELECT current_schema()").fetchone()[0]))
-    return set(db.get_tables())
+    schema = current_schema(db)
+    return set(db.get_tables(schema=schema) if schema else db.get_tables())
+
+
+def index_names(db: peewee.Database) -> dict[str, set[str]]:
+    schema = current_schema(db)
+    return {t: {i.name for i in (db.get_indexes(t, schema=schema) if schema else db.get_indexes(t))}
+            for t in TIMESTAMPS}
+
+
+def column_types(db: peewee.Database, table: str) -> dict[str, str]:
+    schema = current_schema(db)
+    columns = db.get_columns(table, schema=schema) if schema else db.get_columns(table)
+    return {c.name: c.data_type.lower() for c in columns}
+
+
+# Every timestamp column: UTC epoch milliseconds in a 64-bit integer.
+TIMESTAMPS = {
+    "seennonce": ("keep_until",), "job": ("created_at", "finished_at"), "jobevent": ("at",),
+    "bot_job": ("created_at", "finished_at"),
+    "approval_request": ("created_at", "expires_at", "decided_at"), "approval_vote": ("at",), "chat_trail": ("at",),
+}
+MS = 4_102_444_800_123  # 2100-01-01 00:00:00.123 UTC: past 2038, and not a whole second
+
+
+def assert_timestamps_are_bigint(db: peewee.Database, tables: list[str]) -> None:
+    # SQLite's INTEGER is 64-bit; it is what peewee declares for a BigIntegerField there.
+    wanted = {"integer"} if isinstance(db, peewee.SqliteDatabase) else {"bigint"}
+    found = {f"{t}.{c}": column_types(db, t)[c] for t in tables for c in TIMESTAMPS[t]}
+    assert {k: v for k, v in found.items() if v not in wanted} == {}
 
 
 def new_job(job_id: str | None = None, **fields: object) -> store.Job:
@@ -148,6 +196,7 @@ def test_migrations_create_the_tables_and_record_the_version(store_url: str) -> 
     db = store.open_store(store_url)
     try:
         assert {"seennonce", "job", "jobevent", "ombot_schema_version"} <= table_names(db)
+        assert_timestamps_are_bigint(db, ["seennonce", "job", "jobevent"])
         with db.bind_ctx([SchemaVersion]):
             assert SchemaVersion.get_by_id("master").version == len(store.MIGRATIONS)
     finally:
@@ -213,13 +262,17 @@ def test_a_replay_inside_a_transaction_leaves_it_usable(master_db: peewee.Databa
 
 
 def test_old_nonces_are_forgotten(master_db: peewee.Database) -> None:
-    store.remember_nonce("old", 1_000)
-    store.remember_nonce("edge", 5_000)
-    store.remember_nonce("new", 4_102_444_800)  # 2100: past 2038, so the column must be 64-bit
-    assert store.forget_old_nonces(now=5_000) == 1
+    now = now_ms()
+    store.remember_nonce("old", now - 1)
+    store.remember_nonce("edge", now)
+    store.remember_nonce("new", MS)  # 2100 in ms: the column must be 64-bit
+    assert store.forget_old_nonces(now=now) == 1
     assert sorted(n.nonce for n in store.SeenNonce.select()) == ["edge", "new"]
-    assert store.remember_nonce("old", 9_000) is True
-    assert store.remember_nonce("new", 9_000) is False
+    store.remember_nonce("stale", now - 60_000)
+    store.remember_nonce("recent", now + 60_000)
+    store.forget_old_nonces()  # by default "now" is now, in ms
+    left = {n.nonce for n in store.SeenNonce.select()}
+    assert {"new", "recent"} <= left and "stale" not in left
 
 
 def test_one_of_many_concurrent_inserts_of_a_nonce_wins(master_db: peewee.Database) -> None:
@@ -259,19 +312,18 @@ NESTED = {
 def test_job_and_events_round_trip(master_db: peewee.Database) -> None:
     signed = bytes(range(256)) * 4
     job = new_job(approvers=["U1", "Ünïcode"], params=NESTED, hosts=["web01", "wéb02"], signed_request=signed,
-                  created_at=4_102_444_800)
-    store.JobEvent.create(job=job.id, seq=1, kind="started", at=1_700_000_000.123456, data={"hosts": 2})
-    store.JobEvent.create(job=job.id, seq=2, kind="host", at=1_700_000_001.5, data=NESTED)
+                  created_at=MS)
+    store.JobEvent.create(job=job.id, seq=1, kind="started", at=MS + 1, data={"hosts": 2})
+    store.JobEvent.create(job=job.id, seq=2, kind="host", at=MS + 2, data=NESTED)
     master_db.close()  # read back through a new connection
 
     back = store.Job.get_by_id(job.id)
     assert back.params == NESTED and back.approvers == ["U1", "Ünïcode"] and back.hosts == ["web01", "wéb02"]
     assert bytes(back.signed_request) == signed  # Postgres hands back a memoryview
-    assert back.created_at == 4_102_444_800 and back.finished_at is None
+    assert back.created_at == MS and back.finished_at is None
     events = list(back.events.order_by(store.JobEvent.seq))
     assert [(e.seq, e.kind, e.data) for e in events] == [(1, "started", {"hosts": 2}), (2, "host", NESTED)]
-    # A float column would keep about 2 minutes of resolution at today's epoch on Postgres and MySQL.
-    assert events[0].at == pytest.approx(1_700_000_000.123456, abs=1e-6)
+    assert [e.at for e in events] == [MS + 1, MS + 2]
 
 
 def test_values_of_several_mebibytes_fit(master_db: peewee.Database) -> None:
@@ -294,7 +346,7 @@ def test_mysql_gets_long_column_types(master_db: peewee.Database) -> None:
     assert types["job.signed_request"] == "longblob"
     assert {types[f"job.{c}"] for c in ("approvers", "params", "hosts")} == {"longtext"}
     assert types["jobevent.data"] == "longtext"
-    assert types["jobevent.at"] == "double"
+    assert types["jobevent.at"] == "bigint"
 
 
 def test_event_numbers_are_unique_per_job(master_db: peewee.Database) -> None:
@@ -311,6 +363,330 @@ def test_events_need_their_job(master_db: peewee.Database) -> None:
     with pytest.raises(peewee.IntegrityError):
         with master_db.atomic():
             store.JobEvent.create(job="no-such-job", seq=1, kind="started", at=1.0, data={})
+
+
+# --- the bot's and the approvals' tables ---------------------------------------------------------
+
+
+def new_bot_job(**fields: object) -> bot_store.BotJob:
+    values: dict[str, object] = dict(
+        job_id=str(uuid.uuid4()), requester="U123", origin="slack", channel="C1", idc="local", module="echo",
+        params={"message": "hi"}, host_count=1, state="queued", created_at=MS,
+    )
+    return bot_store.BotJob.create(**(values | fields))
+
+
+def new_request(**fields: object) -> astore.ApprovalRequest:
+    values: dict[str, object] = dict(
+        request_id=str(uuid.uuid4()), requester="U123", origin="slack", channel="C1", idc="local", module="echo",
+        params={"message": "hi"}, hosts=["web01"], rules=["deploys"], needed=1, approver_roles=["leads"],
+        cancel_roles=[], created_at=MS, expires_at=MS + 3_600_000,
+    )
+    return astore.ApprovalRequest.create(**(values | fields))
+
+
+def test_bot_jobs_round_trip(bot_db: peewee.Database) -> None:
+    job = new_bot_job(params=NESTED, approvers=["U2", "Ünïcode"], cancel_roles=["leads"], finished_at=MS + 1)
+    plain = new_bot_job()
+    bot_db.close()
+    back = bot_store.find_job(str(job.number))
+    assert back is not None and back.params == NESTED
+    assert (back.approvers, back.cancel_roles) == (["U2", "Ünïcode"], ["leads"])
+    assert (back.created_at, back.finished_at) == (MS, MS + 1)
+    default = bot_store.find_job(plain.job_id)
+    assert default is not None and (default.approvers, default.cancel_roles, default.finished_at) == ([], [], None)
+    assert_timestamps_are_bigint(bot_db, ["bot_job"])
+
+
+def test_approval_tables_round_trip(bot_db: peewee.Database) -> None:
+    request = new_request(params=NESTED, hosts=["web01", "wéb02"], timeout=60)
+    astore.ApprovalVote.create(request=request.number, approver="U2", at=MS + 1)
+    astore.TrailEntry.create(at=MS + 2, user="U2", channel="C1", origin="slack", action="approve",
+                             detail="#1 ✓", outcome="ok")
+    bot_db.close()
+    back = astore.find_request(str(request.number))
+    assert back is not None and back.params == NESTED and back.hosts == ["web01", "wéb02"]
+    assert (back.created_at, back.expires_at, back.decided_at) == (MS, MS + 3_600_000, None)
+    assert [(v.approver, v.at) for v in back.votes] == [("U2", MS + 1)]
+    assert [(t.at, t.detail) for t in astore.TrailEntry.select()] == [(MS + 2, "#1 ✓")]
+    with pytest.raises(peewee.IntegrityError):  # one vote per approver
+        with bot_db.atomic():
+            astore.ApprovalVote.create(request=request.number, approver="U2", at=MS + 3)
+    assert_timestamps_are_bigint(bot_db, ["approval_request", "approval_vote", "chat_trail"])
+
+
+def test_now_round_trips_to_the_millisecond(bot_db: peewee.Database, store_url: str) -> None:
+    """Every timestamp column keeps exactly what was written: a float column would not (15 s off on a
+    Postgres REAL, thousands of seconds on a MariaDB FLOAT), nor would seconds."""
+    master_db = store.open_store(store_url)  # the master's tables beside the bot's: names do not clash
+    try:
+        now = now_ms()
+        job = new_job(created_at=now + 1, finished_at=now + 2)
+        store.JobEvent.create(job=job.id, seq=1, kind="started", at=now + 3, data={})
+        store.remember_nonce("n", now + 4)
+        bot_job = new_bot_job(created_at=now + 5, finished_at=now + 6)
+        request = new_request(created_at=now + 7, expires_at=now + 8)
+        astore.ApprovalVote.create(request=request.number, approver="U2", at=now + 9)
+        before = now_ms()
+        astore.record("U2", "C1", "slack", "approve", "#1", "ok")  # the writers stamp now_ms() themselves
+        assert astore.transition(request, astore.APPROVED, decided_by="U2")
+        after = now_ms()
+        master_db.close()
+        bot_db.close()
+
+        assert (store.Job.get_by_id(job.id).created_at, store.Job.get_by_id(job.id).finished_at) == (now + 1, now + 2)
+        assert store.JobEvent.get().at == now + 3 and store.SeenNonce.get().keep_until == now + 4
+        back = bot_store.BotJob.get_by_id(bot_job.number)
+        assert (back.created_at, back.finished_at) == (now + 5, now + 6)
+        decided = astore.ApprovalRequest.get_by_id(request.number)
+        assert (decided.created_at, decided.expires_at) == (now + 7, now + 8)
+        assert astore.ApprovalVote.get().at == now + 9
+        stamped = [astore.TrailEntry.get().at, decided.decided_at]
+        assert all(isinstance(t, int) and before <= t <= after for t in stamped), (before, stamped, after)
+    finally:
+        master_db.close()
+
+
+# --- migrating a database of the schema before epoch milliseconds --------------------------------
+# The models as they were (schema version 1 of each component): seconds, a float trail time, JSON as text.
+
+_old = peewee.DatabaseProxy()
+
+
+def schema_v1() -> dict[str, type[peewee.Model]]:
+    """The models as version 1 defined them, under their own class names: peewee names indexes after those."""
+
+    class BaseModel(peewee.Model):
+        class Meta:
+            database = _old
+
+    class SeenNonce(BaseModel):
+        nonce = peewee.CharField(max_length=32, primary_key=True)
+        keep_until = peewee.BigIntegerField(index=True)
+
+        class Meta:
+            table_name = "seennonce"
+
+    class Job(BaseModel):
+        id = peewee.CharField(max_length=36, primary_key=True)
+        sender = peewee.CharField(max_length=64)
+        requester = peewee.CharField(max_length=256)
+        origin = peewee.CharField(max_length=16)
+        approvers = peewee.TextField()
+        module = peewee.CharField(max_length=128)
+        params = peewee.TextField()
+        hosts = peewee.TextField()
+        idc = peewee.CharField(max_length=64)
+        timeout = peewee.IntegerField()
+        state = peewee.CharField(max_length=16, index=True)
+        created_at = peewee.BigIntegerField()
+        finished_at = peewee.BigIntegerField(null=True)
+        signed_request = peewee.BlobField()
+
+        class Meta:
+            table_name = "job"
+
+    class JobEvent(BaseModel):
+        job = peewee.ForeignKeyField(Job, backref="events", on_delete="CASCADE")
+        seq = peewee.IntegerField()
+        kind = peewee.CharField(max_length=32)
+        at = peewee.DoubleField()
+        data = peewee.TextField()
+
+        class Meta:
+            table_name = "jobevent"
+            indexes = ((("job", "seq"), True),)
+
+    class BotJob(BaseModel):
+        number = peewee.AutoField()
+        job_id = peewee.CharField(max_length=36, unique=True)
+        requester = peewee.CharField(max_length=64, index=True)
+        origin = peewee.CharField(max_length=16)
+        channel = peewee.CharField(max_length=64)
+        card_ts = peewee.CharField(max_length=32, null=True)
+        reply_url = peewee.TextField(null=True)
+        idc = peewee.CharField(max_length=64)
+        master_id = peewee.CharField(max_length=64, null=True)
+        module = peewee.CharField(max_length=128)
+        params = peewee.TextField()
+        host_count = peewee.IntegerField()
+        state = peewee.CharField(max_length=16, index=True)
+        approvers = peewee.TextField(default="[]")
+        cancel_roles = peewee.TextField(default="[]")
+        reported = peewee.BooleanField(default=False)
+        created_at = peewee.IntegerField()
+        finished_at = peewee.IntegerField(null=True)
+
+        class Meta:
+            table_name = "bot_job"
+
+    class ApprovalRequest(BaseModel):
+        number = peewee.AutoField()
+        request_id = peewee.CharField(max_length=36, unique=True)
+        requester = peewee.CharField(max_length=64)
+        origin = peewee.CharField(max_length=16)
+        channel = peewee.CharField(max_length=64)
+        reply_url = peewee.TextField(null=True)
+        idc = peewee.CharField(max_length=64)
+        module = peewee.CharField(max_length=128)
+        params = peewee.TextField()
+        hosts = peewee.TextField()
+        timeout = peewee.IntegerField(null=True)
+        rules = peewee.TextField()
+        needed = peewee.IntegerField()
+        approver_roles = peewee.TextField()
+        self_approval = peewee.BooleanField(default=False)
+        cancel_roles = peewee.TextField()
+        state = peewee.CharField(max_length=16, index=True, default="pending")
+        created_at = peewee.IntegerField()
+        expires_at = peewee.IntegerField(index=True)
+        decided_at = peewee.IntegerField(null=True)
+        decided_by = peewee.CharField(max_length=64, null=True)
+        reason = peewee.TextField(null=True)
+        message_channel = peewee.CharField(max_length=64, null=True)
+        message_ts = peewee.CharField(max_length=32, null=True)
+
+        class Meta:
+            table_name = "approval_request"
+
+    class ApprovalVote(BaseModel):
+        request = peewee.ForeignKeyField(ApprovalRequest, backref="votes", on_delete="CASCADE")
+        approver = peewee.CharField(max_length=64)
+        at = peewee.IntegerField()
+
+        class Meta:
+            table_name = "approval_vote"
+            indexes = ((("request", "approver"), True),)
+
+    class TrailEntry(BaseModel):
+        at = peewee.FloatField(index=True)
+        user = peewee.CharField(max_length=64, index=True)
+        channel = peewee.CharField(max_length=64)
+        origin = peewee.CharField(max_length=16)
+        action = peewee.CharField(max_length=32)
+        detail = peewee.TextField()
+        outcome = peewee.TextField()
+
+        class Meta:
+            table_name = "chat_trail"
+
+    return {m.__name__: m for m in (SeenNonce, Job, JobEvent, BotJob, ApprovalRequest, ApprovalVote, TrailEntry)}
+
+
+T = 1_700_000_000  # 2023-11-14 22:13:20 UTC; a whole multiple of 128, so even a 32-bit float holds it exactly
+JOB_ID = "0b5c7a52-6f7e-4a57-9a51-3f0d7c1b2a10"
+
+
+def create_schema_v1(url: str) -> None:
+    """A database as today's code leaves it: every component at version 1, with rows."""
+    old = schema_v1()
+    db = connect_url(url)
+    try:
+        migrate(db, "master", [create_tables(old["SeenNonce"], old["Job"], old["JobEvent"])])
+        migrate(db, "bot", [create_tables(old["BotJob"])])
+        migrate(db, "approvals", [create_tables(old["ApprovalRequest"], old["ApprovalVote"], old["TrailEntry"])])
+        _old.initialize(db)
+        old["SeenNonce"].create(nonce="n" * 32, keep_until=T + 60)
+        old["Job"].create(id=JOB_ID, sender="bot", requester="slack:U1", origin="slack", approvers='["U2"]',
+                      module="echo", params='{"message":"h\\u00e9"}', hosts='["web01"]', idc="local", timeout=60,
+                      state="ok", created_at=T, finished_at=T + 5, signed_request=b"\x00signed")
+        old["JobEvent"].create(job=JOB_ID, seq=1, kind="accepted", at=T + 0.123, data='{"hosts":["web01"]}')
+        old["JobEvent"].create(job=JOB_ID, seq=2, kind="finished", at=T + 4.9996, data='{"state":"ok"}')
+        old["BotJob"].create(job_id=JOB_ID, requester="U1", origin="slack", channel="C1", idc="local", module="echo",
+                         params=json.dumps({"message": "hé 🚀"}), host_count=1, state="ok", approvers='["U2"]',
+                         cancel_roles='["leads"]', reported=True, created_at=T, finished_at=T + 6)
+        old["BotJob"].create(job_id="still-running", requester="U1", origin="slack", channel="C1", idc="local",
+                         module="echo", params="{}", host_count=1, state="queued", created_at=T + 1)
+        request = old["ApprovalRequest"].create(
+            request_id=JOB_ID, requester="U1", origin="slack", channel="C1", idc="local", module="echo",
+            params='{"message":"hé"}', hosts='["web01"]', rules='["r"]', needed=1, approver_roles='["leads"]',
+            cancel_roles='[]', state="approved", created_at=T - 100, expires_at=T + 3500, decided_at=T - 1)
+        old["ApprovalRequest"].create(
+            request_id="pending-one", requester="U1", origin="slack", channel="C1", idc="local", module="echo",
+            params="{}", hosts='["web01"]', rules='["r"]', needed=1, approver_roles='["leads"]', cancel_roles='[]',
+            created_at=T, expires_at=T + 3600)
+        old["ApprovalVote"].create(request=request.number, approver="U2", at=T - 1)
+        old["TrailEntry"].create(at=float(T), user="U2", channel="C1", origin="slack", action="approve", detail="#1",
+                             outcome="ok")
+    finally:
+        db.close()
+
+
+def test_a_database_of_the_previous_schema_is_converted(backend: str, tmp_path: Path) -> None:
+    with scratch(backend, tmp_path) as url:
+        create_schema_v1(url)
+        before = connect_url(url)
+        try:
+            indexes = index_names(before)
+        finally:
+            before.close()
+        master_db = store.open_store(url)
+        bot_db = bot_store.open_store(url)
+        approvals.bind(bot_db)
+        try:
+            assert index_names(bot_db) == indexes  # SQLite copies jobevent and chat_trail: indexes come along
+            with bot_db.bind_ctx([SchemaVersion]):
+                versions = {r.component: r.version for r in SchemaVersion.select()}
+            assert versions == {"master": len(store.MIGRATIONS), "bot": len(bot_store.MIGRATIONS),
+                                "approvals": len(astore.MIGRATIONS)}
+            assert_timestamps_are_bigint(bot_db, list(TIMESTAMPS))
+            assert_converted()
+
+            # A step interrupted on MySQL (where each ALTER commits at once) runs again from the start:
+            # it must not multiply twice.
+            for db, migrations in ((master_db, store.MIGRATIONS), (bot_db, bot_store.MIGRATIONS),
+                                   (bot_db, astore.MIGRATIONS)):
+                with db.atomic():
+                    migrations[-1](db)
+            assert_converted()
+
+            # The converted tables keep their constraints and take new rows.
+            with pytest.raises(peewee.IntegrityError):
+                with master_db.atomic():
+                    store.JobEvent.create(job="no-such-job", seq=1, kind="started", at=MS, data={})
+            with pytest.raises(peewee.IntegrityError):
+                with master_db.atomic():
+                    store.JobEvent.create(job=JOB_ID, seq=2, kind="again", at=MS, data={})
+            store.JobEvent.create(job=JOB_ID, seq=3, kind="note", at=MS, data={"x": 1})
+            astore.record("U3", "C1", "slack", "help", "", "ok")
+            assert store.JobEvent.get(store.JobEvent.seq == 3).at == MS
+            assert astore.TrailEntry.select().order_by(astore.TrailEntry.id.desc()).first().at > T * 1000
+        finally:
+            master_db.close()
+            bot_db.close()
+
+
+def assert_converted() -> None:
+    assert store.SeenNonce.get().keep_until == (T + 60) * 1000
+    job = store.Job.get_by_id(JOB_ID)
+    assert (job.created_at, job.finished_at, job.params, job.hosts) == (T * 1000, (T + 5) * 1000, {"message": "hé"},
+                                                                        ["web01"])
+    events = store.JobEvent.select().where(store.JobEvent.job == JOB_ID).order_by(store.JobEvent.seq)
+    assert [(e.seq, e.at, e.data) for e in events][:2] == [
+        (1, T * 1000 + 123, {"hosts": ["web01"]}), (2, T * 1000 + 5000, {"state": "ok"})]  # rounded to the ms
+
+    done, running = (bot_store.find_job(ref) for ref in (JOB_ID, "still-running"))
+    assert done is not None and running is not None
+    assert (done.created_at, done.finished_at) == (T * 1000, (T + 6) * 1000)
+    assert (done.params, done.approvers, done.cancel_roles) == ({"message": "hé 🚀"}, ["U2"], ["leads"])
+    assert (running.created_at, running.finished_at, running.params, running.approvers) == ((T + 1) * 1000, None, {}, [])
+
+    decided, pending = (astore.find_request(ref) for ref in (JOB_ID, "pending-one"))
+    assert decided is not None and pending is not None
+    assert (decided.created_at, decided.expires_at, decided.decided_at) == ((T - 100) * 1000, (T + 3500) * 1000,
+                                                                            (T - 1) * 1000)
+    assert (pending.expires_at, pending.decided_at, pending.params) == ((T + 3600) * 1000, None, {})
+    assert [(v.approver, v.at) for v in decided.votes] == [("U2", (T - 1) * 1000)]
+    assert astore.TrailEntry.select().order_by(astore.TrailEntry.id).first().at == T * 1000
+
+
+def test_stored_times_are_shown_in_seconds_where_people_read_them() -> None:
+    from bot.messages import CardState, job_card, slack_date
+
+    assert slack_date(MS).startswith("<!date^4102444800^") and slack_date(MS).endswith("|2100-01-01 00:00 UTC>")
+    card = CardState(number=1, job_id="j", requester="U1", module="echo", params={}, idc="local", hosts=1,
+                     created_at=MS, state="ok", finished_at=MS + 125_000)
+    assert "took 2m05s" in job_card(card).text + str(job_card(card).blocks)
 
 
 # --- bad URLs and unreachable servers ------------------------------------------------------------
@@ -423,6 +799,7 @@ def test_a_master_runs_a_job_on_the_server(server: str, make_cluster: Callable[.
         cluster = make_cluster()
         master = cluster.start("m1", env={"OMBOT_MASTER_DATABASE_URL": url})
         router = cluster.router()
+        started = now_ms()
         try:
             ref, _ = router.submit("local", "echo", {"message": "über 🚀"}, ["localhost", "web01"])
             events: list[dict] = []
@@ -438,9 +815,17 @@ def test_a_master_runs_a_job_on_the_server(server: str, make_cluster: Callable[.
         try:
             (state,) = db.execute_sql("SELECT state FROM job WHERE id = %s", (ref.job_id,)).fetchone()
             (count,) = db.execute_sql("SELECT COUNT(*) FROM jobevent WHERE job_id = %s", (ref.job_id,)).fetchone()
+            (created, finished) = db.execute_sql("SELECT created_at, finished_at FROM job WHERE id = %s",
+                                                 (ref.job_id,)).fetchone()
+            (kept_until,) = db.execute_sql("SELECT MAX(keep_until) FROM seennonce").fetchone()
         finally:
             db.close()
         assert state == "ok" and count == len(events)
+        # The master writes epoch ms, and sends event times as stored.
+        ended = now_ms()
+        assert started <= created <= finished <= ended
+        assert all(created <= e["at"] <= ended and isinstance(e["at"], int) for e in events)
+        assert kept_until > ended  # a nonce outlives its request's time window, so a purge now keeps it
 
 
 def test_a_master_with_an_unreachable_database_says_so(make_cluster: Callable[..., Cluster]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from tests.support import child_env, free_port
@@ -17,9 +18,8 @@ def ombot(*args: str, stdin: str = "", cwd: Path | None = None, timeout: float =
 
 def test_up_configures_on_first_use_starts_a_master_and_the_console(tmp_path: Path) -> None:
     demo = tmp_path / "demo"
-    assert ombot("init", str(demo), "--master-port", str(free_port())).returncode == 0
     session = "/om echo localhost message=hello-up\n/om facts localhost\n"
-    out = ombot("--config", str(demo / "ombot.toml"), "up", stdin=session)
+    out = ombot("up", str(demo), "--master-port", str(free_port()), stdin=session)
     assert out.returncode == 0, out.stderr + out.stdout
     assert "master local-1 (IDC local) on 127.0.0.1:" in out.stdout
     assert "OMBot console: you are U0DEMO" in out.stdout
@@ -29,10 +29,17 @@ def test_up_configures_on_first_use_starts_a_master_and_the_console(tmp_path: Pa
 
 
 def test_up_writes_the_demo_config_when_none_exists(tmp_path: Path) -> None:
-    out = ombot("up", "fresh", stdin="", cwd=tmp_path)
-    # The default port may be taken on a shared machine; either way the config must have been written.
-    assert (tmp_path / "fresh" / "ombot.toml").exists() and (tmp_path / "fresh" / "keys" / "bot.key").exists()
-    assert "wrote a demo configuration" in out.stdout
+    port = free_port()
+    out = ombot("up", "fresh", "--master-port", str(port), stdin="", cwd=tmp_path)
+    # It wrote a demo config with fresh keys, and then really started from it.
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("wrote a demo configuration to fresh/ombot.toml\n"), out.stdout
+    assert f"master local-1 (IDC local) on 127.0.0.1:{port}" in out.stdout
+    assert "OMBot console: you are U0DEMO" in out.stdout
+    demo = tomllib.loads((tmp_path / "fresh" / "ombot.toml").read_text())
+    assert demo["bot"]["console_allow_as"] is True and demo["clients"]["console"]["kind"] == "chat"
+    for name in ("bot", "console", "local-1"):
+        assert (tmp_path / "fresh" / "keys" / f"{name}.key").exists()
 
 
 def test_slack_manifest(tmp_path: Path) -> None:

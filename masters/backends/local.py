@@ -11,8 +11,11 @@ import grp
 import logging
 import os
 import pwd
+import re
+import select
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -21,9 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
+from masters.backends import cgroup
 from masters.backends.base import CappedText, HostResult, HostStatus, RunContext
 from modules.params import within
-from modules.plan import Arg, Command, Emit, FirstAvailable, Ping, PutFile, RequireWithin, Shell, Step, TempPath
+from modules.plan import (
+    Arg, Command, Emit, FirstAvailable, Ping, PutFile, RequireWithin, Shell, Step, TailFile, TempPath,
+)
 
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 log = logging.getLogger("ombot.master.local")
@@ -32,6 +38,7 @@ LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 KILL_GRACE_SECONDS = 2.0
 READER_GRACE_SECONDS = 2.0
 _POLL_SECONDS = 0.05
+_TAIL_BLOCK = 64 * 1024
 
 
 class StepFailed(Exception):
@@ -118,13 +125,83 @@ def _run_step(step: Step, ctx: RunContext, host: str, tmp: Path, out: CappedText
         case PutFile():
             _put_file(step, ctx, tmp)
         case RequireWithin(path, roots, param):
-            real = os.path.realpath(path)
-            if not any(within(real, root) for root in roots):
-                label = f"{param}: " if param else ""
-                raise StepFailed(HostStatus.FAILED, f"{label}{path} resolves to {real}, outside {', '.join(roots)}")
+            _require_within(path, os.path.realpath(path), roots, param)
+        case TailFile():
+            return _tail_file(step, ctx, out, err)
         case _:
             raise StepFailed(HostStatus.FAILED, f"the local backend cannot run {type(step).__name__}")
     return None
+
+
+def _require_within(path: str, real: str, roots: tuple[str, ...], param: str | None) -> None:
+    if not any(within(real, root) for root in roots):
+        label = f"{param}: " if param else ""
+        raise StepFailed(HostStatus.FAILED, f"{label}{path} resolves to {real}, outside {', '.join(roots)}")
+
+
+def _tail_file(step: TailFile, ctx: RunContext, out: CappedText, err: CappedText) -> int:
+    """`tail -n` done here, on a descriptor checked after opening: what is read is what was checked."""
+    label = f"{step.param}: " if step.param else ""
+    _require_within(step.path, os.path.realpath(step.path), step.roots, step.param)  # the plain, clear refusal
+    try:
+        # O_NOFOLLOW: a final symlink swapped in after the check above fails here instead of being
+        # followed; O_NONBLOCK: a FIFO planted there cannot hang the job.
+        fd = os.open(os.path.realpath(step.path),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        err.write(f"{step.path}: {exc.strerror}\n".encode())
+        raise StepFailed(HostStatus.FAILED, f"{label}cannot open {step.path}: {exc.strerror}", rc=1) from None
+    try:
+        _check_opened(fd, step, label)
+        _copy_tail(fd, step.lines, ctx, out)
+    finally:
+        os.close(fd)
+    return 0
+
+
+def _check_opened(fd: int, step: TailFile, label: str) -> None:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise StepFailed(HostStatus.FAILED, f"{label}{step.path} is not a regular file", rc=1)
+    if info.st_nlink != 1:  # a hardlink under a root may name any file on the same filesystem
+        raise StepFailed(HostStatus.FAILED, f"{label}{step.path} has {info.st_nlink} links; only single-link "
+                         "files are shown", rc=1)
+    _require_within(step.path, os.readlink(f"/proc/self/fd/{fd}"), step.roots, step.param)
+
+
+def _copy_tail(fd: int, lines: int, ctx: RunContext, out: CappedText) -> None:
+    """The last `lines` lines, as tail prints them, into `out` (first output_cap bytes kept, all counted)."""
+    size = os.fstat(fd).st_size
+    start = _tail_start(fd, size, lines, ctx)
+    os.lseek(fd, start, os.SEEK_SET)
+    while len(out.kept) < out.cap:
+        chunk = os.read(fd, min(_TAIL_BLOCK, out.cap - len(out.kept)))
+        if not chunk:
+            return
+        out.write(chunk)
+    out.total += max(0, size - start - len(out.kept))  # the rest is counted, not read
+
+
+def _tail_start(fd: int, size: int, lines: int, ctx: RunContext) -> int:
+    """Offset of the first of the last `lines` lines; a final newline ends a line, it does not start one."""
+    end = size
+    if size and os.pread(fd, 1, size - 1) == b"\n":
+        end -= 1
+    seen, pos = 0, end
+    while pos > 0:
+        _check_stop(ctx)  # scanning a huge file for newlines must still obey cancel and timeout
+        block_start = max(0, pos - _TAIL_BLOCK)
+        block = os.pread(fd, pos - block_start, block_start)
+        index = len(block)
+        while True:
+            index = block.rfind(b"\n", 0, index)
+            if index < 0:
+                break
+            seen += 1
+            if seen == lines:
+                return block_start + index + 1
+        pos = block_start
+    return 0
 
 
 def _resolve(arg: Arg, tmp: Path) -> str:
@@ -193,21 +270,36 @@ def _child_env(ctx: RunContext, host: str, tmp: Path) -> dict[str, str]:
 
 def _execute(argv: list[str], stdin: str | None, ctx: RunContext, host: str, tmp: Path,
              out: CappedText, err: CappedText) -> int:
+    if not _installed(argv[0], tmp):
+        raise StepFailed(HostStatus.FAILED, f"command not found: {argv[0]}", rc=127)
+    # Everything the command starts, even `setsid x &`, lives in its confinement and dies with it.
+    confinement = cgroup.confine(re.sub(r"[^A-Za-z0-9_.-]", "_", f"{ctx.job_id}-{host}")[:64])
     try:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp, env=_child_env(ctx, host, tmp),
-            start_new_session=True, close_fds=True,
-        )
-    except FileNotFoundError:
-        raise StepFailed(HostStatus.FAILED, f"command not found: {argv[0]}", rc=127) from None
-    readers = [_drain(proc.stdout, out), _drain(proc.stderr, err)]
+        with cgroup.spawning():
+            proc = subprocess.Popen(
+                confinement.wrap(argv), stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp,
+                env={**_child_env(ctx, host, tmp), **confinement.env}, start_new_session=True, close_fds=True,
+            )
+            confinement.started(proc.pid)
+    except BaseException:
+        confinement.end()
+        raise
+    stop_reading = threading.Event()
+    readers = [_drain(proc.stdout, out, stop_reading), _drain(proc.stderr, err, stop_reading)]
     if stdin is not None:  # from a thread: a child that never reads must not hold off cancel and timeout
         threading.Thread(target=_feed, args=(proc, stdin), daemon=True).start()
-    stopped = _wait(proc, ctx)
-    for reader in readers:
-        # A background child that inherited the pipe may keep it open long after the command exits.
-        reader.join(timeout=READER_GRACE_SECONDS)
+    try:
+        stopped = _wait(proc, ctx)
+    finally:
+        # The command is over: whatever it left behind is killed, so the pipes reach their end and
+        # the readers collect what is left in them. A reader still busy after that is stopped.
+        confinement.end()
+        for reader in readers:
+            reader.join(timeout=READER_GRACE_SECONDS)
+        stop_reading.set()
+        for reader in readers:
+            reader.join(timeout=READER_GRACE_SECONDS)
     if stopped is not None:
         raise StepFailed(stopped, "cancelled" if stopped is HostStatus.CANCELLED else "timed out", rc=proc.returncode)
     if proc.returncode != 0:
@@ -215,11 +307,26 @@ def _execute(argv: list[str], stdin: str | None, ctx: RunContext, host: str, tmp
     return proc.returncode
 
 
-def _drain(stream: IO[bytes] | None, sink: CappedText) -> threading.Thread:
+def _installed(program: str, cwd: Path) -> bool:
+    """What Popen would find: a path (relative to the command's directory) or a name on CHILD_PATH."""
+    if "/" in program:
+        return os.path.exists(program if os.path.isabs(program) else cwd / program)
+    return shutil.which(program, path=CHILD_PATH) is not None
+
+
+def _drain(stream: IO[bytes] | None, sink: CappedText, stop: threading.Event) -> threading.Thread:
     def pump() -> None:
         assert stream is not None
         with stream:
-            for chunk in iter(lambda: stream.read1(65536), b""):
+            fd = stream.fileno()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+            while not stop.is_set():
+                if not poller.poll(_POLL_SECONDS * 1000):
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return
                 sink.write(chunk)
 
     thread = threading.Thread(target=pump, daemon=True)
