@@ -1,3 +1,4 @@
-"""Cross-cutting pieces shared by the bot, the masters and the CLI: config, storage, errors."""
+"""The base every package may use — config, storage, errors, logs, clock, process helpers — which
+imports no other project package. The composition root (the CLI) lives in `ombot.app`."""
 
 __version__ = "0.1.0"

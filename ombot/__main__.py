@@ -1,3 +1,3 @@
-from ombot.cli import main
+from ombot.app.cli import main  # the process entry: the one place the base reaches the root
 
 main()

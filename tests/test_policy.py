@@ -14,7 +14,7 @@ import pytest
 from approvals import Decision, Gate
 from approvals.policy import Approval, Policy, load_policy, parse_policy
 from ombot.errors import ConfigError
-from ombot.initdir import init
+from ombot.app.initdir import init
 from tests.support import Cluster, bot_table, child_env
 
 CLI_USER = "cli:test"  # who `ombot run` acts as: the CLI registration of tests.support.Cluster, whoever runs it

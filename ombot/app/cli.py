@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ombot import config as cfg
-from ombot import initdir
+from ombot.app import initdir
 from ombot.errors import OmbotError
 from ombot.logs import setup_logging
 
@@ -93,7 +93,7 @@ def up(ctx: typer.Context, config: ConfigOpt = None,
     """Start OMBot on the embedded default: a local master on SQLite (configured on first use) and
     the chat front end: Slack when its tokens are set, else the console."""
     from bot.settings import SlackSecrets
-    from ombot.launch import local_masters
+    from ombot.app.launch import local_masters
 
     path = Path(config or (ctx.obj or {}).get("config") or directory / "ombot.toml")
     if not path.exists():
@@ -169,7 +169,7 @@ def run(ctx: typer.Context,
         timeout: Annotated[Optional[int], typer.Option(help="Job timeout in seconds")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines")] = False) -> None:
     """Run a module on hosts and print a per-host table; exit 0 only if every host succeeded."""
-    from ombot.runcmd import run_module
+    from ombot.app.runcmd import run_module
 
     conf = _config(ctx, config)
     code = run_module(_router(conf), _cli_gate(conf), idc or conf.require_client().default_idc, module, targets,
