@@ -1,14 +1,23 @@
-"""Who may run what, and the approval flow. The bot's door to policy; it imports no chat code."""
+"""Who may run what, and the approval flow: the bot's door to policy. It imports no chat code.
+
+`authorize` is the one policy check (chat, console and CLI); a `Gate` holds the policy and does
+everything with approval requests; `record_trail` writes the trail of chat actions. The tables
+behind them stay inside this package.
+"""
 
 import peewee
 
 from approvals import store
-from approvals.gate import ApprovalError, Gate, Vote, params_text
+from approvals.gate import (
+    NO_POLICY, ApprovalError, Gate, PolicyRefusal, Vote, authorize, record_trail, require_requester,
+)
 from approvals.policy import Approval, Decision, Policy, load_policy
+from approvals.store import APPROVED, DENIED, EXPIRED, PENDING, ApprovalRequest
 from ombot.storage import migrate
 
-__all__ = ["Approval", "ApprovalError", "Decision", "Gate", "Policy", "Vote", "bind", "load_policy",
-           "params_text", "store"]
+__all__ = ["APPROVED", "DENIED", "EXPIRED", "NO_POLICY", "PENDING", "Approval", "ApprovalError", "ApprovalRequest",
+           "Decision", "Gate", "Policy", "PolicyRefusal", "Vote", "authorize", "bind", "load_policy", "record_trail",
+           "require_requester"]
 
 
 def bind(db: peewee.Database) -> None:

@@ -6,8 +6,6 @@ approved is one compare-and-set in the database, so two last approvals arriving 
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import logging
 import threading
 import time
@@ -36,8 +34,17 @@ class ApprovalError(OmbotError):
     """A click or command on an approval request that cannot be taken; the message says why."""
 
 
+class PolicyRefusal(OmbotError):
+    """The access policy says no; the message names the rule."""
+
+
+NO_POLICY = "no access policy is configured ([bot] policy in ombot.toml), so nothing may run"
+
+
 @dataclass(frozen=True)
 class Vote:
+    """The outcome of one approval vote."""
+
     request: store.ApprovalRequest
     approved: int  # distinct approvals so far
     start: bool  # this vote completed the approval: start the job now (exactly one caller sees True)
@@ -88,6 +95,8 @@ class CachedGroups:
 
 
 class Gate:
+    """The policy at work: decisions, approval requests and their votes, and expiry timers."""
+
     def __init__(self, policy: Policy, group_members: Callable[[str], frozenset[str]],
                  origin: str | None = None) -> None:
         self.policy = policy
@@ -110,8 +119,7 @@ class Gate:
     def may_run(self, user: str, module: str, idc: str) -> bool:
         """Whether any rule could let this user run the module (for help listings)."""
         groups = self.groups_of(user)
-        return any(self.policy.in_roles(user, groups, r.request) and _matches_module(r.modules, module, r.idcs, idc)
-                   for r in self.policy.rules)
+        return any(self.policy.in_roles(user, groups, r.request) and r.may_run(module, idc) for r in self.policy.rules)
 
     def may_request_anything(self, user: str) -> bool:
         """Whether the user holds a role some rule names under `request`. Checked before a user's
@@ -156,7 +164,7 @@ class Gate:
         start = count >= request.needed and store.transition(request, store.APPROVED, decided_by=user)
         if start:
             self._unschedule(request)
-        return Vote(_reload(request), count, start)
+        return Vote(store.reload(request), count, start)
 
     def check_deny(self, ref: str, user: str) -> store.ApprovalRequest:
         """The open request `user` may deny (an approver, or its requester withdrawing it), or ApprovalError."""
@@ -170,7 +178,7 @@ class Gate:
         if not reason.strip():
             raise ApprovalError("A denial needs a reason.")
         if not store.transition(request, store.DENIED, decided_by=user, reason=reason.strip()[:1000]):
-            raise ApprovalError(f"Request #{request.number} was already decided: {_reload(request).state}.")
+            raise ApprovalError(f"Request #{request.number} was already decided: {store.reload(request).state}.")
         self._unschedule(request)
         return request
 
@@ -186,6 +194,28 @@ class Gate:
             query = query.where(store.ApprovalRequest.origin == self.origin)
         return list(query.order_by(store.ApprovalRequest.number))
 
+    def find(self, ref: str) -> store.ApprovalRequest | None:
+        """A request by number or id, whatever its state."""
+        return store.find_request(ref)
+
+    def current(self, request: store.ApprovalRequest) -> store.ApprovalRequest:
+        """The request as the database has it now (racing votes may have moved it on)."""
+        return store.reload(request)
+
+    def votes(self, request: store.ApprovalRequest) -> list[tuple[str, int]]:
+        """(approver, epoch ms) of each vote, in order."""
+        return store.votes(request)
+
+    def approvers(self, request: store.ApprovalRequest) -> list[str]:
+        return store.approvers(request)
+
+    def vote_count(self, request: store.ApprovalRequest) -> int:
+        return store.vote_count(request)
+
+    def place_message(self, request: store.ApprovalRequest, channel: str, ts: str | None) -> None:
+        """Where the request's Approve/Deny message is, so it can be updated in place."""
+        store.set_message(request, channel, ts)
+
     def _pending(self, ref: str) -> store.ApprovalRequest:
         request = store.find_request(ref)
         if request is None:
@@ -194,7 +224,7 @@ class Gate:
             raise ApprovalError(f"Request #{request.number} was made in {request.origin}; decide it there.")
         if request.state == store.PENDING and request.expires_at <= now_ms():
             self._expired(request.request_id)
-            request = _reload(request)
+            request = store.reload(request)
         if request.state != store.PENDING:
             raise ApprovalError(f"Request #{request.number} is no longer open: it was {request.state}.")
         return request
@@ -234,16 +264,26 @@ class Gate:
             self.scheduler.shutdown(wait=False)
 
 
-def _reload(request: store.ApprovalRequest) -> store.ApprovalRequest:
-    return store.ApprovalRequest.get_by_id(request.number)
+def authorize(gate: Gate | None, user: str, module: str, hosts: list[str], idc: str) -> Decision:
+    """The one policy check, for chat, console and CLI alike: the decision, or PolicyRefusal."""
+    if gate is None:
+        raise PolicyRefusal(NO_POLICY)
+    decision = gate.decide(user, module, hosts, idc)
+    if not decision.allowed:
+        raise PolicyRefusal(decision.reason)
+    return decision
 
 
-def _matches_module(patterns: tuple[str, ...], module: str, idcs: tuple[str, ...], idc: str) -> bool:
-    return any(fnmatch.fnmatchcase(module, p) for p in patterns) and any(fnmatch.fnmatchcase(idc, p) for p in idcs)
+def require_requester(gate: Gate | None, user: str) -> None:
+    """Refuse, before any target reaches a master, a user whom no rule lets request anything."""
+    if gate is None:
+        raise PolicyRefusal(NO_POLICY)
+    if not gate.may_request_anything(user):
+        raise PolicyRefusal("you hold no role that the access policy lets request jobs; ask your admins for access")
 
 
-def params_text(request: store.ApprovalRequest) -> str:
-    return " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) or ' ' in v else v}"
-                    for k, v in request.params.items())
+def record_trail(user: str, channel: str, origin: str, action: str, detail: str, outcome: str) -> None:
+    """One line of the trail of every chat action: who, where, what, and how it ended."""
+    store.record(user, channel, origin, action, detail, outcome)
 
 

@@ -10,7 +10,6 @@ refused and has to be split, so no host is approved by someone its own rule does
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ombot.config import TableReader, read_toml
+from ombot.globs import matches_any
 from ombot.errors import ConfigError
 
 
@@ -31,6 +31,8 @@ CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
 
 @dataclass(frozen=True)
 class Role:
+    """A named set of users and user groups."""
+
     name: str
     users: frozenset[str]
     groups: frozenset[str]
@@ -41,6 +43,8 @@ class Role:
 
 @dataclass(frozen=True)
 class Approval:
+    """What a rule asks before a job runs: how many approvers, from which roles, for how long."""
+
     count: int
     roles: tuple[str, ...]
     expiry: int = DEFAULT_EXPIRY
@@ -50,6 +54,8 @@ class Approval:
 
 @dataclass(frozen=True)
 class Rule:
+    """Which roles may request which modules on which hosts and IDCs, and on what terms."""
+
     name: str
     modules: tuple[str, ...]
     targets: tuple[str, ...]
@@ -60,15 +66,17 @@ class Rule:
     cancel: tuple[str, ...] = ()
 
     def matches(self, module: str, host: str, idc: str) -> bool:
-        return (_any(module, self.modules) and _any(host, self.targets) and _any(idc, self.idcs))
+        return matches_any(module, self.modules) and matches_any(host, self.targets) and matches_any(idc, self.idcs)
 
-
-def _any(value: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(value, p) for p in patterns)
+    def may_run(self, module: str, idc: str) -> bool:
+        """Whether this rule covers the module in the IDC on some host."""
+        return matches_any(module, self.modules) and matches_any(idc, self.idcs)
 
 
 @dataclass(frozen=True)
 class Decision:
+    """The policy's answer to one request: allowed or not, why, and on what terms."""
+
     allowed: bool
     reason: str
     rules: tuple[str, ...] = ()
@@ -83,6 +91,8 @@ class Decision:
 
 @dataclass(frozen=True)
 class Policy:
+    """Roles and rules, read and checked from the policy file."""
+
     roles: dict[str, Role]
     rules: tuple[Rule, ...]
     console_groups: dict[str, frozenset[str]] = field(default_factory=dict)

@@ -7,7 +7,7 @@ from typing import Any
 import peewee
 
 from ombot.clock import now_ms
-from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms
+from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms, find_by_number_or_id
 
 db = peewee.DatabaseProxy()
 
@@ -15,6 +15,8 @@ PENDING, APPROVED, DENIED, EXPIRED = "pending", "approved", "denied", "expired"
 
 
 class BaseModel(peewee.Model):
+    """Approval tables live in the bot's database."""
+
     class Meta:
         database = db
 
@@ -52,6 +54,9 @@ class ApprovalRequest(BaseModel):
 
 
 class ApprovalVote(BaseModel):
+    """One approver's yes to one request (one each, whatever the race)."""
+
+    id = peewee.AutoField()  # what peewee adds anyway, named: votes are listed in the order they came
     request = peewee.ForeignKeyField(ApprovalRequest, backref="votes", on_delete="CASCADE")
     approver = peewee.CharField(max_length=64)
     at = peewee.BigIntegerField()
@@ -90,11 +95,9 @@ def record(user: str, channel: str, origin: str, action: str, detail: str, outco
 
 
 def find_request(ref: str) -> ApprovalRequest | None:
-    ref = ref.lstrip("#")
-    if ref.isascii() and ref.isdigit():  # "²".isdigit() is true too, and int() refuses it
-        # int() of thousands of digits raises, and past 2**63 the database refuses the query itself
-        return ApprovalRequest.get_or_none(ApprovalRequest.number == int(ref)) if len(ref) <= 18 else None
-    return ApprovalRequest.get_or_none(ApprovalRequest.request_id == ref)
+    request: ApprovalRequest | None = find_by_number_or_id(ApprovalRequest, ApprovalRequest.number,
+                                                           ApprovalRequest.request_id, ref)
+    return request
 
 
 def transition(request: ApprovalRequest, to: str, **fields: Any) -> bool:
@@ -108,5 +111,26 @@ def transition(request: ApprovalRequest, to: str, **fields: Any) -> bool:
     return bool(won)
 
 
+def votes(request: ApprovalRequest) -> list[tuple[str, int]]:
+    """(approver, when in epoch ms) of each vote, in the order they came."""
+    votes = ApprovalVote.select().where(ApprovalVote.request == request.number).order_by(ApprovalVote.id)
+    return [(vote.approver, vote.at) for vote in votes]
+
+
 def approvers(request: ApprovalRequest) -> list[str]:
-    return [v.approver for v in ApprovalVote.select().where(ApprovalVote.request == request.number).order_by(ApprovalVote.id)]
+    return [approver for approver, _ in votes(request)]
+
+
+def vote_count(request: ApprovalRequest) -> int:
+    return int(ApprovalVote.select().where(ApprovalVote.request == request.number).count())
+
+
+def set_message(request: ApprovalRequest, channel: str, ts: str | None) -> None:
+    ApprovalRequest.update(message_channel=channel, message_ts=ts).where(
+        ApprovalRequest.number == request.number).execute()
+    request.message_channel, request.message_ts = channel, ts
+
+
+def reload(request: ApprovalRequest) -> ApprovalRequest:
+    fresh: ApprovalRequest = ApprovalRequest.get_by_id(request.number)
+    return fresh

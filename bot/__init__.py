@@ -1,0 +1,29 @@
+"""The chat face of OMBot: the Slack app and the console, one dispatcher behind both.
+
+The door for the composition root: `BotService` (one per process), `run_console`, `serve_slack`,
+`slack_manifest`, and the `[bot]` settings. Importing it declares every chat command.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot.console import run_console
+from bot.service import BotService
+from bot.settings import BotSettings, SlackSecrets
+from ombot.config import Config
+
+__all__ = ["BotService", "BotSettings", "SlackSecrets", "run_console", "serve_slack", "slack_manifest"]
+
+
+def serve_slack(config: Config) -> None:
+    """Serve the Slack app (Socket Mode or HTTP); Slack's libraries load only here."""
+    from bot.slack_app import serve_slack as serve
+
+    serve(config)
+
+
+def slack_manifest(http_url: str | None = None) -> dict[str, Any]:
+    from bot.slack_app import manifest
+
+    return manifest(http_url)

@@ -4,31 +4,40 @@ starting exactly once when enough approvers said yes. The rules themselves live 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
-from approvals import Decision, params_text
-from approvals import store as astore
+from approvals import PENDING, ApprovalRequest, Decision, Gate
 from bot import grammar
-from bot.messages import Message, RequestView, approval_card, deny_form, escape, slack_date, text_message
+from bot.messages import (
+    Message, RequestView, approval_card, deny_form, escape, params_text, slack_date, text_message,
+)
 from bot.transport import ChatRequest, Transport
 from modules import ModuleSpec
 from ombot.errors import OmbotError
 
-if TYPE_CHECKING:
-    from bot.dispatcher import Dispatcher
-
 log = logging.getLogger("ombot.bot.approvals")
+
+# (module invocation, spec, hosts, who asked, transport, approvers, cancel roles, job id): start the job
+StartJob = Callable[[grammar.Run, ModuleSpec, list[str], ChatRequest, Transport, Sequence[str], Sequence[str], str], None]
+# (idc, module) -> the module's spec from that IDC's catalog
+SpecOf = Callable[[str, str], ModuleSpec]
+# (who asked, transport, action, detail, work): run work later, answered and recorded in the trail
+Later = Callable[[ChatRequest, Transport, str, str, Callable[[], None]], None]
 
 
 class ApprovalFlow:
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.d = dispatcher
+    """Asking for approval, taking votes and denials, expiring, and starting the approved job."""
+
+    def __init__(self, gate: Gate | None, default_idc: str, spec_of: SpecOf, start_job: StartJob,
+                 later: Later) -> None:
+        self._gate, self.default_idc = gate, default_idc
+        self.spec_of, self.start_job, self.later = spec_of, start_job, later
 
     @property
-    def gate(self):  # type: ignore[no-untyped-def]
-        if self.d.gate is None:
+    def gate(self) -> Gate:
+        if self._gate is None:
             raise OmbotError("No access policy is configured, so there are no approvals.")
-        return self.d.gate
+        return self._gate
 
     # -- asking ----------------------------------------------------------------------------------
 
@@ -37,12 +46,11 @@ class ApprovalFlow:
         assert decision.approval is not None
         request = self.gate.open_request(
             requester=req.user, origin=req.origin, channel=req.channel, reply_url=req.response_url,
-            idc=command.idc or self.d.default_idc, module=spec.name, params=command.params, hosts=hosts,
+            idc=command.idc or self.default_idc, module=spec.name, params=command.params, hosts=hosts,
             timeout=command.timeout, decision=decision)
         where = decision.approval.channel or req.channel
-        ts = transport.post(where, approval_card(view_of(request)), req=req)  # falls back only in req's own channel
-        astore.ApprovalRequest.update(message_channel=where, message_ts=ts).where(
-            astore.ApprovalRequest.number == request.number).execute()
+        ts = transport.post(where, approval_card(self.view_of(request)), req=req)  # falls back only in req's own channel
+        self.gate.place_message(request, where, ts)
         transport.respond(req, text_message(
             f"`{spec.name}` on {len(hosts)} host(s) needs {decision.approval.count} approval(s) from "
             f"{', '.join(decision.approval.roles)} ({decision.reason}). Waiting as request #{request.number}; "
@@ -51,46 +59,39 @@ class ApprovalFlow:
     # -- deciding ------------------------------------------------------------------------------
 
     def approve(self, ref: str, req: ChatRequest, transport: Transport) -> None:
-        found = astore.find_request(ref)
+        found = self.gate.find(ref)
         if found is not None:  # check it can still run before a vote could mark it approved
-            self.d.spec_of(found.idc, found.module).validate(found.params)
+            self.spec_of(found.idc, found.module).validate(found.params)
         vote = self.gate.approve(ref, req.user)
         request = vote.request
         self.show(request, transport)
         if vote.start:
             transport.respond(req, text_message(f"Approved request #{request.number}; its job starts now."))
             self._start(request, transport)
-        elif request.state != astore.PENDING:
+        elif request.state != PENDING:
             transport.respond(req, text_message(f"Your approval was recorded, but request #{request.number} "
                                                 f"is {request.state}."))
         else:
             transport.respond(req, text_message(f"Approved request #{request.number}: "
                                                 f"{vote.approved}/{request.needed} approvals."))
 
-    def approve_clicked(self, req: ChatRequest, request_id: str, transport: Transport) -> None:
-        self.d.answering(req, transport, "approve click", request_id, lambda: self.approve(request_id, req, transport))
-
     def deny_clicked(self, req: ChatRequest, request_id: str, transport: Transport) -> None:
         """A Deny click asks for the reason in a modal (checks run again when it is submitted)."""
-        def work() -> None:
-            request = self.gate.check_deny(request_id, req.user)  # a stranger gets no modal
-            if not (req.trigger_id and transport.open_form(req, deny_form(request_id, request.number))):
-                transport.respond(req, text_message(f"Type `/om deny {request.number} REASON` to deny it."))
-
-        self.d.answering(req, transport, "deny click", request_id, work)
+        request = self.gate.check_deny(request_id, req.user)  # a stranger gets no modal
+        if not (req.trigger_id and transport.open_form(req, deny_form(request_id, request.number))):
+            transport.respond(req, text_message(f"Type `/om deny {request.number} REASON` to deny it."))
 
     def deny_submitted(self, req: ChatRequest, request_id: str, reason: str, transport: Transport) -> dict[str, str]:
         """The reason modal: an empty reason is a field error; the rest (group lookups in Slack, the
         database, the chat updates) happens after the ack, so it can never push the ack past 3 s."""
         if not reason.strip():
             return {"reason": "A denial needs a reason."}
-        found = astore.find_request(request_id)  # the local database only: no Slack call before the ack
-        if found is None or found.state != astore.PENDING:
+        found = self.gate.find(request_id)  # the local database only: no Slack call before the ack
+        if found is None or found.state != PENDING:
             state = found.state if found else "unknown"
             return {"reason": f"This request is no longer open: it was {state}."}
         where = ChatRequest(req.user, found.message_channel or found.channel, origin=req.origin)
-        self.d.pool.submit(self.d.answering, where, transport, "deny form", request_id,
-                           lambda: self.deny(request_id, reason, where, transport))
+        self.later(where, transport, "deny form", request_id, lambda: self.deny(request_id, reason, where, transport))
         return {}
 
     def deny(self, ref: str, reason: str, req: ChatRequest, transport: Transport) -> None:
@@ -98,7 +99,7 @@ class ApprovalFlow:
         transport.respond(req, text_message(f"Denied request #{request.number}."))
         self._announce_denial(request, req.user, transport)
 
-    def _announce_denial(self, request: astore.ApprovalRequest, user: str, transport: Transport) -> None:
+    def _announce_denial(self, request: ApprovalRequest, user: str, transport: Transport) -> None:
         try:
             self.show(request, transport)
             self._tell_requester(request, transport, f"Request #{request.number} (`{request.module}`) was denied "
@@ -106,49 +107,46 @@ class ApprovalFlow:
         except Exception:  # on the pool nobody else would see it
             log.exception("announcing the denial of request %s", request.request_id)
 
-    def expired(self, request: astore.ApprovalRequest, transport: Transport) -> None:
+    def expired(self, request: ApprovalRequest, transport: Transport) -> None:
         self.show(request, transport)
         self._tell_requester(request, transport, f"Request #{request.number} (`{request.module}`) expired "
                                                  f"before it had enough approvals.")
 
     def listing(self) -> Message:
         rows = [f"#{r.number} `{r.module}` on {len(r.hosts)} host(s) in {r.idc} by <@{r.requester}>: "
-                f"{astore.ApprovalVote.select().where(astore.ApprovalVote.request == r.number).count()}/{r.needed} "
+                f"{self.gate.vote_count(r)}/{r.needed} "
                 f"approvals, expires {slack_date(r.expires_at)}" for r in self.gate.pending()]
         return text_message("\n".join(rows) or "No pending approval requests.")
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def show(self, request: astore.ApprovalRequest, transport: Transport) -> None:
+    def show(self, request: ApprovalRequest, transport: Transport) -> None:
         """Update the approval message in place, from a fresh read: racing votes must not leave a
         stale 'pending' card behind the final one."""
-        request = astore.ApprovalRequest.get_by_id(request.number)
+        request = self.gate.current(request)
         if request.message_channel and request.message_ts:
-            transport.update(request.message_channel, request.message_ts, approval_card(view_of(request)))
+            transport.update(request.message_channel, request.message_ts, approval_card(self.view_of(request)))
 
-    def _tell_requester(self, request: astore.ApprovalRequest, transport: Transport, text: str) -> None:
+    def _tell_requester(self, request: ApprovalRequest, transport: Transport, text: str) -> None:
         transport.post(request.channel, text_message(text),
                        req=ChatRequest(request.requester, request.channel, origin=request.origin,
                                        response_url=request.reply_url))
 
-    def _start(self, request: astore.ApprovalRequest, transport: Transport) -> None:
+    def _start(self, request: ApprovalRequest, transport: Transport) -> None:
         run = grammar.Run(request.module, None, request.params, request.idc, timeout=request.timeout)
         requester = ChatRequest(request.requester, request.channel, origin=request.origin,
                                 response_url=request.reply_url)
-        spec = self.d.spec_of(request.idc, request.module)
+        spec = self.spec_of(request.idc, request.module)
         # The master's floor counts approvals by people other than the requester (and refuses an
         # envelope naming the requester): a self-approval the policy allowed stays in our votes only.
-        others = [a for a in astore.approvers(request) if a != request.requester]
-        self.d.start_job(run, spec, request.hosts, requester, transport, approvers=others,
-                         cancel_roles=request.cancel_roles, job_id=request.request_id)
+        others = [a for a in self.gate.approvers(request) if a != request.requester]
+        self.start_job(run, spec, request.hosts, requester, transport, others, request.cancel_roles, request.request_id)
 
 
-def view_of(request: astore.ApprovalRequest) -> RequestView:
-    votes = astore.ApprovalVote.select().where(astore.ApprovalVote.request == request.number).order_by(astore.ApprovalVote.id)
-    return RequestView(
-        number=request.number, request_id=request.request_id, requester=request.requester, module=request.module,
-        params=params_text(request), idc=request.idc, hosts=list(request.hosts), needed=request.needed,
-        approver_roles=list(request.approver_roles), approvers=[(v.approver, v.at) for v in votes],
-        state=request.state, expires_at=request.expires_at, decided_by=request.decided_by, reason=request.reason,
-    )
-
+    def view_of(self, request: ApprovalRequest) -> RequestView:
+        return RequestView(
+            number=request.number, request_id=request.request_id, requester=request.requester, module=request.module,
+            params=params_text(request.params), idc=request.idc, hosts=list(request.hosts), needed=request.needed,
+            approver_roles=list(request.approver_roles), approvers=self.gate.votes(request),
+            state=request.state, expires_at=request.expires_at, decided_by=request.decided_by, reason=request.reason,
+        )

@@ -24,6 +24,8 @@ PROMPT = "om> "
 
 
 class ConsoleTransport:
+    """The console's side of the Transport: every message printed as plain text."""
+
     def __init__(self, out: TextIO = sys.stdout) -> None:
         self.out = out
         self._lock = threading.Lock()

@@ -13,14 +13,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
-import approvals
-from approvals import ApprovalError, Decision, Gate
+from approvals import (
+    ApprovalError, Decision, Gate, PolicyRefusal, authorize, record_trail, require_requester,
+)
 from bot import forms, grammar, store
 from bot.approval_flow import ApprovalFlow
+from bot.commands import REQUESTERS, Choice, CommandError, Prose, Word, available, chat_command, reserve
 from bot.jobs import JobFollower, card_of
 from bot.messages import Message, clip, code, job_card, slack_date, text_message
 from bot.transport import ChatRequest, Transport
-from masters import FINAL_STATES, ConnectFailed, JobRef, MasterLost, NoMasterAvailable, Refused, Router
+from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
 from modules import Catalog, ModuleSpec, ParamError
 from ombot.errors import OmbotError
 
@@ -57,26 +59,33 @@ class CatalogCache:
 
 
 class Dispatcher:
+    """Everything a chat request can do, behind every transport: each chat command is a method
+    declared with `@chat_command`; the entry points run after the transport has acked."""
+
     def __init__(self, router: Router, catalogs: CatalogCache, follower: JobFollower, default_idc: str,
                  gate: Gate | None, pool: Executor) -> None:
         self.router, self.catalogs, self.follower, self.default_idc = router, catalogs, follower, default_idc
         self.gate, self.pool = gate, pool
-        self.approvals = ApprovalFlow(self)
+        self.approvals = ApprovalFlow(gate, default_idc, self.spec_of, self._start_approved, self.later)
 
-    # -- entry points (called by transports after their ack) ----------------------------------
+    # -- entry points (called by transports after their ack, each through `answering`) ---------
 
     def command(self, req: ChatRequest, transport: Transport) -> None:
-        self.answering(req, transport, "command", req.text,
-                       lambda: self._dispatch(grammar.parse(req.text), req, transport))
+        """A line of /om text, answered and recorded in the trail whatever happens."""
+        self.answering(req, transport, "command", req.text, lambda: self._invoke(req, transport))
 
-    def cancel_clicked(self, req: ChatRequest, job_id: str, transport: Transport) -> None:
-        self.answering(req, transport, "cancel click", job_id,
-                       lambda: self._cancel(grammar.Cancel(job_id), req, transport))
+    def _invoke(self, req: ChatRequest, transport: Transport) -> None:
+        """The declared command the text names, or a module's short form."""
+        invocation = grammar.parse(req.text)
+        if invocation.command.access == REQUESTERS:
+            require_requester(self.gate, req.user)  # before the catalog and any expansion reach a master
+        assert invocation.command.handler is not None  # the grammar refuses commands still to come
+        invocation.command.handler(self, req, transport, **invocation.arguments)
 
     def form_submitted(self, req: ChatRequest, metadata: str, state: dict[str, Any],
                        transport: Transport) -> dict[str, str]:
         """Validate a modal; return field errors (shown in the modal) or start the job and return {}."""
-        self.check_may_request(req.user)  # before the catalog and any expansion reach a master
+        require_requester(self.gate, req.user)  # before the catalog and any expansion reach a master
         meta = json.loads(metadata)
         spec = self.catalogs.get(meta["idc"]).modules[meta["module"]]
         targets, raw = forms.read_submission(state)
@@ -95,21 +104,26 @@ class Dispatcher:
                           timeout=meta.get("timeout"))
         channel_req = ChatRequest(req.user, meta["channel"], origin=req.origin, team=req.team,
                                   response_url=meta.get("response_url"))
-        self.pool.submit(self.answering, channel_req, transport, "form", f"{spec.name} {targets}",
-                         lambda: self._authorized_run(run, spec, hosts, channel_req, transport))
+        self.later(channel_req, transport, "form", f"{spec.name} {targets}",
+                   lambda: self._authorized_run(run, spec, hosts, channel_req, transport))
         return {}
+
+    def later(self, req: ChatRequest, transport: Transport, action: str, detail: str,
+              work: Callable[[], None]) -> None:
+        """Run work on the pool, answered and recorded like any entry point."""
+        self.pool.submit(self.answering, req, transport, action, detail, work)
 
     def answering(self, req: ChatRequest, transport: Transport, action: str, detail: str,
                   work: Callable[[], None]) -> None:
         """Run work; whatever goes wrong, the person gets an answer (never a traceback), and the
-        action and its outcome go into the trail."""
+        action and its outcome go into the trail. Transports wrap every entry point in it."""
         outcome = "ok"
         try:
             work()
         except PolicyRefusal as exc:
             outcome = f"refused: {exc}"
             transport.respond(req, text_message(f"Refused: {exc}"))
-        except (grammar.CommandError, ParamError, ApprovalError) as exc:
+        except (CommandError, ParamError, ApprovalError) as exc:
             outcome = f"error: {exc}"
             transport.respond(req, text_message(str(exc)))
         except Refused as exc:
@@ -128,34 +142,65 @@ class Dispatcher:
             transport.respond(req, text_message(f"Internal error, ref E-{ref}. The operators can find it in the bot's log."))
         finally:
             try:
-                approvals.store.record(req.user, req.channel, req.origin, action, detail, outcome)
+                record_trail(req.user, req.channel, req.origin, action, detail, outcome)
             except Exception:
                 log.exception("could not record %s by %s in the trail", action, req.user)
 
-    def _dispatch(self, command: grammar.Command, req: ChatRequest, transport: Transport) -> None:
-        match command:
-            case grammar.Help(module):
-                transport.respond(req, self._help(module, req.user))
-            case grammar.Modules(category):
-                transport.respond(req, self._modules(category, req.user))
-            case grammar.Run():
-                self._run(command, req, transport)
-            case grammar.Form(module):
-                self._form(grammar.Run(module, None), req, transport)
-            case grammar.Jobs(mine):
-                transport.respond(req, self._jobs(req.user if mine else None))
-            case grammar.Status(job):
-                transport.respond(req, self._status(job))
-            case grammar.Cancel():
-                self._cancel(command, req, transport)
-            case grammar.Masters():
-                transport.respond(req, self._masters())
-            case grammar.Approvals():
-                transport.respond(req, self.approvals.listing())
-            case grammar.Approve(ref):
-                self.approvals.approve(ref, req, transport)
-            case grammar.Deny(ref, reason):
-                self.approvals.deny(ref, reason, req, transport)
+    # -- the chat commands ---------------------------------------------------------------------
+
+    @chat_command("help", Word("module", optional=True), summary="the commands, or one module's parameters")
+    def help_command(self, req: ChatRequest, transport: Transport, module: str | None) -> None:
+        transport.respond(req, self._help(module, req.user))
+
+    @chat_command("modules", Word("category", optional=True), summary="the modules you may run")
+    def modules_command(self, req: ChatRequest, transport: Transport, category: str | None) -> None:
+        transport.respond(req, self._modules(category, req.user))
+
+    @chat_command("run", summary="run a module on hosts", access=REQUESTERS, usage=grammar.RUN_USAGE,
+                  parse=grammar.run_words)
+    def run_command(self, req: ChatRequest, transport: Transport, run: grammar.Run) -> None:
+        self._run(run, req, transport)
+
+    @chat_command("form", Word("module"), summary="a form for a module's parameters", access=REQUESTERS)
+    def form_command(self, req: ChatRequest, transport: Transport, module: str) -> None:
+        self._form(grammar.Run(module, None), req, transport)
+
+    @chat_command("jobs", Choice("mine", "mine"), summary="recent jobs; `mine` for yours")
+    def jobs_command(self, req: ChatRequest, transport: Transport, mine: bool) -> None:
+        transport.respond(req, self._jobs(req.user if mine else None))
+
+    @chat_command("status", Word("job"), summary="where a job stands")
+    def status_command(self, req: ChatRequest, transport: Transport, job: str) -> None:
+        transport.respond(req, self._status(job))
+
+    @chat_command("cancel", Word("job"), summary="cancel a job (its requester, approvers, or the policy's roles)")
+    def cancel_command(self, req: ChatRequest, transport: Transport, job: str) -> None:
+        self._cancel(job, req, transport)
+
+    @chat_command("masters", summary="the health of every master")
+    def masters_command(self, req: ChatRequest, transport: Transport) -> None:
+        transport.respond(req, self._masters())
+
+    @chat_command("approvals", summary="pending approval requests")
+    def approvals_command(self, req: ChatRequest, transport: Transport) -> None:
+        transport.respond(req, self.approvals.listing())
+
+    @chat_command("approve", Word("request"), summary="approve a request")
+    def approve_command(self, req: ChatRequest, transport: Transport, request: str) -> None:
+        self.approvals.approve(request, req, transport)
+
+    @chat_command("deny", Word("request"), Prose("reason"), summary="deny a request, saying why")
+    def deny_command(self, req: ChatRequest, transport: Transport, request: str, reason: str) -> None:
+        self.approvals.deny(request, reason, req, transport)
+
+    reserve("audit", "search the shell audit trail")
+    reserve("schedule", "run a module on a timetable")
+    reserve("schedules", "the schedules")
+
+    # -- clicks ----------------------------------------------------------------------------------
+
+    def cancel_clicked(self, req: ChatRequest, job_id: str, transport: Transport) -> None:
+        self._cancel(job_id, req, transport)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -180,7 +225,7 @@ class Dispatcher:
                 lines.append(f"\u2022 `{p.name}` {p.kind}{'' if p.required else ' (optional)'}"
                              + (f": {p.help}" if p.help else "") + _choices(p))
             return text_message("\n".join(lines))
-        usage = "\n".join(f"`{u}`" for u in grammar.USAGE.values())
+        usage = "\n".join(f"`{c.usage}`" for c in available())
         names = ", ".join(f"`{s.name}`" for s in self._allowed_specs(user)) or "none (ask your admins for access)"
         return text_message(f"*OMBot commands*\n{usage}\nShort form: `/om MODULE TARGETS key=value ...`\n"
                             f"Modules you may run: {names}")
@@ -203,7 +248,7 @@ class Dispatcher:
         job = _find(ref)
         state = job.state
         if job.master_id and state not in FINAL_STATES:
-            state = self.router.events(JobRef(job.job_id, job.idc, job.master_id), after=10**9)["state"]
+            state = self.router.job_state(JobRef(job.job_id, job.idc, job.master_id))
         return text_message(f"#{job.number} `{job.module}` on {job.host_count} host(s) in {job.idc}: *{state}*\n"
                             f"job id `{job.job_id}` on master `{job.master_id}`, requested by <@{job.requester}> "
                             f"{slack_date(job.created_at)}")
@@ -218,7 +263,6 @@ class Dispatcher:
     # -- acting --------------------------------------------------------------------------------
 
     def _run(self, command: grammar.Run, req: ChatRequest, transport: Transport) -> None:
-        self.check_may_request(req.user)  # before the catalog and any expansion reach a master
         idc = command.idc or self.default_idc
         spec = self.spec_of(idc, command.module)
         missing = [p.name for p in spec.params if p.required and p.name not in command.params]
@@ -232,27 +276,15 @@ class Dispatcher:
         hosts = self.router.expand(idc, command.targets, requester=req.user)
         self._authorized_run(command, spec, hosts, req, transport)
 
-    def check_may_request(self, user: str) -> None:
-        """Refuse, before any target reaches a master, a user whom no rule lets request anything."""
-        if self.gate is None:
-            raise PolicyRefusal("no access policy is configured ([bot] policy in ombot.toml), so nothing may run")
-        if not self.gate.may_request_anything(user):
-            raise PolicyRefusal("you hold no role that the access policy lets request jobs; ask your admins for access")
-
     def decide(self, user: str, module: str, hosts: list[str], idc: str) -> Decision:
-        if self.gate is None:
-            raise PolicyRefusal("no access policy is configured ([bot] policy in ombot.toml), so nothing may run")
-        decision = self.gate.decide(user, module, hosts, idc)
-        if not decision.allowed:
-            raise PolicyRefusal(decision.reason)
-        return decision
+        return authorize(self.gate, user, module, hosts, idc)
 
     def _authorized_run(self, command: grammar.Run, spec: ModuleSpec, hosts: list[str], req: ChatRequest,
                         transport: Transport) -> None:
         idc = command.idc or self.default_idc
         decision = self.decide(req.user, spec.name, hosts, idc)
         if command.dry_run:
-            gate = f"; needs {decision.approval.count} approval(s)" if decision.needs_approval else ""
+            gate = f"; needs {decision.approval.count} approval(s)" if decision.approval and decision.needs_approval else ""
             transport.respond(req, _preview(spec.name, idc, hosts, f"Dry run ({decision.reason}{gate}): would run"))
         elif decision.needs_approval:
             self.approvals.ask(command, spec, hosts, decision, req, transport)
@@ -269,6 +301,11 @@ class Dispatcher:
         need = ", ".join(missing or []) or "targets"
         transport.respond(req, text_message(f"`{spec.name}` needs: {need}.\nusage: `/om {spec.usage()}`"))
 
+    def _start_approved(self, command: grammar.Run, spec: ModuleSpec, hosts: list[str], req: ChatRequest,
+                        transport: Transport, approvers: Sequence[str], cancel_roles: Sequence[str],
+                        job_id: str) -> None:
+        self.start_job(command, spec, hosts, req, transport, approvers, cancel_roles, job_id)
+
     def start_job(self, command: grammar.Run, spec: ModuleSpec, hosts: list[str], req: ChatRequest,
                   transport: Transport, approvers: Sequence[str] = (), cancel_roles: Sequence[str] = (),
                   job_id: str | None = None) -> None:
@@ -277,7 +314,7 @@ class Dispatcher:
         shown = {k: v for k, v in values.items() if v is not None}
         job = store.BotJob.create(
             job_id=job_id or str(uuid.uuid4()), requester=req.user, origin=req.origin, channel=req.channel,
-            idc=idc, module=spec.name, params=shown, host_count=len(hosts), state="submitting",
+            idc=idc, module=spec.name, params=shown, host_count=len(hosts), state=JobState.SUBMITTING,
             created_at=store.now(), reply_url=req.response_url, approvers=list(approvers),
             cancel_roles=list(cancel_roles),
         )
@@ -289,18 +326,18 @@ class Dispatcher:
                                         timeout=command.timeout, request_id=job.job_id, requester=req.user)
         except MasterLost as exc:  # sent, then the link broke: follow it where it went, never re-send
             if exc.ref is None:
-                self._end_early(job, transport, "unknown", str(exc))
+                self._end_early(job, transport, JobState.UNKNOWN, str(exc))
             else:
-                store.update_job(job, master_id=exc.ref.master_id, state="queued")
+                store.update_job(job, master_id=exc.ref.master_id, state=JobState.QUEUED)
                 self.follower.start(job, transport)
             return
         except (Refused, NoMasterAvailable) as exc:
-            self._end_early(job, transport, "failed", getattr(exc, "message", str(exc)))
+            self._end_early(job, transport, JobState.FAILED, getattr(exc, "message", str(exc)))
             return
-        store.update_job(job, master_id=ref.master_id, state="queued")
+        store.update_job(job, master_id=ref.master_id, state=JobState.QUEUED)
         self.follower.start(job, transport, reply.get("events", []))
 
-    def _end_early(self, job: store.BotJob, transport: Transport, state: str, reason: str) -> None:
+    def _end_early(self, job: store.BotJob, transport: Transport, state: JobState, reason: str) -> None:
         store.update_job(job, state=state, finished_at=store.now(), reported=True)
         card = card_of(job)
         card.finished_at, card.note = job.finished_at, reason
@@ -310,8 +347,8 @@ class Dispatcher:
             transport.post(job.channel, job_card(card),
                            req=ChatRequest(job.requester, job.channel, response_url=job.reply_url))
 
-    def _cancel(self, command: grammar.Cancel, req: ChatRequest, transport: Transport) -> None:
-        job = _find(command.job)
+    def _cancel(self, ref: str, req: ChatRequest, transport: Transport) -> None:
+        job = _find(ref)
         allowed = req.user == job.requester or (
             self.gate is not None and self.gate.may_cancel(req.user, job.requester, list(job.approvers),
                                                            list(job.cancel_roles)))
@@ -325,10 +362,6 @@ class Dispatcher:
             transport.respond(req, text_message(f"Cancelling job #{job.number}."))
         else:
             transport.respond(req, text_message(f"Job #{job.number} already ended: {reply['state']}."))
-
-
-class PolicyRefusal(OmbotError):
-    """The access policy says no; the message names the rule."""
 
 
 def _find(ref: str) -> store.BotJob:

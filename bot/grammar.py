@@ -1,10 +1,5 @@
-"""The /om grammar: normalise what chat clients send, then parse it into one command object.
-
-    /om help [module]            /om modules [category]
-    /om run MODULE TARGETS [key=value ...] [idc=X] [dry_run=yes] [timeout=N]
-    /om MODULE TARGETS ...       (short form of run)
-    /om form MODULE              /om jobs [mine]     /om status JOB    /om cancel JOB
-    /om masters                  /om approvals       /om approve ID    /om deny ID reason...
+"""The /om grammar: normalise what chat clients send, then parse it into an invocation of one of
+the declared chat commands (bot.commands), or of a module in the short form `/om MODULE TARGETS ...`.
 """
 
 from __future__ import annotations
@@ -13,9 +8,10 @@ import html
 import re
 import shlex
 from dataclasses import dataclass, field
+from typing import Any
 
-from modules import RESERVED_COMMANDS, RESERVED_PARAMS
-from ombot.errors import OmbotError
+from bot.commands import ChatCommand, CommandError, Prose, declared
+from modules import RESERVED_PARAMS, yes_or_no
 
 # Phone and desktop clients "smarten" what people type; commands need the plain characters.
 _PUNCTUATION = str.maketrans({
@@ -27,10 +23,6 @@ _SLACK_LINK = re.compile(r"<(?:mailto:|https?://)?[^|>]*\|([^>]*)>")
 _SLACK_BARE_LINK = re.compile(r"<((?:https?://|mailto:)[^>|]*)>")
 
 
-class CommandError(OmbotError):
-    """Text that is not a valid /om command; the message says what is wrong and how to write it."""
-
-
 def normalise(text: str) -> str:
     """Undo what Slack and chat clients do to typed text: entities, links, smart punctuation."""
     text = _SLACK_LINK.sub(r"\1", text)  # <http://web01|web01> -> web01 (auto-linked host names)
@@ -40,17 +32,9 @@ def normalise(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class Help:
-    module: str | None = None
-
-
-@dataclass(frozen=True)
-class Modules:
-    category: str | None = None
-
-
-@dataclass(frozen=True)
 class Run:
+    """A module invocation as typed: `/om run MODULE TARGETS key=value ...` or its short form."""
+
     module: str
     targets: str | None
     params: dict[str, str] = field(default_factory=dict)
@@ -60,80 +44,46 @@ class Run:
 
 
 @dataclass(frozen=True)
-class Form:
-    module: str
+class Invocation:
+    """A parsed command: which declared command, and the keyword arguments for its handler."""
+
+    command: ChatCommand
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def word(self) -> str:
+        return self.command.word
 
 
-@dataclass(frozen=True)
-class Jobs:
-    mine: bool = False
+RUN_USAGE = "MODULE TARGETS [key=value ...] [idc=X] [dry_run=yes] [timeout=SECONDS]"
 
 
-@dataclass(frozen=True)
-class Status:
-    job: str
-
-
-@dataclass(frozen=True)
-class Cancel:
-    job: str
-
-
-@dataclass(frozen=True)
-class Masters:
-    pass
-
-
-@dataclass(frozen=True)
-class Approvals:
-    pass
-
-
-@dataclass(frozen=True)
-class Approve:
-    request: str
-
-
-@dataclass(frozen=True)
-class Deny:
-    request: str
-    reason: str
-
-
-Command = Help | Modules | Run | Form | Jobs | Status | Cancel | Masters | Approvals | Approve | Deny
-
-USAGE = {
-    "help": "/om help [module]",
-    "modules": "/om modules [category]",
-    "run": "/om run MODULE TARGETS [key=value ...] [idc=X] [dry_run=yes] [timeout=SECONDS]",
-    "form": "/om form MODULE",
-    "jobs": "/om jobs [mine]",
-    "status": "/om status JOB",
-    "cancel": "/om cancel JOB",
-    "masters": "/om masters",
-    "approvals": "/om approvals",
-    "approve": "/om approve REQUEST",
-    "deny": "/om deny REQUEST REASON",
-}
-
-
-def parse(text: str) -> Command:
+def parse(text: str) -> Invocation:
+    """Text after `/om` -> the declared command it invokes, or CommandError saying what is wrong."""
     text = normalise(text)
-    if text.split(None, 1)[:1] and text.split(None, 1)[0].lower() == "deny":
-        return _deny_raw(text)  # a reason is prose: apostrophes and quotes are not shell syntax
+    commands = declared()
+    head = text.split(None, 1)[0].lower() if text else ""
+    command = commands.get(head)
+    if command is not None and command.takes_prose:  # the prose is taken as typed, not shell-split
+        leading = sum(1 for a in command.arguments if not isinstance(a, Prose))
+        return Invocation(command, command.parse(text.split(None, leading + 1)[1:]))
     words = _split(text)
     if not words:
-        return Help()
-    head, rest = words[0].lower(), words[1:]
-    if head in _PARSERS:
-        return _PARSERS[head](rest)
-    if head == "run":
-        if not rest:
-            raise CommandError(f"run needs a module name.\nusage: {USAGE['run']}")
-        return _run(rest[0], rest[1:])
-    if head in RESERVED_COMMANDS:
+        return Invocation(commands["help"], commands["help"].parse([]))
+    head = words[0].lower()  # the word as the shell reads it: `"jobs"` is `jobs`
+    command = commands.get(head)
+    if command is None:  # the short form: /om MODULE TARGETS ...
+        return Invocation(commands["run"], {"run": run_of(words[0], words[1:])})
+    if command.handler is None:
         raise CommandError(f"{head!r} is not available yet.")
-    return _run(head, rest)
+    return Invocation(command, command.parse(words[1:]))
+
+
+def run_words(words: list[str]) -> dict[str, Any]:
+    """`run`'s arguments: MODULE, then TARGETS and key=value pairs."""
+    if not words:
+        raise CommandError(f"run needs a module name.\nusage: /om run {RUN_USAGE}")
+    return {"run": run_of(words[0], words[1:])}
 
 
 def _split(text: str) -> list[str]:
@@ -143,7 +93,8 @@ def _split(text: str) -> list[str]:
         raise CommandError(f"cannot read the command: {exc} (close every quote you open)") from None
 
 
-def _run(module: str, args: list[str]) -> Run:
+def run_of(module: str, args: list[str]) -> Run:
+    """MODULE and the words after it: TARGETS (one word) and key=value parameters."""
     targets: str | None = None
     params: dict[str, str] = {}
     reserved: dict[str, str] = {}
@@ -151,7 +102,7 @@ def _run(module: str, args: list[str]) -> Run:
         key, sep, value = arg.partition("=")
         if not sep:
             if targets is not None:
-                raise CommandError(f"unexpected {arg!r}: parameters are key=value.\nusage: {USAGE['run']}")
+                raise CommandError(f"unexpected {arg!r}: parameters are key=value.\nusage: /om run {RUN_USAGE}")
             targets = arg
             continue
         if not key:
@@ -167,12 +118,10 @@ def _run(module: str, args: list[str]) -> Run:
 def _flag(name: str, value: str | None) -> bool:
     if value is None:
         return False
-    lowered = value.lower()
-    if lowered in ("yes", "true", "1", "on", ""):
-        return True
-    if lowered in ("no", "false", "0", "off"):
-        return False
-    raise CommandError(f"{name} is yes or no, got {value!r}")
+    answer = yes_or_no(value)
+    if answer is None:
+        raise CommandError(f"{name} is yes or no, got {value!r}")
+    return answer
 
 
 def _seconds(value: str | None) -> int | None:
@@ -181,59 +130,3 @@ def _seconds(value: str | None) -> int | None:
     if not (value.isascii() and value.isdigit()) or len(value) > 5 or not 1 <= int(value) <= 86_400:
         raise CommandError(f"timeout is a number of seconds from 1 to 86400, got {value!r}")
     return int(value)
-
-
-def _at_most(name: str, args: list[str], n: int) -> None:
-    if len(args) > n:
-        raise CommandError(f"too many words for {name}.\nusage: {USAGE[name]}")
-
-
-def _exactly_one(name: str, args: list[str]) -> str:
-    if len(args) != 1:
-        raise CommandError(f"usage: {USAGE[name]}")
-    return args[0]
-
-
-def _help(args: list[str]) -> Command:
-    _at_most("help", args, 1)
-    return Help(args[0] if args else None)
-
-
-def _modules(args: list[str]) -> Command:
-    _at_most("modules", args, 1)
-    return Modules(args[0] if args else None)
-
-
-def _jobs(args: list[str]) -> Command:
-    _at_most("jobs", args, 1)
-    if args and args[0].lower() != "mine":
-        raise CommandError(f"usage: {USAGE['jobs']}")
-    return Jobs(mine=bool(args))
-
-
-def _deny_raw(text: str) -> Command:
-    parts = text.split(None, 2)
-    if len(parts) < 3:
-        raise CommandError(f"deny needs a reason.\nusage: {USAGE['deny']}")
-    return Deny(parts[1], parts[2])
-
-
-def _no_args(command: Command, name: str):  # type: ignore[no-untyped-def]
-    def parse_(args: list[str]) -> Command:
-        _at_most(name, args, 0)
-        return command
-
-    return parse_
-
-
-_PARSERS = {
-    "help": _help,
-    "modules": _modules,
-    "form": lambda args: Form(_exactly_one("form", args)),
-    "jobs": _jobs,
-    "status": lambda args: Status(_exactly_one("status", args)),
-    "cancel": lambda args: Cancel(_exactly_one("cancel", args)),
-    "masters": _no_args(Masters(), "masters"),
-    "approvals": _no_args(Approvals(), "approvals"),
-    "approve": lambda args: Approve(_exactly_one("approve", args)),
-}

@@ -11,7 +11,7 @@ from typing import Any
 from bot import store
 from bot.messages import CardState, job_card, results_message
 from bot.transport import ChatRequest, Transport
-from masters import JobRef, Router
+from masters import JobRef, JobState, Router
 
 log = logging.getLogger("ombot.bot.jobs")
 
@@ -20,6 +20,8 @@ IDLE_WAIT = 15.0
 
 
 class JobFollower:
+    """Follows each started job at its master and keeps its card and thread up to date."""
+
     def __init__(self, router: Router, pool: ThreadPoolExecutor) -> None:
         self.router, self.pool = router, pool
 
@@ -44,7 +46,7 @@ class JobFollower:
         except Exception:
             log.exception("following job %s failed", job.job_id)
 
-    def _follow(self, job: store.BotJob, transport: Transport, first: list[dict[str, Any]]) -> None:
+    def _follow(self, job: store.BotJob, transport: Transport, first: Sequence[dict[str, Any]]) -> None:
         card = card_of(job)
         results: dict[str, dict[str, Any]] = {}
         last_update, dirty = 0.0, False
@@ -63,6 +65,7 @@ class JobFollower:
                 transport.update(job.channel, job.card_ts, job_card(card))
                 last_update, dirty = time.monotonic(), False
 
+        assert job.master_id is not None  # followed only once a master has it
         ref = JobRef(job.job_id, job.idc, job.master_id)
         self.router.follow(ref, on_event, next_wait, flush, first)
         store.update_job(job, state=card.state, finished_at=card.finished_at or store.now())
@@ -87,7 +90,7 @@ def card_of(job: store.BotJob) -> CardState:
 def apply_event(card: CardState, results: dict[str, dict[str, Any]], event: dict[str, Any]) -> None:
     kind, data = event["kind"], event["data"]
     if kind == "accepted" and not card.final:
-        card.state = "running"
+        card.state = JobState.RUNNING
     elif kind == "host":
         results[data["host"]] = data
         card.done = len(results)

@@ -1,7 +1,8 @@
 """What OMBot says: messages with Slack blocks and a plain-text twin (the console shows the text).
 
-Every builder keeps within Slack's limits (reference/slack.md): a section's text at most 3,000
-characters, at most 50 blocks, and far below the ~13k characters where Slack starts refusing.
+Every builder keeps within Slack's documented limits: a section's text at most 3,000 characters,
+at most 50 blocks, and far below the ~13k characters where Slack starts refusing a message
+(tests/fakeslack.py checks every message against them).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from masters import FINAL_STATES
+from masters import FINAL_STATES, JobState, host_log, host_rows
 from ombot.clock import MS_PER_SECOND
 
 SECTION_LIMIT = 3000
@@ -22,15 +23,17 @@ APPROVE_ACTION = "om_approve"
 DENY_ACTION = "om_deny"
 DENY_CALLBACK = "om_deny_reason"
 
-STATE_ICONS = {
-    "submitting": ":hourglass:", "queued": ":hourglass:", "running": ":arrows_counterclockwise:",
-    "ok": ":white_check_mark:", "failed": ":x:", "partial": ":warning:", "cancelled": ":no_entry_sign:",
-    "timed_out": ":alarm_clock:", "unknown": ":grey_question:",
+STATE_ICONS: dict[str, str] = {
+    JobState.SUBMITTING: ":hourglass:", JobState.QUEUED: ":hourglass:", JobState.RUNNING: ":arrows_counterclockwise:",
+    JobState.OK: ":white_check_mark:", JobState.FAILED: ":x:", JobState.PARTIAL: ":warning:",
+    JobState.CANCELLED: ":no_entry_sign:", JobState.TIMED_OUT: ":alarm_clock:", JobState.UNKNOWN: ":grey_question:",
 }
 
 
 @dataclass(frozen=True)
 class Message:
+    """What the bot says once: Slack blocks, their plain-text twin, and files to attach."""
+
     text: str
     blocks: list[dict[str, Any]] | None = None
     files: list[tuple[str, str]] = field(default_factory=list)  # (filename, content) to attach
@@ -85,7 +88,7 @@ class CardState:
     idc: str
     hosts: int
     created_at: int  # epoch ms, as stored and as the master's events carry it
-    state: str = "submitting"
+    state: str = JobState.SUBMITTING
     done: int = 0
     ok: int = 0
     failed: int = 0
@@ -97,9 +100,13 @@ class CardState:
         return self.state in FINAL_STATES
 
 
+def params_text(params: dict[str, Any]) -> str:
+    """Parameters as they would be typed: key=value, values with spaces or of other types as JSON."""
+    return " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) or ' ' in v else v}" for k, v in params.items())
+
+
 def job_card(card: CardState) -> Message:
-    params = " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) or ' ' in v else v}"
-                      for k, v in card.params.items()) or "(no parameters)"
+    params = params_text(card.params) or "(no parameters)"
     icon = STATE_ICONS.get(card.state, "")
     progress = f"{card.done}/{card.hosts} hosts \u00b7 {card.ok} ok \u00b7 {card.failed} failed"
     when = slack_date(card.created_at)
@@ -128,16 +135,9 @@ def job_card(card: CardState) -> Message:
 
 def results_message(number: int, results: list[dict[str, Any]]) -> Message:
     """The per-host summary for the card's thread; the full log rides along as a file when long."""
-    ordered = sorted(results, key=lambda r: r["host"])
-    width = min(max((len(r["host"]) for r in ordered), default=4), 40)
-    rows = [f"{'HOST':<{width}}  {'STATUS':<11} {'RC':>4} {'TIME':>7}  OUTPUT"]
-    for r in ordered:
-        rc = "" if r.get("rc") is None else str(r["rc"])
-        first = (r.get("error") or _first_line(r.get("stdout", "")) or _first_line(r.get("stderr", "")))
-        rows.append(f"{r['host'][:width]:<{width}}  {r['status']:<11} {rc:>4} "
-                    f"{r['ended'] - r['started']:>6.1f}s  {clip(first, 60)}")
+    rows = host_rows(results)
     table, shown = _fit_rows(rows, SECTION_LIMIT - 80)
-    log = full_log(ordered)
+    log = host_log(results)
     files = [(f"job-{number}.log", log)] if shown < len(rows) or len(log) > INLINE_LOG_LIMIT else []
     more = f"\n_{len(rows) - shown} more hosts in the attached log_" if shown < len(rows) else ""
     blocks = [section(f"*Results of #{number}*{more}\n{code(table)}")]
@@ -145,10 +145,6 @@ def results_message(number: int, results: list[dict[str, Any]]) -> Message:
         blocks.append(section(code(log)))
     text = f"Results of #{number}\n{table}" + ("" if files else f"\n{log}")
     return Message(clip(text, TEXT_LIMIT), blocks, files)
-
-
-def _first_line(text: str) -> str:
-    return next((line for line in text.splitlines() if line.strip()), "")
 
 
 def _fit_rows(rows: list[str], limit: int) -> tuple[str, int]:
@@ -159,24 +155,6 @@ def _fit_rows(rows: list[str], limit: int) -> tuple[str, int]:
         kept.append(row)
         size += len(row) + 1
     return "\n".join(kept), len(kept)
-
-
-def full_log(results: list[dict[str, Any]]) -> str:
-    parts = []
-    for r in results:
-        parts.append(f"=== {r['host']} ({r['status']}, rc={r.get('rc')})")
-        if r.get("error"):
-            parts.append(f"error: {r['error']}")
-        if r.get("data"):
-            parts.append(json.dumps(r["data"], indent=2, sort_keys=True))
-        elif r.get("stdout"):
-            parts.append(r["stdout"].rstrip("\n"))
-        if r.get("stderr"):
-            parts.append("--- stderr\n" + r["stderr"].rstrip("\n"))
-        if r.get("truncated"):
-            parts.append(f"[output cut by the master: {r['stdout_bytes']} stdout and {r['stderr_bytes']} "
-                         f"stderr bytes produced, first {len(r['stdout'].encode())}/{len(r['stderr'].encode())} kept]")
-    return "\n".join(parts) + "\n"
 
 
 @dataclass

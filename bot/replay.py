@@ -27,6 +27,8 @@ PURGE_EVERY_MS = 60 * 1000
 
 
 class SeenRequest(peewee.Model):
+    """A signed Slack request already taken, remembered until its signature could no longer verify."""
+
     digest = peewee.CharField(max_length=64, primary_key=True)  # sha256 of "timestamp:signature"
     seen_at = peewee.BigIntegerField()  # UTC epoch milliseconds
     expires_at = peewee.BigIntegerField(index=True)  # UTC epoch ms; the signature no longer verifies by then

@@ -6,8 +6,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import approvals
-from approvals import Gate, load_policy
+from approvals import Gate, bind, load_policy
 from bot import replay, store
 from bot.dispatcher import CatalogCache, Dispatcher
 from bot.jobs import JobFollower
@@ -21,13 +20,15 @@ log = logging.getLogger("ombot.bot")
 
 
 class BotService:
+    """One per bot or console process: the router, the stores, the pools, the gate and the dispatcher."""
+
     def __init__(self, config: Config, origin: str,
                  group_members: Callable[[str], frozenset[str]] | None = None) -> None:
         self.config, self.origin = config, origin
         self.settings = BotSettings.from_config(config)
         self.registration = self._registration(config, origin)
         client = config.speaking_as(self.registration.id)
-        approvals.bind(store.open_store(self.settings.database_url))
+        bind(store.open_store(self.settings.database_url))
         replay.prepare()
         self.router = Router(config, Identity.load(client.key_file), requester=self.registration.identity,
                              origin=origin)

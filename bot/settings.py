@@ -13,6 +13,8 @@ SLACK_API_ENV = "OMBOT_SLACK_API_URL"
 
 @dataclass(frozen=True)
 class SlackSecrets:
+    """Slack's tokens and signing secret, read from the environment only."""
+
     bot_token: str | None
     app_token: str | None
     signing_secret: str | None
@@ -30,6 +32,8 @@ class SlackSecrets:
 
 @dataclass(frozen=True)
 class BotSettings:
+    """The `[bot]` table of ombot.toml, validated."""
+
     team_id: str | None
     listen_host: str
     listen_port: int

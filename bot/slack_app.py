@@ -105,6 +105,8 @@ def _reason(exc: Exception) -> str:
 
 
 class SlackTransport:
+    """The Slack side of the Transport: Web API calls queued per channel, with response_url fallbacks."""
+
     def __init__(self, client: WebClient) -> None:
         self.client = client
         self.queues = ChannelQueues()
@@ -123,7 +125,7 @@ class SlackTransport:
 
     def _webhook(self, url: str | None, message: Message, response_type: str) -> bool:
         """Post to a response_url (at most five uses); False when that did not reach Slack."""
-        if not self._take_response_url(url):
+        if url is None or not self._take_response_url(url):
             return False
         try:
             reply = WebhookClient(url).send(text=message.text, blocks=message.blocks, response_type=response_type)
@@ -199,30 +201,26 @@ def build_app(service: BotService, secrets: SlackSecrets, client: WebClient, soc
             return BoltResponse(status=403, body="This OMBot serves another Slack workspace.")
         return next()
 
+    def after_ack(action: str, req: ChatRequest, detail: str, work: Callable[[], None]) -> None:
+        """Every listener acks first; its work runs on OMBot's pool, answered and recorded in the trail."""
+        service.commands.submit(dispatcher.answering, req, transport, action, detail, work)
+
     @app.command(COMMAND)
     def on_command(ack: Callable[..., None], body: dict[str, Any]) -> None:
         ack()  # nothing touches a master before this
         req = ChatRequest(user=body["user_id"], channel=body["channel_id"], text=body.get("text", ""),
                           team=body.get("team_id"), trigger_id=body.get("trigger_id"),
                           response_url=body.get("response_url"))
-        service.commands.submit(dispatcher.command, req, transport)
+        service.commands.submit(dispatcher.command, req, transport)  # answered and recorded by the dispatcher
 
-    @app.action(CANCEL_ACTION)
-    def on_cancel(ack: Callable[..., None], body: dict[str, Any], action: dict[str, Any]) -> None:
-        ack()
-        service.commands.submit(dispatcher.cancel_clicked, _click(body), str(action.get("value", "")), transport)
-
-    @app.action(APPROVE_ACTION)
-    def on_approve(ack: Callable[..., None], body: dict[str, Any], action: dict[str, Any]) -> None:
-        ack()
-        service.commands.submit(dispatcher.approvals.approve_clicked, _click(body), str(action.get("value", "")),
-                                transport)
-
-    @app.action(DENY_ACTION)
-    def on_deny(ack: Callable[..., None], body: dict[str, Any], action: dict[str, Any]) -> None:
-        ack()  # the reason form opens right after, within the trigger's 3 s
-        service.commands.submit(dispatcher.approvals.deny_clicked, _click(body), str(action.get("value", "")),
-                                transport)
+    clicks: dict[str, tuple[str, Callable[[ChatRequest, str], None]]] = {
+        CANCEL_ACTION: ("cancel click", lambda req, job: dispatcher.cancel_clicked(req, job, transport)),
+        APPROVE_ACTION: ("approve click", lambda req, ref: dispatcher.approvals.approve(ref, req, transport)),
+        # the reason form opens right after the ack, within the trigger's 3 s
+        DENY_ACTION: ("deny click", lambda req, ref: dispatcher.approvals.deny_clicked(req, ref, transport)),
+    }
+    for action_id, (action, handle) in clicks.items():
+        app.action(action_id)(_click_listener(action, handle, after_ack))
 
     @app.view(DENY_CALLBACK)
     def on_deny_reason(ack: Callable[..., None], body: dict[str, Any], view: dict[str, Any]) -> None:
@@ -245,6 +243,17 @@ def build_app(service: BotService, secrets: SlackSecrets, client: WebClient, soc
             ack()
 
     return app, transport
+
+
+def _click_listener(name: str, handle: Callable[[ChatRequest, str], None],
+                    after_ack: Callable[[str, ChatRequest, str, Callable[[], None]], None]) -> Callable[..., None]:
+    """A Bolt listener for a button (Bolt fills in `ack`, `body` and `action` by name)."""
+    def on_click(ack: Callable[..., None], body: dict[str, Any], action: dict[str, Any]) -> None:
+        ack()
+        req, value = _click(body), str(action.get("value", ""))
+        after_ack(name, req, value, lambda: handle(req, value))
+
+    return on_click
 
 
 def _click(body: dict[str, Any]) -> ChatRequest:

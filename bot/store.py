@@ -7,7 +7,7 @@ from typing import Any
 import peewee
 
 from ombot.clock import now_ms
-from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms, open_database
+from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms, find_by_number_or_id, open_database
 
 db = peewee.DatabaseProxy()
 
@@ -49,10 +49,8 @@ def open_store(url: str) -> peewee.Database:
 
 def find_job(ref: str) -> BotJob | None:
     """A job by its short number or its UUID."""
-    ref = ref.lstrip("#")
-    if ref.isascii() and ref.isdigit():  # "²".isdigit() is true too; int() of 5000 digits raises
-        return BotJob.get_or_none(BotJob.number == int(ref)) if len(ref) <= 18 else None
-    return BotJob.get_or_none(BotJob.job_id == ref)
+    job: BotJob | None = find_by_number_or_id(BotJob, BotJob.number, BotJob.job_id, ref)
+    return job
 
 
 def update_job(job: BotJob, **fields: Any) -> None:

@@ -11,6 +11,8 @@ from bot.messages import Message
 
 @dataclass(frozen=True)
 class ChatRequest:
+    """Who asked, where, and what they typed: one chat input, whatever the transport."""
+
     user: str
     channel: str
     text: str = ""
@@ -21,6 +23,8 @@ class ChatRequest:
 
 
 class Transport(Protocol):
+    """What a chat transport (Slack, console) does for the dispatcher."""
+
     def respond(self, req: ChatRequest, message: Message) -> None:
         """Answer only the person who asked (ephemeral)."""
 

@@ -1,10 +1,24 @@
-"""Masters: the client library (this package's door for the CLI and the bot) and, in
-`masters.server`, the master process itself. The master side never imports the bot."""
+"""Masters: the client library (this package's door for the CLI and the bot) and the master
+process itself, started through `serve_master`. The master side never imports the bot; its
+internals (core, server, backends, stores) are reached only through this door."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 from masters.client import ConnectFailed, JobRef, MasterLink, MasterLost, NoMasterAvailable, Router
 from masters.envelope import Refused
 from masters.keys import Identity, KeyFileError
+from masters.report import host_log, host_rows
 from masters.states import FINAL_STATES, JobState
+from ombot.config import Config, MasterSettings
 
 __all__ = ["FINAL_STATES", "ConnectFailed", "Identity", "JobRef", "JobState", "KeyFileError", "MasterLink", "MasterLost",
-           "NoMasterAvailable", "Refused", "Router"]
+           "NoMasterAvailable", "Refused", "Router", "host_log", "host_rows", "serve_master"]
+
+
+def serve_master(config: Config, settings: MasterSettings, ready_file: Path | None = None) -> None:
+    """Run one master until SIGTERM or SIGINT (its rpyc server, modules and backend load only here)."""
+    from masters.server import serve
+
+    serve(config, settings, ready_file)

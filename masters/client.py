@@ -56,6 +56,8 @@ class MasterLost(OmbotError):
 
 
 class NoMasterAvailable(OmbotError):
+    """No master of the IDC could be reached; nothing was sent to any of them."""
+
     def __init__(self, idc: str, reasons: list[str]) -> None:
         super().__init__(f"no master of IDC {idc!r} could be reached: " + "; ".join(reasons))
 
@@ -160,6 +162,8 @@ class MasterLink:
 
 
 class Router:
+    """Routes requests to the masters of each IDC: reads and new jobs fail over, a sent job stays put."""
+
     def __init__(self, config: Config, identity: Identity, requester: str, origin: str,
                  connect_timeout: float = 3.0, lost_retry: float = LOST_RETRY_SECONDS) -> None:
         self.config, self.lost_retry = config, lost_retry
@@ -212,6 +216,10 @@ class Router:
 
     def events(self, ref: JobRef, after: int = 0, wait: float = 0.0) -> dict[str, Any]:
         return self.links[ref.master_id].call("events", {"job": ref.job_id, "after": after, "wait": wait})
+
+    def job_state(self, ref: JobRef) -> str:
+        """The job's state alone, from the master that owns it: no waiting, no events read."""
+        return str(self.links[ref.master_id].call("events", {"job": ref.job_id, "state_only": True})["state"])
 
     def cancel(self, ref: JobRef, requester: str | None = None) -> dict[str, Any]:
         return self.links[ref.master_id].call("cancel", {"job": ref.job_id}, requester=requester)

@@ -10,12 +10,12 @@ every identity a request names against it: the request's own word is never enoug
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from typing import Any
 
 from masters.envelope import Refused, Request
 from ombot.config import ClientRegistration
+from ombot.globs import matches_any
 
 # Slack user ids: U or W, then upper-case letters and digits. Lower case or padding is not the same id.
 SLACK_USER = re.compile(r"^[UW][A-Z0-9]{2,31}$")
@@ -62,7 +62,3 @@ def check_permitted(client: ClientRegistration, module: str, hosts: list[str]) -
     if outside:
         raise Refused("not_permitted", f"client {client.id} may not run on {', '.join(outside[:10])}",
                       hosts=outside[:100])
-
-
-def matches_any(name: str, globs: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, glob) for glob in globs)

@@ -53,6 +53,8 @@ def dumps(value: Any) -> bytes:
 
 @dataclass(frozen=True)
 class Request:
+    """One opened (or about to be sealed) request: its header fields and the operation's args."""
+
     op: str
     id: str
     to: str

@@ -50,6 +50,8 @@ def _quiet_ansible() -> None:
 
 
 class Inventory:
+    """An IDC's hosts as Ansible reads the inventory file, and the expansion of target expressions."""
+
     def __init__(self, path: Path) -> None:
         _quiet_ansible()
         from ansible.errors import AnsibleError

@@ -116,6 +116,8 @@ def _hang_up(sock: socket.socket) -> None:
 
 
 class MasterService(rpyc.Service):
+    """The rpyc service: the six envelope methods, bytes in and bytes out, each handed to MasterCore."""
+
     def __init__(self, core: MasterCore, on_authenticated: Callable[[], None] | None = None) -> None:
         self._core = core
         self._on_authenticated = on_authenticated

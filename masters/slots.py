@@ -17,6 +17,8 @@ log = logging.getLogger("ombot.master")
 
 
 class JobSlots:
+    """The master's job threads, shared fairly between requesters (see the module docstring)."""
+
     def __init__(self, max_jobs: int, per_requester: int) -> None:
         self.max_jobs, self.per_requester = max_jobs, min(per_requester, max_jobs)
         self._pool = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="job")

@@ -4,6 +4,9 @@ from enum import StrEnum
 
 
 class JobState(StrEnum):
+    """Where a job is. The master reports every member but SUBMITTING; a job in FINAL_STATES stays there."""
+
+    SUBMITTING = "submitting"  # the bot's, before a master accepted the job: never sent by a master
     QUEUED = "queued"
     RUNNING = "running"
     OK = "ok"

@@ -11,6 +11,8 @@ db = peewee.DatabaseProxy()
 
 
 class BaseModel(peewee.Model):
+    """The master's tables, all in the one database `db` is bound to."""
+
     class Meta:
         database = db
 
@@ -25,6 +27,8 @@ class SeenNonce(BaseModel):
 
 
 class Job(BaseModel):
+    """One accepted job, keyed by its request id: who asked, what and where, and its state."""
+
     id = peewee.CharField(max_length=36, primary_key=True)  # the request id
     sender = peewee.CharField(max_length=64)
     requester = peewee.CharField(max_length=256)
@@ -42,6 +46,8 @@ class Job(BaseModel):
 
 
 class JobEvent(BaseModel):
+    """One numbered event of a job (accepted, host, cancel_requested, finished), as clients receive it."""
+
     job = peewee.ForeignKeyField(Job, backref="events", on_delete="CASCADE")
     seq = peewee.IntegerField()
     kind = peewee.CharField(max_length=32)

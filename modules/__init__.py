@@ -9,15 +9,17 @@
 """
 
 from modules import params
-from modules.params import ParamError
-from modules.plan import Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, Shell, TailFile, TempPath
+from modules.params import Param, ParamError, within, yes_or_no
+from modules.plan import (
+    Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, Shell, Step, TailFile, TempPath,
+)
 from modules.registry import (
     RESERVED_COMMANDS, RESERVED_PARAMS, Catalog, Module, ModuleLoadError, ModuleSpec, Risk,
     catalog_of, load_modules, module,
 )
 
 __all__ = [
-    "RESERVED_COMMANDS", "RESERVED_PARAMS", "Catalog", "Command", "Emit", "FirstAvailable", "Module", "ModuleLoadError",
-    "ModuleSpec", "ParamError", "Ping", "Plan", "PutFile", "RequireWithin", "Risk", "Shell", "TailFile", "TempPath",
-    "catalog_of", "load_modules", "module", "params",
+    "RESERVED_COMMANDS", "RESERVED_PARAMS", "Arg", "Catalog", "Command", "Emit", "FirstAvailable", "Module", "ModuleLoadError",
+    "ModuleSpec", "Param", "ParamError", "Ping", "Plan", "PutFile", "RequireWithin", "Risk", "Shell", "Step", "TailFile", "TempPath",
+    "catalog_of", "load_modules", "module", "params", "within", "yes_or_no",
 ]

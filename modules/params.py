@@ -20,7 +20,15 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
+def yes_or_no(text: str) -> bool | None:
+    """The one reading of yes/no words (yes, true, on, 1 / no, false, off, 0); None for anything else."""
+    word = text.strip().lower()
+    return True if word in _TRUE else False if word in _FALSE else None
+
+
 class ParamError(OmbotError):
+    """A parameter value that does not validate: which parameter, and what was expected."""
+
     def __init__(self, param: str, expected: str, got: Any = ...) -> None:
         message = f"{param}: expected {expected}"
         if got is not ...:
@@ -69,7 +77,7 @@ class Param:
         unknown = set(data) - {f.name for f in fields(cls)} - {"kind"}
         if unknown:
             raise ValueError(f"unknown schema keys for {kind}: {', '.join(sorted(unknown))}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in settable}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in settable}
         param = cls(**values)
         param.check()
         return param
@@ -114,6 +122,8 @@ class String(Param):
 
 @dataclass(frozen=True)
 class Int(Param):
+    """An integer, optionally between `min` and `max` (inclusive)."""
+
     min: int | None = None
     max: int | None = None
     kind: ClassVar[str] = "int"
@@ -146,14 +156,17 @@ class Int(Param):
 
 @dataclass(frozen=True)
 class Bool(Param):
+    """True or false; as text: yes, true, on, 1 or no, false, off, 0 (any case)."""
+
     kind: ClassVar[str] = "bool"
 
     def convert(self, raw: Any) -> bool:
         if isinstance(raw, bool):
             return raw
-        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
-            return raw.strip().lower() in _TRUE
-        raise self.fail("true or false", raw)
+        answer = yes_or_no(raw) if isinstance(raw, str) else None
+        if answer is None:
+            raise self.fail("true or false", raw)
+        return answer
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ class Ping:
 
 @dataclass(frozen=True)
 class Command:
+    """One argv run on the host without a shell, with optional stdin."""
+
     argv: tuple[Arg, ...]
     stdin: str | None = None
 
@@ -114,6 +116,8 @@ Step = Emit | Ping | Command | FirstAvailable | Shell | PutFile | RequireWithin 
 
 @dataclass(frozen=True)
 class Plan:
+    """What a module asks the backend to do on each host: its steps, in order, and an optional output parser."""
+
     steps: tuple[Step, ...]
     # Turns one host's collected stdout into structured data shown beside the text.
     parse: Callable[[str], dict[str, Any]] | None = field(default=None, compare=False)

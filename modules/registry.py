@@ -36,12 +36,16 @@ _loading = threading.Lock()
 
 
 class Risk(StrEnum):
+    """How much harm a module can do; a module with a shell parameter must be high."""
+
     LOW = "low"
     MEDIUM = "medium"
     HIGH = "high"
 
 
 class ModuleLoadError(OmbotError):
+    """A module file that failed to load or declares something invalid; the master refuses to start."""
+
     def __init__(self, source: str, reason: str) -> None:
         super().__init__(f"{source}: {reason}")
 
@@ -140,6 +144,8 @@ def module(
 
 @dataclass(frozen=True)
 class Catalog:
+    """The modules a master offers, as schemas, with a version that changes whenever any of them changes."""
+
     modules: dict[str, ModuleSpec]
     version: str
 

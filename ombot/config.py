@@ -27,6 +27,8 @@ SECRET_FILE_MODE_MASK = 0o077
 
 @dataclass(frozen=True)
 class Limits:
+    """A master's limits (`[masters.ID.limits]`): sizes, times and counts it will not exceed."""
+
     max_frame_bytes: int = 1024 * 1024
     clock_skew_seconds: int = 60
     max_validity_seconds: int = 300
@@ -41,6 +43,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class MasterSettings:
+    """One `[masters.ID]` table, validated."""
+
     id: str
     idc: str
     host: str
@@ -96,6 +100,8 @@ class ClientSettings:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole of ombot.toml, validated before anything starts."""
+
     path: Path
     client: ClientSettings | None
     clients: dict[str, ClientRegistration]

@@ -11,6 +11,8 @@ class OmbotError(Exception):
 
 
 class ConfigError(OmbotError):
+    """A setting that cannot be used: names the file, the key path and what was expected."""
+
     def __init__(self, path: Path, key: str, expected: str, got: Any = ...) -> None:
         where = f"{path}: {key}" if key else str(path)
         message = f"{where}: expected {expected}"

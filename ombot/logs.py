@@ -21,7 +21,10 @@ def redact(text: str) -> str:
 
 
 class RedactingFormatter(logging.Formatter):
-    converter = time.gmtime  # UTC everywhere
+    """Log lines in UTC with passwords in URLs and Slack tokens hidden."""
+
+    # UTC everywhere; staticmethod so the type says what logging calls: converter(seconds)
+    converter = staticmethod(time.gmtime)
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))

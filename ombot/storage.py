@@ -46,11 +46,23 @@ class JSONField(peewee.TextField):
 
 
 class SchemaVersion(peewee.Model):
+    """Which migration each component's tables are at."""
+
     component = peewee.CharField(max_length=64, primary_key=True)
     version = peewee.IntegerField()
 
     class Meta:
         table_name = "ombot_schema_version"
+
+
+def find_by_number_or_id(model: type[peewee.Model], number: peewee.Field, uuid_field: peewee.Field,
+                         ref: str) -> Any:
+    """A row by the short number people type (`12`, `#12`) or by its UUID; None when there is none."""
+    ref = ref.lstrip("#")
+    if ref.isascii() and ref.isdigit():  # "²".isdigit() is true too, and int() refuses it
+        # int() of thousands of digits raises, and past 2**63 the database refuses the query itself
+        return model.get_or_none(number == int(ref)) if len(ref) <= 18 else None
+    return model.get_or_none(uuid_field == ref)
 
 
 def redact_url(url: str) -> str:

@@ -27,7 +27,7 @@ import approvals
 from approvals import ApprovalError, Gate
 from approvals import store as astore
 from approvals.policy import parse_policy
-from masters import JobRef, Refused
+from masters import FINAL_STATES, JobRef, Refused
 from ombot.storage import connect_url
 from tests.fakeslack import TEAM_ID, FakeSlack, interactive_body, post_to_bot
 from tests.support import REPO, BotProcess, Cluster, bot_table, child_env, free_port
@@ -189,9 +189,9 @@ class Rig:
         return [m for m in self.fake.messages(CHANNEL) if m.get("text", "").startswith(f"[#{number} ")]
 
     def final_card(self, number: int, timeout: float = 30) -> dict[str, Any]:
-        finals = ("ok", "failed", "partial", "cancelled", "timed_out", "unknown")
         return self.fake.wait_for(
-            lambda: next((c for c in self.cards(number) if c["text"].split("]")[0].split()[-1] in finals), None),
+            lambda: next((c for c in self.cards(number) if c["text"].split("]")[0].split()[-1] in FINAL_STATES),
+                         None),
             timeout, what=f"job #{number} to end")
 
     def running_card(self, number: int) -> dict[str, Any]:
@@ -387,6 +387,7 @@ def test_deny_with_a_reason_from_the_modal(rig: Rig) -> None:
     assert "no longer open" in json.loads(answer)["errors"]["reason"]
 
 
+@pytest.mark.slow
 def test_expired_request_is_shown_and_refuses_later_clicks(rig: Rig) -> None:
     pending = rig.ask("facts localhost")
     expired = rig.approval_message(pending.number, "expired")
@@ -398,6 +399,7 @@ def test_expired_request_is_shown_and_refuses_later_clicks(rig: Rig) -> None:
     assert not rig.rows("SELECT * FROM bot_job WHERE job_id = ?", pending.request_id)
 
 
+@pytest.mark.slow
 def test_restart_keeps_pending_requests_and_expires_overdue_ones(rig: Rig) -> None:
     waiting = rig.ask('shell.exec localhost cmd="echo after-restart"')
     overdue = rig.ask('shell.exec localhost cmd="echo too-late"')
@@ -547,6 +549,7 @@ def test_deny_modal_is_in_the_trail(rig: Rig) -> None:
 # -- console mode -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_console_approval_flow_with_as(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path / "console", {"local": ["m1"]}, policy=POLICY,
                       extra_toml=bot_table(None, TEAM_ID, console_user=ALICE, console_allow_as=True) + MASTER_FLOOR)

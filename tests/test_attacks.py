@@ -244,6 +244,7 @@ def test_replayed_submit_is_refused(shared: Cluster, attacker: Attacker, router:
     still_serves(shared, router)
 
 
+@pytest.mark.slow
 def test_replay_is_refused_after_a_master_restart(make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster()
     cluster.start("m1")
@@ -308,6 +309,7 @@ def test_oversized_frame_is_refused(shared: Cluster, attacker: Attacker, router:
     still_serves(shared, router)
 
 
+@pytest.mark.slow
 def test_transport_messages_over_the_cap_close_only_their_connection(make_cluster: Callable[..., Cluster]) -> None:
     """rpyc alone would read any length a peer announces and inflate any zlib bomb; the master caps
     both at max_frame_bytes + 64 KiB and drops that one connection. A master of its own: the lines
@@ -593,6 +595,7 @@ def test_refusal_details_cannot_break_the_refusal(link: tuple[Peer, Peer, Reques
             assert (info.value.code, info.value.message, info.value.details) == ("stale", "too old", expected)
 
 
+@pytest.mark.slow
 def test_a_connection_flood_is_capped_and_the_master_recovers(make_cluster) -> None:
     import socket as _socket
 

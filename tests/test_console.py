@@ -89,6 +89,7 @@ def test_job_card_results_jobs_and_help(console: pexpect.spawn) -> None:
     assert quit_console(console) == 0
 
 
+@pytest.mark.slow
 def test_bad_input_is_answered_and_the_console_goes_on(console: pexpect.spawn) -> None:
     say(console, '/om echo localhost message="unclosed')
     console.expect_exact("close every quote")
@@ -107,6 +108,7 @@ def test_bad_input_is_answered_and_the_console_goes_on(console: pexpect.spawn) -
     assert quit_console(console) == 0
 
 
+@pytest.mark.slow
 def test_as_switches_user_for_cancel(console: pexpect.spawn) -> None:
     say(console, "/om test.sleep localhost seconds=60")
     console.expect_exact("Starting job #1")
@@ -129,6 +131,7 @@ def test_as_switches_user_for_cancel(console: pexpect.spawn) -> None:
     assert quit_console(console) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("console", [False], indirect=True, ids=["console_allow_as=false"])
 def test_as_is_refused_when_the_config_says_so(console: pexpect.spawn) -> None:
     say(console, "/as U0BOB")

@@ -8,6 +8,7 @@ from masters import Refused
 from tests.support import REPO
 
 SITE = [REPO / "tests" / "site_modules"]
+pytestmark = pytest.mark.slow  # every test starts two masters
 
 
 @pytest.fixture

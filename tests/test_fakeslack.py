@@ -337,6 +337,7 @@ def test_a_rate_limit_answers_429_with_retry_after(lax_fake: FakeSlack) -> None:
     assert lax_fake.messages("C1") == []
 
 
+@pytest.mark.slow
 def test_the_sdk_retry_handler_gets_through(fake_slack: FakeSlack) -> None:
     fake_slack.rate_limit("chat.postMessage", times=2, retry_after=0)
     client = client_for(fake_slack, retry_handlers=[RateLimitErrorRetryHandler(max_retry_count=5)])
@@ -400,6 +401,7 @@ def bolt_socket(fake_slack: FakeSlack) -> Iterator[tuple[App, SocketModeHandler]
     handler.close()
 
 
+@pytest.mark.slow
 def test_bolt_socket_mode_acks_echo_the_envelope(fake_slack: FakeSlack, bolt_socket) -> None:
     app, handler = bolt_socket
 
@@ -419,6 +421,7 @@ def test_bolt_socket_mode_acks_echo_the_envelope(fake_slack: FakeSlack, bolt_soc
     assert fake_slack.socket.unacked() == []
 
 
+@pytest.mark.slow
 def test_socket_mode_modal_round_trip(fake_slack: FakeSlack, bolt_socket) -> None:
     app, handler = bolt_socket
 
@@ -441,6 +444,7 @@ def test_socket_mode_modal_round_trip(fake_slack: FakeSlack, bolt_socket) -> Non
     assert ack.payload == {"response_action": "errors", "errors": {"target": "unknown host web99"}}
 
 
+@pytest.mark.slow
 def test_socket_mode_checks_ack_payloads(lax_fake: FakeSlack) -> None:
     client = client_for(lax_fake)
     app = App(client=client, logger=QUIET)

@@ -168,6 +168,7 @@ def site(tmp_path: Path) -> Iterator[tuple[Path, MasterProcess]]:
     master.stop()
 
 
+@pytest.mark.slow
 def test_init_gives_each_client_its_own_key(site: tuple[Path, MasterProcess]) -> None:
     config, _ = site
     raw = tomllib.loads(config.read_text())
@@ -185,6 +186,7 @@ def test_init_gives_each_client_its_own_key(site: tuple[Path, MasterProcess]) ->
         assert db.execute("SELECT sender, requester FROM job").fetchall() == [(cli_id, f"cli:{user}")]
 
 
+@pytest.mark.slow
 def test_the_console_acts_as_itself(site: tuple[Path, MasterProcess]) -> None:
     config, _ = site
     user = pwd.getpwuid(os.getuid()).pw_name
@@ -206,6 +208,7 @@ def test_the_console_acts_as_itself(site: tuple[Path, MasterProcess]) -> None:
             ("console", f"console:{user}", "console")]
 
 
+@pytest.mark.slow
 def test_a_revoked_client_is_refused(site: tuple[Path, MasterProcess]) -> None:
     config, master = site
     cli_id = tomllib.loads(config.read_text())["client"]["id"]

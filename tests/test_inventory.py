@@ -115,3 +115,98 @@ def test_expansion_is_bounded() -> None:
         expand_ranges(",".join(["web01"] * 101))
     with pytest.raises(TargetError, match="the cap is 4096"):
         expand_ranges("web01 " * 700)
+
+
+def test_expansion_limits_are_inclusive_and_refusals_are_whole_sentences() -> None:
+    assert len(expand_ranges("w" * 255)) == 1 and len(expand_ranges("w " * 100)) == 100
+    assert expand_ranges("a[000000001-000000002]") == ["a000000001", "a000000002"]
+    assert expand_ranges("a[1-1]") == ["a1"]
+    assert len(expand_ranges("a[00001-10000]")) == 10_000 and expand_ranges("a[9998-9999]") == ["a9998", "a9999"]
+    assert expand_ranges("a[08-100]")[:3] == ["a08", "a09", "a10"]  # a leading zero pads to the start's width
+    longest = " " + ",".join(["w" * 255] * 16)
+    assert len(longest) == 4096 and expand_ranges(longest) == ["w" * 255] * 16
+    refusals = {
+        "": "no targets given",
+        " , ": "no targets given",
+        "~": "'~': a ~ term needs a regular expression after the ~",
+        "!~": "'!~': a ~ term needs a regular expression after the ~",
+        "web[0:2]": "'web[0:2]': OMBot ranges are name[NN-MM] (e.g. web[01-03]); Ansible subscripts such as "
+                    "group[0:2] are not supported, because the two read the same text differently",
+        "web;reboot": "'web;reboot' is not a host name, group or pattern",
+        "web[05-01]": "range 'web[05-01]' runs backwards",
+        "a[0-10000]": "range 'a[0-10000]' is larger than 10000 hosts",
+        "a[1-10000],b": "targets expand to more than 10000 names",
+        "w" * 256: f"target term {'w' * 40!r}... is 256 characters long; the cap is 255",
+        "w" * 4097: "the target expression is 4097 characters long; the cap is 4096",
+        ",".join(["w"] * 101): "101 target terms; the cap is 100 (a range such as web[01-40] is one term)",
+        "web[" + "0" * 60 + "1-2]": f"range {'web[' + '0' * 56!r}: a range bound has at most 9 digits",
+        "a[0000000001-2]": "range 'a[0000000001-2]': a range bound has at most 9 digits",
+    }
+    for targets, message in refusals.items():
+        assert refusal_of(targets) == message, targets
+
+
+def refusal_of(targets: str) -> str:
+    with pytest.raises(TargetError) as caught:
+        expand_ranges(targets)
+    return str(caught.value)
+
+
+def test_the_inventory_lists_its_hosts_and_nothing_it_invents(inventory: Inventory, tmp_path: Path) -> None:
+    assert inventory.path.parent == tmp_path and inventory.path.name.startswith("hosts.")
+    assert inventory.hosts() == ["web01", "web02", "web10", "db01"]
+    assert inventory.groups() == ["all", "db", "ungrouped", "web"]
+    assert inventory.missing(["web01", "gone", "db01", "web03"]) == ["gone", "web03"]
+    assert inventory.host_vars("nosuch") == {}
+    # Ansible makes up an implicit `localhost` for any inventory; a target must be a listed host.
+    for implicit in ("localhost", "127.0.0.1"):
+        with pytest.raises(TargetError) as caught:
+            inventory.expand(implicit)
+        assert str(caught.value) == f"no host or group matches {implicit!r}"
+    with pytest.raises(TargetError) as caught:
+        inventory.expand("web,&db")
+    assert str(caught.value) == "'web,&db' selects no hosts"
+
+
+def test_regexes_are_re2s_never_pythons(inventory: Inventory, capfd: pytest.CaptureFixture[str]) -> None:
+    # \pL (a Unicode letter) is RE2 syntax that Python's re refuses: only re2 can give this answer.
+    assert inventory.expand(r"~\pL+01") == ["web01", "db01"]
+    with pytest.raises(TargetError) as caught:
+        inventory.expand(r"~(w)\1")
+    assert str(caught.value) == (r"'~(w)\\1' is not a regular expression OMBot can run (invalid escape sequence: \1); "
+                                 "target regexes use RE2 syntax, without backreferences or lookarounds")
+    assert capfd.readouterr().err == ""  # re2 logs nothing of a refused pattern to the master's stderr
+    assert inventory.expand("web,!~a{1000}b{996}") == ["web01", "web02", "web10"]  # 2000 RE2 instructions: the cap
+    with pytest.raises(TargetError) as caught:
+        inventory.expand("~a{1000}b{997}")
+    assert str(caught.value) == ("'~a{1000}b{997}': the regular expression is too complex (RE2 program of 2001 "
+                                 "instructions, the cap is 2000)")
+
+
+class SteppedClock:
+    """time.monotonic for the inventory: the deadline is taken at 0, every later reading is `then`."""
+
+    def __init__(self, then: float, on_time: int = 0) -> None:
+        self.readings = [0.0] + [0.5] * on_time  # the deadline, then `on_time` readings before it
+        self.readings.reverse()
+        self.then = then
+
+    def monotonic(self) -> float:
+        return self.readings.pop() if self.readings else self.then
+
+
+def test_regex_matching_stops_past_its_deadline(inventory: Inventory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from masters import inventory as module
+
+    monkeypatch.setattr(module, "time", SteppedClock(then=module.EXPAND_SECONDS))
+    assert inventory.expand("~web") == ["web01", "web02", "web10"]  # at the deadline: still in time
+    monkeypatch.setattr(module, "time", SteppedClock(then=module.EXPAND_SECONDS + 0.001))
+    with pytest.raises(TargetError) as caught:
+        inventory.expand("~web")
+    assert str(caught.value) == "matching '~web' against the inventory took over 1 s; use a simpler pattern"
+    # Late while going through the hosts, after every group was in time.
+    monkeypatch.setattr(module, "time", SteppedClock(then=module.EXPAND_SECONDS + 0.001,
+                                                     on_time=len(inventory.groups())))
+    with pytest.raises(TargetError) as caught:
+        inventory.expand("~db")
+    assert str(caught.value) == "matching '~db' against the inventory took over 1 s; use a simpler pattern"

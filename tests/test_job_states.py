@@ -10,8 +10,8 @@ import pytest
 from bot.jobs import apply_event
 from bot.messages import CardState
 from masters.backends.base import HostStatus
-from masters.core import final_state
-from masters.states import JobState
+from masters.runner import final_state
+from masters.states import FINAL_STATES, JobState
 
 OK, FAILED, UNREACHABLE = HostStatus.OK, HostStatus.FAILED, HostStatus.UNREACHABLE
 TIMED_OUT, CANCELLED = HostStatus.TIMED_OUT, HostStatus.CANCELLED
@@ -36,6 +36,11 @@ TIMED_OUT, CANCELLED = HostStatus.TIMED_OUT, HostStatus.CANCELLED
 ])
 def test_final_state(statuses: list[HostStatus], cancelled: bool, expected: JobState) -> None:
     assert final_state(statuses, cancelled) is expected
+
+
+def test_submitting_is_the_bots_state_before_a_master_accepts_and_never_final() -> None:
+    assert card().state == JobState.SUBMITTING == "submitting"
+    assert JobState.SUBMITTING not in FINAL_STATES and JobState.QUEUED not in FINAL_STATES
 
 
 def card() -> CardState:
@@ -76,3 +81,9 @@ def test_a_late_accepted_never_reopens_a_final_card() -> None:
     apply_event(shown, results, event("finished", state="unknown", counts={}, reason="the master stopped"))
     apply_event(shown, results, event("accepted", hosts=["a"]))
     assert shown.state == "unknown" and shown.note == "the master stopped" and shown.final
+
+
+def test_every_job_state_has_an_icon_on_the_card() -> None:
+    from bot.messages import STATE_ICONS
+
+    assert set(STATE_ICONS) == set(JobState)

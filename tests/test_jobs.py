@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from masters import MasterLost
+from masters import JobState, MasterLost, Refused
 from tests.support import REPO, Cluster, child_env
 
 SITE = [REPO / "tests" / "site_modules"]
@@ -41,6 +41,7 @@ def test_a_cancelled_job_starts_nothing_more(cluster, tmp_path: Path) -> None:
     assert statuses == {"web01": "cancelled", "web02": "cancelled", "web03": "cancelled"}
 
 
+@pytest.mark.slow
 def test_timeout_kills_children_that_ignore_sigterm(cluster, tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     cmd = f"sh -c 'trap \"\" TERM; echo $$ > {pidfile}; sleep 60' & wait"
@@ -55,6 +56,7 @@ def test_timeout_kills_children_that_ignore_sigterm(cluster, tmp_path: Path) -> 
         raise AssertionError(f"child {child} survived the timeout")
 
 
+@pytest.mark.slow
 def test_a_second_copy_of_a_master_refuses_to_start_and_leaves_jobs_alone(cluster) -> None:
     router = cluster.router()
     ref, _ = router.submit("local", "test.sleep", {"seconds": "2"}, ["localhost"])
@@ -90,6 +92,30 @@ def test_a_submit_whose_link_broke_is_followed_where_it_went(cluster) -> None:
     assert router.follow(lost.value.ref, lambda e: None) == "ok"
 
 
+def test_job_state_answers_the_state_alone_without_waiting(cluster) -> None:
+    router = cluster.router()
+    ref, _ = router.submit("local", "test.sleep", {"seconds": "30"}, ["localhost"])
+    deadline = time.monotonic() + 20
+    while router.job_state(ref) != JobState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # A long-poll after the "accepted" event would wait the full 15 s: state_only answers at once, bare.
+    started = time.monotonic()
+    reply = router.links["m1"].call("events", {"job": ref.job_id, "after": 1, "wait": 15, "state_only": True})
+    assert reply == {"job": ref.job_id, "state": "running", "done": False}
+    assert time.monotonic() - started < 10
+    with pytest.raises(Refused) as bad:
+        router.links["m1"].call("events", {"job": ref.job_id, "state_only": "yes"})
+    assert bad.value.code == "bad_request"
+    # Another client's job does not exist for it, state or not.
+    with pytest.raises(Refused) as unknown:
+        cluster.router("U0OTHER").job_state(ref)
+    assert unknown.value.code == "unknown_job"
+    router.cancel(ref)
+    assert router.follow(ref, lambda e: None) == "cancelled"
+    assert router.job_state(ref) == "cancelled"
+    assert router.events(ref)["events"][-1]["kind"] == "finished"  # a plain events call is unchanged
+
+
 @pytest.mark.slow
 def test_one_requester_cannot_hold_every_job_slot(make_cluster: Callable[..., Cluster]) -> None:
     """Eight `sleep 20` from one person used to fill all eight slots and make everyone wait."""
@@ -105,7 +131,7 @@ def test_one_requester_cannot_hold_every_job_slot(make_cluster: Callable[..., Cl
         # Another person's job takes a free slot at once, not after the hog's queue.
         ref, _ = other.submit("local", "echo", {"message": "my turn"}, ["localhost"], requester="U0OTHER")
         assert other.follow(ref, lambda event: None) == "ok"
-        states = [hog.events(r, after=10**9)["state"] for r in hogs]
+        states = [hog.job_state(r) for r in hogs]
         assert states.count("queued") == 4, states  # still waiting their turn: two at a time
         for r in hogs:
             hog.cancel(r, requester="U0HOG")

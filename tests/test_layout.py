@@ -1,5 +1,13 @@
-"""Each top-level package is a room with one door: imports flow bot -> approvals -> masters -> modules,
-the master side never imports the bot, and each heavy third-party library lives in one place."""
+"""Each top-level package is a room with one door, and imports flow one way (the README's picture):
+
+    ombot.app (the CLI: composes everything; nothing imports it)
+      -> bot -> approvals -> masters (the client library and the master) -> modules -> ombot (the base)
+                             audit_agent -> masters (envelope, keys only) -> ombot
+
+A package imports only packages below it; the master side never imports the bot; nobody outside
+`masters` reaches its internals; no two project files import each other, however indirectly; and
+each heavy third-party library lives in one place.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +17,13 @@ from pathlib import Path
 from tests.support import REPO
 
 PACKAGES = ("bot", "approvals", "masters", "modules", "audit_agent", "ombot")
-# package -> first-party packages it must never import
-FORBIDDEN = {
-    "modules": {"bot", "approvals", "masters"},
-    "masters": {"bot", "approvals"},
-    "approvals": {"bot"},
-    "audit_agent": {"bot", "approvals", "masters", "modules"},
-}
+# The rooms from the bottom up: a room may import only rooms of a lower rank.
+RANK = {"ombot": 0, "modules": 1, "masters": 2, "audit_agent": 3, "approvals": 3, "bot": 4, "ombot.app": 5}
+# What a room may import besides the base, where it is narrower than "everything below".
+ONLY = {"audit_agent": {"masters.envelope", "masters.keys"}}  # it runs on every server: no Slack, no engines
+MASTER_INTERNALS = ("masters.core", "masters.server", "masters.backends", "masters.store", "masters.jobstore",
+                    "masters.runner", "masters.jobspec", "masters.slots", "masters.lograte")
+ENTRY_POINTS = {"ombot/__main__.py"}  # `python -m ombot` starts the root: the one upward arrow, by design
 # third-party library -> the only files allowed to import it
 LIBRARY_HOMES = {
     "slack_bolt": {"bot/slack_app.py"},
@@ -27,28 +35,137 @@ LIBRARY_HOMES = {
 }
 
 
-def imports_of(path: Path) -> set[str]:
+def imports_of(path: Path, top_level_only: bool = False) -> set[str]:
+    """Absolute imports in a file; with top_level_only, those that run when it is imported (not
+    inside functions, not under `if TYPE_CHECKING`)."""
+    tree = ast.parse(path.read_text(), str(path))
+    nodes = _top_level(tree.body) if top_level_only else ast.walk(tree)
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in nodes:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from bot import grammar`
     return names
+
+
+def _top_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    found: list[ast.stmt] = []
+    for node in body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, (ast.If, ast.Try)):
+            found += _top_level(node.body) + _top_level(getattr(node, "orelse", []))
+        elif isinstance(node, (ast.ClassDef,)):
+            found += _top_level(node.body)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+    return found
 
 
 def sources() -> list[tuple[str, Path]]:
     return [(str(p.relative_to(REPO)), p) for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))]
 
 
+def room_of(module: str) -> str | None:
+    """The room a dotted module name belongs to, or None for third-party and standard modules."""
+    if module == "ombot.app" or module.startswith("ombot.app."):
+        return "ombot.app"
+    top = module.split(".")[0]
+    return top if top in PACKAGES else None
+
+
+def module_of(rel: str) -> str:
+    dotted = rel[:-3].replace("/", ".")
+    return dotted[: -len(".__init__")] if dotted.endswith(".__init__") else dotted
+
+
 def test_imports_flow_one_way() -> None:
     wrong = []
     for rel, path in sources():
-        package = rel.split("/")[0]
+        if rel in ENTRY_POINTS:
+            continue
+        room = room_of(module_of(rel))
+        assert room is not None
         for name in imports_of(path):
-            if name.split(".")[0] in FORBIDDEN.get(package, set()):
-                wrong.append(f"{rel} imports {name}")
+            target = room_of(name)
+            if target is None or target == room:
+                continue
+            narrow = ONLY.get(room)
+            allowed = RANK[target] < RANK[room] and (narrow is None or target == "ombot"
+                                                     or any(name == n or name.startswith(n + ".") for n in narrow))
+            if not allowed:
+                wrong.append(f"{rel} ({room}) imports {name} ({target})")
     assert not wrong, wrong
+
+
+def test_the_masters_internals_are_reached_only_from_inside() -> None:
+    wrong = [f"{rel} imports {name}" for rel, path in sources() if not rel.startswith("masters/")
+             for name in imports_of(path) if name.startswith(MASTER_INTERNALS)]
+    assert not wrong, wrong
+
+
+DOORS = ("bot", "approvals", "masters", "modules")  # ombot, the base, is a toolbox: its modules are its doors
+
+
+def test_rooms_are_entered_by_their_door() -> None:
+    """Outside a room, only its door (`from modules import Plan`), never its rooms within
+    (`from modules.plan import Plan`)."""
+    wrong = []
+    for rel, path in sources():
+        room = room_of(module_of(rel))
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                       [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            for name in modules:
+                target = room_of(name)
+                exempt = any(name == n or name.startswith(n + ".") for n in ONLY.get(room or "", ()))
+                if target in DOORS and target != room and name != target and not exempt:
+                    wrong.append(f"{rel} imports {name}")
+    assert not wrong, wrong
+
+
+def test_the_approval_tables_stay_inside_approvals() -> None:
+    wrong = [f"{rel} imports {name}" for rel, path in sources() if not rel.startswith("approvals/")
+             for name in imports_of(path) if name.startswith(("approvals.store", "approvals.gate", "approvals.policy"))]
+    assert not wrong, wrong
+
+
+def test_no_file_imports_itself_through_others() -> None:
+    """No import circle between project files (imports run at import time: not lazy, not for typing)."""
+    known = {module_of(rel) for rel, _ in sources()}
+    graph: dict[str, set[str]] = {}
+    for rel, path in sources():
+        targets = set()
+        for name in imports_of(path, top_level_only=True):
+            while name and name not in known:  # `from bot import grammar` -> bot.grammar; `masters.x.Y` -> masters.x
+                name = name.rpartition(".")[0]
+            if name and name != module_of(rel):
+                targets.add(name)
+        graph[module_of(rel)] = targets
+    circles = [circle for start in graph if (circle := _circle_from(start, graph))]
+    assert not circles, circles[0]
+
+
+def _circle_from(start: str, graph: dict[str, set[str]]) -> list[str] | None:
+    """A path start -> ... -> start through modules other than packages' doors, if one exists."""
+    stack, seen = [(start, [start])], {start}
+    while stack:
+        node, path = stack.pop()
+        for nxt in graph.get(node, ()):
+            if nxt == start and len(path) > 1 and not _through_door(path):
+                return path + [start]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, path + [nxt]))
+    return None
+
+
+def _through_door(path: list[str]) -> bool:
+    """A package's __init__ importing its own submodules, which import siblings through the package,
+    is how a door works (Python loads the package first), not a circle between files."""
+    return any("." not in node for node in path)
 
 
 def test_each_heavy_library_is_imported_in_one_place() -> None:
@@ -58,4 +175,11 @@ def test_each_heavy_library_is_imported_in_one_place() -> None:
             homes = LIBRARY_HOMES.get(name.split(".")[0])
             if homes is not None and rel not in homes:
                 wrong.append(f"{rel} imports {name}")
+    assert not wrong, wrong
+
+
+def test_nothing_imports_the_root() -> None:
+    wrong = [f"{rel} imports {name}" for rel, path in sources()
+             if rel not in ENTRY_POINTS and not rel.startswith("ombot/app/")
+             for name in imports_of(path) if room_of(name) == "ombot.app"]
     assert not wrong, wrong

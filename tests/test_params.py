@@ -138,6 +138,89 @@ def test_shell_command() -> None:
     assert Param.from_schema(cmd.schema()) == cmd
 
 
+def test_refusals_say_exactly_what_was_expected_and_what_came() -> None:
+    """Whole messages, not fragments: the user reads them, and what came is part of the answer."""
+    name, lines = p.String("name", pattern=r"[a-z]+", min_len=2, max_len=5), p.Int("n", min=1, max=10)
+    args, choices, log = p.Args("args", max_items=3), ("cpu", "disk"), p.Path("path", roots=("/var/log",))
+    quoting = "args: expected arguments with shell-style quoting"
+    cases: list[tuple[Param, Any, str]] = [
+        (name, "a", "name: expected 2-5 characters, got 'a'"),
+        (name, "ab1", "name: expected text matching [a-z]+, got 'ab1'"),
+        (name, "ab\ncd", "name: expected one line of text without control characters, got 'ab\\ncd'"),
+        (name, "-x", "name: expected a value that does not start with '-', got '-x'"),
+        (name, 12, "name: expected text, got 12"),
+        (lines, True, "n: expected an integer from 1 to 10, got True"),
+        (lines, 11, "n: expected an integer from 1 to 10, got 11"),
+        (p.Int("n"), "x", "n: expected an integer, got 'x'"),
+        (p.Bool("f"), "maybe", "f: expected true or false, got 'maybe'"),
+        (p.Choice("a", choices=("start", "stop")), "reboot", "a: expected one of start, stop, got 'reboot'"),
+        (p.MultiChoice("c", choices=choices), [1], "c: expected a list of cpu, disk, got [1]"),
+        (p.MultiChoice("c", choices=choices), "cpu,net", "c: expected items from cpu, disk, got 'net'"),
+        (p.HostPattern("t"), "a b", "t: expected host names, groups or ranges such as web[01-03], got 'a b'"),
+        (log, "/etc/passwd", "path: expected an absolute path under /var/log, got '/etc/passwd'"),
+        (log, "var/log/x", "path: expected an absolute path under /var/log, got 'var/log/x'"),
+        (p.Script("s", max_len=20), "", "s: expected script text of 1-20 characters without NUL bytes"),
+        (args, "a\nb", f"{quoting}, without control characters, got 'a\\nb'"),
+        (args, "a 'b", f"{quoting} (no closing quotation), got \"a 'b\""),
+        (args, 5, f"{quoting} as text, or a list of strings, got 5"),
+        (args, "a b c d", f"{quoting}, at most 3 items and 4096 characters, got 'a b c d'"),
+        (args, ["x", "a\tb"], f"{quoting}, without control characters, got 'a\\tb'"),
+        (p.ShellCommand("cmd", max_len=50), "a\x00b", "cmd: expected a command of 1-50 characters"),
+    ]
+    for param, raw, message in cases:
+        assert refused(param, raw) == message
+    # What came is shown up to 60 characters, then cut to 57 and an ellipsis.
+    short = p.String("s", max_len=5)
+    assert refused(short, "x" * 60) == f"s: expected 0-5 characters, got '{'x' * 60}'"
+    assert refused(short, "x" * 61) == f"s: expected 0-5 characters, got '{'x' * 57}...'"
+
+
+def test_bounds_are_inclusive() -> None:
+    name = p.String("name", min_len=2, max_len=5)
+    assert accepted(name, "ab") == "ab" and accepted(name, "abcde") == "abcde"
+    lines = p.Int("n", min=1, max=10)
+    assert accepted(lines, 1) == 1 and accepted(lines, 10) == 10
+    script = p.Script("s", max_len=3)
+    assert accepted(script, "x") == "x" and accepted(script, "xyz") == "xyz"
+    cmd = p.ShellCommand("cmd", max_len=3)
+    assert accepted(cmd, "w") == "w" and accepted(cmd, "a b") == "a b"
+    assert accepted(p.Args("args", max_items=2, max_len=4), "ab cd") == ["ab", "cd"]
+    assert "at most 2 items and 4 characters" in refused(p.Args("args", max_items=2, max_len=4), "ab cde")
+    # Declarations at their limits are usable.
+    for param in (p.String("x", min_len=3, max_len=3), p.Int("x", min=2, max=2), p.Script("x", max_len=1),
+                  p.Args("x", max_items=1, max_len=1), p.ShellCommand("x", max_len=1)):
+        assert Param.from_schema(param.schema()) == param
+
+
+def test_paths_refuse_dot_dot_even_when_it_stays_inside_a_root() -> None:
+    path = p.Path("path", roots=("/var/log",))
+    assert refused(path, "/var/log/app/../syslog") == ("path: expected an absolute path under /var/log, "
+                                                       "got '/var/log/app/../syslog'")
+    assert accepted(p.Path("path", roots=("/",)), "/etc/hosts") == "/etc/hosts"  # the root of all roots
+    assert "under /srv/X" in refused(p.Path("path", roots=("/srv/X",)), "/srv/other")  # whole names only
+
+
+def test_schemas_hold_lists_and_bad_declarations_are_named() -> None:
+    assert p.Choice("x", choices=("a", "b")).schema() == {"kind": "choice", "name": "x", "help": "",
+                                                          "required": True, "choices": ["a", "b"]}
+    bad = {
+        "choices must be a non-empty list of non-empty strings": {"kind": "choice", "name": "x", "choices": ["a", ""]},
+        "choices lists a value twice": {"kind": "multi", "name": "x", "choices": ["a", "a"]},
+        "root 'var/log' must be a normalized absolute path such as /var/log": {"kind": "path", "name": "x",
+                                                                              "roots": ["var/log"]},
+        "needs 0 <= min_len <= max_len, got 4 and 3": {"kind": "string", "name": "x", "min_len": 4, "max_len": 3},
+        "max_len must be a positive integer, got 0": {"kind": "script", "name": "x", "max_len": 0},
+        "max_items must be a positive integer, got 0": {"kind": "args", "name": "x", "max_items": 0},
+        "max_len must be a positive integer, got '5'": {"kind": "args", "name": "x", "max_len": "5"},
+        "max_len must be a positive integer, got -1": {"kind": "shell", "name": "x", "max_len": -1},
+        "unknown schema keys for int: maxx, minn": {"kind": "int", "name": "x", "maxx": 3, "minn": 1},
+    }
+    for message, schema in bad.items():
+        with pytest.raises(ValueError) as caught:
+            Param.from_schema(schema)
+        assert str(caught.value) == message
+
+
 def test_schema_refuses_unknown_kinds_keys_and_bad_declarations() -> None:
     with pytest.raises(ValueError, match="unknown parameter kind"):
         Param.from_schema({"kind": "blob", "name": "x"})

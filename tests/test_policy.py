@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from approvals import Decision, Gate
-from approvals.policy import Approval, Policy, load_policy, parse_policy
+from approvals.policy import Approval, Policy, Role, load_policy, parse_policy
 from ombot.errors import ConfigError
 from ombot.app.initdir import init
 from tests.support import Cluster, bot_table, child_env
@@ -136,6 +136,58 @@ def test_load_policy_errors_name_the_file(tmp_path: Path) -> None:
         load_policy(broken)
 
 
+RULE = '[[rules]]\nname = "r"\nrequest = ["ops"]\n'
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[roles.ops]\nusers = ["alice"]\n', "roles.ops.users: expected Slack user ids (U... or W...) or cli:NAME / "
+                                         "console:NAME identities, never display names, got 'alice'"),
+    ('[roles.ops]\ngroups = ["ops-team"]\n', "roles.ops.groups: expected Slack user-group ids (S...), got 'ops-team'"),
+    ('[[rules]]\nname = "web"\nrequest = ["ops"]\n',
+     "rules[0] ('web').request: expected role names defined under [roles] (none), got 'ops'"),
+    (ROLES + RULE + "targets = []\n",
+     "rules[0] ('r').targets: expected at least one glob (leave the key out to match everything), got []"),
+    (ROLES + RULE + "max_hosts = 0\n", "rules[0] ('r').max_hosts: expected a positive number of hosts, got 0"),
+    (ROLES + RULE + 'approval = { count = 0, roles = ["leads"] }\n',
+     "rules[0] ('r').approval.count: expected at least 1 approval (remove the table for none), got 0"),
+    (ROLES + RULE + 'approval = { count = 1, roles = ["leads"], expiry_seconds = 604801 }\n',
+     "rules[0] ('r').approval.expiry_seconds: expected 1 to 604800 seconds, got 604801"),
+    (ROLES + RULE + 'approval = { count = 1, roles = ["leads"], channel = "#approvals" }\n',
+     "rules[0] ('r').approval.channel: expected a Slack channel id (C..., G...), not a channel name, got '#approvals'"),
+    (ROLES + RULE + "approval = { count = 1 }\n", "rules[0] ('r').approval.roles: expected at least one approver role"),
+    ('rules = "x"\n', "rules: expected an array of [[rules]] tables, got 'x'"),
+    (ROLES + RULE + RULE, "rules: expected unique rule names; 'r' is used twice"),
+    ('[console_groups]\nops = ["U0A"]\n', "console_groups.ops: expected Slack user-group ids (S...) as keys, got 'ops'"),
+    ('[console_groups]\nS0OPS = ["alice"]\n',
+     "console_groups.S0OPS: expected user ids (U..., W..., cli:NAME or console:NAME), got 'alice'"),
+])
+def test_errors_are_whole_sentences_naming_file_key_and_value(text: str, message: str) -> None:
+    assert error_of(text) == f"policy.toml: {message}"
+
+
+def test_limits_are_inclusive_and_defaults_are_plain() -> None:
+    p = policy(ROLES + RULE + 'max_hosts = 1\napproval = { count = 1, roles = ["leads"], expiry_seconds = 1 }\n'
+               + '[[rules]]\nname = "week"\nrequest = ["ops"]\n'
+               + 'approval = { count = 1, roles = ["leads"], expiry_seconds = 604800, channel = "C0APPROVE" }\n')
+    assert p.rules[0].max_hosts == 1 and p.rules[0].approval == Approval(1, ("leads",), 1, False, None)
+    assert p.rules[0].approval.self_approval is False
+    assert p.rules[1].approval == Approval(1, ("leads",), 604800, False, "C0APPROVE")
+    assert p.roles["ops"] == Role("ops", frozenset({"U0ALICE", "cli:deploy"}), frozenset({"S0OPS"}))
+    assert p.path == Path("policy.toml") and p.console_groups == {}
+    grouped = policy('[console_groups]\nS0OPS = ["U0A", "cli:x"]\n')
+    assert grouped.console_groups == {"S0OPS": frozenset({"U0A", "cli:x"})}
+
+
+def test_load_policy_keeps_its_path(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError) as caught:
+        load_policy(missing)
+    assert str(caught.value) == f"{missing}: expected an existing policy file"
+    written = tmp_path / "policy.toml"
+    written.write_text(ROLES)
+    assert load_policy(written).path == written and set(load_policy(written).roles) == {"ops", "leads", "dbas"}
+
+
 # -- deciding -----------------------------------------------------------------------------------------
 
 
@@ -252,6 +304,50 @@ approval = { count = 1, roles = ["dbas"] }
     d = p.decide("U0ALICE", NO_GROUPS, "echo", ["web01", "db01"], "local")
     assert not d.allowed and "different roles (`web`: leads; `db`: dbas)" in d.reason
     assert p.decide("U0ALICE", NO_GROUPS, "echo", ["db01"], "local").approval.roles == ("dbas",)
+
+
+def test_refusals_are_whole_decisions() -> None:
+    """`allowed` is False (not merely falsy), and a refusal names the rules and limit it came from."""
+    assert decide("U0ALICE", "facts", ["web01"]) == Decision(
+        False, "no rule allows `facts` on web01 in local (deny by default)")
+    assert decide("U0ALICE", "echo", ["db01"]) == Decision(
+        False, "rule `db is for dbas` does not let you run `echo` on db01 (requesters: dbas)", ("db is for dbas",))
+    assert decide("U0ALICE", "echo", []) == Decision(False, "no hosts")
+    assert decide("U0ALICE", "echo", ["web01", "web02", "web03", "web04"]) == Decision(
+        False, "4 hosts is over the limit of 3 set by rule `everyday`", ("everyday",), 3)
+    p = policy(ROLES + """
+[[rules]]
+name = "web"
+targets = ["web*"]
+request = ["ops", "dbas"]
+max_hosts = 4
+approval = { count = 2, roles = ["leads", "dbas"], channel = "C0WEB" }
+
+[[rules]]
+name = "web again"
+targets = ["web*"]
+request = ["ops"]
+
+[[rules]]
+name = "db"
+targets = ["db*"]
+request = ["ops"]
+approval = { count = 1, roles = ["dbas"] }
+
+[[rules]]
+name = "app"
+targets = ["app*"]
+request = ["ops"]
+approval = { count = 2, roles = ["dbas", "leads"], channel = "C0APP" }
+""")
+    assert p.decide("U0ALICE", NO_GROUPS, "echo", ["web01", "db01"], "local") == Decision(
+        False, "these hosts need approvers from different roles (`web`: leads, dbas; `db`: dbas); "
+               "ask for them in separate requests", ("web", "db"), 4)
+    assert p.decide("U0MALLORY", NO_GROUPS, "echo", ["web01"], "local").reason == (
+        "rule `web` does not let you run `echo` on web01 (requesters: ops, dbas)")
+    # Equal counts: the first rule's channel is where the approval goes.
+    both = p.decide("U0ALICE", NO_GROUPS, "echo", ["web01", "app01"], "local")
+    assert both.allowed is True and both.approval == Approval(2, ("leads", "dbas"), 3600, False, "C0WEB")
 
 
 def test_gate_fails_closed_when_groups_cannot_be_read() -> None:

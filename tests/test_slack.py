@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from masters import FINAL_STATES
 from tests.fakeslack import (
     TEAM_ID, FakeSlack, block_actions_body, post_to_bot, signed_request, slash_command_body, view_submission_body,
 )
@@ -52,7 +53,7 @@ class SlackRig:
 
 
 def _final(card: dict[str, Any]) -> bool:
-    return any(f" {s}]" in card["text"] for s in ("ok", "failed", "partial", "cancelled", "timed_out", "unknown"))
+    return any(f" {s}]" in card["text"] for s in FINAL_STATES)
 
 
 @pytest.fixture
@@ -79,6 +80,7 @@ def test_signature_is_checked(rig: SlackRig) -> None:
     assert rig.send(body, {"Content-Type": "application/x-www-form-urlencoded"})[0] == 401
 
 
+@pytest.mark.slow
 def test_other_workspace_is_refused(rig: SlackRig) -> None:
     status, _ = rig.send(slash_command_body(text="help", team_id="T0OTHER"))
     assert status == 403
@@ -100,6 +102,7 @@ def test_slash_command_card_progress_and_thread_results(rig: SlackRig) -> None:
     assert any("Starting job #1" in r for r in rig.replies_to_user())
 
 
+@pytest.mark.slow
 def test_bad_input_always_gets_an_answer(rig: SlackRig) -> None:
     cases = {
         "ech localhost": "Did you mean",
@@ -117,6 +120,7 @@ def test_bad_input_always_gets_an_answer(rig: SlackRig) -> None:
         assert expected in json.dumps(reply[0].body), (text, reply[0].body)
 
 
+@pytest.mark.slow
 def test_missing_params_open_a_generated_modal_with_field_errors(rig: SlackRig) -> None:
     trigger = rig.fake.issue_trigger()
     assert rig.command("run test.sleep", trigger_id=trigger)[0] == 200
@@ -136,6 +140,7 @@ def test_missing_params_open_a_generated_modal_with_field_errors(rig: SlackRig) 
     assert "[#1 ok] test.sleep" in rig.final_card(1)["text"]
 
 
+@pytest.mark.slow
 def test_cancel_button_mid_run(rig: SlackRig) -> None:
     rig.command("test.sleep localhost seconds=60")
     card = rig.fake.wait_for(lambda: (c := rig.card(1)) and "running" in c["text"] and c, what="a running card")
@@ -151,6 +156,7 @@ def test_cancel_button_mid_run(rig: SlackRig) -> None:
     assert "[#1 cancelled]" in final["text"] and "cancel requested by <@U0ALICE>" in final["text"]
 
 
+@pytest.mark.slow
 def test_rate_limit_storm_loses_nothing(rig: SlackRig) -> None:
     rig.fake.rate_limit("chat.postMessage", times=4, retry_after=1)
     rig.fake.rate_limit("chat.update", times=4, retry_after=1)
@@ -161,6 +167,7 @@ def test_rate_limit_storm_loses_nothing(rig: SlackRig) -> None:
     assert len(rig.fake.calls_to("chat.postMessage", include_rate_limited=True)) > len(rig.fake.calls_to("chat.postMessage"))
 
 
+@pytest.mark.slow
 def test_long_output_goes_to_a_file_in_the_thread(rig: SlackRig) -> None:
     rig.command('shell.exec localhost cmd="seq 1 4000"')
     card = rig.final_card(1)
@@ -170,6 +177,7 @@ def test_long_output_goes_to_a_file_in_the_thread(rig: SlackRig) -> None:
     assert b"\n3999\n4000\n" in upload.content
 
 
+@pytest.mark.slow
 def test_jobs_status_and_masters(rig: SlackRig) -> None:
     rig.command("echo localhost message=one")
     rig.final_card(1)
@@ -180,6 +188,7 @@ def test_jobs_status_and_masters(rig: SlackRig) -> None:
                                       if c.path.endswith(url.rsplit("/", 1)[1])), what=f"reply to {text}")
 
 
+@pytest.mark.slow
 def test_not_in_the_channel_the_card_goes_by_response_url(rig: SlackRig) -> None:
     rig.fake.fail("chat.postMessage", "not_in_channel", times=2)
     url = rig.fake.new_response_url(channel=CHANNEL)
@@ -193,6 +202,7 @@ def test_not_in_the_channel_the_card_goes_by_response_url(rig: SlackRig) -> None
     assert len(posts) <= 5
 
 
+@pytest.mark.slow
 def test_restarted_bot_finds_its_cards(rig: SlackRig) -> None:
     rig.command("test.sleep localhost seconds=4")
     card = rig.fake.wait_for(lambda: (c := rig.card(1)) and "running" in c["text"] and c, what="a running card")
@@ -203,6 +213,7 @@ def test_restarted_bot_finds_its_cards(rig: SlackRig) -> None:
     assert "woke" in rig.results(final)["text"]
 
 
+@pytest.mark.slow
 def test_card_updates_are_throttled_but_the_final_state_is_always_written(rig: SlackRig) -> None:
     # web01..web03 finish 1, 2 and 3 s in: four events inside three seconds.
     rig.command('shell.exec web[01-03] cmd="sleep ${OMBOT_HOST#web0}; echo done"')
@@ -215,6 +226,7 @@ def test_card_updates_are_throttled_but_the_final_state_is_always_written(rig: S
     assert "[#1 ok]" in json.dumps(updates[-1].body)
 
 
+@pytest.mark.slow
 def test_a_dry_run_through_the_modal_stays_a_dry_run(rig: SlackRig) -> None:
     trigger = rig.fake.issue_trigger()
     url = rig.fake.new_response_url(channel=CHANNEL)

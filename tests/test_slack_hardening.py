@@ -201,6 +201,7 @@ def test_an_oversized_body_is_refused_before_it_is_read(rig: Rig) -> None:
     assert rig.send("token=after", signed_request("wrong-secret", "token=after"))[0] == 401
 
 
+@pytest.mark.slow
 def test_a_post_needs_a_valid_content_length(rig: Rig) -> None:
     base = "POST /slack/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
     missing = raw_exchange(rig.port, (base + "Connection: close\r\n\r\ntext=hi").encode())
@@ -216,6 +217,7 @@ def test_a_post_needs_a_valid_content_length(rig: Rig) -> None:
     assert not rig.fake.response_posts
 
 
+@pytest.mark.slow
 def test_the_largest_generated_modal_still_submits(rig: Rig) -> None:
     body, _ = rig.command_body("run test.bigform")  # with a live trigger_id: the modal opens
     assert rig.send(body)[0] == 200
@@ -291,6 +293,7 @@ def test_a_replayed_command_runs_once_across_restarts_and_processes(rig: Rig, ma
         second.stop()
 
 
+@pytest.mark.slow
 def test_only_the_exact_repeat_is_dropped(rig: Rig) -> None:
     body, url = rig.command_body("echo localhost message=first")
     assert rig.send(body) == (200, "")

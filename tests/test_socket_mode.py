@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
+from masters import FINAL_STATES
 from tests.fakeslack import TEAM_ID, FakeSlack
 from tests.support import REPO, BotProcess, Cluster, bot_table
 
 CHANNEL = "C0OPS"
-FINAL_STATES = ("ok", "failed", "partial", "cancelled", "timed_out", "unknown")
+pytestmark = pytest.mark.slow  # a bot and a master per test; the HTTP face is in the fast tier
 
 
 @dataclass

@@ -39,7 +39,8 @@ SERVERS = {
     "postgres": ("OMBOT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/ombot_test"),
     "mysql": ("OMBOT_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/ombot_test"),
 }
-BACKENDS = ["sqlite", *SERVERS]
+# The database servers only in the full run: the fast tier keeps SQLite.
+BACKENDS = ["sqlite", *(pytest.param(server, marks=pytest.mark.slow) for server in SERVERS)]
 MIB = 1024 * 1024
 _reachable: dict[str, str] = {}  # backend -> error, "" when it answered; asked once per run
 
@@ -337,6 +338,7 @@ def test_values_of_several_mebibytes_fit(master_db: peewee.Database) -> None:
     assert store.JobEvent.get(store.JobEvent.job == job.id).data["stdout"] == text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["mysql"])
 def test_mysql_gets_long_column_types(master_db: peewee.Database) -> None:
     rows = master_db.execute_sql(
@@ -700,6 +702,7 @@ def test_an_unreachable_server_is_a_clear_error_without_the_password() -> None:
         assert "s3cret" not in message and "cannot open database" in message and ":***@127.0.0.1:1" in message
 
 
+@pytest.mark.slow
 def test_mysql_refuses_a_database_without_utf8mb4(tmp_path: Path) -> None:
     with scratch("mysql", tmp_path) as url:
         name = urlsplit(url).path.lstrip("/")
@@ -793,6 +796,7 @@ def test_the_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 # --- a real master on each server ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", list(SERVERS))
 def test_a_master_runs_a_job_on_the_server(server: str, make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
     with scratch(server, tmp_path, own_database=True) as url:

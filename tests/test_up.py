@@ -8,6 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from tests.support import child_env, free_port
 
 
@@ -16,6 +18,7 @@ def ombot(*args: str, stdin: str = "", cwd: Path | None = None, timeout: float =
                           timeout=timeout, env=child_env(), cwd=cwd)
 
 
+@pytest.mark.slow
 def test_up_configures_on_first_use_starts_a_master_and_the_console(tmp_path: Path) -> None:
     demo = tmp_path / "demo"
     session = "/om echo localhost message=hello-up\n/om facts localhost\n"
@@ -28,6 +31,7 @@ def test_up_configures_on_first_use_starts_a_master_and_the_console(tmp_path: Pa
     assert (demo / "state" / "local-1.db").exists() and (demo / "state" / "bot.db").exists()
 
 
+@pytest.mark.slow
 def test_up_writes_the_demo_config_when_none_exists(tmp_path: Path) -> None:
     port = free_port()
     out = ombot("up", "fresh", "--master-port", str(port), stdin="", cwd=tmp_path)

@@ -20,6 +20,8 @@ from modules import Plan
 
 
 class HostStatus(StrEnum):
+    """How one host's part of a job ended."""
+
     OK = "ok"
     FAILED = "failed"
     UNREACHABLE = "unreachable"
@@ -51,6 +53,8 @@ class CappedText:
 
 @dataclass
 class HostResult:
+    """One host's outcome, reported once: status, exit code, capped output with full sizes, timing."""
+
     host: str
     status: HostStatus
     rc: int | None = None
@@ -75,6 +79,8 @@ class HostResult:
 
 @dataclass
 class RunContext:
+    """What a backend gets for one job: the plan, its hosts, where to report, and its limits."""
+
     job_id: str
     plan: Plan
     hosts: list[str]
@@ -91,6 +97,8 @@ class RunContext:
 
 
 class Backend(Protocol):
+    """What runs a job's plan on its hosts (local, Ansible, Salt)."""
+
     name: str
 
     def run(self, ctx: RunContext) -> None:

@@ -26,9 +26,8 @@ from typing import IO
 
 from masters.backends import cgroup
 from masters.backends.base import CappedText, HostResult, HostStatus, RunContext
-from modules.params import within
-from modules.plan import (
-    Arg, Command, Emit, FirstAvailable, Ping, PutFile, RequireWithin, Shell, Step, TailFile, TempPath,
+from modules import (
+    Arg, Command, Emit, FirstAvailable, Ping, PutFile, RequireWithin, Shell, Step, TailFile, TempPath, within,
 )
 
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -42,12 +41,16 @@ _TAIL_BLOCK = 64 * 1024
 
 
 class StepFailed(Exception):
+    """A step that ended the host's run, with the status and exit code the host is reported with."""
+
     def __init__(self, status: HostStatus, message: str, rc: int | None = None) -> None:
         super().__init__(message)
         self.status, self.rc = status, rc
 
 
 class LocalBackend:
+    """Runs plans on the master host itself, for hosts the inventory marks local (see the module docstring)."""
+
     name = "local"
 
     def run(self, ctx: RunContext) -> None:
@@ -56,7 +59,10 @@ class LocalBackend:
             return
         with ThreadPoolExecutor(max_workers=min(ctx.max_parallel, len(ctx.hosts))) as pool:
             for host in ctx.hosts:
-                pool.submit(lambda h=host: ctx.report(self._run_host(ctx, h)))
+                pool.submit(self._run_and_report, ctx, host)
+
+    def _run_and_report(self, ctx: RunContext, host: str) -> None:
+        ctx.report(self._run_host(ctx, host))
 
     def _run_host(self, ctx: RunContext, host: str) -> HostResult:
         try:

@@ -80,10 +80,10 @@ def master(ctx: typer.Context, config: ConfigOpt = None,
            master_id: Annotated[Optional[str], typer.Option("--id", help="Which [masters.NAME] to serve")] = None,
            ready_file: Annotated[Optional[Path], typer.Option(help="Write host:port here once listening")] = None) -> None:
     """Serve one master of an IDC (rpyc on its configured address)."""
-    from masters.server import serve
+    from masters import serve_master
 
     conf = _config(ctx, config)
-    serve(conf, conf.master(master_id), ready_file)
+    serve_master(conf, conf.master(master_id), ready_file)
 
 
 @app.command()
@@ -92,7 +92,7 @@ def up(ctx: typer.Context, config: ConfigOpt = None,
        master_port: Annotated[int, typer.Option(help="Port for the demo's master, on first use")] = initdir.DEFAULT_PORT) -> None:
     """Start OMBot on the embedded default: a local master on SQLite (configured on first use) and
     the chat front end: Slack when its tokens are set, else the console."""
-    from bot.settings import SlackSecrets
+    from bot import SlackSecrets
     from ombot.app.launch import local_masters
 
     path = Path(config or (ctx.obj or {}).get("config") or directory / "ombot.toml")
@@ -126,14 +126,13 @@ def bot(ctx: typer.Context, config: ConfigOpt = None) -> None:
 def slack_manifest(ctx: typer.Context, config: ConfigOpt = None,
                    http_url: Annotated[Optional[str], typer.Option(help="Public URL for HTTP mode; omit for Socket Mode")] = None) -> None:
     """Print the Slack app manifest (JSON) to create the app with."""
-    from bot.slack_app import manifest
+    from bot import slack_manifest
 
-    typer.echo(json.dumps(manifest(http_url), indent=2))
+    typer.echo(json.dumps(slack_manifest(http_url), indent=2))
 
 
 def _serve_console(conf: cfg.Config) -> None:
-    from bot.console import run_console
-    from bot.service import BotService
+    from bot import BotService, run_console
 
     service = BotService(conf, origin="console")
     try:
@@ -143,7 +142,7 @@ def _serve_console(conf: cfg.Config) -> None:
 
 
 def _serve_slack(conf: cfg.Config) -> None:
-    from bot.slack_app import serve_slack
+    from bot import serve_slack
 
     serve_slack(conf)
 
@@ -172,8 +171,9 @@ def run(ctx: typer.Context,
     from ombot.app.runcmd import run_module
 
     conf = _config(ctx, config)
-    code = run_module(_router(conf), _cli_gate(conf), idc or conf.require_client().default_idc, module, targets,
-                      params or [], dry_run, timeout, as_json)
+    client = conf.require_client()
+    code = run_module(_router(conf), _cli_gate(conf), conf.clients[client.id].identity, idc or client.default_idc,
+                      module, targets, params or [], dry_run, timeout, as_json)
     raise typer.Exit(code)
 
 
@@ -196,7 +196,7 @@ app.add_typer(policy_app, name="policy")
 
 
 def _policy_path(conf: cfg.Config, file: Path | None) -> Path:
-    from bot.settings import BotSettings
+    from bot import BotSettings
 
     path = file or BotSettings.from_config(conf).policy
     if path is None:
@@ -207,7 +207,7 @@ def _policy_path(conf: cfg.Config, file: Path | None) -> Path:
 def _cli_gate(conf: cfg.Config) -> Any:
     """The policy gate for CLI requests, when the config names a policy; CLI ids are in no user group."""
     from approvals import Gate, load_policy
-    from bot.settings import BotSettings
+    from bot import BotSettings
 
     path = BotSettings.from_config(conf).policy
     return None if path is None else Gate(load_policy(path), lambda group: frozenset())

@@ -145,7 +145,7 @@ cancel = ["leads"]
 
 def init(directory: Path, port: int = DEFAULT_PORT, demo: bool = False) -> Path:
     """Write a starter set. `demo` (for `ombot up`) lets the console play the demo's chat users."""
-    from masters.keys import Identity
+    from masters import Identity
 
     config = directory / "ombot.toml"
     if config.exists():

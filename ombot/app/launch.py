@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 from ombot import proc as hygiene
 from ombot.config import Config
@@ -55,17 +56,17 @@ def local_masters(config: Config, timeout: float = 60) -> Iterator[list[str]]:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
-def _stop_on_signals() -> dict[int, object]:
+def _stop_on_signals() -> dict[int, signal._HANDLER]:
     """SIGTERM and SIGHUP end `up` the way Ctrl-C does, so its masters are stopped, not orphaned.
     Returns the handlers replaced (none outside the main thread, where signals cannot be caught)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
-    def interrupt(signum: int, frame: object) -> None:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     return {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}

@@ -10,15 +10,16 @@ from typing import Any
 
 import typer
 
-from approvals import Gate
-from masters import JobRef, MasterLost, Router
+from approvals import Gate, PolicyRefusal, authorize
+from masters import JobRef, JobState, MasterLost, Router, host_log, host_rows
 from modules import ParamError
 from ombot.errors import OmbotError
 
 
-def run_module(router: Router, gate: Gate | None, idc: str, module: str, targets: str, pairs: list[str],
-               dry_run: bool, timeout: int | None, as_json: bool) -> int:
-    """`gate` is the access policy when the config names one: the CLI then obeys it like chat does."""
+def run_module(router: Router, gate: Gate | None, requester: str, idc: str, module: str, targets: str,
+               pairs: list[str], dry_run: bool, timeout: int | None, as_json: bool) -> int:
+    """`gate` is the access policy when the config names one: the CLI then obeys it like chat does
+    (the masters enforce the CLI key's registration either way)."""
     catalog = router.catalog(idc)
     spec = catalog.modules.get(module)
     if spec is None:
@@ -34,7 +35,7 @@ def run_module(router: Router, gate: Gate | None, idc: str, module: str, targets
     hosts = router.expand(idc, targets)
     typer.echo(f"{module} on {len(hosts)} host(s) in {idc}: {', '.join(hosts)}", err=as_json)
     if gate is not None:
-        _authorize(gate, router.links[router.masters_of(idc)[0]].requester, module, hosts, idc)
+        _authorize(gate, requester, module, hosts, idc)
     if dry_run:
         return 0
     try:
@@ -48,10 +49,10 @@ def run_module(router: Router, gate: Gate | None, idc: str, module: str, targets
     if not as_json:
         print_results(results)
         typer.echo(f"state: {state}")
-    if state == "unknown":  # not "failed": whether it ran is not known, so never blindly retry it
+    if state == JobState.UNKNOWN:  # not "failed": whether it ran is not known, so never blindly retry it
         typer.echo(f"job {ref.job_id} on master {ref.master_id}: outcome unknown", err=True)
         return 3
-    return 0 if state == "ok" else 1
+    return 0 if state == JobState.OK else 1
 
 
 def parse_pairs(pairs: list[str]) -> dict[str, str]:
@@ -67,9 +68,10 @@ def parse_pairs(pairs: list[str]) -> dict[str, str]:
 
 
 def _authorize(gate: Gate, requester: str, module: str, hosts: list[str], idc: str) -> None:
-    decision = gate.decide(requester, module, hosts, idc)
-    if not decision.allowed:
-        raise OmbotError(f"refused by policy: {decision.reason}")
+    try:
+        decision = authorize(gate, requester, module, hosts, idc)
+    except PolicyRefusal as exc:
+        raise OmbotError(f"refused by policy: {exc}") from None
     if decision.needs_approval:
         raise OmbotError(f"{module} needs approval ({decision.reason}); approval-gated modules cannot be "
                          "started from the CLI: ask in Slack or the console")
@@ -117,23 +119,6 @@ def _on_event(event: dict[str, Any], results: list[dict[str, Any]], as_json: boo
 
 
 def print_results(results: list[dict[str, Any]]) -> None:
-    if not results:
-        return
-    width = max(len(r["host"]) for r in results)
-    typer.echo(f"\n{'HOST':<{width}}  {'STATUS':<11} {'RC':>4} {'TIME':>8}")
-    for r in sorted(results, key=lambda r: r["host"]):
-        rc = "" if r["rc"] is None else str(r["rc"])
-        typer.echo(f"{r['host']:<{width}}  {r['status']:<11} {rc:>4} {r['ended'] - r['started']:>7.2f}s")
-    for r in sorted(results, key=lambda r: r["host"]):
-        typer.echo(f"\n--- {r['host']} ({r['status']})")
-        if r.get("error"):
-            typer.echo(f"error: {r['error']}")
-        if r.get("data"):
-            typer.echo(json.dumps(r["data"], indent=2, sort_keys=True))
-        elif r["stdout"]:
-            typer.echo(r["stdout"].rstrip("\n"))
-        if r["stderr"]:
-            typer.echo("stderr:\n" + r["stderr"].rstrip("\n"))
-        if r["truncated"]:
-            typer.echo(f"[output cut: kept {len(r['stdout'].encode())} of {r['stdout_bytes']} stdout bytes, "
-                       f"{len(r['stderr'].encode())} of {r['stderr_bytes']} stderr bytes]")
+    if results:
+        typer.echo("\n" + "\n".join(host_rows(results)) + "\n")
+        typer.echo(host_log(results).rstrip("\n"))

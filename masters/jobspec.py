@@ -1,0 +1,121 @@
+"""A submit's checks, in the order the master applies them, and the typed job they produce.
+
+`SubmitChecks.spec(request)` either returns a `JobSpec` (what will run, where, for how long, as
+whom) or raises `Refused`: the module exists, the request is for this IDC, the params validate,
+the hosts are in the inventory, the client's registration globs allow it, the master's approval
+floor is met, the timeout is within the ceiling, and the module planned without a hidden shell.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from masters.clients import check_approvers, check_permitted
+from masters.envelope import Refused, Request
+from masters.inventory import Inventory
+from modules import Module, ParamError, Plan, Shell
+from ombot.config import ClientRegistration, MasterSettings
+from ombot.globs import matches_any
+
+log = logging.getLogger("ombot.master")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job that passed every submit check: the validated params, its hosts, timeout and plan."""
+
+    module: Module
+    values: dict[str, Any]  # the params after validation, as recorded with the job
+    hosts: list[str]
+    approvers: list[str]
+    timeout: int  # seconds
+    plan: Plan
+
+
+def require_inventory(inventory: Inventory | None, master_id: str) -> Inventory:
+    if inventory is None:
+        raise Refused("no_inventory", f"master {master_id} has no inventory configured")
+    return inventory
+
+
+class SubmitChecks:
+    """Everything a submit must pass before the master records it; it never touches the store."""
+
+    def __init__(self, settings: MasterSettings, clients: dict[str, ClientRegistration],
+                 modules: dict[str, Module], inventory: Inventory | None) -> None:
+        self.settings, self.clients, self.modules, self.inventory = settings, clients, modules, inventory
+
+    def spec(self, request: Request) -> JobSpec:
+        args, client = request.args, self.clients[request.sender]
+        module = self._module(args.get("module"))
+        if args.get("idc") != self.settings.idc:
+            raise Refused("wrong_idc", f"this master serves IDC {self.settings.idc!r}, not {args.get('idc')!r}")
+        values = self._values(module, args.get("params"))
+        hosts = self._hosts(args.get("hosts"))
+        check_permitted(client, module.name, hosts)
+        approvers = check_approvers(client, args.get("approvers"))
+        self._check_approvals(module.name, approvers, request.requester)
+        timeout = self._timeout(module, args.get("timeout"))
+        return JobSpec(module, values, hosts, approvers, timeout, self._plan(module, values))
+
+    def _module(self, name: Any) -> Module:
+        if not isinstance(name, str) or name not in self.modules:
+            close = difflib.get_close_matches(str(name), self.modules, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise Refused("unknown_module", f"no module named {name!r} on this master{hint}")
+        return self.modules[name]
+
+    @staticmethod
+    def _values(module: Module, params: Any) -> dict[str, Any]:
+        if not isinstance(params, dict):
+            raise Refused("invalid_params", "params must be an object")
+        try:
+            return module.validate(params)
+        except ParamError as exc:
+            raise Refused("invalid_params", str(exc), param=exc.param) from None
+
+    def _hosts(self, hosts: Any) -> list[str]:
+        if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
+            raise Refused("bad_request", "hosts must be a non-empty list of host names")
+        if len(set(hosts)) != len(hosts):
+            raise Refused("bad_request", "hosts lists a host twice")
+        missing = require_inventory(self.inventory, self.settings.id).missing(hosts)
+        if missing:
+            raise Refused("unknown_host", f"not in this master's inventory: {', '.join(missing[:10])}",
+                          hosts=missing[:100])
+        return hosts
+
+    def _check_approvals(self, module: str, approvers: list[str], requester: str) -> None:
+        """The master's own approval floor: it never trusts the bot to have run the approval flow."""
+        needed = max((n for glob, n in self.settings.approvals.items() if matches_any(module, (glob,))), default=0)
+        if not needed:
+            return
+        if requester in approvers:
+            raise Refused("approval_required", f"{module}: the requester cannot approve their own job")
+        if len(set(approvers)) != len(approvers):
+            raise Refused("approval_required", f"{module}: an approver is listed twice")
+        if len(approvers) < needed:
+            raise Refused("approval_required", f"{module} needs {needed} approval(s) on this master; "
+                                               f"the request carries {len(approvers)}", needed=needed)
+
+    def _timeout(self, module: Module, requested: Any) -> int:
+        ceiling = self.settings.limits.job_timeout_seconds
+        if requested is None:
+            return min(module.timeout or ceiling, ceiling)
+        if not isinstance(requested, int) or isinstance(requested, bool) or not 1 <= requested <= ceiling:
+            raise Refused("invalid_params", f"timeout: expected seconds from 1 to {ceiling}", param="timeout")
+        return requested
+
+    @staticmethod
+    def _plan(module: Module, values: dict[str, Any]) -> Plan:
+        try:
+            plan = module.plan(values)
+        except Exception as exc:
+            log.exception("module %s failed to plan", module.name)
+            raise Refused("module_error", f"{module.name} could not plan: {type(exc).__name__}") from None
+        if any(isinstance(step, Shell) for step in plan.steps) and not module.allows_shell:
+            raise Refused("module_error", f"{module.name} tried to run a shell without declaring a shell parameter")
+        return plan
