@@ -7,7 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from approvals import Gate, bind, load_policy
-from bot import replay, store
+from bot import lease, replay, store
 from bot.dispatcher import CatalogCache, Dispatcher
 from bot.jobs import JobFollower
 from bot.settings import BotSettings
@@ -30,6 +30,7 @@ class BotService:
         client = config.speaking_as(self.registration.id)
         bind(store.open_store(self.settings.database_url))
         replay.prepare()
+        lease.prepare()
         self.router = Router(config, Identity.load(client.key_file), requester=self.registration.identity,
                              origin=origin)
         self.gate = self._gate(group_members)

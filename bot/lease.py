@@ -1,0 +1,72 @@
+"""Leases in the bot's database: with several bot processes on one database, exactly one holds a
+named lease (firing a schedule, following a job) until it lets go or stops renewing it.
+
+Time is the database's clock, never the processes' own: two bots whose clocks disagree still agree
+on when a lease ran out. A holder that dies is replaced once its lease expires (`ttl`).
+"""
+
+from __future__ import annotations
+
+import peewee
+
+from bot import store
+from ombot.storage import create_tables, migrate
+
+
+class Lease(peewee.Model):
+    """Who holds the lease `name`, until when (epoch ms by the database's clock)."""
+
+    name = peewee.CharField(max_length=191, primary_key=True)  # 191: a utf8mb4 key MySQL can index
+    holder = peewee.CharField(max_length=128)
+    expires_at = peewee.BigIntegerField(index=True)
+
+    class Meta:
+        database = store.db
+        table_name = "bot_lease"
+
+
+MIGRATIONS = [create_tables(Lease)]
+
+
+def prepare() -> None:
+    """Create the lease table in the bot's database (after bot.store is opened)."""
+    migrate(store.db.obj, "bot_lease", MIGRATIONS)
+
+
+def database_now_ms() -> int:
+    """Now, in epoch ms, by the database server's clock (SQLite: this host's)."""
+    db = store.db.obj
+    if isinstance(db, peewee.PostgresqlDatabase):
+        sql = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+    elif isinstance(db, peewee.MySQLDatabase):
+        sql = "SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)"
+    else:
+        sql = "SELECT CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+    return int(db.execute_sql(sql).fetchone()[0])
+
+
+def acquire(name: str, holder: str, ttl_ms: int) -> bool:
+    """Take or renew the lease: True when `holder` holds it now, for `ttl_ms` from the database's now.
+
+    One conditional UPDATE (ours, or expired), else one INSERT that a unique key lets only one
+    process win: no read-then-write race between bots."""
+    with store.db.atomic():
+        now = database_now_ms()
+        taken = (Lease.update(holder=holder, expires_at=now + ttl_ms)
+                 .where((Lease.name == name) & ((Lease.holder == holder) | (Lease.expires_at < now))).execute())
+        if taken:
+            return True
+        inserted = (Lease.insert(name=name, holder=holder, expires_at=now + ttl_ms)
+                    .on_conflict_ignore().as_rowcount().execute())
+        return inserted == 1
+
+
+def release(name: str, holder: str) -> None:
+    """Let go of the lease, if `holder` still holds it."""
+    Lease.delete().where((Lease.name == name) & (Lease.holder == holder)).execute()
+
+
+def holder_of(name: str) -> str | None:
+    """Who holds the lease now (an expired lease is held by nobody)."""
+    row = Lease.get_or_none(Lease.name == name)
+    return row.holder if row is not None and row.expires_at >= database_now_ms() else None
