@@ -225,7 +225,7 @@ class Dispatcher:
                 lines.append(f"\u2022 `{p.name}` {p.kind}{'' if p.required else ' (optional)'}"
                              + (f": {p.help}" if p.help else "") + _choices(p))
             return text_message("\n".join(lines))
-        usage = "\n".join(f"`{c.usage}`" for c in available())
+        usage = "\n".join(f"`{c.usage}` \u2014 {c.summary}" for c in available())
         names = ", ".join(f"`{s.name}`" for s in self._allowed_specs(user)) or "none (ask your admins for access)"
         return text_message(f"*OMBot commands*\n{usage}\nShort form: `/om MODULE TARGETS key=value ...`\n"
                             f"Modules you may run: {names}")

@@ -80,6 +80,7 @@ def test_job_card_results_jobs_and_help(console: pexpect.spawn) -> None:
     say(console, "/om help")
     console.expect_exact("*OMBot commands*")
     console.expect_exact("/om run MODULE TARGETS")
+    console.expect_exact("/om deny REQUEST REASON` \u2014 deny a request, saying why")  # from its declaration
 
     say(console, "/om help echo")
     console.expect_exact("*echo* (diagnostics, risk low)")
