@@ -12,12 +12,12 @@ from approvals.gate import (
     NO_POLICY, ApprovalError, Gate, PolicyRefusal, Vote, authorize, record_trail, require_requester,
 )
 from approvals.policy import Approval, Decision, Policy, load_policy
-from approvals.store import APPROVED, DENIED, EXPIRED, PENDING, ApprovalRequest
+from approvals.store import APPROVED, DENIED, EXPIRED, PENDING, ApprovalRequest, forget_trail_before
 from ombot.storage import migrate
 
 __all__ = ["APPROVED", "DENIED", "EXPIRED", "NO_POLICY", "PENDING", "Approval", "ApprovalError", "ApprovalRequest",
-           "Decision", "Gate", "Policy", "PolicyRefusal", "Vote", "authorize", "bind", "load_policy", "record_trail",
-           "require_requester"]
+           "Decision", "Gate", "Policy", "PolicyRefusal", "Vote", "authorize", "bind", "forget_trail_before", "load_policy",
+           "record_trail", "require_requester"]
 
 
 def bind(db: peewee.Database) -> None:

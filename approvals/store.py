@@ -94,6 +94,11 @@ def record(user: str, channel: str, origin: str, action: str, detail: str, outco
                       detail=detail[:4000], outcome=outcome[:4000])
 
 
+def forget_trail_before(cutoff_ms: int) -> int:
+    """Delete trail entries older than `cutoff_ms` (the bot's retention); returns how many."""
+    return int(TrailEntry.delete().where(TrailEntry.at < cutoff_ms).execute())
+
+
 def find_request(ref: str) -> ApprovalRequest | None:
     request: ApprovalRequest | None = find_by_number_or_id(ApprovalRequest, ApprovalRequest.number,
                                                            ApprovalRequest.request_id, ref)

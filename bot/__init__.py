@@ -13,7 +13,8 @@ from bot.service import BotService
 from bot.settings import BotSettings, SlackSecrets
 from ombot.config import Config
 
-__all__ = ["BotService", "BotSettings", "SlackSecrets", "run_console", "serve_slack", "slack_manifest"]
+__all__ = ["BotService", "BotSettings", "SlackSecrets", "list_schedules", "run_console", "serve_slack",
+           "slack_manifest"]
 
 
 def serve_slack(config: Config) -> None:
@@ -21,6 +22,15 @@ def serve_slack(config: Config) -> None:
     from bot.slack_app import serve_slack as serve
 
     serve(config)
+
+
+def list_schedules(config: Config) -> list[str]:
+    """One plain line per schedule in the bot's database (`ombot schedules`)."""
+    from bot import schedules, store
+
+    store.open_store(BotSettings.from_config(config).database_url)
+    schedules.prepare()
+    return schedules.schedule_rows(mention=False)
 
 
 def slack_manifest(http_url: str | None = None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from approvals import PENDING, ApprovalRequest, Decision, Gate
 from bot import grammar
@@ -25,6 +26,16 @@ SpecOf = Callable[[str, str], ModuleSpec]
 Later = Callable[[ChatRequest, Transport, str, str, Callable[[], None]], None]
 
 
+class ScheduleApprovals(Protocol):
+    """Requests that cover a schedule (bot.schedules): approving one activates the schedule."""
+
+    def label_of(self, request: ApprovalRequest) -> str:
+        """What the approval message says about the schedule ("" for a one-off job)."""
+
+    def approved(self, request: ApprovalRequest, approvers: list[str], transport: Transport) -> bool:
+        """Activate the schedule the request covers (True), or False when it covers none."""
+
+
 class ApprovalFlow:
     """Asking for approval, taking votes and denials, expiring, and starting the approved job."""
 
@@ -32,6 +43,7 @@ class ApprovalFlow:
                  later: Later) -> None:
         self._gate, self.default_idc = gate, default_idc
         self.spec_of, self.start_job, self.later = spec_of, start_job, later
+        self.schedules: ScheduleApprovals | None = None  # set by the service when schedules run
 
     @property
     def gate(self) -> Gate:
@@ -42,12 +54,17 @@ class ApprovalFlow:
     # -- asking ----------------------------------------------------------------------------------
 
     def ask(self, command: grammar.Run, spec: ModuleSpec, hosts: list[str], decision: Decision,
-            req: ChatRequest, transport: Transport) -> None:
+            req: ChatRequest, transport: Transport,
+            link: Callable[[ApprovalRequest], None] | None = None) -> ApprovalRequest:
+        """Open a request and post its Approve/Deny message; `link` ties it to what it covers (a
+        schedule) before anyone can see the message, let alone approve it."""
         assert decision.approval is not None
         request = self.gate.open_request(
             requester=req.user, origin=req.origin, channel=req.channel, reply_url=req.response_url,
             idc=command.idc or self.default_idc, module=spec.name, params=command.params, hosts=hosts,
             timeout=command.timeout, decision=decision)
+        if link is not None:
+            link(request)
         where = decision.approval.channel or req.channel
         ts = transport.post(where, approval_card(self.view_of(request)), req=req)  # falls back only in req's own channel
         self.gate.place_message(request, where, ts)
@@ -55,6 +72,7 @@ class ApprovalFlow:
             f"`{spec.name}` on {len(hosts)} host(s) needs {decision.approval.count} approval(s) from "
             f"{', '.join(decision.approval.roles)} ({decision.reason}). Waiting as request #{request.number}; "
             f"it expires {slack_date(request.expires_at)}."))
+        return request
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -66,7 +84,9 @@ class ApprovalFlow:
         request = vote.request
         self.show(request, transport)
         if vote.start:
-            transport.respond(req, text_message(f"Approved request #{request.number}; its job starts now."))
+            schedule = self.schedules.label_of(request) if self.schedules is not None else ""
+            starts = f"{schedule} is active now" if schedule else "its job starts now"
+            transport.respond(req, text_message(f"Approved request #{request.number}; {starts}."))
             self._start(request, transport)
         elif request.state != PENDING:
             transport.respond(req, text_message(f"Your approval was recorded, but request #{request.number} "
@@ -133,6 +153,8 @@ class ApprovalFlow:
                                        response_url=request.reply_url))
 
     def _start(self, request: ApprovalRequest, transport: Transport) -> None:
+        if self.schedules is not None and self.schedules.approved(request, self.gate.approvers(request), transport):
+            return  # an approved schedule runs at its times, not now
         run = grammar.Run(request.module, None, request.params, request.idc, timeout=request.timeout)
         requester = ChatRequest(request.requester, request.channel, origin=request.origin,
                                 response_url=request.reply_url)
@@ -149,4 +171,5 @@ class ApprovalFlow:
             params=params_text(request.params), idc=request.idc, hosts=list(request.hosts), needed=request.needed,
             approver_roles=list(request.approver_roles), approvers=self.gate.votes(request),
             state=request.state, expires_at=request.expires_at, decided_by=request.decided_by, reason=request.reason,
+            schedule=self.schedules.label_of(request) if self.schedules is not None else "",
         )

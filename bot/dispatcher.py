@@ -18,9 +18,10 @@ from approvals import (
 )
 from bot import forms, grammar, store
 from bot.approval_flow import ApprovalFlow
-from bot.commands import REQUESTERS, Choice, CommandError, Prose, Word, available, chat_command, reserve
-from bot.jobs import JobFollower, card_of
+from bot.commands import REQUESTERS, CommandError, Prose, Word, available, chat_command, reserve
+from bot.jobs import JOBS_USAGE, JobFilter, JobFollower, card_of, history, parse_job_filter
 from bot.messages import Message, clip, code, job_card, slack_date, text_message
+from bot.schedules import SCHEDULE_USAGE, Schedules, schedule_words
 from bot.transport import ChatRequest, Transport
 from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
 from modules import Catalog, ModuleSpec, ParamError
@@ -67,6 +68,7 @@ class Dispatcher:
         self.router, self.catalogs, self.follower, self.default_idc = router, catalogs, follower, default_idc
         self.gate, self.pool = gate, pool
         self.approvals = ApprovalFlow(gate, default_idc, self.spec_of, self._start_approved, self.later)
+        self.schedules: Schedules | None = None  # set by the service (bot.schedules)
 
     # -- entry points (called by transports after their ack, each through `answering`) ---------
 
@@ -165,9 +167,10 @@ class Dispatcher:
     def form_command(self, req: ChatRequest, transport: Transport, module: str) -> None:
         self._form(grammar.Run(module, None), req, transport)
 
-    @chat_command("jobs", Choice("mine", "mine"), summary="recent jobs; `mine` for yours")
-    def jobs_command(self, req: ChatRequest, transport: Transport, mine: bool) -> None:
-        transport.respond(req, self._jobs(req.user if mine else None))
+    @chat_command("jobs", summary="recent jobs: `mine`, and filters by module, host and time (UTC)",
+                  usage=JOBS_USAGE, parse=parse_job_filter)
+    def jobs_command(self, req: ChatRequest, transport: Transport, filters: JobFilter) -> None:
+        transport.respond(req, self._jobs(filters, req.user))
 
     @chat_command("status", Word("job"), summary="where a job stands")
     def status_command(self, req: ChatRequest, transport: Transport, job: str) -> None:
@@ -194,8 +197,27 @@ class Dispatcher:
         self.approvals.deny(request, reason, req, transport)
 
     reserve("audit", "search the shell audit trail")
-    reserve("schedule", "run a module on a timetable")
-    reserve("schedules", "the schedules")
+    @chat_command("schedule", summary="run a module on a timetable (cron in UTC, or `every 15m`); pause, resume, "
+                  "delete", usage=SCHEDULE_USAGE, parse=schedule_words)
+    def schedule_command(self, req: ChatRequest, transport: Transport, action: str, ref: str | None,
+                         timing: str | None, run: grammar.Run | None) -> None:
+        schedules = self._schedules()
+        if action == "create":
+            assert timing is not None and run is not None
+            require_requester(self.gate, req.user)  # before the catalog and any expansion reach a master
+            schedules.create(timing, run, req, transport)
+            return
+        assert ref is not None
+        {"pause": schedules.pause, "resume": schedules.resume, "delete": schedules.delete}[action](ref, req, transport)
+
+    @chat_command("schedules", summary="the schedules")
+    def schedules_command(self, req: ChatRequest, transport: Transport) -> None:
+        transport.respond(req, self._schedules().listing())
+
+    def _schedules(self) -> Schedules:
+        if self.schedules is None:
+            raise OmbotError("Schedules are not running in this process.")
+        return self.schedules
 
     # -- clicks ----------------------------------------------------------------------------------
 
@@ -236,22 +258,32 @@ class Dispatcher:
             return text_message("No modules you may run" + (f" in category {category!r}." if category else "."))
         return text_message("\n".join(f"`{s.name}` ({s.category}, risk {s.risk}) {s.description}" for s in specs))
 
-    def _jobs(self, requester: str | None) -> Message:
-        query = store.BotJob.select().order_by(store.BotJob.number.desc()).limit(JOBS_LISTED)
-        if requester:
-            query = query.where(store.BotJob.requester == requester)
+    def _jobs(self, filters: JobFilter, user: str) -> Message:
         lines = [f"#{j.number} {j.state:<9} `{j.module}` on {j.host_count} host(s) in {j.idc} by <@{j.requester}> "
-                 f"{slack_date(j.created_at)}" for j in query]
-        return text_message("\n".join(lines) or "No jobs yet.")
+                 f"{slack_date(j.created_at)}" for j in history(filters, user, JOBS_LISTED)]
+        filtered = filters != JobFilter()
+        return text_message("\n".join(lines) or ("No jobs match." if filtered else "No jobs yet."))
 
     def _status(self, ref: str) -> Message:
+        """A job's whole record from the bot's database; the owning master says where a live one stands."""
         job = _find(ref)
-        state = job.state
+        state, live = job.state, ""
         if job.master_id and state not in FINAL_STATES:
-            state = self.router.job_state(JobRef(job.job_id, job.idc, job.master_id))
-        return text_message(f"#{job.number} `{job.module}` on {job.host_count} host(s) in {job.idc}: *{state}*\n"
-                            f"job id `{job.job_id}` on master `{job.master_id}`, requested by <@{job.requester}> "
-                            f"{slack_date(job.created_at)}")
+            try:
+                state = self.router.job_state(JobRef(job.job_id, job.idc, job.master_id))
+            except (ConnectFailed, MasterLost, Refused) as exc:
+                live = f" (as last seen: master `{job.master_id}` does not answer: {clip(str(exc), 200)})"
+        hosts = list(job.hosts) if job.hosts else []
+        shown = (", ".join(hosts[:PREVIEW_HOSTS]) + (f" \u2026 and {len(hosts) - PREVIEW_HOSTS} more"
+                                                    if len(hosts) > PREVIEW_HOSTS else "")) if hosts else "(not recorded)"
+        ended = f", ended {slack_date(job.finished_at)}" if job.finished_at and state in FINAL_STATES else ""
+        lines = [f"#{job.number} `{job.module}` on {job.host_count} host(s) in {job.idc}: *{state}*{live}",
+                 f"requested by <@{job.requester}> {slack_date(job.created_at)}{ended}",
+                 f"hosts: {shown}",
+                 f"job id `{job.job_id}` on master `{job.master_id or 'none'}`"]
+        if job.note and state in FINAL_STATES:
+            lines.append(f"why: {clip(job.note, 1000)}")
+        return text_message("\n".join(lines))
 
     def _masters(self) -> Message:
         rows = []
@@ -312,18 +344,35 @@ class Dispatcher:
         values = spec.validate(command.params)
         idc = command.idc or self.default_idc
         shown = {k: v for k, v in values.items() if v is not None}
-        job = store.BotJob.create(
-            job_id=job_id or str(uuid.uuid4()), requester=req.user, origin=req.origin, channel=req.channel,
-            idc=idc, module=spec.name, params=shown, host_count=len(hosts), state=JobState.SUBMITTING,
-            created_at=store.now(), reply_url=req.response_url, approvers=list(approvers),
-            cancel_roles=list(cancel_roles),
-        )
+        job_id = job_id or str(uuid.uuid4())
+        # Owned from before it is stored: another bot process never adopts a job this one is submitting.
+        if not self.follower.claim(job_id):
+            raise OmbotError(f"Job {job_id} is already being started.")
+        try:
+            job = store.BotJob.create(
+                job_id=job_id, requester=req.user, origin=req.origin, channel=req.channel,
+                idc=idc, module=spec.name, params=shown, host_count=len(hosts), hosts=list(hosts),
+                state=JobState.SUBMITTING, created_at=store.now(), reply_url=req.response_url,
+                approvers=list(approvers), cancel_roles=list(cancel_roles),
+            )
+        except Exception:
+            self.follower.let_go(job_id)
+            raise
+        try:
+            self._submit(job, command, spec, hosts, req, transport, approvers)
+        except Exception:  # whatever broke, the job is adopted on the next tick and never stays stuck
+            self.follower.let_go(job_id)
+            raise
+
+    def _submit(self, job: store.BotJob, command: grammar.Run, spec: ModuleSpec, hosts: list[str],
+                req: ChatRequest, transport: Transport, approvers: Sequence[str]) -> None:
+        idc = job.idc
         transport.respond(req, _preview(spec.name, idc, hosts, f"Starting job #{job.number}:"))
         card_ts = transport.post(req.channel, job_card(card_of(job)), req=req)
         store.update_job(job, card_ts=card_ts)
         try:
             ref, reply = self.router.submit(idc, spec.name, command.params, hosts, approvers=approvers,
-                                        timeout=command.timeout, request_id=job.job_id, requester=req.user)
+                                            timeout=command.timeout, request_id=job.job_id, requester=req.user)
         except MasterLost as exc:  # sent, then the link broke: follow it where it went, never re-send
             if exc.ref is None:
                 self._end_early(job, transport, JobState.UNKNOWN, str(exc))
@@ -338,14 +387,7 @@ class Dispatcher:
         self.follower.start(job, transport, reply.get("events", []))
 
     def _end_early(self, job: store.BotJob, transport: Transport, state: JobState, reason: str) -> None:
-        store.update_job(job, state=state, finished_at=store.now(), reported=True)
-        card = card_of(job)
-        card.finished_at, card.note = job.finished_at, reason
-        if job.card_ts:
-            transport.update(job.channel, job.card_ts, job_card(card))
-        else:
-            transport.post(job.channel, job_card(card),
-                           req=ChatRequest(job.requester, job.channel, response_url=job.reply_url))
+        self.follower.end_early(job, transport, state, reason)
 
     def _cancel(self, ref: str, req: ChatRequest, transport: Transport) -> None:
         job = _find(ref)

@@ -1,50 +1,150 @@
-"""Following jobs on OMBot's own worker pool: progress on the card, results in its thread."""
+"""Following jobs on OMBot's own worker pool: progress on the card, results in its thread.
+
+Each unfinished job is owned through a lease in the bot's database (`job:<job id>`, bot.lease), taken
+before the job is even stored: with several bot processes on one database exactly one follows a
+job and finishes its card. The owner renews its leases every few seconds; a bot that dies stops
+renewing, and another (or itself, restarted) adopts its jobs once the lease has run out. Each job's
+card is finished once: the owner checks it still holds the lease before it posts the results.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import re
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
-from bot import store
+import peewee
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from approvals import forget_trail_before
+from bot import lease, store
+from bot.commands import CommandError
 from bot.messages import CardState, job_card, results_message
+from bot.schedules import schedule_label
 from bot.transport import ChatRequest, Transport
-from masters import JobRef, JobState, Router
+from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, Refused, Router
 
 log = logging.getLogger("ombot.bot.jobs")
 
 UPDATE_INTERVAL = 2.0  # at most one card update per 2 s per card; the final state is always written
 IDLE_WAIT = 15.0
+LEASE_TTL_MS = 15_000  # a dead bot's jobs are adopted within this plus one tick
+TICK_SECONDS = 5.0  # how often leases are renewed and orphaned jobs adopted
+PRUNE_SECONDS = 3600.0  # how often old jobs and trail rows are deleted (and once at start)
+MS_PER_DAY = 86_400_000
+
+TransportFor = Callable[[str], Transport | None]
+
+
+class LeaseLost(Exception):
+    """Another bot process owns the job now: this one stops following it and posts nothing more."""
+
+
+def lease_name(job_id: str) -> str:
+    return f"job:{job_id}"
 
 
 class JobFollower:
-    """Follows each started job at its master and keeps its card and thread up to date."""
+    """Follows each job this process owns at its master and keeps its card and thread up to date."""
 
-    def __init__(self, router: Router, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, router: Router, pool: ThreadPoolExecutor, holder: str | None = None) -> None:
         self.router, self.pool = router, pool
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._held: set[str] = set()  # job ids whose lease this process holds
+        self._closed = False  # stopping: take no lease any more (followers still running post nothing)
+        self._lock = threading.Lock()  # renewals and releases never interleave (no lease re-taken after release)
+
+    # -- ownership -------------------------------------------------------------------------------
+
+    def claim(self, job_id: str) -> bool:
+        """Take (or renew) the job's lease: True when this process owns the job now."""
+        with self._lock:
+            if self._closed or not lease.acquire(lease_name(job_id), self.holder, LEASE_TTL_MS):
+                self._held.discard(job_id)
+                return False
+            self._held.add(job_id)
+            return True
+
+    def owns(self, job_id: str) -> bool:
+        return job_id in self._held
+
+    def let_go(self, job_id: str) -> None:
+        with self._lock:
+            self._held.discard(job_id)
+            lease.release(lease_name(job_id), self.holder)
+
+    def renew(self) -> None:
+        """Renew every lease held; a job whose lease another bot took is dropped (its follower stops)."""
+        with self._lock:
+            for job_id in list(self._held):
+                try:
+                    if not lease.acquire(lease_name(job_id), self.holder, LEASE_TTL_MS):
+                        log.warning("job %s was taken over by another bot process", job_id)
+                        self._held.discard(job_id)
+                except Exception:  # a database hiccup: try again next tick; the follower re-checks before posting
+                    log.exception("could not renew the lease of job %s", job_id)
+
+    def release_all(self) -> None:
+        """On a clean stop: let others adopt at once the jobs this process follows."""
+        self._closed = True
+        for job_id in list(self._held):
+            try:
+                self.let_go(job_id)
+            except Exception:
+                log.exception("could not release the lease of job %s", job_id)
+
+    def _check(self, job: store.BotJob) -> None:
+        if not self.owns(job.job_id):
+            raise LeaseLost(job.job_id)
+
+    # -- following -------------------------------------------------------------------------------
 
     def start(self, job: store.BotJob, transport: Transport, first: Sequence[dict[str, Any]] = ()) -> None:
-        """Follow a job; `first` are events already in hand (from the submit reply)."""
-        self.pool.submit(self._guarded, job, transport, list(first))
+        """Follow a job this process owns; `first` are events already in hand (from the submit reply)."""
+        try:
+            self.pool.submit(self._guarded, self._follow, job, transport, list(first))
+        except RuntimeError:  # shutting down: the job's lease lapses and the next bot follows it
+            log.info("not following job %s: the bot is stopping", job.job_id)
 
-    def resume_all(self, transport_for: Callable[[str], Transport | None]) -> int:
-        """After a restart: follow again every job that had not ended, updating its existing card."""
-        pending = store.BotJob.select().where(~store.BotJob.reported & store.BotJob.master_id.is_null(False))
+    def adopt(self, transport_for: TransportFor) -> int:
+        """Follow every unfinished job that no live bot owns: after a restart, or when a peer died.
+        A job caught before any master answered its submit is looked for at every master of its IDC."""
         count = 0
-        for job in pending:
-            transport = transport_for(job.origin)
-            if transport is not None:
+        for candidate in store.BotJob.select().where(~store.BotJob.reported):
+            transport = transport_for(candidate.origin)
+            if transport is None or self.owns(candidate.job_id) or not self.claim(candidate.job_id):
+                continue
+            job = store.BotJob.get_or_none(store.BotJob.number == candidate.number)  # as its last owner left it
+            if job is None or job.reported:
+                self.let_go(candidate.job_id)
+                continue
+            if job.master_id is None and job.state in FINAL_STATES:
+                self.pool.submit(self._guarded, self._post_ending, job, transport)
+            elif job.master_id is None:
+                self.pool.submit(self._guarded, self._resume_submitted, job, transport)
+            else:
                 self.start(job, transport)
-                count += 1
+            count += 1
         return count
 
-    def _guarded(self, job: store.BotJob, transport: Transport, first: Sequence[dict[str, Any]] = ()) -> None:
+    def _guarded(self, work: Callable[..., None], job: store.BotJob, *args: Any) -> None:
         try:
-            self._follow(job, transport, first)
+            work(job, *args)
+        except LeaseLost:
+            log.info("job %s is followed by another bot process now", job.job_id)
         except Exception:
-            log.exception("following job %s failed", job.job_id)
+            log.exception("following job %s failed; it will be picked up again", job.job_id)
+            self.let_go(job.job_id)  # adopted again on a later tick, by this bot or another
 
     def _follow(self, job: store.BotJob, transport: Transport, first: Sequence[dict[str, Any]]) -> None:
         card = card_of(job)
@@ -57,19 +157,23 @@ class JobFollower:
             dirty = True
 
         def next_wait() -> float:
+            self._check(job)  # stop following a job another bot took over
             return max(0.0, last_update + UPDATE_INTERVAL - time.monotonic()) if dirty else IDLE_WAIT
 
         def flush(force: bool = False) -> None:
             nonlocal last_update, dirty
             if dirty and (force or time.monotonic() - last_update >= UPDATE_INTERVAL) and job.card_ts:
+                self._check(job)
                 transport.update(job.channel, job.card_ts, job_card(card))
                 last_update, dirty = time.monotonic(), False
 
         assert job.master_id is not None  # followed only once a master has it
         ref = JobRef(job.job_id, job.idc, job.master_id)
         self.router.follow(ref, on_event, next_wait, flush, first)
-        store.update_job(job, state=card.state, finished_at=card.finished_at or store.now())
-        req = ChatRequest(job.requester, job.channel, origin=job.origin, response_url=job.reply_url)
+        if not self.claim(job.job_id):  # still ours, for the lease's whole length: post the end once
+            raise LeaseLost(job.job_id)
+        store.update_job(job, state=card.state, finished_at=card.finished_at or store.now(), note=card.note or None)
+        req = _request_of(job)
         if job.card_ts:
             dirty = True
             flush(force=True)
@@ -77,13 +181,112 @@ class JobFollower:
             transport.post(job.channel, job_card(card), req=req)
         transport.post(job.channel, results_message(job.number, list(results.values())), thread_ts=job.card_ts, req=req)
         store.update_job(job, reported=True)
+        self.let_go(job.job_id)
+
+    def _resume_submitted(self, job: store.BotJob, transport: Transport) -> None:
+        """A job its bot stopped with while submitting: follow it at the master that has it, if one
+        does; else it never ran. Never re-sent: the bot cannot know it was not, only ask."""
+        master_id, unasked = self._master_having(job)
+        if master_id is not None:
+            log.info("job %s, caught while submitting, is at master %s", job.job_id, master_id)
+            store.update_job(job, master_id=master_id, state=JobState.QUEUED)
+            self._follow(job, transport, ())
+            return
+        if unasked:
+            reason = (f"The bot stopped while submitting this job. No master of IDC {job.idc} that answered has it, "
+                      f"and {'; '.join(unasked)} could not be asked: check there before running it again. "
+                      f"It was not re-sent.")
+        else:
+            reason = (f"The bot stopped while submitting this job, and no master of IDC {job.idc} has it: "
+                      f"it never reached a master. It was not re-sent.")
+        self.end_early(job, transport, JobState.UNKNOWN, reason)
+
+    def _master_having(self, job: store.BotJob) -> tuple[str | None, list[str]]:
+        """The master of the job's IDC that knows the job (by its request id), and those that could not be asked."""
+        unasked: list[str] = []
+        for master_id in self.router.masters_of(job.idc):
+            try:
+                self.router.job_state(JobRef(job.job_id, job.idc, master_id))
+                return master_id, []
+            except Refused as exc:
+                if exc.code != "unknown_job":
+                    unasked.append(f"{master_id} ({exc.message})")
+            except (ConnectFailed, MasterLost) as exc:
+                unasked.append(f"{master_id} ({exc})")
+        return None, unasked
+
+    def end_early(self, job: store.BotJob, transport: Transport, state: JobState, reason: str) -> None:
+        """End a job that no master follows (refused, never arrived): the card says why."""
+        store.update_job(job, state=state, finished_at=store.now(), note=reason)
+        self._post_ending(job, transport)
+
+    def _post_ending(self, job: store.BotJob, transport: Transport) -> None:
+        try:
+            card = card_of(job)
+            if job.card_ts:
+                transport.update(job.channel, job.card_ts, job_card(card))
+            else:
+                transport.post(job.channel, job_card(card), req=_request_of(job))
+            store.update_job(job, reported=True)
+        finally:
+            self.let_go(job.job_id)  # if posting failed, the card is retried when the job is adopted again
+
+
+def _request_of(job: store.BotJob) -> ChatRequest:
+    return ChatRequest(job.requester, job.channel, origin=job.origin, response_url=job.reply_url)
+
+
+class Lifecycle:
+    """The timers of the job lifecycle, on one APScheduler in UTC: renewing this process's leases and
+    adopting orphaned jobs every TICK_SECONDS, and deleting history past `[bot] retention_days`."""
+
+    def __init__(self, follower: JobFollower, transport_for: TransportFor, retention_days: float) -> None:
+        self.follower, self.transport_for, self.retention_days = follower, transport_for, retention_days
+        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
+
+    def start(self) -> int:
+        """Adopt what a previous run left unfinished (now), then keep ticking; returns how many were adopted."""
+        adopted = self.follower.adopt(self.transport_for)
+        now = datetime.now(timezone.utc)
+        self.scheduler.add_job(self.tick, "interval", seconds=TICK_SECONDS, coalesce=True, max_instances=1)
+        self.scheduler.add_job(self.prune, "interval", seconds=PRUNE_SECONDS, next_run_time=now, coalesce=True,
+                               max_instances=1)
+        self.scheduler.start()
+        return adopted
+
+    def tick(self) -> None:
+        try:
+            self.follower.renew()
+            adopted = self.follower.adopt(self.transport_for)
+            if adopted:
+                log.info("adopted %d unfinished job(s) no live bot was following", adopted)
+        except Exception:
+            log.exception("the job lifecycle tick failed; it runs again in %s s", TICK_SECONDS)
+
+    def prune(self) -> None:
+        """Delete finished jobs and trail entries older than the retention; unfinished jobs stay."""
+        cutoff = store.now() - int(self.retention_days * MS_PER_DAY)
+        try:
+            jobs, trail = store.forget_jobs_before(cutoff), forget_trail_before(cutoff)
+        except Exception:
+            log.exception("could not delete old jobs and trail entries")
+            return
+        if jobs or trail:
+            log.info("retention: deleted %d job(s) and %d trail entries older than %s days", jobs, trail,
+                     self.retention_days)
+
+    def close(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        self.follower.release_all()
 
 
 def card_of(job: store.BotJob) -> CardState:
     return CardState(
         number=job.number, job_id=job.job_id, requester=job.requester, module=job.module,
         params=job.params, idc=job.idc, hosts=job.host_count, created_at=job.created_at,
-        state=job.state,
+        state=job.state, finished_at=job.finished_at if job.state in FINAL_STATES else None, note=job.note or "",
+        schedule=schedule_label(job.job_id),
     )
 
 
@@ -98,7 +301,78 @@ def apply_event(card: CardState, results: dict[str, dict[str, Any]], event: dict
         card.failed = card.done - card.ok
     elif kind == "cancel_requested":
         card.note = f"cancel requested by <@{data.get('by')}>"
+    elif kind == "waiting":  # the master holds the job until another job leaves these hosts
+        card.note = f"waiting for {', '.join(data.get('hosts', []))} (busy with job {', '.join(data.get('behind', []))})"
     elif kind == "finished":
         card.state, card.finished_at = data["state"], event["at"]  # epoch ms, as the master stores it
         if data.get("reason"):
             card.note = data["reason"]
+
+
+# -- history: /om jobs filters -------------------------------------------------------------------
+
+SINCE_UNITS_MS = {"m": 60_000, "h": 3_600_000, "d": MS_PER_DAY, "w": 7 * MS_PER_DAY}
+_SINCE_DURATION = re.compile(r"(\d{1,6})([mhdw])")
+JOBS_USAGE = "[mine] [module=NAME] [host=HOST] [since=2h|3d|2026-11-20]"
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What `/om jobs` lists: everyone's or the asker's jobs, of a module, touching a host, since when."""
+
+    mine: bool = False
+    module: str | None = None
+    host: str | None = None
+    since_ms: int | None = None  # epoch ms, UTC
+
+
+def parse_job_filter(words: list[str]) -> dict[str, Any]:
+    """`jobs`' arguments: `mine` and key=value filters, each at most once."""
+    found: dict[str, str] = {}
+    mine = False
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep and word.lower() == "mine" and not mine:
+            mine = True
+        elif sep and key in ("module", "host", "since") and key not in found and value:
+            found[key] = value
+        else:
+            raise CommandError(f"cannot read {word!r}: filters are mine, module=, host= and since=, each once.\n"
+                               f"usage: /om jobs {JOBS_USAGE}")
+    since = parse_since(found["since"]) if "since" in found else None
+    return {"filters": JobFilter(mine, found.get("module"), found.get("host"), since)}
+
+
+def parse_since(text: str, now_ms: int | None = None) -> int:
+    """`30m`, `2h`, `3d`, `1w` ago, or an ISO date or time (UTC unless it names its offset) -> epoch ms."""
+    now = store.now() if now_ms is None else now_ms
+    duration = _SINCE_DURATION.fullmatch(text.lower())
+    if duration:
+        return now - int(duration.group(1)) * SINCE_UNITS_MS[duration.group(2)]
+    try:
+        when = datetime.fromisoformat(text) if text[:4].isdigit() else None
+    except ValueError:
+        when = None
+    if when is None:
+        raise CommandError(f"since is a time ago such as 30m, 2h, 3d or 1w, or a UTC date such as 2026-11-20 "
+                           f"or 2026-11-20T08:00, got {text!r}")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+def history(filters: JobFilter, requester: str, limit: int) -> list[store.BotJob]:
+    """The newest jobs that match, newest first, from the bot's database."""
+    job = store.BotJob
+    query = job.select().order_by(job.number.desc())
+    if filters.mine:
+        query = query.where(job.requester == requester)
+    if filters.module:
+        query = query.where(job.module == filters.module)
+    if filters.since_ms is not None:
+        query = query.where(job.created_at >= filters.since_ms)
+    if filters.host:  # a coarse text match in SQL (`_` and `%` are wildcards there), then the exact one
+        pattern = peewee.Value(f'%"{filters.host}"%', converter=False)  # as stored, not JSON-encoded again
+        query = query.where(peewee.Expression(job.hosts, peewee.OP.ILIKE, pattern))  # LIKE on SQLite
+    matches = (j for j in query.iterator() if filters.host is None or filters.host in (j.hosts or ()))
+    return list(itertools.islice(matches, limit))

@@ -94,6 +94,7 @@ class CardState:
     failed: int = 0
     finished_at: int | None = None  # epoch ms
     note: str = ""
+    schedule: str = ""  # the schedule that started it, and its missed or skipped runs (bot.schedules)
 
     @property
     def final(self) -> bool:
@@ -117,6 +118,8 @@ def job_card(card: CardState) -> Message:
         section(f"requested by <@{card.requester}> {when}\n{code(params, 1500)}"),
         {"type": "context", "elements": [{"type": "mrkdwn", "text": clip(progress + took, 2000)}]},
     ]
+    if card.schedule:
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": clip(f":calendar: {card.schedule}", 2000)}]})
     if card.note:
         blocks.append(section(card.note))
     if not card.final:
@@ -129,7 +132,8 @@ def job_card(card: CardState) -> Message:
                         "deny": {"type": "plain_text", "text": "Keep running"}},
         }]})
     text = (f"[#{card.number} {card.state}] {card.module} on {card.hosts} host(s) in {card.idc} "
-            f"by {card.requester}: {progress}{took}" + (f"\n{card.note}" if card.note else ""))
+            f"by {card.requester}: {progress}{took}" + (f"\n{card.note}" if card.note else "")
+            + (f"\n{card.schedule}" if card.schedule else ""))
     return Message(clip(text, TEXT_LIMIT), blocks)
 
 
@@ -175,6 +179,7 @@ class RequestView:
     expires_at: int  # epoch ms
     decided_by: str | None = None
     reason: str | None = None
+    schedule: str = ""  # the schedule it covers, if any: approving it approves every run
 
 
 def approval_card(view: RequestView) -> Message:
@@ -184,13 +189,14 @@ def approval_card(view: RequestView) -> Message:
     status = {
         "pending": f"{got}/{view.needed} approvals from {', '.join(view.approver_roles)}; "
                    f"expires {slack_date(view.expires_at)}",
-        "approved": f"approved ({got}/{view.needed}); the job is starting",
+        "approved": f"approved ({got}/{view.needed}); " + ("the schedule is active" if view.schedule else "the job is starting"),
         "denied": f"denied by <@{view.decided_by}>: {escape(view.reason or '')}",
         "expired": "expired before enough approvals",
     }.get(view.state, view.state)
     blocks: list[dict[str, Any]] = [
         section(f":lock: *Approval #{view.number}* \u2014 <@{view.requester}> asks to run `{view.module}` on "
-                f"*{len(view.hosts)} host{'s' * (len(view.hosts) != 1)}* in `{view.idc}`"),
+                f"*{len(view.hosts)} host{'s' * (len(view.hosts) != 1)}* in `{view.idc}`"
+                + (f" on {view.schedule}" if view.schedule else "")),
         section(f"{code(view.params or '(no parameters)', 1500)}\nhosts: {clip(shown, 1200)}"),
         section(f"*{view.state}*: {status}\napproved by: {votes}"),
     ]
@@ -202,7 +208,8 @@ def approval_card(view: RequestView) -> Message:
              "text": {"type": "plain_text", "text": "Deny"}},
         ]})
     text = (f"[approval #{view.number} {view.state}] {view.module} on {len(view.hosts)} host(s) in {view.idc} "
-            f"requested by {view.requester}: {status}; approved by: {votes}")
+            f"requested by {view.requester}" + (f" on {view.schedule}" if view.schedule else "")
+            + f": {status}; approved by: {votes}")
     if view.state == "pending":
         text += f"\n(/om approve {view.number}  or  /om deny {view.number} REASON)"
     files = [(f"approval-{view.number}-hosts.txt", "\n".join(view.hosts) + "\n")] if len(view.hosts) > 30 else []

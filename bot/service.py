@@ -7,9 +7,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from approvals import Gate, bind, load_policy
-from bot import lease, replay, store
+from bot import lease, replay, schedules, store
 from bot.dispatcher import CatalogCache, Dispatcher
-from bot.jobs import JobFollower
+from bot.jobs import JobFollower, Lifecycle
 from bot.settings import BotSettings
 from bot.transport import Transport
 from masters import Identity, Router
@@ -31,6 +31,7 @@ class BotService:
         bind(store.open_store(self.settings.database_url))
         replay.prepare()
         lease.prepare()
+        schedules.prepare()
         self.router = Router(config, Identity.load(client.key_file), requester=self.registration.identity,
                              origin=origin)
         self.gate = self._gate(group_members)
@@ -41,6 +42,10 @@ class BotService:
         self.follower = JobFollower(self.router, self.following)
         self.dispatcher = Dispatcher(self.router, self.catalogs, self.follower, client.default_idc, self.gate,
                                      self.commands)
+        self.lifecycle: Lifecycle | None = None
+        self.schedules = schedules.Schedules(self.router, self.gate, self.dispatcher.approvals, self.dispatcher,
+                                             self.settings, origin, client.default_idc)
+        self.dispatcher.schedules = self.dispatcher.approvals.schedules = self.schedules
 
     def _registration(self, config: Config, origin: str) -> ClientRegistration:
         """The bot speaks as a chat client; the console as its own client, which acts as one fixed
@@ -80,11 +85,17 @@ class BotService:
         if self.gate is not None:
             self.gate.on_expired = lambda request: self.dispatcher.approvals.expired(request, transport)
             self.gate.start()
-        resumed = self.follower.resume_all(lambda origin: transport if origin == self.origin else None)
+        self.lifecycle = Lifecycle(self.follower, lambda origin: transport if origin == self.origin else None,
+                                   self.settings.retention_days)
+        resumed = self.lifecycle.start()  # and keeps adopting jobs whose bot died, on every tick
         if resumed:
             log.info("following %d unfinished job(s) again", resumed)
+        self.schedules.start(transport)  # restores the schedules from the table; fires if it holds the lease
 
     def close(self) -> None:
+        self.schedules.close()  # first: no run fires into pools that are shutting down
+        if self.lifecycle is not None:
+            self.lifecycle.close()  # before the pools: followers still running then post nothing
         if self.gate is not None:
             self.gate.close()
         self.commands.shutdown(wait=False, cancel_futures=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ombot.config import Config, TableReader, database_url, parse_address
+from ombot.errors import ConfigError
 
 SLACK_API_ENV = "OMBOT_SLACK_API_URL"
 
@@ -45,6 +46,10 @@ class BotSettings:
     console_allow_as: bool
     state_dir: Path
     policy: Path | None
+    schedule_approval_days: int = 30  # how long one approval covers a schedule
+    misfire_grace_seconds: int = 300  # missed runs younger than this coalesce into one; older are skipped
+    schedule_min_interval_seconds: int = 60  # the shortest `every N`; tests lower it to 1
+    retention_days: float = 90.0  # bot jobs and trail rows older than this are deleted
 
     @classmethod
     def from_config(cls, config: Config) -> BotSettings:
@@ -63,6 +68,24 @@ class BotSettings:
             console_allow_as=r.get("console_allow_as", bool, False),
             state_dir=state_dir,
             policy=r.file("policy", None),
+            retention_days=_retention_days(r),
+            schedule_approval_days=_positive(r, "schedule_approval_days", 30),
+            misfire_grace_seconds=_positive(r, "misfire_grace_seconds", 300),
+            schedule_min_interval_seconds=_positive(r, "schedule_min_interval_seconds", 60),
         )
         r.done()
         return settings
+
+
+def _retention_days(r: TableReader) -> float:
+    days = r.get("retention_days", (int, float), 90, what="a number of days above 0")
+    if isinstance(days, bool) or not days > 0:
+        raise ConfigError(r.path, r.key("retention_days"), "a number of days above 0", days)
+    return float(days)
+
+
+def _positive(r: TableReader, key: str, default: int) -> int:
+    value: int = r.get(key, int, default)
+    if isinstance(value, bool) or value < 1:
+        raise ConfigError(r.path, r.key(key), "a whole number of at least 1", value)
+    return value

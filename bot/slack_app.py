@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from socketserver import ThreadingMixIn
@@ -393,6 +395,7 @@ def serve_slack(config: Config) -> None:
     socket_mode = bool(secrets.app_token)
     app, transport = build_app(service, secrets, client, socket_mode)
     service.start(transport)
+    _stop_on_sigterm()
     try:
         if socket_mode:
             from slack_bolt.adapter.socket_mode import SocketModeHandler
@@ -405,6 +408,20 @@ def serve_slack(config: Config) -> None:
             server.serve_forever()
     finally:
         service.close()
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (systemd, `kill`) stops the bot cleanly: the service closes, letting go of the job
+    leases it holds, so another bot takes over its cards at once instead of after the lease runs out."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # `ombot up` already stops on it, and cleans up
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def manifest(http_url: str | None = None) -> dict[str, Any]:

@@ -6,6 +6,9 @@ from typing import Any
 
 import peewee
 
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as run_operations
+
 from ombot.clock import now_ms
 from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms, find_by_number_or_id, open_database
 
@@ -27,10 +30,12 @@ class BotJob(peewee.Model):
     module = peewee.CharField(max_length=128)
     params = JSONField()  # as shown on the card
     host_count = peewee.IntegerField()
+    hosts = JSONField(null=True)  # the host names (None for jobs stored before version 3)
     state = peewee.CharField(max_length=16, index=True)
+    note = peewee.TextField(null=True)  # why it ended the way it did (unknown, failed early), as the card says
     approvers = JSONField(default=list)  # who approved it (they may cancel it too)
     cancel_roles = JSONField(default=list)  # policy roles that may cancel it
-    reported = peewee.BooleanField(default=False)  # final card and thread results are posted
+    reported = peewee.BooleanField(default=False, index=True)  # final card and thread results are posted
     created_at = peewee.BigIntegerField()
     finished_at = peewee.BigIntegerField(null=True)
 
@@ -39,8 +44,23 @@ class BotJob(peewee.Model):
         table_name = "bot_job"
 
 
+def _hosts_and_notes(db: peewee.Database) -> None:
+    """Version 3: each job's host names and the reason it ended, and an index for the unfinished ones.
+    A database created at this version already has them (step 1 creates the current model)."""
+    schema = db.execute_sql("SELECT current_schema()").fetchone()[0] if isinstance(db, peewee.PostgresqlDatabase) else None
+    columns = {c.name for c in db.get_columns("bot_job", schema=schema)}
+    indexes = {tuple(i.columns) for i in db.get_indexes("bot_job", schema=schema)}
+    migrator = SchemaMigrator.from_database(db)
+    operations = [migrator.add_column("bot_job", name, field) for name, field in
+                  (("hosts", JSONField(null=True)), ("note", peewee.TextField(null=True))) if name not in columns]
+    if ("reported",) not in indexes:
+        operations.append(migrator.add_index("bot_job", ("reported",)))
+    run_operations(*operations)
+
+
 # Version 1 kept seconds in 32-bit INTs; its JSON text columns are already what JSONField reads.
-MIGRATIONS = [create_tables(BotJob), epoch_seconds_to_ms({"bot_job": ("created_at", "finished_at")})]
+MIGRATIONS = [create_tables(BotJob), epoch_seconds_to_ms({"bot_job": ("created_at", "finished_at")}),
+              _hosts_and_notes]
 
 
 def open_store(url: str) -> peewee.Database:
@@ -62,3 +82,8 @@ def update_job(job: BotJob, **fields: Any) -> None:
 def now() -> int:
     """Now in epoch ms, as BotJob's timestamps are stored."""
     return now_ms()
+
+
+def forget_jobs_before(cutoff_ms: int) -> int:
+    """Delete reported jobs created before `cutoff_ms` (retention); unfinished jobs are always kept."""
+    return int(BotJob.delete().where(BotJob.reported & (BotJob.created_at < cutoff_ms)).execute())

@@ -6,6 +6,8 @@ every identity a request names against it: the request's own word is never enoug
 - A `chat` client (the bot) attests chat identities: it may name Slack users as requesters and
   approvers, each in canonical form (no spaces, no case variants), or speak as itself.
 - Every client may run only the modules and hosts its registration's globs allow.
+- An `agent` client (a server's audit agent) speaks as `agent:HOST` and may call only `ingest`,
+  which no other client may call.
 """
 
 from __future__ import annotations
@@ -20,6 +22,17 @@ from ombot.globs import matches_any
 # Slack user ids: U or W, then upper-case letters and digits. Lower case or padding is not the same id.
 SLACK_USER = re.compile(r"^[UW][A-Z0-9]{2,31}$")
 CHAT_ORIGINS = ("slack", "console")
+
+
+AGENT_OPS = ("ingest",)
+
+
+def check_operation(client: ClientRegistration, op: str) -> None:
+    """An agent key ships audit events and nothing else; only agent keys ship them."""
+    if client.kind == "agent" and op not in AGENT_OPS:
+        raise Refused("not_permitted", f"client {client.id} is an audit agent: it may only ingest, not {op}")
+    if client.kind != "agent" and op in AGENT_OPS:
+        raise Refused("not_permitted", f"client {client.id} is a {client.kind} client: only audit agents ingest")
 
 
 def check_requester(client: ClientRegistration, request: Request) -> None:

@@ -20,8 +20,10 @@ from typing import Any
 
 import ombot
 from masters.backends.base import Backend
-from masters.clients import check_requester
+from masters.audit import AuditIngest
+from masters.clients import check_operation, check_requester
 from masters.envelope import Opener, Peer, Refused, Request
+from masters.housekeeping import Housekeeping
 from masters.inventory import Inventory, TargetError
 from masters.jobspec import SubmitChecks, require_inventory
 from masters.jobstore import JobStore, summary
@@ -33,8 +35,6 @@ from ombot.clock import MS_PER_SECOND
 from ombot.config import ClientRegistration, MasterSettings
 
 log = logging.getLogger("ombot.master")
-
-NONCE_PURGE_SECONDS = 300
 
 
 class MasterCore:
@@ -49,18 +49,22 @@ class MasterCore:
         accepted = {cid: decode_public(client.public_key) for cid, client in clients.items()}
         self.opener = Opener(identity, settings.id, accepted, limits.max_frame_bytes,
                              limits.clock_skew_seconds, limits.max_validity_seconds)
-        self.jobs = JobStore()
+        self.jobs = JobStore(settings.id)
         self.checks = SubmitChecks(settings, clients, modules, inventory)
         self.runner = JobRunner(settings, backend, inventory, self.jobs)
         self.started_at = time.time()
-        self._next_purge = 0.0
         operations: dict[str, Callable[[Request], dict[str, Any]]] = {
             "catalog": self._catalog, "expand": self._expand, "submit": self._submit,
             "events": self._events, "cancel": self._cancel, "health": self._health,
+            "ingest": self._ingest,
         }
         # Every operation first checks who is asking against the sender's registration.
-        self.ops = {op: self._as_registered(work) for op, work in operations.items()}
+        self.ops = {op: self._as_registered(op, work) for op, work in operations.items()}
+        self.audit = AuditIngest(clients)
         self.runner.recover_interrupted()
+        # Retention, old nonces, and jobs waiting for hosts another master holds.
+        self.housekeeping = Housekeeping(self.jobs, settings.retention_days, self.runner.retry_waiting)
+        self.housekeeping.start()
 
     # -- transport entry point -------------------------------------------------------------
 
@@ -78,10 +82,6 @@ class MasterCore:
                 authenticated()
             if op == "cancel":  # state-changing: a replay must never act twice (a submit's nonce: JobStore.record)
                 self._remember(request)
-            if op in ("submit", "cancel") and time.monotonic() >= self._next_purge:
-                # Nonces past their window can never pass the time checks again: forget them.
-                self._next_purge = time.monotonic() + NONCE_PURGE_SECONDS
-                self.jobs.forget_old_nonces()
             return self.opener.seal_reply(peer, request, self.ops[op](request))
         except Refused as refused:
             if peer is None:  # nothing proves who sent it: anyone can send these, as fast as they like
@@ -101,8 +101,9 @@ class MasterCore:
         """Epoch ms, as stored; the envelope's times are epoch seconds."""
         return (max(request.expires_at, request.issued_at + self.opener.skew) + 1) * MS_PER_SECOND
 
-    def _as_registered(self, work: Callable[[Request], dict[str, Any]]) -> Callable[[Request], dict[str, Any]]:
+    def _as_registered(self, op: str, work: Callable[[Request], dict[str, Any]]) -> Callable[[Request], dict[str, Any]]:
         def checked(request: Request) -> dict[str, Any]:
+            check_operation(self.clients[request.sender], op)  # an agent key only ingests, and only agents do
             check_requester(self.clients[request.sender], request)
             return work(request)
 
@@ -170,9 +171,13 @@ class MasterCore:
             raise self._unknown_job(request)
         return reply
 
+    def _ingest(self, request: Request) -> dict[str, Any]:
+        return self.audit.ingest(self.clients[request.sender], request)
+
     def _unknown_job(self, request: Request) -> Refused:
         """Other clients' jobs do not exist for the one asking."""
         return Refused("unknown_job", f"no job {request.args.get('job')!r} on master {self.settings.id}")
 
     def close(self) -> None:
+        self.housekeeping.close()
         self.runner.close()

@@ -31,8 +31,8 @@ REQUEST_MAGIC = b"OMB1"
 REPLY_MAGIC = b"OMR1"
 REFUSAL_MAGIC = b"OMX1"
 VERSION = 1
-OPS = ("catalog", "expand", "submit", "events", "cancel", "health")
-ORIGINS = ("cli", "slack", "console")
+OPS = ("catalog", "expand", "submit", "events", "cancel", "health", "ingest")  # ingest: audit agents only
+ORIGINS = ("cli", "slack", "console", "agent")
 _KEY_LEN = 32
 
 

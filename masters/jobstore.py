@@ -1,4 +1,5 @@
-"""Every query the master core makes on its own tables (masters.store): jobs, their events, nonces.
+"""Every query the master core makes on its own tables (masters.store): jobs, their events, nonces,
+host locks.
 
 The core, the runner and the submit path never write SQL or peewee queries themselves; whatever a
 backend change needs (Ansible, Salt) comes through here, with the same transactions.
@@ -19,6 +20,7 @@ from masters.states import JobState
 from ombot.clock import now_ms
 
 MAX_EVENTS_PER_REPLY = 500
+PURGE_BATCH = 500  # jobs deleted per transaction by retention
 MAX_REPLY_OUTPUT = 1024 * 1024  # captured output per events reply, at least one event
 REPLAYED = "this request was already received (replayed nonce)"
 
@@ -35,6 +37,17 @@ class InterruptedJob:
     last_seq: int  # 0 if it has no event
 
 
+@dataclass(frozen=True)
+class Busy:
+    """Hosts a job could not lock, and the jobs holding them (empty if they were freed meanwhile)."""
+
+    hosts: list[str]
+    holders: list[str]
+
+    def as_event(self) -> dict[str, Any]:
+        return {"hosts": self.hosts, "behind": self.holders}
+
+
 def summary(job: store.Job) -> dict[str, Any]:
     """A job as the submit reply shows it."""
     return {"id": job.id, "module": job.module, "hosts": job.hosts, "idc": job.idc, "state": job.state,
@@ -42,7 +55,13 @@ def summary(job: store.Job) -> dict[str, Any]:
 
 
 class JobStore:
-    """The master's jobs, events and seen nonces, behind named operations (one database per master)."""
+    """The master's jobs, events, seen nonces and host locks, behind named operations.
+
+    The database may be shared with the other masters of the IDC: `master_id` is this master's, and
+    whatever acts on jobs in bulk (restart recovery, retention) acts only on its own."""
+
+    def __init__(self, master_id: str) -> None:
+        self.master_id = master_id
 
     @staticmethod
     def remember(nonce: str, keep_until: int) -> None:
@@ -54,9 +73,12 @@ class JobStore:
     def forget_old_nonces() -> int:
         return store.forget_old_nonces()
 
-    def record(self, request: Request, spec: JobSpec, idc: str, keep_nonce_until: int) -> dict[str, Any] | None:
+    def record(self, request: Request, spec: JobSpec, idc: str, keep_nonce_until: int,
+               lock_hosts: bool = False) -> dict[str, Any] | None:
         """The nonce, the job and its "accepted" event (seq 1): all or nothing, in one transaction.
-        Returns the job's summary; None if the request id is already a job (it never runs twice)."""
+        Returns the job's summary; None if the request id is already a job (it never runs twice).
+        With `lock_hosts` the job's host locks are taken in the same transaction, or the submit is
+        refused (`host_busy`) and nothing is recorded."""
         try:
             with store.db.atomic():
                 self.remember(request.nonce, keep_nonce_until)
@@ -64,13 +86,45 @@ class JobStore:
                     id=request.id, sender=request.sender, requester=request.requester, origin=request.origin,
                     approvers=spec.approvers, module=spec.module.name, params=spec.values,
                     hosts=spec.hosts, idc=idc, timeout=spec.timeout, state=JobState.QUEUED,
-                    created_at=now_ms(), signed_request=request.signed,
+                    created_at=now_ms(), signed_request=request.signed, master_id=self.master_id,
                 )
                 self.append(request.id, 1, [("accepted", {"hosts": spec.hosts, "module": spec.module.name,
                                                           "timeout": spec.timeout})])
+                busy = self.take_hosts(request.id, idc, spec.hosts) if lock_hosts else None
+                if busy is not None:  # raised inside the transaction: the job is not recorded either
+                    raise Refused("host_busy", f"{spec.module.name} refuses to wait, and another job is changing "
+                                               f"{', '.join(busy.hosts[:10])}", **busy.as_event())
         except peewee.IntegrityError:
             return None
         return summary(job)
+
+    # -- host locks ----------------------------------------------------------------------------
+
+    def take_hosts(self, job_id: str, idc: str, hosts: Sequence[str]) -> Busy | None:
+        """Lock every host for the job in one INSERT, or none of them: None when taken, else who holds them."""
+        rows = [{"idc": idc, "host": host, "job": job_id, "master_id": self.master_id, "taken_at": now_ms()}
+                for host in sorted(hosts)]  # one order for everyone: two inserts never wait on each other crosswise
+        held: list[tuple[str, str]] = []
+        for _ in range(3):  # a holder that ended between the INSERT and the SELECT: try again
+            try:
+                with store.db.atomic():  # a savepoint inside a submit's transaction
+                    store.HostLock.insert_many(rows).execute()
+                return None
+            except peewee.IntegrityError:
+                query = (store.HostLock.select(store.HostLock.host, store.HostLock.job)
+                         .where((store.HostLock.idc == idc) & store.HostLock.host.in_(list(hosts))).tuples())
+                held = list(cast("Iterable[tuple[str, str]]", query))  # .tuples(): tuples, not models
+                if held:
+                    break
+        return Busy(sorted(host for host, _ in held), sorted({job for _, job in held}))
+
+    @staticmethod
+    def release_hosts(job_id: str) -> None:
+        store.HostLock.delete().where(store.HostLock.job == job_id).execute()
+
+    def free_own_locks(self) -> int:
+        """At start: every lock this master holds belongs to a job of a run that has ended."""
+        return store.HostLock.delete().where(store.HostLock.master_id == self.master_id).execute()
 
     @staticmethod
     def known(job_id: str) -> bool:
@@ -90,9 +144,11 @@ class JobStore:
         return len(rows)
 
     def finish(self, job_id: str, state: JobState, first_seq: int, events: Sequence[Event]) -> int:
-        """The final state and the last events (ending with "finished") become visible together."""
+        """The final state and the last events (ending with "finished") become visible together, and
+        the job's host locks are released with them."""
         with store.db.atomic():
             self.set_state(job_id, state, finished=True)
+            self.release_hosts(job_id)
             return self.append(job_id, first_seq, events)
 
     @staticmethod
@@ -129,11 +185,27 @@ class JobStore:
                 break
         return events
 
-    @staticmethod
-    def interrupted() -> list[InterruptedJob]:
-        """Jobs left queued or running, e.g. by a master that stopped while they ran."""
-        jobs = list(store.Job.select().where(store.Job.state.in_([JobState.QUEUED, JobState.RUNNING])))
+    def _own(self) -> peewee.Expression:
+        """This master's jobs; NULL marks jobs written before databases were shared (then one per master)."""
+        return (store.Job.master_id == self.master_id) | store.Job.master_id.is_null()
+
+    def interrupted(self) -> list[InterruptedJob]:
+        """This master's jobs left queued or running, by a run of it that stopped while they ran.
+        Another master's jobs in a shared database are its own business, running or not."""
+        jobs = list(store.Job.select().where(store.Job.state.in_([JobState.QUEUED, JobState.RUNNING]) & self._own()))
         return [InterruptedJob(job.id, job.sender, len(job.hosts), JobStore._last_seq(job.id)) for job in jobs]
+
+    def purge_finished_before(self, cutoff: int) -> int:
+        """Delete this master's jobs that ended before `cutoff` (epoch ms), with their events; how many jobs."""
+        old = store.Job.select(store.Job.id).where(store.Job.finished_at.is_null(False)
+                                                   & (store.Job.finished_at < cutoff) & self._own())
+        ids = [str(job.id) for job in old]
+        for start in range(0, len(ids), PURGE_BATCH):
+            batch = ids[start:start + PURGE_BATCH]
+            with store.db.atomic():  # events first: no job row is ever left without its events, or the reverse
+                store.JobEvent.delete().where(store.JobEvent.job.in_(batch)).execute()
+                store.Job.delete().where(store.Job.id.in_(batch)).execute()
+        return len(ids)
 
     @staticmethod
     def _last_seq(job_id: str) -> int:

@@ -1,6 +1,13 @@
-"""The life of a job once the master has recorded it: run it through the backend within the job
-slots, report each host, finish it, cancel it, let clients long-poll it, and close the jobs a
-previous run of this master left behind.
+"""The life of a job once the master has recorded it: take its host locks (or wait for them),
+run it through the backend within the job slots, report each host, finish it, cancel it, let
+clients long-poll it, and close the jobs a previous run of this master left behind.
+
+Host locks: a job of a `wait` module (the default) waits, without a job slot, until it holds every
+one of its hosts at once; the time it waits counts against its timeout. `refuse` modules take
+their locks with the submit or are refused; `parallel` (read-only) modules take none. The locks
+are rows in the master's database, so masters sharing one respect each other's; waiting jobs are
+retried whenever a job of this master ends, and every RETRY_SECONDS (masters.housekeeping) for
+locks another master freed.
 
 While a job runs, its `LiveJob` is where events are announced (a condition) and its cancel is
 signalled; everything durable goes through the `JobStore`.
@@ -18,9 +25,10 @@ from masters.backends.base import Backend, HostResult, HostStatus, RunContext
 from masters.envelope import Request
 from masters.inventory import Inventory
 from masters.jobspec import JobSpec
-from masters.jobstore import Event, JobStore
+from masters.jobstore import Busy, Event, JobStore
 from masters.slots import JobSlots
 from masters.states import FINAL_STATES, JobState
+from modules import Concurrency
 from ombot.config import MasterSettings
 
 log = logging.getLogger("ombot.master")
@@ -29,6 +37,7 @@ MAX_WAIT_SECONDS = 20.0  # below rpyc's 30 s sync timeout
 MAX_SUBMIT_WAIT_SECONDS = 2.0
 COALESCE_SECONDS = 0.01  # once events exist, wait this long for more so a quick job ends in one reply
 INTERRUPTED = "the master stopped while the job ran; hosts may or may not have finished"
+NO_RESULT = "the backend reported no result"
 
 
 @dataclass
@@ -39,7 +48,12 @@ class LiveJob:
     sender: str
     host_count: int
     next_seq: int
+    requester: str = ""
+    spec: JobSpec | None = None
     state: JobState = JobState.QUEUED
+    wait_started: float = 0.0  # monotonic; when it began waiting for its hosts
+    waited: float = 0.0  # seconds it waited for its hosts: taken from its timeout
+    blocked: Busy | None = None  # what its last "waiting" event said
     finished: bool = False  # set once the final state and "finished" event are committed
     cancelled: threading.Event = field(default_factory=threading.Event)
     changed: threading.Condition = field(default_factory=lambda: threading.Condition(threading.RLock()))
@@ -69,7 +83,9 @@ class JobRunner:
                  jobs: JobStore) -> None:
         self.settings, self.backend, self.inventory, self.jobs = settings, backend, inventory, jobs
         self.live: dict[str, LiveJob] = {}
+        self.waiting: dict[str, LiveJob] = {}  # jobs waiting for their hosts, oldest first
         self.lock = threading.Lock()
+        self._retrying = threading.Lock()  # one pass over the waiting jobs at a time, in order
         self.slots = JobSlots(settings.limits.max_jobs, settings.limits.max_jobs_per_requester)
 
     # -- starting ------------------------------------------------------------------------------
@@ -77,37 +93,103 @@ class JobRunner:
     def submit(self, request: Request, spec: JobSpec, keep_nonce_until: int, wait: float) -> dict[str, Any] | None:
         """Record the job and queue it; None if the request id is already a job. With `wait` > 0 the
         reply is held (at most MAX_SUBMIT_WAIT_SECONDS) for the job to end, and carries its events."""
-        job = self.jobs.record(request, spec, self.settings.idc, keep_nonce_until)
+        concurrency = spec.module.concurrency
+        job = self.jobs.record(request, spec, self.settings.idc, keep_nonce_until,
+                               lock_hosts=concurrency is Concurrency.REFUSE)  # refused now if busy
         if job is None:
             return None
-        live = LiveJob(request.id, request.sender, len(spec.hosts), next_seq=2)  # seq 1: "accepted", recorded
+        live = LiveJob(request.id, request.sender, len(spec.hosts), next_seq=2,  # seq 1: "accepted", recorded
+                       requester=request.requester, spec=spec, wait_started=time.monotonic())
         with self.lock:
             self.live[request.id] = live
-        self.slots.submit(request.requester, lambda: self._run(live, spec))
+            if concurrency is Concurrency.WAIT:
+                self.waiting[request.id] = live
+        if concurrency is Concurrency.WAIT:
+            self.retry_waiting()  # in turn: behind the jobs already waiting
+        else:
+            self._start(live)
         reply: dict[str, Any] = {"job": job, "duplicate": False}
         if wait > 0:  # a quick job comes back whole, in this one reply
             live.await_finished(min(wait, MAX_SUBMIT_WAIT_SECONDS))
             reply["events"] = self.jobs.read_events(request.id, 0)
         return reply
 
+    # -- waiting for hosts -----------------------------------------------------------------------
+
+    def retry_waiting(self) -> None:
+        """Give waiting jobs their hosts, oldest first; end those cancelled or out of time meanwhile."""
+        with self._retrying:
+            with self.lock:
+                waiting = list(self.waiting.values())
+            for live in waiting:
+                try:
+                    self._retry(live)
+                except Exception:  # the database may be away a moment: the next pass tries again
+                    log.exception("could not give job %s its hosts", live.id)
+
+    def _retry(self, live: LiveJob) -> None:
+        spec = live.spec
+        assert spec is not None
+        waited = time.monotonic() - live.wait_started
+        if live.cancelled.is_set():
+            self._end_unstarted(live, HostStatus.CANCELLED, "cancelled while waiting for its hosts")
+        elif waited >= spec.timeout:
+            self._end_unstarted(live, HostStatus.TIMED_OUT, f"timed out after waiting {spec.timeout} s for its hosts"
+                                + (f" ({', '.join(live.blocked.hosts[:10])})" if live.blocked else ""))
+        else:
+            busy = self.jobs.take_hosts(live.id, self.settings.idc, spec.hosts)
+            if busy is None:
+                live.waited = waited
+                self._unwait(live)
+                self._start(live)
+            elif busy != live.blocked:  # said once, and again only when what it waits for changes
+                live.blocked = busy
+                self._append(live, [("waiting", busy.as_event())])
+
+    def _unwait(self, live: LiveJob) -> None:
+        with self.lock:
+            self.waiting.pop(live.id, None)
+
+    def _end_unstarted(self, live: LiveJob, status: HostStatus, reason: str) -> None:
+        """A job that never got its hosts: every host ends with `status`, nothing ran."""
+        self._unwait(live)
+        assert live.spec is not None
+        self._finish_or_lose(live, live.spec.hosts, time.time(), HostResult("", status, error=reason), reason)
+
     # -- running -------------------------------------------------------------------------------
 
+    def _start(self, live: LiveJob) -> None:
+        spec = live.spec
+        assert spec is not None
+        self.slots.submit(live.requester, lambda: self._run(live, spec))
+
     def _run(self, live: LiveJob, spec: JobSpec) -> None:
+        try:
+            self._run_backend(live, spec)
+        finally:
+            if self.waiting:  # hosts this job held may be what they wait for
+                self.retry_waiting()
+
+    def _run_backend(self, live: LiveJob, spec: JobSpec) -> None:
         started = time.time()
         live.state = JobState.RUNNING  # in memory only: one write less per job; a restart reports it unknown anyway
         limits = self.settings.limits
         ctx = RunContext(
             job_id=live.id, plan=spec.plan, hosts=spec.hosts, host_vars=self._host_vars,
             report=lambda r: self._report(live, r), output_cap=limits.output_cap_bytes,
-            deadline=time.monotonic() + spec.timeout, cancelled=live.cancelled,
+            deadline=time.monotonic() + spec.timeout - live.waited, cancelled=live.cancelled,
             max_parallel=limits.max_parallel_hosts, file_store=self.settings.state_dir / "files",
         )
         try:
             self.backend.run(ctx)
         except Exception:
             log.exception("backend %s failed on job %s", self.backend.name, live.id)
+        self._finish_or_lose(live, spec.hosts, started)
+
+    def _finish_or_lose(self, live: LiveJob, hosts: list[str], started: float,
+                        unreported: HostResult | None = None, reason: str | None = None) -> None:
         try:
-            self._finish(live, spec.hosts, started)
+            self._finish(live, hosts, started, unreported, reason)
         except Exception:
             # The final record could not be written: say so, and never leave a follower waiting forever.
             log.exception("could not record the end of job %s", live.id)
@@ -115,6 +197,14 @@ class JobRunner:
                 live.state, live.finished = JobState.UNKNOWN, True
                 live.changed.notify_all()
             self._forget(live)
+            self._release_after_failure(live)
+
+    def _release_after_failure(self, live: LiveJob) -> None:
+        """Its hosts stay locked only if the database is gone too; then a restart frees them."""
+        try:
+            self.jobs.release_hosts(live.id)
+        except Exception:
+            log.exception("could not release the hosts of job %s", live.id)
 
     def _host_vars(self, host: str) -> dict[str, Any]:
         return self.inventory.host_vars(host) if self.inventory else {}
@@ -128,10 +218,13 @@ class JobRunner:
         else:
             self._append(live, [("host", result.as_dict())])
 
-    def _finish(self, live: LiveJob, hosts: list[str], started: float) -> None:
+    def _finish(self, live: LiveJob, hosts: list[str], started: float, unreported: HostResult | None = None,
+                reason: str | None = None) -> None:
+        """Record the final state; hosts without a result get `unreported`'s status and error."""
+        unreported = unreported or HostResult("", HostStatus.FAILED, error=NO_RESULT)
         done = {r.host for r in live.results}
         # A backend bug must not leave a host unreported.
-        missing = [HostResult(h, HostStatus.FAILED, error="the backend reported no result") for h in hosts if h not in done]
+        missing = [HostResult(h, unreported.status, error=unreported.error) for h in hosts if h not in done]
         live.results.extend(missing)
         state = final_state([r.status for r in live.results], live.cancelled.is_set())
         counts: dict[str, int] = {}
@@ -139,7 +232,8 @@ class JobRunner:
             counts[str(r.status)] = counts.get(str(r.status), 0) + 1
         last = ([live.held] if live.held else []) + missing
         events: list[Event] = [("host", r.as_dict()) for r in last]
-        events.append(("finished", {"state": state, "counts": counts, "duration": round(time.time() - started, 3)}))
+        finished: dict[str, Any] = {"state": state, "counts": counts, "duration": round(time.time() - started, 3)}
+        events.append(("finished", finished | ({"reason": reason} if reason else {})))
         with live.changed:  # final state and "finished" event become visible together
             live.next_seq += self.jobs.finish(live.id, state, live.next_seq, events)
             live.state, live.finished = state, True
@@ -191,16 +285,22 @@ class JobRunner:
                 return {"job": job, "cancelled": False, "state": live.state}
             live.cancelled.set()
             self._append(live, [("cancel_requested", {"by": requester})])
-            return {"job": job, "cancelled": True, "state": live.state}
+            reply: dict[str, Any] = {"job": job, "cancelled": True, "state": live.state}
+        if job in self.waiting:  # it ends now, not at the next retry
+            self.retry_waiting()
+        return reply
 
     def counts(self) -> tuple[int, int]:
-        """(running, waiting) jobs."""
-        return self.slots.counts()
+        """(running, waiting) jobs; waiting for a slot or for hosts."""
+        running, queued = self.slots.counts()
+        return running, queued + len(self.waiting)
 
     # -- start and stop ------------------------------------------------------------------------
 
     def recover_interrupted(self) -> None:
-        """Jobs that were running when this master stopped: their outcome on the hosts is unknown."""
+        """This master's jobs that were running when it stopped: their outcome on the hosts is unknown,
+        and the hosts they held are free again."""
+        self.jobs.free_own_locks()
         for job in self.jobs.interrupted():
             self.jobs.finish(job.id, JobState.UNKNOWN, job.last_seq + 1,
                              [("finished", {"state": JobState.UNKNOWN, "counts": {}, "reason": INTERRUPTED})])
@@ -208,6 +308,9 @@ class JobRunner:
     def close(self) -> None:
         for live in list(self.live.values()):
             live.cancelled.set()
+        with self._retrying:
+            for live in list(self.waiting.values()):
+                self._end_unstarted(live, HostStatus.CANCELLED, "the master stopped before its hosts were free")
         self.slots.close()
 
 

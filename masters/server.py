@@ -1,4 +1,4 @@
-"""The master's rpyc face: six methods taking and returning bytes, and nothing else reachable."""
+"""The master's rpyc face: the envelope's methods taking and returning bytes, and nothing else reachable."""
 
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ log = logging.getLogger("ombot.master")
 # Closed and refused connections of peers that never sent a valid envelope: one line each, rate-limited.
 strangers_log = LogBudget(log, burst=10, per_second=0.2)
 
-EXPOSED = OPS  # the six request kinds of the envelope, and nothing else
+EXPOSED = OPS  # the request kinds of the envelope, and nothing else
 
-# Nothing but the six methods: no public or "safe" attributes, no pickling, no tracebacks sent back.
+# Nothing but those methods: no public or "safe" attributes, no pickling, no tracebacks sent back.
 SERVER_CONFIG: dict[str, Any] = {
     "allow_safe_attrs": False,
     "allow_exposed_attrs": False,
@@ -116,7 +116,7 @@ def _hang_up(sock: socket.socket) -> None:
 
 
 class MasterService(rpyc.Service):
-    """The rpyc service: the six envelope methods, bytes in and bytes out, each handed to MasterCore."""
+    """The rpyc service: the envelope methods, bytes in and bytes out, each handed to MasterCore."""
 
     def __init__(self, core: MasterCore, on_authenticated: Callable[[], None] | None = None) -> None:
         self._core = core
@@ -160,6 +160,9 @@ class MasterService(rpyc.Service):
     def exposed_health(self, frame: bytes) -> bytes:
         return self._core.handle("health", frame, self._on_authenticated)
 
+    def exposed_ingest(self, frame: bytes) -> bytes:
+        return self._core.handle("ingest", frame, self._on_authenticated)
+
 
 def build_core(config: Config, settings: MasterSettings) -> MasterCore:
     """Everything a master needs, validated before it listens: keys, modules, inventory, store."""
@@ -172,7 +175,7 @@ def build_core(config: Config, settings: MasterSettings) -> MasterCore:
     modules = load_modules(config.module_dirs)
     inventory = Inventory(settings.inventory) if settings.inventory else None
     store.open_store(settings.database_url)
-    return MasterCore(settings, identity, accepted, modules, inventory, backend_named(settings.backend))
+    return MasterCore(settings, identity, accepted, modules, inventory, backend_named(settings.backend, settings))
 
 
 REAPER_WAKE_SECONDS = 5.0  # at least this often the reaper also reports suppressed stranger lines

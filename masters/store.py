@@ -1,8 +1,14 @@
-"""The master's own state: replay cache, jobs and their events. One database per master."""
+"""The master's own state: replay cache, jobs, their events and host locks.
+
+Masters of one IDC may share the database: each job records its master (restart recovery and
+retention touch only their own), a host lock is a row all of them see, and the replay cache is
+common (a nonce is global, and each envelope names the one master it is for)."""
 
 from __future__ import annotations
 
 import peewee
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as run_migration
 
 from ombot.clock import now_ms
 from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms, open_database
@@ -43,6 +49,8 @@ class Job(BaseModel):
     created_at = peewee.BigIntegerField()
     finished_at = peewee.BigIntegerField(null=True)
     signed_request = peewee.BlobField()  # the signed envelope: proof of who asked for this job
+    # The master that accepted it; NULL for jobs from before databases could be shared (one master's).
+    master_id = peewee.CharField(max_length=64, null=True, index=True)
 
 
 class JobEvent(BaseModel):
@@ -58,9 +66,37 @@ class JobEvent(BaseModel):
         indexes = ((("job", "seq"), True),)
 
 
+class HostLock(BaseModel):
+    """A host a running (or about to run) job is changing: one row per host, for every master sharing the database.
+
+    A job takes all its rows in one INSERT or none (the primary key refuses a host already taken)."""
+
+    idc = peewee.CharField(max_length=64)
+    host = peewee.CharField(max_length=255)
+    job = peewee.CharField(max_length=36, index=True)  # the holder's request id
+    master_id = peewee.CharField(max_length=64, index=True)
+    taken_at = peewee.BigIntegerField()
+
+    class Meta:
+        primary_key = peewee.CompositeKey("idc", "host")
+
+
+def _add_master_id(db: peewee.Database) -> None:
+    """Jobs record their master. A database created since has the column already (step 1 creates the
+    current model). Nullable: on SQLite a NOT NULL column means copying the table, and dropping the
+    old copy would cascade to every job's events."""
+    columns = [d[0] for d in db.execute_sql("SELECT * FROM job WHERE 1 = 0").description]
+    if "master_id" in columns:
+        return
+    migrator = SchemaMigrator.from_database(db)
+    run_migration(migrator.add_column("job", "master_id", peewee.CharField(max_length=64, null=True, index=True)))
+
+
 MIGRATIONS = [
     create_tables(SeenNonce, Job, JobEvent),
     epoch_seconds_to_ms({"seennonce": ("keep_until",), "job": ("created_at", "finished_at"), "jobevent": ("at",)}),
+    _add_master_id,
+    create_tables(HostLock),
 ]
 
 

@@ -14,12 +14,12 @@ from modules.plan import (
     Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, Shell, Step, TailFile, TempPath,
 )
 from modules.registry import (
-    RESERVED_COMMANDS, RESERVED_PARAMS, Catalog, Module, ModuleLoadError, ModuleSpec, Risk,
+    RESERVED_COMMANDS, RESERVED_PARAMS, Catalog, Concurrency, Module, ModuleLoadError, ModuleSpec, Risk,
     catalog_of, load_modules, module,
 )
 
 __all__ = [
-    "RESERVED_COMMANDS", "RESERVED_PARAMS", "Arg", "Catalog", "Command", "Emit", "FirstAvailable", "Module", "ModuleLoadError",
+    "RESERVED_COMMANDS", "RESERVED_PARAMS", "Arg", "Catalog", "Command", "Concurrency", "Emit", "FirstAvailable", "Module", "ModuleLoadError",
     "ModuleSpec", "Param", "ParamError", "Ping", "Plan", "PutFile", "RequireWithin", "Risk", "Shell", "Step", "TailFile", "TempPath",
     "catalog_of", "load_modules", "module", "params", "within", "yes_or_no",
 ]

@@ -43,6 +43,17 @@ class Risk(StrEnum):
     HIGH = "high"
 
 
+class Concurrency(StrEnum):
+    """What a job of this module does when another job is changing one of its hosts (the master's host locks)."""
+
+    WAIT = "wait"  # wait for the hosts (the default: two changes to one host never overlap)
+    REFUSE = "refuse"  # refuse the submit with host_busy
+    PARALLEL = "parallel"  # read-only: takes no lock and never waits
+
+
+_CONCURRENCIES = tuple(str(c) for c in Concurrency)
+
+
 class ModuleLoadError(OmbotError):
     """A module file that failed to load or declares something invalid; the master refuses to start."""
 
@@ -60,6 +71,7 @@ class ModuleSpec:
     risk: Risk
     params: tuple[Param, ...]
     timeout: int | None = None
+    concurrency: Concurrency = Concurrency.WAIT
 
     @property
     def allows_shell(self) -> bool:
@@ -94,7 +106,8 @@ class ModuleSpec:
     def schema(self) -> dict[str, Any]:
         return {
             "name": self.name, "description": self.description, "category": self.category,
-            "risk": str(self.risk), "timeout": self.timeout, "params": [p.schema() for p in self.params],
+            "risk": str(self.risk), "timeout": self.timeout, "concurrency": str(self.concurrency),
+            "params": [p.schema() for p in self.params],
         }
 
     @staticmethod
@@ -102,7 +115,7 @@ class ModuleSpec:
         return ModuleSpec(
             name=str(data["name"]), description=str(data["description"]), category=str(data["category"]),
             risk=Risk(data["risk"]), params=tuple(Param.from_schema(p) for p in data["params"]),
-            timeout=data.get("timeout"),
+            timeout=data.get("timeout"), concurrency=Concurrency(data.get("concurrency", Concurrency.WAIT)),
         )
 
 
@@ -126,7 +139,7 @@ class Module(ModuleSpec):
 
 def module(
     name: str, *, category: str, risk: Risk | str = Risk.LOW, params: Iterable[Param] = (),
-    timeout: int | None = None,
+    timeout: int | None = None, concurrency: Concurrency | str = Concurrency.WAIT,
 ) -> Callable[[Callable[..., Plan]], Module]:
     """Declare a module: decorate its `run`; the function's docstring is the module's help."""
 
@@ -135,6 +148,8 @@ def module(
         declared = Module(
             name=name, description=doc.splitlines()[0] if doc else "", category=category, risk=Risk(risk),
             params=tuple(params), timeout=timeout, run=run, source=inspect.getsourcefile(run) or "",
+            # An unknown value is kept as given, for _check to refuse with the file's name.
+            concurrency=Concurrency(concurrency) if concurrency in _CONCURRENCIES else concurrency,  # type: ignore[arg-type]
         )
         _declared.append(declared)
         return declared
@@ -217,6 +232,9 @@ def _check(mod: Module, source: str) -> None:
         raise ModuleLoadError(source, f"{mod.name}: category {mod.category!r} must be one lowercase word")
     if mod.timeout is not None and (not isinstance(mod.timeout, int) or isinstance(mod.timeout, bool) or mod.timeout < 1):
         raise ModuleLoadError(source, f"{mod.name}: timeout must be a positive number of seconds, got {mod.timeout!r}")
+    if mod.concurrency not in _CONCURRENCIES:
+        raise ModuleLoadError(source, f"{mod.name}: concurrency must be one of {', '.join(_CONCURRENCIES)}, "
+                                      f"got {mod.concurrency!r}")
     names = [p.name for p in mod.params if isinstance(p, Param)]
     for p in mod.params:
         if not isinstance(p, Param) or not _PARAM_NAME.match(p.name):

@@ -42,6 +42,19 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class AnsibleSettings:
+    """`[masters.ID.ansible]`: how the Ansible backend runs (docs/backends.md explains each)."""
+
+    forks: int = 50  # at most this many hosts at once (and never more than limits.max_parallel_hosts)
+    python: str = "/usr/bin/python3"  # the hosts' interpreter unless the inventory sets ansible_python_interpreter
+    pipelining: bool = True
+    control_persist_seconds: int = 60
+    connect_timeout_seconds: int = 10
+    host_key_checking: bool = True
+    rotate_artifacts: int = 50  # runs whose artifacts are kept under <state_dir>/ansible
+
+
+@dataclass(frozen=True)
 class MasterSettings:
     """One `[masters.ID]` table, validated."""
 
@@ -59,9 +72,11 @@ class MasterSettings:
     limits: Limits
     # module glob -> approvals the master itself demands: a bot bug cannot skip approval
     approvals: dict[str, int] = field(default_factory=dict)
+    retention_days: float = 30.0  # finished jobs and their events are deleted this long after they end
+    ansible: AnsibleSettings = field(default_factory=AnsibleSettings)
 
 
-CLIENT_KINDS = ("chat", "console", "cli")
+CLIENT_KINDS = ("chat", "console", "cli", "agent")
 CLIENT_ENV = "OMBOT_CLIENT"
 _USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
@@ -73,6 +88,8 @@ class ClientRegistration:
     `chat` clients (the bot) attest chat identities: they may name Slack users as requesters and
     approvers. `cli` and `console` clients act as one fixed identity, `cli:USER` / `console:USER`,
     whatever their requests say. `modules` and `hosts` are globs of what the key may run at all.
+    An `agent` client is the audit agent of one server (`host`): it speaks as `agent:HOST` and may
+    only ship that host's audit events.
     """
 
     id: str
@@ -82,11 +99,12 @@ class ClientRegistration:
     key_file: Path | None = None
     modules: tuple[str, ...] = ()
     hosts: tuple[str, ...] = ()
+    host: str = ""  # the server an `agent` key belongs to; empty for every other kind
 
     @property
     def identity(self) -> str:
         """Who this client is when it speaks for itself."""
-        return f"{self.kind}:{self.user}"
+        return f"agent:{self.host}" if self.kind == "agent" else f"{self.kind}:{self.user}"
 
 
 @dataclass(frozen=True)
@@ -251,10 +269,25 @@ def _parse_clients_entry(r: TableReader, client_id: str) -> ClientRegistration:
         raise ConfigError(r.path, r.key("user"), "a lowercase user name (letters, digits, '_', '.', '-')", user)
     registration = ClientRegistration(
         id=client_id, public_key=public_key(r, "public_key"), kind=kind, user=user, key_file=r.file("key_file", None),
-        modules=r.strings("modules", ()), hosts=r.strings("hosts", ()),
+        modules=r.strings("modules", ()), hosts=r.strings("hosts", ()), host=_agent_host(r, kind),
     )
     r.done()
     return registration
+
+
+HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63}){0,20}$")
+
+
+def _agent_host(r: TableReader, kind: str) -> str:
+    """An agent registration names the one server whose events its key may ship; no other kind does."""
+    host = r.get("host", str, "")
+    if kind != "agent":
+        if host:
+            raise ConfigError(r.path, r.key("host"), "no host: only an agent registration names one", host)
+        return ""
+    if not HOST_NAME.fullmatch(host) or len(host) > 253:
+        raise ConfigError(r.path, r.key("host"), "the agent's host name (letters, digits, '-', '_', dots)", host or ...)
+    return host
 
 
 def public_key(r: TableReader, name: str) -> str:
@@ -293,6 +326,8 @@ def _parse_master(r: TableReader, master_id: str, clients: dict[str, ClientRegis
         database_url=database_url(r, "OMBOT_MASTER_DATABASE_URL", f"sqlite:///{state_dir / master_id}.db"),
         limits=limits,
         approvals=_approvals(r.sub("approvals")),
+        retention_days=_positive_number(r, "retention_days", 30.0),
+        ansible=_ansible(r.sub("ansible")),
     )
     r.done()
     return settings
@@ -305,6 +340,31 @@ def _approvals(r: TableReader) -> dict[str, int]:
         if not 1 <= count <= 10:
             raise ConfigError(r.path, r.key(glob), "from 1 to 10 approvals", count)
     return counts
+
+
+def _positive_number(r: TableReader, name: str, default: float) -> float:
+    value = r.get(name, (int, float), default, what="a positive number")
+    if isinstance(value, bool) or not value > 0 or value == float("inf"):
+        raise ConfigError(r.path, r.key(name), "a positive number", value)
+    return float(value)
+
+
+def _ansible(r: TableReader) -> AnsibleSettings:
+    """[masters.X.ansible]: the Ansible backend's tuning (docs/backends.md)."""
+    defaults = AnsibleSettings()
+    python = r.get("python", str, defaults.python)
+    if not re.fullmatch(r"/[A-Za-z0-9_./-]+", python):
+        raise ConfigError(r.path, r.key("python"), "an absolute path to the hosts' Python", python)
+    settings = AnsibleSettings(
+        forks=_positive(r, "forks", defaults.forks), python=python,
+        pipelining=r.get("pipelining", bool, defaults.pipelining),
+        control_persist_seconds=_positive(r, "control_persist_seconds", defaults.control_persist_seconds),
+        connect_timeout_seconds=_positive(r, "connect_timeout_seconds", defaults.connect_timeout_seconds),
+        host_key_checking=r.get("host_key_checking", bool, defaults.host_key_checking),
+        rotate_artifacts=_positive(r, "rotate_artifacts", defaults.rotate_artifacts),
+    )
+    r.done()
+    return settings
 
 
 def _positive(r: TableReader, name: str, default: int) -> int:

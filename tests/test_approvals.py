@@ -114,8 +114,8 @@ class Reply:
         token = self.url.rsplit("/", 1)[1]
         return [str(c.body.get("text", "")) for c in self.fake.response_posts if c.path.endswith(token)]
 
-    def wait(self, needle: str) -> str:
-        return self.fake.wait_for(lambda: next((t for t in self.texts() if needle in t), None),
+    def wait(self, needle: str, timeout: float = 15) -> str:
+        return self.fake.wait_for(lambda: next((t for t in self.texts() if needle in t), None), timeout,
                                   what=f"an answer containing {needle!r}; got {self.texts()}")
 
     def first(self) -> str:

@@ -180,7 +180,7 @@ def test_another_registration_by_environment(tmp_path: Path, monkeypatch: pytest
 
 
 @pytest.mark.parametrize("old, new, key, expected", [
-    ('kind = "cli"', 'kind = "root"', "clients.ops.kind", "expected one of chat, console, cli, got 'root'"),
+    ('kind = "cli"', 'kind = "root"', "clients.ops.kind", "expected one of chat, console, cli, agent, got 'root'"),
     ('kind = "cli"\n', "", "clients.ops.kind", "(missing)"),
     ('user = "alice"', 'user = "Alice"', "clients.ops.user", "got 'Alice'"),
     ('user = "alice"', 'user = "al ice"', "clients.ops.user", "got 'al ice'"),

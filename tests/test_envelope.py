@@ -186,7 +186,7 @@ def test_malformed_requests(opener: Opener, peer: Peer, client: Identity) -> Non
         ({**good, "nonce": "X" * 32}, "nonce must be 32 lowercase hex digits"),
         ({**good, "id": "not-a-uuid"}, "request id must be a UUID"),
         ({**good, "id": good["id"].upper()}, "request id must be a UUID"),
-        ({**good, "origin": "email"}, "origin must be one of cli, slack, console"),
+        ({**good, "origin": "email"}, "origin must be one of cli, slack, console, agent"),
         ({**good, "requester": ""}, "requester must be 1-256 characters"),
         ({**good, "requester": "u" * 257}, "requester must be 1-256 characters"),
     ]

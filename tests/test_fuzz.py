@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from bot import grammar
+from bot.jobs import JobFilter
 from bot.messages import Message
 from bot.transport import ChatRequest
 from tests.support import Cluster, bot_table
@@ -322,14 +323,16 @@ def test_commands_parse() -> None:
     assert invoked("") == ("help", {"module": None})
     assert invoked("HELP echo") == ("help", {"module": "echo"})
     assert invoked("modules diagnostics") == ("modules", {"category": "diagnostics"})
-    assert invoked("jobs") == ("jobs", {"mine": False}) and invoked("jobs mine") == ("jobs", {"mine": True})
+    assert invoked("jobs") == ("jobs", {"filters": JobFilter()})
+    assert invoked("jobs mine") == ("jobs", {"filters": JobFilter(mine=True)})
+    assert invoked("jobs module=echo host=web01") == ("jobs", {"filters": JobFilter(module="echo", host="web01")})
     assert invoked("status #12") == ("status", {"job": "#12"})
     assert invoked("cancel 3") == ("cancel", {"job": "3"})
     assert invoked("form echo") == ("form", {"module": "echo"})
     assert invoked("masters") == ("masters", {})
     assert invoked("approvals") == ("approvals", {})
     assert invoked("approve 7") == ("approve", {"request": "7"})
-    assert invoked('"jobs" mine') == ("jobs", {"mine": True})  # the command word as the shell reads it
+    assert invoked('"jobs" mine') == ("jobs", {"filters": JobFilter(mine=True)})  # the word as the shell reads it
     assert invoked("deny 4 not during the freeze") == ("deny", {"request": "4", "reason": "not during the freeze"})
 
 
@@ -386,6 +389,7 @@ def test_help_lists_the_usage_of_every_available_command() -> None:
     from bot.commands import available
 
     usages = [c.usage for c in available()]
-    assert "/om deny REQUEST REASON" in usages and "/om jobs [mine]" in usages and "/om help [module]" in usages
+    assert "/om deny REQUEST REASON" in usages and "/om help [module]" in usages
+    assert "/om jobs [mine] [module=NAME] [host=HOST] [since=2h|3d|2026-11-20]" in usages
     assert "/om run MODULE TARGETS [key=value ...] [idc=X] [dry_run=yes] [timeout=SECONDS]" in usages
     assert not any(u.startswith("/om audit") for u in usages)  # still to come: not offered

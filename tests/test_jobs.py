@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from masters import JobState, MasterLost, Refused
-from tests.support import REPO, Cluster, child_env
+from tests.support import INVENTORY, REPO, Cluster, child_env
 
 SITE = [REPO / "tests" / "site_modules"]
 
@@ -119,13 +119,14 @@ def test_job_state_answers_the_state_alone_without_waiting(cluster) -> None:
 @pytest.mark.slow
 def test_one_requester_cannot_hold_every_job_slot(make_cluster: Callable[..., Cluster]) -> None:
     """Eight `sleep 20` from one person used to fill all eight slots and make everyone wait."""
+    spare = "".join(f"h{i} ansible_connection=local\n" for i in range(6))  # one host each: no host lock waits
     cluster = make_cluster(module_dirs=[REPO / "tests" / "site_modules"],
-                           limits={"max_jobs": 4, "max_jobs_per_requester": 2})
+                           limits={"max_jobs": 4, "max_jobs_per_requester": 2}, inventory=f"{INVENTORY}[spare]\n{spare}")
     cluster.start("m1")
     hog, other = cluster.router("U0HOG"), cluster.router("U0OTHER")
     try:
-        hogs = [hog.submit("local", "test.sleep", {"seconds": 30}, ["localhost"], requester="U0HOG")[0]
-                for _ in range(6)]
+        hogs = [hog.submit("local", "test.sleep", {"seconds": 30}, [f"h{i}"], requester="U0HOG")[0]
+                for i in range(6)]
         health = next(m for m in other.health() if m["master"] == "m1")
         assert (health["running_jobs"], health["waiting_jobs"]) == (2, 4)
         # Another person's job takes a free slot at once, not after the hog's queue.

@@ -28,10 +28,11 @@ ENTRY_POINTS = {"ombot/__main__.py"}  # `python -m ombot` starts the root: the o
 LIBRARY_HOMES = {
     "slack_bolt": {"bot/slack_app.py"},
     "slack_sdk": {"bot/slack_app.py"},
-    "rpyc": {"masters/server.py", "masters/client.py"},
+    "rpyc": {"masters/server.py", "masters/client.py", "audit_agent/link.py"},
     "ansible": {"masters/inventory.py"},
-    "apscheduler": {"approvals/gate.py"},
+    "apscheduler": {"approvals/gate.py", "bot/jobs.py", "bot/schedules.py", "masters/housekeeping.py"},
     "re2": {"masters/inventory.py"},
+    "ansible_runner": {"masters/backends/ansible.py"},
 }
 
 

@@ -1,14 +1,22 @@
 """Backends carry out a module's plan on hosts. `backend_named` is the one way to get one."""
 
 from masters.backends.base import Backend, CappedText, HostResult, HostStatus, RunContext
+from ombot.config import MasterSettings
 from ombot.errors import OmbotError
 
 __all__ = ["Backend", "CappedText", "HostResult", "HostStatus", "RunContext", "backend_named"]
 
 
-def backend_named(name: str) -> Backend:
+def backend_named(name: str, settings: MasterSettings | None = None) -> Backend:
+    """The backend `name`, set up for the master `settings` describe (Ansible needs them)."""
     if name == "local":
         from masters.backends.local import LocalBackend
 
         return LocalBackend()
-    raise OmbotError(f"unknown backend {name!r} (available: local)")
+    if name == "ansible":
+        if settings is None:
+            raise OmbotError("the ansible backend needs the master's settings")
+        from masters.backends.ansible import AnsibleBackend  # ansible-runner loads only when used
+
+        return AnsibleBackend(settings)
+    raise OmbotError(f"unknown backend {name!r} (available: local, ansible)")

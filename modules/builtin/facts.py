@@ -3,7 +3,7 @@ from typing import Any
 from modules import Command, Plan, module
 
 
-@module("facts", category="diagnostics")
+@module("facts", category="diagnostics", concurrency="parallel")
 def run() -> Plan:
     """Uptime, load, memory and root disk usage of each host."""
     return Plan(

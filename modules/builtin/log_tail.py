@@ -3,7 +3,7 @@ from modules import Plan, TailFile, module, params as p
 LOG_ROOTS = ("/var/log",)
 
 
-@module("log.tail", category="logs", params=[
+@module("log.tail", category="logs", concurrency="parallel", params=[
     p.Path("path", help="a log file under /var/log", roots=LOG_ROOTS),
     p.Int("lines", help="how many lines from the end", min=1, max=10000, required=False, default=100),
 ])

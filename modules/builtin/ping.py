@@ -1,7 +1,7 @@
 from modules import Ping, Plan, module
 
 
-@module("ping", category="diagnostics")
+@module("ping", category="diagnostics", concurrency="parallel")
 def run() -> Plan:
     """Check that each host answers through its backend."""
     return Plan(Ping())

@@ -191,6 +191,15 @@ def masters(ctx: typer.Context, config: ConfigOpt = None) -> None:
     raise typer.Exit(0 if all(m["ok"] for m in report) else 1)
 
 
+@app.command("schedules")
+def schedules(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    """The schedules in the bot's database (made with /om schedule)."""
+    from bot import list_schedules
+
+    rows = list_schedules(_config(ctx, config))
+    typer.echo("\n".join(rows) if rows else "No schedules.")
+
+
 policy_app = typer.Typer(no_args_is_help=True, help="Check and explain the access policy.")
 app.add_typer(policy_app, name="policy")
 
@@ -254,6 +263,63 @@ def policy_explain(ctx: typer.Context,
                    + ("; the requester may approve" if a.self_approval else "; not by the requester"))
     if decision.cancel_roles:
         typer.echo(f"may cancel: the requester, its approvers, {', '.join(decision.cancel_roles)}")
+
+
+@app.command("audit-agent", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def audit_agent_command(ctx: typer.Context) -> None:
+    """The shell audit hook and agent: hook | install [--root DIR] | run [--config agent.toml] (see --help)."""
+    from audit_agent import main as agent_main
+
+    raise typer.Exit(agent_main(list(ctx.args)))
+
+
+audit_app = typer.Typer(no_args_is_help=True, help="Enrol and revoke servers' audit agents.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("enroll")
+def audit_enroll(ctx: typer.Context, host: Annotated[str, typer.Argument(help="The server's host name")],
+                 idc: Annotated[str, typer.Option("--idc", help="The IDC whose masters collect its events")],
+                 out: Annotated[Path, typer.Option("--out", help="Where to write agent-HOST.key and .toml")] = Path("."),
+                 config: ConfigOpt = None) -> None:
+    """Make HOST's agent key and agent.toml, and print the registration to add to ombot.toml."""
+    from audit_agent.settings import render
+    from masters import Identity
+
+    conf = _config(ctx, config)
+    if idc not in conf.idcs:
+        raise OmbotError(f"no IDC {idc!r} in {conf.path} (known: {', '.join(conf.idcs)})")
+    if not cfg.HOST_NAME.fullmatch(host):
+        raise OmbotError(f"{host!r} is not a host name (letters, digits, '-', '_', dots)")
+    client_id = f"agent-{host}"
+    identity = Identity.generate()
+    identity.save(out / f"{client_id}.key")
+    masters = [(m.id, m.host, m.port, m.public_key) for m in (conf.masters[mid] for mid in conf.idcs[idc])]
+    (out / f"{client_id}.toml").write_text(render(host, idc, "agent.key", masters))
+    typer.echo(f"wrote {out / f'{client_id}.key'} and {out / f'{client_id}.toml'}; on {host}, install them as "
+               f"/etc/ombot/agent.key (0600) and /etc/ombot/agent.toml")
+    typer.echo(f"add to {conf.path}, then add \"{client_id}\" to the accept list of "
+               f"{', '.join(conf.idcs[idc])} and restart them:\n")
+    typer.echo(f'[clients.{client_id}]\nkind = "agent"\nhost = "{host}"\npublic_key = "{identity.public}"')
+
+
+@audit_app.command("revoke")
+def audit_revoke(ctx: typer.Context, host: Annotated[str, typer.Argument(help="The server's host name")],
+                 config: ConfigOpt = None) -> None:
+    """Say exactly what to remove from ombot.toml so no master accepts HOST's agent key any more."""
+    conf = _config(ctx, config)
+    found = [c.id for c in conf.clients.values() if c.kind == "agent" and c.host == host]
+    if not found:
+        typer.echo(f"no agent registration for {host} in {conf.path}: nothing accepts it")
+        raise typer.Exit(1)
+    for client_id in found:
+        accepting = [m.id for m in conf.masters.values() if client_id in m.accept]
+        typer.echo(f"remove the [clients.{client_id}] table from {conf.path}")
+        for mid in accepting:
+            typer.echo(f"remove \"{client_id}\" from [masters.{mid}] accept")
+        typer.echo(f"then restart {', '.join(accepting) or 'nothing (no master accepts it)'}: a master reads its "
+                   "accept list at start")
 
 
 def main() -> None:

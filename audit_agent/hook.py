@@ -1,0 +1,172 @@
+"""The bash hook that records each command line into its user's spool, and its installer.
+
+Per prompt the hook runs builtins only (no process is started): it reads the last history entry
+through a private scratch file (`history 1 > f; read < f`), escapes it and appends one line to the
+user's spool with `printf >>`, which opens with O_APPEND and never waits on the agent. A DEBUG trap,
+armed from PS0 once per command line, also notes the simple commands that ran, so a command that
+never reached the history (`set +o history`, a leading space under HISTCONTROL=ignorespace,
+ignoredups) is still recorded, from what bash was about to run. See docs/audit.md for what a shell
+hook cannot see.
+
+Spool layout: SPOOL_DIR is root's, mode 1733 (anyone may create an entry, nobody may list or
+remove another's); each user's shell makes SPOOL_DIR/UID (0700, its own) on first use and writes
+SPOOL_DIR/UID/spool. The agent trusts the owner of that directory and file, never the text.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+DEFAULT_SPOOL_DIR = "/var/spool/ombot-audit"
+PROFILE_LOADER = "etc/profile.d/ombot-audit.sh"  # login shells (through /etc/profile), POSIX sh syntax
+HOOK_BODY = "etc/profile.d/ombot-audit.bash"  # the bash code itself (not *.sh: sh never parses it)
+BASHRC = "etc/bash.bashrc"  # interactive non-login shells
+MARKER = "# ombot-audit hook"
+RECORD_VERSION = "om1"
+MAX_COMMAND_CHARS = 16384  # the hook cuts longer command lines; the agent marks them truncated
+
+# @SPOOL_DIR@ is replaced by a shell-quoted path. Everything the hook defines starts __ombot_audit.
+_HOOK = r'''# OMBot shell audit hook, written by `ombot audit-agent install` (docs/audit.md). Do not edit.
+if [ -n "${BASH_VERSION-}" ] && (( BASH_VERSINFO[0] >= 5 )) && [[ $- == *i* ]] \
+        && [[ -z ${__ombot_audit_dir+set} || ${__ombot_audit_dir@a} != *r* ]]; then
+unset __ombot_audit_dir 2>/dev/null  # a value from the environment: ours replaces it
+readonly __ombot_audit_dir=@SPOOL_DIR@
+__ombot_audit_ready= __ombot_audit_last= __ombot_audit_armed= __ombot_audit_out= __ombot_audit_cwd=
+__ombot_audit_ran=() __ombot_audit_void=()
+__ombot_audit_loginuid=
+{ read -r __ombot_audit_loginuid < /proc/self/loginuid; } 2>/dev/null
+__ombot_audit_tty=${SSH_TTY-}
+[[ -n $__ombot_audit_tty ]] || __ombot_audit_tty=$(tty 2>/dev/null) || __ombot_audit_tty=  # once per shell
+
+__ombot_audit_prepare() {  # the user's own 0700 directory; mkdir runs only the first time ever
+    local d=$__ombot_audit_dir/$EUID
+    [[ -e $d || -L $d ]] || command mkdir -m 700 -- "$d" 2>/dev/null
+    [[ -d $d && ! -L $d && -O $d ]] || return 1  # taken by someone else: record nothing, the agent reports it
+    __ombot_audit_spool=$d/spool __ombot_audit_scratch=$d/.scratch.$$ __ombot_audit_ready=1
+}
+
+__ombot_audit_esc() {  # backslash, newline, tab and CR escaped: one record is one line
+    __ombot_audit_out=${1//\\/\\\\}
+    __ombot_audit_out=${__ombot_audit_out//$'\n'/\\n}
+    __ombot_audit_out=${__ombot_audit_out//$'\t'/\\t}
+    __ombot_audit_out=${__ombot_audit_out//$'\r'/\\r}
+}
+
+__ombot_audit_emit() {  # $1 history number, $2 exit status, $3 how it was seen, $4 command text
+    local f=() v
+    for v in "${SUDO_USER-}" "${LOGNAME:-${USER-}}" "$__ombot_audit_tty" "${SSH_CLIENT:+${SSH_CLIENT%% *}}" "${__ombot_audit_cwd:-$PWD}" "${4:0:@MAX@}"; do
+        __ombot_audit_esc "$v"
+        f+=("$__ombot_audit_out")
+    done
+    printf '@VERSION@\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "${EPOCHREALTIME-}" "$$" "$1" "$2" "$3" \
+        "$__ombot_audit_loginuid" "${f[@]}" "${#4}" >> "$__ombot_audit_spool" 2>/dev/null
+}
+
+__ombot_audit_entry() {  # history entry $1 ("" = the last) into __ombot_audit_n / __ombot_audit_text
+    local e=
+    if [[ -z $1 ]]; then HISTTIMEFORMAT= builtin history 1; else HISTTIMEFORMAT= builtin fc -l "$1" "$1"; fi \
+        > "$__ombot_audit_scratch" 2>/dev/null
+    IFS= read -r -d '' e < "$__ombot_audit_scratch"
+    __ombot_audit_n= __ombot_audit_text=
+    if [[ $e =~ ^[[:space:]]*([0-9]+)\*?[[:space:]](.*)$ ]]; then
+        __ombot_audit_n=${BASH_REMATCH[1]} __ombot_audit_text=${BASH_REMATCH[2]}
+        __ombot_audit_text=${__ombot_audit_text#"${__ombot_audit_text%%[![:space:]]*}"}
+        __ombot_audit_text=${__ombot_audit_text%$'\n'}
+    fi
+}
+
+__ombot_audit_prompt() {
+    local rc=$? n k ran=("${__ombot_audit_ran[@]}")
+    __ombot_audit_armed= __ombot_audit_ran=()
+    [[ -n $__ombot_audit_ready ]] || __ombot_audit_prepare || return $rc
+    [[ ${PS0-} == *__ombot_audit_armed=1* ]] || PS0='${__ombot_audit_void[__ombot_audit_armed=1]}'"${PS0-}"
+    __ombot_audit_entry ""
+    n=$__ombot_audit_n
+    if [[ -z $__ombot_audit_last ]]; then  # the first prompt: history holds earlier sessions, not this one
+        __ombot_audit_last=${n:-0}
+    elif [[ -n $n && $n != "$__ombot_audit_last" ]]; then
+        if (( n > __ombot_audit_last + 1 && n - __ombot_audit_last <= 64 )); then  # lines the hook missed
+            for (( k = __ombot_audit_last + 1; k < n; k++ )); do
+                __ombot_audit_entry "$k"
+                [[ -z $__ombot_audit_n ]] || __ombot_audit_emit "$k" "" missed "$__ombot_audit_text"
+            done
+            __ombot_audit_entry ""
+        fi
+        __ombot_audit_emit "$n" "$rc" history "$__ombot_audit_text"
+        __ombot_audit_last=$n
+    elif (( ${#ran[@]} )); then  # it ran but history has not got it
+        local IFS=$'\n'
+        __ombot_audit_emit "$n" "$rc" debug "${ran[*]}"
+    fi
+    __ombot_audit_cwd=
+    return $rc
+}
+
+__ombot_audit_saw() {  # the DEBUG trap, while a command line runs
+    if [[ $BASH_COMMAND == __ombot_audit_prompt* ]]; then __ombot_audit_armed=; return; fi
+    (( ${#__ombot_audit_ran[@]} )) || __ombot_audit_cwd=$PWD  # where the line started
+    __ombot_audit_ran+=("$BASH_COMMAND")
+    # exec replaces the shell before the next prompt: record it now
+    [[ $BASH_COMMAND != "exec "* ]] || __ombot_audit_emit "" "" exec "$BASH_COMMAND"
+    (( ${#__ombot_audit_ran[@]} < 8 )) || __ombot_audit_armed=
+    [[ ${PROMPT_COMMAND[*]-} == *__ombot_audit_prompt* ]] || __ombot_audit_arm
+}
+
+__ombot_audit_arm() {  # first in PROMPT_COMMAND, string or array, keeping what others put there
+    if [[ -n ${PROMPT_COMMAND+set} && ${PROMPT_COMMAND@a} == *a* ]]; then
+        PROMPT_COMMAND=(__ombot_audit_prompt "${PROMPT_COMMAND[@]}")
+    else
+        PROMPT_COMMAND="__ombot_audit_prompt${PROMPT_COMMAND:+; ${PROMPT_COMMAND}}"
+    fi
+}
+
+readonly -f __ombot_audit_prepare __ombot_audit_esc __ombot_audit_emit __ombot_audit_entry \
+    __ombot_audit_prompt __ombot_audit_saw __ombot_audit_arm
+__ombot_audit_arm
+PS0='${__ombot_audit_void[__ombot_audit_armed=1]}'"${PS0-}"
+trap '[[ -z $__ombot_audit_armed ]] || __ombot_audit_saw' DEBUG
+fi
+'''
+
+_LOADER = '''@MARKER@: bash shells load the hook; other shells skip it (docs/audit.md)
+if [ -n "${BASH_VERSION-}" ] && [ -r @BODY@ ]; then . @BODY@; fi
+'''
+
+
+def hook_text(spool_dir: str = DEFAULT_SPOOL_DIR) -> str:
+    """The hook's bash code, recording into `spool_dir`."""
+    return (_HOOK.replace("@SPOOL_DIR@", shlex.quote(str(spool_dir))).replace("@MAX@", str(MAX_COMMAND_CHARS))
+            .replace("@VERSION@", RECORD_VERSION))
+
+
+def install(root: Path, spool_dir: str = DEFAULT_SPOOL_DIR) -> list[Path]:
+    """Write the hook under `root` (/ on a server, a temporary directory in tests); returns what changed.
+
+    The hook goes to /etc/profile.d (login shells), and one marked line in /etc/bash.bashrc sources
+    it in interactive non-login shells. Running it again rewrites the hook and adds no second line.
+    `root` prefixes every path, the spool directory's too (made here: the installer's, mode 1733)."""
+    spool, body = root / spool_dir.lstrip("/"), shlex.quote(str(root / HOOK_BODY))
+    changed = [_write(root / HOOK_BODY, hook_text(str(spool))),
+               _write(root / PROFILE_LOADER, _LOADER.replace("@MARKER@", MARKER).replace("@BODY@", body))]
+    bashrc = root / BASHRC
+    text = bashrc.read_text() if bashrc.exists() else ""
+    if MARKER not in text:
+        bashrc.parent.mkdir(parents=True, exist_ok=True)
+        with open(bashrc, "a") as f:
+            f.write(("" if not text or text.endswith("\n") else "\n") +
+                    f'[ -r {body} ] && . {body}  {MARKER}\n')
+        changed.append(bashrc)
+    spool.mkdir(parents=True, exist_ok=True)
+    os.chmod(spool, 0o1733)  # create-only for users, sticky: nobody lists or removes another's entries
+    return changed + [spool]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.chmod(partial, 0o644)
+    partial.replace(path)  # a shell starting now reads the old hook or the new, never half of one
+    return path

@@ -1,0 +1,90 @@
+"""agent.toml: the one file an audit agent reads (written by `ombot audit enroll`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from audit_agent.hook import DEFAULT_SPOOL_DIR
+from ombot.config import HOST_NAME, TableReader, parse_address, public_key, read_toml
+from ombot.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/ombot/agent.toml"
+DEFAULT_STATE_DIR = "/var/lib/ombot-audit"
+
+
+@dataclass(frozen=True)
+class MasterAddress:
+    id: str
+    host: str
+    port: int
+    public_key: str
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Which host this is, its key, and the masters of its IDC in failover order."""
+
+    path: Path
+    host: str
+    idc: str
+    key_file: Path
+    masters: tuple[MasterAddress, ...]
+    spool_dir: Path
+    state_dir: Path
+    max_events: int = 100_000  # the on-disk queue's bound: past it the oldest go, and a record says so
+    batch_events: int = 200
+    batch_bytes: int = 256 * 1024
+    scan_seconds: float = 0.5
+    heartbeat_seconds: float = 60.0
+    retry_min_seconds: float = 0.5
+    retry_max_seconds: float = 30.0
+    connect_timeout_seconds: float = 3.0
+
+
+_NUMBERS = {"max_events": int, "batch_events": int, "batch_bytes": int, "scan_seconds": float,
+            "heartbeat_seconds": float, "retry_min_seconds": float, "retry_max_seconds": float,
+            "connect_timeout_seconds": float}
+
+
+def load(path: Path) -> AgentSettings:
+    r = TableReader(path, read_toml(path, "an agent.toml (written by `ombot audit enroll`)"), "")
+    host = r.get("host", str)
+    if not HOST_NAME.fullmatch(host):
+        raise ConfigError(path, "host", "this server's host name as enrolled", host)
+    masters = tuple(_master(TableReader(path, m, f"masters[{i}]")) for i, m in enumerate(r.get("masters", list)))
+    if not masters:
+        raise ConfigError(path, "masters", "at least one [[masters]] table")
+    numbers = {}
+    for name, kind in _NUMBERS.items():
+        value = r.get(name, (int, float) if kind is float else int, getattr(AgentSettings, name))
+        if value <= 0:
+            raise ConfigError(path, name, "a positive number", value)
+        numbers[name] = kind(value)
+    key_file = r.file("key_file")
+    assert key_file is not None
+    settings = AgentSettings(
+        path=path, host=host, idc=r.get("idc", str), key_file=key_file, masters=masters,
+        spool_dir=path.parent / r.get("spool_dir", str, DEFAULT_SPOOL_DIR),
+        state_dir=path.parent / r.get("state_dir", str, DEFAULT_STATE_DIR), **numbers,
+    )
+    r.done()
+    return settings
+
+
+def _master(r: TableReader) -> MasterAddress:
+    host, port = parse_address(r, "address")
+    master = MasterAddress(r.get("id", str), host, port, public_key(r, "public_key"))
+    r.done()
+    return master
+
+
+def render(host: str, idc: str, key_file: str, masters: list[tuple[str, str, int, str]],
+           spool_dir: str = DEFAULT_SPOOL_DIR, state_dir: str = DEFAULT_STATE_DIR) -> str:
+    """An agent.toml for `host`; masters are (id, host, port, public key) in failover order."""
+    lines = [f'host = "{host}"', f'idc = "{idc}"', f'key_file = "{key_file}"', f'spool_dir = "{spool_dir}"',
+             f'state_dir = "{state_dir}"', ""]
+    for mid, mhost, port, key in masters:
+        address = f"[{mhost}]:{port}" if ":" in mhost else f"{mhost}:{port}"
+        lines += ["[[masters]]", f'id = "{mid}"', f'address = "{address}"', f'public_key = "{key}"', ""]
+    return "\n".join(lines)

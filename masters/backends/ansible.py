@@ -1,0 +1,312 @@
+"""Run plans on remote hosts with Ansible, through ansible-runner: one run per job.
+
+The plan becomes one generated playbook (masters/backends/ansible_play.py) run with `--limit` set
+to exactly the job's hosts and the `free` strategy, so each host goes through its steps at its own
+pace. Each host is reported as soon as its last task is done, from runner events as they arrive.
+A cancel or the job's deadline stops the run; a short second run then ends whatever the job left
+running on its hosts. docs/backends.md describes the set-up, the tuned defaults and the limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ansible_runner import Runner, RunnerConfig
+
+from masters.backends import ansible_play as play
+from masters.backends.ansible_snippets import CHILD_PATH, TAIL_TOTAL_MARK
+from masters.backends.base import CappedText, HostResult, HostStatus, RunContext
+from modules import Command, Emit, Ping, Shell, Step
+from ombot.config import AnsibleSettings, MasterSettings
+from ombot.errors import OmbotError
+
+log = logging.getLogger("ombot.master.ansible")
+
+# Names Ansible's --limit takes literally: no pattern characters (`,` `:` `*` `?` `[` `!` `&` `~` `@`).
+_LIMITABLE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
+# What the ansible-playbook process may see of the master's environment; everything else (Slack
+# tokens, database URLs, the operator's own ANSIBLE_* settings) stays out of it and of its artifacts.
+ENV_ALLOWED = ("HOME", "USER", "LOGNAME", "SSH_AUTH_SOCK", "TZ")
+PEXPECT_POLL_SECONDS = 0.2  # how often ansible-runner asks whether the job was cancelled
+STOP_RUN_SECONDS = 30  # bound on the run that ends a stopped job's leftovers
+_CONTROL_PATH_MAX = 60  # unix socket paths are short (108 bytes), and ssh appends a hash
+
+
+@dataclass
+class _Host:
+    """What the events said so far about one host."""
+
+    name: str
+    out: CappedText
+    err: CappedText
+    started: float = field(default_factory=time.time)
+    next_emit: int = 0  # plan steps before this one have had their Emit text written
+    status: HostStatus = HostStatus.OK
+    rc: int | None = None
+    error: str | None = None
+    counts: dict[str, int] = field(default_factory=lambda: {"ok": 0, "changed": 0, "failed": 0})
+    reported: bool = False
+
+
+class AnsibleBackend:
+    """Runs each job's plan as one ansible-runner run over the master's inventory (module docstring)."""
+
+    name = "ansible"
+
+    def __init__(self, settings: MasterSettings) -> None:
+        if settings.inventory is None:
+            raise OmbotError(f"masters.{settings.id}: backend \"ansible\" needs an inventory")
+        self.inventory, self.tuning = settings.inventory, settings.ansible
+        self.data_dir = settings.state_dir / "ansible"  # ansible-runner's private data dir, this master's alone
+        for sub in ("project", "home", "tmp"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.data_dir / "ansible.cfg").touch(mode=0o600)  # never an ansible.cfg from the working directory
+        self.control_dir = _control_dir(self.data_dir / "cp")
+
+    # -- one job -------------------------------------------------------------------------------
+
+    def run(self, ctx: RunContext) -> None:
+        ident = re.sub(r"[^A-Za-z0-9_.-]", "_", ctx.job_id)[:64]
+        hosts = {h: _Host(h, CappedText(ctx.output_cap), CappedText(ctx.output_cap)) for h in ctx.hosts}
+        events = _Events(ctx, hosts)
+        for name in [h for h in ctx.hosts if not _LIMITABLE.fullmatch(h)]:
+            events.fail(name, f"host name {name!r} cannot be passed to Ansible exactly")
+        runnable = [h for h in ctx.hosts if not hosts[h].reported]
+        try:
+            book = play.build(ctx.plan, ctx.job_id, ident, self.tuning.python, ctx.file_store, ctx.output_cap)
+        except play.PlanError as exc:
+            for name in runnable:
+                events.fail(name, str(exc))
+            return
+        events.book = book
+        if runnable and book.has_tasks:
+            runner = self._run(ident, book.text, runnable, ctx, events.handle,
+                               lambda: ctx.cancelled.is_set() or ctx.remaining() <= 0)
+            events.runner_said = _tail_of_stdout(runner)
+        stopped = ctx.cancelled.is_set() or ctx.remaining() <= 0
+        leftovers = [h for h in runnable if not hosts[h].reported and hosts[h].status is not HostStatus.UNREACHABLE]
+        events.finish_rest()
+        if stopped and leftovers and book.has_tasks:
+            self._stop_leftovers(ctx, ident, leftovers)
+
+    def _stop_leftovers(self, ctx: RunContext, ident: str, hosts: list[str]) -> None:
+        """A killed ansible-playbook leaves remote commands running: end them, and the job's temp dirs."""
+        deadline = time.monotonic() + STOP_RUN_SECONDS
+        try:
+            self._run(f"{ident}-stop", play.stop_playbook(ctx.job_id, ident, self.tuning.python), hosts, ctx,
+                      lambda event: False, lambda: time.monotonic() > deadline)
+        except Exception:
+            log.exception("could not end what job %s left running", ctx.job_id)
+
+    def _run(self, ident: str, text: str, hosts: list[str], ctx: RunContext, on_event: Any, stop: Any) -> Runner:
+        playbook = self.data_dir / "project" / f"{ident}.yml"
+        fd = os.open(playbook, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        try:
+            config = RunnerConfig(
+                private_data_dir=str(self.data_dir), playbook=playbook.name, inventory=str(self.inventory),
+                limit=",".join(hosts) + ",", forks=max(1, min(len(hosts), self.tuning.forks, ctx.max_parallel)),
+                ident=ident, quiet=True, rotate_artifacts=self.tuning.rotate_artifacts, envvars=self._envvars(),
+                settings={"pexpect_timeout": PEXPECT_POLL_SECONDS, "suppress_ansible_output": True},
+            )
+            config.prepare()
+            config.env = _allowed_env(config.env)  # before the run writes it into the artifacts
+            runner = Runner(config, event_handler=on_event, cancel_callback=stop)
+            runner.run()
+            return runner
+        finally:
+            playbook.unlink(missing_ok=True)  # it holds request data (scripts, file contents)
+
+    def _envvars(self) -> dict[str, str]:
+        t: AnsibleSettings = self.tuning
+        bindir = os.path.dirname(sys.executable)  # ansible-playbook sits beside the master's Python
+        return {
+            "PATH": f"{bindir}:{CHILD_PATH}", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "ANSIBLE_CONFIG": str(self.data_dir / "ansible.cfg"),
+            "ANSIBLE_HOME": str(self.data_dir / "home"), "ANSIBLE_LOCAL_TEMP": str(self.data_dir / "tmp"),
+            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.control_dir),
+            "ANSIBLE_SSH_ARGS": f"-C -o ControlMaster=auto -o ControlPersist={t.control_persist_seconds}s",
+            "ANSIBLE_PIPELINING": str(t.pipelining), "ANSIBLE_TIMEOUT": str(t.connect_timeout_seconds),
+            "ANSIBLE_HOST_KEY_CHECKING": str(t.host_key_checking), "ANSIBLE_PYTHON_INTERPRETER": t.python,
+            "ANSIBLE_INVENTORY_ENABLED": "ini,yaml", "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
+            "ANSIBLE_RETRY_FILES_ENABLED": "False", "ANSIBLE_GATHERING": "explicit", "ANSIBLE_NOCOLOR": "True",
+            "ANSIBLE_DEPRECATION_WARNINGS": "False", "ANSIBLE_LOCALHOST_WARNING": "False",
+        }
+
+
+def _allowed_env(env: dict[str, str]) -> dict[str, str]:
+    """The run's environment: what ansible-runner and we set, plus a few harmless names of the master's."""
+    ours = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    return {**{k: os.environ[k] for k in ENV_ALLOWED if k in os.environ}, **ours}
+
+
+def _control_dir(preferred: Path) -> Path:
+    """Where ssh keeps its ControlPersist sockets: under the state dir unless that path is too long."""
+    path = preferred
+    if len(str(preferred)) > _CONTROL_PATH_MAX:
+        digest = hashlib.sha256(str(preferred).encode()).hexdigest()[:12]
+        path = Path(tempfile.gettempdir()) / f"ombot-cp-{os.getuid()}-{digest}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    if path.lstat().st_uid != os.getuid() or path.is_symlink():
+        raise OmbotError(f"ssh control directory {path} is not this user's own")
+    os.chmod(path, 0o700)
+    return path
+
+
+def _tail_of_stdout(runner: Runner) -> str:
+    try:
+        text = Path(runner.config.artifact_dir, "stdout").read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return " ".join(text.splitlines()[-3:])[-500:]
+
+
+class _Events:
+    """Turns runner events into per-host results, reporting each host once, as soon as it is done."""
+
+    def __init__(self, ctx: RunContext, hosts: dict[str, _Host]) -> None:
+        self.ctx, self.hosts = ctx, hosts
+        self.book: play.Playbook | None = None
+        self.runner_said = ""
+
+    def handle(self, event: dict[str, Any]) -> bool:
+        kind, data = event.get("event", ""), event.get("event_data") or {}
+        host = self.hosts.get(data.get("host", ""))
+        meaning = self.book.task_steps.get(data.get("task", "")) if self.book else None
+        if host is None or host.reported or meaning is None:
+            if data.get("host") and data.get("host") not in self.hosts:
+                log.error("job %s: ansible ran on %s, which is not one of the job's hosts", self.ctx.job_id,
+                          data.get("host"))
+            return False  # nothing kept on disk: results live in the job, not in artifacts
+        try:
+            self._apply(kind, host, meaning, data.get("res") or {}, bool(data.get("ignore_errors")))
+        except Exception:  # a surprise in one event must cost that host, not the job's bookkeeping
+            log.exception("job %s: could not read an event for %s", self.ctx.job_id, host.name)
+            self.fail(host.name, "backend error: unreadable Ansible result")
+        return False
+
+    def _apply(self, kind: str, host: _Host, meaning: tuple[int, str], res: dict[str, Any], ignored: bool) -> None:
+        index, role = meaning
+        if kind == "runner_on_unreachable":
+            host.status, host.error = HostStatus.UNREACHABLE, _text(res.get("msg")) or "unreachable"
+            self._report(host)
+        elif kind == "runner_on_ok":
+            if role == "end":  # the marker that the host is done is not one of the job's tasks
+                self._report(host)
+                return
+            host.counts["ok"] += 1
+            host.counts["changed"] += bool(res.get("changed"))
+            if role != "probe" and index >= 0:
+                self._output(host, index, role, res)
+        elif kind == "runner_on_failed" and not ignored:
+            host.counts["failed"] += 1
+            if index >= 0 and role != "probe":
+                self._output(host, index, role, res)
+            if host.status is HostStatus.OK:  # the first failure is the host's; cleanup after it is not
+                host.status, host.rc, host.error = HostStatus.FAILED, _rc(res), self._error(index, role, res)
+
+    def _output(self, host: _Host, index: int, role: str, res: dict[str, Any]) -> None:
+        self._emit_until(host, index)
+        stdout, stderr = _text(res.get("stdout")), _text(res.get("stderr"))
+        total = None
+        if role == "tail" and TAIL_TOTAL_MARK in stderr:
+            stderr, _, total_text = stderr.rpartition(TAIL_TOTAL_MARK)
+            total = int(total_text)
+        data = b"pong\n" if isinstance(self._step(index), Ping) else stdout.encode()
+        host.out.write(data)
+        if total is not None:
+            host.out.total += max(0, total - len(data))  # the snippet sent at most the cap
+        if stderr:
+            host.err.write(stderr.encode() + (b"" if stderr.endswith("\n") else b"\n"))
+        if role.startswith("run") or role == "tail":
+            host.rc = _rc(res)
+        host.next_emit = index + 1
+
+    def _emit_until(self, host: _Host, index: int) -> None:
+        assert self.book is not None
+        for step in self.ctx.plan.steps[host.next_emit:index]:
+            if isinstance(step, Emit):
+                host.out.write(step.text.encode() + b"\n")
+        host.next_emit = max(host.next_emit, index)
+
+    def _step(self, index: int) -> Step | None:
+        return self.ctx.plan.steps[index] if 0 <= index < len(self.ctx.plan.steps) else None
+
+    def _error(self, index: int, role: str, res: dict[str, Any]) -> str:
+        step, rc, msg = self._step(index), _rc(res), _text(res.get("msg"))
+        if role.startswith("run") and (isinstance(step, Command | Shell) or rc is not None):
+            program = "/bin/sh" if isinstance(step, Shell) else _program(res, step)
+            if msg.startswith("[Errno 2]"):
+                return f"command not found: {program}"
+            if rc is not None:
+                return f"{program} exited with {rc}"
+        if role in ("probe", "tail"):  # our snippets say why on their last stderr line
+            lines = [line for line in _text(res.get("stderr")).split(TAIL_TOTAL_MARK)[0].splitlines() if line]
+            if lines:
+                return lines[-1]
+        return msg or "failed"
+
+    def fail(self, name: str, error: str) -> None:
+        host = self.hosts[name]
+        host.status, host.error = HostStatus.FAILED, error
+        self._report(host)
+
+    def finish_rest(self) -> None:
+        """Hosts the run ended without finishing: stopped ones, or ones Ansible said nothing about."""
+        ctx = self.ctx
+        for host in self.hosts.values():
+            if host.reported:
+                continue
+            if self.book is not None and not self.book.has_tasks:
+                pass  # nothing to run: the Emit text is the whole result
+            elif ctx.cancelled.is_set() and host.status is HostStatus.OK:
+                host.status, host.error = HostStatus.CANCELLED, "cancelled"
+            elif ctx.remaining() <= 0 and host.status is HostStatus.OK:
+                host.status, host.error = HostStatus.TIMED_OUT, "timed out"
+            elif host.status is HostStatus.OK:
+                host.status = HostStatus.FAILED
+                host.error = "Ansible reported no result for this host" + (f": {self.runner_said}"
+                                                                          if self.runner_said else "")
+            self._report(host)
+
+    def _report(self, host: _Host) -> None:
+        if host.reported:
+            return
+        if host.status is HostStatus.OK:
+            self._emit_until(host, len(self.ctx.plan.steps))
+        host.reported = True
+        result = HostResult.from_output(host.name, host.status, host.out, host.err, rc=host.rc, started=host.started,
+                                        ended=time.time(), error=host.error)
+        result.data = {"ansible": dict(host.counts)}
+        if host.status is HostStatus.OK and self.ctx.plan.parse is not None:
+            try:
+                result.data = {**self.ctx.plan.parse(result.stdout), **result.data}
+            except Exception as exc:  # a module's parser failing is that host's failure, not the job's
+                result.status, result.error = HostStatus.FAILED, f"could not parse output: {type(exc).__name__}: {exc}"
+        self.ctx.report(result)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else str(value)
+
+
+def _rc(res: dict[str, Any]) -> int | None:
+    rc = res.get("rc")
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else None
+
+
+def _program(res: dict[str, Any], step: Step | None) -> str:
+    cmd = res.get("cmd")
+    if isinstance(cmd, list) and cmd:
+        return str(cmd[0])
+    return str(step.argv[0]) if isinstance(step, Command) else "command"

@@ -1,0 +1,182 @@
+"""A plan becomes one playbook: one play over the job's hosts whose tasks carry out the steps.
+
+Request values are data, never templates: every value from a plan (argv items, file contents,
+paths, modes, names) is written with YAML's `!unsafe` tag, which Ansible never templates. The only
+templated strings are fixed ones written here (the host's temporary directory, the interpreter).
+
+Task names are `ombot:STEP:ROLE`, which is how runner events map back to plan steps: role `run`
+is a step's own work (its output is the host's output), `probe` a check whose output is not shown
+(FirstAvailable's choice), `tmp` the temporary directory, `end` the marker that a host is done.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from masters.backends import ansible_snippets as snippets
+from modules import (
+    Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, Shell, Step, TailFile, TempPath, within,
+)
+
+PYTHON = "{{ ansible_python_interpreter | default(ombot_python) }}"
+TMP_VAR = "ombot_tmp"
+# argv items reach the program as they are: the command module would otherwise expand $VARS and ~
+# in them, and strip the output's trailing newlines.
+_LITERAL_ARGV = {"expand_argument_vars": False, "strip_empty_ends": False}
+_TEMP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+class PlanError(Exception):
+    """A plan the Ansible backend cannot express (every host fails with this message)."""
+
+
+class Unsafe(str):
+    """A string Ansible must never template: dumped as `!unsafe`."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value), style='"'))
+
+
+@dataclass
+class Playbook:
+    """The generated playbook text and what its tasks mean."""
+
+    text: str
+    task_steps: dict[str, tuple[int, str]] = field(default_factory=dict)  # task name -> (step index, role)
+    has_tasks: bool = False
+
+
+def tmp_prefix(ident: str) -> str:
+    """The name prefix of a job's temporary directory on each host (`ident`: the job id, made safe)."""
+    return f"ombot-{ident}-"
+
+
+def build(plan: Plan, job_id: str, ident: str, python: str, file_store: Path | None, output_cap: int) -> Playbook:
+    tasks: list[dict[str, Any]] = []
+    uses_tmp = any(_uses_tmp(step) for step in plan.steps)
+    if uses_tmp:
+        tasks.append({"name": "ombot:-1:tmp", "ansible.builtin.tempfile": {
+            "state": "directory", "prefix": Unsafe(tmp_prefix(ident))}, "register": TMP_VAR})
+    for index, step in enumerate(plan.steps):
+        for role, task in _tasks(step, index, file_store, output_cap):
+            tasks.append({"name": f"ombot:{index}:{role}", **task})
+    always: list[dict[str, Any]] = []
+    if uses_tmp:
+        always.append({"name": "ombot:-1:cleanup", "ansible.builtin.file": {
+            "path": "{{ %s.path }}" % TMP_VAR, "state": "absent"}, "when": f"{TMP_VAR}.path is defined"})
+    always.append({"name": "ombot:-1:end", "ansible.builtin.debug": {"msg": "done"}})
+    play = {
+        "name": "ombot", "hosts": "all", "gather_facts": False, "strategy": "free",
+        "vars": {"ombot_python": Unsafe(python)},
+        "environment": {"PATH": Unsafe(snippets.CHILD_PATH), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+                        "OMBOT_JOB_ID": Unsafe(job_id), "OMBOT_HOST": "{{ inventory_hostname }}"},
+        "tasks": [{"block": tasks, "always": always}],
+    }
+    text = yaml.dump([play], Dumper=_Dumper, sort_keys=False, allow_unicode=False, width=1 << 30)
+    meaning = {t["name"]: _meaning(t["name"]) for t in tasks + always}
+    return Playbook(text, meaning, has_tasks=bool(tasks))
+
+
+def stop_playbook(job_id: str, ident: str, python: str) -> str:
+    """Ends what a stopped job left running on its hosts (see ansible_snippets.STOP_JOB)."""
+    play = {"name": "ombot-stop", "hosts": "all", "gather_facts": False, "vars": {"ombot_python": Unsafe(python)},
+            "tasks": [{"name": "ombot:-1:stop", **_snippet(snippets.STOP_JOB, [job_id, tmp_prefix(ident)])}]}
+    return yaml.dump([play], Dumper=_Dumper, sort_keys=False, width=1 << 30)
+
+
+def _meaning(name: str) -> tuple[int, str]:
+    _, index, role = name.split(":")
+    return int(index), role
+
+
+def _uses_tmp(step: Step) -> bool:
+    match step:
+        case Command(argv):
+            return any(isinstance(a, TempPath) for a in argv)
+        case FirstAvailable(commands):
+            return any(_uses_tmp(c) for c in commands)
+        case PutFile(dest):
+            return isinstance(dest, TempPath)
+    return False
+
+
+def _tasks(step: Step, index: int, file_store: Path | None, cap: int) -> list[tuple[str, dict[str, Any]]]:
+    match step:
+        case Emit():
+            return []  # the master adds the text itself; nothing runs
+        case Ping():
+            return [("run", {"ansible.builtin.ping": {}})]
+        case Command():
+            return [("run", _command(step))]
+        case Shell(cmd):
+            return [("run", {"ansible.builtin.shell": {"cmd": Unsafe(cmd), "executable": "/bin/sh",
+                                                       "strip_empty_ends": False}})]
+        case FirstAvailable(commands):
+            probe = _snippet(snippets.FIRST_INSTALLED, [str(c.argv[0]) for c in commands])
+            choices = [(f"run{k}", {**_command(c), "when": f"ombot_pick_{index}.stdout | trim == '{k}'"})
+                       for k, c in enumerate(commands)]
+            return [("probe", {**probe, "register": f"ombot_pick_{index}"}), *choices]
+        case PutFile():
+            return [("run", _copy(step, file_store))]
+        case RequireWithin(path, roots, param):
+            return [("probe", _snippet(snippets.REQUIRE_WITHIN, [_label(param), path, *roots]))]
+        case TailFile(path, lines, roots, param):
+            return [("tail", _snippet(snippets.TAIL, [_label(param), path, str(lines), str(cap), *roots]))]
+    raise PlanError(f"the ansible backend cannot run {type(step).__name__}")
+
+
+def _label(param: str | None) -> str:
+    return f"{param}: " if param else ""
+
+
+def _snippet(code: str, args: list[str]) -> dict[str, Any]:
+    return {"ansible.builtin.command": {"argv": [PYTHON, Unsafe("-c"), Unsafe(code), *map(Unsafe, args)],
+                                        **_LITERAL_ARGV}}
+
+
+def _arg(arg: Arg) -> str:
+    if isinstance(arg, TempPath):
+        if not _TEMP_NAME.fullmatch(arg.name):  # it is joined into a template: fixed characters only
+            raise PlanError(f"temporary file name {arg.name!r} must be letters, digits, '_', '.', '-'")
+        return "{{ %s.path }}/%s" % (TMP_VAR, arg.name)
+    return Unsafe(arg)
+
+
+def _command(step: Command) -> dict[str, Any]:
+    args: dict[str, Any] = {"argv": [_arg(a) for a in step.argv], **_LITERAL_ARGV}
+    if step.stdin is not None:
+        args |= {"stdin": Unsafe(step.stdin), "stdin_add_newline": False}
+    return {"ansible.builtin.command": args}
+
+
+def _copy(step: PutFile, file_store: Path | None) -> dict[str, Any]:
+    args: dict[str, Any] = {"dest": _arg(step.dest), "mode": Unsafe(f"{step.mode:04o}"), "follow": False,
+                            "force": True}
+    if step.source is None:
+        args["content"] = Unsafe(step.content or "")
+    else:
+        args["src"] = Unsafe(str(store_file(step.source, file_store)))
+    if step.owner:
+        args["owner"] = Unsafe(step.owner)
+    if step.group:
+        args["group"] = Unsafe(step.group)
+    return {"ansible.builtin.copy": args}
+
+
+def store_file(source: str, file_store: Path | None) -> Path:
+    """The store file a PutFile names, resolved on the master: it may not lead out of the store."""
+    if file_store is None:
+        raise PlanError("this master has no file store configured")
+    path = (file_store / source).resolve()
+    if not within(str(path), str(file_store.resolve())) or not path.is_file():
+        raise PlanError(f"{source} is not a file in the master's store")
+    return path

@@ -1,0 +1,569 @@
+"""Scheduled runs end to end: signed Slack requests to real `ombot bot` processes (HTTP mode), the
+fake Slack Web API, and a real master; two bots on one PostgreSQL database for the takeover.
+
+Intervals of a few seconds are allowed here by `[bot] schedule_min_interval_seconds = 1` (the
+default is 60). A bot stopped with SIGTERM lets go of the schedules lease and the next one fires at
+once; one killed with SIGKILL holds it until it runs out (bot.schedules.LEASE_TTL_MS), and the
+other takes over then. Every wait is a generous bound, never a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import peewee
+import pexpect
+import pytest
+
+from bot import schedules as sched
+from bot import store
+from ombot.clock import now_ms
+from ombot.storage import connect_url
+from tests.fakeslack import TEAM_ID, FakeSlack, interactive_body, post_to_bot
+from tests.support import REPO, BotProcess, Cluster, bot_table, free_port
+from tests.test_approvals import Reply as ApprovalReply
+from tests.test_console import say, spawn_console
+from tests.test_storage import BACKENDS, scratch
+
+SECRET = "0c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f"
+ALICE, LEAD1, LEAD2, MALLORY = "U0ALICE", "U0LEAD1", "U0LEAD2", "U0MALLORY"
+TAKEOVER = 40.0  # the lease's 10 s, a renewal, a bot start: generously
+
+POLICY = """\
+[roles.ops]
+users = ["U0ALICE"]
+
+[roles.leads]
+users = [LEADS]
+
+[[rules]]
+name = "db hosts are for nobody"
+modules = ["echo"]
+targets = ["db*"]
+request = []
+
+[[rules]]
+name = "shell needs a lead"
+modules = ["shell.exec"]
+targets = ["localhost"]
+request = ["ops"]
+approval = { count = 1, roles = ["leads"] }
+
+[[rules]]
+name = "shell on web needs a lead"
+modules = ["shell.exec"]
+targets = ["web*"]
+request = ["ops"]
+approval = { count = 1, roles = ["leads"] }
+
+[[rules]]
+name = "everyday"
+modules = ["echo", "test.sleep"]
+targets = ["web*", "localhost"]
+request = ["ops"]
+"""
+MASTER_FLOOR = '\n[masters.m1.approvals]\n"shell.exec" = 1\n'
+
+
+def policy(leads: str = '"U0LEAD1", "U0LEAD2"', ops: str = '"U0ALICE"') -> str:
+    return POLICY.replace("[LEADS]", f"[{leads}]").replace('users = ["U0ALICE"]', f"users = [{ops}]")
+
+
+class Reply(ApprovalReply):
+    """The answers to one command, waited for longer: schedules fire on their own time."""
+
+    def wait(self, needle: str, timeout: float = 30) -> str:
+        return super().wait(needle, timeout)
+
+
+@dataclass
+class Rig:
+    fake: FakeSlack
+    cluster: Cluster
+    bots: list[BotProcess]
+    ports: list[int]
+    env: dict[str, str]
+
+    def command(self, text: str, channel: str, user: str = ALICE, bot: int = 0) -> Reply:
+        fields = self.fake.slash_command(text=text, user_id=user, channel_id=channel)
+        status, _ = post_to_bot(self.ports[bot], urlencode(fields), SECRET)
+        assert status == 200
+        return Reply(self.fake, fields["response_url"])
+
+    def click(self, action_id: str, value: str, ts: str, user: str, channel: str) -> Reply:
+        payload = self.fake.block_actions(action_id, value, user_id=user, channel_id=channel, message_ts=ts)
+        assert post_to_bot(self.ports[0], interactive_body(payload), SECRET)[0] == 200
+        return Reply(self.fake, payload["response_url"])
+
+    def schedule(self, text: str, channel: str) -> int:
+        return self.command(f"schedule {text}", channel).number("Schedule #")
+
+    def cards(self, channel: str, schedule: int) -> list[dict[str, Any]]:
+        return [m for m in self.fake.messages(channel)
+                if m.get("text", "").startswith("[#") and f"schedule #{schedule} (" in m["text"]]
+
+    def wait_cards(self, channel: str, schedule: int, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+        return self.fake.wait_for(lambda: (lambda c: c if len(c) >= count else None)(self.cards(channel, schedule)),
+                                  timeout, what=f"{count} cards of schedule #{schedule}")
+
+    def said(self, channel: str, needle: str, timeout: float = 30) -> dict[str, Any]:
+        return self.fake.wait_for(lambda: next((m for m in self.fake.messages(channel) if needle in m.get("text", "")),
+                                               None), timeout, what=f"a message with {needle!r} in {channel}")
+
+    def approval(self, channel: str, schedule: int, state: str = "pending") -> dict[str, Any]:
+        shape = re.compile(rf"^\[approval #\d+ {state}\] .* on schedule #{schedule} \(")
+        return self.fake.wait_for(lambda: next((m for m in reversed(self.fake.messages(channel))
+                                                if shape.match(m.get("text", ""))), None),
+                                  30, what=f"a {state} approval of schedule #{schedule}")
+
+    def approve(self, message: dict[str, Any], user: str, channel: str) -> Reply:
+        buttons = next(b for b in message["blocks"] if b["type"] == "actions")["elements"]
+        return self.click("om_approve", buttons[0]["value"], message["ts"], user, channel)
+
+    def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(self.cluster.root / "state" / "bot.db", timeout=10) as conn:
+            return conn.execute(sql, args).fetchall()
+
+    def state_of(self, schedule: int) -> str:
+        return str(self.rows("SELECT state FROM bot_schedule WHERE number = ?", schedule)[0][0])
+
+    def master_hosts(self) -> list[list[str]]:
+        """The host list of every job the master accepted."""
+        with sqlite3.connect(self.cluster.root / "state-m1" / "m1.db", timeout=10) as conn:
+            return [json.loads(row[0]) for row in conn.execute("SELECT hosts FROM job")]
+
+    def master_jobs(self) -> list[str]:
+        with sqlite3.connect(self.cluster.root / "state-m1" / "m1.db", timeout=10) as conn:
+            return [row[0] for row in conn.execute("SELECT id FROM job")]
+
+    def bot(self, index: int) -> BotProcess:
+        """Bot `index`: the cluster's config, or a copy of it that listens on its own port."""
+        if index == 0:
+            return BotProcess(self.cluster, self.env)
+        site = Site(self.cluster.root / f"bot{index}", self.cluster.root / f"ombot-{index}.toml")
+        site.root.mkdir(exist_ok=True)
+        site.config_path.write_text(self.cluster.config_path.read_text().replace(
+            f'listen = "127.0.0.1:{self.ports[0]}"', f'listen = "127.0.0.1:{self.ports[index]}"'))
+        return BotProcess(site, self.env)  # type: ignore[arg-type]  # it reads only these two
+
+    def restart(self, between: Any = None) -> None:
+        for bot in self.bots:
+            bot.stop()
+        if between is not None:
+            between()
+        self.bots = [self.bot(i).start(port) for i, port in enumerate(self.ports)]
+
+
+def make_rig(root: Path, fake: FakeSlack, bots: int = 1, env: dict[str, str] | None = None,
+             grace: int = 5) -> Rig:
+    ports = [free_port() for _ in range(bots)]
+    table = bot_table(ports[0], TEAM_ID, schedule_min_interval_seconds=1, misfire_grace_seconds=grace)
+    cluster = Cluster(root, {"local": ["m1"]}, module_dirs=[REPO / "tests" / "site_modules"], policy=policy(),
+                      extra_toml=table + MASTER_FLOOR)
+    cluster.start("m1")
+    env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url,
+           **(env or {})}
+    rig = Rig(fake, cluster, [], ports, env)
+    rig.bots = [rig.bot(i).start(port) for i, port in enumerate(ports)]
+    return rig
+
+
+@dataclass
+class Site:
+    """Where a second bot process reads its config (the first's, on its own port) and writes its log."""
+
+    root: Path
+    config_path: Path
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    with FakeSlack() as fake:
+        rig = make_rig(tmp_path_factory.mktemp("schedules"), fake)
+        try:
+            yield rig
+        finally:
+            for bot in rig.bots:
+                bot.stop()
+            rig.cluster.stop_all()
+
+
+@pytest.fixture
+def rig(shared: Rig) -> Iterator[Rig]:
+    yield shared
+    shared.fake.assert_no_violations()
+
+
+# -- timing and words, no processes -----------------------------------------------------------------
+
+
+def test_timing_is_read_by_apscheduler_and_bad_timings_are_explained() -> None:
+    assert sched.parse_timing("every 15m").interval == 900
+    assert sched.parse_timing("*/5  * * * *").text == "*/5 * * * *"
+    for bad, needle in [("every 15", "every N"), ("every 0s", "too often"), ("every 5s", "too often"),
+                        ("*/5 * * *", "five fields"), ("61 * * * *", "cannot read the cron line"),
+                        ("every 1x", "every N")]:
+        with pytest.raises(sched.CommandError, match=needle):
+            sched.parse_timing(bad, min_interval=60)
+    cron = sched.parse_timing("0 3 * * *").trigger(0)
+    day = 86_400_000
+    times, total = sched.fire_times(cron, 0, 3 * day)
+    assert times == [3 * 3_600_000, day + 3 * 3_600_000, 2 * day + 3 * 3_600_000] and total == 3
+    every = sched.parse_timing("every 2s").trigger(1_000)
+    assert sched.fire_times(every, 1_000, 7_500)[0] == [3_000, 5_000, 7_000]
+
+
+def test_schedule_words() -> None:
+    words = sched.schedule_words(["*/5 * * * *", "run", "echo", "web01", "message=hi", "idc=local"])
+    assert words["timing"] == "*/5 * * * *" and words["run"].module == "echo" and words["run"].idc == "local"
+    assert sched.schedule_words(["every", "15m", "run", "echo", "web01"])["timing"] == "every 15m"
+    assert sched.schedule_words(["pause", "3"]) == {"action": "pause", "ref": "3", "timing": None, "run": None}
+    for bad in ([], ["pause"], ["every", "15m", "echo"], ["run", "echo"], ["every", "15m", "run"]):
+        with pytest.raises(sched.CommandError):
+            sched.schedule_words(bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_schedule_tables_and_the_run_claim_on_every_database(backend: str, tmp_path: Path) -> None:
+    """The tables migrate on SQLite, MariaDB and PostgreSQL; a run is claimed once, and a run row
+    with the same (schedule, time) is refused."""
+    with scratch(backend, tmp_path) as url:
+        db = store.open_store(url)
+        try:
+            sched.prepare()
+            sched.prepare()  # idempotent
+            now = now_ms()
+            row = sched.Schedule.create(
+                schedule_id="s-1", requester=ALICE, origin="slack", channel="C0X", idc="local", module="echo",
+                params={"message": "hi"}, targets="web01", hosts=["web01"], timing="every 1m", state=sched.ACTIVE,
+                anchor_at=now, last_fire_at=now, created_at=now)
+            runner = sched.Schedules.__new__(sched.Schedules)  # only the claim, which needs no collaborators
+            run = sched.ScheduleRun(job_id="j-1", schedule=row.number, scheduled_at=now + 60_000, fired_at=now,
+                                    label="x")
+            assert runner._claim(row, now + 60_000, run=run)
+            assert not runner._claim(row, now + 60_000)  # the same snapshot loses: it was taken
+            assert sched.schedule_label("j-1") == "x"
+            with pytest.raises(peewee.IntegrityError):
+                sched.ScheduleRun.create(job_id="j-2", schedule=row.number, scheduled_at=now + 60_000,
+                                         fired_at=now, label="y")
+        finally:
+            db.close()
+
+
+# -- through the bot --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_schedule_fires_cards_naming_it_and_survives_a_restart(rig: Rig) -> None:
+    channel = "C0FIRE"
+    number = rig.schedule("every 2s run echo localhost message=tick", channel)
+    cards = rig.wait_cards(channel, number, 2)
+    assert all("echo on 1 host(s) in local by U0ALICE" in c["text"] for c in cards)
+    assert rig.fake.wait_for(lambda: all(" ok]" in c["text"].split("\n")[0] for c in rig.cards(channel, number)[:2]),
+                             what="the first runs to end ok")
+    listing = rig.command("schedules", channel).wait(f"#{number} active")
+    assert "every 2s (UTC): `echo` on localhost (1 host(s)) in local message=tick" in listing
+    cli = rig.cluster.ombot("schedules")
+    assert cli.returncode == 0 and f"#{number} active   every 2s (UTC): `echo` on localhost" in cli.stdout
+
+    rig.restart()  # restored from the table; the new bot takes over the lease, then fires again
+    before = len(rig.cards(channel, number))
+    rig.wait_cards(channel, number, before + 2, timeout=TAKEOVER)
+    # every run's job id is derived from (schedule, fire time), and the master ran each once
+    runs = rig.rows("SELECT job_id, scheduled_at FROM bot_schedule_run WHERE schedule = ?", number)
+    assert len({at for _, at in runs}) == len(runs)
+    assert {job for job, _ in runs} <= set(rig.master_jobs())
+
+    rig.command(f"schedule delete {number}", channel).wait(f"Deleted schedule #{number}")
+    time.sleep(1)  # a run already claimed may still post its card
+    settled = len(rig.cards(channel, number))
+    time.sleep(5)
+    assert len(rig.cards(channel, number)) == settled and rig.state_of(number) == "deleted"
+    assert f"#{number} " not in rig.command("schedules", channel).wait("")
+
+
+@pytest.mark.slow
+def test_pause_and_resume(rig: Rig) -> None:
+    channel = "C0PAUSE"
+    number = rig.schedule("every 2s run echo web01 message=p", channel)
+    rig.wait_cards(channel, number, 1)
+    rig.command(f"schedule pause {number}", channel, user=MALLORY).wait("Refused: only its requester")
+    rig.command(f"schedule pause {number}", channel).wait(f"Paused schedule #{number}")
+    time.sleep(1)
+    paused = len(rig.cards(channel, number))
+    time.sleep(5)
+    assert len(rig.cards(channel, number)) == paused and rig.state_of(number) == "paused"
+    assert "paused by <@U0ALICE>" in rig.command("schedules", channel).wait(f"#{number} paused")
+    rig.command(f"schedule resume {number}", channel).wait(f"Resumed schedule #{number}")
+    rig.wait_cards(channel, number, paused + 1)
+    rig.command(f"schedule delete {number}", channel).wait("Deleted")
+    rig.command("schedule pause 99999", channel).wait("No schedule '99999'")
+
+
+@pytest.mark.slow
+def test_creation_is_refused_without_permission_and_bad_words_are_explained(rig: Rig) -> None:
+    channel = "C0REFUSE"
+    rig.command("schedule every 1m run echo localhost message=x", channel, user=MALLORY).wait(
+        "Refused: you hold no role")
+    rig.command("schedule every 1m run echo db01 message=x", channel).wait(
+        "Refused: rule `db hosts are for nobody`")
+    rig.command("schedule every 1m run echo localhost", channel).wait("missing: message")
+    rig.command("schedule every 1m run nosuch localhost", channel).wait("No module `nosuch`")
+    rig.command('schedule "61 * * * *" run echo localhost message=x', channel).wait("cannot read the cron line")
+    rig.command("schedule every 1m echo localhost", channel).wait("a schedule says what to run")
+    assert rig.rows("SELECT count(*) FROM bot_schedule WHERE channel = ?", channel) == [(0,)]
+
+
+@pytest.mark.slow
+def test_a_run_in_flight_makes_the_next_firings_skip_and_the_next_card_counts_them(rig: Rig) -> None:
+    channel = "C0BUSY"
+    number = rig.schedule("every 1s run test.sleep localhost seconds=3", channel)
+    cards = rig.wait_cards(channel, number, 2)
+    rig.command(f"schedule delete {number}", channel).wait("Deleted")
+    second = cards[1]["text"]
+    skipped = int(re.search(r"(\d+) run\(s\) skipped while the previous one was still running", second).group(1))
+    assert skipped >= 1
+    # never two at once: each run started after the one before it ended
+    jobs = rig.rows("SELECT created_at, finished_at FROM bot_job WHERE job_id IN "
+                    "(SELECT job_id FROM bot_schedule_run WHERE schedule = ?) ORDER BY created_at", number)
+    for (_, ended), (started, _) in zip(jobs, jobs[1:]):
+        assert ended is not None and started >= ended
+
+
+@pytest.mark.slow
+def test_missed_runs_coalesce_within_the_grace_and_older_ones_are_skipped(rig: Rig) -> None:
+    channel = "C0MISS"
+    number = rig.schedule("every 2s run echo localhost message=m", channel)
+    rig.wait_cards(channel, number, 1)
+
+    def away() -> None:
+        time.sleep(8)
+
+    rig.restart(between=away)  # down 8 s and a start: misfire_grace is 5 s here
+    card = rig.fake.wait_for(lambda: next((c for c in rig.cards(channel, number) if "missed run(s)" in c["text"]),
+                                          None), TAKEOVER, what="a card after the missed runs")
+    missed = int(re.search(r"(\d+) missed run\(s\) coalesced into this one", card["text"]).group(1))
+    too_old = int(re.search(r"(\d+) missed run\(s\) older than misfire_grace skipped", card["text"]).group(1))
+    assert missed >= 1 and too_old >= 1
+    rig.command(f"schedule delete {number}", channel).wait("Deleted")
+    # one run for all of them: the coalesced ones never ran one by one
+    runs = rig.rows("SELECT scheduled_at FROM bot_schedule_run WHERE schedule = ? ORDER BY scheduled_at", number)
+    assert len(runs) == len(rig.cards(channel, number))
+
+
+@pytest.mark.slow
+def test_a_run_claimed_by_a_bot_that_died_before_starting_it_is_started_by_the_next(rig: Rig) -> None:
+    channel = "C0ORPHAN"
+    number = rig.schedule("every 1h run echo localhost message=orphan", channel)
+    job_id = str(uuid.uuid4())
+
+    def died_after_claiming() -> None:  # what a bot killed between the claim and storing the job leaves
+        lease = "SELECT count(*) FROM bot_lease WHERE name = 'schedules:slack' AND expires_at >= ?"
+        rig.fake.wait_for(lambda: rig.rows(lease, now_ms()) == [(0,)], TAKEOVER, what="the old bot's lease to end")
+        now = now_ms()  # claimed just now: within misfire_grace when the next bot starts
+        with sqlite3.connect(rig.cluster.root / "state" / "bot.db", timeout=10) as conn:
+            conn.execute("INSERT INTO bot_schedule_run (job_id, schedule, scheduled_at, fired_at, label) "
+                         "VALUES (?, ?, ?, ?, ?)", (job_id, number, now, now, f"schedule #{number} (every 1h, UTC)"))
+            conn.execute("UPDATE bot_schedule SET last_job_id = ?, last_fire_at = ? WHERE number = ?",
+                         (job_id, now, number))
+
+    rig.restart(between=died_after_claiming)
+    card = rig.wait_cards(channel, number, 1, timeout=TAKEOVER)[0]
+    assert "echo on 1 host(s)" in card["text"]
+    assert rig.fake.wait_for(lambda: job_id in rig.master_jobs(), what="the run at the master")
+    assert rig.rows("SELECT count(*) FROM bot_job WHERE job_id = ?", job_id) == [(1,)]
+    rig.command(f"schedule delete {number}", channel).wait("Deleted")
+
+
+@pytest.mark.slow
+def test_approval_covers_the_schedule_and_a_lost_right_pauses_it(rig: Rig) -> None:
+    channel = "C0APPROVE"
+    reply = rig.command('schedule every 2s run shell.exec localhost cmd="echo scheduled"', channel)
+    assert "needs 1 approval(s) from leads" in reply.wait("Waiting as request #")
+    number = rig.rows("SELECT number FROM bot_schedule WHERE channel = ?", channel)[0][0]
+    assert rig.state_of(number) == "awaiting"
+    time.sleep(3)
+    assert rig.cards(channel, number) == []  # nothing runs before the approval
+    rig.approve(rig.approval(channel, number), LEAD1, channel).wait(f"schedule #{number} (every 2s, UTC) is active now")
+    rig.said(channel, f"Schedule #{number} is active")
+    cards = rig.wait_cards(channel, number, 2)
+    # the master's own floor wants an approver other than the requester: the envelope carried LEAD1
+    assert rig.fake.wait_for(lambda: any(" ok]" in c["text"].split("\n")[0] for c in rig.cards(channel, number)),
+                             what="a run that the master let through")
+    assert rig.rows("SELECT count(*) FROM approval_request WHERE channel = ?", channel) == [(1,)]  # one approval
+    assert len(cards) >= 2
+
+    # LEAD1 is no longer a lead: the schedule pauses and asks again in its channel
+    rig.restart(between=lambda: (rig.cluster.root / "policy.toml").write_text(policy(leads='"U0LEAD2"')))
+    rig.said(channel, f"Schedule #{number} is paused: approver(s) <@{LEAD1}> may no longer approve it", TAKEOVER)
+    asked = rig.approval(channel, number)
+    assert rig.state_of(number) == "awaiting"
+    rig.approve(asked, LEAD2, channel).wait("is active now")
+    active = len(rig.cards(channel, number))
+    rig.wait_cards(channel, number, active + 1)
+
+    # the approval covers it for schedule_approval_days: once that has passed, it asks again
+    with sqlite3.connect(rig.cluster.root / "state" / "bot.db", timeout=10) as conn:
+        conn.execute("UPDATE bot_schedule SET approval_expires_at = ? WHERE number = ?", (now_ms() - 1000, number))
+    rig.said(channel, f"Schedule #{number} is paused: its approval ran out")
+    rig.approve(rig.approval(channel, number), LEAD2, channel).wait("is active now")
+    active = len(rig.cards(channel, number))
+    rig.wait_cards(channel, number, active + 1)
+
+    # the requester loses the right: paused, no approval can help
+    rig.restart(between=lambda: (rig.cluster.root / "policy.toml").write_text(
+        policy(leads='"U0LEAD2"', ops='"U0OTHER"')))
+    rig.said(channel, f"Schedule #{number} is paused: <@{ALICE}> may no longer run it", TAKEOVER)
+    assert rig.state_of(number) == "paused"
+    time.sleep(1)
+    settled = len(rig.cards(channel, number))
+    time.sleep(4)
+    assert len(rig.cards(channel, number)) == settled
+    rig.restart(between=lambda: (rig.cluster.root / "policy.toml").write_text(policy()))
+
+
+@pytest.mark.slow
+def test_a_group_that_expands_to_other_hosts_pauses_the_schedule_and_asks_again(tmp_path: Path) -> None:
+    """The approvers saw `web` as web01..web03; once the master's inventory says otherwise, nothing runs
+    on the new hosts until someone approves them."""
+    with FakeSlack() as fake:
+        rig = make_rig(tmp_path / "regroup", fake)
+        try:
+            channel = "C0REGROUP"
+            rig.command('schedule every 2s run shell.exec web cmd="echo regrouped"', channel).wait("Waiting as request #")
+            number = rig.rows("SELECT number FROM bot_schedule WHERE channel = ?", channel)[0][0]
+            rig.approve(rig.approval(channel, number), LEAD1, channel).wait("is active now")
+            first = ["web01", "web02", "web03"]
+            assert rig.fake.wait_for(lambda: any(" ok]" in c["text"].split("\n")[0]
+                                                 for c in rig.cards(channel, number)), what="an approved run")
+            assert {tuple(h) for h in rig.master_hosts()} == {tuple(first)}
+
+            # the group changes at the master: web01 leaves, web04 and web05 join
+            master = rig.cluster.processes["m1"]
+            master.stop()
+            inventory = rig.cluster.root / "inventory.ini"
+            inventory.write_text(inventory.read_text().replace(
+                "web01 ansible_connection=local\n", "").replace(
+                "web03 ansible_connection=local\n",
+                "web03 ansible_connection=local\nweb04 ansible_connection=local\nweb05 ansible_connection=local\n"))
+            master.start()
+            moved = ["web02", "web03", "web04", "web05"]
+            rig.said(channel, f"Schedule #{number} is paused: its targets now expand to 4 host(s), not the 3 approved. "
+                              "Asking for approval again.", TAKEOVER)
+            asked = rig.approval(channel, number)
+            assert "web04" in json.dumps(asked["blocks"])
+            row = rig.rows("SELECT state, hosts, approval_request FROM bot_schedule WHERE number = ?", number)[0]
+            assert row[0] == "awaiting" and sorted(json.loads(row[1])) == moved
+            [(request_state, request_hosts)] = rig.rows("SELECT state, hosts FROM approval_request WHERE request_id = ?",
+                                                        row[2])
+            assert request_state == "pending" and sorted(json.loads(request_hosts)) == moved
+            before = len(rig.cards(channel, number))
+            time.sleep(5)  # a few firings pass while it waits: none runs
+            assert len(rig.cards(channel, number)) == before and rig.state_of(number) == "awaiting"
+            assert all(sorted(h) == first for h in rig.master_hosts())  # nothing ran on the new hosts
+
+            rig.approve(asked, LEAD2, channel).wait("is active now")
+            card = rig.wait_cards(channel, number, before + 1)[before]
+            assert "shell.exec on 4 host(s)" in card["text"]
+            assert rig.fake.wait_for(lambda: any(sorted(h) == moved for h in rig.master_hosts()),
+                                     what="a run on the new host list at the master")
+            assert rig.state_of(number) == "active"
+            assert rig.rows("SELECT count(*) FROM approval_request WHERE channel = ?", channel) == [(2,)]
+            fake.assert_no_violations()
+        finally:
+            for bot in rig.bots:
+                bot.stop()
+            rig.cluster.stop_all()
+
+
+# -- two bots on one PostgreSQL database ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_bots_fire_each_run_once_and_one_takes_over_when_the_other_dies(tmp_path: Path) -> None:
+    with scratch("postgres", tmp_path) as url, FakeSlack() as fake:
+        rig = make_rig(tmp_path / "two", fake, bots=2, env={"OMBOT_BOT_DATABASE_URL": url})
+        db = connect_url(url)
+        try:
+            channel = "C0TWO"
+            number = rig.schedule("every 2s run echo localhost message=both", channel)
+            rig.wait_cards(channel, number, 4, timeout=TAKEOVER)
+
+            def holder() -> str:
+                row = db.execute_sql("SELECT holder FROM bot_lease WHERE name = 'schedules:slack'").fetchone()
+                return str(row[0])
+
+            pid = int(holder().split(":")[1])
+            leader = next(b for b in rig.bots if b.proc is not None and b.proc.pid == pid)
+            assert leader.proc is not None
+            os.killpg(leader.proc.pid, signal.SIGKILL)  # it dies holding the lease, which has to run out
+            leader.proc.wait()
+            killed_at = now_ms()
+            fake.wait_for(lambda: holder().split(":")[1] != str(pid), TAKEOVER, what="another bot to take the lease")
+            fake.wait_for(lambda: db.execute_sql("SELECT count(*) FROM bot_schedule_run WHERE fired_at > %s",
+                                                 (killed_at,)).fetchone()[0] >= 2, TAKEOVER,
+                          what="runs fired by the bot that took over")
+            db.execute_sql("UPDATE bot_schedule SET state = 'paused' WHERE number = %s", (number,))
+            time.sleep(3)  # runs claimed before the pause start their jobs
+
+            runs = db.execute_sql("SELECT job_id, scheduled_at FROM bot_schedule_run WHERE schedule = %s",
+                                  (number,)).fetchall()
+            jobs = [row[0] for row in db.execute_sql("SELECT job_id FROM bot_job").fetchall()]
+            at_master = rig.master_jobs()
+            assert len({at for _, at in runs}) == len(runs) >= 4  # each fire time once
+            assert set(at_master) <= set(jobs) <= {job for job, _ in runs} and len(jobs) == len(set(jobs))
+            # one job at the master per run, never two; the bot killed while starting a run may have lost
+            # that one run (claimed, not yet sent), never doubled it
+            assert len(runs) - len(at_master) <= 1
+            # a takeover that sent a run again would get the first job back, marked a duplicate
+            router = rig.cluster.router(ALICE)
+            try:
+                _, reply = router.submit("local", "echo", {"message": "both"}, ["localhost"], requester=ALICE,
+                                         request_id=at_master[0])
+            finally:
+                router.close()
+            assert reply["duplicate"] is True and sorted(rig.master_jobs()) == sorted(at_master)
+        finally:
+            db.close()
+            for bot in rig.bots:
+                bot.stop()
+            rig.cluster.stop_all()
+
+
+# -- the console ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_console_schedules(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "console", {"local": ["m1"]}, module_dirs=[REPO / "tests" / "site_modules"],
+                      extra_toml=bot_table(console_user="U0DEMO", schedule_min_interval_seconds=1))
+    cluster.start("m1")
+    child = spawn_console(cluster)
+    try:
+        child.expect_exact("OMBot console: you are U0DEMO.")
+        say(child, "/om schedule every 2s run echo localhost message=console")
+        child.expect(r"Schedule #(\d+) is active")
+        number = child.match.group(1)
+        child.expect_exact(f"schedule #{number} (every 2s, UTC)", timeout=40)
+        say(child, "/om schedules")
+        child.expect_exact(f"#{number} active   every 2s (UTC)")
+        say(child, f"/om schedule delete {number}")
+        child.expect_exact(f"Deleted schedule #{number}")
+        say(child, "/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        print(child.logfile_read.text)
+        if child.isalive():
+            child.terminate(force=True)
+        cluster.stop_all()
