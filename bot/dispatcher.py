@@ -197,6 +197,7 @@ class Dispatcher:
         self.approvals.deny(request, reason, req, transport)
 
     reserve("audit", "search the shell audit trail")
+
     @chat_command("schedule", summary="run a module on a timetable (cron in UTC, or `every 15m`); pause, resume, "
                   "delete", usage=SCHEDULE_USAGE, parse=schedule_words)
     def schedule_command(self, req: ChatRequest, transport: Transport, action: str, ref: str | None,
