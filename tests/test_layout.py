@@ -31,7 +31,8 @@ LIBRARY_HOMES = {
     "rpyc": {"masters/server.py", "masters/client.py", "audit_agent/link.py"},
     "ansible": {"masters/inventory.py"},
     "apscheduler": {"approvals/gate.py", "bot/jobs.py", "bot/schedules.py", "masters/housekeeping.py"},
-    "re2": {"masters/inventory.py"},
+    "re2": {"masters/inventory.py", "bot/audit_rules.py"},
+    "ahocorasick": {"bot/audit_rules.py"},
     "ansible_runner": {"masters/backends/ansible.py"},
 }
 

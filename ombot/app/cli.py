@@ -274,7 +274,7 @@ def audit_agent_command(ctx: typer.Context) -> None:
     raise typer.Exit(agent_main(list(ctx.args)))
 
 
-audit_app = typer.Typer(no_args_is_help=True, help="Enrol and revoke servers' audit agents.")
+audit_app = typer.Typer(no_args_is_help=True, help="Enrol and revoke servers' audit agents; check audit rules.")
 app.add_typer(audit_app, name="audit")
 
 
@@ -320,6 +320,25 @@ def audit_revoke(ctx: typer.Context, host: Annotated[str, typer.Argument(help="T
             typer.echo(f"remove \"{client_id}\" from [masters.{mid}] accept")
         typer.echo(f"then restart {', '.join(accepting) or 'nothing (no master accepts it)'}: a master reads its "
                    "accept list at start")
+
+
+@audit_app.command("test-rules")
+def audit_test_rules(file: Annotated[Path, typer.Argument(help="The audit rules file (TOML)")]) -> None:
+    """Check an audit rules file: its syntax, its regexes, and every rule's inline examples."""
+    from bot import check_examples, load_rules
+    from ombot.errors import ConfigError
+
+    try:
+        rules = load_rules(file)
+    except ConfigError as exc:  # a broken file is a problem found, like a failing example: exit 1
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    problems = check_examples(rules)
+    for problem in problems:
+        typer.echo(problem)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"ok: {len(rules.rules)} rules")
 
 
 def main() -> None:

@@ -145,6 +145,7 @@ cancel = ["leads"]
 
 def init(directory: Path, port: int = DEFAULT_PORT, demo: bool = False) -> Path:
     """Write a starter set. `demo` (for `ombot up`) lets the console play the demo's chat users."""
+    from bot import SAMPLE_RULES
     from masters import Identity
 
     config = directory / "ombot.toml"
@@ -160,6 +161,7 @@ def init(directory: Path, port: int = DEFAULT_PORT, demo: bool = False) -> Path:
     (directory / "state" / "files").mkdir(parents=True, exist_ok=True)
     ops = ['"U0DEMO"' if demo else f'"console:{unix_user}"', f'"cli:{unix_user}"']
     (directory / "policy.toml").write_text(POLICY.format(ops_users=", ".join(ops)))
+    (directory / "audit-rules.toml").write_text(SAMPLE_RULES)  # check edits with `ombot audit test-rules`
     config.write_text(CONFIG_TEMPLATE.format(
         cli_id=cli_id, unix_user=unix_user, port=port, bot_public=keys["bot"].public,
         console_public=keys["console"].public, cli_public=keys[cli_id].public, master_public=keys["local-1"].public,

@@ -1,0 +1,485 @@
+"""The shell audit's rules engine: which commands raise an alert, where it goes, how often.
+
+A pure module: rules read from a TOML file (docs/audit.md, "Rules"), matched against one event at a
+time. All keywords of all rules are found in one Aho-Corasick pass; regexes run on RE2 (linear
+time: a pattern RE2 cannot compile, e.g. a backreference, is refused at load, naming the rule);
+then field conditions (user, host, IDC globs; exit status). `Thresholds` turns matches into alerts
+over time (counts within a window, cooldown per dedupe key). `redact` hides secrets in commands.
+"""
+
+from __future__ import annotations
+
+import string
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import ahocorasick
+import re2
+
+from ombot.config import TableReader, read_toml
+from ombot.errors import ConfigError
+from ombot.globs import matches_any
+
+SEVERITIES = ("info", "warning", "critical")
+DEFAULT_DEDUPE = "{rule}:{host}"
+DEDUPE_FIELDS = frozenset({"rule", "severity", "host", "user", "idc", "exit_status"})
+DEFAULT_COOLDOWN = 300
+REGEX_MEMORY = 1 << 20  # per compiled pattern: past it RE2's DFA falls back to its NFA, still linear
+MASK = "****"
+EXAMPLE_FIELDS = ("command", "user", "host", "idc", "exit_status")
+# A Slack channel id (C.../G...), never a name: names change and can be reused.
+CHANNEL_ID = re2.compile(r"^[CG][A-Z0-9]{2,}$")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Alert only when `count` matches with one dedupe key fall within `window_seconds`."""
+
+    count: int = 1
+    window_seconds: int = 0
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    keywords: tuple[str, ...]
+    regexes: tuple[Any, ...]  # compiled re2 patterns
+    case_sensitive: bool
+    users: tuple[str, ...]
+    hosts: tuple[str, ...]
+    idcs: tuple[str, ...]
+    exit_status: tuple[int, ...] | str | None  # ints, "nonzero", or None for any
+    severity: str
+    channel: str | None
+    dedupe: str
+    cooldown_seconds: int
+    threshold: Threshold
+    examples_match: tuple[str | dict[str, Any], ...] = ()
+    examples_no_match: tuple[str | dict[str, Any], ...] = ()
+
+    def fields_match(self, event: Mapping[str, Any]) -> bool:
+        return (matches_any(str(event["user"]), self.users) and matches_any(str(event["host"]), self.hosts)
+                and matches_any(str(event["idc"]), self.idcs) and self._exit_matches(event["exit_status"]))
+
+    def _exit_matches(self, status: int | None) -> bool:
+        if self.exit_status is None:
+            return True
+        if self.exit_status == "nonzero":
+            return status is not None and status != 0
+        return status in self.exit_status
+
+    def regexes_match(self, command: str) -> bool:
+        return not self.regexes or any(r.search(command) for r in self.regexes)
+
+
+@dataclass(frozen=True)
+class Match:
+    """One rule that an event matched, and what its alert needs."""
+
+    rule: str
+    severity: str
+    channel: str | None
+    dedupe_key: str
+    cooldown_seconds: int
+    threshold: Threshold
+
+
+class RuleSet:
+    """The rules of one file, with their keywords in one automaton."""
+
+    def __init__(self, rules: Sequence[Rule], redact_patterns: Sequence[str] = (), path: Path | None = None) -> None:
+        self.rules = tuple(rules)
+        self.redact_patterns = tuple(redact_patterns)
+        self.path = path
+        self._automaton = _automaton(self.rules)
+
+    def match(self, event: Mapping[str, Any]) -> list[Match]:
+        """Every rule the event matches, in file order. The event has at least command, user, host,
+        idc, exit_status (int or None) and at (epoch ms)."""
+        found = []
+        for index in self._candidates(str(event["command"])):
+            rule = self.rules[index]
+            if rule.fields_match(event):
+                found.append(Match(rule.name, rule.severity, rule.channel, _dedupe_key(rule, event),
+                                   rule.cooldown_seconds, rule.threshold))
+        return found
+
+    def command_matches(self, command: str) -> list[str]:
+        """The names of the rules whose keywords and regexes match the command, fields not asked."""
+        return [self.rules[i].name for i in self._candidates(command)]
+
+    def redact(self, text: str) -> str:
+        return redact(text, self.redact_patterns)
+
+    def _candidates(self, command: str) -> list[int]:
+        hits = self._keyword_hits(command)
+        return [i for i, rule in enumerate(self.rules)
+                if (not rule.keywords or i in hits) and rule.regexes_match(command)]
+
+    def _keyword_hits(self, command: str) -> set[int]:
+        """Rules with at least one keyword in the command: one pass over it, whatever the number of rules."""
+        if self._automaton is None:
+            return set()
+        folded = _fold(command)
+        hits: set[int] = set()
+        for end, entries in self._automaton.iter(folded):
+            for index, keyword, case_sensitive in entries:
+                if index in hits:
+                    continue
+                # Case-sensitive keywords share the folded automaton; the original text confirms the case.
+                if not case_sensitive or command[end - len(keyword) + 1:end + 1] == keyword:
+                    hits.add(index)
+        return hits
+
+
+def _fold(text: str) -> str:
+    """Lower case with every character kept at its index (a few characters lower to two)."""
+    if text.isascii():
+        return text.lower()
+    return "".join(low if len(low := c.lower()) == 1 else c for c in text)
+
+
+def _automaton(rules: Sequence[Rule]) -> Any:
+    entries: dict[str, list[tuple[int, str, bool]]] = {}
+    for index, rule in enumerate(rules):
+        for keyword in rule.keywords:
+            entries.setdefault(_fold(keyword), []).append((index, keyword, rule.case_sensitive))
+    if not entries:
+        return None  # an empty automaton cannot be searched
+    automaton = ahocorasick.Automaton()
+    for folded, value in entries.items():
+        automaton.add_word(folded, value)
+    automaton.make_automaton()
+    return automaton
+
+
+def _dedupe_key(rule: Rule, event: Mapping[str, Any]) -> str:
+    values = {name: event.get(name, "") for name in DEDUPE_FIELDS}
+    values.update(rule=rule.name, severity=rule.severity)
+    return rule.dedupe.format(**{k: "" if v is None else str(v) for k, v in values.items()})
+
+
+class Thresholds:
+    """Whether a match raises an alert now: its threshold's count reached within the window, and its
+    cooldown since the last alert with the same dedupe key passed.
+
+    In memory, keyed by dedupe key: the bot's store runs in one process, and that process keeps the
+    one instance (counts restart with it). At most `max_keys` keys are kept, the least recent dropped.
+    """
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._recent: dict[str, deque[int]] = {}  # dedupe key -> the last `count` match times (ms)
+        self._fired: dict[str, int] = {}  # dedupe key -> when it last alerted (ms)
+
+    def fire(self, match: Match, at: int) -> bool:
+        key = match.dedupe_key
+        times = self._recent.pop(key, None)
+        if times is None or times.maxlen != match.threshold.count:  # a key shared by rules of other counts
+            times = deque(times or (), maxlen=match.threshold.count)
+        self._recent[key] = times  # re-inserted: the dict's order is least recently seen first
+        times.append(at)
+        self._evict()
+        window_ms = match.threshold.window_seconds * 1000
+        if len(times) < match.threshold.count or (match.threshold.count > 1 and at - times[0] > window_ms):
+            return False
+        last = self._fired.get(key)
+        if last is not None and at - last < match.cooldown_seconds * 1000:
+            return False
+        self._fired[key] = at
+        times.clear()  # the next alert needs `count` new matches
+        return True
+
+    def _evict(self) -> None:
+        while len(self._recent) > self.max_keys:
+            oldest = next(iter(self._recent))
+            del self._recent[oldest]
+            self._fired.pop(oldest, None)
+
+
+# --- redaction ----------------------------------------------------------------------------------
+
+_VALUE = r"""('[^']*'|"[^"]*"|[^\s'"]+)"""
+# Each pattern's first group is the secret; a pattern without groups is hidden whole.
+BUILTIN_REDACTIONS = (
+    r"(?:^|\s)-p" + _VALUE,                                  # mysql -pSECRET
+    r"(?i)--pass(?:word|wd)?(?:=|\s+)" + _VALUE,             # --password=S, --password S, --passwd S
+    r"(?i)(?:^|[^a-z])(?:pass|password|passwd|pwd)\s*[=:]\s*" + _VALUE,  # password=S, DB_PASSWORD=S, passwd: S
+    r"\bxox[abposr]-[A-Za-z0-9-]+",                          # Slack tokens
+    r"\bxapp-[A-Za-z0-9-]+",                                 # Slack app-level tokens
+    r"(?i)authorization:\s*(?:bearer|basic|token)\s+([^\s'\"]+)",
+)
+
+
+def redact(text: str, extra: Iterable[str] = ()) -> str:
+    """The text with secrets replaced by ****: the built-in kinds, then each extra RE2 pattern."""
+    for pattern in (*BUILTIN_REDACTIONS, *extra):
+        text = _redaction(pattern).sub(_mask, text)
+    return text
+
+
+@lru_cache(maxsize=256)
+def _redaction(pattern: str) -> Any:
+    return _compile(pattern, case_sensitive=True, capture=True)
+
+
+def _mask(m: Any) -> str:
+    whole = m.group(0)
+    if m.re.groups == 0 or m.start(1) < 0:
+        return MASK if m.re.groups == 0 else whole
+    start, end = m.start(1) - m.start(0), m.end(1) - m.start(0)
+    return whole[:start] + MASK + whole[end:]
+
+
+def _compile(pattern: str, case_sensitive: bool, capture: bool = False) -> Any:
+    options = re2.Options()
+    options.log_errors = False  # re2 would write every refused pattern to stderr
+    options.never_capture = not capture  # matching only: lets RE2 use its DFA throughout
+    options.case_sensitive = case_sensitive
+    options.max_mem = REGEX_MEMORY
+    return re2.compile(pattern, options)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_rules(path: Path) -> RuleSet:
+    return parse_rules(path, read_toml(path, "an existing audit rules file"))
+
+
+def parse_rules(path: Path, raw: dict[str, Any]) -> RuleSet:
+    top = TableReader(path, raw, "")
+    default_channel = _channel(top, None)
+    redaction = top.sub("redact")
+    patterns = redaction.strings("patterns", ())
+    for i, pattern in enumerate(patterns):
+        _checked_regex(redaction, f"patterns[{i}]", pattern, True, capture=True)
+    redaction.done()
+    rules_raw = top.get("rules", list, [], what="an array of [[rules]] tables")
+    rules = [_rule(TableReader(path, r, f"rules[{i}]"), i, default_channel) for i, r in enumerate(rules_raw)]
+    seen: set[str] = set()
+    for rule in rules:
+        if rule.name in seen:
+            raise ConfigError(path, "rules", f"unique rule names; {rule.name!r} is used twice")
+        seen.add(rule.name)
+    top.done()
+    return RuleSet(rules, patterns, path)
+
+
+def _rule(r: TableReader, index: int, default_channel: str | None) -> Rule:
+    name = r.get("name", str, what="a rule name")
+    if not name.strip():
+        raise ConfigError(r.path, r.key("name"), "a rule name", name)
+    r.prefix = f"{r.prefix} ({name!r})"  # errors name the rule, not only its place in the file
+    case_sensitive = r.get("case_sensitive", bool, False)
+    keywords = r.strings("keywords", ())
+    if any(not k for k in keywords):
+        raise ConfigError(r.path, r.key("keywords"), "non-empty keywords", list(keywords))
+    regexes = tuple(_checked_regex(r, f"regexes[{i}]", p, case_sensitive)
+                    for i, p in enumerate(r.strings("regexes", ())))
+    if not keywords and not regexes:
+        raise ConfigError(r.path, r.key("keywords"), "at least one keyword or regex (a rule must say what it matches)")
+    severity = r.get("severity", str, "warning")
+    if severity not in SEVERITIES:
+        raise ConfigError(r.path, r.key("severity"), f"one of {', '.join(SEVERITIES)}", severity)
+    examples = r.sub("examples")
+    rule = Rule(
+        name=name, keywords=keywords, regexes=regexes, case_sensitive=case_sensitive,
+        users=_globs(r, "users"), hosts=_globs(r, "hosts"), idcs=_globs(r, "idcs"),
+        exit_status=_exit_status(r), severity=severity, channel=_channel(r, default_channel),
+        dedupe=_dedupe(r), cooldown_seconds=_seconds(r, "cooldown_seconds", DEFAULT_COOLDOWN),
+        threshold=_threshold(r.sub("threshold")) if "threshold" in r.table else Threshold(),
+        examples_match=_examples(examples, "match"), examples_no_match=_examples(examples, "no_match"),
+    )
+    examples.done()
+    r.done()  # a misspelt `host` must not silently widen the rule to every host
+    return rule
+
+
+def _checked_regex(r: TableReader, key: str, pattern: str, case_sensitive: bool, capture: bool = False) -> Any:
+    try:
+        return _compile(pattern, case_sensitive, capture)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise ConfigError(r.path, r.key(key), f"a regex RE2 can run in linear time ({reason}; RE2 has no "
+                                              "backreferences or lookarounds)", pattern) from None
+    except UnicodeEncodeError:
+        raise ConfigError(r.path, r.key(key), "valid Unicode text", pattern) from None
+
+
+def _globs(r: TableReader, key: str) -> tuple[str, ...]:
+    globs = r.strings(key, ("*",))
+    if not globs:
+        raise ConfigError(r.path, r.key(key), "at least one glob (leave the key out to match everything)", [])
+    return globs
+
+
+def _exit_status(r: TableReader) -> tuple[int, ...] | str | None:
+    value = r.get("exit_status", (list, str), None, what='"nonzero" or a list of exit statuses')
+    if value is None or value == "nonzero":
+        return value
+    if isinstance(value, str) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(r.path, r.key("exit_status"), '"nonzero" or a list of exit statuses', value)
+    return tuple(value)
+
+
+def _channel(r: TableReader, default: str | None) -> str | None:
+    channel = r.get("channel", str, default)
+    if channel is not None and not CHANNEL_ID.match(channel):
+        raise ConfigError(r.path, r.key("channel"), "a Slack channel id (C..., G...), not a channel name", channel)
+    return channel
+
+
+def _dedupe(r: TableReader) -> str:
+    template = r.get("dedupe", str, DEFAULT_DEDUPE)
+    try:
+        fields = {f for _, f, spec, conv in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise ConfigError(r.path, r.key("dedupe"), f"a template like {DEFAULT_DEDUPE!r} ({exc})", template) from None
+    unknown = fields - DEDUPE_FIELDS
+    if unknown:
+        raise ConfigError(r.path, r.key("dedupe"), f"fields among {{{'}, {'.join(sorted(DEDUPE_FIELDS))}}}", template)
+    return template
+
+
+def _seconds(r: TableReader, key: str, default: int) -> int:
+    value = r.get(key, int, default)
+    if not 0 <= value <= 7 * 86400:
+        raise ConfigError(r.path, r.key(key), "0 to 604800 seconds", value)
+    return int(value)
+
+
+def _threshold(t: TableReader) -> Threshold:
+    count = t.get("count", int)
+    if not 1 <= count <= 10_000:
+        raise ConfigError(t.path, t.key("count"), "1 to 10000 matches", count)
+    window = _seconds(t, "window_seconds", 0)
+    if count > 1 and window == 0:
+        raise ConfigError(t.path, t.key("window_seconds"), "a window of at least 1 second for a count over 1", 0)
+    t.done()
+    return Threshold(count, window)
+
+
+def _examples(e: TableReader, key: str) -> tuple[str | dict[str, Any], ...]:
+    values = e.get(key, list, [], what="a list of commands or event tables")
+    for i, value in enumerate(values):
+        if isinstance(value, dict):
+            ex = TableReader(e.path, value, f"{e.key(key)}[{i}]")
+            ex.get("command", str)
+            for name in ("user", "host", "idc"):
+                ex.get(name, str, "")
+            ex.get("exit_status", int, None)
+            ex.done()
+        elif not isinstance(value, str):
+            raise ConfigError(e.path, f"{e.key(key)}[{i}]", "a command or an event table", value)
+    return tuple(values)
+
+
+# --- checking a file's examples -----------------------------------------------------------------
+
+
+def check_examples(ruleset: RuleSet) -> list[str]:
+    """Problems with the rules' inline examples: a command string is checked against the rule's
+    keywords and regexes; an event table against the whole rule, fields included."""
+    problems = []
+    for rule in ruleset.rules:
+        for wanted, examples in ((True, rule.examples_match), (False, rule.examples_no_match)):
+            for example in examples:
+                if _example_matches(ruleset, rule.name, example) != wanted:
+                    shown = example if isinstance(example, str) else dict(example)
+                    problems.append(f"rule {rule.name!r}: example {shown!r} should "
+                                    f"{'match' if wanted else 'not match'} but does{'' if not wanted else ' not'}")
+    return problems
+
+
+def _example_matches(ruleset: RuleSet, name: str, example: str | dict[str, Any]) -> bool:
+    if isinstance(example, str):
+        return name in ruleset.command_matches(example)
+    event = {"user": "", "host": "", "idc": "", "exit_status": None, "at": 0, **example}
+    return any(m.rule == name for m in ruleset.match(event))
+
+
+SAMPLE_RULES = r"""# OMBot shell audit rules (docs/audit.md, "Rules"). `ombot audit test-rules FILE` checks this
+# file's syntax and that every rule's examples match (or do not) as written.
+#
+# A rule matches a command when one of its keywords is in it (case-insensitive unless
+# case_sensitive = true) and, if it has regexes, one of them matches (RE2 syntax: linear time,
+# no backreferences or lookarounds), and its field conditions hold: users, hosts and idcs globs,
+# exit_status ("nonzero" or a list). An alert goes to `channel` (a Slack channel id) once
+# `threshold.count` matches with one dedupe key fall within `threshold.window_seconds`, and at
+# most once per `cooldown_seconds` per dedupe key (fields: rule, severity, host, user, idc, exit_status).
+
+# channel = "C0123AUDIT"          # the default channel for every rule's alerts
+
+# Secrets in commands are hidden in alerts and search results: -pSECRET, --password=..., password=...,
+# Slack tokens, Authorization headers; and these RE2 patterns (the first group is hidden, or the
+# whole match when there is none).
+[redact]
+patterns = ['(?i)\btoken=(\S+)', '(?i)\bAWS_SECRET_ACCESS_KEY=(\S+)']
+
+[[rules]]
+name = "wipe the root filesystem"
+severity = "critical"
+keywords = ["rm "]
+regexes = ['\brm\s+(?:-{1,2}[\w-]+\s+)*/\*?(?:[\s;&|]|$)']
+cooldown_seconds = 0
+examples.match = ["rm -rf /", "sudo rm -rf --no-preserve-root /", "rm -fr /*"]
+examples.no_match = ["rm -rf /tmp/build", "rm -rf ./build", "rm notes.txt"]
+
+[[rules]]
+name = "pipe a download into a shell"
+severity = "critical"
+regexes = ['\b(?:curl|wget)\b[^|]*\|\s*(?:sudo\s+)?(?:ba|z|da|k)?sh\b']
+dedupe = "{rule}:{host}:{user}"
+examples.match = ["curl -fsSL https://get.example.com | sh", "wget -qO- http://x.example/i.sh | sudo bash"]
+examples.no_match = ["curl -o install.sh https://get.example.com", "curl https://api.example.com | jq ."]
+
+[[rules]]
+name = "hide shell history"
+severity = "critical"
+keywords = ["history -c", "history -w /dev/null", "unset histfile", "unset prompt_command", "histsize=0",
+            "histfile=/dev/null", "set +o history"]
+dedupe = "{rule}:{host}:{user}"
+examples.match = ["history -c", "unset PROMPT_COMMAND", "export HISTSIZE=0", "set +o history"]
+examples.no_match = ["history | tail", "echo $PROMPT_COMMAND"]
+
+[[rules]]
+name = "edit sudoers"
+severity = "warning"
+keywords = ["sudoers"]
+regexes = ['(?:\b(?:vim?|nano|emacs|tee)\s|\bsed\s+-i).*?/etc/sudoers', '>>?\s*/etc/sudoers', '\bvisudo\b']
+examples.match = ["vi /etc/sudoers", "echo 'deploy ALL=(ALL) NOPASSWD:ALL' >> /etc/sudoers",
+                  "sudo visudo -f /etc/sudoers.d/deploy", "sed -i 's/^#//' /etc/sudoers.d/ops"]
+examples.no_match = ["cat /etc/sudoers", "grep deploy /etc/sudoers.d/*"]
+
+[[rules]]
+name = "flush the firewall"
+severity = "critical"
+case_sensitive = true             # iptables -F flushes; -f is something else
+keywords = ["iptables", "ip6tables", "nft"]
+regexes = ['\bip6?tables\s+(?:-t\s+\S+\s+)?(?:-F|--flush|-X)\b', '\bip6?tables\s+-P\s+\S+\s+ACCEPT', '\bnft\s+flush\s+ruleset']
+examples.match = ["iptables -F", "ip6tables -t nat --flush", "iptables -P INPUT ACCEPT", "nft flush ruleset"]
+examples.no_match = ["iptables -L -n", "iptables -f -A INPUT -j DROP"]
+
+[[rules]]
+name = "stop the audit"
+severity = "critical"
+regexes = ['\b(?:systemctl|service)\s+(?:stop|disable|mask|kill)\s+(?:ombot-audit|auditd)\b', '\bauditctl\s+-e\s*0\b']
+examples.match = ["systemctl stop ombot-audit", "sudo systemctl mask auditd", "auditctl -e 0"]
+examples.no_match = ["systemctl status ombot-audit"]
+
+[[rules]]
+name = "repeated failed sudo"
+severity = "warning"
+keywords = ["sudo "]
+exit_status = "nonzero"
+dedupe = "{rule}:{host}:{user}"
+cooldown_seconds = 1800
+threshold = { count = 5, window_seconds = 300 }
+examples.match = [{ command = "sudo -i", user = "alice", exit_status = 1 }]
+examples.no_match = [{ command = "sudo -i", user = "alice", exit_status = 0 }, "ls /root"]
+"""
