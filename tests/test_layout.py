@@ -22,7 +22,8 @@ RANK = {"ombot": 0, "modules": 1, "masters": 2, "audit_agent": 3, "approvals": 3
 # What a room may import besides the base, where it is narrower than "everything below".
 ONLY = {"audit_agent": {"masters.envelope", "masters.keys"}}  # it runs on every server: no Slack, no engines
 MASTER_INTERNALS = ("masters.core", "masters.server", "masters.backends", "masters.store", "masters.jobstore",
-                    "masters.runner", "masters.jobspec", "masters.slots", "masters.lograte")
+                    "masters.runner", "masters.jobspec", "masters.slots", "masters.lograte", "masters.audit",
+                    "masters.housekeeping")
 ENTRY_POINTS = {"ombot/__main__.py"}  # `python -m ombot` starts the root: the one upward arrow, by design
 # third-party library -> the only files allowed to import it
 LIBRARY_HOMES = {
