@@ -7,7 +7,6 @@ this project declares a task module. A handler is a method of the dispatcher tak
 
 Argument kinds:
 - `Word("job")`: one word (quotes allowed); `Word("module", optional=True)` may be left out.
-- `Choice("scope", "mine")`: an optional keyword, passed as True when given.
 - `Prose("reason")`: the rest of the text as typed (apostrophes are prose, not shell quotes).
 """
 
@@ -40,17 +39,6 @@ class Word:
 
 
 @dataclass(frozen=True)
-class Choice:
-    """An optional keyword, such as `mine`: True when given."""
-
-    name: str
-    word: str
-
-    def usage(self) -> str:
-        return f"[{self.word}]"
-
-
-@dataclass(frozen=True)
 class Prose:
     """The rest of the text as typed, such as a denial's reason."""
 
@@ -60,7 +48,7 @@ class Prose:
         return self.name.upper()
 
 
-Argument = Word | Choice | Prose
+Argument = Word | Prose
 
 
 @dataclass(frozen=True)
@@ -92,12 +80,6 @@ class ChatCommand:
         rest = list(words)
         for argument in self.arguments:
             match argument:
-                case Choice(name, word):
-                    values[name] = bool(rest) and rest[0].lower() == word
-                    if values[name]:
-                        rest.pop(0)
-                    elif rest:
-                        raise CommandError(f"usage: {self.usage}")
                 case Word(name, optional):
                     if not rest and not optional:
                         raise CommandError(f"usage: {self.usage}")

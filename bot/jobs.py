@@ -290,11 +290,16 @@ def card_of(job: store.BotJob) -> CardState:
     )
 
 
+WAITING = "waiting for "  # the card's note while the master holds the job for busy hosts
+
+
 def apply_event(card: CardState, results: dict[str, dict[str, Any]], event: dict[str, Any]) -> None:
     kind, data = event["kind"], event["data"]
     if kind == "accepted" and not card.final:
         card.state = JobState.RUNNING
     elif kind == "host":
+        if card.note.startswith(WAITING):  # hosts are reporting: the wait is over
+            card.note = ""
         results[data["host"]] = data
         card.done = len(results)
         card.ok = sum(1 for r in results.values() if r["status"] == "ok")
@@ -302,7 +307,7 @@ def apply_event(card: CardState, results: dict[str, dict[str, Any]], event: dict
     elif kind == "cancel_requested":
         card.note = f"cancel requested by <@{data.get('by')}>"
     elif kind == "waiting":  # the master holds the job until another job leaves these hosts
-        card.note = f"waiting for {', '.join(data.get('hosts', []))} (busy with job {', '.join(data.get('behind', []))})"
+        card.note = f"{WAITING}{', '.join(data.get('hosts', []))} (busy with job {', '.join(data.get('behind', []))})"
     elif kind == "finished":
         card.state, card.finished_at = data["state"], event["at"]  # epoch ms, as the master stores it
         if data.get("reason"):

@@ -87,3 +87,15 @@ def test_every_job_state_has_an_icon_on_the_card() -> None:
     from bot.messages import STATE_ICONS
 
     assert set(STATE_ICONS) == set(JobState)
+
+
+def test_a_waiting_note_goes_once_hosts_report() -> None:
+    shown, results = card(), {}
+    apply_event(shown, results, event("accepted", hosts=["a"]))
+    apply_event(shown, results, event("waiting", hosts=["a"], behind=["j0"]))
+    assert shown.note == "waiting for a (busy with job j0)"
+    apply_event(shown, results, event("host", host="a", status="ok"))
+    assert shown.note == "" and shown.done == 1
+    apply_event(shown, results, event("cancel_requested", by="U0LEAD"))
+    apply_event(shown, results, event("host", host="b", status="cancelled"))
+    assert shown.note == "cancel requested by <@U0LEAD>"  # other notes stay
