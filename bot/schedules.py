@@ -271,7 +271,7 @@ class Schedules:
 
     def close(self) -> None:
         if self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
+            self.scheduler.shutdown(wait=True)  # a firing under way finishes its claim and hands off its start
         try:
             if self._leads():
                 lease.release(self.lease_name, self.holder)  # the next process need not wait out the lease
