@@ -11,12 +11,13 @@ from approvals import store
 from approvals.gate import (
     NO_POLICY, ApprovalError, Gate, PolicyRefusal, Vote, authorize, record_trail, require_requester,
 )
+from approvals.parts import authorize_parts
 from approvals.policy import Approval, Decision, Policy, load_policy
 from approvals.store import APPROVED, DENIED, EXPIRED, PENDING, ApprovalRequest, forget_trail_before
 from ombot.storage import migrate
 
 __all__ = ["APPROVED", "DENIED", "EXPIRED", "NO_POLICY", "PENDING", "Approval", "ApprovalError", "ApprovalRequest",
-           "Decision", "Gate", "Policy", "PolicyRefusal", "Vote", "authorize", "bind", "forget_trail_before", "load_policy",
+           "Decision", "Gate", "Policy", "PolicyRefusal", "Vote", "authorize", "authorize_parts", "bind", "forget_trail_before", "load_policy",
            "record_trail", "require_requester"]
 
 

@@ -97,6 +97,7 @@ class Policy:
     rules: tuple[Rule, ...]
     console_groups: dict[str, frozenset[str]] = field(default_factory=dict)
     path: Path | None = None
+    audit_viewers: tuple[str, ...] = ()  # roles that may search the shell audit trail (`[audit] viewers`)
 
     def in_roles(self, user: str, groups: frozenset[str], roles: Iterable[str]) -> bool:
         return any(self.roles[r].has(user, groups) for r in roles if r in self.roles)
@@ -160,8 +161,11 @@ def parse_policy(path: Path, raw: dict[str, Any]) -> Policy:
     console_groups = {_id(groups, g, GROUP_ID, "Slack user-group ids (S...) as keys", g):
                       frozenset(_ids(groups, g, USER_ID, "user ids (U..., W..., cli:NAME or console:NAME)"))
                       for g in groups.table}
+    audit = top.sub("audit")
+    audit_viewers = _known_roles(audit, "viewers", roles)
+    audit.done()
     top.done()
-    return Policy(roles, rules, console_groups, path)
+    return Policy(roles, rules, console_groups, path, audit_viewers)
 
 
 def _id(r: TableReader, key: str, pattern: re.Pattern[str], what: str, value: str) -> str:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from audit_agent import spool
+from audit_agent.auditd import AuditLog
 from audit_agent.link import MasterLinks, Unreachable
 from audit_agent.queue import EventQueue
 from audit_agent.settings import AgentSettings
@@ -36,6 +37,8 @@ class Agent:
         self.failures = 0
         self.heartbeat_at = 0.0
         self.batch_events = settings.batch_events
+        self.auditd = None if settings.auditd_log is None else AuditLog(  # the second source: the kernel's view
+            settings.auditd_log, settings.host, self.queue.boot_id, self.offsets, settings.state_dir)
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
@@ -65,6 +68,12 @@ class Agent:
             if spool.rotate(chunk):
                 self.queue.forget_file(chunk.key)
                 self.offsets.pop(chunk.key, None)
+        for log_chunk in self.auditd.poll() if self.auditd is not None else ():
+            self.queue.add_identified(log_chunk.events, log_chunk.key if log_chunk.offset is not None else None,
+                                      log_chunk.offset)
+            if log_chunk.gone:
+                self.queue.forget_file(log_chunk.key)
+            queued += len(log_chunk.events)
         return queued
 
     def ship(self) -> None:

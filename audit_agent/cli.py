@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from audit_agent import hook
+from audit_agent import auditd, hook
 from audit_agent.settings import DEFAULT_CONFIG
 from ombot.errors import OmbotError
 
@@ -21,11 +21,17 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="ombot audit-agent",
                                   description="OMBot shell audit: the bash hook and the agent that ships its records.")
     sub = top.add_subparsers(dest="command", required=True)
-    show = sub.add_parser("hook", help="print the bash hook")
+    show = sub.add_parser("hook", help="print the shell hook")
+    show.add_argument("--shell", choices=("bash", "zsh"), default="bash")
     show.add_argument("--spool-dir", default=hook.DEFAULT_SPOOL_DIR)
-    install = sub.add_parser("install", help="install the hook for login and interactive shells")
+    install = sub.add_parser("install", help="install the hooks for login and interactive shells (bash, and zsh "
+                                             "where it is installed); with --auditd, the auditd rules instead")
     install.add_argument("--root", type=Path, default=Path("/"), help="install under this directory (tests)")
     install.add_argument("--spool-dir", default=hook.DEFAULT_SPOOL_DIR)
+    install.add_argument("--auditd", action="store_true",
+                         help=f"write {auditd.RULES_FILE} (execve of login sessions, key {auditd.KEY}) and load it")
+    install.add_argument("--remove", action="store_true", help="with --auditd: delete the rules file and unload them")
+    install.add_argument("--no-load", action="store_true", help="with --auditd: only write (or remove) the file")
     run = sub.add_parser("run", help="run the agent: ship spooled records to a master of this IDC")
     run.add_argument("--config", type=Path, default=Path(os.environ.get("OMBOT_AGENT_CONFIG", DEFAULT_CONFIG)))
     run.add_argument("--verbose", "-v", action="store_true")
@@ -36,13 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "hook":
-            sys.stdout.write(hook.hook_text(args.spool_dir))
+            sys.stdout.write(hook.hook_text(args.spool_dir, args.shell))
+        elif args.command == "install" and (args.auditd or args.remove or args.no_load):
+            if not args.auditd:
+                raise OmbotError("--remove and --no-load go with --auditd")
+            change = auditd.remove_rules if args.remove else auditd.install_rules
+            for line in change(args.root, not args.no_load):
+                print(line)
         elif args.command == "install":
             for path in hook.install(args.root, args.spool_dir):
                 print(f"wrote {path}")
         else:
             return _run(args.config, args.verbose)
-    except (OmbotError, OSError) as exc:
+    except (OmbotError, OSError, auditd.AuditdError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

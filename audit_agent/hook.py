@@ -1,4 +1,4 @@
-"""The bash hook that records each command line into its user's spool, and its installer.
+"""The bash and zsh hooks that record each command line into its user's spool, and their installer.
 
 Per prompt the hook runs builtins only (no process is started): it reads the last history entry
 through a private scratch file (`history 1 > f; read < f`), escapes it and appends one line to the
@@ -6,7 +6,8 @@ user's spool with `printf >>`, which opens with O_APPEND and never waits on the 
 armed from PS0 once per command line, also notes the simple commands that ran, so a command that
 never reached the history (`set +o history`, a leading space under HISTCONTROL=ignorespace,
 ignoredups) is still recorded, from what bash was about to run. See docs/audit.md for what a shell
-hook cannot see.
+hook cannot see. The zsh hook writes the same records from preexec/precmd (add-zsh-hook's arrays),
+also with builtins only.
 
 Spool layout: SPOOL_DIR is root's, mode 1733 (anyone may create an entry, nobody may list or
 remove another's); each user's shell makes SPOOL_DIR/UID (0700, its own) on first use and writes
@@ -17,12 +18,17 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 from pathlib import Path
 
 DEFAULT_SPOOL_DIR = "/var/spool/ombot-audit"
 PROFILE_LOADER = "etc/profile.d/ombot-audit.sh"  # login shells (through /etc/profile), POSIX sh syntax
 HOOK_BODY = "etc/profile.d/ombot-audit.bash"  # the bash code itself (not *.sh: sh never parses it)
 BASHRC = "etc/bash.bashrc"  # interactive non-login shells
+ZSH_BODY = "etc/zsh/ombot-audit.zsh"  # the zsh code, sourced from the global zshrc
+ZSHRC = "etc/zsh/zshrc"  # every interactive zsh, login or not (Debian's path; zsh -f skips it)
+ZSHRC_OTHER = "etc/zshrc"  # where other distributions keep it, used when there is no etc/zsh
+ZSHRC_D = "etc/zsh/zshrc.d"  # used instead when the zshrc sources such a directory
 MARKER = "# ombot-audit hook"
 RECORD_VERSION = "om1"
 MAX_COMMAND_CHARS = 16384  # the hook cuts longer command lines; the agent marks them truncated
@@ -130,37 +136,136 @@ trap '[[ -z $__ombot_audit_armed ]] || __ombot_audit_saw' DEBUG
 fi
 '''
 
+# The same record as the bash hook's, from zsh's hooks: preexec ($1 is the line as typed, even one
+# history drops) notes the line, precmd writes it with its exit status; zshexit writes a line that
+# ended the shell. Each hook puts the other back if it was removed from its array.
+_ZSH_HOOK = r'''# OMBot shell audit hook (zsh), written by `ombot audit-agent install` (docs/audit.md). Do not edit.
+if [[ -n ${ZSH_VERSION-} && -o interactive && ${(t)__ombot_audit_dir-} != *readonly* ]]; then
+unset __ombot_audit_dir 2>/dev/null  # a value from the environment: ours replaces it
+typeset -gr __ombot_audit_dir=@SPOOL_DIR@
+zmodload zsh/datetime 2>/dev/null  # EPOCHREALTIME (a module of builtins: nothing forks per prompt)
+typeset -g __ombot_audit_ready= __ombot_audit_line= __ombot_audit_hist= __ombot_audit_cwd= __ombot_audit_out=
+typeset -g __ombot_audit_pending= __ombot_audit_spool= __ombot_audit_loginuid= __ombot_audit_tty=${SSH_TTY:-${TTY-}}
+{ read -r __ombot_audit_loginuid < /proc/self/loginuid; } 2>/dev/null
+
+__ombot_audit_prepare() {  # the user's own 0700 directory; mkdir runs only the first time ever
+    emulate -L zsh
+    local d=$__ombot_audit_dir/$EUID
+    [[ -e $d || -L $d ]] || command mkdir -m 700 -- "$d" 2>/dev/null
+    [[ -d $d && ! -L $d && -O $d ]] || return 1  # taken by someone else: record nothing, the agent reports it
+    __ombot_audit_spool=$d/spool __ombot_audit_ready=1
+}
+
+__ombot_audit_esc() {  # backslash, newline, tab and CR escaped: one record is one line
+    emulate -L zsh
+    __ombot_audit_out=${1//\\/\\\\}
+    __ombot_audit_out=${__ombot_audit_out//$'\n'/\\n}
+    __ombot_audit_out=${__ombot_audit_out//$'\t'/\\t}
+    __ombot_audit_out=${__ombot_audit_out//$'\r'/\\r}
+}
+
+__ombot_audit_emit() {  # $1 history number, $2 exit status, $3 how it was seen, $4 command text
+    emulate -L zsh
+    local -a f
+    local v
+    for v in "${SUDO_USER-}" "${LOGNAME:-${USER-}}" "$__ombot_audit_tty" "${SSH_CLIENT:+${SSH_CLIENT%% *}}" "${__ombot_audit_cwd:-$PWD}" "${4[1,@MAX@]}"; do
+        __ombot_audit_esc "$v"
+        f+=("$__ombot_audit_out")
+    done
+    printf '@VERSION@\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "${EPOCHREALTIME-}" "$$" "$1" "$2" "$3" \
+        "$__ombot_audit_loginuid" "${f[@]}" "${#4}" >> "$__ombot_audit_spool" 2>/dev/null
+}
+
+__ombot_audit_preexec() {  # a line is about to run: note it (its text, history number, directory)
+    emulate -L zsh
+    [[ -n $__ombot_audit_ready ]] || __ombot_audit_prepare || return 0
+    if [[ -n $__ombot_audit_pending ]]; then  # the last line was never written: precmd had been removed
+        __ombot_audit_emit "$__ombot_audit_hist" "" missed "$__ombot_audit_line"
+    fi
+    __ombot_audit_line=${1:-$3} __ombot_audit_hist=$HISTCMD __ombot_audit_cwd=$PWD __ombot_audit_pending=1
+    (( ${precmd_functions[(Ie)__ombot_audit_precmd]} )) || precmd_functions=(__ombot_audit_precmd $precmd_functions)
+    if [[ $__ombot_audit_line == (|*[\;\&\|\(\{[:space:]])exec[[:space:]]* ]]; then  # no prompt follows an exec
+        __ombot_audit_emit "$__ombot_audit_hist" "" exec "$__ombot_audit_line"
+        __ombot_audit_pending=
+    fi
+}
+
+__ombot_audit_precmd() {  # the line finished: write it with its exit status
+    local rc=$?
+    emulate -L zsh
+    (( ${preexec_functions[(Ie)__ombot_audit_preexec]} )) || preexec_functions=(__ombot_audit_preexec $preexec_functions)
+    if [[ -n $__ombot_audit_pending ]] && { [[ -n $__ombot_audit_ready ]] || __ombot_audit_prepare; }; then
+        __ombot_audit_emit "$__ombot_audit_hist" "$rc" history "$__ombot_audit_line"
+    fi
+    __ombot_audit_pending= __ombot_audit_cwd=
+    return $rc
+}
+
+__ombot_audit_exit() {  # the shell ends (exit, logout, end of input): the line that ended it
+    local rc=$?
+    emulate -L zsh
+    if [[ -n $__ombot_audit_pending && -n $__ombot_audit_ready ]]; then
+        __ombot_audit_emit "$__ombot_audit_hist" "$rc" history "$__ombot_audit_line"
+    fi
+    __ombot_audit_pending=
+}
+
+typeset -ga precmd_functions preexec_functions zshexit_functions
+precmd_functions=(__ombot_audit_precmd ${precmd_functions:#__ombot_audit_precmd})  # first: it sees the line's $?
+preexec_functions=(__ombot_audit_preexec ${preexec_functions:#__ombot_audit_preexec})
+zshexit_functions=(__ombot_audit_exit ${zshexit_functions:#__ombot_audit_exit})
+fi
+'''
+
 _LOADER = '''@MARKER@: bash shells load the hook; other shells skip it (docs/audit.md)
 if [ -n "${BASH_VERSION-}" ] && [ -r @BODY@ ]; then . @BODY@; fi
 '''
 
 
-def hook_text(spool_dir: str = DEFAULT_SPOOL_DIR) -> str:
-    """The hook's bash code, recording into `spool_dir`."""
-    return (_HOOK.replace("@SPOOL_DIR@", shlex.quote(str(spool_dir))).replace("@MAX@", str(MAX_COMMAND_CHARS))
-            .replace("@VERSION@", RECORD_VERSION))
+def hook_text(spool_dir: str = DEFAULT_SPOOL_DIR, shell: str = "bash") -> str:
+    """The hook's code for `shell` (bash or zsh), recording into `spool_dir`."""
+    return ((_ZSH_HOOK if shell == "zsh" else _HOOK).replace("@SPOOL_DIR@", shlex.quote(str(spool_dir)))
+            .replace("@MAX@", str(MAX_COMMAND_CHARS)).replace("@VERSION@", RECORD_VERSION))
 
 
 def install(root: Path, spool_dir: str = DEFAULT_SPOOL_DIR) -> list[Path]:
     """Write the hook under `root` (/ on a server, a temporary directory in tests); returns what changed.
 
     The hook goes to /etc/profile.d (login shells), and one marked line in /etc/bash.bashrc sources
-    it in interactive non-login shells. Running it again rewrites the hook and adds no second line.
-    `root` prefixes every path, the spool directory's too (made here: the installer's, mode 1733)."""
+    it in interactive non-login shells. Where zsh is installed, its hook goes to /etc/zsh (sourced by
+    one marked line in /etc/zsh/zshrc, or placed in /etc/zsh/zshrc.d when the zshrc sources that).
+    Running it again rewrites the hooks and adds no second line. `root` prefixes every path, the
+    spool directory's too (made here: the installer's, mode 1733)."""
     spool, body = root / spool_dir.lstrip("/"), shlex.quote(str(root / HOOK_BODY))
     changed = [_write(root / HOOK_BODY, hook_text(str(spool))),
                _write(root / PROFILE_LOADER, _LOADER.replace("@MARKER@", MARKER).replace("@BODY@", body))]
-    bashrc = root / BASHRC
-    text = bashrc.read_text() if bashrc.exists() else ""
-    if MARKER not in text:
-        bashrc.parent.mkdir(parents=True, exist_ok=True)
-        with open(bashrc, "a") as f:
-            f.write(("" if not text or text.endswith("\n") else "\n") +
-                    f'[ -r {body} ] && . {body}  {MARKER}\n')
-        changed.append(bashrc)
+    changed += _source_once(root / BASHRC, body)
+    if (root / ZSHRC).parent.is_dir() or (root / ZSHRC_OTHER).exists() or shutil.which("zsh") is not None:
+        changed += _install_zsh(root, str(spool))
     spool.mkdir(parents=True, exist_ok=True)
     os.chmod(spool, 0o1733)  # create-only for users, sticky: nobody lists or removes another's entries
     return changed + [spool]
+
+
+def _install_zsh(root: Path, spool: str) -> list[Path]:
+    zshrc, rc_dir = root / ZSHRC, root / ZSHRC_D
+    if not zshrc.parent.is_dir() and (root / ZSHRC_OTHER).exists():
+        zshrc = root / ZSHRC_OTHER  # the distribution keeps it there (Fedora, RHEL, Arch)
+    if rc_dir.is_dir() and "zshrc.d" in (zshrc.read_text(errors="replace") if zshrc.exists() else ""):
+        return [_write(rc_dir / "ombot-audit.zsh", hook_text(spool, "zsh"))]
+    body = root / ZSH_BODY
+    return [_write(body, hook_text(spool, "zsh")), *_source_once(zshrc, shlex.quote(str(body)))]
+
+
+def _source_once(rc: Path, body: str) -> list[Path]:
+    """One marked line in `rc` that sources `body` (quoted); none added if the marker is there."""
+    text = rc.read_text() if rc.exists() else ""
+    if MARKER in text:
+        return []
+    rc.parent.mkdir(parents=True, exist_ok=True)
+    with open(rc, "a") as f:
+        f.write(("" if not text or text.endswith("\n") else "\n") + f'[ -r {body} ] && . {body}  {MARKER}\n')
+    return [rc]
 
 
 def _write(path: Path, text: str) -> Path:

@@ -36,6 +36,9 @@ class EventQueue:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # durable across a crash of the agent
         self.db.executescript(_SCHEMA)
+        if "eid" not in {row[1] for row in self.db.execute("PRAGMA table_info(events)")}:
+            self.db.execute("ALTER TABLE events ADD COLUMN eid TEXT")  # an id the source gave (auditd's serial)
+        self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_eid ON events (eid)")
         # The queue's instance names the event source: a wiped state directory never reuses an id.
         self.instance = self._meta("instance") or self._set_meta("instance", os.urandom(6).hex())
         self.boot_id = _boot_id()
@@ -70,6 +73,19 @@ class EventQueue:
             for kind, at, data in events:
                 self.db.execute("INSERT INTO events (kind, at, data, boot) VALUES (?, ?, ?, ?)",
                                 (kind, at, json.dumps(data, ensure_ascii=False), self.boot_id))
+            if file is not None and offset is not None:
+                self.db.execute("INSERT INTO offsets (file, offset) VALUES (?, ?) "
+                                "ON CONFLICT(file) DO UPDATE SET offset = ?", (file, offset, offset))
+            self._bound()
+
+    def add_identified(self, events: Iterable[tuple[str, str, int, dict[str, Any]]], file: str | None = None,
+                       offset: int | None = None) -> None:
+        """Queue (id, kind, at, data) events whose source gave them stable ids; an id already queued
+        is skipped (a log re-read after a restart)."""
+        with self._transaction():
+            for eid, kind, at, data in events:
+                self.db.execute("INSERT OR IGNORE INTO events (kind, at, data, boot, eid) VALUES (?, ?, ?, ?, ?)",
+                                (kind, at, json.dumps(data, ensure_ascii=False), self.boot_id, eid))
             if file is not None and offset is not None:
                 self.db.execute("INSERT INTO offsets (file, offset) VALUES (?, ?) "
                                 "ON CONFLICT(file) DO UPDATE SET offset = ?", (file, offset, offset))
@@ -114,12 +130,12 @@ class EventQueue:
         """The oldest events, as the master takes them, within the batch's bounds."""
         batch: list[dict[str, Any]] = []
         size = 0
-        for seq, kind, at, data, boot in self.db.execute(
-                "SELECT seq, kind, at, data, boot FROM events ORDER BY seq LIMIT ?", (max_events,)):
+        for seq, kind, at, data, boot, eid in self.db.execute(
+                "SELECT seq, kind, at, data, boot, eid FROM events ORDER BY seq LIMIT ?", (max_events,)):
             size += len(data) + 200
             if batch and size > max_bytes:
                 break
-            batch.append({"id": self.event_id(seq, boot), "kind": kind, "at": at, "data": json.loads(data)})
+            batch.append({"id": eid or self.event_id(seq, boot), "kind": kind, "at": at, "data": json.loads(data)})
         if self._meta("open_drop") and any(e["kind"] == "dropped" for e in batch):
             self.db.execute("DELETE FROM meta WHERE key = 'open_drop'")  # on its way: later drops get a new record
         return batch
@@ -127,13 +143,17 @@ class EventQueue:
     def done(self, event_ids: Iterable[str]) -> int:
         """Delete acknowledged (or rejected) events; ids of other queues are ignored."""
         prefix = f"{self.host}:"
-        seqs = [int(i.rsplit(":", 1)[1]) for i in event_ids
-                if i.startswith(prefix) and i.split(":")[-2] == f"q{self.instance}"]
+        ids = [i for i in event_ids if i.startswith(prefix)]
+        seqs = [int(i.rsplit(":", 1)[1]) for i in ids if i.split(":")[-2] == f"q{self.instance}"]
+        given = [i for i in ids if i.split(":")[-2] != f"q{self.instance}"]  # ids a source gave
         with self._transaction():
             for seq in seqs:
                 self.db.execute("DELETE FROM events WHERE seq = ?", (seq,))
-            self._bump("sent_total", len(seqs))
-        return len(seqs)
+            done = len(seqs)
+            for eid in given:
+                done += self.db.execute("DELETE FROM events WHERE eid = ?", (eid,)).rowcount
+            self._bump("sent_total", done)
+        return done
 
     def status(self) -> dict[str, int]:
         return {"spool_depth": self.depth(), "dropped_total": self.counter("dropped_total"),

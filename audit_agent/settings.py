@@ -40,6 +40,7 @@ class AgentSettings:
     retry_min_seconds: float = 0.5
     retry_max_seconds: float = 30.0
     connect_timeout_seconds: float = 3.0
+    auditd_log: Path | None = None  # the raw audit log to read `-k ombot` execve records from; None: no auditd source
 
 
 _NUMBERS = {"max_events": int, "batch_events": int, "batch_bytes": int, "scan_seconds": float,
@@ -66,7 +67,8 @@ def load(path: Path) -> AgentSettings:
     settings = AgentSettings(
         path=path, host=host, idc=r.get("idc", str), key_file=key_file, masters=masters,
         spool_dir=path.parent / r.get("spool_dir", str, DEFAULT_SPOOL_DIR),
-        state_dir=path.parent / r.get("state_dir", str, DEFAULT_STATE_DIR), **numbers,
+        state_dir=path.parent / r.get("state_dir", str, DEFAULT_STATE_DIR),
+        auditd_log=path.parent / auditd_log if (auditd_log := r.get("auditd_log", str, "")) else None, **numbers,
     )
     r.done()
     return settings

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from approvals import PENDING, ApprovalRequest, Decision, Gate
-from bot import grammar
+from bot import grammar, multi
 from bot.messages import (
-    Message, RequestView, approval_card, deny_form, escape, params_text, slack_date, text_message,
+    CHECK, Message, RequestView, approval_card, deny_form, escape, params_text, slack_date, text_message,
 )
 from bot.transport import ChatRequest, Transport
 from modules import ModuleSpec
@@ -61,7 +61,8 @@ class ApprovalFlow:
         assert decision.approval is not None
         request = self.gate.open_request(
             requester=req.user, origin=req.origin, channel=req.channel, reply_url=req.response_url,
-            idc=command.idc or self.default_idc, module=spec.name, params=command.params, hosts=hosts,
+            idc=command.idc or self.default_idc, module=spec.name, hosts=hosts,
+            params={**command.params, CHECK: "yes"} if command.check else command.params,  # approvers see it
             timeout=command.timeout, decision=decision)
         if link is not None:
             link(request)
@@ -79,7 +80,7 @@ class ApprovalFlow:
     def approve(self, ref: str, req: ChatRequest, transport: Transport) -> None:
         found = self.gate.find(ref)
         if found is not None:  # check it can still run before a vote could mark it approved
-            self.spec_of(found.idc, found.module).validate(found.params)
+            self.spec_of(found.idc, found.module).validate(module_params(found.params))
         vote = self.gate.approve(ref, req.user)
         request = vote.request
         self.show(request, transport)
@@ -155,7 +156,8 @@ class ApprovalFlow:
     def _start(self, request: ApprovalRequest, transport: Transport) -> None:
         if self.schedules is not None and self.schedules.approved(request, self.gate.approvers(request), transport):
             return  # an approved schedule runs at its times, not now
-        run = grammar.Run(request.module, None, request.params, request.idc, timeout=request.timeout)
+        run = grammar.Run(request.module, None, module_params(request.params), request.idc, timeout=request.timeout,
+                          check=CHECK in request.params)
         requester = ChatRequest(request.requester, request.channel, origin=request.origin,
                                 response_url=request.reply_url)
         spec = self.spec_of(request.idc, request.module)
@@ -172,4 +174,10 @@ class ApprovalFlow:
             approver_roles=list(request.approver_roles), approvers=self.gate.votes(request),
             state=request.state, expires_at=request.expires_at, decided_by=request.decided_by, reason=request.reason,
             schedule=self.schedules.label_of(request) if self.schedules is not None else "",
+            parts=multi.approval_parts(request.request_id) if multi.is_multi(request.idc) else "",
         )
+
+
+def module_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A request's params without the check-run word it may carry (bot.messages.CHECK)."""
+    return {k: v for k, v in params.items() if k != CHECK}

@@ -29,6 +29,8 @@ DEFAULT_DEDUPE = "{rule}:{host}"
 DEDUPE_FIELDS = frozenset({"rule", "severity", "host", "user", "idc", "exit_status"})
 DEFAULT_COOLDOWN = 300
 REGEX_MEMORY = 1 << 20  # per compiled pattern: past it RE2's DFA falls back to its NFA, still linear
+SET_MEMORY = 64 << 20  # all regexes of a rules file in one RE2 set
+SET_MAX_TEXT = 4096  # characters: longer commands are matched regex by regex (RuleSet._regex_hits)
 MASK = "****"
 EXAMPLE_FIELDS = ("command", "user", "host", "idc", "exit_status")
 # A Slack channel id (C.../G...), never a name: names change and can be reused.
@@ -96,6 +98,8 @@ class RuleSet:
         self.redact_patterns = tuple(redact_patterns)
         self.path = path
         self._automaton = _automaton(self.rules)
+        self._regex_set, self._regex_owner = _regex_set(self.rules)
+        self._regex_only = frozenset(i for i, rule in enumerate(self.rules) if rule.regexes and not rule.keywords)
 
     def match(self, event: Mapping[str, Any]) -> list[Match]:
         """Every rule the event matches, in file order. The event has at least command, user, host,
@@ -116,9 +120,21 @@ class RuleSet:
         return redact(text, self.redact_patterns)
 
     def _candidates(self, command: str) -> list[int]:
-        hits = self._keyword_hits(command)
-        return [i for i, rule in enumerate(self.rules)
-                if (not rule.keywords or i in hits) and rule.regexes_match(command)]
+        """Rules whose keywords (if any) and regexes (if any) match: one keyword pass and one regex
+        pass, then work only on the rules those name, whatever the number of rules."""
+        regex_hits = self._regex_hits(command)
+        found = {i for i in self._keyword_hits(command) if not self.rules[i].regexes or i in regex_hits}
+        found.update(regex_hits & self._regex_only)  # every rule has keywords or regexes (load checks)
+        return sorted(found)
+
+    def _regex_hits(self, command: str) -> set[int]:
+        """Rules with a regex that matches. Long commands are searched rule by rule: a set's DFA may
+        give up on a long adversarial text, and a regex that silently fails to match is an evasion."""
+        if self._regex_set is None:
+            return set()
+        if len(command) > SET_MAX_TEXT:
+            return {i for i in set(self._regex_owner) if self.rules[i].regexes_match(command)}
+        return {self._regex_owner[k] for k in self._regex_set.Match(command) or ()}
 
     def _keyword_hits(self, command: str) -> set[int]:
         """Rules with at least one keyword in the command: one pass over it, whatever the number of rules."""
@@ -155,6 +171,25 @@ def _automaton(rules: Sequence[Rule]) -> Any:
         automaton.add_word(folded, value)
     automaton.make_automaton()
     return automaton
+
+
+def _regex_set(rules: Sequence[Rule]) -> tuple[Any, list[int]]:
+    """All rules' regexes in one RE2 set (each already compiled alone at load, so each is valid), and
+    which rule each belongs to."""
+    owner: list[int] = []
+    options = re2.Options()
+    options.log_errors = False
+    options.never_capture = True
+    options.max_mem = SET_MEMORY
+    regex_set = re2.Set.SearchSet(options)
+    for index, rule in enumerate(rules):
+        for regex in rule.regexes:
+            regex_set.Add(regex.pattern if rule.case_sensitive else f"(?i:{regex.pattern})")
+            owner.append(index)
+    if not owner:
+        return None, owner
+    regex_set.Compile()
+    return regex_set, owner
 
 
 def _dedupe_key(rule: Rule, event: Mapping[str, Any]) -> str:

@@ -16,11 +16,12 @@ from typing import Any
 from approvals import (
     ApprovalError, Decision, Gate, PolicyRefusal, authorize, record_trail, require_requester,
 )
-from bot import forms, grammar, store
+from bot import forms, grammar, multi, store
 from bot.approval_flow import ApprovalFlow
-from bot.commands import REQUESTERS, CommandError, Prose, Word, available, chat_command, reserve
+from bot.audit_search import AUDIT_USAGE, AuditQuery, parse_audit_query, search_audit
+from bot.commands import REQUESTERS, CommandError, Prose, Word, available, chat_command
 from bot.jobs import JOBS_USAGE, JobFilter, JobFollower, card_of, history, parse_job_filter
-from bot.messages import Message, clip, code, job_card, slack_date, text_message
+from bot.messages import CHECK, Message, clip, code, job_card, preview_message, slack_date, text_message
 from bot.schedules import SCHEDULE_USAGE, Schedules, schedule_words
 from bot.transport import ChatRequest, Transport
 from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
@@ -69,6 +70,7 @@ class Dispatcher:
         self.gate, self.pool = gate, pool
         self.approvals = ApprovalFlow(gate, default_idc, self.spec_of, self._start_approved, self.later)
         self.schedules: Schedules | None = None  # set by the service (bot.schedules)
+        self.audit_patterns: tuple[str, ...] = ()  # the audit rules file's redactions, set by the service
 
     # -- entry points (called by transports after their ack, each through `answering`) ---------
 
@@ -103,7 +105,7 @@ class Dispatcher:
         if errors:
             return errors
         run = grammar.Run(spec.name, targets, dict(values), meta["idc"], dry_run=bool(meta.get("dry_run")),
-                          timeout=meta.get("timeout"))
+                          timeout=meta.get("timeout"), check=bool(meta.get("check")))
         channel_req = ChatRequest(req.user, meta["channel"], origin=req.origin, team=req.team,
                                   response_url=meta.get("response_url"))
         self.later(channel_req, transport, "form", f"{spec.name} {targets}",
@@ -196,7 +198,10 @@ class Dispatcher:
     def deny_command(self, req: ChatRequest, transport: Transport, request: str, reason: str) -> None:
         self.approvals.deny(request, reason, req, transport)
 
-    reserve("audit", "search the shell audit trail")
+    @chat_command("audit", summary="search the shell audit trail (only you see the results)", usage=AUDIT_USAGE,
+                  parse=parse_audit_query)
+    def audit_command(self, req: ChatRequest, transport: Transport, query: AuditQuery) -> None:
+        search_audit(query, req, transport, self.gate, self.audit_patterns)
 
     @chat_command("schedule", summary="run a module on a timetable (cron in UTC, or `every 15m`); pause, resume, "
                   "delete", usage=SCHEDULE_USAGE, parse=schedule_words)
@@ -205,6 +210,9 @@ class Dispatcher:
         schedules = self._schedules()
         if action == "create":
             assert timing is not None and run is not None
+            if run.check:  # a schedule would run it for real: refuse rather than drop the word
+                raise CommandError("check=yes is for one look at what would change: run it now with "
+                                   "`/om run ... check=yes`, then schedule the real job")
             require_requester(self.gate, req.user)  # before the catalog and any expansion reach a master
             schedules.create(timing, run, req, transport)
             return
@@ -228,6 +236,8 @@ class Dispatcher:
     # -- reading -------------------------------------------------------------------------------
 
     def spec_of(self, idc: str, name: str) -> ModuleSpec:
+        if multi.is_multi(idc):  # a request over several IDCs (bot.multi), e.g. awaiting approval
+            return multi.spec_for(self, idc, name)
         catalog = self.catalogs.get(idc)
         if name in catalog.modules:
             return catalog.modules[name]
@@ -296,6 +306,9 @@ class Dispatcher:
     # -- acting --------------------------------------------------------------------------------
 
     def _run(self, command: grammar.Run, req: ChatRequest, transport: Transport) -> None:
+        if multi.is_multi(command.idc):  # idc=bj,sh or idc=*: one job per IDC, one card (bot.multi)
+            multi.run(self, command, req, transport)
+            return
         idc = command.idc or self.default_idc
         spec = self.spec_of(idc, command.module)
         missing = [p.name for p in spec.params if p.required and p.name not in command.params]
@@ -318,7 +331,10 @@ class Dispatcher:
         decision = self.decide(req.user, spec.name, hosts, idc)
         if command.dry_run:
             gate = f"; needs {decision.approval.count} approval(s)" if decision.approval and decision.needs_approval else ""
-            transport.respond(req, _preview(spec.name, idc, hosts, f"Dry run ({decision.reason}{gate}): would run"))
+            check = " a check run of" if command.check else ""
+            shown = self.router.preview(idc, spec.name, command.params, command.targets or ",".join(hosts),
+                                         command.check, requester=req.user)
+            transport.respond(req, preview_message(f"Dry run ({decision.reason}{gate}): would run{check}", idc, shown))
         elif decision.needs_approval:
             self.approvals.ask(command, spec, hosts, decision, req, transport)
         else:
@@ -327,7 +343,8 @@ class Dispatcher:
     def _form(self, command: grammar.Run, req: ChatRequest, transport: Transport, missing: list[str] | None = None) -> None:
         idc = command.idc or self.default_idc
         spec = self.spec_of(idc, command.module)
-        carry = {"dry_run": command.dry_run, "timeout": command.timeout, "response_url": req.response_url}
+        carry = {"dry_run": command.dry_run, "timeout": command.timeout, "response_url": req.response_url,
+                 "check": command.check}
         view = forms.build_view(spec, idc, req.channel, command.targets, command.params, carry)
         if req.trigger_id and transport.open_form(req, view):
             return
@@ -342,9 +359,14 @@ class Dispatcher:
     def start_job(self, command: grammar.Run, spec: ModuleSpec, hosts: list[str], req: ChatRequest,
                   transport: Transport, approvers: Sequence[str] = (), cancel_roles: Sequence[str] = (),
                   job_id: str | None = None) -> None:
+        if multi.is_multi(command.idc) and job_id is not None:  # an approved request over several IDCs
+            multi.start(self, command, spec, req, transport, approvers, cancel_roles, job_id)
+            return
         values = spec.validate(command.params)
         idc = command.idc or self.default_idc
         shown = {k: v for k, v in values.items() if v is not None}
+        if command.check:  # a reserved word, never a module's parameter: the card says "check" from it
+            shown[CHECK] = True
         job_id = job_id or str(uuid.uuid4())
         # Owned from before it is stored: another bot process never adopts a job this one is submitting.
         if not self.follower.claim(job_id):
@@ -368,12 +390,14 @@ class Dispatcher:
     def _submit(self, job: store.BotJob, command: grammar.Run, spec: ModuleSpec, hosts: list[str],
                 req: ChatRequest, transport: Transport, approvers: Sequence[str]) -> None:
         idc = job.idc
-        transport.respond(req, _preview(spec.name, idc, hosts, f"Starting job #{job.number}:"))
+        kind = " (a check run: it changes nothing)" if command.check else ""
+        transport.respond(req, _preview(spec.name, idc, hosts, f"Starting job #{job.number}{kind}:"))
         card_ts = transport.post(req.channel, job_card(card_of(job)), req=req)
         store.update_job(job, card_ts=card_ts)
         try:
             ref, reply = self.router.submit(idc, spec.name, command.params, hosts, approvers=approvers,
-                                            timeout=command.timeout, request_id=job.job_id, requester=req.user)
+                                            timeout=command.timeout, request_id=job.job_id, requester=req.user,
+                                            check=command.check)
         except MasterLost as exc:  # sent, then the link broke: follow it where it went, never re-send
             if exc.ref is None:
                 self._end_early(job, transport, JobState.UNKNOWN, str(exc))
@@ -398,6 +422,10 @@ class Dispatcher:
         if not allowed:
             raise PolicyRefusal(f"only the requester (<@{job.requester}>), its approvers or the roles the policy "
                                 f"names may cancel job #{job.number}")
+        parts = multi.parts_with(job)
+        if parts:  # one part of a request over several IDCs: cancel every part
+            multi.cancel_parts(self, parts, req, transport)
+            return
         if job.master_id is None:
             raise OmbotError(f"Job #{job.number} never reached a master.")
         reply = self.router.cancel(JobRef(job.job_id, job.idc, job.master_id), requester=req.user)

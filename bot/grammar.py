@@ -41,6 +41,7 @@ class Run:
     idc: str | None = None
     dry_run: bool = False
     timeout: int | None = None
+    check: bool = False  # check=yes: a real job that reports what would change and changes nothing
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Invocation:
         return self.command.word
 
 
-RUN_USAGE = "MODULE TARGETS [key=value ...] [idc=X] [dry_run=yes] [timeout=SECONDS]"
+RUN_USAGE = "MODULE TARGETS [key=value ...] [idc=X] [dry_run=yes] [timeout=SECONDS] [check=yes]"
 
 
 def parse(text: str) -> Invocation:
@@ -112,7 +113,8 @@ def run_of(module: str, args: list[str]) -> Run:
             raise CommandError(f"parameter {key!r} is given twice")
         bucket[key] = value
     return Run(module=module, targets=targets, params=params, idc=reserved.get("idc") or None,
-               dry_run=_flag("dry_run", reserved.get("dry_run")), timeout=_seconds(reserved.get("timeout")))
+               dry_run=_flag("dry_run", reserved.get("dry_run")), timeout=_seconds(reserved.get("timeout")),
+               check=_flag("check", reserved.get("check")))
 
 
 def _flag(name: str, value: str | None) -> bool:

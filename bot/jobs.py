@@ -27,9 +27,9 @@ import peewee
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from approvals import forget_trail_before
-from bot import lease, store
+from bot import audit_store, lease, multi, store
 from bot.commands import CommandError
-from bot.messages import CardState, job_card, results_message
+from bot.messages import CardState, results_message
 from bot.schedules import schedule_label
 from bot.transport import ChatRequest, Transport
 from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, Refused, Router
@@ -164,7 +164,7 @@ class JobFollower:
             nonlocal last_update, dirty
             if dirty and (force or time.monotonic() - last_update >= UPDATE_INTERVAL) and job.card_ts:
                 self._check(job)
-                transport.update(job.channel, job.card_ts, job_card(card))
+                multi.show_card(transport, job, card)  # a part of several IDCs: its request's card
                 last_update, dirty = time.monotonic(), False
 
         assert job.master_id is not None  # followed only once a master has it
@@ -178,7 +178,7 @@ class JobFollower:
             dirty = True
             flush(force=True)
         else:
-            transport.post(job.channel, job_card(card), req=req)
+            transport.post(job.channel, multi.card_message(job, card), req=req)
         transport.post(job.channel, results_message(job.number, list(results.values())), thread_ts=job.card_ts, req=req)
         store.update_job(job, reported=True)
         self.let_go(job.job_id)
@@ -224,9 +224,9 @@ class JobFollower:
         try:
             card = card_of(job)
             if job.card_ts:
-                transport.update(job.channel, job.card_ts, job_card(card))
+                multi.show_card(transport, job, card)
             else:
-                transport.post(job.channel, job_card(card), req=_request_of(job))
+                transport.post(job.channel, multi.card_message(job, card), req=_request_of(job))
             store.update_job(job, reported=True)
         finally:
             self.let_go(job.job_id)  # if posting failed, the card is retried when the job is adopted again
@@ -268,12 +268,14 @@ class Lifecycle:
         cutoff = store.now() - int(self.retention_days * MS_PER_DAY)
         try:
             jobs, trail = store.forget_jobs_before(cutoff), forget_trail_before(cutoff)
+            multi.forget_before(cutoff)  # the split of requests whose parts are gone
+            audit = audit_store.forget_events_before(cutoff)  # audit events are kept as long as jobs
         except Exception:
             log.exception("could not delete old jobs and trail entries")
             return
-        if jobs or trail:
-            log.info("retention: deleted %d job(s) and %d trail entries older than %s days", jobs, trail,
-                     self.retention_days)
+        if jobs or trail or audit:
+            log.info("retention: deleted %d job(s), %d trail entries and %d audit events older than %s days", jobs,
+                     trail, audit, self.retention_days)
 
     def close(self) -> None:
         if self.scheduler.running:

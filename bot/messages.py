@@ -22,6 +22,8 @@ CANCEL_ACTION = "om_cancel"
 APPROVE_ACTION = "om_approve"
 DENY_ACTION = "om_deny"
 DENY_CALLBACK = "om_deny_reason"
+CHECK = "check"  # a job's stored params carry it for a check run (a reserved word, no module's parameter)
+PREVIEW_HOSTS = 30
 
 STATE_ICONS: dict[str, str] = {
     JobState.SUBMITTING: ":hourglass:", JobState.QUEUED: ":hourglass:", JobState.RUNNING: ":arrows_counterclockwise:",
@@ -101,18 +103,38 @@ class CardState:
         return self.state in FINAL_STATES
 
 
+def preview_message(lead: str, idc: str, shown: dict[str, Any]) -> Message:
+    """A dry run: the hosts, then what the master's backend would run (the master's `preview`)."""
+    hosts: list[str] = shown.get("hosts", [])
+    listed = ", ".join(hosts[:PREVIEW_HOSTS]) + (f" \u2026 and {len(hosts) - PREVIEW_HOSTS} more"
+                                                 if len(hosts) > PREVIEW_HOSTS else "")
+    head = f"{lead} `{shown.get('module', '')}` on {len(hosts)} host(s) in {idc}: {listed}"
+    steps = "\n".join(shown.get("steps", []))
+    playbook = shown.get("playbook")
+    blocks = [section(escape(head)), section("steps:\n" + code(steps or "(none)", 1200))]
+    text = f"{head}\nsteps:\n{steps}"
+    if playbook:
+        options = " ".join(shown.get("options", []))
+        blocks.append(section(f"{shown.get('backend', '')} playbook ({clip(escape(options), 200)}):\n"
+                              + code(playbook, 2600)))
+        text += f"\nplaybook ({options}):\n{playbook}"
+    return Message(clip(text, TEXT_LIMIT), blocks)
+
+
 def params_text(params: dict[str, Any]) -> str:
     """Parameters as they would be typed: key=value, values with spaces or of other types as JSON."""
     return " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) or ' ' in v else v}" for k, v in params.items())
 
 
 def job_card(card: CardState) -> Message:
-    params = params_text(card.params) or "(no parameters)"
+    check = bool(card.params.get(CHECK))
+    params = params_text({k: v for k, v in card.params.items() if k != CHECK}) or "(no parameters)"
+    kind = " *check run*" if check else ""
     icon = STATE_ICONS.get(card.state, "")
     progress = f"{card.done}/{card.hosts} hosts \u00b7 {card.ok} ok \u00b7 {card.failed} failed"
     when = slack_date(card.created_at)
     took = f" \u00b7 took {duration((card.finished_at - card.created_at) / MS_PER_SECOND)}" if card.finished_at else ""
-    headline = f"{icon} *#{card.number}* `{card.module}` on *{card.hosts} host{'s' * (card.hosts != 1)}* in `{card.idc}` \u2014 *{card.state}*"
+    headline = f"{icon} *#{card.number}* `{card.module}`{kind} on *{card.hosts} host{'s' * (card.hosts != 1)}* in `{card.idc}` \u2014 *{card.state}*"
     blocks: list[dict[str, Any]] = [
         section(headline),
         section(f"requested by <@{card.requester}> {when}\n{code(params, 1500)}"),
@@ -131,7 +153,7 @@ def job_card(card: CardState) -> Message:
                         "confirm": {"type": "plain_text", "text": "Cancel job"},
                         "deny": {"type": "plain_text", "text": "Keep running"}},
         }]})
-    text = (f"[#{card.number} {card.state}] {card.module} on {card.hosts} host(s) in {card.idc} "
+    text = (f"[#{card.number} {card.state}] {card.module}{' (check run)' * check} on {card.hosts} host(s) in {card.idc} "
             f"by {card.requester}: {progress}{took}" + (f"\n{card.note}" if card.note else "")
             + (f"\n{card.schedule}" if card.schedule else ""))
     return Message(clip(text, TEXT_LIMIT), blocks)
@@ -180,6 +202,7 @@ class RequestView:
     decided_by: str | None = None
     reason: str | None = None
     schedule: str = ""  # the schedule it covers, if any: approving it approves every run
+    parts: str = ""  # a request over several IDCs: one line per IDC with its hosts (bot.multi)
 
 
 def approval_card(view: RequestView) -> Message:
@@ -197,7 +220,8 @@ def approval_card(view: RequestView) -> Message:
         section(f":lock: *Approval #{view.number}* \u2014 <@{view.requester}> asks to run `{view.module}` on "
                 f"*{len(view.hosts)} host{'s' * (len(view.hosts) != 1)}* in `{view.idc}`"
                 + (f" on {view.schedule}" if view.schedule else "")),
-        section(f"{code(view.params or '(no parameters)', 1500)}\nhosts: {clip(shown, 1200)}"),
+        section(f"{code(view.params or '(no parameters)', 1500)}\n"
+                + (f"hosts per IDC:\n{clip(escape(view.parts), 1400)}" if view.parts else f"hosts: {clip(shown, 1200)}")),
         section(f"*{view.state}*: {status}\napproved by: {votes}"),
     ]
     if view.state == "pending":
@@ -210,6 +234,8 @@ def approval_card(view: RequestView) -> Message:
     text = (f"[approval #{view.number} {view.state}] {view.module} on {len(view.hosts)} host(s) in {view.idc} "
             f"requested by {view.requester}" + (f" on {view.schedule}" if view.schedule else "")
             + f": {status}; approved by: {votes}")
+    if view.parts:
+        text += f"\n{view.parts}"
     if view.state == "pending":
         text += f"\n(/om approve {view.number}  or  /om deny {view.number} REASON)"
     files = [(f"approval-{view.number}-hosts.txt", "\n".join(view.hosts) + "\n")] if len(view.hosts) > 30 else []

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from approvals import Gate, bind, load_policy
-from bot import lease, replay, schedules, store
+from bot import audit_store, lease, multi, replay, schedules, store
+from bot.audit_feed import AuditFeed, start_feed
+from bot.audit_search import redact_patterns
 from bot.dispatcher import CatalogCache, Dispatcher
 from bot.jobs import JobFollower, Lifecycle
 from bot.settings import BotSettings
@@ -32,6 +34,8 @@ class BotService:
         replay.prepare()
         lease.prepare()
         schedules.prepare()
+        multi.prepare()
+        audit_store.prepare()
         self.router = Router(config, Identity.load(client.key_file), requester=self.registration.identity,
                              origin=origin)
         self.gate = self._gate(group_members)
@@ -43,9 +47,11 @@ class BotService:
         self.dispatcher = Dispatcher(self.router, self.catalogs, self.follower, client.default_idc, self.gate,
                                      self.commands)
         self.lifecycle: Lifecycle | None = None
+        self.audit_feed: AuditFeed | None = None
         self.schedules = schedules.Schedules(self.router, self.gate, self.dispatcher.approvals, self.dispatcher,
                                              self.settings, origin, client.default_idc)
         self.dispatcher.schedules = self.dispatcher.approvals.schedules = self.schedules
+        self.dispatcher.audit_patterns = redact_patterns(self.settings.audit_rules)  # /om audit redacts with them
 
     def _registration(self, config: Config, origin: str) -> ClientRegistration:
         """The bot speaks as a chat client; the console as its own client, which acts as one fixed
@@ -91,9 +97,13 @@ class BotService:
         if resumed:
             log.info("following %d unfinished job(s) again", resumed)
         self.schedules.start(transport)  # restores the schedules from the table; fires if it holds the lease
+        if self.origin == "slack":  # alerts go to Slack: a console on the same database never takes the feed
+            self.audit_feed = start_feed(self.router, list(self.config.idcs), self.settings, transport)
 
     def close(self) -> None:
         self.schedules.close()  # first: no run fires into pools that are shutting down
+        if self.audit_feed is not None:
+            self.audit_feed.close()
         if self.lifecycle is not None:
             self.lifecycle.close()  # before the pools: followers still running then post nothing
         if self.gate is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from ombot.config import Config, TableReader, database_url, parse_address
 from ombot.errors import ConfigError
 
 SLACK_API_ENV = "OMBOT_SLACK_API_URL"
+CHANNEL_ID = re.compile(r"^[CG][A-Z0-9]{2,}$")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class BotSettings:
     misfire_grace_seconds: int = 300  # missed runs younger than this coalesce into one; older are skipped
     schedule_min_interval_seconds: int = 60  # the shortest `every N`; tests lower it to 1
     retention_days: float = 90.0  # bot jobs and trail rows older than this are deleted
+    audit_rules: Path | None = None  # the shell audit's rules file (docs/audit.md, "Rules")
+    audit_poll_seconds: float = 1.0  # how often the audit feed reads every master
+    audit_silent_after_seconds: int = 300  # an agent without a heartbeat this long is reported silent
+    audit_alert_channel: str | None = None  # silent agents, and rules without a channel; else the rules' default
 
     @classmethod
     def from_config(cls, config: Config) -> BotSettings:
@@ -72,6 +78,10 @@ class BotSettings:
             schedule_approval_days=_positive(r, "schedule_approval_days", 30),
             misfire_grace_seconds=_positive(r, "misfire_grace_seconds", 300),
             schedule_min_interval_seconds=_positive(r, "schedule_min_interval_seconds", 60),
+            audit_rules=r.file("audit_rules", None),
+            audit_poll_seconds=_seconds(r, "audit_poll_seconds", 1.0),
+            audit_silent_after_seconds=_positive(r, "audit_silent_after_seconds", 300),
+            audit_alert_channel=_channel_id(r, "audit_alert_channel"),
         )
         r.done()
         return settings
@@ -82,6 +92,20 @@ def _retention_days(r: TableReader) -> float:
     if isinstance(days, bool) or not days > 0:
         raise ConfigError(r.path, r.key("retention_days"), "a number of days above 0", days)
     return float(days)
+
+
+def _seconds(r: TableReader, key: str, default: float) -> float:
+    value = r.get(key, (int, float), default, what="a number of seconds, at least 0.1")
+    if isinstance(value, bool) or not value >= 0.1:
+        raise ConfigError(r.path, r.key(key), "a number of seconds, at least 0.1", value)
+    return float(value)
+
+
+def _channel_id(r: TableReader, key: str) -> str | None:
+    value: str | None = r.get(key, str, None)
+    if value is not None and not CHANNEL_ID.match(value):  # names change and can be reused: ids only
+        raise ConfigError(r.path, r.key(key), "a Slack channel id (C..., G...), not a channel name", value)
+    return value
 
 
 def _positive(r: TableReader, key: str, default: int) -> int:

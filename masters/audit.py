@@ -7,6 +7,12 @@ Each event is checked on its own: a malformed or oversized one is rejected with 
 rest of the batch is kept. Stored events are inserted with insert-ignore on their id, and the reply
 acknowledges every id the table now holds, new or already there: the agent deletes only those.
 
+The bot reads what the masters stored with `audit_read` (a chat client only): the events received
+from a cursor on, in (received_at, id) order, one bounded page at a time, and the heartbeat rows.
+Its answer carries the master's clock at the start of the read: a batch committed later may carry
+an earlier received_at (it was taken before the insert), so the bot re-reads a short overlap
+behind that time, and its insert skips what it already holds.
+
 The tables are their own component ("audit") in the master's database, migrated here, so the
 job tables' migrations and these never depend on each other's order.
 """
@@ -17,6 +23,8 @@ import re
 from typing import Any
 
 import peewee
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as run_migration
 
 from masters.envelope import Refused, Request, dumps
 from masters.store import BaseModel, db
@@ -30,6 +38,9 @@ EVENT_KINDS = ("command", "dropped", "notice")
 # host:boot-id:source:sequence; the host part is checked against the sender's registration
 _EVENT_ID_TAIL = re.compile(r"^[0-9a-f-]{1,64}:[a-z][a-z0-9_.-]{0,31}:[0-9]{1,19}$")
 _STATUS_FIELDS = ("spool_depth", "dropped_total", "sent_total")
+MAX_READ_EVENTS = 1000  # one audit_read page
+DEFAULT_READ_EVENTS = 500
+MAX_READ_BYTES = 512 * 1024  # a page stops growing past this much event data (an event is at most 32 KiB)
 
 
 class AuditEvent(BaseModel):
@@ -54,7 +65,12 @@ class AuditAgent(BaseModel):
     sent_total = peewee.BigIntegerField()
 
 
-MIGRATIONS = [create_tables(AuditEvent, AuditAgent)]
+def _index_received(db: peewee.Database) -> None:
+    """audit_read pages through (received_at, id)."""
+    run_migration(SchemaMigrator.from_database(db).add_index("auditevent", ("received_at", "id")))
+
+
+MIGRATIONS = [create_tables(AuditEvent, AuditAgent), _index_received]
 
 
 class AuditIngest:
@@ -62,7 +78,8 @@ class AuditIngest:
 
     def __init__(self, clients: dict[str, ClientRegistration]) -> None:
         self.clients = clients
-        if any(c.kind == "agent" for c in clients.values()):  # masters without agents keep no audit tables
+        self.enabled = any(c.kind == "agent" for c in clients.values())
+        if self.enabled:  # masters without agents keep no audit tables
             migrate(db.obj, "audit", MIGRATIONS)
 
     def ingest(self, client: ClientRegistration, request: Request) -> dict[str, Any]:
@@ -85,6 +102,10 @@ class AuditIngest:
         if status is not None:
             self._heartbeat(host, status)
         return {"acked": list(kept), "stored": stored, "rejected": rejected}
+
+    def read(self, request: Request) -> dict[str, Any]:
+        """audit_read: a page of what this master stored, for the bot (masters.clients lets only chat clients)."""
+        return read_page(self.enabled, request.args)
 
     @staticmethod
     def _batch(client: ClientRegistration, args: dict[str, Any]) -> tuple[str, list[Any]]:
@@ -118,6 +139,41 @@ class AuditIngest:
         with db.atomic():  # update, else insert: portable across SQLite, MariaDB and PostgreSQL
             if not AuditAgent.update(**values).where(AuditAgent.host == host).execute():
                 AuditAgent.insert(host=host, **values).on_conflict_ignore().execute()
+
+
+def read_page(enabled: bool, args: dict[str, Any]) -> dict[str, Any]:
+    """One page of stored events after the cursor (`after` ms, `after_id`), oldest received first, and
+    the heartbeat rows seen since `agents_since` (ms; 0 for all, absent for none).
+
+    `now` is this master's clock before the read: every batch received earlier than `now` minus the
+    time a batch takes to commit is in this page or before the cursor. `more` says a page was cut
+    short (by `limit` or by size): read again from its last event."""
+    after, after_id = args.get("after", 0), args.get("after_id", "")
+    limit, agents_since = args.get("limit", DEFAULT_READ_EVENTS), args.get("agents_since")
+    if not _count(after) or not isinstance(after_id, str) or len(after_id) > 255:
+        raise Refused("bad_request", "after must be epoch milliseconds and after_id an event id")
+    if not _count(limit) or not 1 <= limit <= MAX_READ_EVENTS:
+        raise Refused("bad_request", f"limit must be 1 to {MAX_READ_EVENTS}")
+    if agents_since is not None and not _count(agents_since):
+        raise Refused("bad_request", "agents_since must be epoch milliseconds")
+    now = now_ms()
+    if not enabled:  # no agent registered here: nothing was ever stored
+        return {"now": now, "events": [], "more": False, "agents": []}
+    query = (AuditEvent.select()
+             .where((AuditEvent.received_at > after) | ((AuditEvent.received_at == after) & (AuditEvent.id > after_id)))
+             .order_by(AuditEvent.received_at, AuditEvent.id).limit(limit))
+    events: list[dict[str, Any]] = []
+    size = 0
+    for row in query:
+        events.append({"id": row.id, "host": row.host, "kind": row.kind, "at": row.at,
+                       "received_at": row.received_at, "data": row.data})
+        size += len(dumps(row.data))
+        if size >= MAX_READ_BYTES:
+            break
+    agents = [] if agents_since is None else [
+        {"host": a.host, "last_seen": a.last_seen, **{f: getattr(a, f) for f in _STATUS_FIELDS}}
+        for a in AuditAgent.select().where(AuditAgent.last_seen >= agents_since).order_by(AuditAgent.host)]
+    return {"now": now, "events": events, "more": len(events) == limit or size >= MAX_READ_BYTES, "agents": agents}
 
 
 def event_problem(event: Any, host: str) -> str | None:

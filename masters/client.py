@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,17 +191,25 @@ class Router:
     def expand(self, idc: str, targets: str, requester: str | None = None) -> list[str]:
         return list(self._read(idc, "expand", {"targets": targets}, requester)["hosts"])
 
+    def preview(self, idc: str, module: str, params: dict[str, Any], targets: str, check: bool = False,
+                requester: str | None = None) -> dict[str, Any]:
+        """A dry run, read-only: the hosts `targets` expands to and what the master's backend would run
+        there (`steps` as text; `playbook`, the generated YAML, from an Ansible master)."""
+        return self._read(idc, "preview", {"module": module, "params": params, "targets": targets, "check": check},
+                          requester)
+
     def submit(self, idc: str, module: str, params: dict[str, Any], hosts: list[str],
                approvers: Iterable[str] = (), timeout: int | None = None,
                request_id: str | None = None, requester: str | None = None,
-               wait: float = SUBMIT_WAIT_SECONDS) -> tuple[JobRef, dict[str, Any]]:
+               wait: float = SUBMIT_WAIT_SECONDS, check: bool = False) -> tuple[JobRef, dict[str, Any]]:
         """Send a job to the first reachable master of the IDC. MasterLost means: sent, outcome unknown.
 
         The master holds the reply up to `wait` seconds for the job to end, so a quick job comes back
-        whole (its events in the reply, for `follow(first=...)`) in a single round trip."""
+        whole (its events in the reply, for `follow(first=...)`) in a single round trip. A `check` run
+        reports what would change and changes nothing (docs/backends.md)."""
         request_id = request_id or str(uuid.uuid4())
         args = {"module": module, "params": params, "hosts": hosts, "idc": idc,
-                "approvers": list(approvers), "timeout": timeout, "wait": wait}
+                "approvers": list(approvers), "timeout": timeout, "wait": wait, "check": check}
         reasons: list[str] = []
         for master_id in self.masters_of(idc):
             try:
@@ -268,6 +276,20 @@ class Router:
             on_poll()
             if reply["done"] and not reply["events"]:
                 return str(reply["state"])
+
+    def audit_read(self, idc: str, pages: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any] | OmbotError]:
+        """One `audit_read` page from each master of the IDC named in `pages` (master id -> its args).
+
+        EVERY master, not the first that answers: an agent fails over, so a server's events are spread
+        over its IDC's masters. Per master its page, or the error that kept it from answering."""
+        found: dict[str, dict[str, Any] | OmbotError] = {}
+        for master_id in self.masters_of(idc):
+            if master_id in pages:
+                try:
+                    found[master_id] = self.links[master_id].call("audit_read", pages[master_id])
+                except (ConnectFailed, MasterLost, Refused) as exc:
+                    found[master_id] = exc
+        return found
 
     def health(self) -> list[dict[str, Any]]:
         """Every configured master, reachable or not, with its round-trip time."""

@@ -8,6 +8,7 @@ every identity a request names against it: the request's own word is never enoug
 - Every client may run only the modules and hosts its registration's globs allow.
 - An `agent` client (a server's audit agent) speaks as `agent:HOST` and may call only `ingest`,
   which no other client may call.
+- Only a `chat` client (the bot, whose store holds the audit trail) reads stored audit events.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ CHAT_ORIGINS = ("slack", "console")
 
 
 AGENT_OPS = ("ingest",)
+CHAT_ONLY_OPS = ("audit_read",)
 
 
 def check_operation(client: ClientRegistration, op: str) -> None:
@@ -33,6 +35,8 @@ def check_operation(client: ClientRegistration, op: str) -> None:
         raise Refused("not_permitted", f"client {client.id} is an audit agent: it may only ingest, not {op}")
     if client.kind != "agent" and op in AGENT_OPS:
         raise Refused("not_permitted", f"client {client.id} is a {client.kind} client: only audit agents ingest")
+    if client.kind != "chat" and op in CHAT_ONLY_OPS:
+        raise Refused("not_permitted", f"client {client.id} is a {client.kind} client: only the bot reads audit events")
 
 
 def check_requester(client: ClientRegistration, request: Request) -> None:

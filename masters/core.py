@@ -50,13 +50,14 @@ class MasterCore:
         self.opener = Opener(identity, settings.id, accepted, limits.max_frame_bytes,
                              limits.clock_skew_seconds, limits.max_validity_seconds)
         self.jobs = JobStore(settings.id)
-        self.checks = SubmitChecks(settings, clients, modules, inventory)
+        self.checks = SubmitChecks(settings, clients, modules, inventory, backend)
         self.runner = JobRunner(settings, backend, inventory, self.jobs)
         self.started_at = time.time()
         operations: dict[str, Callable[[Request], dict[str, Any]]] = {
             "catalog": self._catalog, "expand": self._expand, "submit": self._submit,
             "events": self._events, "cancel": self._cancel, "health": self._health,
-            "ingest": self._ingest,
+            "ingest": self._ingest, "audit_read": lambda request: self.audit.read(request),
+            "preview": self.checks.preview,  # read-only: a dry run's hosts and generated playbook
         }
         # Every operation first checks who is asking against the sender's registration.
         self.ops = {op: self._as_registered(op, work) for op, work in operations.items()}

@@ -31,7 +31,7 @@ REQUEST_MAGIC = b"OMB1"
 REPLY_MAGIC = b"OMR1"
 REFUSAL_MAGIC = b"OMX1"
 VERSION = 1
-OPS = ("catalog", "expand", "submit", "events", "cancel", "health", "ingest")  # ingest: audit agents only
+OPS = ("catalog", "expand", "submit", "events", "cancel", "health", "ingest", "audit_read", "preview")  # ingest: audit agents only; audit_read: the bot
 ORIGINS = ("cli", "slack", "console", "agent")
 _KEY_LEN = 32
 

@@ -11,11 +11,13 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import re2
 
+from ombot.config import MasterSettings
 from ombot.errors import OmbotError
 
 # Bounds on one expansion, so whoever may send a target expression cannot make the master work long.
@@ -129,6 +131,65 @@ class Inventory:
 
     def missing(self, hosts: list[str]) -> list[str]:
         return [h for h in hosts if h not in self._known]
+
+
+_MINION_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
+
+
+class MinionInventory(Inventory):
+    """The salt-master's accepted minion keys as the inventory (`[masters.ID.salt] inventory = "minions"`):
+    every minion in one group, `minions`. They are written to an INI file of the master's own and read
+    again whenever the accepted keys change, so a newly accepted minion is a target without a restart."""
+
+    def __init__(self, path: Path, list_minions: Callable[[], Iterable[str]]) -> None:
+        self._list = list_minions
+        self._names = self._minions()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_minions(path, self._names)
+        super().__init__(path)
+
+    def _minions(self) -> list[str]:
+        # Only ids an INI file and a target expression carry exactly; Salt allows a few more.
+        return [name for name in self._list() if _MINION_ID.fullmatch(name)]
+
+    def _refresh(self) -> None:
+        names = self._minions()  # a directory listing: cheap enough for every expansion
+        with self._lock:
+            if names == self._names:
+                return
+            _write_minions(self.path, names)
+            self._im.refresh_inventory()
+            self._names, self._known = names, frozenset(h.name for h in self._im.get_hosts("all"))
+
+    def expand(self, targets: str) -> list[str]:
+        self._refresh()
+        return super().expand(targets)
+
+    def hosts(self) -> list[str]:
+        if hasattr(self, "_known"):  # not while the base class is still being set up
+            self._refresh()
+        return super().hosts()
+
+    def missing(self, hosts: list[str]) -> list[str]:
+        self._refresh()
+        return super().missing(hosts)
+
+
+def _write_minions(path: Path, names: list[str]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("[minions]\n" + "".join(f"{name}\n" for name in names))
+    os.replace(partial, path)
+
+
+def open_inventory(settings: MasterSettings) -> Inventory | None:
+    """A master's inventory: its inventory file, or the salt-master's accepted minion keys."""
+    if settings.salt.inventory == "minions":
+        from masters.backends import salt_module  # Salt only for a master that asks for it
+
+        config = settings.salt.config
+        return MinionInventory(settings.state_dir / "salt-minions.ini",
+                               lambda: salt_module().accepted_minions(config))
+    return Inventory(settings.inventory) if settings.inventory else None
 
 
 def _listed(hosts: list[Any]) -> list[Any]:

@@ -3,7 +3,8 @@
 `SubmitChecks.spec(request)` either returns a `JobSpec` (what will run, where, for how long, as
 whom) or raises `Refused`: the module exists, the request is for this IDC, the params validate,
 the hosts are in the inventory, the client's registration globs allow it, the master's approval
-floor is met, the timeout is within the ceiling, and the module planned without a hidden shell.
+floor is met, the timeout is within the ceiling, the module planned without a hidden shell, and
+the master's backend can run that plan (a check run, a playbook and its vars: `backends.base.vet`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from masters.backends.base import Backend, Unsupported, preview, vet
 from masters.clients import check_approvers, check_permitted
 from masters.envelope import Refused, Request
-from masters.inventory import Inventory
+from masters.inventory import Inventory, TargetError
 from modules import Module, ParamError, Plan, Shell
 from ombot.config import ClientRegistration, MasterSettings
 from ombot.globs import matches_any
@@ -32,7 +34,8 @@ class JobSpec:
     hosts: list[str]
     approvers: list[str]
     timeout: int  # seconds
-    plan: Plan
+    plan: Plan  # as the backend vetted it (a playbook resolved, its vars typed)
+    check: bool = False  # a check run: passes every check a real run does, reaches the hosts, changes nothing
 
 
 def require_inventory(inventory: Inventory | None, master_id: str) -> Inventory:
@@ -45,8 +48,9 @@ class SubmitChecks:
     """Everything a submit must pass before the master records it; it never touches the store."""
 
     def __init__(self, settings: MasterSettings, clients: dict[str, ClientRegistration],
-                 modules: dict[str, Module], inventory: Inventory | None) -> None:
+                 modules: dict[str, Module], inventory: Inventory | None, backend: Backend | None = None) -> None:
         self.settings, self.clients, self.modules, self.inventory = settings, clients, modules, inventory
+        self.backend = backend
 
     def spec(self, request: Request) -> JobSpec:
         args, client = request.args, self.clients[request.sender]
@@ -59,7 +63,48 @@ class SubmitChecks:
         approvers = check_approvers(client, args.get("approvers"))
         self._check_approvals(module.name, approvers, request.requester)
         timeout = self._timeout(module, args.get("timeout"))
-        return JobSpec(module, values, hosts, approvers, timeout, self._plan(module, values))
+        check = self.check_flag(args.get("check"))
+        return JobSpec(module, values, hosts, approvers, timeout, self.vetted(self._plan(module, values), check), check)
+
+    def preview(self, request: Request) -> dict[str, Any]:
+        """The read-only `preview` operation (a dry run): the hosts `targets` expands to and what the
+        backend would run there, after the checks a submit applies to the module, params and hosts.
+        Nothing is recorded; approvals are not asked for (a dry run runs nothing)."""
+        args, client = request.args, self.clients[request.sender]
+        module = self._module(args.get("module"))
+        values = self._values(module, args.get("params"))
+        targets = args.get("targets")
+        if not isinstance(targets, str):
+            raise Refused("bad_request", "preview needs targets as a string")
+        try:
+            hosts = require_inventory(self.inventory, self.settings.id).expand(targets)
+        except TargetError as exc:
+            raise Refused("bad_targets", str(exc)) from None
+        check_permitted(client, module.name, hosts)
+        check = self.check_flag(args.get("check"))
+        plan = self.vetted(self._plan(module, values), check)
+        backend = self.backend.name if self.backend is not None else "none"
+        shown = preview(self.backend, plan, hosts, check) if self.backend is not None else {"steps": plan.describe()}
+        return {"module": module.name, "hosts": hosts, "backend": backend, "check": check, **shown}
+
+    @staticmethod
+    def check_flag(value: Any) -> bool:
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise Refused("bad_request", "check must be true or false")
+        return value
+
+    def vetted(self, plan: Plan, check: bool) -> Plan:
+        """The plan as this master's backend will run it, or the refusal of what it cannot run."""
+        if self.backend is None:
+            return plan
+        try:
+            return vet(self.backend, plan, check)
+        except Unsupported as exc:
+            raise Refused("unsupported", str(exc)) from None
+        except ParamError as exc:
+            raise Refused("invalid_params", str(exc), param=exc.param) from None
 
     def _module(self, name: Any) -> Module:
         if not isinstance(name, str) or name not in self.modules:

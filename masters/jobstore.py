@@ -89,7 +89,7 @@ class JobStore:
                     created_at=now_ms(), signed_request=request.signed, master_id=self.master_id,
                 )
                 self.append(request.id, 1, [("accepted", {"hosts": spec.hosts, "module": spec.module.name,
-                                                          "timeout": spec.timeout})])
+                                                          "timeout": spec.timeout, "check": spec.check})])
                 busy = self.take_hosts(request.id, idc, spec.hosts) if lock_hosts else None
                 if busy is not None:  # raised inside the transaction: the job is not recorded either
                     raise Refused("host_busy", f"{spec.module.name} refuses to wait, and another job is changing "

@@ -33,7 +33,8 @@ def host_log(results: list[dict[str, Any]]) -> str:
         parts.append(f"=== {r['host']} ({r['status']}, rc={r.get('rc')})")
         if r.get("error"):
             parts.append(f"error: {r['error']}")
-        if r.get("data"):
+        # Parsed data stands for stdout; the Ansible backend's task counts alone are not parsed data.
+        if any(key != "ansible" for key in r.get("data") or {}):
             parts.append(json.dumps(r["data"], indent=2, sort_keys=True))
         elif r.get("stdout"):
             parts.append(r["stdout"].rstrip("\n"))

@@ -178,7 +178,7 @@ class JobRunner:
             job_id=live.id, plan=spec.plan, hosts=spec.hosts, host_vars=self._host_vars,
             report=lambda r: self._report(live, r), output_cap=limits.output_cap_bytes,
             deadline=time.monotonic() + spec.timeout - live.waited, cancelled=live.cancelled,
-            max_parallel=limits.max_parallel_hosts, file_store=self.settings.state_dir / "files",
+            max_parallel=limits.max_parallel_hosts, file_store=self.settings.state_dir / "files", check=spec.check,
         )
         try:
             self.backend.run(ctx)

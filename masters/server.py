@@ -24,7 +24,7 @@ from masters import store
 from masters.backends import backend_named
 from masters.core import MasterCore
 from masters.envelope import OPS
-from masters.inventory import Inventory
+from masters.inventory import open_inventory
 from masters.keys import Identity
 from masters.lograte import LogBudget
 from modules import load_modules
@@ -163,6 +163,12 @@ class MasterService(rpyc.Service):
     def exposed_ingest(self, frame: bytes) -> bytes:
         return self._core.handle("ingest", frame, self._on_authenticated)
 
+    def exposed_audit_read(self, frame: bytes) -> bytes:
+        return self._core.handle("audit_read", frame, self._on_authenticated)
+
+    def exposed_preview(self, frame: bytes) -> bytes:
+        return self._core.handle("preview", frame, self._on_authenticated)
+
 
 def build_core(config: Config, settings: MasterSettings) -> MasterCore:
     """Everything a master needs, validated before it listens: keys, modules, inventory, store."""
@@ -173,7 +179,7 @@ def build_core(config: Config, settings: MasterSettings) -> MasterCore:
         raise ConfigError(config.path, f"masters.{settings.id}.public_key", f"the public key of {settings.key_file}")
     accepted = {cid: config.clients[cid] for cid in settings.accept}
     modules = load_modules(config.module_dirs)
-    inventory = Inventory(settings.inventory) if settings.inventory else None
+    inventory = open_inventory(settings)
     store.open_store(settings.database_url)
     return MasterCore(settings, identity, accepted, modules, inventory, backend_named(settings.backend, settings))
 

@@ -11,7 +11,8 @@
 from modules import params
 from modules.params import Param, ParamError, within, yes_or_no
 from modules.plan import (
-    Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, Shell, Step, TailFile, TempPath,
+    Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, SaltState, Shell, Step,
+    TailFile, TempPath,
 )
 from modules.registry import (
     RESERVED_COMMANDS, RESERVED_PARAMS, Catalog, Concurrency, Module, ModuleLoadError, ModuleSpec, Risk,
@@ -20,6 +21,6 @@ from modules.registry import (
 
 __all__ = [
     "RESERVED_COMMANDS", "RESERVED_PARAMS", "Arg", "Catalog", "Command", "Concurrency", "Emit", "FirstAvailable", "Module", "ModuleLoadError",
-    "ModuleSpec", "Param", "ParamError", "Ping", "Plan", "PutFile", "RequireWithin", "Risk", "Shell", "Step", "TailFile", "TempPath",
+    "ModuleSpec", "Param", "ParamError", "Ping", "Plan", "PutFile", "RequireWithin", "Risk", "RunPlaybook", "SaltState", "Shell", "Step", "TailFile", "TempPath",
     "catalog_of", "load_modules", "module", "params", "within", "yes_or_no",
 ]

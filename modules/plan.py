@@ -111,7 +111,27 @@ class TailFile:
     param: str | None = None
 
 
-Step = Emit | Ping | Command | FirstAvailable | Shell | PutFile | RequireWithin | TailFile
+@dataclass(frozen=True)
+class RunPlaybook:
+    """Run the playbook `playbook` from the master's allow-listed directory (ansible.playbook).
+
+    `vars` are `NAME=VALUE` words as requested; the backend checks them against the schema declared
+    beside the playbook before the job is accepted, and passes the typed values as data. Only the
+    Ansible backend runs playbooks; the others refuse the job at submit."""
+
+    playbook: str
+    vars: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SaltState:
+    """Apply the named Salt state (`state.apply`, salt.state) from the master's allow-list; a check run
+    passes `test=True`. Only the Salt backend applies states; the others refuse the job at submit."""
+
+    name: str
+
+
+Step = Emit | Ping | Command | FirstAvailable | Shell | PutFile | RequireWithin | TailFile | RunPlaybook | SaltState
 
 
 @dataclass(frozen=True)
@@ -151,4 +171,8 @@ def _describe(step: Step) -> str:
             return f"require {path} within {', '.join(roots)}"
         case TailFile(path, lines, roots, _):
             return f"show the last {lines} lines of {path} (a single-link regular file within {', '.join(roots)})"
+        case RunPlaybook(playbook, variables):
+            return f"run playbook {playbook!r}" + (f" with {' '.join(variables)}" if variables else "")
+        case SaltState(name):
+            return f"apply salt state {name!r}"
     raise TypeError(f"not a plan step: {step!r}")

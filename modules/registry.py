@@ -24,7 +24,7 @@ RESERVED_COMMANDS = frozenset({
     "help", "run", "form", "jobs", "status", "cancel", "masters", "modules",
     "approve", "deny", "approvals", "audit", "schedule", "schedules",
 })
-RESERVED_PARAMS = frozenset({"idc", "dry_run", "timeout"})
+RESERVED_PARAMS = frozenset({"idc", "dry_run", "check", "timeout"})
 _MODULE_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 _PARAM_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _CATEGORY = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")

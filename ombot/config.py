@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ombot.errors import ConfigError
+from ombot.errors import ConfigError, OmbotError
 
 CONFIG_ENV = "OMBOT_CONFIG"
 DEFAULT_CONFIG = "ombot.toml"
@@ -52,6 +52,21 @@ class AnsibleSettings:
     connect_timeout_seconds: int = 10
     host_key_checking: bool = True
     rotate_artifacts: int = 50  # runs whose artifacts are kept under <state_dir>/ansible
+    playbooks: Path | None = None  # the allow-listed directory ansible.playbook runs playbooks from
+
+
+SALT_INVENTORIES = ("file", "minions")
+
+
+@dataclass(frozen=True)
+class SaltSettings:
+    """`[masters.ID.salt]`: the Salt backend's salt-master and limits (docs/backends.md explains each)."""
+
+    config: Path = Path("/etc/salt/master")  # the salt-master's config file: LocalClient's c_path
+    inventory: str = "file"  # "minions": the hosts are the salt-master's accepted minion keys
+    python: str = "/usr/bin/python3"  # the minions' Python, for OMBot's small checks (RequireWithin, TailFile)
+    states: tuple[str, ...] = ()  # the states salt.state may apply (from the salt-master's file_roots)
+    answer_seconds: float = 5.0  # a minion silent this long is asked whether it runs the job; unreachable if not
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,7 @@ class MasterSettings:
     approvals: dict[str, int] = field(default_factory=dict)
     retention_days: float = 30.0  # finished jobs and their events are deleted this long after they end
     ansible: AnsibleSettings = field(default_factory=AnsibleSettings)
+    salt: SaltSettings = field(default_factory=SaltSettings)
 
 
 CLIENT_KINDS = ("chat", "console", "cli", "agent")
@@ -328,7 +344,11 @@ def _parse_master(r: TableReader, master_id: str, clients: dict[str, ClientRegis
         approvals=_approvals(r.sub("approvals")),
         retention_days=_positive_number(r, "retention_days", 30.0),
         ansible=_ansible(r.sub("ansible")),
+        salt=_salt(r.sub("salt")),
     )
+    if settings.salt.inventory == "minions" and settings.inventory is not None:
+        raise ConfigError(r.path, r.key("inventory"), "no inventory file: [salt] inventory = \"minions\" takes the "
+                                                      "targets from the salt-master's accepted keys", str(settings.inventory))
     r.done()
     return settings
 
@@ -362,7 +382,28 @@ def _ansible(r: TableReader) -> AnsibleSettings:
         connect_timeout_seconds=_positive(r, "connect_timeout_seconds", defaults.connect_timeout_seconds),
         host_key_checking=r.get("host_key_checking", bool, defaults.host_key_checking),
         rotate_artifacts=_positive(r, "rotate_artifacts", defaults.rotate_artifacts),
+        playbooks=r.file("playbooks", None),
     )
+    r.done()
+    return settings
+
+
+def _salt(r: TableReader) -> SaltSettings:
+    """[masters.X.salt]: the Salt backend's salt-master, inventory source and states (docs/backends.md)."""
+    defaults = SaltSettings()
+    python = r.get("python", str, defaults.python)
+    if not re.fullmatch(r"/[A-Za-z0-9_./-]+", python):
+        raise ConfigError(r.path, r.key("python"), "an absolute path to the minions' Python", python)
+    inventory = r.get("inventory", str, defaults.inventory)
+    if inventory not in SALT_INVENTORIES:
+        raise ConfigError(r.path, r.key("inventory"), "\"file\" (the master's inventory) or \"minions\" (the "
+                                                      "salt-master's accepted minion keys)", inventory)
+    states = r.strings("states", ())
+    for state in states:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", state):
+            raise ConfigError(r.path, r.key("states"), "state names such as nginx or web.app", state)
+    settings = SaltSettings(config=r.file("config", None) or defaults.config, inventory=inventory, python=python,
+                            states=states, answer_seconds=_positive_number(r, "answer_seconds", defaults.answer_seconds))
     r.done()
     return settings
 
@@ -387,8 +428,19 @@ def _parse_idcs(r: TableReader, masters: dict[str, MasterSettings]) -> dict[str,
                 raise ConfigError(r.path, sub.key("masters"), f"master ids defined under [masters]; unknown {mid!r}")
             if masters[mid].idc != idc:
                 raise ConfigError(r.path, sub.key("masters"), f"masters of IDC {idc!r}; {mid!r} is in {masters[mid].idc!r}")
+        _one_backend(r.path, idc, [m for m in masters.values() if m.idc == idc])
         idcs[idc] = ids
     return idcs
+
+
+def _one_backend(path: Path, idc: str, masters: list[MasterSettings]) -> None:
+    """Masters of one IDC fail over to each other, so they must reach the hosts the same way: a job
+    failing over must not change how (or whether) it can run."""
+    backends = {m.backend for m in masters}
+    if len(backends) > 1:
+        named = ", ".join(f"{m.id} ({m.backend})" for m in masters)
+        raise ConfigError(path, f"idcs.{idc}", f"one backend for all masters of IDC {idc!r}; they name "
+                                               f"different ones: {named}")
 
 
 def _parse_client(r: TableReader, idcs: dict[str, tuple[str, ...]],
@@ -460,3 +512,20 @@ def read_secret_file(secret: Path, config: Path | None = None, key: str = "") ->
     if mode & SECRET_FILE_MODE_MASK:
         raise ConfigError(config or secret, key, f"a file only its owner can read (chmod 600 {secret})")
     return secret.read_text(encoding="utf-8").strip()
+
+
+def several_idcs(text: str | None) -> bool:
+    """Whether `idc=` names several IDCs (`bj,sh`, or `*` for all): one request, one job per IDC."""
+    return text is not None and ("," in text or text.strip() == "*")
+
+
+def named_idcs(config: Config, text: str) -> list[str]:
+    """The IDCs `bj,sh` names (each once, in the order given), or `*`: every IDC, in the config's order."""
+    if text.strip() == "*":
+        return list(config.idcs)
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in config.idcs]
+    if unknown or not names:
+        raise OmbotError(f"unknown IDC {', '.join(map(repr, unknown)) or repr(text)} "
+                         f"(known: {', '.join(config.idcs) or 'none'}; `*` means all of them)")
+    return names

@@ -211,6 +211,20 @@ def test_a_thousand_rules_build_and_match() -> None:
     assert len(ruleset.rules) == 1000
     assert names(ruleset, "echo WORD17X other899y; cmd42 --flag") == ["k17", "k899", "r42"]
     assert names(ruleset, "ls -la " * 1000) == []
+    # past the set's text limit each regex runs alone: the answer must not change
+    assert names(ruleset, "x" * 5000 + " cmd7 --flag; word3x") == ["k3", "r7"]
+
+
+def test_the_regex_pass_gives_what_each_regex_alone_gives() -> None:
+    """All regexes run as one RE2 set (short commands) or one by one (long ones): same rules either way."""
+    ruleset = rules('[[rules]]\nname = "a"\nregexes = ["rm\\\\s+-rf", "mkfs"]\n'
+                    '[[rules]]\nname = "b"\nregexes = ["MKFS"]\ncase_sensitive = true\n'
+                    '[[rules]]\nname = "c"\nkeywords = ["iptables"]\nregexes = ["-F\\\\b"]\n')
+    for command in ("rm  -rf /", "MKFS /dev/sda", "iptables -F", "iptables -L", "-F", "ls"):
+        for text in (command, command + " #" + "x" * 5000):
+            alone = sorted(r.name for r in ruleset.rules if r.regexes and r.regexes_match(text)
+                           and (not r.keywords or r.name == "c" and "iptables" in text))
+            assert names(ruleset, text) == alone, text
 
 
 # --- redaction -----------------------------------------------------------------------------------

@@ -165,7 +165,8 @@ def test_dry_run_shows_the_hosts_and_submits_nothing(cluster: Cluster) -> None:
     before = jobs_in(cluster)
     result = cluster.ombot("run", "echo", "web[01-03],db", "message=hi", "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "echo on 4 host(s) in local: web01, web02, web03, db01"
+    assert result.stdout.splitlines()[0] == "echo on 4 host(s) in local: web01, web02, web03, db01"
+    assert "steps:\n  emit 'hi'" in result.stdout  # the plan, from the master's preview operation
     assert jobs_in(cluster) == before
     assert cluster.ombot("run", "echo", "db01", "message=hi").returncode == 0
     assert jobs_in(cluster) == before + 1  # the count does see jobs

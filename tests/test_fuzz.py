@@ -355,7 +355,7 @@ def test_commands_parse() -> None:
     ("status 1 2", "usage: /om status"),
     ("masters now", "too many words"),
     ("deny 4", "deny needs a reason"),
-    ("audit", "not available yet"),
+    ("audit colour=red", "filters are host=, user=, grep=, since=, idc="),
 ], ids=lambda v: ascii(v)[:40])
 def test_errors_say_what_is_wrong(text: str, expected: str) -> None:
     with pytest.raises(grammar.CommandError, match=re.escape(expected)):
@@ -391,5 +391,5 @@ def test_help_lists_the_usage_of_every_available_command() -> None:
     usages = [c.usage for c in available()]
     assert "/om deny REQUEST REASON" in usages and "/om help [module]" in usages
     assert "/om jobs [mine] [module=NAME] [host=HOST] [since=2h|3d|2026-11-20]" in usages
-    assert "/om run MODULE TARGETS [key=value ...] [idc=X] [dry_run=yes] [timeout=SECONDS]" in usages
-    assert not any(u.startswith("/om audit") for u in usages)  # still to come: not offered
+    assert "/om run MODULE TARGETS [key=value ...] [idc=X] [dry_run=yes] [timeout=SECONDS] [check=yes]" in usages
+    assert "/om audit [host=GLOB] [user=GLOB] [grep=TEXT] [since=2h|3d|2026-11-20] [idc=IDC]" in usages

@@ -339,11 +339,16 @@ def test_retention_deletes_old_jobs_and_trail_rows(make_rig: Callable[..., Rig])
         conn.execute("INSERT INTO chat_trail (at, user, channel, origin, action, detail, outcome) "
                      "VALUES (?, 'U0OLD', 'C0OPS', 'slack', 'command', 'ancient', 'ok')",
                      (int(time.time() * 1000) - two_days,))
+        for event, at in (("web01:b:bash:1", int(time.time() * 1000) - two_days), ("web01:b:bash:2", int(time.time() * 1000))):
+            conn.execute("INSERT INTO bot_audit_event (id, idc, host, kind, at, user, login_user, tty, cwd, command, "
+                         "ssh_client, source, data, stored_at) VALUES (?, 'local', 'web01', 'command', ?, 'alice', "
+                         "'alice', 'pts/0', '/', 'ls', '', 'bash', '{}', ?)", (event, at, at))
     trail_before = rig.rows("SELECT COUNT(*) FROM chat_trail WHERE user != 'U0OLD'")[0][0]
     rig.start_bot()
     rig.fake.wait_for(lambda: not rig.rows("SELECT 1 FROM bot_job WHERE number = ?", old), what="the old job deleted")
     assert rig.rows("SELECT number FROM bot_job") == [(recent,)]
     assert rig.rows("SELECT COUNT(*) FROM chat_trail WHERE user = 'U0OLD'") == [(0,)]
+    assert rig.rows("SELECT id FROM bot_audit_event") == [("web01:b:bash:2",)]  # audit events are kept as long
     assert rig.rows("SELECT COUNT(*) FROM chat_trail WHERE user != 'U0OLD'")[0][0] >= trail_before
 
 

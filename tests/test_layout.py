@@ -35,6 +35,7 @@ LIBRARY_HOMES = {
     "re2": {"masters/inventory.py", "bot/audit_rules.py"},
     "ahocorasick": {"bot/audit_rules.py"},
     "ansible_runner": {"masters/backends/ansible.py"},
+    "salt": {"masters/backends/salt.py"},
 }
 
 

@@ -9,6 +9,7 @@ running on its hosts. docs/backends.md describes the set-up, the tuned defaults 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
@@ -23,9 +24,12 @@ from typing import Any
 from ansible_runner import Runner, RunnerConfig
 
 from masters.backends import ansible_play as play
+from masters.backends import playbooks
 from masters.backends.ansible_snippets import CHILD_PATH, TAIL_TOTAL_MARK
-from masters.backends.base import CappedText, HostResult, HostStatus, RunContext
-from modules import Command, Emit, Ping, Shell, Step
+from masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
+from modules import (
+    Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
+)
 from ombot.config import AnsibleSettings, MasterSettings
 from ombot.errors import OmbotError
 
@@ -39,6 +43,7 @@ ENV_ALLOWED = ("HOME", "USER", "LOGNAME", "SSH_AUTH_SOCK", "TZ")
 PEXPECT_POLL_SECONDS = 0.2  # how often ansible-runner asks whether the job was cancelled
 STOP_RUN_SECONDS = 30  # bound on the run that ends a stopped job's leftovers
 _CONTROL_PATH_MAX = 60  # unix socket paths are short (108 bytes), and ssh appends a hash
+_STEPS = (Emit, Ping, Command, FirstAvailable, Shell, PutFile, RequireWithin, TailFile, RunPlaybook)  # what it runs
 
 
 @dataclass
@@ -55,6 +60,7 @@ class _Host:
     error: str | None = None
     counts: dict[str, int] = field(default_factory=lambda: {"ok": 0, "changed": 0, "failed": 0})
     reported: bool = False
+    picks: dict[int, str] = field(default_factory=dict)  # FirstAvailable step -> the choice its probe printed
 
 
 class AnsibleBackend:
@@ -72,6 +78,29 @@ class AnsibleBackend:
         (self.data_dir / "ansible.cfg").touch(mode=0o600)  # never an ansible.cfg from the working directory
         self.control_dir = _control_dir(self.data_dir / "cp")
 
+    # -- at submit, and for previews -------------------------------------------------------------
+
+    def vet(self, plan: Plan, check: bool) -> Plan:
+        """A playbook step checked against the allow-listed directory, its vars typed (playbooks.py);
+        a step of another backend (a Salt state) refused at submit rather than on every host."""
+        foreign = next((step for step in plan.steps if not isinstance(step, _STEPS)), None)
+        if foreign is not None:
+            raise Unsupported(f"the ansible backend cannot run {type(foreign).__name__} steps")
+        if not any(isinstance(step, RunPlaybook) for step in plan.steps):
+            return plan
+        steps = [playbooks.resolve(self.tuning.playbooks, step) if isinstance(step, RunPlaybook) else step
+                 for step in plan.steps]
+        return Plan(*steps, parse=plan.parse)
+
+    def preview(self, plan: Plan, hosts: list[str], check: bool) -> dict[str, Any]:
+        """The playbook a job of this plan would run (with `--check --diff` for a check run)."""
+        try:
+            book = play.build(plan, "preview", "preview", self.tuning.python, None, 0, check)
+        except play.PlanError as exc:
+            return {"playbook": None, "error": str(exc)}
+        options = ["--limit", ",".join(hosts) + ","] + (["--check", "--diff"] if check else [])
+        return {"playbook": book.text, "options": options}
+
     # -- one job -------------------------------------------------------------------------------
 
     def run(self, ctx: RunContext) -> None:
@@ -82,7 +111,8 @@ class AnsibleBackend:
             events.fail(name, f"host name {name!r} cannot be passed to Ansible exactly")
         runnable = [h for h in ctx.hosts if not hosts[h].reported]
         try:
-            book = play.build(ctx.plan, ctx.job_id, ident, self.tuning.python, ctx.file_store, ctx.output_cap)
+            book = play.build(ctx.plan, ctx.job_id, ident, self.tuning.python, ctx.file_store, ctx.output_cap,
+                              ctx.check)
         except play.PlanError as exc:
             for name in runnable:
                 events.fail(name, str(exc))
@@ -117,6 +147,7 @@ class AnsibleBackend:
                 private_data_dir=str(self.data_dir), playbook=playbook.name, inventory=str(self.inventory),
                 limit=",".join(hosts) + ",", forks=max(1, min(len(hosts), self.tuning.forks, ctx.max_parallel)),
                 ident=ident, quiet=True, rotate_artifacts=self.tuning.rotate_artifacts, envvars=self._envvars(),
+                cmdline="--check --diff" if ctx.check else None,
                 settings={"pexpect_timeout": PEXPECT_POLL_SECONDS, "suppress_ansible_output": True},
             )
             config.prepare()
@@ -182,22 +213,40 @@ class _Events:
     def handle(self, event: dict[str, Any]) -> bool:
         kind, data = event.get("event", ""), event.get("event_data") or {}
         host = self.hosts.get(data.get("host", ""))
-        meaning = self.book.task_steps.get(data.get("task", "")) if self.book else None
+        meaning = self._meaning(data.get("task", ""))
         if host is None or host.reported or meaning is None:
             if data.get("host") and data.get("host") not in self.hosts:
                 log.error("job %s: ansible ran on %s, which is not one of the job's hosts", self.ctx.job_id,
                           data.get("host"))
             return False  # nothing kept on disk: results live in the job, not in artifacts
         try:
-            self._apply(kind, host, meaning, data.get("res") or {}, bool(data.get("ignore_errors")))
+            self._apply(kind, host, meaning, data.get("res") or {}, bool(data.get("ignore_errors")),
+                        str(data.get("task", "")))
         except Exception:  # a surprise in one event must cost that host, not the job's bookkeeping
             log.exception("job %s: could not read an event for %s", self.ctx.job_id, host.name)
             self.fail(host.name, "backend error: unreadable Ansible result")
         return False
 
-    def _apply(self, kind: str, host: _Host, meaning: tuple[int, str], res: dict[str, Any], ignored: bool) -> None:
+    def _meaning(self, task: str) -> tuple[int, str] | None:
+        """(step index, role) of a task; a site playbook's own tasks are its step's, role `play`."""
+        if self.book is None:
+            return None
+        known = self.book.task_steps.get(task)
+        if known is None and self.book.playbook and task:
+            return self.book.task_steps[""]
+        return known
+
+    def _apply(self, kind: str, host: _Host, meaning: tuple[int, str], res: dict[str, Any], ignored: bool,
+               task: str = "") -> None:
         index, role = meaning
-        if kind == "runner_on_unreachable":
+        if role == "play" and kind != "runner_on_unreachable":
+            self._play_task(kind, host, index, task, res, ignored)
+        elif kind == "runner_on_skipped" and role.startswith("run") and self.ctx.check:
+            if role == "run" or host.picks.get(index) == role[3:]:  # not a FirstAvailable choice passed over
+                self._emit_until(host, index)
+                host.out.write(f"check: not run (Ansible cannot tell what it would do): "
+                               f"{self._describe(index, role)}\n".encode())
+        elif kind == "runner_on_unreachable":
             host.status, host.error = HostStatus.UNREACHABLE, _text(res.get("msg")) or "unreachable"
             self._report(host)
         elif kind == "runner_on_ok":
@@ -206,6 +255,8 @@ class _Events:
                 return
             host.counts["ok"] += 1
             host.counts["changed"] += bool(res.get("changed"))
+            if role == "probe":  # FirstAvailable's probe prints the index of the command it chose
+                host.picks[index] = _text(res.get("stdout")).strip()
             if role != "probe" and index >= 0:
                 self._output(host, index, role, res)
         elif kind == "runner_on_failed" and not ignored:
@@ -224,6 +275,8 @@ class _Events:
             total = int(total_text)
         data = b"pong\n" if isinstance(self._step(index), Ping) else stdout.encode()
         host.out.write(data)
+        if res.get("diff"):  # a check run (--diff): what this step would change
+            host.out.write(diff_text(res["diff"]).encode())
         if total is not None:
             host.out.total += max(0, total - len(data))  # the snippet sent at most the cap
         if stderr:
@@ -238,6 +291,37 @@ class _Events:
             if isinstance(step, Emit):
                 host.out.write(step.text.encode() + b"\n")
         host.next_emit = max(host.next_emit, index)
+
+    def _play_task(self, kind: str, host: _Host, index: int, task: str, res: dict[str, Any], ignored: bool) -> None:
+        """One task of a site playbook: a line saying how it went, its diff and its output."""
+        word = {"runner_on_ok": "changed" if res.get("changed") else "ok", "runner_on_skipped": "skipped",
+                "runner_on_failed": "failed (ignored)" if ignored else "failed"}.get(kind)
+        if word is None:
+            return
+        self._emit_until(host, index)
+        host.counts["ok"] += kind == "runner_on_ok"
+        host.counts["changed"] += kind == "runner_on_ok" and bool(res.get("changed"))
+        msg = _text(res.get("msg"))
+        lines = [f"{word}: {task}" + (f": {msg}" if msg and kind == "runner_on_failed" else "")]
+        if res.get("diff"):
+            lines.append(diff_text(res["diff"]).rstrip("\n"))
+        if _text(res.get("stdout")):
+            lines.append(_text(res.get("stdout")).rstrip("\n"))
+        elif msg and kind == "runner_on_ok":  # debug tasks say what they have to say in msg
+            lines.append(msg)
+        host.out.write(("\n".join(lines) + "\n").encode())
+        if _text(res.get("stderr")):
+            host.err.write(_text(res.get("stderr")).rstrip("\n").encode() + b"\n")
+        if kind == "runner_on_failed" and not ignored:
+            host.counts["failed"] += 1
+            if host.status is HostStatus.OK:
+                host.status, host.rc, host.error = HostStatus.FAILED, _rc(res), f"{task}: {msg or 'failed'}"
+
+    def _describe(self, index: int, role: str) -> str:
+        step = self._step(index)
+        if isinstance(step, FirstAvailable) and role[3:].isdigit() and int(role[3:]) < len(step.commands):
+            step = step.commands[int(role[3:])]
+        return Plan(step).describe()[0] if step is not None else "a step"
 
     def _step(self, index: int) -> Step | None:
         return self.ctx.plan.steps[index] if 0 <= index < len(self.ctx.plan.steps) else None
@@ -294,6 +378,27 @@ class _Events:
             except Exception as exc:  # a module's parser failing is that host's failure, not the job's
                 result.status, result.error = HostStatus.FAILED, f"could not parse output: {type(exc).__name__}: {exc}"
         self.ctx.report(result)
+
+
+def diff_text(diff: Any) -> str:
+    """Ansible's --diff result as a unified diff: a dict or a list of them, each with before/after
+    (and their headers) or text already `prepared`."""
+    out: list[str] = []
+    for part in diff if isinstance(diff, list) else [diff]:
+        if not isinstance(part, dict):
+            continue
+        if isinstance(part.get("prepared"), str):
+            out.append(part["prepared"].rstrip("\n") + "\n")
+            continue
+        before, after = part.get("before"), part.get("after")
+        if not isinstance(before, str) or not isinstance(after, str) or before == after:
+            continue
+        out.extend(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
+                                        f"before: {_text(part.get('before_header')) or 'before'}",
+                                        f"after: {_text(part.get('after_header')) or 'after'}"))
+        if out and not out[-1].endswith("\n"):
+            out[-1] += "\n"
+    return "".join(out)
 
 
 def _text(value: Any) -> str:

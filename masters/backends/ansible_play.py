@@ -6,7 +6,13 @@ templated strings are fixed ones written here (the host's temporary directory, t
 
 Task names are `ombot:STEP:ROLE`, which is how runner events map back to plan steps: role `run`
 is a step's own work (its output is the host's output), `probe` a check whose output is not shown
-(FirstAvailable's choice), `tmp` the temporary directory, `end` the marker that a host is done.
+(FirstAvailable's choice), `tmp` the temporary directory, `end` the marker that a host is done,
+`reach` the ping that a plan of only Emit steps still sends, so an unreachable host is reported so.
+
+In a check run (`--check --diff`) the tasks that only read (ping, probes, tails) and the backend's own
+temporary directory run for real (`check_mode: false`): they change nothing, and the steps after them
+need their answers. A playbook (RunPlaybook) is imported whole with its vars, then one marker play
+says which hosts got through it; its own tasks keep their names (role `play` in the events).
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from typing import Any
 import yaml
 
 from masters.backends import ansible_snippets as snippets
+from masters.backends.playbooks import ResolvedPlaybook
 from modules import (
-    Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, Shell, Step, TailFile, TempPath, within,
+    Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
+    TempPath, within,
 )
 
 PYTHON = "{{ ansible_python_interpreter | default(ombot_python) }}"
@@ -53,6 +61,7 @@ class Playbook:
     text: str
     task_steps: dict[str, tuple[int, str]] = field(default_factory=dict)  # task name -> (step index, role)
     has_tasks: bool = False
+    playbook: bool = False  # the plan runs a site playbook: tasks with other names are that playbook's
 
 
 def tmp_prefix(ident: str) -> str:
@@ -60,7 +69,11 @@ def tmp_prefix(ident: str) -> str:
     return f"ombot-{ident}-"
 
 
-def build(plan: Plan, job_id: str, ident: str, python: str, file_store: Path | None, output_cap: int) -> Playbook:
+def build(plan: Plan, job_id: str, ident: str, python: str, file_store: Path | None, output_cap: int,
+          check: bool = False) -> Playbook:
+    books = [step for step in plan.steps if isinstance(step, RunPlaybook)]
+    if books:
+        return _imported(plan, books, job_id, python)
     tasks: list[dict[str, Any]] = []
     uses_tmp = any(_uses_tmp(step) for step in plan.steps)
     if uses_tmp:
@@ -69,11 +82,17 @@ def build(plan: Plan, job_id: str, ident: str, python: str, file_store: Path | N
     for index, step in enumerate(plan.steps):
         for role, task in _tasks(step, index, file_store, output_cap):
             tasks.append({"name": f"ombot:{index}:{role}", **task})
+    if not tasks:  # only Emit steps: still ask each host to answer, or an unreachable host would say ok
+        tasks.append({"name": "ombot:-1:reach", "ansible.builtin.ping": {}})
     always: list[dict[str, Any]] = []
     if uses_tmp:
         always.append({"name": "ombot:-1:cleanup", "ansible.builtin.file": {
             "path": "{{ %s.path }}" % TMP_VAR, "state": "absent"}, "when": f"{TMP_VAR}.path is defined"})
     always.append({"name": "ombot:-1:end", "ansible.builtin.debug": {"msg": "done"}})
+    if check:
+        for task in tasks + always:
+            if _meaning(task["name"])[1] in _READ_ONLY_ROLES or "ansible.builtin.ping" in task:
+                task["check_mode"] = False
     play = {
         "name": "ombot", "hosts": "all", "gather_facts": False, "strategy": "free",
         "vars": {"ombot_python": Unsafe(python)},
@@ -84,6 +103,35 @@ def build(plan: Plan, job_id: str, ident: str, python: str, file_store: Path | N
     text = yaml.dump([play], Dumper=_Dumper, sort_keys=False, allow_unicode=False, width=1 << 30)
     meaning = {t["name"]: _meaning(t["name"]) for t in tasks + always}
     return Playbook(text, meaning, has_tasks=bool(tasks))
+
+
+_READ_ONLY_ROLES = ("probe", "tail", "tmp", "cleanup", "end", "reach")
+
+
+def _imported(plan: Plan, books: list[RunPlaybook], job_id: str, python: str) -> Playbook:
+    """A site playbook, imported with its typed vars (strings `!unsafe`), then the marker play."""
+    if len(books) != 1 or any(not isinstance(step, (RunPlaybook, Emit)) for step in plan.steps):
+        raise PlanError("a playbook runs alone: one RunPlaybook step (and Emit text) per plan")
+    book = books[0]
+    if not isinstance(book, ResolvedPlaybook) or not book.path:
+        raise PlanError(f"playbook {book.playbook!r} was not checked by the master")
+    index = plan.steps.index(book)
+    plays: list[dict[str, Any]] = [
+        {"import_playbook": book.path, "vars": {name: _data(value) for name, value in book.values}},
+        {"name": "ombot-end", "hosts": "all", "gather_facts": False, "vars": {"ombot_python": Unsafe(python)},
+         "tasks": [{"name": "ombot:-1:end", "ansible.builtin.debug": {"msg": "done"}, "check_mode": False}]},
+    ]
+    text = yaml.dump(plays, Dumper=_Dumper, sort_keys=False, allow_unicode=False, width=1 << 30)
+    return Playbook(text, {"ombot:-1:end": (-1, "end"), "": (index, "play")}, has_tasks=True, playbook=True)
+
+
+def _data(value: Any) -> Any:
+    """A typed var as Ansible gets it: numbers and booleans as they are, every string `!unsafe`."""
+    if isinstance(value, str):
+        return Unsafe(value)
+    if isinstance(value, (list, tuple)):
+        return [_data(v) for v in value]
+    return value
 
 
 def stop_playbook(job_id: str, ident: str, python: str) -> str:
@@ -140,7 +188,7 @@ def _label(param: str | None) -> str:
 
 def _snippet(code: str, args: list[str]) -> dict[str, Any]:
     return {"ansible.builtin.command": {"argv": [PYTHON, Unsafe("-c"), Unsafe(code), *map(Unsafe, args)],
-                                        **_LITERAL_ARGV}}
+                                        **_LITERAL_ARGV}, "changed_when": False}  # they only read
 
 
 def _arg(arg: Arg) -> str:

@@ -16,7 +16,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from modules import Plan
+from modules import Plan, RunPlaybook, SaltState
+from ombot.errors import OmbotError
 
 
 class HostStatus(StrEnum):
@@ -91,6 +92,7 @@ class RunContext:
     cancelled: threading.Event
     max_parallel: int = 16
     file_store: Path | None = None
+    check: bool = False  # a check run: report what would change, change nothing (Ansible --check --diff)
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -103,3 +105,34 @@ class Backend(Protocol):
 
     def run(self, ctx: RunContext) -> None:
         """Carry out ctx.plan on every host, calling ctx.report once per host."""
+
+
+class Unsupported(OmbotError):
+    """A job this backend cannot run (a check run on the local backend, a playbook without Ansible):
+    the master refuses it at submit, before anything is recorded."""
+
+
+def vet(backend: Backend, plan: Plan, check: bool) -> Plan:
+    """A job's plan as `backend` will run it, checked at submit (and by the preview operation).
+
+    A backend may define `vet(plan, check) -> Plan`: raise `Unsupported` (or modules.ParamError)
+    for what it cannot run, and return the plan with what it resolved (a playbook's typed vars).
+    Without one, a backend takes every plan but a playbook."""
+    if backend.name != "salt" and any(isinstance(step, SaltState) for step in plan.steps):
+        raise Unsupported(f"salt.state needs the Salt backend; this master's backend is {backend.name}")
+    own: Callable[[Plan, bool], Plan] | None = getattr(backend, "vet", None)
+    if own is not None:
+        return own(plan, check)
+    if any(isinstance(step, RunPlaybook) for step in plan.steps):
+        raise Unsupported(f"the {backend.name} backend cannot run Ansible playbooks")
+    return plan
+
+
+def preview(backend: Backend, plan: Plan, hosts: list[str], check: bool) -> dict[str, Any]:
+    """What a dry run shows of a vetted plan: its steps as text, and what the backend generates from
+    it when it can show that (`preview(plan, hosts, check) -> dict`, e.g. the Ansible playbook)."""
+    shown: dict[str, Any] = {"steps": plan.describe()}
+    own: Callable[[Plan, list[str], bool], dict[str, Any]] | None = getattr(backend, "preview", None)
+    if own is not None:
+        shown.update(own(plan, hosts, check))
+    return shown

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import IO
 
 from masters.backends import cgroup
-from masters.backends.base import CappedText, HostResult, HostStatus, RunContext
+from masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
 from modules import (
-    Arg, Command, Emit, FirstAvailable, Ping, PutFile, RequireWithin, Shell, Step, TailFile, TempPath, within,
+    Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
+    TempPath, within,
 )
 
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -52,6 +53,14 @@ class LocalBackend:
     """Runs plans on the master host itself, for hosts the inventory marks local (see the module docstring)."""
 
     name = "local"
+
+    def vet(self, plan: Plan, check: bool) -> Plan:
+        """At submit: the local backend cannot tell what a command would change, so it has no check runs."""
+        if check:
+            raise Unsupported("the local backend has no check mode: check=yes needs an Ansible or Salt master")
+        if any(isinstance(step, RunPlaybook) for step in plan.steps):
+            raise Unsupported("the local backend cannot run Ansible playbooks")
+        return plan
 
     def run(self, ctx: RunContext) -> None:
         if len(ctx.hosts) == 1:  # no pool for the common single-host case

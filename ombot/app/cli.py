@@ -164,8 +164,9 @@ def run(ctx: typer.Context,
         targets: Annotated[str, typer.Argument(help="Hosts, groups, ranges: web[01-03],db")],
         params: Annotated[Optional[list[str]], typer.Argument(help="key=value parameters")] = None,
         config: ConfigOpt = None, idc: IdcOpt = None,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the hosts and stop")] = False,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the hosts and what would run, and stop")] = False,
         timeout: Annotated[Optional[int], typer.Option(help="Job timeout in seconds")] = None,
+        check: Annotated[bool, typer.Option("--check", help="A check run: show what would change, change nothing")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines")] = False) -> None:
     """Run a module on hosts and print a per-host table; exit 0 only if every host succeeded."""
     from ombot.app.runcmd import run_module
@@ -173,7 +174,7 @@ def run(ctx: typer.Context,
     conf = _config(ctx, config)
     client = conf.require_client()
     code = run_module(_router(conf), _cli_gate(conf), conf.clients[client.id].identity, idc or client.default_idc,
-                      module, targets, params or [], dry_run, timeout, as_json)
+                      module, targets, params or [], dry_run, timeout, as_json, check)
     raise typer.Exit(code)
 
 

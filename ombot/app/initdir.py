@@ -78,6 +78,14 @@ job_timeout_seconds = 600
 "shell.exec" = 1
 "script.run" = 1
 "file.push" = 1
+"ansible.playbook" = 1
+"salt.state" = 1
+
+# With backend = "ansible": the directory ansible.playbook runs playbooks from, each with its
+# typed vars in NAME.params.toml beside it (docs/backends.md, "Playbooks"); playbooks/ holds
+# OMBot's example, ntp-check.yml.
+# [masters.local-1.ansible]
+# playbooks = "playbooks"
 
 # The chat bot. Slack tokens come from the environment: SLACK_BOT_TOKEN, and SLACK_APP_TOKEN
 # (Socket Mode) or SLACK_SIGNING_SECRET (HTTP mode). Its database: state/bot.db, or
@@ -89,6 +97,8 @@ workers = 8
 client = "bot"                     # the registration `ombot bot` speaks as
 console_client = "console"         # the registration `ombot console` speaks as
 policy = "policy.toml"             # who may run what; without it every request is refused
+audit_rules = "audit-rules.toml"   # shell audit alerts (docs/audit.md); check edits: ombot audit test-rules
+# audit_alert_channel = "C0123AUDIT"  # silent audit agents, and rules naming no channel
 {demo_console}
 # Extra directories of task modules, loaded after the built-ins.
 [modules]
@@ -122,13 +132,17 @@ groups = []                            # e.g. ["S0123OPS"]: every member of that
 [roles.leads]
 users = ["U0LEAD1", "U0LEAD2"]         # in `ombot up`'s demo, try approvals alone: /as U0LEAD1
 
+# Who may search shell audit events with /om audit (docs/audit.md): nobody unless named here.
+[audit]
+viewers = ["leads"]
+
 # The console has no Slack to ask for group members: it reads them here.
 [console_groups]
 # S0123OPS = ["U0DEMO"]
 
 [[rules]]
 name = "risky changes need a lead"
-modules = ["shell.exec", "script.run", "file.push"]
+modules = ["shell.exec", "script.run", "file.push", "ansible.playbook", "salt.state"]
 request = ["ops"]
 max_hosts = 20
 approval = {{ count = 1, roles = ["leads"], expiry_seconds = 1800 }}
@@ -161,6 +175,7 @@ def init(directory: Path, port: int = DEFAULT_PORT, demo: bool = False) -> Path:
     (directory / "state" / "files").mkdir(parents=True, exist_ok=True)
     ops = ['"U0DEMO"' if demo else f'"console:{unix_user}"', f'"cli:{unix_user}"']
     (directory / "policy.toml").write_text(POLICY.format(ops_users=", ".join(ops)))
+    _copy_example_playbooks(directory / "playbooks")
     (directory / "audit-rules.toml").write_text(SAMPLE_RULES)  # check edits with `ombot audit test-rules`
     config.write_text(CONFIG_TEMPLATE.format(
         cli_id=cli_id, unix_user=unix_user, port=port, bot_public=keys["bot"].public,
@@ -168,6 +183,17 @@ def init(directory: Path, port: int = DEFAULT_PORT, demo: bool = False) -> Path:
         console_kind="chat" if demo else "console", console_comment=DEMO_CONSOLE_COMMENT if demo else "",
         demo_console=DEMO_CONSOLE if demo else ""))
     return config
+
+
+def _copy_example_playbooks(target: Path) -> None:
+    """OMBot's example playbooks (examples/playbooks in the source tree), for `playbooks = "playbooks"`."""
+    examples = Path(__file__).resolve().parents[2] / "examples" / "playbooks"
+    if not examples.is_dir():  # installed without the source tree: nothing to copy
+        return
+    target.mkdir(exist_ok=True)
+    for example in sorted(examples.iterdir()):
+        if example.is_file() and example.suffix in (".yml", ".toml"):
+            (target / example.name).write_text(example.read_text())
 
 
 def _unix_user() -> str:

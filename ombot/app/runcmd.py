@@ -13,13 +13,23 @@ import typer
 from approvals import Gate, PolicyRefusal, authorize
 from masters import JobRef, JobState, MasterLost, Router, host_log, host_rows
 from modules import ParamError
+from ombot.config import named_idcs, several_idcs
 from ombot.errors import OmbotError
 
 
 def run_module(router: Router, gate: Gate | None, requester: str, idc: str, module: str, targets: str,
-               pairs: list[str], dry_run: bool, timeout: int | None, as_json: bool) -> int:
+               pairs: list[str], dry_run: bool, timeout: int | None, as_json: bool, check: bool = False) -> int:
     """`gate` is the access policy when the config names one: the CLI then obeys it like chat does
     (the masters enforce the CLI key's registration either way)."""
+    idc, pairs = _idc_pair(idc, pairs)
+    if several_idcs(idc):  # --idc bj,sh or idc=*: one job per IDC (ombot.app.multirun)
+        idcs = named_idcs(router.config, idc)
+        if len(idcs) > 1:
+            from ombot.app.multirun import run_parts
+
+            return run_parts(router, gate, requester, idcs, module, targets, parse_pairs(pairs), dry_run, timeout,
+                             as_json, check)
+        idc = idcs[0]
     catalog = router.catalog(idc)
     spec = catalog.modules.get(module)
     if spec is None:
@@ -33,13 +43,15 @@ def run_module(router: Router, gate: Gate | None, requester: str, idc: str, modu
     except (ParamError, OmbotError) as exc:
         raise OmbotError(f"{exc}\nusage: ombot run {spec.usage()}") from None
     hosts = router.expand(idc, targets)
-    typer.echo(f"{module} on {len(hosts)} host(s) in {idc}: {', '.join(hosts)}", err=as_json)
+    kind = " (check run)" if check else ""
+    typer.echo(f"{module}{kind} on {len(hosts)} host(s) in {idc}: {', '.join(hosts)}", err=as_json)
     if gate is not None:
         _authorize(gate, requester, module, hosts, idc)
     if dry_run:
+        _print_preview(router.preview(idc, module, params, targets, check), as_json)
         return 0
     try:
-        ref, reply = router.submit(idc, module, params, hosts, timeout=timeout)
+        ref, reply = router.submit(idc, module, params, hosts, timeout=timeout, check=check)
     except MasterLost as exc:
         typer.echo(f"job state unknown: {exc}", err=True)
         return 3
@@ -48,11 +60,30 @@ def run_module(router: Router, gate: Gate | None, requester: str, idc: str, modu
     state = _follow_cancellable(router, ref, lambda ev: _on_event(ev, results, as_json), reply.get("events", []))
     if not as_json:
         print_results(results)
-        typer.echo(f"state: {state}")
+        typer.echo(f"state: {state}" + (" (a check run: the diffs above show what a real run would change)"
+                                        if check else ""))
     if state == JobState.UNKNOWN:  # not "failed": whether it ran is not known, so never blindly retry it
         typer.echo(f"job {ref.job_id} on master {ref.master_id}: outcome unknown", err=True)
         return 3
     return 0 if state == JobState.OK else 1
+
+
+def _print_preview(shown: dict[str, Any], as_json: bool) -> None:
+    """A dry run: the plan's steps, and the playbook an Ansible master would run."""
+    if as_json:
+        sys.stdout.write(json.dumps(shown, ensure_ascii=False, sort_keys=True) + "\n")
+        return
+    typer.echo("steps:\n" + "\n".join(f"  {step}" for step in shown.get("steps", [])))
+    if shown.get("playbook"):
+        typer.echo(f"playbook ({' '.join(shown.get('options', []))}):\n{shown['playbook'].rstrip()}")
+
+
+def _idc_pair(idc: str, pairs: list[str]) -> tuple[str, list[str]]:
+    """`idc=X` among the key=value words is the IDC, as in chat (it wins over the default)."""
+    named = [p for p in pairs if p.startswith("idc=")]
+    if len(named) > 1:
+        raise OmbotError("idc= given twice")
+    return (named[0].partition("=")[2] or idc, [p for p in pairs if p not in named]) if named else (idc, pairs)
 
 
 def parse_pairs(pairs: list[str]) -> dict[str, str]:

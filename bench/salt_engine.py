@@ -1,0 +1,173 @@
+"""OMBot's Salt backend against raw LocalClient.cmd: the same command on the same two minions.
+
+    .venv/bin/python bench/salt_engine.py [--repeats 20] [--warmup 3] [--no-process]
+
+Prints figures, asserts nothing. A real salt-master and two minions on loopback (tests/saltrig.py,
+as the tests use them; ~10 s to start) and a real OMBot master with backend = "salt" on that
+salt-master. In-process series, run in turn (the order rotates every repeat):
+
+  ombot          Router.submit("shell.exec", cmd=uptime) + Router.follow until the job ends: the
+                 backend's cmd.run_all with python_shell through LocalClient.cmd_iter, answers
+                 streamed per minion, the job records in SQLite.
+  raw run_all    LocalClient.cmd(minions, "cmd.run_all", ["uptime"], tgt_type="list",
+                 kwarg={"python_shell": True}) on one LocalClient kept between runs (the backend
+                 keeps its clients too).
+  raw cmd.run    LocalClient.cmd(minions, "cmd.run", ["uptime"], tgt_type="list"): the shortest call.
+
+Then fresh processes (--no-process skips them): `ombot run shell.exec minion1,minion2 cmd=uptime`
+against the same master, and a fresh Python making a LocalClient and calling cmd.run_all once.
+Every run is checked: both minions answered with exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+MINIONS = ["minion1", "minion2"]
+
+
+def raw_call(client: Any, fun: str, kwarg: dict[str, Any] | None = None) -> None:
+    reply = client.cmd(MINIONS, fun, ["uptime"], tgt_type="list", timeout=30, kwarg=kwarg or {})
+    if sorted(reply) != MINIONS:
+        raise RuntimeError(f"raw {fun}: answers from {sorted(reply)}")
+    for minion, value in reply.items():
+        if fun == "cmd.run_all" and (not isinstance(value, dict) or value.get("retcode") != 0):
+            raise RuntimeError(f"raw {fun} on {minion}: {value!r}")
+        if fun == "cmd.run" and "load average" not in str(value):
+            raise RuntimeError(f"raw {fun} on {minion}: {value!r}")
+
+
+def raw_child(config: str) -> None:
+    """--raw-child: a fresh process making a LocalClient and running cmd.run_all once."""
+    import salt.client
+
+    raw_call(salt.client.LocalClient(c_path=config), "cmd.run_all", {"python_shell": True})
+
+
+class Ombot:
+    def __init__(self, root: Path, salt_config: Path) -> None:
+        from tests.support import Cluster
+
+        self.cluster = Cluster(root, {"local": ["m1"]}, extra_toml=(
+            f'[masters.m1.salt]\nconfig = "{salt_config}"\ninventory = "minions"\n'))
+        # the salt-master's accepted keys are the inventory: no inventory file beside them
+        text = self.cluster.config_path.read_text().replace('inventory = "inventory.ini"\n', '', 1)
+        self.cluster.config_path.write_text(
+            text.replace('state_dir = "state-m1"', 'state_dir = "state-m1"\nbackend = "salt"'))
+        self.cluster.start("m1")
+        self.router = self.cluster.router()
+
+    def run(self) -> None:
+        ok: list[str] = []
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["kind"] == "host" and event["data"]["status"] == "ok" and "load average" in event["data"]["stdout"]:
+                ok.append(event["data"]["host"])
+
+        ref, reply = self.router.submit("local", "shell.exec", {"cmd": "uptime"}, MINIONS)
+        state = self.router.follow(ref, on_event, first=reply.get("events", []))
+        if state != "ok" or sorted(ok) != MINIONS:
+            raise RuntimeError(f"ombot job: {state}, ok on {ok}:\n" + self.cluster.processes["m1"].log()[-2000:])
+
+    def cli(self) -> None:
+        done = self.cluster.ombot("run", "shell.exec", ",".join(MINIONS), "cmd=uptime", timeout=120)
+        if done.returncode != 0 or "state: ok" not in done.stdout:
+            raise RuntimeError(f"ombot run exited {done.returncode}:\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
+
+    def close(self) -> None:
+        self.router.close()
+        self.cluster.stop_all()
+
+
+def timed(fn: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1000
+
+
+def measure(series: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for fn in series.values():
+            fn()
+    names = list(series)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            samples[name].append(timed(series[name]))
+    return samples
+
+
+def show(title: str, samples: dict[str, list[float]], base: str) -> None:
+    print(f"\n  {title}, ms")
+    print(f"  {'series':<14} {'p50':>9} {'min':>9} {'max':>9}   ratio to {base} (p50)")
+    med = {n: statistics.median(v) for n, v in samples.items()}
+    for name, values in samples.items():
+        print(f"  {name:<14} {med[name]:9.1f} {min(values):9.1f} {max(values):9.1f}   {med[name] / med[base]:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20, help="measured runs per series (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured runs per series first (default 3)")
+    parser.add_argument("--no-process", action="store_true", help="skip the fresh-process series")
+    parser.add_argument("--raw-child", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.raw_child:
+        return raw_child(opts.raw_child)
+    from tests import saltrig
+
+    if not saltrig.available():
+        sys.exit("needs the salt extra and root (salt-master and salt-minion run as root here)")
+    with tempfile.TemporaryDirectory(prefix="ombot-bench-salt-") as tmp:
+        bench(Path(tmp), opts)
+
+
+def bench(root: Path, opts: argparse.Namespace) -> None:
+    import salt.client
+
+    from tests import saltrig
+
+    rig = saltrig.SaltRig(root / "salt", minions=list(MINIONS)).start()
+    ombot, client = None, None
+    try:
+        ombot = Ombot(root / "cluster", rig.master_config)
+        client = salt.client.LocalClient(c_path=str(rig.master_config))
+        print(f"salt engines: `uptime` on {len(MINIONS)} minions, repeats={opts.repeats} (after {opts.warmup} "
+              f"warm-up), {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+        show("in-process", measure({
+            "ombot": ombot.run,
+            "raw run_all": lambda: raw_call(client, "cmd.run_all", {"python_shell": True}),
+            "raw cmd.run": lambda: raw_call(client, "cmd.run"),
+        }, opts.repeats, opts.warmup), "raw run_all")
+        if not opts.no_process:
+            child = [sys.executable, __file__, "--raw-child", str(rig.master_config)]
+
+            def fresh_raw() -> None:
+                done = subprocess.run(child, capture_output=True, text=True, timeout=120)
+                if done.returncode != 0:
+                    raise RuntimeError(f"raw child exited {done.returncode}:\n{done.stderr[-2000:]}")
+
+            show("fresh processes", measure({"ombot run": ombot.cli, "raw process": fresh_raw},
+                                             max(3, opts.repeats // 4), 1), "raw process")
+        print(f"\n  load average after: {os.getloadavg()[0]:.1f}")
+    finally:
+        if client is not None:
+            client.destroy()  # before the salt-master goes, or its reconnect logs an error at exit
+        if ombot is not None:
+            ombot.close()
+        rig.stop()
+
+
+if __name__ == "__main__":
+    main()

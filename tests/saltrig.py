@@ -1,0 +1,188 @@
+"""A real salt-master and minions on loopback, with a private config tree, for testing the Salt backend.
+
+Everything lives under one directory: the master's config (`ROOT/master/master`), each minion's
+(`ROOT/<id>/minion`), their root_dirs, keys, sockets, caches and logs. The master listens on
+127.0.0.1 on two free ports; minion keys are generated here and pre-accepted (no auto_accept), so a
+minion answers as soon as it has connected (~8 s). `file_roots` holds a demo state. A key can be
+accepted for a minion that never runs (`absent`): the master knows it, nothing answers for it.
+Salt runs as root here, like the master's own service would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+DEMO_STATE = "ombot_demo"
+# The demo state writes /tmp/ombot-salt-demo-<minion id>: a check run shows it would change, a real one makes it.
+DEMO_SLS = """\
+ombot-demo-file:
+  file.managed:
+    - name: /tmp/ombot-salt-demo-{{ grains['id'] }}
+    - contents: "managed by the ombot demo state"
+    - mode: "0640"
+"""
+
+
+def available() -> bool:
+    try:
+        import salt.version  # noqa: F401
+    except ImportError:
+        return False
+    return (BIN / "salt-master").exists() and (BIN / "salt-minion").exists() and os.geteuid() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class SaltRig:
+    """A salt-master and minions under `root`; `start()` returns once every minion answers test.ping."""
+
+    root: Path
+    minions: list[str] = field(default_factory=lambda: ["minion1", "minion2"])
+    absent: list[str] = field(default_factory=list)  # accepted keys with no minion behind them
+    publish_port: int = field(default_factory=_free_port)
+    ret_port: int = field(default_factory=_free_port)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def master_dir(self) -> Path:
+        return self.root / "master"
+
+    @property
+    def master_config(self) -> Path:
+        """What the OMBot master's `[masters.ID.salt] config` names (LocalClient's c_path)."""
+        return self.master_dir / "master"
+
+    @property
+    def file_roots(self) -> Path:
+        return self.root / "srv" / "salt"
+
+    def start(self, timeout: float = 60) -> SaltRig:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._write_master()
+        for name in self.minions + self.absent:
+            self._write_minion(name)
+        try:
+            self._spawn("master", [str(BIN / "salt-master"), "-c", str(self.master_dir), "-l", "warning"])
+            for name in self.minions:
+                self.start_minion(name)
+            self.wait_answering(self.minions, timeout)
+        except BaseException:
+            self.stop()  # never leave daemons behind a failed start
+            raise
+        return self
+
+    def _write_master(self) -> None:
+        self.master_dir.mkdir(parents=True, exist_ok=True)
+        self.file_roots.mkdir(parents=True, exist_ok=True)
+        (self.file_roots / f"{DEMO_STATE}.sls").write_text(DEMO_SLS)
+        (self.file_roots / "ombot_other.sls").write_text("ombot-other:\n  test.succeed_without_changes\n")
+        root = self.master_dir / "root"
+        self.master_config.write_text("\n".join([
+            f"root_dir: {root}", f"pki_dir: {root}/pki", f"cachedir: {root}/cache", f"sock_dir: {root}/sock",
+            f"log_file: {root}/master.log", f"pidfile: {root}/master.pid", "interface: 127.0.0.1",
+            f"publish_port: {self.publish_port}", f"ret_port: {self.ret_port}", "worker_threads: 2",
+            "auto_accept: False", "open_mode: False", "user: root", "file_roots:", "  base:",
+            f"    - {self.file_roots}", "fileserver_backend: [roots]", "enable_gpu_grains: False",
+            "keep_jobs_seconds: 3600", "",
+        ]))
+
+    def _write_minion(self, name: str) -> None:
+        conf = self.root / name
+        root = conf / "root"
+        (root / "pki").mkdir(parents=True, exist_ok=True)
+        conf.joinpath("minion").write_text("\n".join([
+            f"id: {name}", f"root_dir: {root}", f"pki_dir: {root}/pki", f"cachedir: {root}/cache",
+            f"sock_dir: {root}/sock", f"log_file: {root}/minion.log", f"pidfile: {root}/minion.pid",
+            "master: 127.0.0.1", f"master_port: {self.ret_port}", f"publish_port: {self.publish_port}",
+            "user: root", "acceptance_wait_time: 1", "random_reauth_delay: 0", "auth_timeout: 10",
+            "enable_gpu_grains: False", "grains_cache: True", "multiprocessing: True", "",
+        ]))
+        # Pre-accept its key: the minion's pair is made here, its public half placed on the master.
+        if not (root / "pki" / "minion.pub").exists():
+            subprocess.run([str(BIN / "salt-key"), "-c", str(self.master_dir), f"--gen-keys=minion",
+                            f"--gen-keys-dir={root / 'pki'}"], check=True, capture_output=True)
+        accepted = self.master_dir / "root" / "pki" / "minions"
+        accepted.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / "pki" / "minion.pub", accepted / name)
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.root / f"{name}.out", "ab")
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+
+    def start_minion(self, name: str) -> None:
+        self._spawn(name, [str(BIN / "salt-minion"), "-c", str(self.root / name), "-l", "warning"])
+
+    def stop_minion(self, name: str) -> None:
+        self._end([name])
+
+    def _end(self, names: list[str]) -> None:
+        """SIGTERM to each daemon's process group, then SIGKILL to what is left after a short grace."""
+        procs = [p for p in (self.procs.pop(n, None) for n in names) if p is not None and p.poll() is None]
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group: a minion's job processes too
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+    def wait_answering(self, names: list[str], timeout: float) -> None:
+        """Until every named minion answers test.ping through the master."""
+        import salt.client
+
+        deadline = time.monotonic() + timeout
+        root = self.master_dir / "root"
+        # LocalClient reads the master's key when made: only once the master has written it and listens.
+        while not ((root / "cache" / ".root_key").exists() and (root / "sock" / "publish_pull.ipc").exists()):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the salt-master did not start: {self.log('master')}")
+            time.sleep(0.2)
+        client = salt.client.LocalClient(c_path=str(self.master_config))
+        missing = set(names)
+        while missing:
+            self._check_alive()
+            try:
+                answered = client.cmd(sorted(missing), "test.ping", tgt_type="list", timeout=3)
+            except Exception:  # the master is still starting
+                answered = {}
+            missing -= {name for name, value in answered.items() if value is True}
+            if missing and time.monotonic() > deadline:
+                raise RuntimeError(f"salt minions {sorted(missing)} did not answer: {self.log('master')}")
+            if missing:
+                time.sleep(0.5)
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"salt {name} exited {proc.returncode}: {self.log(name)}")
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.out"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        self._end([n for n in self.procs if n != "master"])
+        self._end(["master"])
