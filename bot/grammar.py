@@ -56,7 +56,7 @@ class Invocation:
         return self.command.word
 
 
-RUN_USAGE = "MODULE TARGETS [key=value ...] [idc=X] [dry_run=yes] [timeout=SECONDS] [check=yes]"
+RUN_USAGE = "MODULE TARGETS [key=value ...] [idc=X|X,Y|*] [dry_run=yes] [timeout=SECONDS] [check=yes]"
 
 
 def parse(text: str) -> Invocation:

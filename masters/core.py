@@ -20,6 +20,7 @@ from typing import Any
 
 import ombot
 from masters.backends.base import Backend
+from masters.backends.base import close as close_backend
 from masters.audit import AuditIngest
 from masters.clients import check_operation, check_requester
 from masters.envelope import Opener, Peer, Refused, Request
@@ -182,3 +183,4 @@ class MasterCore:
     def close(self) -> None:
         self.housekeeping.close()
         self.runner.close()
+        close_backend(self.backend)

@@ -282,3 +282,18 @@ def test_the_run_environment_and_artifacts_hold_no_secrets(cluster: Cluster) -> 
     for secret in SECRETS.values():
         assert secret not in text  # ... but not the master's secrets
     assert not list((data_dir / "project").iterdir())  # playbooks (request data) are removed after each run
+
+
+def test_a_plan_with_nothing_to_clean_up_has_no_end_task() -> None:
+    """A host is done at its last task (or first failure) unless a temporary directory must go: the
+    end marker, one more task per host on every job, is only there with the `always` cleanup."""
+    from masters.backends import ansible_play
+    from modules import Command, FirstAvailable, Plan, TempPath
+
+    simple = ansible_play.build(Plan(FirstAvailable(Command(["systemctl", "status"]), Command(["service", "x"]))),
+                                "job", "job", "/usr/bin/python3", None, 1000)
+    assert "ombot:-1:end" not in simple.text and "always" not in simple.text
+    assert simple.done_after is not None and simple.done_after.startswith("ombot:0:")
+    assert simple.done_after in simple.task_steps
+    cleaning = ansible_play.build(Plan(Command(["sh", TempPath("s")])), "job", "job", "/usr/bin/python3", None, 1000)
+    assert "ombot:-1:end" in cleaning.text and "ombot:-1:cleanup" in cleaning.text and cleaning.done_after is None

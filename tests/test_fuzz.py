@@ -391,5 +391,5 @@ def test_help_lists_the_usage_of_every_available_command() -> None:
     usages = [c.usage for c in available()]
     assert "/om deny REQUEST REASON" in usages and "/om help [module]" in usages
     assert "/om jobs [mine] [module=NAME] [host=HOST] [since=2h|3d|2026-11-20]" in usages
-    assert "/om run MODULE TARGETS [key=value ...] [idc=X] [dry_run=yes] [timeout=SECONDS] [check=yes]" in usages
+    assert "/om run MODULE TARGETS [key=value ...] [idc=X|X,Y|*] [dry_run=yes] [timeout=SECONDS] [check=yes]" in usages
     assert "/om audit [host=GLOB] [user=GLOB] [grep=TEXT] [since=2h|3d|2026-11-20] [idc=IDC]" in usages

@@ -346,6 +346,8 @@ def test_retention_deletes_old_jobs_and_trail_rows(make_rig: Callable[..., Rig])
     trail_before = rig.rows("SELECT COUNT(*) FROM chat_trail WHERE user != 'U0OLD'")[0][0]
     rig.start_bot()
     rig.fake.wait_for(lambda: not rig.rows("SELECT 1 FROM bot_job WHERE number = ?", old), what="the old job deleted")
+    # one pass deletes jobs, then trail entries, then audit events: wait for the last of them
+    rig.fake.wait_for(lambda: len(rig.rows("SELECT id FROM bot_audit_event")) == 1, what="the old audit event deleted")
     assert rig.rows("SELECT number FROM bot_job") == [(recent,)]
     assert rig.rows("SELECT COUNT(*) FROM chat_trail WHERE user = 'U0OLD'") == [(0,)]
     assert rig.rows("SELECT id FROM bot_audit_event") == [("web01:b:bash:2",)]  # audit events are kept as long

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -77,6 +78,12 @@ class AnsibleBackend:
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.data_dir / "ansible.cfg").touch(mode=0o600)  # never an ansible.cfg from the working directory
         self.control_dir = _control_dir(self.data_dir / "cp")
+
+    def close(self) -> None:
+        """A control directory made under /tmp (the state dir's path was too long for a socket) goes
+        with the master; ssh control masters still open end on their own after ControlPersist."""
+        if self.control_dir != self.data_dir / "cp":
+            shutil.rmtree(self.control_dir, ignore_errors=True)
 
     # -- at submit, and for previews -------------------------------------------------------------
 
@@ -222,10 +229,21 @@ class _Events:
         try:
             self._apply(kind, host, meaning, data.get("res") or {}, bool(data.get("ignore_errors")),
                         str(data.get("task", "")))
+            if self._done(kind, host, str(data.get("task", "")), bool(data.get("ignore_errors"))):
+                self._report(host)
         except Exception:  # a surprise in one event must cost that host, not the job's bookkeeping
             log.exception("job %s: could not read an event for %s", self.ctx.job_id, host.name)
             self.fail(host.name, "backend error: unreadable Ansible result")
         return False
+
+    def _done(self, kind: str, host: _Host, task: str, ignored: bool) -> bool:
+        """Whether a playbook without an end marker is done with this host: its last task has run
+        (ok, failed or skipped), or a task failed and the rest of the plan will not run there."""
+        if host.reported or self.book is None or self.book.done_after is None:
+            return False
+        if kind == "runner_on_failed" and not ignored:
+            return True
+        return task == self.book.done_after and kind in ("runner_on_ok", "runner_on_failed", "runner_on_skipped")
 
     def _meaning(self, task: str) -> tuple[int, str] | None:
         """(step index, role) of a task; a site playbook's own tasks are its step's, role `play`."""

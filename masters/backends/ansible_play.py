@@ -62,6 +62,9 @@ class Playbook:
     task_steps: dict[str, tuple[int, str]] = field(default_factory=dict)  # task name -> (step index, role)
     has_tasks: bool = False
     playbook: bool = False  # the plan runs a site playbook: tasks with other names are that playbook's
+    # Without an `always` part (nothing to clean up) a host is done after this task, or at its first
+    # failure (the block stops there): no end-marker task per host, one task fewer on every job.
+    done_after: str | None = None
 
 
 def tmp_prefix(ident: str) -> str:
@@ -88,7 +91,7 @@ def build(plan: Plan, job_id: str, ident: str, python: str, file_store: Path | N
     if uses_tmp:
         always.append({"name": "ombot:-1:cleanup", "ansible.builtin.file": {
             "path": "{{ %s.path }}" % TMP_VAR, "state": "absent"}, "when": f"{TMP_VAR}.path is defined"})
-    always.append({"name": "ombot:-1:end", "ansible.builtin.debug": {"msg": "done"}})
+        always.append({"name": "ombot:-1:end", "ansible.builtin.debug": {"msg": "done"}})
     if check:
         for task in tasks + always:
             if _meaning(task["name"])[1] in _READ_ONLY_ROLES or "ansible.builtin.ping" in task:
@@ -98,11 +101,11 @@ def build(plan: Plan, job_id: str, ident: str, python: str, file_store: Path | N
         "vars": {"ombot_python": Unsafe(python)},
         "environment": {"PATH": Unsafe(snippets.CHILD_PATH), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                         "OMBOT_JOB_ID": Unsafe(job_id), "OMBOT_HOST": "{{ inventory_hostname }}"},
-        "tasks": [{"block": tasks, "always": always}],
+        "tasks": [{"block": tasks, "always": always}] if always else tasks,
     }
     text = yaml.dump([play], Dumper=_Dumper, sort_keys=False, allow_unicode=False, width=1 << 30)
     meaning = {t["name"]: _meaning(t["name"]) for t in tasks + always}
-    return Playbook(text, meaning, has_tasks=bool(tasks))
+    return Playbook(text, meaning, has_tasks=bool(tasks), done_after=None if always else tasks[-1]["name"])
 
 
 _READ_ONLY_ROLES = ("probe", "tail", "tmp", "cleanup", "end", "reach")

@@ -136,3 +136,10 @@ def preview(backend: Backend, plan: Plan, hosts: list[str], check: bool) -> dict
     if own is not None:
         shown.update(own(plan, hosts, check))
     return shown
+
+
+def close(backend: Backend) -> None:
+    """When the master stops: a backend may define `close()` to let go of what it keeps between jobs."""
+    own: Callable[[], None] | None = getattr(backend, "close", None)
+    if own is not None:
+        own()
