@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
 import shlex
 import shutil
@@ -29,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from audit_agent.spool import user_name
 
 RULES_FILE = "etc/audit/rules.d/ombot.rules"
 KEY = "ombot"
@@ -266,8 +267,8 @@ def _shipped(serial: int, s: dict[str, Any], args: list[str], path: str | None,
     data: dict[str, Any] = {
         "source": "auditd", "serial": serial, "command": command[:MAX_COMMAND_CHARS],
         "truncated": len(command) > MAX_COMMAND_CHARS, "exe": s["exe"], "comm": s["comm"], "path": path, "cwd": cwd,
-        "uid": s["uid"], "user": _user(s["uid"]), "euid": s["euid"], "login_uid": login_uid,
-        "login_user": _user(login_uid), "pid": s["pid"], "ppid": s["ppid"], "session": s["ses"],
+        "uid": s["uid"], "user": user_name(s["uid"]), "euid": s["euid"], "login_uid": login_uid,
+        "login_user": user_name(login_uid), "pid": s["pid"], "ppid": s["ppid"], "session": s["ses"],
         "tty": (f"/dev/pts/{tty_match[2]}" if tty_match[1] == "pts" else f"/dev/tty{tty_match[2]}") if tty_match
         else tty,
         "exit": None,  # the command's exit status is not known at execve
@@ -456,11 +457,3 @@ def _boot_time() -> int:
         pass
     return 0
 
-
-def _user(uid: int | None) -> str | None:
-    if uid is None:
-        return None
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None

@@ -59,7 +59,7 @@ def parse_record(line: str, uid: int) -> tuple[str, int, dict[str, Any]]:
     """One spool line as an event; a line that is not a record becomes a `notice` holding its text."""
     fields = line.split("\t")
     if len(fields) != _FIELDS or fields[0] != RECORD_VERSION:
-        return "notice", _now(), {"uid": uid, "user": _user(uid), "problem": "a spool line that is not a record",
+        return "notice", _now(), {"uid": uid, "user": user_name(uid), "problem": "a spool line that is not a record",
                                   "line": line[:MAX_COMMAND_CHARS]}
     _, when, pid, hist, status, seen, loginuid, sudo_user, logname, tty, ssh, cwd, command, length = fields
     login_uid = _int(loginuid)
@@ -68,7 +68,7 @@ def parse_record(line: str, uid: int) -> tuple[str, int, dict[str, Any]]:
     at = int(float(when) * 1000) if _is_float(when) else _now()
     text = escape_free(command)
     data = {
-        "uid": uid, "user": _user(uid), "login_uid": login_uid, "login_user": _user(login_uid),
+        "uid": uid, "user": user_name(uid), "login_uid": login_uid, "login_user": user_name(login_uid),
         "sudo_user": escape_free(sudo_user), "logname": escape_free(logname), "tty": escape_free(tty),
         "ssh_client": escape_free(ssh), "cwd": escape_free(cwd), "command": text, "exit": _int(status),
         "pid": _int(pid), "history": _int(hist), "seen": seen if seen in ("history", "debug", "missed", "exec") else "?",
@@ -193,7 +193,8 @@ def _notice(problem: str, where: Path) -> tuple[str, int, dict[str, Any]]:
     return "notice", _now(), {"problem": problem, "path": str(where)}
 
 
-def _user(uid: int | None) -> str | None:
+def user_name(uid: int | None) -> str | None:
+    """The account name of a uid, or None (no uid, or none in the passwd database)."""
     if uid is None:
         return None
     try:

@@ -150,6 +150,21 @@ class Plan:
         """One human line per step, for dry runs."""
         return [_describe(step) for step in self.steps]
 
+    def uses_temp_path(self) -> bool:
+        """Whether any step names a TempPath: remote backends then make (and remove) a per-job directory."""
+        return any(_uses_temp_path(step) for step in self.steps)
+
+
+def _uses_temp_path(step: Step) -> bool:
+    match step:
+        case Command(argv):
+            return any(isinstance(a, TempPath) for a in argv)
+        case FirstAvailable(commands):
+            return any(_uses_temp_path(c) for c in commands)
+        case PutFile(dest):
+            return isinstance(dest, TempPath)
+    return False
+
 
 def _describe(step: Step) -> str:
     match step:

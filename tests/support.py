@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from masters.keys import Identity
 from ombot import config as cfg
@@ -139,6 +140,19 @@ class Cluster:
         return Router(conf, self.identity(client), requester, origin or ("slack" if chat else "cli"),
                       connect_timeout=2.0, **kw)
 
+    def run_job(self, module: str, params: dict[str, Any], targets: list[str], idc: str = "local",
+                requester: str = "cli:test", **submit: Any) -> tuple[str, dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        """Submit through the client library and follow to the end: the final state, each host's
+        result by name, and every event."""
+        router = self.router(requester)
+        try:
+            ref, _ = router.submit(idc, module, params, targets, **submit)
+            events: list[dict[str, Any]] = []
+            state = router.follow(ref, events.append)
+        finally:
+            router.close()
+        return state, {e["data"]["host"]: e["data"] for e in events if e["kind"] == "host"}, events
+
     def identity(self, client: str = CLI_CLIENT) -> Identity:
         return Identity.load(self.root / "keys" / f"{client}.key")
 
@@ -252,3 +266,8 @@ def wait_for_port(port: int, timeout: float, owner: "BotProcess | None" = None) 
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nothing listening on {port}" + (f":\n{owner.log()}" if owner else ""))
             time.sleep(0.05)
+
+
+def statuses(results: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Each host's status, from Cluster.run_job's results."""
+    return {name: r["status"] for name, r in results.items()}

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests import sshd
-from tests.support import Cluster
+from tests.support import Cluster, statuses
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sshd.available(), reason="needs openssh-server (sshd)")]
 
@@ -48,18 +48,8 @@ def cluster(hosts: sshd.SshHosts, tmp_path_factory: pytest.TempPathFactory) -> I
 
 def run(cluster: Cluster, module: str, params: dict[str, Any], targets: list[str],
         timeout: int | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
-    router = cluster.router()
-    try:
-        ref, _ = router.submit("local", module, params, targets, timeout=timeout)
-        events: list[dict[str, Any]] = []
-        state = router.follow(ref, events.append)
-    finally:
-        router.close()
-    return state, {e["data"]["host"]: e["data"] for e in events if e["kind"] == "host"}
-
-
-def statuses(results: dict[str, dict[str, Any]]) -> dict[str, str]:
-    return {name: r["status"] for name, r in results.items()}
+    state, results, _ = cluster.run_job(module, params, targets, timeout=timeout)
+    return state, results
 
 
 # -- every built-in module -------------------------------------------------------------------

@@ -82,3 +82,11 @@ def test_put_file_defaults() -> None:
     put = PutFile("/x")
     assert (put.content, put.source, put.mode, put.owner, put.group) == (None, None, 0o644, None, None)
     assert RequireWithin("/a", ("/",)).param is None and TailFile("/a", 1, ("/",)).param is None
+
+
+def test_a_plan_uses_a_temp_path_only_where_a_step_names_one() -> None:
+    assert not Plan(Emit("x"), Command(["ls"]), FirstAvailable(Command(["a"]), Command(["b"]))).uses_temp_path()
+    assert Plan(Command(["sh", TempPath("s")])).uses_temp_path()
+    assert Plan(FirstAvailable(Command(["a"]), Command(["b", TempPath("s")]))).uses_temp_path()
+    assert Plan(PutFile(TempPath("f"), content="x")).uses_temp_path()
+    assert not Plan(PutFile("/etc/x", content="x")).uses_temp_path()

@@ -110,14 +110,7 @@ def cluster(hosts: sshd.SshHosts, books: Path, tmp_path_factory: pytest.TempPath
 def run(cluster: Cluster, module: str, params: dict[str, Any], targets: list[str], check: bool = False,
         requester: str = "cli:test", approvers: tuple[str, ...] = (), idc: str = "local",
         ) -> tuple[str, dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    router = cluster.router(requester)
-    try:
-        ref, _ = router.submit(idc, module, params, targets, check=check, approvers=approvers)
-        events: list[dict[str, Any]] = []
-        state = router.follow(ref, events.append)
-    finally:
-        router.close()
-    return state, {e["data"]["host"]: e["data"] for e in events if e["kind"] == "host"}, events
+    return cluster.run_job(module, params, targets, idc, requester, check=check, approvers=approvers)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 from ombot import config as cfg
 from ombot.errors import ConfigError
 from tests import saltrig
-from tests.support import REPO, Cluster
+from tests.support import REPO, Cluster, statuses
 
 pytestmark = [pytest.mark.slow]
 NEEDS_SALT = "needs the salt extra (pip install 'ombot[salt]') and root, to run a salt-master and minions"
@@ -60,18 +60,8 @@ def cluster(rig: saltrig.SaltRig, tmp_path_factory: pytest.TempPathFactory) -> I
 
 def run(cluster: Cluster, module: str, params: dict[str, Any], targets: list[str], timeout: int | None = None,
         check: bool = False) -> tuple[str, dict[str, dict[str, Any]]]:
-    router = cluster.router()
-    try:
-        ref, _ = router.submit("local", module, params, targets, timeout=timeout, check=check)
-        events: list[dict[str, Any]] = []
-        state = router.follow(ref, events.append)
-    finally:
-        router.close()
-    return state, {e["data"]["host"]: e["data"] for e in events if e["kind"] == "host"}
-
-
-def statuses(results: dict[str, dict[str, Any]]) -> dict[str, str]:
-    return {name: r["status"] for name, r in results.items()}
+    state, results, _ = cluster.run_job(module, params, targets, timeout=timeout, check=check)
+    return state, results
 
 
 BOTH = ["minion1", "minion2"]

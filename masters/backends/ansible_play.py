@@ -78,7 +78,7 @@ def build(plan: Plan, job_id: str, ident: str, python: str, file_store: Path | N
     if books:
         return _imported(plan, books, job_id, python)
     tasks: list[dict[str, Any]] = []
-    uses_tmp = any(_uses_tmp(step) for step in plan.steps)
+    uses_tmp = plan.uses_temp_path()
     if uses_tmp:
         tasks.append({"name": "ombot:-1:tmp", "ansible.builtin.tempfile": {
             "state": "directory", "prefix": Unsafe(tmp_prefix(ident))}, "register": TMP_VAR})
@@ -147,17 +147,6 @@ def stop_playbook(job_id: str, ident: str, python: str) -> str:
 def _meaning(name: str) -> tuple[int, str]:
     _, index, role = name.split(":")
     return int(index), role
-
-
-def _uses_tmp(step: Step) -> bool:
-    match step:
-        case Command(argv):
-            return any(isinstance(a, TempPath) for a in argv)
-        case FirstAvailable(commands):
-            return any(_uses_tmp(c) for c in commands)
-        case PutFile(dest):
-            return isinstance(dest, TempPath)
-    return False
 
 
 def _tasks(step: Step, index: int, file_store: Path | None, cap: int) -> list[tuple[str, dict[str, Any]]]:

@@ -145,7 +145,7 @@ class SaltBackend:
         """The Salt calls a job of this plan would publish to the hosts (a dry run shows them)."""
         steps = plan.steps
         calls = [] if any(_contacts(s) for s in steps) else ["test.ping"]
-        tmp = any(_uses_tmp(s) for s in steps)
+        tmp = plan.uses_temp_path()
         if tmp:
             calls.append("cmd.run_all: make the temporary directory /tmp/ombot-JOB-RANDOM-HOST")
         calls += [line for step in steps for line in _preview(step, check)]
@@ -375,7 +375,7 @@ class _Job:
         steps = self.ctx.plan.steps
         if not any(_contacts(step) for step in steps):
             _ok((yield _Call("test.ping", {})), "test.ping")  # an unreachable minion is reported so, even for echo
-        tmp = any(_uses_tmp(step) for step in steps)
+        tmp = self.ctx.plan.uses_temp_path()
         if tmp:
             host.tmp = self.tmp + re.sub(r"[^A-Za-z0-9_.-]", "_", host.name)
             _ran((yield _Call("cmd.run_all", self._snippet(MKDIR, [host.tmp]))), host, "the temporary directory",
@@ -481,17 +481,6 @@ class _Job:
 
 def _contacts(step: Step) -> bool:
     return not isinstance(step, Emit)
-
-
-def _uses_tmp(step: Step) -> bool:
-    match step:
-        case Command(argv):
-            return any(isinstance(a, TempPath) for a in argv)
-        case FirstAvailable(commands):
-            return any(_uses_tmp(c) for c in commands)
-        case PutFile(dest):
-            return isinstance(dest, TempPath)
-    return False
 
 
 def _preview(step: Step, check: bool) -> list[str]:
