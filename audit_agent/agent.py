@@ -26,6 +26,9 @@ log = logging.getLogger("ombot.audit_agent")
 
 
 class Agent:
+    """The audit agent of one host: it queues what the shell hook's spool (and auditd's log, when
+    configured) records, and ships the queue in batches to a master of its IDC, with backoff."""
+
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.queue = EventQueue(settings.state_dir, settings.host, settings.max_events)

@@ -140,6 +140,8 @@ def _write(path: Path, text: str) -> Path:
 
 @dataclass
 class Record:
+    """One raw auditd record: its type (SYSCALL, EXECVE, ...), the event's time and serial, its fields."""
+
     type: str
     sec: int
     ms: int

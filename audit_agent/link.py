@@ -28,6 +28,9 @@ class Unreachable(Exception):
 
 
 class MasterLinks:
+    """The agent's link to its IDC's masters: one connection at a time, failing over in order,
+    the master that answered last tried first."""
+
     def __init__(self, settings: AgentSettings, identity: Identity) -> None:
         self.settings, self.identity = settings, identity
         self.masters = list(settings.masters)

@@ -29,6 +29,8 @@ def now_ms() -> int:
 
 
 class EventQueue:
+    """The queue of one host's events and its spool offsets, in `state_dir/queue.db`."""
+
     def __init__(self, state_dir: Path, host: str, max_events: int) -> None:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.host, self.max_events = host, max_events

@@ -15,6 +15,8 @@ DEFAULT_STATE_DIR = "/var/lib/ombot-audit"
 
 @dataclass(frozen=True)
 class MasterAddress:
+    """A master the agent may ship to: its id, where it listens, and its public key."""
+
     id: str
     host: str
     port: int

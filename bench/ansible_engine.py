@@ -8,7 +8,8 @@ size N runs `uptime` through the `shell` module on the first N of them. In-proce
 in turn (the order rotates every repeat, so machine noise hits each alike):
 
   ombot         Router.submit("shell.exec", cmd=uptime) + Router.follow until the job ends, against
-                a real master with backend = "ansible" (its tuned defaults; limits.max_parallel_hosts
+                a real master with backend = "ansible" (its tuned defaults, warm start included:
+                ansible-playbook forked from a server that imported Ansible; limits.max_parallel_hosts
                 raised to the largest size so forks can match the host count).
   raw tuned     ansible_runner.run of a one-task playbook (`shell: uptime`, no facts) with the same
                 tuning: pipelining, ControlMaster/ControlPersist, forks = N, explicit interpreter.

@@ -1,10 +1,12 @@
-"""OMBot's Salt backend against raw LocalClient.cmd: the same command on the same two minions.
+"""OMBot's Salt backend against raw LocalClient.cmd: the same command on the same minions, at several sizes.
 
-    .venv/bin/python bench/salt_engine.py [--repeats 20] [--warmup 3] [--no-process]
+    .venv/bin/python bench/salt_engine.py [--sizes 1,10] [--repeats 20] [--warmup 3] [--no-process]
 
-Prints figures, asserts nothing. A real salt-master and two minions on loopback (tests/saltrig.py,
-as the tests use them; ~10 s to start) and a real OMBot master with backend = "salt" on that
-salt-master. In-process series, run in turn (the order rotates every repeat):
+Prints figures, asserts nothing. A real salt-master and max(sizes) minions (minion01..minionNN) on
+loopback (tests/saltrig.py, as the tests use them; started once, in parallel: ~10 s for a few, each
+~75 MiB and 1-2 CPU s, so a minute or more for 50) and a real OMBot master with backend = "salt" on
+that salt-master (limits.max_parallel_hosts raised to the largest size). Each size N runs on the
+first N minions. In-process series, run in turn (the order rotates every repeat):
 
   ombot          Router.submit("shell.exec", cmd=uptime) + Router.follow until the job ends: the
                  backend's cmd.run_all with python_shell through LocalClient.cmd_iter, answers
@@ -14,9 +16,10 @@ salt-master. In-process series, run in turn (the order rotates every repeat):
                  keeps its clients too).
   raw cmd.run    LocalClient.cmd(minions, "cmd.run", ["uptime"], tgt_type="list"): the shortest call.
 
-Then fresh processes (--no-process skips them): `ombot run shell.exec minion1,minion2 cmd=uptime`
+Then fresh processes (--no-process skips them): `ombot run shell.exec minion01,... cmd=uptime`
 against the same master, and a fresh Python making a LocalClient and calling cmd.run_all once.
-Every run is checked: both minions answered with exit 0.
+Every run is checked: each of the N minions answered with exit 0. One table per size, then a
+summary of the medians and the ratio ombot / raw run_all per size.
 """
 
 from __future__ import annotations
@@ -29,18 +32,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-MINIONS = ["minion1", "minion2"]
 
 
-def raw_call(client: Any, fun: str, kwarg: dict[str, Any] | None = None) -> None:
-    reply = client.cmd(MINIONS, fun, ["uptime"], tgt_type="list", timeout=30, kwarg=kwarg or {})
-    if sorted(reply) != MINIONS:
-        raise RuntimeError(f"raw {fun}: answers from {sorted(reply)}")
+def raw_call(client: Any, minions: list[str], fun: str, kwarg: dict[str, Any] | None = None) -> None:
+    reply = client.cmd(minions, fun, ["uptime"], tgt_type="list", timeout=30, kwarg=kwarg or {})
+    if sorted(reply) != minions:
+        raise RuntimeError(f"raw {fun}: answers from {sorted(reply)}, not {minions}")
     for minion, value in reply.items():
         if fun == "cmd.run_all" and (not isinstance(value, dict) or value.get("retcode") != 0):
             raise RuntimeError(f"raw {fun} on {minion}: {value!r}")
@@ -48,19 +51,20 @@ def raw_call(client: Any, fun: str, kwarg: dict[str, Any] | None = None) -> None
             raise RuntimeError(f"raw {fun} on {minion}: {value!r}")
 
 
-def raw_child(config: str) -> None:
-    """--raw-child: a fresh process making a LocalClient and running cmd.run_all once."""
+def raw_child(spec: str) -> None:
+    """--raw-child CONFIG,MINION,...: a fresh process making a LocalClient and running cmd.run_all once."""
     import salt.client
 
-    raw_call(salt.client.LocalClient(c_path=config), "cmd.run_all", {"python_shell": True})
+    config, *minions = spec.split(",")
+    raw_call(salt.client.LocalClient(c_path=config), minions, "cmd.run_all", {"python_shell": True})
 
 
 class Ombot:
-    def __init__(self, root: Path, salt_config: Path) -> None:
+    def __init__(self, root: Path, salt_config: Path, max_size: int) -> None:
         from tests.support import Cluster
 
-        self.cluster = Cluster(root, {"local": ["m1"]}, extra_toml=(
-            f'[masters.m1.salt]\nconfig = "{salt_config}"\ninventory = "minions"\n'))
+        self.cluster = Cluster(root, {"local": ["m1"]}, limits={"max_parallel_hosts": max(max_size, 16)},
+                               extra_toml=f'[masters.m1.salt]\nconfig = "{salt_config}"\ninventory = "minions"\n')
         # the salt-master's accepted keys are the inventory: no inventory file beside them
         text = self.cluster.config_path.read_text().replace('inventory = "inventory.ini"\n', '', 1)
         self.cluster.config_path.write_text(
@@ -68,20 +72,20 @@ class Ombot:
         self.cluster.start("m1")
         self.router = self.cluster.router()
 
-    def run(self) -> None:
+    def run(self, minions: list[str]) -> None:
         ok: list[str] = []
 
         def on_event(event: dict[str, Any]) -> None:
             if event["kind"] == "host" and event["data"]["status"] == "ok" and "load average" in event["data"]["stdout"]:
                 ok.append(event["data"]["host"])
 
-        ref, reply = self.router.submit("local", "shell.exec", {"cmd": "uptime"}, MINIONS)
+        ref, reply = self.router.submit("local", "shell.exec", {"cmd": "uptime"}, minions)
         state = self.router.follow(ref, on_event, first=reply.get("events", []))
-        if state != "ok" or sorted(ok) != MINIONS:
+        if state != "ok" or sorted(ok) != minions:
             raise RuntimeError(f"ombot job: {state}, ok on {ok}:\n" + self.cluster.processes["m1"].log()[-2000:])
 
-    def cli(self) -> None:
-        done = self.cluster.ombot("run", "shell.exec", ",".join(MINIONS), "cmd=uptime", timeout=120)
+    def cli(self, minions: list[str]) -> None:
+        done = self.cluster.ombot("run", "shell.exec", ",".join(minions), "cmd=uptime", timeout=120)
         if done.returncode != 0 or "state: ok" not in done.stdout:
             raise RuntimeError(f"ombot run exited {done.returncode}:\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
 
@@ -108,58 +112,87 @@ def measure(series: dict[str, Callable[[], None]], repeats: int, warmup: int) ->
     return samples
 
 
-def show(title: str, samples: dict[str, list[float]], base: str) -> None:
+def show(title: str, samples: dict[str, list[float]], base: str) -> dict[str, float]:
     print(f"\n  {title}, ms")
     print(f"  {'series':<14} {'p50':>9} {'min':>9} {'max':>9}   ratio to {base} (p50)")
     med = {n: statistics.median(v) for n, v in samples.items()}
     for name, values in samples.items():
         print(f"  {name:<14} {med[name]:9.1f} {min(values):9.1f} {max(values):9.1f}   {med[name] / med[base]:.2f}x")
+    return med
+
+
+def summary(medians: dict[int, dict[str, float]]) -> None:
+    names = list(next(iter(medians.values())))
+    print("\n  summary, p50 ms")
+    print(f"  {'minions':<8}" + "".join(f"{n:>14}" for n in names) + f"{'ombot/run_all':>15}"
+          + (f"{'run/process':>13}" if "raw process" in names else ""))
+    for size, med in medians.items():
+        line = f"  {size:<8}" + "".join(f"{med[n]:14.1f}" for n in names)
+        line += f"{med['ombot'] / med['raw run_all']:14.2f}x"
+        if "raw process" in med:
+            line += f"{med['ombot run'] / med['raw process']:12.2f}x"
+        print(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=20, help="measured runs per series (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="unmeasured runs per series first (default 3)")
+    parser.add_argument("--sizes", default="1,10", help="minion counts, comma-separated (default 1,10; up to 99)")
+    parser.add_argument("--repeats", type=int, default=20, help="measured runs per series and size (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured runs per series and size first (default 3)")
     parser.add_argument("--no-process", action="store_true", help="skip the fresh-process series")
     parser.add_argument("--raw-child", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.raw_child:
         return raw_child(opts.raw_child)
+    sizes = sorted({int(s) for s in opts.sizes.split(",")})
+    if not sizes or sizes[0] < 1 or sizes[-1] > 99:
+        parser.error("--sizes are minion counts from 1 to 99")
     from tests import saltrig
 
     if not saltrig.available():
         sys.exit("needs the salt extra and root (salt-master and salt-minion run as root here)")
     with tempfile.TemporaryDirectory(prefix="ombot-bench-salt-") as tmp:
-        bench(Path(tmp), opts)
+        bench(Path(tmp), sizes, opts)
 
 
-def bench(root: Path, opts: argparse.Namespace) -> None:
+def bench(root: Path, sizes: list[int], opts: argparse.Namespace) -> None:
     import salt.client
 
     from tests import saltrig
 
-    rig = saltrig.SaltRig(root / "salt", minions=list(MINIONS)).start()
+    top = max(sizes)
+    names = [f"minion{i:02d}" for i in range(1, top + 1)]
+    started = time.monotonic()
+    # every minion spawned at once; ~1-2 CPU s each to start and authenticate, on a shared machine
+    rig = saltrig.SaltRig(root / "salt", minions=names).start(timeout=60 + 6 * top, jobs=os.cpu_count() or 2)
     ombot, client = None, None
     try:
-        ombot = Ombot(root / "cluster", rig.master_config)
+        print(f"salt engines: `uptime` on {', '.join(map(str, sizes))} minions ({top} started in "
+              f"{time.monotonic() - started:.0f} s), repeats={opts.repeats} (after {opts.warmup} warm-up), "
+              f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
+        ombot = Ombot(root / "cluster", rig.master_config, top)
         client = salt.client.LocalClient(c_path=str(rig.master_config))
-        print(f"salt engines: `uptime` on {len(MINIONS)} minions, repeats={opts.repeats} (after {opts.warmup} "
-              f"warm-up), {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-        show("in-process", measure({
-            "ombot": ombot.run,
-            "raw run_all": lambda: raw_call(client, "cmd.run_all", {"python_shell": True}),
-            "raw cmd.run": lambda: raw_call(client, "cmd.run"),
-        }, opts.repeats, opts.warmup), "raw run_all")
-        if not opts.no_process:
-            child = [sys.executable, __file__, "--raw-child", str(rig.master_config)]
+        medians: dict[int, dict[str, float]] = {}
+        for size in sizes:
+            minions = names[:size]
+            medians[size] = show(f"{size} minion{'s' * (size > 1)}, in-process", measure({
+                "ombot": partial(ombot.run, minions),
+                "raw run_all": partial(raw_call, client, minions, "cmd.run_all", {"python_shell": True}),
+                "raw cmd.run": partial(raw_call, client, minions, "cmd.run"),
+            }, opts.repeats, opts.warmup), "raw run_all")
+            if not opts.no_process:
+                child = [sys.executable, __file__, "--raw-child", ",".join([str(rig.master_config), *minions])]
 
-            def fresh_raw() -> None:
-                done = subprocess.run(child, capture_output=True, text=True, timeout=120)
-                if done.returncode != 0:
-                    raise RuntimeError(f"raw child exited {done.returncode}:\n{done.stderr[-2000:]}")
+                def fresh_raw() -> None:
+                    done = subprocess.run(child, capture_output=True, text=True, timeout=120)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"raw child exited {done.returncode}:\n{done.stderr[-2000:]}")
 
-            show("fresh processes", measure({"ombot run": ombot.cli, "raw process": fresh_raw},
-                                             max(3, opts.repeats // 4), 1), "raw process")
+                medians[size] |= show(f"{size} minion{'s' * (size > 1)}, fresh processes", measure(
+                    {"ombot run": partial(ombot.cli, minions), "raw process": fresh_raw},
+                    max(3, opts.repeats // 4), 1), "raw process")
+            sys.stdout.flush()
+        summary(medians)
         print(f"\n  load average after: {os.getloadavg()[0]:.1f}")
     finally:
         if client is not None:

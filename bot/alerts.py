@@ -7,7 +7,7 @@ updated in place (chat.update) with the count and the latest command. Each chann
 bucket (Slack allows about one message per second per channel); a backlog of updates to one
 group collapses into one update with the latest count. A 429 is honoured by the transport (its
 client sleeps for Retry-After, and tries again), and a post that still fails is tried again
-later: an alert is not dropped for a rate limit.
+later, a one-shot job on the bot's scheduler: an alert is not dropped for a rate limit.
 
 Every field a user controls is escaped (`<!channel>` typed in a command pings nobody), the command
 and its directory go in a code block, and secrets are redacted (bot.audit_rules.redact).
@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bot.audit_rules import Match
 from bot.messages import Message, clip, code, escape, section, slack_date
@@ -42,6 +42,16 @@ SEVERITY_ICONS = {"info": ":information_source:", "warning": ":warning:", "criti
 FIELD_LIMIT = 200
 CWD_LIMIT = 300
 CODE_LIMIT = 1500
+
+
+class Timers(Protocol):
+    """The bot's scheduler as the alerts and the audit feed use it (bot.jobs.Timers)."""
+
+    def every(self, job_id: str, seconds: float, work: Callable[[], None]) -> None: ...
+
+    def once(self, seconds: float, work: Callable[..., None], *args: Any) -> None: ...
+
+    def cancel(self, job_id: str) -> None: ...
 
 
 class TokenBucket:
@@ -181,11 +191,12 @@ class _Channel:
 
 
 class AlertPoster:
-    """Posts alert groups and notices through the transport, one worker thread per channel."""
+    """Posts alert groups and notices through the transport, one worker thread per channel; the
+    retries of failed posts are one-shot jobs on `timers` (the bot's scheduler)."""
 
-    def __init__(self, transport: Transport, redact: Callable[[str], str],
+    def __init__(self, transport: Transport, redact: Callable[[str], str], timers: Timers,
                  rate: float = RATE_PER_SECOND, burst: int = BURST) -> None:
-        self.transport, self.redact = transport, redact
+        self.transport, self.redact, self.timers = transport, redact, timers
         self.rate, self.burst = rate, burst
         self.grouper = Grouper()
         self._channels: dict[str, _Channel] = {}
@@ -271,9 +282,7 @@ class AlertPoster:
         if item.attempts >= POST_ATTEMPTS:
             log.error("gave up posting an audit alert to %s after %d attempts", channel, item.attempts)
             return
-        retry = threading.Timer(RETRY_SECONDS * item.attempts, self._requeue, (channel, item))
-        retry.daemon = True
-        retry.start()
+        self.timers.once(RETRY_SECONDS * item.attempts, self._requeue, channel, item)
 
     def _requeue(self, channel: str, item: AlertGroup | _Notice) -> None:
         with self._changed:

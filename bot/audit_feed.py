@@ -1,7 +1,8 @@
 """The audit feed: from every master's audit table to the bot's one store, the rules and the alerts.
 
 One process per bot database pulls (it holds the `audit-feed` lease, by the database's clock;
-the others wait to take over). Every `audit_poll_seconds` it reads each master of each IDC with
+the others wait to take over). Every `audit_poll_seconds`, a job on the bot's scheduler
+(bot.jobs.Timers), it reads each master of each IDC with
 `audit_read` — every master, since an agent fails over and a server's events are spread over
 them — from that master's cursor on, a page at a time. `audit_store.insert_new` keeps only events
 not stored yet, and the rules run on those alone: an event that reached two masters, or was read
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bot import audit_store, lease
-from bot.alerts import AlertPoster
+from bot.alerts import AlertPoster, Timers
 from bot.audit_rules import RuleSet, Thresholds, load_rules, redact
 from bot.messages import Message, escape, section, slack_date
 from bot.settings import BotSettings
@@ -49,6 +50,8 @@ PAGE_EVENTS = 500
 MAX_PAGES = 40  # per master and poll: a long backlog is read over several polls, other masters in between
 MAX_RETRY_SECONDS = 30.0
 LEASE_TTL_SECONDS = 45.0
+CLOSE_WAIT_SECONDS = 5.0  # how long closing waits for a poll under way
+JOB_ID = "audit-feed"
 RULE_FIELDS = ("id", "idc", "host", "kind", "at", "user", "login_user", "uid", "tty", "cwd", "command",
                "exit_status", "ssh_client")
 
@@ -81,16 +84,20 @@ class AuditFeed:
         self._heartbeats: dict[str, tuple[str, int]] = {}  # host -> (idc, newest heartbeat by this bot's clock)
         self._silent: set[str] = set()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._polling = threading.Lock()  # held by the poll under way
+        self._timers: Timers | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="om-audit-feed", daemon=True)
-        self._thread.start()
+    def start(self, timers: Timers) -> None:
+        """Poll now, then every poll_seconds (a poll that takes longer delays the next one)."""
+        self._timers = timers
+        timers.every(JOB_ID, self.poll_seconds, self._run)
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._timers is not None:
+            self._timers.cancel(JOB_ID)
+        if self._polling.acquire(timeout=CLOSE_WAIT_SECONDS):  # the poll under way ends at its next master
+            self._polling.release()
         if self.alerts is not None:
             self.alerts.close()
         if self.leading:
@@ -100,13 +107,15 @@ class AuditFeed:
                 log.warning("could not release the audit feed lease: %s", exc)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        """One scheduled poll."""
+        with self._polling:
+            if self._stop.is_set():
+                return
             try:
                 if self._lead():
                     self.poll()
             except Exception:  # the feed outlives any one bad poll; the next one starts from the cursors
                 log.exception("audit feed poll failed")
-            self._stop.wait(self.poll_seconds)
 
     def _lead(self) -> bool:
         leading = lease.acquire(LEASE, self.holder, self.lease_ttl_ms)
@@ -274,9 +283,10 @@ def back_message(host: str, idc: str, seen_ms: int) -> Message:
     return Message(f"[audit] agent on {escape(host)} ({escape(idc)}) is back", [section(text)])
 
 
-def start_feed(router: Router, idcs: list[str], settings: BotSettings, transport: Transport) -> AuditFeed:
-    """The feed of `[bot]`'s audit settings, started: its rules file loaded (an error stops the bot
-    at start, not at the first alert), alerts posted through `transport`."""
+def start_feed(router: Router, idcs: list[str], settings: BotSettings, transport: Transport,
+               timers: Timers) -> AuditFeed:
+    """The feed of `[bot]`'s audit settings, started on `timers`: its rules file loaded (an error
+    stops the bot at start, not at the first alert), alerts posted through `transport`."""
     rules = load_rules(settings.audit_rules) if settings.audit_rules is not None else None
     default_channel = _default_channel(settings.audit_rules) if settings.audit_rules is not None else None
     silent_channel = settings.audit_alert_channel or default_channel
@@ -284,10 +294,10 @@ def start_feed(router: Router, idcs: list[str], settings: BotSettings, transport
         log.info("no [bot] audit_rules file: audit events are stored and searchable, no rule alerts")
     if silent_channel is None:
         log.warning("no [bot] audit_alert_channel and no channel in the rules file: silent agents are only logged")
-    alerts = AlertPoster(transport, rules.redact if rules is not None else redact)
+    alerts = AlertPoster(transport, rules.redact if rules is not None else redact, timers)
     feed = AuditFeed(router, idcs, rules, alerts, settings.audit_poll_seconds, settings.audit_silent_after_seconds,
                      silent_channel, fallback_channel=settings.audit_alert_channel)
-    feed.start()
+    feed.start(timers)
     return feed
 
 

@@ -47,6 +47,9 @@ class Threshold:
 
 @dataclass(frozen=True)
 class Rule:
+    """One alert rule of the rules file: what a command must contain, whose and where, and where
+    and how often the alert goes."""
+
     name: str
     keywords: tuple[str, ...]
     regexes: tuple[Any, ...]  # compiled re2 patterns

@@ -307,7 +307,7 @@ class Dispatcher:
 
     def _run(self, command: grammar.Run, req: ChatRequest, transport: Transport) -> None:
         if multi.is_multi(command.idc):  # idc=bj,sh or idc=*: one job per IDC, one card (bot.multi)
-            multi.run(self, command, req, transport)
+            multi.run(self, command, req, transport, one=self._run)
             return
         idc = command.idc or self.default_idc
         spec = self.spec_of(idc, command.module)

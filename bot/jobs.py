@@ -9,6 +9,7 @@ card is finished once: the owner checks it still holds the lease before it posts
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -20,10 +21,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import peewee
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from approvals import forget_trail_before
@@ -236,13 +238,48 @@ def _request_of(job: store.BotJob) -> ChatRequest:
     return ChatRequest(job.requester, job.channel, origin=job.origin, response_url=job.reply_url)
 
 
+class Timers:
+    """One APScheduler in UTC, as the rest of the bot uses it: the lifecycle's own, handed to the audit
+    feed (its polls) and the alerts (their retries) by bot.service. Started and stopped by Lifecycle."""
+
+    def __init__(self) -> None:
+        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
+
+    def every(self, job_id: str, seconds: float, work: Callable[[], None]) -> None:
+        """`work` now, then every `seconds`. Its job is paused while it runs: a run longer than the
+        interval delays the next, which is neither stacked nor skipped (and logged as skipped)."""
+        def run() -> None:
+            self._on(job_id, self.scheduler.pause_job)
+            try:
+                work()
+            finally:
+                self._on(job_id, self.scheduler.resume_job)  # the interval's next beat from now
+
+        self.scheduler.add_job(run, "interval", seconds=seconds, id=job_id, next_run_time=datetime.now(timezone.utc),
+                               max_instances=1, coalesce=True)
+
+    def once(self, seconds: float, work: Callable[..., None], *args: Any) -> None:
+        """`work(*args)` once, `seconds` from now (however late the scheduler gets to it)."""
+        self.scheduler.add_job(work, "date", run_date=datetime.now(timezone.utc) + timedelta(seconds=seconds),
+                               args=args, misfire_grace_time=None)
+
+    def cancel(self, job_id: str) -> None:
+        self._on(job_id, self.scheduler.remove_job)
+
+    @staticmethod
+    def _on(job_id: str, change: Callable[[str], Any]) -> None:
+        with contextlib.suppress(JobLookupError):  # cancelled meanwhile
+            change(job_id)
+
+
 class Lifecycle:
     """The timers of the job lifecycle, on one APScheduler in UTC: renewing this process's leases and
     adopting orphaned jobs every TICK_SECONDS, and deleting history past `[bot] retention_days`."""
 
     def __init__(self, follower: JobFollower, transport_for: TransportFor, retention_days: float) -> None:
         self.follower, self.transport_for, self.retention_days = follower, transport_for, retention_days
-        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
+        self.timers = Timers()
+        self.scheduler = self.timers.scheduler
 
     def start(self) -> int:
         """Adopt what a previous run left unfinished (now), then keep ticking; returns how many were adopted."""

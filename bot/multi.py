@@ -16,24 +16,21 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import peewee
 
-from approvals import authorize_parts
+from approvals import ApprovalRequest, Decision, Gate, authorize_parts
 from bot import grammar, store
 from bot.messages import CHECK, CardState, Message, clip, job_card, text_message
 from bot.transport import ChatRequest, Transport
-from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused
+from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
 from modules import ModuleSpec, ParamError
 from ombot.config import named_idcs, several_idcs
 from ombot.errors import OmbotError
 from ombot.storage import JSONField, create_tables, migrate
-
-if TYPE_CHECKING:
-    from bot.dispatcher import Dispatcher
 
 log = logging.getLogger("ombot.bot.multi")
 
@@ -86,8 +83,53 @@ def forget_before(cutoff_ms: int) -> None:
                                 & MultiRequest.request_id.not_in(MultiPart.select(MultiPart.request_id))).execute()
 
 
+class Follower(Protocol):
+    """What the parts need from the job follower (bot.jobs imports this module, not the reverse)."""
+
+    def claim(self, job_id: str) -> bool: ...
+
+    def let_go(self, job_id: str) -> None: ...
+
+    def start(self, job: store.BotJob, transport: Transport, first: Sequence[dict[str, Any]] = ()) -> None: ...
+
+    def end_early(self, job: store.BotJob, transport: Transport, state: JobState, reason: str) -> None: ...
+
+
+class Approvals(Protocol):
+    """Asking for the one approval (bot.approval_flow imports this module, not the reverse)."""
+
+    def ask(self, command: grammar.Run, spec: ModuleSpec, hosts: list[str], decision: Decision,
+            req: ChatRequest, transport: Transport,
+            link: Callable[[ApprovalRequest], None] | None = None) -> ApprovalRequest: ...
+
+
+class Dispatching(Protocol):
+    """What a request over several IDCs needs from the dispatcher (which imports this module, not
+    the reverse): read-only, so the dispatcher's own attributes fit."""
+
+    @property
+    def router(self) -> Router: ...
+
+    @property
+    def gate(self) -> Gate | None: ...
+
+    @property
+    def follower(self) -> Follower: ...
+
+    @property
+    def approvals(self) -> Approvals: ...
+
+    def spec_of(self, idc: str, name: str) -> ModuleSpec: ...
+
+
+# (a request for one IDC, who asked, transport): run it as any single-IDC request
+RunOne = Callable[[grammar.Run, ChatRequest, Transport], None]
+
+
 @dataclass(frozen=True)
 class Part:
+    """One IDC's share of a request: its hosts, or why it cannot run."""
+
     idc: str
     hosts: list[str]
     reason: str = ""  # why this part cannot run (its masters did not answer); it then shows failed
@@ -103,12 +145,13 @@ def is_multi(idc: str | None) -> bool:
 # -- asking ----------------------------------------------------------------------------------------
 
 
-def run(d: Dispatcher, command: grammar.Run, req: ChatRequest, transport: Transport) -> None:
-    """`/om MODULE TARGETS idc=bj,sh`: expand and decide per IDC, then ask once or start every part."""
+def run(d: Dispatching, command: grammar.Run, req: ChatRequest, transport: Transport, one: RunOne) -> None:
+    """`/om MODULE TARGETS idc=bj,sh`: expand and decide per IDC, then ask once or start every part;
+    a list that names one IDC goes to `one`."""
     assert command.idc is not None
     idcs = named_idcs(d.router.config, command.idc)
     if len(idcs) == 1:  # `*` with one IDC configured, or `bj,`: exactly today's request
-        d._run(replace(command, idc=idcs[0]), req, transport)
+        one(replace(command, idc=idcs[0]), req, transport)
         return
     spec = spec_for(d, ",".join(idcs), command.module)
     missing = [p.name for p in spec.params if p.required and p.name not in command.params]
@@ -139,7 +182,7 @@ def run(d: Dispatcher, command: grammar.Run, req: ChatRequest, transport: Transp
     start(d, whole, spec, req, transport, (), decision.cancel_roles, group_id)
 
 
-def spec_for(d: Dispatcher, idc: str, name: str) -> ModuleSpec:
+def spec_for(d: Dispatching, idc: str, name: str) -> ModuleSpec:
     """The module's spec from the first IDC of the list whose masters answer (each part's own
     master validates again); unknown in a reachable IDC is an error for the whole request."""
     reasons: list[str] = []
@@ -151,7 +194,7 @@ def spec_for(d: Dispatcher, idc: str, name: str) -> ModuleSpec:
     raise OmbotError(f"Cannot reach the masters of any of {idc}: {'; '.join(reasons)}")
 
 
-def _expand(d: Dispatcher, idc: str, module: str, targets: str, params: dict[str, str], req: ChatRequest) -> Part:
+def _expand(d: Dispatching, idc: str, module: str, targets: str, params: dict[str, str], req: ChatRequest) -> Part:
     """One IDC's part: its hosts, or why its masters could not be asked. A refusal (unknown module,
     bad targets or parameters) refuses the whole request, as it would in one IDC."""
     try:
@@ -201,7 +244,7 @@ def approval_parts(request_id: str) -> str:
 # -- starting --------------------------------------------------------------------------------------
 
 
-def start(d: Dispatcher, command: grammar.Run, spec: ModuleSpec, req: ChatRequest, transport: Transport,
+def start(d: Dispatching, command: grammar.Run, spec: ModuleSpec, req: ChatRequest, transport: Transport,
           approvers: Sequence[str], cancel_roles: Sequence[str], request_id: str) -> None:
     """Store every part (each its own job and lease), post the one card, then submit each part to
     its IDC; a part that cannot run or be submitted ends `failed` on the card, the others go on."""
@@ -238,7 +281,7 @@ def start(d: Dispatcher, command: grammar.Run, spec: ModuleSpec, req: ChatReques
         raise broke[0]
 
 
-def _store_parts(d: Dispatcher, request_id: str, parts: Sequence[Part], module: str, shown: dict[str, Any],
+def _store_parts(d: Dispatching, request_id: str, parts: Sequence[Part], module: str, shown: dict[str, Any],
                  req: ChatRequest, approvers: Sequence[str], cancel_roles: Sequence[str]) -> list[store.BotJob]:
     # A part's job id follows from the request and its IDC: the same request can never start twice.
     ids = [str(uuid.uuid5(uuid.UUID(request_id), part.idc)) for part in parts]
@@ -264,7 +307,7 @@ def _store_parts(d: Dispatcher, request_id: str, parts: Sequence[Part], module: 
         raise
 
 
-def _submit(d: Dispatcher, job: store.BotJob, command: grammar.Run, spec: ModuleSpec, req: ChatRequest,
+def _submit(d: Dispatching, job: store.BotJob, command: grammar.Run, spec: ModuleSpec, req: ChatRequest,
             transport: Transport, approvers: Sequence[str]) -> None:
     """One part to its IDC, as Dispatcher._submit sends a single job (without its own card)."""
     try:
@@ -379,7 +422,7 @@ def parts_with(job: store.BotJob) -> list[store.BotJob]:
     return [jobs[i] for i in order if i in jobs]
 
 
-def cancel_parts(d: Dispatcher, jobs: Sequence[store.BotJob], req: ChatRequest, transport: Transport) -> None:
+def cancel_parts(d: Dispatching, jobs: Sequence[store.BotJob], req: ChatRequest, transport: Transport) -> None:
     """Ask each part's master to cancel it (the caller checked who may); say what became of each."""
     said = []
     for job in jobs:

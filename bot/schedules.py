@@ -286,15 +286,17 @@ class Schedules:
         try:
             was_leading = self._leads()
             started = time.monotonic()
-            if lease.acquire(self.lease_name, self.holder, LEASE_TTL_MS):
-                self._leading_until = started + LEASE_TTL_MS / MS_PER_SECOND - RENEW_SECONDS
-            else:
-                self._leading_until = 0.0
+            holds = lease.acquire(self.lease_name, self.holder, LEASE_TTL_MS)
+            if holds and not was_leading:
+                log.info("this process fires the %s schedules now (%s)", self.origin, self.holder)
+                try:  # before it fires: a trigger must not take a dead bot's claim for a live run
+                    self._start_orphans()
+                except Exception:  # it leads all the same: one bad schedule must not stop every other
+                    log.exception("could not take over the runs a stopped bot claimed")
+            self._leading_until = started + LEASE_TTL_MS / MS_PER_SECOND - RENEW_SECONDS if holds else 0.0
             self._arm()
             if self._leads():
                 if not was_leading:
-                    log.info("this process fires the %s schedules now (%s)", self.origin, self.holder)
-                    self._start_orphans()
                     for schedule_id in list(self._armed):
                         self._fire(schedule_id)
                 self._close_unapproved()
@@ -549,14 +551,29 @@ class Schedules:
                                          & Schedule.last_job_id.is_null(False))
         for schedule in active:
             run = ScheduleRun.get_or_none(ScheduleRun.job_id == schedule.last_job_id)
-            if run is None or now - run.scheduled_at > self.grace_ms:
-                continue  # too old to run late
-            if store.BotJob.get_or_none(store.BotJob.job_id == run.job_id) is None:
-                log.info("schedule %s: starting run %s, claimed by a bot that stopped", schedule.number, run.job_id)
-                verdict = self._check(schedule)
-                if isinstance(verdict, Cleared):
-                    ScheduleRun.update(fired_at=now).where(ScheduleRun.job_id == run.job_id).execute()  # in flight
-                    self._start(schedule, run.job_id, verdict)
+            if run is None or store.BotJob.get_or_none(store.BotJob.job_id == run.job_id) is not None:
+                continue  # its job is stored: the job follower finishes its card
+            if now - run.scheduled_at > self.grace_ms:
+                self._drop_orphan(schedule, run)
+                continue
+            log.info("schedule %s: starting run %s, claimed by a bot that stopped", schedule.number, run.job_id)
+            verdict = self._check(schedule)
+            if isinstance(verdict, Cleared):
+                ScheduleRun.update(fired_at=now).where(ScheduleRun.job_id == run.job_id).execute()  # in flight
+                self._start(schedule, run.job_id, verdict)
+
+    def _drop_orphan(self, schedule: Schedule, run: ScheduleRun) -> None:
+        """A claimed run past misfire_grace that never started: never run late, but said at once and
+        counted on the next card like the other runs too old to run. Nothing of it is in flight, so
+        the next firings must not wait for it (`_in_flight` reads last_job_id)."""
+        won = (Schedule.update(last_job_id=None, missed_old=Schedule.missed_old + 1)
+               .where((Schedule.number == schedule.number) & (Schedule.last_job_id == run.job_id)).execute())
+        if won and self.transport is not None:
+            log.info("schedule %s: run %s, claimed by a bot that stopped, is too old to start", schedule.number,
+                     run.job_id)
+            self._post(schedule, f"Schedule #{schedule.number} skipped its run due {_plain_when(run.scheduled_at)}: "
+                                 f"the bot that claimed it stopped before starting it, and it is older than "
+                                 f"misfire_grace (never run late).", self.transport)
 
     def _in_flight(self, schedule: Schedule, now: int) -> str | None:
         """The run of this schedule still going, if any ("job #12"), asking its master when unsure."""

@@ -98,7 +98,8 @@ class BotService:
             log.info("following %d unfinished job(s) again", resumed)
         self.schedules.start(transport)  # restores the schedules from the table; fires if it holds the lease
         if self.origin == "slack":  # alerts go to Slack: a console on the same database never takes the feed
-            self.audit_feed = start_feed(self.router, list(self.config.idcs), self.settings, transport)
+            self.audit_feed = start_feed(self.router, list(self.config.idcs), self.settings, transport,
+                                         self.lifecycle.timers)  # its polls and retries: jobs on the bot's scheduler
 
     def close(self) -> None:
         self.schedules.close()  # first: no run fires into pools that are shutting down

@@ -22,6 +22,7 @@ from rpyc.core.stream import SocketStream
 
 from masters.envelope import Peer, Refused, new_request
 from masters.keys import Identity, decode_public
+from masters.states import JobState
 from modules import Catalog
 from ombot.clock import now_ms
 from ombot.config import Config, MasterSettings
@@ -257,15 +258,15 @@ class Router:
                     raise
                 # The submit never arrived (its link broke before the master read it): nothing ran.
                 on_event({"seq": after + 1, "kind": "finished", "at": now_ms(), "data": {
-                    "state": "unknown", "counts": {}, "reason": f"master {ref.master_id} has no such job"}})
-                return "unknown"
+                    "state": JobState.UNKNOWN, "counts": {}, "reason": f"master {ref.master_id} has no such job"}})
+                return JobState.UNKNOWN
             except (MasterLost, ConnectFailed):
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > self.lost_retry:
                     on_event({"seq": after + 1, "kind": "finished", "at": now_ms(), "data": {
-                        "state": "unknown", "counts": {},
+                        "state": JobState.UNKNOWN, "counts": {},
                         "reason": f"lost contact with master {ref.master_id}; the job was not re-sent elsewhere"}})
-                    return "unknown"
+                    return JobState.UNKNOWN
                 time.sleep(0.5)
                 continue
             for event in reply["events"]:

@@ -1,5 +1,8 @@
-"""The master's timers, all on one APScheduler `BackgroundScheduler` (UTC); nothing else in the master
-keeps time for itself.
+"""The master's timers, all on one APScheduler `BackgroundScheduler` (UTC): the jobs below, and the
+server's (masters.server: closing connections at their authentication deadline, reporting suppressed
+stranger lines). No other periodic work in the master keeps time for itself; what still waits in a
+loop waits inside one call (a backend watching its process up to the job's deadline), and
+tests/test_timers.py lists each such place.
 
 - retention: jobs that ended more than `retention_days` ago are deleted with their events (this
   master's own, in a database shared with others);
@@ -10,10 +13,13 @@ keeps time for itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable
-from datetime import timezone
+from datetime import datetime, timedelta, timezone
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from masters.jobstore import JobStore
@@ -47,6 +53,24 @@ class Housekeeping:
     def start(self) -> None:
         self.purge_old_jobs()  # a master that was down a long time does not keep old jobs another hour
         self.scheduler.start()
+
+    # -- for the rest of the master (masters.server) ----------------------------------------------
+
+    def every(self, job_id: str, seconds: float, work: Callable[[], None]) -> None:
+        """`work` every `seconds`, never two at once."""
+        self.scheduler.add_job(work, "interval", seconds=seconds, id=job_id, coalesce=True, max_instances=1,
+                               misfire_grace_time=None)
+
+    def at(self, job_id: str, deadline: float, work: Callable[[], None]) -> None:
+        """`work` once at `deadline` (time.monotonic()), replacing what `job_id` was set to run. Two
+        may run at once: a run may set the next one only just ahead."""
+        run_at = datetime.now(timezone.utc) + timedelta(seconds=max(0.0, deadline - time.monotonic()))
+        self.scheduler.add_job(work, "date", run_date=run_at, id=job_id, replace_existing=True,
+                               misfire_grace_time=None, max_instances=2)
+
+    def cancel(self, job_id: str) -> None:
+        with contextlib.suppress(JobLookupError):
+            self.scheduler.remove_job(job_id)
 
     def purge_old_jobs(self) -> None:
         try:

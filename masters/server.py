@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 import zlib
@@ -24,6 +25,7 @@ from masters import store
 from masters.backends import backend_named
 from masters.core import MasterCore
 from masters.envelope import OPS
+from masters.housekeeping import Housekeeping
 from masters.inventory import open_inventory
 from masters.keys import Identity
 from masters.lograte import LogBudget
@@ -106,8 +108,19 @@ def _peer_of(sock: socket.socket) -> str:
         return "an unknown peer"
 
 
-def _hang_up(sock: socket.socket) -> None:
+def _reset_on_close(sock: socket.socket) -> None:
+    """A stranger's socket closes with a reset, not a FIN: a flood of them leaves no TIME_WAIT
+    sockets behind on the master, whose ports a new client could collide with."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
+def _hang_up(sock: socket.socket, reset: bool) -> None:
     """Shut down first: a thread blocked reading this socket wakes up at once."""
+    if reset:
+        _reset_on_close(sock)
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -184,7 +197,8 @@ def build_core(config: Config, settings: MasterSettings) -> MasterCore:
     return MasterCore(settings, identity, accepted, modules, inventory, backend_named(settings.backend, settings))
 
 
-REAPER_WAKE_SECONDS = 5.0  # at least this often the reaper also reports suppressed stranger lines
+SWEEP_SECONDS = 5.0  # how often suppressed stranger lines are reported (and overdue strangers closed, at the latest)
+SWEEP_JOB, DEADLINE_JOB = "connections", "stranger-deadline"
 THREAD_HEADROOM = 2  # threads of just-closed connections may still be finishing: cap all at 2x the cap
 
 
@@ -204,21 +218,25 @@ class CappedThreadedServer(ThreadedServer):
     connection is a stranger's: it is closed `auth_timeout` seconds after it was accepted, and at the
     cap the oldest stranger is closed to admit a newcomer (else idle sockets would lock every client
     out). Authenticated connections are never closed for strangers; with every slot authenticated,
-    newcomers are refused."""
+    newcomers are refused.
 
-    def __init__(self, *args: Any, max_connections: int, auth_timeout: float, **kwargs: Any) -> None:
+    Its timers are jobs on the master's scheduler (masters.housekeeping): a one-shot job at the
+    oldest stranger's deadline, and a sweep every SWEEP_SECONDS that reports suppressed log lines."""
+
+    def __init__(self, *args: Any, max_connections: int, auth_timeout: float, timers: Housekeeping,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.max_connections, self.auth_timeout = max_connections, auth_timeout
-        self._lock = threading.Condition()
+        self.max_connections, self.auth_timeout, self.timers = max_connections, auth_timeout, timers
+        self._lock = threading.RLock()  # _close, under it, forgets the link under it too
         self._open: dict[Link, None] = {}  # every open connection, as an ordered set
         self._strangers: dict[Link, None] = {}  # those not yet authenticated, oldest (earliest deadline) first
         self._threads = 0  # serving threads still running, closed connections' included
-        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+        timers.every(SWEEP_JOB, SWEEP_SECONDS, self._sweep)
 
     def close(self) -> None:
         super().close()
-        with self._lock:
-            self._lock.notify_all()  # the reaper sees the server closed
+        self.timers.cancel(SWEEP_JOB)
+        self.timers.cancel(DEADLINE_JOB)
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -249,7 +267,8 @@ class CappedThreadedServer(ThreadedServer):
             link = Link(sock, _peer_of(sock), time.monotonic() + self.auth_timeout)
             self._open[link] = self._strangers[link] = None
             self._threads += 1
-            self._lock.notify_all()  # the reaper may be waiting with no deadline in view
+            if len(self._strangers) == 1:  # else the reaping is already due at an earlier deadline
+                self.timers.at(DEADLINE_JOB, link.deadline, self._reap)
             return link
 
     def _authenticated(self, link: Link) -> None:
@@ -265,6 +284,8 @@ class CappedThreadedServer(ThreadedServer):
             return
         self._forget(link)
         link.closed_because = reason
+        if not link.authenticated:
+            _reset_on_close(link.sock)
         try:
             link.sock.shutdown(socket.SHUT_RDWR)  # its thread's blocking read returns
         except OSError:
@@ -275,22 +296,30 @@ class CappedThreadedServer(ThreadedServer):
             self._open.pop(link, None)
             self._strangers.pop(link, None)
 
-    def _discard(self, sock: socket.socket) -> None:
-        _hang_up(sock)
+    def _discard(self, sock: socket.socket, stranger: bool = True) -> None:
+        _hang_up(sock, reset=stranger)  # an authenticated client's last reply must not be cut off
         self.clients.discard(sock)
 
+    # -- timers ----------------------------------------------------------------------------------
+
     def _reap(self) -> None:
-        """Close strangers past their deadline; now and then say how many stranger lines were dropped."""
-        while not self._closed:
-            with self._lock:
-                now = time.monotonic()
-                while self._strangers and (overdue := next(iter(self._strangers))).deadline <= now:
-                    self._close(overdue, f"no valid request within {self.auth_timeout:g} s")
-                oldest = next(iter(self._strangers), None)
-                wait = REAPER_WAKE_SECONDS if oldest is None else oldest.deadline - now
-                self._lock.wait(min(REAPER_WAKE_SECONDS, max(0.0, wait)))
-            strangers_log.flush()
-            MasterCore.strangers_log.flush()
+        """Close strangers past their deadline, and come back at the next one's."""
+        with self._lock:
+            if self._closed:
+                return
+            now = time.monotonic()
+            while self._strangers and (overdue := next(iter(self._strangers))).deadline <= now:
+                self._close(overdue, f"no valid request within {self.auth_timeout:g} s")
+            oldest = next(iter(self._strangers), None)  # the earliest deadline: every stranger gets the same time
+            if oldest is not None:
+                self.timers.at(DEADLINE_JOB, oldest.deadline, self._reap)
+
+    def _sweep(self) -> None:
+        """Say how many stranger lines were dropped; close overdue strangers too, should the wall clock
+        (which the deadline job runs by) have stepped back."""
+        self._reap()
+        strangers_log.flush()
+        MasterCore.strangers_log.flush()
 
     # -- serving ---------------------------------------------------------------------------------
 
@@ -305,7 +334,7 @@ class CappedThreadedServer(ThreadedServer):
                 reason = f"the connection failed ({type(exc).__name__})"
         finally:
             self._forget(link)
-            self._discard(link.sock)
+            self._discard(link.sock, stranger=not link.authenticated)
             with self._lock:
                 self._threads -= 1
         reason = link.closed_because or reason
@@ -382,6 +411,7 @@ def _server(core: MasterCore, settings: MasterSettings) -> CappedThreadedServer:
         MasterService(core), hostname=settings.host, port=settings.port, reuse_addr=True,
         protocol_config=SERVER_CONFIG, logger=logging.getLogger("ombot.master.rpyc"),
         max_connections=settings.limits.max_connections, auth_timeout=settings.limits.auth_timeout_seconds,
+        timers=core.housekeeping,
     )
     server._listen()  # rpyc only binds in __init__: without listen() now, "ready" clients would be refused
     return server

@@ -53,6 +53,7 @@ class AnsibleSettings:
     host_key_checking: bool = True
     rotate_artifacts: int = 50  # runs whose artifacts are kept under <state_dir>/ansible
     playbooks: Path | None = None  # the allow-listed directory ansible.playbook runs playbooks from
+    warm_start: bool = True  # ansible-playbook forked from a server that imported Ansible once (ansible_forkserver.py)
 
 
 SALT_INVENTORIES = ("file", "minions")
@@ -382,7 +383,7 @@ def _ansible(r: TableReader) -> AnsibleSettings:
         connect_timeout_seconds=_positive(r, "connect_timeout_seconds", defaults.connect_timeout_seconds),
         host_key_checking=r.get("host_key_checking", bool, defaults.host_key_checking),
         rotate_artifacts=_positive(r, "rotate_artifacts", defaults.rotate_artifacts),
-        playbooks=r.file("playbooks", None),
+        playbooks=r.file("playbooks", None), warm_start=r.get("warm_start", bool, defaults.warm_start),
     )
     r.done()
     return settings

@@ -5,7 +5,18 @@ from pathlib import Path
 
 import pytest
 
+from tests import sshd
 from tests.support import Cluster
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sshd.SshHosts]:
+    """Two real sshd "hosts" on loopback, web01 and web02, for the file (tests/sshd.py)."""
+    if not sshd.available():
+        pytest.skip("needs openssh-server (sshd)")
+    started = sshd.SshHosts(tmp_path_factory.mktemp("sshd"), ["web01", "web02"]).start()
+    yield started
+    started.stop()
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,11 +71,12 @@ class SaltRig:
     def file_roots(self) -> Path:
         return self.root / "srv" / "salt"
 
-    def start(self, timeout: float = 60) -> SaltRig:
+    def start(self, timeout: float = 60, jobs: int = 1) -> SaltRig:
+        """`jobs`: how many minion configs and key pairs (a salt-key process each) are made at once."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._write_master()
-        for name in self.minions + self.absent:
-            self._write_minion(name)
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            list(pool.map(self._write_minion, self.minions + self.absent))
         try:
             self._spawn("master", [str(BIN / "salt-master"), "-c", str(self.master_dir), "-l", "warning"])
             for name in self.minions:

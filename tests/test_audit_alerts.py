@@ -19,9 +19,11 @@ from typing import Any
 import peewee
 import pytest
 import rpyc
+from apscheduler.triggers.date import DateTrigger
 
 from bot.alerts import AlertGroup, AlertPoster, Grouper, TokenBucket, alert_message
 from bot.audit_rules import Match, Threshold, Thresholds, parse_rules
+from bot.jobs import Timers
 from masters import audit
 from masters.envelope import Peer, Refused, new_request
 from masters.keys import decode_public
@@ -184,9 +186,19 @@ def slack() -> Iterator[tuple[FakeSlack, Any]]:
         fake.assert_no_violations()
 
 
-def test_a_burst_is_one_message_updated_in_place_with_its_count(slack: tuple[FakeSlack, Any]) -> None:
+@pytest.fixture
+def timers() -> Iterator[Timers]:
+    """The bot's scheduler, as bot.jobs.Lifecycle starts it: the poster's retries are jobs on it."""
+    timers = Timers()
+    timers.scheduler.start()
+    yield timers
+    timers.scheduler.shutdown(wait=False)
+
+
+def test_a_burst_is_one_message_updated_in_place_with_its_count(slack: tuple[FakeSlack, Any],
+                                                                timers: Timers) -> None:
     fake, transport = slack
-    poster = AlertPoster(transport, lambda text: text)
+    poster = AlertPoster(transport, lambda text: text, timers)
     thresholds, key = Thresholds(), match()
     for n in range(6):
         poster.alert(key, record(1_000 + n, f"echo ALARM {n}"), thresholds.fire(key, 1_000 + n), CHANNEL)
@@ -200,9 +212,10 @@ def test_a_burst_is_one_message_updated_in_place_with_its_count(slack: tuple[Fak
     poster.close()
 
 
-def test_each_channel_is_paced_and_a_429_is_waited_out(slack: tuple[FakeSlack, Any]) -> None:
+def test_each_channel_is_paced_and_a_429_is_waited_out(slack: tuple[FakeSlack, Any],
+                                                       timers: Timers) -> None:
     fake, transport = slack
-    poster = AlertPoster(transport, lambda text: text, rate=4.0, burst=2)
+    poster = AlertPoster(transport, lambda text: text, timers, rate=4.0, burst=2)
     fake.rate_limit("chat.postMessage", times=1, retry_after=1)
     for n in range(8):  # eight dedupe keys: eight messages
         poster.alert(match(key=f"k{n}"), record(n), True, CHANNEL)
@@ -218,6 +231,21 @@ def test_each_channel_is_paced_and_a_429_is_waited_out(slack: tuple[FakeSlack, A
     assert sorted(m["text"] for m in fake.messages(CHANNEL)) == sorted(
         alert_message(AlertGroup(f"k{n}", CHANNEL, match(key=f"k{n}"), record(n), record(n), n, n),
                       lambda t: t).text for n in range(8))
+    poster.close()
+
+
+def test_a_failed_post_is_retried_by_a_one_shot_job_on_the_scheduler(slack: tuple[FakeSlack, Any],
+                                                                      timers: Timers) -> None:
+    fake, transport = slack
+    poster = AlertPoster(transport, lambda text: text, timers)
+    fake.fail("chat.postMessage", "internal_error", times=1)  # not a 429: the transport gives up on it
+    poster.alert(match(), record(1), True, CHANNEL)
+    retry = fake.wait_for(lambda: [job for job in timers.scheduler.get_jobs() if isinstance(job.trigger, DateTrigger)],
+                          what="the retry, a date job on the scheduler")
+    assert len(retry) == 1 and not fake.messages(CHANNEL)
+    fake.wait_for(lambda: fake.messages(CHANNEL), what="the alert, posted by the retry", timeout=10)
+    assert len(fake.calls_to("chat.postMessage")) == 2 and len(fake.messages(CHANNEL)) == 1
+    assert not timers.scheduler.get_jobs()  # the retry ran once and is gone
     poster.close()
 
 

@@ -37,7 +37,7 @@ from tests.support import Cluster, child_env
 from tests.test_audit_agent import HOST, AgentProcess, agent_cluster, stored, wait_for
 
 BOOT = "b00710ad-0000-4000-8000-000000000001"
-T0 = 1_796_124_801  # the records' clock (seconds)
+T0 = int(time.time())  # the records' clock (seconds): after this boot, or the reader takes them for older ones
 
 
 # -- sample lines, as auditd 3.0.9 writes them (log_format = ENRICHED) ------------------------------------
@@ -229,12 +229,12 @@ def test_records_from_before_this_boot_keep_their_boot(tmp_path: Path) -> None:
 
 LAUREL_LINE = (  # as LAUREL 0.5.1 writes an event (captured; ids as in the sample above, the ld.so PATH
     # item and BPRM_FCAPS left out)
-    '{"ID":"1796125690.677:2190","SYSCALL":{"arch":"0xc000003e","syscall":59,"success":"yes","exit":0,"items":2,'
+    '{"ID":"' + f"{T0 + 889}" + '.677:2190","SYSCALL":{"arch":"0xc000003e","syscall":59,"success":"yes","exit":0,"items":2,'
     '"ppid":13951,"pid":22190,"auid":1000,"uid":1000,"gid":1000,"euid":1000,"suid":1000,"fsuid":1000,"egid":1000,'
     '"sgid":1000,"fsgid":1000,"tty":"pts3","ses":7,"comm":"echo","exe":"/usr/bin/echo","key":"ombot",'
     '"ARCH":"x86_64","SYSCALL":"execve","AUID":"alice","UID":"alice","ARGV":["0x55e3e91245e0","0x55e3e9124910"],'
-    '"PPID":{"EVENT_ID":"1796125689.985:2018","comm":"bash","exe":"/usr/bin/bash","ppid":16529},'
-    '"PID":{"EVENT_ID":"1796125690.677:2190"}},"EXECVE":{"argc":3,"ARGV":["/bin/echo","a b","x"],"ENV":{}},'
+    '"PPID":{"EVENT_ID":"' + f"{T0 + 888}" + '.985:2018","comm":"bash","exe":"/usr/bin/bash","ppid":16529},'
+    '"PID":{"EVENT_ID":"' + f"{T0 + 889}" + '.677:2190"}},"EXECVE":{"argc":3,"ARGV":["/bin/echo","a b","x"],"ENV":{}},'
     '"CWD":{"cwd":"/home/alice"},"PATH":[{"item":0,"name":"/bin/echo","inode":260249,"dev":"fe:00",'
     '"mode":"0o100755","ouid":0,"ogid":0,"rdev":"00:00","nametype":"NORMAL"}],'
     '"PROCTITLE":{"ARGV":["/bin/echo","a b","x"]}}'
@@ -248,7 +248,7 @@ def test_laurel_json_lines_give_the_same_events(tmp_path: Path) -> None:
     other_key = LAUREL_LINE.replace('"key":"ombot"', '"key":["other","ombot"]').replace(":2190", ":2191")
     not_ours = LAUREL_LINE.replace('"key":"ombot"', '"key":null').replace(":2190", ":2192")
     write(laurel, [LAUREL_LINE, other_key, not_ours, '{"ID":"x"}', "{broken"])
-    write(raw, [line.replace(f"{T0}.509:2190", "1796125690.677:2190")
+    write(raw, [line.replace(f"{T0}.509:2190", f"{T0 + 889}.677:2190")
                 for line in event_lines(2190, ["/bin/echo", "a b", "x"])])
     events = read_all(AuditLog(laurel, HOST, BOOT, {}, tmp_path / "state"))
     assert [e[0] for e in events] == [f"{HOST}:{BOOT}:auditd:2190", f"{HOST}:{BOOT}:auditd:2191"]

@@ -85,6 +85,15 @@ def job_rows(url: str) -> dict[str, str]:
         db.close()
 
 
+def events_of(url: str, job_id: str) -> int:
+    """How many events of the job the database holds."""
+    db = connect_url(url)
+    try:
+        return int(db.execute_sql(f"SELECT COUNT(*) FROM jobevent WHERE job_id = {db.param}", (job_id,)).fetchone()[0])
+    finally:
+        db.close()
+
+
 def sqlite_url(cluster: Cluster, master_id: str = "m1") -> str:
     return f"sqlite:///{cluster.root / f'state-{master_id}' / f'{master_id}.db'}"
 
@@ -281,6 +290,31 @@ def test_masters_sharing_a_database_respect_each_others_locks_and_recover_only_t
             cluster.stop_all()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("server", list(SERVERS))
+def test_a_masters_retention_in_a_shared_database_leaves_the_other_masters_jobs_alone(
+        server: str, make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
+    with scratch(server, tmp_path, own_database=True) as url:
+        cluster = make_cluster({"local": ["m1", "m2"]}, module_dirs=[SITE])
+        set_master_key(cluster, "m1", f"retention_days = {4 / 86400}")  # 4 seconds; m2 keeps the default 30 days
+        env = {"OMBOT_MASTER_DATABASE_URL": url}
+        cluster.start("m1", env=env)
+        cluster.start("m2", env=env)
+        router = cluster.router()
+        try:
+            mine = submit_to(router, "m1", "echo", {"message": "m1's"}, ["web01"])
+            theirs = submit_to(router, "m2", "echo", {"message": "m2's"}, ["web02"])
+            assert followed(router, mine)[0] == followed(router, theirs)[0] == "ok"
+            time.sleep(6)  # both ended past m1's retention; m1 purges every second
+            wait_until(lambda: mine.job_id not in job_rows(url))
+            assert job_rows(url)[theirs.job_id] == "ok"  # m2's job, kept by m2's own retention
+            assert events_of(url, mine.job_id) == 0 and events_of(url, theirs.job_id) > 0
+            assert of_kind(router.events(theirs)["events"], "finished")
+        finally:
+            router.close()
+            cluster.stop_all()
+
+
 # --- restart, migration, retention --------------------------------------------------------------
 
 
@@ -336,12 +370,7 @@ def test_finished_jobs_are_deleted_after_the_retention(make_cluster: Callable[..
         with pytest.raises(Refused) as gone:
             router.events(old)
         assert gone.value.code == "unknown_job"
-        db = connect_url(url)
-        try:
-            (events,) = db.execute_sql("SELECT COUNT(*) FROM jobevent WHERE job_id = ?", (old.job_id,)).fetchone()
-        finally:
-            db.close()
-        assert events == 0
+        assert events_of(url, old.job_id) == 0
         assert followed(router, long)[0] == "ok"
         wait_until(lambda: long.job_id not in job_rows(url), within=30)
     finally:

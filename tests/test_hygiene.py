@@ -13,11 +13,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from masters.backends.cgroup import own_cgroup
 from tests.support import Cluster, child_env, free_port
 from tests.test_modules import run_job
 
@@ -73,14 +75,53 @@ def kill_all(pids: list[int]) -> None:
 # -- jobs leave no process behind ----------------------------------------------------------------------
 
 
+def why_no_job_cgroups() -> str | None:
+    """Why a master here cannot give jobs cgroups (None: it can): its own test, and a real mkdir."""
+    root = own_cgroup()
+    if root is None or not os.access(root, os.W_OK):
+        return f"cgroup v2 is not writable here ({root or 'no cgroup2 hierarchy holds this process'})"
+    probe = root / f"test-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        return f"cannot make a cgroup under {root}: {exc}"
+    return None
+
+
+@dataclass
+class Confining:
+    """A master's client, and the cgroup name prefix its jobs must run under (None: the fallback)."""
+
+    router: Any
+    cgroup_prefix: str | None
+
+    def shell(self, cmd: str) -> tuple[str, dict[str, Any]]:
+        """Run `cmd` with shell.exec, after checking the job ran in its own cgroup exactly when it must;
+        the host's stdout is what `cmd` printed."""
+        where_am_i = "echo \"cgroup $(grep '^0::' /proc/self/cgroup)\"\n"
+        state, host = run_job(self.router, "shell.exec", {"cmd": where_am_i + cmd})
+        where, _, rest = host["stdout"].partition("\n")
+        assert where.startswith("cgroup 0::"), host
+        if self.cgroup_prefix is None:
+            assert "/ombot-" not in where, where
+        else:
+            assert f"/{self.cgroup_prefix}" in where, f"the job did not run in a job cgroup: {where}"
+        return state, {**host, "stdout": rest}
+
+
 @pytest.fixture(scope="module", params=["cgroup", "subreaper"])
-def router(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A master confining jobs in cgroups (this machine has a writable cgroup2), and one forced onto
-    the fallback: a child subreaper that finds leftovers by their token."""
+def confining(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Confining]:
+    """A master confining jobs in cgroups, where cgroup v2 is writable, and one forced onto the
+    fallback: a child subreaper that finds leftovers by their token."""
+    cgroups = request.param == "cgroup"
+    if cgroups and (why := why_no_job_cgroups()):
+        pytest.skip(f"{why}: only the subreaper fallback can be tested")
     cluster = Cluster(tmp_path_factory.mktemp(f"hygiene-{request.param}"), {"local": ["m1"]})
-    cluster.start("m1", env={"OMBOT_JOB_CGROUPS": "off"} if request.param == "subreaper" else {})
+    master = cluster.start("m1", env={} if cgroups else {"OMBOT_JOB_CGROUPS": "off"})
+    assert master.proc is not None
     router = cluster.router()
-    yield router
+    yield Confining(router, f"ombot-{master.proc.pid}-" if cgroups else None)
     router.close()
     cluster.stop_all()
 
@@ -88,10 +129,10 @@ def router(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 @pytest.mark.slow
 @pytest.mark.parametrize("template", ["setsid sleep {marker} &", "(sleep {marker} &)",
                                       "setsid sh -c 'sleep {marker} & wait' > /dev/null 2>&1 < /dev/null &"])
-def test_background_processes_die_with_their_job(router: Any, template: str) -> None:
+def test_background_processes_die_with_their_job(confining: Confining, template: str) -> None:
     marker = f"300.{uuid.uuid4().int % 10**9}"
     try:
-        state, host = run_job(router, "shell.exec", {"cmd": template.format(marker=marker) + "\necho started"})
+        state, host = confining.shell(template.format(marker=marker) + "\necho started")
         assert (state, host["stdout"]) == ("ok", "started\n"), host
         assert wait_until(lambda: not processes_with(marker), 5), f"left behind: {processes_with(marker)}"
     finally:
@@ -99,11 +140,11 @@ def test_background_processes_die_with_their_job(router: Any, template: str) -> 
 
 
 @pytest.mark.slow
-def test_a_background_yes_holding_stdout_ends_with_its_job(router: Any) -> None:
+def test_a_background_yes_holding_stdout_ends_with_its_job(confining: Confining) -> None:
     marker = f"ombot-yes-{uuid.uuid4().hex}"
     try:
         started = time.monotonic()
-        state, host = run_job(router, "shell.exec", {"cmd": f"yes {marker} & echo started"})
+        state, host = confining.shell(f"yes {marker} & echo started")
         assert state == "ok" and host["stdout"].startswith("started\n"), host
         assert time.monotonic() - started < 30  # generous: the job must not wait for `yes`
         assert wait_until(lambda: not processes_with(marker), 5), f"left behind: {processes_with(marker)}"

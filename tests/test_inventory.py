@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from masters import Refused
-from masters.inventory import Inventory, TargetError, expand_ranges
+from masters.inventory import Inventory, MinionInventory, TargetError, expand_ranges, open_inventory
+from ombot.config import Limits, MasterSettings, SaltSettings
 
 YAML = """\
 all:
@@ -210,3 +213,86 @@ def test_regex_matching_stops_past_its_deadline(inventory: Inventory, monkeypatc
     with pytest.raises(TargetError) as caught:
         inventory.expand("~db")
     assert str(caught.value) == "matching '~db' against the inventory took over 1 s; use a simpler pattern"
+
+
+def test_the_work_of_an_expansion_is_counted_before_matching(inventory: Inventory,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Ansible resolves a term: a host's own name costs nothing; anything else costs a fixed part
+    plus one comparison per group (4 here), and one per host too (4) unless it is a group's plain name."""
+    from masters import inventory as module
+
+    targets = "web,db,web0*,!nosuch,&~w,db01"  # 500+4 twice, 500+4+4 three times, and 0: 2,532
+    monkeypatch.setattr(module, "MAX_NAME_MATCHES", 2532)
+    assert inventory.expand(targets) == ["web01", "web02", "web10"]  # at the cap: allowed
+    monkeypatch.setattr(module, "MAX_NAME_MATCHES", 2531)
+    with pytest.raises(TargetError) as caught:
+        inventory.expand(targets)
+    assert str(caught.value) == ("5 target terms are patterns or names that are not hosts; matching them against "
+                                 "the inventory's 4 groups and 4 hosts would cost about 2,532 name comparisons, "
+                                 "over the cap of 2,531: name hosts, or use fewer patterns")
+    monkeypatch.setattr(module, "MAX_NAME_MATCHES", 0)
+    assert inventory.expand("web01,db01") == ["web01", "db01"]  # hosts by name: no work at all
+
+
+def test_plain_terms_stop_at_the_deadline_too(inventory: Inventory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from masters import inventory as module
+
+    monkeypatch.setattr(module, "time", SteppedClock(then=module.EXPAND_SECONDS))
+    assert inventory.expand("db") == ["db01"]  # at the deadline: still in time
+    monkeypatch.setattr(module, "time", SteppedClock(then=module.EXPAND_SECONDS + 0.001, on_time=1))
+    with pytest.raises(TargetError) as caught:
+        inventory.expand("web01,db")
+    assert str(caught.value) == ("expanding the targets took over 1 s (stopped before 'db'); "
+                                 "use fewer terms or simpler patterns")
+
+
+def test_the_minion_inventory_follows_the_accepted_keys(tmp_path: Path) -> None:
+    """Every accepted minion in the group `minions`, read again whenever the keys change; ids a
+    target expression or an INI file could not carry exactly are left out."""
+    accepted = ["web01", "db_1", "_x", "a" * 255, "a" * 256, "-web", ".hidden", "bad id", "web02.example-x"]
+    path = tmp_path / "var" / "state" / "salt-minions.ini"  # its directories do not exist yet
+    minions = MinionInventory(path, lambda: list(accepted))
+    valid = ["web01", "db_1", "_x", "a" * 255, "web02.example-x"]
+    assert minions.path == path and minions.hosts() == valid and minions.groups() == ["all", "minions", "ungrouped"]
+    assert path.read_text() == "[minions]\n" + "".join(f"{name}\n" for name in valid)
+    assert [p.name for p in path.parent.iterdir()] == ["salt-minions.ini"]  # written whole, nothing left beside
+    assert minions.expand("minions") == valid and minions.expand("web01") == ["web01"]
+    assert minions.missing(["web01", "web03"]) == ["web03"]
+
+    accepted[:] = ["web01", "web03"]  # web03 accepted, the others' keys deleted: no restart
+    assert minions.expand("web03") == ["web03"]
+    with pytest.raises(TargetError) as caught:
+        minions.expand("db_1")
+    assert str(caught.value) == "no host or group matches 'db_1'"
+    accepted.append("web04")
+    assert minions.missing(["web01", "web04", "db_1"]) == ["db_1"]
+    accepted.append("web05")
+    assert minions.hosts() == ["web01", "web03", "web04", "web05"]
+    assert path.read_text() == "[minions]\nweb01\nweb03\nweb04\nweb05\n"
+    # A second master process on the same state directory starts from what the keys say now.
+    assert MinionInventory(path, lambda: ["db01"]).hosts() == ["db01"]
+
+
+def test_a_master_opens_its_inventory_file_or_the_minion_keys(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from masters import backends
+
+    hosts = tmp_path / "hosts.ini"
+    hosts.write_text("[web]\nweb01\n")
+    settings = MasterSettings(id="m1", idc="bj", host="127.0.0.1", port=1, public_key="", key_file=None,
+                              inventory=hosts, backend="local", accept=(), state_dir=tmp_path / "state" / "m1",
+                              database_url="sqlite://", limits=Limits())
+    from_file = open_inventory(settings)
+    assert type(from_file) is Inventory and from_file.path == hosts and from_file.hosts() == ["web01"]
+    assert open_inventory(replace(settings, inventory=None)) is None
+    # The real salt-master's keys are tests/test_salt.py's: here a stand-in for masters.backends.salt.
+    asked: list[Path] = []
+    keys = ["minion1", "minion2"]
+    monkeypatch.setattr(backends, "salt_module", lambda: SimpleNamespace(
+        accepted_minions=lambda config: asked.append(config) or list(keys)))
+    salt = SaltSettings(config=tmp_path / "salt" / "master", inventory="minions")
+    minions = open_inventory(replace(settings, inventory=None, salt=salt))
+    assert isinstance(minions, MinionInventory) and minions.path == tmp_path / "state" / "m1" / "salt-minions.ini"
+    assert minions.hosts() == ["minion1", "minion2"] and set(asked) == {salt.config}
+    keys.append("minion3")
+    assert minions.expand("minion3") == ["minion3"]

@@ -182,6 +182,28 @@ def test_a_bot_killed_mid_job_finishes_the_card_in_place_when_restarted(make_rig
     assert rig.rows("SELECT name FROM bot_lease WHERE name LIKE 'job:%'") == []  # released once finished
 
 
+@pytest.mark.slow
+def test_a_job_on_a_busy_host_says_on_its_card_what_it_waits_for_until_the_host_frees(
+        make_rig: Callable[..., Rig]) -> None:
+    """The master holds the second job for the host the first one has; its card says so, and stops
+    saying so once the host is free and it runs."""
+    rig = make_rig()
+    first = rig.started(rig.command("test.sleep localhost seconds=5"))
+    rig.card_in(first, "running")
+    second = rig.started(rig.command("test.sleep localhost seconds=2"))
+    [(first_id,)] = rig.rows("SELECT job_id FROM bot_job WHERE number = ?", first)
+    waiting = rig.fake.wait_for(lambda: (c := rig.card(second)) and "waiting for localhost" in c["text"] and c,
+                                what=f"job #{second}'s card to say what it waits for")
+    assert f"waiting for localhost (busy with job {first_id})" in waiting["text"]
+    assert "waiting for" in json.dumps(waiting["blocks"])
+    holder = rig.card(first)
+    assert holder is not None and "waiting for" not in holder["text"]
+    assert f"[#{first} ok]" in rig.final_card(first)["text"]
+    final = rig.final_card(second)
+    assert f"[#{second} ok]" in final["text"] and "waiting for" not in json.dumps(final)
+    assert rig.rows("SELECT note FROM bot_job WHERE number = ?", second) == [(None,)]
+
+
 def _post_card(rig: Rig, text: str) -> str:
     """A card as the bot would have posted it before dying (the fake Slack knows its ts)."""
     client = WebClient(token=rig.fake.bot_token, base_url=rig.fake.url)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from modules.plan import (
-    Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, Shell, TailFile, TempPath,
+    Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, SaltState, Shell, TailFile,
+    TempPath,
 )
 
 
@@ -71,6 +72,20 @@ def test_describe_gives_one_line_per_step() -> None:
         "require /var/log/app within /var/log, /srv",
         "show the last 20 lines of /var/log/syslog (a single-link regular file within /var/log, /srv)",
     ]
+
+
+def test_describe_names_the_engine_steps_and_their_words() -> None:
+    """ansible.playbook and salt.state plan one engine step each: the dry run names the playbook
+    and its vars as requested, or the state."""
+    plan = Plan(RunPlaybook("site.yml", ("tier=web", "count=3")), RunPlaybook("ping.yml"),
+                SaltState("nginx.config"))
+    assert plan.describe() == [
+        "run playbook 'site.yml' with tier=web count=3",
+        "run playbook 'ping.yml'",
+        "apply salt state 'nginx.config'",
+    ]
+    assert RunPlaybook("p.yml").vars == ()
+    assert not plan.uses_temp_path()
 
 
 def test_describe_refuses_what_is_not_a_step() -> None:

@@ -72,13 +72,6 @@ request = ["ops"]
 
 
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sshd.SshHosts]:
-    started = sshd.SshHosts(tmp_path_factory.mktemp("sshd"), ["web01", "web02"]).start()
-    yield started
-    started.stop()
-
-
-@pytest.fixture(scope="module")
 def books(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("playbooks")
     for example in (REPO / "examples" / "playbooks").iterdir():

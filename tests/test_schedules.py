@@ -16,7 +16,7 @@ import signal
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,9 @@ import pytest
 
 from bot import schedules as sched
 from bot import store
+from bot.settings import BotSettings
 from ombot.clock import now_ms
+from ombot.errors import ConfigError
 from ombot.storage import connect_url
 from tests.fakeslack import TEAM_ID, FakeSlack, interactive_body, post_to_bot
 from tests.support import REPO, BotProcess, Cluster, bot_table, free_port
@@ -39,6 +41,7 @@ from tests.test_storage import BACKENDS, scratch
 SECRET = "0c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f"
 ALICE, LEAD1, LEAD2, MALLORY = "U0ALICE", "U0LEAD1", "U0LEAD2", "U0MALLORY"
 TAKEOVER = 40.0  # the lease's 10 s, a renewal, a bot start: generously
+DAY_MS = 86_400_000
 
 POLICY = """\
 [roles.ops]
@@ -165,10 +168,16 @@ class Rig:
         self.bots = [self.bot(i).start(port) for i, port in enumerate(self.ports)]
 
 
+def run_id(rig: Rig, number: int, at: int) -> str:
+    """The job id of schedule `number`'s run due `at`: derived from the two, as the bot derives it."""
+    [(schedule_id,)] = rig.rows("SELECT schedule_id FROM bot_schedule WHERE number = ?", number)
+    return str(uuid.uuid5(sched.RUN_NAMESPACE, f"{schedule_id}@{at}"))
+
+
 def make_rig(root: Path, fake: FakeSlack, bots: int = 1, env: dict[str, str] | None = None,
-             grace: int = 5) -> Rig:
+             grace: int = 5, **settings: object) -> Rig:
     ports = [free_port() for _ in range(bots)]
-    table = bot_table(ports[0], TEAM_ID, schedule_min_interval_seconds=1, misfire_grace_seconds=grace)
+    table = bot_table(ports[0], TEAM_ID, schedule_min_interval_seconds=1, misfire_grace_seconds=grace, **settings)
     cluster = Cluster(root, {"local": ["m1"]}, module_dirs=[REPO / "tests" / "site_modules"], policy=policy(),
                       extra_toml=table + MASTER_FLOOR)
     cluster.start("m1")
@@ -261,6 +270,17 @@ def test_schedule_tables_and_the_run_claim_on_every_database(backend: str, tmp_p
             db.close()
 
 
+def test_schedule_settings_default_and_are_read(make_cluster: Callable[..., Cluster]) -> None:
+    defaults = BotSettings.from_config(make_cluster(extra_toml=bot_table()).config())
+    assert (defaults.schedule_approval_days, defaults.misfire_grace_seconds,
+            defaults.schedule_min_interval_seconds) == (30, 300, 60)
+    table = bot_table(schedule_approval_days=2, misfire_grace_seconds=9, schedule_min_interval_seconds=5)
+    assert BotSettings.from_config(make_cluster(extra_toml=table).config()).misfire_grace_seconds == 9
+    for key in ("schedule_approval_days", "misfire_grace_seconds", "schedule_min_interval_seconds"):
+        with pytest.raises(ConfigError, match=key):
+            BotSettings.from_config(make_cluster(extra_toml=bot_table(**{key: 0})).config())
+
+
 # -- through the bot --------------------------------------------------------------------------------
 
 
@@ -282,7 +302,7 @@ def test_a_schedule_fires_cards_naming_it_and_survives_a_restart(rig: Rig) -> No
     rig.wait_cards(channel, number, before + 2, timeout=TAKEOVER)
     # every run's job id is derived from (schedule, fire time), and the master ran each once
     runs = rig.rows("SELECT job_id, scheduled_at FROM bot_schedule_run WHERE schedule = ?", number)
-    assert len({at for _, at in runs}) == len(runs)
+    assert [job for job, _ in runs] == [run_id(rig, number, at) for _, at in runs]
     claimed = {job for job, _ in runs}  # the newest may still be on its way to the master
     assert rig.fake.wait_for(lambda: claimed <= set(rig.master_jobs()), what="every claimed run at the master")
 
@@ -358,9 +378,29 @@ def test_missed_runs_coalesce_within_the_grace_and_older_ones_are_skipped(rig: R
     too_old = int(re.search(r"(\d+) missed run\(s\) older than misfire_grace skipped", card["text"]).group(1))
     assert missed >= 1 and too_old >= 1
     rig.command(f"schedule delete {number}", channel).wait("Deleted")
-    # one run for all of them: the coalesced ones never ran one by one
-    runs = rig.rows("SELECT scheduled_at FROM bot_schedule_run WHERE schedule = ? ORDER BY scheduled_at", number)
-    assert len(runs) == len(rig.cards(channel, number))
+    # one run for all of them: no fire time between the run before and this one ran on its own
+    [(due,)] = rig.rows("SELECT scheduled_at FROM bot_schedule_run JOIN bot_job USING (job_id) WHERE number = ?",
+                        int(re.match(r"\[#(\d+) ", card["text"]).group(1)))
+    [(before,)] = rig.rows("SELECT max(scheduled_at) FROM bot_schedule_run WHERE schedule = ? AND scheduled_at < ?",
+                           number, due)
+    between = range(before + 2000, due, 2000)
+    busy = re.search(r"(\d+) run\(s\) skipped while", card["text"])  # a firing as the old bot stopped
+    assert len(between) == missed + too_old + (int(busy.group(1)) if busy else 0)
+    never = {run_id(rig, number, at) for at in between}
+    assert not never & set(rig.master_jobs())
+    assert rig.rows("SELECT count(*) FROM bot_schedule_run WHERE scheduled_at > ? AND scheduled_at < ? "
+                    "AND schedule = ?", before, due, number) == [(0,)]
+
+
+def claim_without_a_job(rig: Rig, number: int, job_id: str, at: int) -> None:
+    """What a bot killed between claiming the run due `at` and storing its job leaves behind."""
+    lease = "SELECT count(*) FROM bot_lease WHERE name = 'schedules:slack' AND expires_at >= ?"
+    rig.fake.wait_for(lambda: rig.rows(lease, now_ms()) == [(0,)], TAKEOVER, what="the old bot's lease to end")
+    with sqlite3.connect(rig.cluster.root / "state" / "bot.db", timeout=10) as conn:
+        conn.execute("INSERT INTO bot_schedule_run (job_id, schedule, scheduled_at, fired_at, label) "
+                     "VALUES (?, ?, ?, ?, ?)", (job_id, number, at, now_ms(), f"schedule #{number} (claimed)"))
+        conn.execute("UPDATE bot_schedule SET last_job_id = ?, last_fire_at = ? WHERE number = ?",
+                     (job_id, at, number))
 
 
 @pytest.mark.slow
@@ -368,23 +408,60 @@ def test_a_run_claimed_by_a_bot_that_died_before_starting_it_is_started_by_the_n
     channel = "C0ORPHAN"
     number = rig.schedule("every 1h run echo localhost message=orphan", channel)
     job_id = str(uuid.uuid4())
-
-    def died_after_claiming() -> None:  # what a bot killed between the claim and storing the job leaves
-        lease = "SELECT count(*) FROM bot_lease WHERE name = 'schedules:slack' AND expires_at >= ?"
-        rig.fake.wait_for(lambda: rig.rows(lease, now_ms()) == [(0,)], TAKEOVER, what="the old bot's lease to end")
-        now = now_ms()  # claimed just now: within misfire_grace when the next bot starts
-        with sqlite3.connect(rig.cluster.root / "state" / "bot.db", timeout=10) as conn:
-            conn.execute("INSERT INTO bot_schedule_run (job_id, schedule, scheduled_at, fired_at, label) "
-                         "VALUES (?, ?, ?, ?, ?)", (job_id, number, now, now, f"schedule #{number} (every 1h, UTC)"))
-            conn.execute("UPDATE bot_schedule SET last_job_id = ?, last_fire_at = ? WHERE number = ?",
-                         (job_id, now, number))
-
-    rig.restart(between=died_after_claiming)
+    # claimed just now: within misfire_grace when the next bot starts
+    rig.restart(between=lambda: claim_without_a_job(rig, number, job_id, now_ms()))
     card = rig.wait_cards(channel, number, 1, timeout=TAKEOVER)[0]
     assert "echo on 1 host(s)" in card["text"]
     assert rig.fake.wait_for(lambda: job_id in rig.master_jobs(), what="the run at the master")
     assert rig.rows("SELECT count(*) FROM bot_job WHERE job_id = ?", job_id) == [(1,)]
     rig.command(f"schedule delete {number}", channel).wait("Deleted")
+
+
+@pytest.mark.slow
+def test_a_claimed_run_too_old_to_start_is_reported_and_holds_up_no_later_run(rig: Rig) -> None:
+    """The next bot comes after misfire_grace (5 s here): the run is never started late, the channel
+    hears of it, the next card counts it, and the next firing runs at once, though the claim is
+    younger than the START_GRACE_MS (60 s) that covers a run its live claimer is still starting."""
+    channel = "C0LOST"
+    number = rig.schedule("every 2s run echo localhost message=lost", channel)
+    rig.wait_cards(channel, number, 1)
+    job_id, at = str(uuid.uuid4()), [0]
+
+    def died_after_claiming_then_nobody_ran() -> None:
+        [(last,)] = rig.rows("SELECT last_fire_at FROM bot_schedule WHERE number = ?", number)
+        at[0] = last + 2000  # the next fire time, claimed by the bot that "died"
+        claim_without_a_job(rig, number, job_id, at[0])
+        time.sleep(max(0.0, (at[0] - now_ms()) / 1000) + 7)
+
+    rig.restart(between=died_after_claiming_then_nobody_ran)
+    rig.said(channel, f"Schedule #{number} skipped its run due {sched._plain_when(at[0])}: the bot that claimed it "
+                      "stopped before starting it", 20)
+    # the next card comes at once (nothing runs), and counts the lost run with the firings too old to run
+
+    def next_card() -> dict[str, Any] | None:
+        due = first_after(rig, number, at[0])
+        return next((c for c in rig.cards(channel, number) if due and f"run due {sched._plain_when(due)}" in c["text"]),
+                    None)
+
+    card = rig.fake.wait_for(next_card, 20, what="the first card after the lost run")
+    latest = first_after(rig, number, at[0])
+    assert latest is not None
+    text = card["text"]
+    assert "still running" not in text
+    coalesced = re.search(r"(\d+) missed run\(s\) coalesced", text)
+    too_old = int(re.search(r"(\d+) missed run\(s\) older than misfire_grace skipped", text).group(1))
+    fired = (latest - at[0]) // 2000  # the fire times after the lost run, up to this one
+    # the lost run, and the fire times before this one that were not coalesced into it
+    assert too_old == 1 + (fired - 1 - (int(coalesced.group(1)) if coalesced else 0))
+    assert job_id not in rig.master_jobs()
+    assert rig.rows("SELECT count(*) FROM bot_job WHERE job_id = ?", job_id) == [(0,)]
+    rig.command(f"schedule delete {number}", channel).wait("Deleted")
+
+
+def first_after(rig: Rig, number: int, at: int) -> int | None:
+    """The fire time of the first run of schedule `number` after `at`."""
+    return rig.rows("SELECT min(scheduled_at) FROM bot_schedule_run WHERE schedule = ? AND scheduled_at > ?",
+                    number, at)[0][0]
 
 
 @pytest.mark.slow
@@ -434,17 +511,77 @@ def test_approval_covers_the_schedule_and_a_lost_right_pauses_it(rig: Rig) -> No
     rig.restart(between=lambda: (rig.cluster.root / "policy.toml").write_text(policy()))
 
 
+def approved_until(rig: Rig, number: int, approve: Callable[[], object]) -> tuple[int, int, int]:
+    """Approve schedule `number`: (before, after, the approval_expires_at its row stores)."""
+    before = now_ms()
+    approve()
+    rig.said(rig.rows("SELECT channel FROM bot_schedule WHERE number = ?", number)[0][0],
+             f"Schedule #{number} is active: ")  # posted once the row is stored
+    after = now_ms()
+    [(until,)] = rig.rows("SELECT approval_expires_at FROM bot_schedule WHERE number = ?", number)
+    return before, after, until
+
+
+@pytest.mark.slow
+def test_a_rule_that_now_asks_more_approvals_pauses_the_schedule_and_asks_again(rig: Rig) -> None:
+    """The rule of an approved schedule asks two approvals now, and one that needed none asks one: both
+    pause, ask again in their channel, and run again once approved. An approval covers a schedule for
+    `schedule_approval_days`, 30 by default, from when it was approved."""
+    channel = "C0MORE"
+    rig.command('schedule every 2s run shell.exec localhost cmd="echo more"', channel).wait("Waiting as request #")
+    [(shell,)] = rig.rows("SELECT number FROM bot_schedule WHERE channel = ?", channel)
+    before, after, until = approved_until(rig, shell, lambda: rig.approve(
+        rig.approval(channel, shell), LEAD1, channel).wait("is active now"))
+    assert before + 30 * DAY_MS <= until <= after + 30 * DAY_MS
+    plain = rig.schedule("every 2s run echo web01 message=more", channel)
+    rig.wait_cards(channel, shell, 1)
+    rig.wait_cards(channel, plain, 1)
+
+    stricter = (policy().replace('approval = { count = 1, roles = ["leads"] }',
+                                 'approval = { count = 2, roles = ["leads"] }', 1)  # "shell needs a lead"
+                + 'approval = { count = 1, roles = ["leads"] }\n')  # "everyday" asks one too
+    try:
+        rig.restart(between=lambda: (rig.cluster.root / "policy.toml").write_text(stricter))
+        rig.said(channel, f"Schedule #{shell} is paused: the policy now asks 2 approval(s), it has 1. "
+                          "Asking for approval again.", TAKEOVER)
+        rig.said(channel, f"Schedule #{plain} is paused: the policy now asks 1 approval(s) for it. "
+                          "Asking for approval again.", TAKEOVER)
+        asked_shell, asked_plain = rig.approval(channel, shell), rig.approval(channel, plain)
+        assert rig.state_of(shell) == rig.state_of(plain) == "awaiting"
+        time.sleep(1)
+        cards = len(rig.cards(channel, shell)), len(rig.cards(channel, plain))
+        time.sleep(4)  # firings pass while they wait: none runs
+        assert (len(rig.cards(channel, shell)), len(rig.cards(channel, plain))) == cards
+
+        rig.approve(asked_shell, LEAD1, channel).first()
+        time.sleep(3)  # one of two: still waiting
+        assert rig.state_of(shell) == "awaiting" and len(rig.cards(channel, shell)) == cards[0]
+        rig.approve(rig.approval(channel, shell), LEAD2, channel).wait("is active now")
+        rig.approve(asked_plain, LEAD2, channel).wait("is active now")
+        rig.wait_cards(channel, shell, cards[0] + 1)
+        rig.wait_cards(channel, plain, cards[1] + 1)
+        assert json.loads(rig.rows("SELECT approvers FROM bot_schedule WHERE number = ?", shell)[0][0]) == [LEAD1,
+                                                                                                              LEAD2]
+        assert rig.rows("SELECT count(*) FROM approval_request WHERE channel = ?", channel) == [(3,)]
+    finally:
+        for number in (shell, plain):
+            rig.command(f"schedule delete {number}", channel).wait("Deleted")
+        rig.restart(between=lambda: (rig.cluster.root / "policy.toml").write_text(policy()))
+
+
 @pytest.mark.slow
 def test_a_group_that_expands_to_other_hosts_pauses_the_schedule_and_asks_again(tmp_path: Path) -> None:
     """The approvers saw `web` as web01..web03; once the master's inventory says otherwise, nothing runs
     on the new hosts until someone approves them."""
     with FakeSlack() as fake:
-        rig = make_rig(tmp_path / "regroup", fake)
+        rig = make_rig(tmp_path / "regroup", fake, schedule_approval_days=2)
         try:
             channel = "C0REGROUP"
             rig.command('schedule every 2s run shell.exec web cmd="echo regrouped"', channel).wait("Waiting as request #")
             number = rig.rows("SELECT number FROM bot_schedule WHERE channel = ?", channel)[0][0]
-            rig.approve(rig.approval(channel, number), LEAD1, channel).wait("is active now")
+            before, after, until = approved_until(rig, number, lambda: rig.approve(
+                rig.approval(channel, number), LEAD1, channel).wait("is active now"))
+            assert before + 2 * DAY_MS <= until <= after + 2 * DAY_MS  # [bot] schedule_approval_days = 2
             first = ["web01", "web02", "web03"]
             assert rig.fake.wait_for(lambda: any(" ok]" in c["text"].split("\n")[0]
                                                  for c in rig.cards(channel, number)), what="an approved run")
@@ -520,13 +657,20 @@ def test_two_bots_fire_each_run_once_and_one_takes_over_when_the_other_dies(tmp_
 
             runs = db.execute_sql("SELECT job_id, scheduled_at FROM bot_schedule_run WHERE schedule = %s",
                                   (number,)).fetchall()
-            jobs = [row[0] for row in db.execute_sql("SELECT job_id FROM bot_job").fetchall()]
+            jobs = {row[0] for row in db.execute_sql("SELECT job_id FROM bot_job").fetchall()}
             at_master = rig.master_jobs()
-            assert len({at for _, at in runs}) == len(runs) >= 4  # each fire time once
-            assert set(at_master) <= set(jobs) <= {job for job, _ in runs} and len(jobs) == len(set(jobs))
+            assert len(runs) >= 4 and set(at_master) <= jobs <= {job for job, _ in runs}
             # one job at the master per run, never two; the bot killed while starting a run may have lost
             # that one run (claimed, not yet sent), never doubled it
             assert len(runs) - len(at_master) <= 1
+            for job, at in runs:
+                due = f"run due {sched._plain_when(at)}"
+                if job in jobs:  # exactly one card, whichever bot posted or finished it
+                    fake.wait_for(lambda: any(due in c["text"] for c in rig.cards(channel, number)), what=due)
+                    assert len([c for c in rig.cards(channel, number) if due in c["text"]]) == 1, due
+                else:  # claimed, never stored as a job, too old to start by the takeover: the channel hears of it
+                    rig.said(channel, f"Schedule #{number} skipped its run due {sched._plain_when(at)}: the bot that "
+                                      "claimed it stopped before starting it")
             # a takeover that sent a run again would get the first job back, marked a duplicate
             router = rig.cluster.router(ALICE)
             try:

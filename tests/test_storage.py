@@ -11,14 +11,17 @@ of its own on both servers.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import peewee
@@ -26,13 +29,17 @@ import pytest
 
 import approvals
 from approvals import store as astore
+from bot import audit_store as bot_audit
+from bot import lease, multi, replay, schedules
 from bot import store as bot_store
+from masters import audit as master_audit
 from masters import store
 from ombot import config as cfg
 from ombot.clock import now_ms
 from ombot.errors import ConfigError
 from ombot.logs import redact
-from ombot.storage import SchemaVersion, StorageError, connect_url, create_tables, migrate, open_database, redact_url
+from ombot.storage import (JSONField, SchemaVersion, StorageError, connect_url, create_tables, migrate, open_database,
+                           redact_url)
 from tests.support import Cluster
 
 SERVERS = {
@@ -156,7 +163,7 @@ def table_names(db: peewee.Database) -> set[str]:
 def index_names(db: peewee.Database) -> dict[str, set[str]]:
     schema = current_schema(db)
     return {t: {i.name for i in (db.get_indexes(t, schema=schema) if schema else db.get_indexes(t))}
-            for t in TIMESTAMPS}
+            for t in V1_TABLES}
 
 
 def column_types(db: peewee.Database, table: str) -> dict[str, str]:
@@ -165,12 +172,24 @@ def column_types(db: peewee.Database, table: str) -> dict[str, str]:
     return {c.name: c.data_type.lower() for c in columns}
 
 
-# Every timestamp column: UTC epoch milliseconds in a 64-bit integer.
-TIMESTAMPS = {
-    "seennonce": ("keep_until",), "job": ("created_at", "finished_at"), "jobevent": ("at",),
-    "bot_job": ("created_at", "finished_at"),
+# Every table of every component, and its timestamp columns: UTC epoch milliseconds in a 64-bit integer.
+# test_every_model_is_listed_here keeps this whole: a model added to any package fails it until it is here.
+TIMESTAMPS: dict[str, tuple[str, ...]] = {
+    # the master's database
+    "seennonce": ("keep_until",), "job": ("created_at", "finished_at"), "jobevent": ("at",), "hostlock": ("taken_at",),
+    "auditevent": ("at", "received_at"), "auditagent": ("last_seen",),
+    # the bot's database, the approvals' tables included
+    "bot_job": ("created_at", "finished_at"), "bot_seen_request": ("seen_at", "expires_at"), "bot_lease": ("expires_at",),
+    "bot_multi_request": ("created_at",), "bot_multi_part": (),
+    "bot_schedule": ("approval_expires_at", "anchor_at", "last_fire_at", "created_at"),
+    "bot_schedule_run": ("scheduled_at", "fired_at"),
+    "bot_audit_event": ("at", "stored_at"), "bot_audit_cursor": ("received_after",),
     "approval_request": ("created_at", "expires_at", "decided_at"), "approval_vote": ("at",), "chat_trail": ("at",),
+    # the migration runner's, in each database
+    "ombot_schema_version": (),
 }
+# The tables of schema version 1 (before epoch milliseconds), which the migration tests convert.
+V1_TABLES = ("seennonce", "job", "jobevent", "bot_job", "approval_request", "approval_vote", "chat_trail")
 MS = 4_102_444_800_123  # 2100-01-01 00:00:00.123 UTC: past 2038, and not a whole second
 
 
@@ -417,18 +436,87 @@ def test_approval_tables_round_trip(bot_db: peewee.Database) -> None:
     assert_timestamps_are_bigint(bot_db, ["approval_request", "approval_vote", "chat_trail"])
 
 
-def test_now_round_trips_to_the_millisecond(bot_db: peewee.Database, store_url: str) -> None:
-    """Every timestamp column keeps exactly what was written: a float column would not (15 s off on a
-    Postgres REAL, thousands of seconds on a MariaDB FLOAT), nor would seconds."""
-    master_db = store.open_store(store_url)  # the master's tables beside the bot's: names do not clash
+# --- every table on every engine ----------------------------------------------------------------
+
+# Every model, each in the database its component opens it in (test_every_model_is_listed_here).
+MASTER_MODELS = [store.SeenNonce, store.Job, store.JobEvent, store.HostLock, master_audit.AuditEvent,
+                 master_audit.AuditAgent]
+BOT_MODELS = [bot_store.BotJob, replay.SeenRequest, lease.Lease, multi.MultiRequest, multi.MultiPart,
+              schedules.Schedule, schedules.ScheduleRun, bot_audit.AuditRecord, bot_audit.AuditCursor,
+              astore.ApprovalRequest, astore.ApprovalVote, astore.TrailEntry, SchemaVersion]
+PACKAGES = ("approvals", "audit_agent", "bot", "masters", "modules", "ombot")
+TEXT = "héllo wörld ✓ 日本語 🚀 \\ \" '"
+
+
+def open_master_tables(url: str) -> peewee.Database:
+    db = store.open_store(url)
+    migrate(db, "audit", master_audit.MIGRATIONS)  # as a master with audit agents registered does
+    return db
+
+
+def open_bot_tables(url: str) -> peewee.Database:
+    """The bot's database as bot.service opens it: its own tables, the approvals', every feature's."""
+    db = bot_store.open_store(url)
+    approvals.bind(db)
+    for feature in (replay, lease, schedules, multi, bot_audit):
+        feature.prepare()
+    return db
+
+
+def write_row(model: type[peewee.Model], now: int) -> dict[str, Any]:
+    """One row with a value in every column, as written (a foreign key's row first); each timestamp
+    is `now` plus a few ms, so that seconds, or a float, would not give it back."""
+    fields = model._meta.sorted_fields
+    row = {field.name: column_value(model, field, now + n) for n, field in enumerate(fields)
+           if not isinstance(field, peewee.AutoField)}
+    created = model.create(**row)
+    return row | {field.name: getattr(created, field.name) for field in fields if isinstance(field, peewee.AutoField)}
+
+
+def column_value(model: type[peewee.Model], field: peewee.Field, at: int) -> Any:
+    if field.name in TIMESTAMPS[model._meta.table_name]:
+        return at
+    if isinstance(field, peewee.ForeignKeyField):
+        return write_row(field.rel_model, at)[field.rel_field.name]
+    if isinstance(field, JSONField):
+        return NESTED
+    if isinstance(field, peewee.BooleanField):
+        return True
+    if isinstance(field, peewee.BlobField):
+        return bytes(range(256))
+    if isinstance(field, peewee.BigIntegerField):
+        return 2**40 + at % 1000  # past 32 bits
+    if isinstance(field, peewee.IntegerField):
+        return at % 1000
+    if isinstance(field, peewee.CharField):
+        return f"ü{uuid.uuid4().hex}"[:field.max_length]  # unique, for keys
+    if isinstance(field, peewee.TextField):
+        return TEXT
+    raise AssertionError(f"{model.__name__}.{field.name} is a {type(field).__name__}: say here what to write in it "
+                         "(a time is epoch milliseconds in a BigIntegerField)")
+
+
+def read_row(model: type[peewee.Model], row: dict[str, Any]) -> dict[str, Any]:
+    key = model._meta.primary_key
+    names = key.field_names if isinstance(key, peewee.CompositeKey) else [key.name]
+    found = model.get(*[getattr(model, name) == row[name] for name in names])
+    return {name: bytes(v) if isinstance(v, memoryview) else v  # Postgres hands back a memoryview
+            for name, v in found.__data__.items()}
+
+
+def test_now_round_trips_to_the_millisecond(store_url: str) -> None:
+    """Every column of every table keeps exactly what was written, each timestamp to the millisecond:
+    a float column would not (15 s off on a Postgres REAL, thousands of seconds on a MariaDB FLOAT),
+    nor would seconds."""
+    master_db, bot_db = open_master_tables(store_url), open_bot_tables(store_url)  # no table name clashes
     try:
+        on = [(model, master_db) for model in MASTER_MODELS] + [(model, bot_db) for model in BOT_MODELS]
         now = now_ms()
-        job = new_job(created_at=now + 1, finished_at=now + 2)
-        store.JobEvent.create(job=job.id, seq=1, kind="started", at=now + 3, data={})
-        store.remember_nonce("n", now + 4)
-        bot_job = new_bot_job(created_at=now + 5, finished_at=now + 6)
-        request = new_request(created_at=now + 7, expires_at=now + 8)
-        astore.ApprovalVote.create(request=request.number, approver="U2", at=now + 9)
+        written = []
+        for model, db in on:
+            with db.bind_ctx([model]):
+                written.append(write_row(model, now))
+        request = new_request(created_at=now, expires_at=now + 1)
         before = now_ms()
         astore.record("U2", "C1", "slack", "approve", "#1", "ok")  # the writers stamp now_ms() themselves
         assert astore.transition(request, astore.APPROVED, decided_by="U2")
@@ -436,17 +524,39 @@ def test_now_round_trips_to_the_millisecond(bot_db: peewee.Database, store_url: 
         master_db.close()
         bot_db.close()
 
-        assert (store.Job.get_by_id(job.id).created_at, store.Job.get_by_id(job.id).finished_at) == (now + 1, now + 2)
-        assert store.JobEvent.get().at == now + 3 and store.SeenNonce.get().keep_until == now + 4
-        back = bot_store.BotJob.get_by_id(bot_job.number)
-        assert (back.created_at, back.finished_at) == (now + 5, now + 6)
-        decided = astore.ApprovalRequest.get_by_id(request.number)
-        assert (decided.created_at, decided.expires_at) == (now + 7, now + 8)
-        assert astore.ApprovalVote.get().at == now + 9
-        stamped = [astore.TrailEntry.get().at, decided.decided_at]
+        for (model, db), row in zip(on, written):
+            with db.bind_ctx([model]):
+                assert read_row(model, row) == row, model._meta.table_name
+        assert_timestamps_are_bigint(master_db, [model._meta.table_name for model in MASTER_MODELS])
+        assert_timestamps_are_bigint(bot_db, [model._meta.table_name for model in BOT_MODELS])
+        trail = astore.TrailEntry.select().order_by(astore.TrailEntry.id.desc()).first()
+        stamped = [trail.at, astore.ApprovalRequest.get_by_id(request.number).decided_at]
         assert all(isinstance(t, int) and before <= t <= after for t in stamped), (before, stamped, after)
     finally:
         master_db.close()
+        bot_db.close()
+
+
+def test_every_model_is_listed_here() -> None:
+    """A table added to any package must be in the round trip above, with its timestamps named."""
+    for package in PACKAGES:
+        for module in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}."):
+            if not module.name.endswith(".__main__"):  # the CLI: importing it runs it
+                importlib.import_module(module.name)
+    found = {model for model in all_subclasses(peewee.Model)
+             if model.__module__.split(".")[0] in PACKAGES and not model.__subclasses__()}  # not a base class
+    assert sorted(m._meta.table_name for m in found - {*MASTER_MODELS, *BOT_MODELS}) == []
+    assert sorted(m._meta.table_name for m in [*MASTER_MODELS, *BOT_MODELS]) == sorted(TIMESTAMPS)
+    for model in found:
+        fields = model._meta.fields
+        named_like_times = {name for name in fields
+                            if name == "at" or name.endswith(("_at", "_until", "_after")) or name == "last_seen"}
+        assert named_like_times <= set(TIMESTAMPS[model._meta.table_name]), model._meta.table_name
+        assert all(type(fields[name]) is peewee.BigIntegerField for name in TIMESTAMPS[model._meta.table_name])
+
+
+def all_subclasses(cls: type) -> set[type]:
+    return {sub for direct in cls.__subclasses__() for sub in (direct, *all_subclasses(direct))}
 
 
 # --- migrating a database of the schema before epoch milliseconds --------------------------------
@@ -637,7 +747,7 @@ def test_a_database_of_the_previous_schema_is_converted(backend: str, tmp_path: 
                 versions = {r.component: r.version for r in SchemaVersion.select()}
             assert versions == {"master": len(store.MIGRATIONS), "bot": len(bot_store.MIGRATIONS),
                                 "approvals": len(astore.MIGRATIONS)}
-            assert_timestamps_are_bigint(bot_db, list(TIMESTAMPS))
+            assert_timestamps_are_bigint(bot_db, list(V1_TABLES))
             assert_converted()
 
             # A step interrupted on MySQL (where each ALTER commits at once) runs again from the start:

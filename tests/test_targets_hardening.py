@@ -11,6 +11,7 @@ import contextlib
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from masters import Router
+from masters.inventory import EXPAND_SECONDS
 from masters.envelope import Refused, Request, new_request
 from tests.fakeslack import TEAM_ID, FakeSlack, post_to_bot, slash_command_body, view_submission_body
 from tests.support import INVENTORY, BotProcess, Cluster, bot_table, free_port
@@ -168,6 +170,83 @@ def test_oversized_expressions_get_a_clear_refusal(shared: Cluster, router: Rout
     assert refused.value.code == "bad_targets" and says in refused.value.message, refused.value.message
     assert router.expand("local", "web[01-02]") == ["web01", "web02"]
     no_traceback(shared)
+
+
+# -- the work of an expansion ---------------------------------------------------------------------
+
+FLEET_SIZE = 2000
+# 42 characters within every size cap, but 9999 glob terms, each compared with all 2000 host names:
+# seconds of work under the inventory's lock, so everyone else's expansions waited behind it.
+COSTLY = "host00001.example.internal,!x*[0000-9998]"
+
+
+def fleet_host(n: int) -> str:
+    return f"host{n:05d}.example.internal"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    hosts = "".join(f"{fleet_host(n)} ansible_connection=local\n" for n in range(FLEET_SIZE))
+    cluster = Cluster(tmp_path_factory.mktemp("fleet"), {"local": ["m1"]}, inventory=f"[fleet]\n{hosts}")
+    cluster.start("m1")
+    yield cluster
+    cluster.stop_all()
+
+
+@pytest.mark.slow
+def test_an_expansion_too_costly_for_the_inventory_is_refused_at_once(fleet: Cluster) -> None:
+    heavy, other = fleet.router(), fleet.router()
+    try:
+        def attack() -> list[tuple[float, BaseException | None]]:
+            answers: list[tuple[float, BaseException | None]] = []
+            for _ in range(5):
+                started = time.monotonic()
+                try:
+                    heavy.expand("local", COSTLY)
+                    answers.append((time.monotonic() - started, None))
+                except Refused as exc:
+                    answers.append((time.monotonic() - started, exc))
+            return answers
+
+        attacking, attacked = in_thread(attack)
+        served = 0
+        while attacking.is_alive() or served < 3:  # another client, all the while
+            started = time.monotonic()
+            assert [m["master"] for m in other.health()] == ["m1"]
+            assert other.expand("local", f"{fleet_host(7)},{fleet_host(1999)}") == [fleet_host(7), fleet_host(1999)]
+            assert time.monotonic() - started < EXPAND_SECONDS + 1, "another client waited behind the expansion"
+            served += 1
+        attacking.join(ANSWER_SECONDS)
+        assert not attacking.is_alive() and "result" in attacked, attacked
+        for took, refused in attacked["result"]:
+            assert isinstance(refused, Refused) and refused.code == "bad_targets", refused
+            assert refused.message.startswith("9999 target terms are patterns or names that are not hosts; matching "
+                                              "them against the inventory's 3 groups and 2000 hosts"), refused.message
+            assert "over the cap of 1,500,000" in refused.message, refused.message
+            assert took < EXPAND_SECONDS + 1, f"the refusal took {took:.1f} s"
+        # What names hosts, however many, costs no matching and still expands.
+        everyone = other.expand("local", f"host[00000-{FLEET_SIZE - 1:05d}].example.internal")
+        assert everyone == [fleet_host(n) for n in range(FLEET_SIZE)]
+        no_traceback(fleet)
+    finally:
+        heavy.close()
+        other.close()
+
+
+def test_every_term_of_an_expansion_counts_against_its_deadline(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backstop behind the work cap (lifted here): plain and glob terms stop at the deadline too."""
+    from masters import inventory as module
+    from tests.test_inventory import SteppedClock
+
+    (tmp_path / "inventory.ini").write_text(INVENTORY)
+    inventory = module.Inventory(tmp_path / "inventory.ini")
+    monkeypatch.setattr(module, "MAX_NAME_MATCHES", 10**12)
+    monkeypatch.setattr(module, "time", SteppedClock(then=module.EXPAND_SECONDS + 0.001, on_time=3))
+    with pytest.raises(module.TargetError) as caught:
+        inventory.expand("web01,!x*[0-9]")  # in time for web01, !x*0 and !x*1
+    assert str(caught.value) == ("expanding the targets took over 1 s (stopped before '!x*2'); "
+                                 "use fewer terms or simpler patterns")
 
 
 # -- the envelope ---------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from ansible_runner import Runner, RunnerConfig
 
 from masters.backends import ansible_play as play
 from masters.backends import playbooks
+from masters.backends.ansible_warm import WarmStart
 from masters.backends.ansible_snippets import CHILD_PATH, TAIL_TOTAL_MARK
 from masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
 from modules import (
@@ -78,10 +79,14 @@ class AnsibleBackend:
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.data_dir / "ansible.cfg").touch(mode=0o600)  # never an ansible.cfg from the working directory
         self.control_dir = _control_dir(self.data_dir / "cp")
+        real = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
+        self.warm = WarmStart(self.data_dir, self.control_dir, real) if self.tuning.warm_start else None
 
     def close(self) -> None:
-        """A control directory made under /tmp (the state dir's path was too long for a socket) goes
-        with the master; ssh control masters still open end on their own after ControlPersist."""
+        """The warm start's server stops; a control directory made under /tmp (the state dir's path was
+        too long for a socket) goes with the master; ssh control masters end on their own after ControlPersist."""
+        if self.warm is not None:
+            self.warm.close()
         if self.control_dir != self.data_dir / "cp":
             shutil.rmtree(self.control_dir, ignore_errors=True)
 
@@ -159,6 +164,8 @@ class AnsibleBackend:
             )
             config.prepare()
             config.env = _allowed_env(config.env)  # before the run writes it into the artifacts
+            if self.warm is not None:
+                config.env = self.warm.environment(config.env)
             runner = Runner(config, event_handler=on_event, cancel_callback=stop)
             runner.run()
             return runner
