@@ -358,7 +358,8 @@ class Dispatcher:
 
     def start_job(self, command: grammar.Run, spec: ModuleSpec, hosts: list[str], req: ChatRequest,
                   transport: Transport, approvers: Sequence[str] = (), cancel_roles: Sequence[str] = (),
-                  job_id: str | None = None) -> None:
+                  job_id: str | None = None, announce: bool = True) -> None:
+        """Store, announce (unless a schedule fires it: its card says it all) and submit one job."""
         if multi.is_multi(command.idc) and job_id is not None:  # an approved request over several IDCs
             multi.start(self, command, spec, req, transport, approvers, cancel_roles, job_id)
             return
@@ -382,16 +383,17 @@ class Dispatcher:
             self.follower.let_go(job_id)
             raise
         try:
-            self._submit(job, command, spec, hosts, req, transport, approvers)
+            self._submit(job, command, spec, hosts, req, transport, approvers, announce)
         except Exception:  # whatever broke, the job is adopted on the next tick and never stays stuck
             self.follower.let_go(job_id)
             raise
 
     def _submit(self, job: store.BotJob, command: grammar.Run, spec: ModuleSpec, hosts: list[str],
-                req: ChatRequest, transport: Transport, approvers: Sequence[str]) -> None:
+                req: ChatRequest, transport: Transport, approvers: Sequence[str], announce: bool = True) -> None:
         idc = job.idc
         kind = " (a check run: it changes nothing)" if command.check else ""
-        transport.respond(req, _preview(spec.name, idc, hosts, f"Starting job #{job.number}{kind}:"))
+        if announce:
+            transport.respond(req, _preview(spec.name, idc, hosts, f"Starting job #{job.number}{kind}:"))
         card_ts = transport.post(req.channel, job_card(card_of(job)), req=req)
         store.update_job(job, card_ts=card_ts)
         try:

@@ -6,8 +6,8 @@ lease and follower) submitted through that IDC's masters and failover. The parts
 `bot_multi_part` ties each part's job to its request. One approval covers every part; one card shows
 each part's progress, one line per part, updated in place by whichever part's follower moves; the
 Cancel button (and `/om cancel N` with any part's number) stops every part. A part whose IDC cannot
-be reached shows `failed: reason` on the card while the others run. A single-IDC request never
-comes here.
+be reached shows `failed: reason` on the card while the others run. A list that names one IDC
+(`idc=bj,`, or `idc=*` where the config has one) is handed back as that IDC's plain request.
 """
 
 from __future__ import annotations

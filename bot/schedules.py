@@ -219,7 +219,7 @@ class Runner(Protocol):
 
     def start_job(self, command: grammar.Run, spec: ModuleSpec, hosts: list[str], req: ChatRequest,
                   transport: Transport, approvers: Sequence[str] = (), cancel_roles: Sequence[str] = (),
-                  job_id: str | None = None) -> None: ...
+                  job_id: str | None = None, announce: bool = True) -> None: ...
 
     def later(self, req: ChatRequest, transport: Transport, action: str, detail: str,
               work: Callable[[], None]) -> None: ...
@@ -536,7 +536,7 @@ class Schedules:
             spec = self.runner.spec_of(schedule.idc, schedule.module)
             try:
                 self.runner.start_job(command, spec, cleared.hosts, req, transport, cleared.approvers,
-                                      cleared.cancel_roles, job_id)
+                                      cleared.cancel_roles, job_id, announce=False)  # the card is the news
             except peewee.IntegrityError:  # a bot that lost the lease started it after all: one job, once
                 log.info("schedule %s: run %s was started by another process", schedule.number, job_id)
 

@@ -115,7 +115,7 @@ class Inventory:
         """The hosts one term names, ignoring its `!`/`&`; a plain term must name some."""
         body = _body(term)
         if regex is None:  # a ~REGEX term checks the deadline name by name, in _regex_hosts
-            _check_time_left(term, deadline)
+            _check_deadline(term, deadline)
         hosts = self._regex_hosts(term, regex, deadline) if regex is not None else self._im.get_hosts(body)
         names = [h.name for h in _listed(hosts)]
         if body == term and not names:
@@ -267,13 +267,7 @@ def _compile_regex(term: str) -> Any:
 
 def _check_deadline(term: str, deadline: float) -> None:
     if time.monotonic() > deadline:
-        raise TargetError(f"matching {term!r} against the inventory took over {EXPAND_SECONDS:g} s; "
-                          "use a simpler pattern")
-
-
-def _check_time_left(term: str, deadline: float) -> None:
-    if time.monotonic() > deadline:
-        raise TargetError(f"expanding the targets took over {EXPAND_SECONDS:g} s (stopped before {term!r}); "
+        raise TargetError(f"expanding the targets took over {EXPAND_SECONDS:g} s (stopped at {term!r}); "
                           "use fewer terms or simpler patterns")
 
 

@@ -71,17 +71,21 @@ class SaltRig:
     def file_roots(self) -> Path:
         return self.root / "srv" / "salt"
 
-    def start(self, timeout: float = 60, jobs: int = 1) -> SaltRig:
-        """`jobs`: how many minion configs and key pairs (a salt-key process each) are made at once."""
+    def start(self, timeout: float = 60, jobs: int = 1, batch: int = 0) -> SaltRig:
+        """`jobs`: how many minion configs and key pairs (a salt-key process each) are made at once.
+        `batch`: start the minions that many at a time, each batch answering (within `timeout`) before the
+        next starts; 0 starts them all at once. Many minions at once starve the master's 2 worker threads."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._write_master()
         with ThreadPoolExecutor(max(1, jobs)) as pool:
             list(pool.map(self._write_minion, self.minions + self.absent))
         try:
             self._spawn("master", [str(BIN / "salt-master"), "-c", str(self.master_dir), "-l", "warning"])
-            for name in self.minions:
-                self.start_minion(name)
-            self.wait_answering(self.minions, timeout)
+            step = batch or len(self.minions) or 1
+            for first in range(0, max(1, len(self.minions)), step):
+                for name in self.minions[first:first + step]:
+                    self.start_minion(name)
+                self.wait_answering(self.minions[first:first + step], timeout)
         except BaseException:
             self.stop()  # never leave daemons behind a failed start
             raise

@@ -161,7 +161,8 @@ def test_jobs_run_from_the_warm_server_and_a_dead_server_is_replaced(hosts: sshd
         forked: list[int] = []
         router = cluster.router()
         ref, _ = router.submit("local", "shell.exec", {"cmd": "sleep 2; echo two"}, ["web01", "web02"])
-        wait_for(lambda: forked.extend(children(server)) or forked)  # the run is the server's child
+        wait_for(lambda: forked.extend(children(server)) or forked)  # the run is the server's child,
+        assert "ansible_forkserver.py" in Path(f"/proc/{forked[0]}/cmdline").read_text()  # not a cold exec
         events: list[dict] = []
         assert router.follow(ref, events.append) == "ok"
         router.close()
@@ -173,6 +174,7 @@ def test_jobs_run_from_the_warm_server_and_a_dead_server_is_replaced(hosts: sshd
         assert state == "ok" and {r["stdout"] for r in results.values()} == {"three\n"}
         (again,) = servers_of(cluster)
         assert again != server
+        assert "cold start" not in (cluster.root / "state-m1" / "ansible" / "warm.log").read_text()
     finally:
         cluster.stop_all()
     assert not Path(f"/proc/{again}").exists() or "Z" in Path(f"/proc/{again}/stat").read_text().split()[2]

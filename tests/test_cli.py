@@ -161,6 +161,16 @@ def test_run_after_the_subcommand_options(cluster: Cluster) -> None:
     assert master_job(cluster, job_id)["timeout"] == 37  # the option reached the master
 
 
+@pytest.mark.parametrize("idc", ["local,", "*"])
+def test_a_list_naming_one_idc_runs_as_a_plain_job(cluster: Cluster, idc: str) -> None:
+    """`idc=local,` and `idc=*` in a site of one IDC: that IDC's plain job, no parts."""
+    result = cluster.ombot("run", "echo", "localhost", "message=one", f"idc={idc}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == "echo on 1 host(s) in local: localhost"
+    job_id = re.search(r"job (\S+) on master m1", result.stdout)[1]  # type: ignore[index]
+    assert master_job(cluster, job_id)["state"] == "ok" and "part" not in result.stdout
+
+
 def test_dry_run_shows_the_hosts_and_submits_nothing(cluster: Cluster) -> None:
     before = jobs_in(cluster)
     result = cluster.ombot("run", "echo", "web[01-03],db", "message=hi", "--dry-run")

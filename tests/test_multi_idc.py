@@ -23,12 +23,14 @@ import pytest
 
 from approvals import Gate, PolicyRefusal, authorize_parts
 from approvals.policy import parse_policy
+from bot.console import PROMPT
 from ombot import config as cfg
 from ombot.errors import ConfigError
 from tests import sshd
 from tests.fakeslack import TEAM_ID, FakeSlack, interactive_body, post_to_bot
 from tests.support import REPO, BotProcess, Cluster, bot_table, free_port
 from tests.test_approvals import Reply
+from tests.test_console import quit_console, say, spawn_console
 
 SECRET = "0c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f"
 CHANNEL = "C0OPS"
@@ -106,6 +108,11 @@ class Rig:
             rows = conn.execute("SELECT id, hosts, approvers, state, module FROM job").fetchall()
         return {r[0]: {"hosts": json.loads(r[1]), "approvers": json.loads(r[2]), "state": r[3], "module": r[4]}
                 for r in rows}
+
+    def is_part(self, job_id: str) -> bool:
+        """Whether the bot stored the job as a part of a request over several IDCs (bot_multi_part)."""
+        with sqlite3.connect(self.cluster.root / "state" / "bot.db", timeout=10) as conn:
+            return conn.execute("SELECT 1 FROM bot_multi_part WHERE job_id = ?", (job_id,)).fetchone() is not None
 
     def bot_jobs(self, *numbers: int) -> dict[int, tuple[str, str, str]]:
         """number -> (job id, idc, state) in the bot's database."""
@@ -350,6 +357,24 @@ def test_cancel_stops_every_part(rig: Rig, how: str) -> None:
     assert rig.master_jobs("sh-1")[jobs[parts["sh"]][0]]["state"] == "cancelled"
 
 
+@pytest.mark.slow
+def test_a_list_naming_one_idc_is_a_plain_request(rig: Rig) -> None:
+    """`idc=sh,` names one IDC: bot.multi hands it to the single-IDC path, so the answer, the job and
+    its card are those of `idc=sh` (one job, no part, no per-IDC lines). sh, not the default IDC bj:
+    the job must go where the list says."""
+    seen = []
+    for idc in ("sh,", "sh"):
+        reply = rig.command(f"ping web01 idc={idc}")
+        number = reply.number("Starting job #")
+        assert reply.wait("Starting job #") == f"Starting job #{number}: `ping` on 1 host(s) in sh: web01"
+        card = rig.card_when(number, re.compile(r"^\[#\d+ ok\]"))
+        job_id, where, state = rig.bot_jobs(number)[number]
+        assert (where, state) == ("sh", "ok") and not rig.is_part(job_id)
+        assert rig.master_jobs("sh-1")[job_id]["hosts"] == ["web01"] and job_id not in rig.master_jobs("bj-1")
+        seen.append(re.sub(r" · took .*", "", card["text"].replace(f"#{number} ", "#N ")))
+    assert seen[0] == seen[1] == f"[#N ok] ping on 1 host(s) in sh by {ALICE}: 1/1 hosts · 1 ok · 0 failed"
+
+
 # -- the CLI ----------------------------------------------------------------------------------------
 
 
@@ -369,6 +394,33 @@ def test_ombot_run_in_every_idc_exits_0_only_when_every_part_succeeded(rig: Rig)
     refused = rig.cluster.ombot("--config", str(all_up), "run", "echo", "web", "message=x", "idc=bj,sh")
     assert refused.returncode == 2  # over max_hosts for the whole request: nothing ran
     assert "5 hosts (bj 3, sh 2) is over the limit of 4" in refused.stderr
+
+
+@pytest.mark.slow
+def test_every_idc_when_only_one_is_configured_is_a_plain_request(tmp_path: Path) -> None:
+    """`idc=*` in a site of one IDC: in `ombot console` (the same dispatcher as Slack) the job and its
+    card are those of a single-IDC request, with no per-IDC lines."""
+    cluster = Cluster(tmp_path / "site", {"bj": ["bj-1"]}, policy=POLICY, extra_toml=bot_table(console_user=ALICE))
+    cluster.start("bj-1")
+    child = spawn_console(cluster)
+    try:
+        child.expect_exact(PROMPT)
+        say(child, "/om ping web01 idc=*")
+        child.expect_exact(f"(to {ALICE}) Starting job #1: `ping` on 1 host(s) in bj: web01")
+        child.expect(rf"\[#1 ok\] ping on 1 host\(s\) in bj by {ALICE}: 1/1 hosts · 1 ok · 0 failed[^\n]*\r?\n")
+        child.expect_exact("Results of #1")
+        assert quit_console(child) == 0
+        assert "IDCs" not in child.logfile_read.text and "bj #1: " not in child.logfile_read.text  # no split
+    finally:
+        print(child.logfile_read.text)  # pytest shows it only when the test failed
+        if child.isalive():
+            child.terminate(force=True)
+        cluster.stop_all()
+    with sqlite3.connect(cluster.root / "state" / "bot.db", timeout=10) as conn:
+        jobs = conn.execute("SELECT number, idc, state, hosts FROM bot_job").fetchall()
+        assert jobs == [(1, "bj", "ok", '["web01"]')]
+        assert conn.execute("SELECT count(*) FROM bot_multi_part").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM bot_multi_request").fetchone() == (0,)
 
 
 # -- the policy and the config, without processes ---------------------------------------------------

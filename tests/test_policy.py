@@ -188,6 +188,28 @@ def test_load_policy_keeps_its_path(tmp_path: Path) -> None:
     assert load_policy(written).path == written and set(load_policy(written).roles) == {"ops", "leads", "dbas"}
 
 
+def test_audit_viewers_are_known_roles_and_nobody_by_default() -> None:
+    assert policy(ROLES).audit_viewers == ()  # no [audit] table: nobody may search
+    assert policy(ROLES + "[audit]\nviewers = []\n").audit_viewers == ()
+    assert policy(ROLES + '[audit]\nviewers = ["leads", "ops"]\n').audit_viewers == ("leads", "ops")
+
+
+@pytest.mark.parametrize("text, message", [
+    (ROLES + '[audit]\nviewers = ["auditors"]\n',
+     "audit.viewers: expected role names defined under [roles] (ops, leads, dbas), got 'auditors'"),
+    (ROLES + '[audit]\nviewers = ["U0ALICE"]\n',  # a user id is not a role
+     "audit.viewers: expected role names defined under [roles] (ops, leads, dbas), got 'U0ALICE'"),
+    ('[audit]\nviewers = ["leads"]\n', "audit.viewers: expected role names defined under [roles] (none), got 'leads'"),
+    (ROLES + '[audit]\nviewers = "leads"\n', "audit.viewers: expected a list of strings, got 'leads'"),
+    (ROLES + "[audit]\nviewers = [1]\n", "audit.viewers: expected a list of strings, got [1]"),
+    (ROLES + '[audit]\nviewer = ["leads"]\n',
+     "audit.viewer: expected a known key (did you mean 'viewers'? known: viewers)"),
+    ('audit = ["leads"]\n', "audit: expected a table, got ['leads']"),
+])
+def test_audit_viewer_errors(text: str, message: str) -> None:
+    assert error_of(text) == f"policy.toml: {message}"
+
+
 # -- deciding -----------------------------------------------------------------------------------------
 
 

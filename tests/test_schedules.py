@@ -292,6 +292,7 @@ def test_a_schedule_fires_cards_naming_it_and_survives_a_restart(rig: Rig) -> No
     assert all("echo on 1 host(s) in local by U0ALICE" in c["text"] for c in cards)
     assert rig.fake.wait_for(lambda: all(" ok]" in c["text"].split("\n")[0] for c in rig.cards(channel, number)[:2]),
                              what="the first runs to end ok")
+    assert not [e for e in rig.fake.ephemerals if "Starting job" in e.get("text", "")]  # each card says it
     listing = rig.command("schedules", channel).wait(f"#{number} active")
     assert "every 2s (UTC): `echo` on localhost (1 host(s)) in local message=tick" in listing
     cli = rig.cluster.ombot("schedules")

@@ -245,7 +245,7 @@ def test_every_term_of_an_expansion_counts_against_its_deadline(tmp_path: Path,
     monkeypatch.setattr(module, "time", SteppedClock(then=module.EXPAND_SECONDS + 0.001, on_time=3))
     with pytest.raises(module.TargetError) as caught:
         inventory.expand("web01,!x*[0-9]")  # in time for web01, !x*0 and !x*1
-    assert str(caught.value) == ("expanding the targets took over 1 s (stopped before '!x*2'); "
+    assert str(caught.value) == ("expanding the targets took over 1 s (stopped at '!x*2'); "
                                  "use fewer terms or simpler patterns")
 
 

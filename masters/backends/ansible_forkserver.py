@@ -34,9 +34,10 @@ from typing import Any, NoReturn
 
 HEADER = struct.Struct("!I")  # the length of the JSON request that follows the fds
 MAX_REQUEST = 1 << 20
-# Set by ansible-runner for each run, and read by Ansible only after start-up (the event callback,
-# the fact cache's path): they may differ from the server's. Any other difference means a cold start.
-PER_RUN = frozenset({"AWX_ISOLATED_DATA_DIR", "ANSIBLE_CACHE_PLUGIN_CONNECTION"})
+# Set for each run, and read by Ansible only after start-up: ansible-runner's artifact dir (the event
+# callback) and fact cache path, and the shell's PWD (the launcher is a sh script; the child moves to
+# the run's working directory). They may differ from the server's; any other difference means a cold start.
+PER_RUN = frozenset({"AWX_ISOLATED_DATA_DIR", "ANSIBLE_CACHE_PLUGIN_CONNECTION", "PWD"})
 LOST = 255  # the launcher's status when the server went away in the middle of a run
 _PR_SET_PDEATHSIG = 1
 
@@ -191,15 +192,19 @@ def _child(request: dict[str, Any], fds: list[int], server: int, server_fds: lis
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
+        argv, env = request["argv"], request["env"]
+        differs = sorted(k for k in {*os.environ, *env} - PER_RUN if os.environ.get(k) != env.get(k))
+        if differs:  # said on the server's stderr (its log) while that is still fd 2
+            print(f"ansible fork server: a cold start: the run's environment differs in {', '.join(differs)}",
+                  file=sys.stderr, flush=True)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)  # sys.stdin/stdout/stderr now read and write the launcher's pty
         for fd in {*fds, *server_fds}:
             os.close(fd)
         if os.isatty(1):  # as Python sets up a terminal's stdout: each event line goes out as it is written
             sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-        argv, env = request["argv"], request["env"]
         os.chdir(request["cwd"])
-        if any(os.environ.get(k) != env.get(k) for k in {*os.environ, *env} - PER_RUN):
+        if differs:
             os.execve(argv[0], argv, env)  # not the environment the server imported Ansible with
         os.environ.clear()
         os.environ.update(env)
