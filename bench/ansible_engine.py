@@ -45,6 +45,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.runs import measure, sizes as read_sizes  # noqa: E402  (after the path it is found on)
+
 BINDIR = os.path.dirname(sys.executable)  # ansible-playbook sits beside this Python
 PLAYBOOK = "- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.shell: uptime\n"
 
@@ -178,31 +180,11 @@ class Ombot:
 # -- measuring ------------------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
 def fresh_raw(engine: RawEngine, group: str, size: int) -> None:
     done = subprocess.run([sys.executable, __file__, "--raw-child", engine.child_spec(group, size)],
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(f"raw child on {group} exited {done.returncode}:\n{done.stderr[-2000:]}")
-
-
-def measure(series: dict[str, Callable[[], None]], repeats: int, warmup: int,
-            after: Callable[[str], None] = lambda name: None) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for fn in series.values():
-            fn()
-    names = list(series)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):  # rotate the order: no series always runs first or after the same one
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            samples[name].append(timed(series[name]))
-            after(name)
-    return samples
 
 
 def row(label: str, samples: dict[str, list[float]], names: list[str]) -> str:
@@ -230,9 +212,7 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.raw_child:
         return raw_child(opts.raw_child)
-    sizes = sorted({int(s) for s in opts.sizes.split(",")})
-    if not sizes or sizes[0] < 1 or sizes[-1] > 240:
-        parser.error("--sizes are host counts from 1 to 240")
+    sizes = read_sizes(parser, opts.sizes, 240, "host")
     from tests import sshd
 
     if not sshd.available():
@@ -281,7 +261,7 @@ def bench(root: Path, sizes: list[int], opts: argparse.Namespace) -> None:
             for name, engine in engines.items():
                 series[name] = partial(engine.run, group, size)
             profiles[size] = []
-            in_process[size] = measure(series, opts.repeats, opts.warmup, lambda name: profiles[size].append(
+            in_process[size] = measure(series, opts.repeats, opts.warmup, after=lambda name: profiles[size].append(
                 dict(ombot.last_profile)) if name == "ombot" else None)
             medians = ", ".join(f"{n} {statistics.median(v):.2f}" for n, v in in_process[size].items())
             print(f"    {size} hosts (s): {medians}; " + ratios(in_process[size], "ombot", ["raw tuned", "raw defaults"]),

@@ -31,13 +31,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.runs import measure, sizes as read_sizes  # noqa: E402  (after the path it is found on)
+
+MS = 1000  # every figure here is in milliseconds
 
 
 def raw_call(client: Any, minions: list[str], fun: str, kwarg: dict[str, Any] | None = None) -> None:
@@ -102,24 +104,6 @@ class Ombot:
         self.cluster.stop_all()
 
 
-def timed(fn: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    fn()
-    return (time.perf_counter() - started) * 1000
-
-
-def measure(series: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for fn in series.values():
-            fn()
-    names = list(series)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            samples[name].append(timed(series[name]))
-    return samples
-
-
 def show(title: str, samples: dict[str, list[float]], base: str) -> dict[str, float]:
     print(f"\n  {title}, ms")
     print(f"  {'series':<14} {'p50':>9} {'min':>9} {'max':>9}   ratio to {base} (p50)")
@@ -152,9 +136,7 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.raw_child:
         return raw_child(opts.raw_child)
-    sizes = sorted({int(s) for s in opts.sizes.split(",")})
-    if not sizes or sizes[0] < 1 or sizes[-1] > 99:
-        parser.error("--sizes are minion counts from 1 to 99")
+    sizes = read_sizes(parser, opts.sizes, 99, "minion")
     from tests import saltrig
 
     if not saltrig.available():
@@ -188,7 +170,7 @@ def bench(root: Path, sizes: list[int], opts: argparse.Namespace) -> None:
                 "ombot": partial(ombot.run, minions),
                 "raw run_all": partial(raw_call, client, minions, "cmd.run_all", {"python_shell": True}),
                 "raw cmd.run": partial(raw_call, client, minions, "cmd.run"),
-            }, opts.repeats, opts.warmup), "raw run_all")
+            }, opts.repeats, opts.warmup, MS), "raw run_all")
             if not opts.no_process:
                 child = [sys.executable, __file__, "--raw-child", ",".join([str(rig.master_config), *minions])]
 
@@ -199,7 +181,7 @@ def bench(root: Path, sizes: list[int], opts: argparse.Namespace) -> None:
 
                 medians[size] |= show(f"{size} minion{'s' * (size > 1)}, fresh processes", measure(
                     {"ombot run": partial(ombot.cli, minions), "raw process": fresh_raw},
-                    max(3, opts.repeats // 4), 1), "raw process")
+                    max(3, opts.repeats // 4), 1, MS), "raw process")
             sys.stdout.flush()
         summary(medians)
         print(f"\n  load average after: {os.getloadavg()[0]:.1f}")

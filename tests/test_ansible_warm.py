@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,9 +44,9 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def wait_for(check: object, timeout: float = 15) -> None:
+def wait_for(check: Callable[[], object], timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
 

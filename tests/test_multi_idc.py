@@ -162,15 +162,6 @@ def make_cluster(root: Path, hosts: sshd.SshHosts, port: int) -> Cluster:
 
 
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sshd.SshHosts]:
-    if not sshd.available():
-        pytest.skip("needs openssh-server (sshd)")
-    started = sshd.SshHosts(tmp_path_factory.mktemp("sshd"), ["web01", "web02"]).start()
-    yield started
-    started.stop()
-
-
-@pytest.fixture(scope="module")
 def shared_rig(hosts: sshd.SshHosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     with FakeSlack() as fake:
         port = free_port()
