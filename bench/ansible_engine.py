@@ -8,11 +8,11 @@ size N runs `uptime` through the `shell` module on the first N of them. In-proce
 in turn (the order rotates every repeat, so machine noise hits each alike):
 
   ombot         Router.submit("shell.exec", cmd=uptime) + Router.follow until the job ends, against
-                a real master with backend = "ansible" (its tuned defaults, warm start included:
-                ansible-playbook forked from a server that imported Ansible; limits.max_parallel_hosts
-                raised to the largest size so forks can match the host count).
+                a real master with backend = "ansible" and its shipped defaults (warm start included:
+                ansible-playbook forked from a server that imported Ansible; forks = the smallest of
+                N, ansible.forks and limits.max_parallel_hosts, which --max-parallel-hosts raises).
   raw tuned     ansible_runner.run of a one-task playbook (`shell: uptime`, no facts) with the same
-                tuning: pipelining, ControlMaster/ControlPersist, forks = N, explicit interpreter.
+                tuning: pipelining, ControlMaster/ControlPersist, the same forks, explicit interpreter.
   raw defaults  the same playbook through ansible_runner.run at its defaults (forks 5, no
                 pipelining; the interpreter named, as discovery picks a broken pyenv shim here):
                 what a user who scripts ansible-runner gets.
@@ -23,7 +23,10 @@ in turn (the order rotates every repeat, so machine noise hits each alike):
 Then fresh processes (--no-process skips them): `ombot run shell.exec GROUP cmd=uptime` against the
 same master, and a fresh Python running raw tuned ansible-runner. Every run is checked: N hosts ok.
 ssh control sockets are warm in every series (each keeps its own, reused within ControlPersist), as
-they are on a busy master. The issue's goals, in-process: ombot <= 1.10x raw tuned, <= 0.6x raw defaults.
+they are on a busy master. Beside each median of seconds it prints the machine's busy CPU seconds per
+run (/proc/stat), which every process of a run adds to and which waiting does not inflate: on a
+saturated machine it is the steadier figure. The issue's goals, in-process: ombot <= 1.10x raw tuned,
+<= 0.6x raw defaults.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -80,7 +84,7 @@ def raw_run(data_dir: str, playbook: str, inventory: str, group: str, size: int,
 def raw_child(spec_json: str) -> None:
     """--raw-child: a fresh process running raw tuned ansible-runner once (part b)."""
     spec = json.loads(spec_json)
-    raw_run(spec["data_dir"], spec["playbook"], spec["inventory"], spec["group"], spec["size"], spec["size"],
+    raw_run(spec["data_dir"], spec["playbook"], spec["inventory"], spec["group"], spec["size"], spec["forks"],
             spec["env"])
 
 
@@ -107,13 +111,13 @@ class RawEngine:
                                                    "ANSIBLE_PYTHON_INTERPRETER": "/usr/bin/python3"}
         return {**base, "ANSIBLE_CONFIG": str(self.root / "ansible.cfg"), **self.extra_env}
 
-    def run(self, group: str, size: int) -> None:
-        raw_run(str(self.root), "bench.yml", str(self.inventory), group, size, size if self.tuned else None,
+    def run(self, group: str, size: int, forks: int) -> None:
+        raw_run(str(self.root), "bench.yml", str(self.inventory), group, size, forks if self.tuned else None,
                 self.env())
 
-    def child_spec(self, group: str, size: int) -> str:
+    def child_spec(self, group: str, size: int, forks: int) -> str:
         return json.dumps({"data_dir": str(self.root), "playbook": "bench.yml", "inventory": str(self.inventory),
-                           "group": group, "size": size, "env": self.env()})
+                           "group": group, "size": size, "forks": forks, "env": self.env()})
 
 
 # -- OMBot --------------------------------------------------------------------------------------
@@ -122,11 +126,11 @@ class RawEngine:
 class Ombot:
     """A real master with backend = "ansible" over the sshd hosts, and the client library."""
 
-    def __init__(self, root: Path, inventory_text: str, max_size: int) -> None:
+    def __init__(self, root: Path, inventory_text: str, max_parallel_hosts: int | None) -> None:
         from tests.support import Cluster
 
-        self.cluster = Cluster(root, {"local": ["m1"]}, inventory=inventory_text,
-                               limits={"max_parallel_hosts": max(max_size, 16)})
+        limits = {"max_parallel_hosts": max_parallel_hosts} if max_parallel_hosts else {}
+        self.cluster = Cluster(root, {"local": ["m1"]}, inventory=inventory_text, limits=limits)
         text = self.cluster.config_path.read_text()
         self.cluster.config_path.write_text(
             text.replace('state_dir = "state-m1"', 'state_dir = "state-m1"\nbackend = "ansible"'))
@@ -157,6 +161,11 @@ class Ombot:
         self.last_profile = {"submit": submitted, "first_host": min(seen[h] for h in hosts),
                              "last_host": max(seen[h] for h in hosts), "end": ended, "backend": seen["backend"]}
 
+    def forks(self, size: int) -> int:
+        """The forks the master runs a job on `size` hosts with (masters/backends/ansible.py)."""
+        settings = self.cluster.config().masters["m1"]
+        return max(1, min(size, settings.ansible.forks, settings.limits.max_parallel_hosts))
+
     def cli(self, group: str, size: int) -> None:
         done = self.cluster.ombot("run", "shell.exec", group, "cmd=uptime", timeout=300)
         if done.returncode != 0 or "state: ok" not in done.stdout:  # ok: every host ended ok
@@ -180,8 +189,8 @@ class Ombot:
 # -- measuring ------------------------------------------------------------------------------------
 
 
-def fresh_raw(engine: RawEngine, group: str, size: int) -> None:
-    done = subprocess.run([sys.executable, __file__, "--raw-child", engine.child_spec(group, size)],
+def fresh_raw(engine: RawEngine, group: str, size: int, forks: int) -> None:
+    done = subprocess.run([sys.executable, __file__, "--raw-child", engine.child_spec(group, size, forks)],
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(f"raw child on {group} exited {done.returncode}:\n{done.stderr[-2000:]}")
@@ -205,6 +214,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,10,50", help="host counts (default 1,10,50)")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per series and size (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs per series and size (default 1)")
+    parser.add_argument("--max-parallel-hosts", type=int, metavar="N",
+                        help="the master's limits.max_parallel_hosts (default: its default, 16); forks follow")
+    parser.add_argument("--forks-sweep", type=lambda text: [int(n) for n in text.split(",")], metavar="LIST",
+                        help="also run raw tuned on the largest size at each of these forks (e.g. 5,10,16,25,50)")
     parser.add_argument("--no-process", action="store_true", help="skip the fresh-process series")
     parser.add_argument("--no-ombook", action="store_true", help="skip the 'raw ombook' profiling series")
     parser.add_argument("--mitogen", type=Path, help="a venv (or site-packages) holding ansible_mitogen")
@@ -233,13 +246,16 @@ def bench(root: Path, sizes: list[int], opts: argparse.Namespace) -> None:
 
     top = max(sizes)
     names = [f"h{i:02d}" for i in range(1, top + 1)]
-    hosts = sshd.SshHosts(root / "sshd", names).start()
-    groups = "".join(f"[s{n}]\n" + "\n".join(names[:n]) + "\n" for n in sizes)
-    inventory_text = hosts.inventory(group="bench", unreachable=None, extra=groups)
-    inventory = root / "inventory.ini"
-    inventory.write_text(inventory_text)
-    ombot = Ombot(root / "cluster", inventory_text, top)
-    try:
+    with ExitStack() as cleanup:  # a failed start still stops what started: sshds, ssh masters
+        hosts = sshd.SshHosts(root / "sshd", names).start()
+        cleanup.callback(end_ssh_masters, root)
+        cleanup.callback(hosts.stop)
+        groups = "".join(f"[s{n}]\n" + "\n".join(names[:n]) + "\n" for n in sizes)
+        inventory_text = hosts.inventory(group="bench", unreachable=None, extra=groups)
+        inventory = root / "inventory.ini"
+        inventory.write_text(inventory_text)
+        ombot = Ombot(root / "cluster", inventory_text, opts.max_parallel_hosts)
+        cleanup.callback(ombot.close)
         engines = {"raw tuned": RawEngine(root / "tuned", inventory, tuned=True),
                    "raw defaults": RawEngine(root / "defaults", inventory, tuned=False)}
         if not opts.no_ombook:
@@ -254,32 +270,32 @@ def bench(root: Path, sizes: list[int], opts: argparse.Namespace) -> None:
         print(f"ansible engines: `uptime` via the shell module over real ssh (sshd per loopback address), "
               f"repeats={opts.repeats} (after {opts.warmup} warm-up), {os.cpu_count()} CPUs, load {load:.1f}")
         in_process: dict[int, dict[str, list[float]]] = {}
+        busy: dict[int, dict[str, list[float]]] = {}
         profiles: dict[int, list[dict[str, float]]] = {}
         for size in sizes:
-            group = f"s{size}"
+            group, forks = f"s{size}", ombot.forks(size)
             series: dict[str, Callable[[], None]] = {"ombot": partial(ombot.run, group, size)}
             for name, engine in engines.items():
-                series[name] = partial(engine.run, group, size)
-            profiles[size] = []
+                series[name] = partial(engine.run, group, size, forks)
+            profiles[size], busy[size] = [], {}
             in_process[size] = measure(series, opts.repeats, opts.warmup, after=lambda name: profiles[size].append(
-                dict(ombot.last_profile)) if name == "ombot" else None)
+                dict(ombot.last_profile)) if name == "ombot" else None, busy=busy[size])
             medians = ", ".join(f"{n} {statistics.median(v):.2f}" for n, v in in_process[size].items())
-            print(f"    {size} hosts (s): {medians}; " + ratios(in_process[size], "ombot", ["raw tuned", "raw defaults"]),
-                  flush=True)
-        report_in_process(in_process, profiles)
+            print(f"    {size} hosts, forks {forks} (s): {medians}; "
+                  + ratios(in_process[size], "ombot", ["raw tuned", "raw defaults"]), flush=True)
+        report_in_process(in_process, busy, profiles, {size: ombot.forks(size) for size in sizes})
+        if opts.forks_sweep:
+            sweep_forks(engines["raw tuned"], top, opts.forks_sweep, opts)
         if not opts.no_process:
             fresh: dict[int, dict[str, list[float]]] = {}
             for size in sizes:
                 group = f"s{size}"
                 fresh[size] = measure({"ombot run": partial(ombot.cli, group, size),
-                                       "raw process": partial(fresh_raw, engines["raw tuned"], group, size)},
+                                       "raw process": partial(fresh_raw, engines["raw tuned"], group, size,
+                                                              ombot.forks(size))},
                                       opts.repeats, 0)
             report_fresh(fresh)
         print(f"  load average after: {os.getloadavg()[0]:.1f}")
-    finally:
-        ombot.close()
-        hosts.stop()
-        end_ssh_masters(root)
 
 
 def end_ssh_masters(root: Path) -> None:
@@ -294,19 +310,23 @@ def end_ssh_masters(root: Path) -> None:
         shutil.rmtree(master_dir, ignore_errors=True)
 
 
-def report_in_process(results: dict[int, dict[str, list[float]]], profiles: dict[int, list[dict[str, float]]]) -> None:
+def report_in_process(results: dict[int, dict[str, list[float]]], busy: dict[int, dict[str, list[float]]],
+                      profiles: dict[int, list[dict[str, float]]], forks: dict[int, int]) -> None:
     names = list(next(iter(results.values())))
-    print("\n  in-process, median seconds per run")
+    dens = [n for n in names if n != "ombot"]
+    print(f"\n  in-process, median seconds per run (forks: {', '.join(f'{n} at {s}' for s, n in forks.items())})")
     print(f"  {'hosts':<6}" + "".join(f"{n:>14}" for n in names))
     for size, samples in results.items():
         print(row(str(size), samples, names))
     print("  min-max")
     for size, samples in results.items():
         print(spread(str(size), samples, names))
-    print("\n  ratios (medians)")
+    print("  machine busy CPU seconds per run (medians)")
+    for size, samples in busy.items():
+        print(row(str(size), samples, names))
+    print("\n  ratios (medians): seconds | busy CPU seconds")
     for size, samples in results.items():
-        dens = [n for n in names if n != "ombot"]
-        print(f"  {size:<6} " + ratios(samples, "ombot", dens))
+        print(f"  {size:<6} " + ratios(samples, "ombot", dens) + "  |  " + ratios(busy[size], "ombot", dens))
     print("  goals: ombot/raw tuned <= 1.10x, ombot/raw defaults <= 0.60x")
     print("\n  where ombot's time goes (medians, seconds): submit reply, first host, last host, end (client's clock), "
           "backend run (the master's)")
@@ -315,6 +335,16 @@ def report_in_process(results: dict[int, dict[str, list[float]]], profiles: dict
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             print(f"  {size:<6} {med['submit']:8.2f} {med['first_host']:10.2f} {med['last_host']:10.2f} "
                   f"{med['end']:8.2f} {med['backend']:8.2f}")
+
+
+def sweep_forks(engine: RawEngine, size: int, counts: list[int], opts: argparse.Namespace) -> None:
+    """Raw tuned on `size` hosts at several forks: what more forks cost when the CPUs are the limit."""
+    series: dict[str, Callable[[], None]] = {f"forks {n}": partial(engine.run, f"s{size}", size, n) for n in counts}
+    busy: dict[str, list[float]] = {}
+    samples = measure(series, opts.repeats, opts.warmup, busy=busy)
+    print(f"\n  raw tuned on {size} hosts by forks: median seconds, busy CPU seconds")
+    for name, values in samples.items():
+        print(f"  {name:<10} {statistics.median(values):8.2f} {statistics.median(busy[name]):8.2f}")
 
 
 def report_fresh(results: dict[int, dict[str, list[float]]]) -> None:

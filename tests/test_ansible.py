@@ -287,3 +287,18 @@ def test_a_plan_with_nothing_to_clean_up_has_no_end_task() -> None:
     assert simple.done_after in simple.task_steps
     cleaning = ansible_play.build(Plan(Command(["sh", TempPath("s")])), "job", "job", "/usr/bin/python3", None, 1000)
     assert "ombot:-1:end" in cleaning.text and "ombot:-1:cleanup" in cleaning.text and cleaning.done_after is None
+
+
+def test_hosts_keep_their_own_pace_unless_there_is_one_task() -> None:
+    """Several tasks per host: `free`, so no host waits for the slowest at every task. One task: `linear`,
+    which reports each host as it ends all the same and costs the controller less while it waits."""
+    from masters.backends import ansible_play
+    from modules import Command, Plan, Shell, TempPath
+
+    def strategy(plan: Plan) -> str:
+        text = ansible_play.build(plan, "job", "job", "/usr/bin/python3", None, 1000).text
+        return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("  strategy:"))
+
+    assert strategy(Plan(Shell("uptime"))) == "linear"
+    assert strategy(Plan(Command(["true"]), Command(["false"]))) == "free"
+    assert strategy(Plan(Command(["sh", TempPath("s")]))) == "free"  # tmp, the command, cleanup in `always`

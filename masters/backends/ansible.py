@@ -1,10 +1,11 @@
 """Run plans on remote hosts with Ansible, through ansible-runner: one run per job.
 
 The plan becomes one generated playbook (masters/backends/ansible_play.py) run with `--limit` set
-to exactly the job's hosts and the `free` strategy, so each host goes through its steps at its own
-pace. Each host is reported as soon as its last task is done, from runner events as they arrive.
-A cancel or the job's deadline stops the run; a short second run then ends whatever the job left
-running on its hosts. docs/backends.md describes the set-up, the tuned defaults and the limits.
+to exactly the job's hosts and the `free` strategy (`linear` for one task per host), so each host
+goes through its steps at its own pace. Each host is reported as soon as its last task is done,
+from runner events as they arrive. A cancel or the job's deadline stops the run; a short second
+run then ends whatever the job left running on its hosts. docs/backends.md describes the set-up,
+the tuned defaults and the limits.
 """
 
 from __future__ import annotations
