@@ -1,12 +1,15 @@
 """OMBot's Salt backend against raw LocalClient.cmd: the same command on the same minions, at several sizes.
 
     .venv/bin/python bench/salt_engine.py [--sizes 1,10] [--repeats 20] [--warmup 3] [--no-process]
+    .venv/bin/python bench/salt_engine.py --sizes 50 --repeats 5 --warmup 1 --answer-seconds 30
 
 Prints figures, asserts nothing. A real salt-master and max(sizes) minions (minion01..minionNN) on
 loopback (tests/saltrig.py, as the tests use them; started once, 10 at a time: ~10-30 s for 10, each
 ~75 MiB and 1-2 CPU s, ~2 min for 50) and a real OMBot master with backend = "salt" on
 that salt-master (limits.max_parallel_hosts raised to the largest size). Each size N runs on the
-first N minions. In-process series, run in turn (the order rotates every repeat):
+first N minions. 50 minions on 2 CPUs take longer to answer than the backend's default
+answer_seconds (5 s): --answer-seconds gives it the raw calls' 30 s. In-process series, run in
+turn (the order rotates every repeat):
 
   ombot          Router.submit("shell.exec", cmd=uptime) + Router.follow until the job ends: the
                  backend's cmd.run_all with python_shell through LocalClient.cmd_iter, answers
@@ -62,11 +65,12 @@ def raw_child(spec: str) -> None:
 
 
 class Ombot:
-    def __init__(self, root: Path, salt_config: Path, max_size: int) -> None:
+    def __init__(self, root: Path, salt_config: Path, max_size: int, answer_seconds: float | None) -> None:
         from tests.support import Cluster
 
+        answer = f"answer_seconds = {answer_seconds}\n" if answer_seconds else ""
         self.cluster = Cluster(root, {"local": ["m1"]}, limits={"max_parallel_hosts": max(max_size, 16)},
-                               extra_toml=f'[masters.m1.salt]\nconfig = "{salt_config}"\ninventory = "minions"\n')
+                               extra_toml=f'[masters.m1.salt]\nconfig = "{salt_config}"\ninventory = "minions"\n{answer}')
         # the salt-master's accepted keys are the inventory: no inventory file beside them
         text = self.cluster.config_path.read_text().replace('inventory = "inventory.ini"\n', '', 1)
         self.cluster.config_path.write_text(
@@ -131,6 +135,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,10", help="minion counts, comma-separated (default 1,10; up to 99)")
     parser.add_argument("--repeats", type=int, default=20, help="measured runs per series and size (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured runs per series and size first (default 3)")
+    parser.add_argument("--answer-seconds", type=float, metavar="S",
+                        help="the backend's answer_seconds (default: its default, 5); the raw calls wait up to 30 s")
     parser.add_argument("--no-process", action="store_true", help="skip the fresh-process series")
     parser.add_argument("--raw-child", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -161,7 +167,7 @@ def bench(root: Path, sizes: list[int], opts: argparse.Namespace) -> None:
         print(f"salt engines: `uptime` on {', '.join(map(str, sizes))} minions ({top} started in "
               f"{time.monotonic() - started:.0f} s), repeats={opts.repeats} (after {opts.warmup} warm-up), "
               f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
-        ombot = Ombot(root / "cluster", rig.master_config, top)
+        ombot = Ombot(root / "cluster", rig.master_config, top, opts.answer_seconds)
         client = salt.client.LocalClient(c_path=str(rig.master_config))
         medians: dict[int, dict[str, float]] = {}
         for size in sizes:
