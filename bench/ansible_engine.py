@@ -162,9 +162,11 @@ class Ombot:
                              "last_host": max(seen[h] for h in hosts), "end": ended, "backend": seen["backend"]}
 
     def forks(self, size: int) -> int:
-        """The forks the master runs a job on `size` hosts with (masters/backends/ansible.py)."""
+        """The forks the master runs a job on `size` hosts with."""
+        from masters.backends.ansible import job_forks
+
         settings = self.cluster.config().masters["m1"]
-        return max(1, min(size, settings.ansible.forks, settings.limits.max_parallel_hosts))
+        return job_forks(size, settings.ansible.forks, settings.limits.max_parallel_hosts)
 
     def cli(self, group: str, size: int) -> None:
         done = self.cluster.ombot("run", "shell.exec", group, "cmd=uptime", timeout=300)
@@ -272,18 +274,19 @@ def bench(root: Path, sizes: list[int], opts: argparse.Namespace) -> None:
         in_process: dict[int, dict[str, list[float]]] = {}
         busy: dict[int, dict[str, list[float]]] = {}
         profiles: dict[int, list[dict[str, float]]] = {}
+        forks = {size: ombot.forks(size) for size in sizes}
         for size in sizes:
-            group, forks = f"s{size}", ombot.forks(size)
+            group = f"s{size}"
             series: dict[str, Callable[[], None]] = {"ombot": partial(ombot.run, group, size)}
             for name, engine in engines.items():
-                series[name] = partial(engine.run, group, size, forks)
+                series[name] = partial(engine.run, group, size, forks[size])
             profiles[size], busy[size] = [], {}
             in_process[size] = measure(series, opts.repeats, opts.warmup, after=lambda name: profiles[size].append(
                 dict(ombot.last_profile)) if name == "ombot" else None, busy=busy[size])
             medians = ", ".join(f"{n} {statistics.median(v):.2f}" for n, v in in_process[size].items())
-            print(f"    {size} hosts, forks {forks} (s): {medians}; "
+            print(f"    {size} hosts, forks {forks[size]} (s): {medians}; "
                   + ratios(in_process[size], "ombot", ["raw tuned", "raw defaults"]), flush=True)
-        report_in_process(in_process, busy, profiles, {size: ombot.forks(size) for size in sizes})
+        report_in_process(in_process, busy, profiles, forks)
         if opts.forks_sweep:
             sweep_forks(engines["raw tuned"], top, opts.forks_sweep, opts)
         if not opts.no_process:
@@ -292,7 +295,7 @@ def bench(root: Path, sizes: list[int], opts: argparse.Namespace) -> None:
                 group = f"s{size}"
                 fresh[size] = measure({"ombot run": partial(ombot.cli, group, size),
                                        "raw process": partial(fresh_raw, engines["raw tuned"], group, size,
-                                                              ombot.forks(size))},
+                                                              forks[size])},
                                       opts.repeats, 0)
             report_fresh(fresh)
         print(f"  load average after: {os.getloadavg()[0]:.1f}")

@@ -259,6 +259,24 @@ def test_request_values_are_never_templates(cluster: Cluster, module: str, param
     assert not INJECTED.exists()
 
 
+def test_forks_follow_the_host_count_up_to_the_cap(cluster: Cluster) -> None:
+    """No idle workers for a small job; never more than `forks` or limits.max_parallel_hosts (16 here)."""
+    import json
+
+    from masters.backends.ansible import job_forks
+
+    def forks_of_last_run() -> str:
+        commands = sorted((cluster.root / "state-m1" / "ansible" / "artifacts").glob("*/command"),
+                          key=lambda p: p.stat().st_mtime)
+        argv = json.loads(commands[-1].read_text())["command"]
+        return str(argv[argv.index("--forks") + 1])
+
+    for targets in (["web01"], ["web01", "web02"]):
+        run(cluster, "ping", {}, targets)
+        assert forks_of_last_run() == str(len(targets))
+    assert job_forks(50, 50, 16) == 16 and job_forks(50, 8, 16) == 8 and job_forks(0, 50, 16) == 1
+
+
 # -- hygiene (runs last: it looks at what the runs above left) -------------------------------
 
 

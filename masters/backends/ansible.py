@@ -158,7 +158,7 @@ class AnsibleBackend:
         try:
             config = RunnerConfig(
                 private_data_dir=str(self.data_dir), playbook=playbook.name, inventory=str(self.inventory),
-                limit=",".join(hosts) + ",", forks=max(1, min(len(hosts), self.tuning.forks, ctx.max_parallel)),
+                limit=",".join(hosts) + ",", forks=job_forks(len(hosts), self.tuning.forks, ctx.max_parallel),
                 ident=ident, quiet=True, rotate_artifacts=self.tuning.rotate_artifacts, envvars=self._envvars(),
                 cmdline="--check --diff" if ctx.check else None,
                 settings={"pexpect_timeout": PEXPECT_POLL_SECONDS, "suppress_ansible_output": True},
@@ -188,6 +188,11 @@ class AnsibleBackend:
             "ANSIBLE_RETRY_FILES_ENABLED": "False", "ANSIBLE_GATHERING": "explicit", "ANSIBLE_NOCOLOR": "True",
             "ANSIBLE_DEPRECATION_WARNINGS": "False", "ANSIBLE_LOCALHOST_WARNING": "False",
         }
+
+
+def job_forks(hosts: int, forks: int, max_parallel: int) -> int:
+    """Forks for a job on `hosts` hosts: no idle workers, at most `forks` and limits.max_parallel_hosts."""
+    return max(1, min(hosts, forks, max_parallel))
 
 
 def _allowed_env(env: dict[str, str]) -> dict[str, str]:
