@@ -341,7 +341,7 @@ class AuditLog:
         self.positions = {k: v for k, v in offsets.items() if k.startswith("auditd:")}  # read so far (in memory)
         self.kept = dict(self.positions)  # what the queue holds
         self.assembler = Assembler()
-        self.boot_time = _boot_time()
+        self.boot_time = boot_time()
         self.previous_boot = _remember_boot(state_dir / "auditd-boot", boot_id)
 
     def files(self) -> list[tuple[Path, str]]:
@@ -450,7 +450,8 @@ def _remember_boot(path: Path, boot_id: str) -> str | None:
     return previous
 
 
-def _boot_time() -> int:
+def boot_time() -> int:
+    """When this boot began (epoch seconds, /proc/stat's btime); 0 if unknown."""
     try:
         for line in Path("/proc/stat").read_text().splitlines():
             if line.startswith("btime "):

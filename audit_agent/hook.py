@@ -86,7 +86,10 @@ __ombot_audit_entry() {  # history entry $1 ("" = the last) into __ombot_audit_n
 __ombot_audit_prompt() {
     local rc=$? n k ran=("${__ombot_audit_ran[@]}")
     __ombot_audit_armed= __ombot_audit_ran=()
-    [[ -n $__ombot_audit_ready ]] || __ombot_audit_prepare || return $rc
+    if [[ -z $__ombot_audit_ready ]] && ! __ombot_audit_prepare; then  # the directory is not ours (yet)
+        [[ -n $__ombot_audit_last ]] || __ombot_audit_last=$(( HISTCMD > 1 ? HISTCMD - 1 : 0 ))  # then: "missed"
+        return $rc
+    fi
     [[ ${PS0-} == *__ombot_audit_armed=1* ]] || PS0='${__ombot_audit_void[__ombot_audit_armed=1]}'"${PS0-}"
     __ombot_audit_entry ""
     n=$__ombot_audit_n
@@ -146,6 +149,7 @@ typeset -gr __ombot_audit_dir=@SPOOL_DIR@
 zmodload zsh/datetime 2>/dev/null  # EPOCHREALTIME (a module of builtins: nothing forks per prompt)
 typeset -g __ombot_audit_ready= __ombot_audit_line= __ombot_audit_hist= __ombot_audit_cwd= __ombot_audit_out=
 typeset -g __ombot_audit_pending= __ombot_audit_spool= __ombot_audit_loginuid= __ombot_audit_tty=${SSH_TTY:-${TTY-}}
+typeset -ga __ombot_audit_backlog  # (history number, directory, line) triples
 { read -r __ombot_audit_loginuid < /proc/self/loginuid; } 2>/dev/null
 
 __ombot_audit_prepare() {  # the user's own 0700 directory; mkdir runs only the first time ever
@@ -178,7 +182,11 @@ __ombot_audit_emit() {  # $1 history number, $2 exit status, $3 how it was seen,
 
 __ombot_audit_preexec() {  # a line is about to run: note it (its text, history number, directory)
     emulate -L zsh
-    [[ -n $__ombot_audit_ready ]] || __ombot_audit_prepare || return 0
+    if [[ -z $__ombot_audit_ready ]] && ! __ombot_audit_prepare; then  # the directory is not ours (yet)
+        (( ${#__ombot_audit_backlog} >= 192 )) || __ombot_audit_backlog+=("$HISTCMD" "$PWD" "${1:-$3}")
+        return 0
+    fi
+    (( ! ${#__ombot_audit_backlog} )) || __ombot_audit_flush
     if [[ -n $__ombot_audit_pending ]]; then  # the last line was never written: precmd had been removed
         __ombot_audit_emit "$__ombot_audit_hist" "" missed "$__ombot_audit_line"
     fi
@@ -190,12 +198,23 @@ __ombot_audit_preexec() {  # a line is about to run: note it (its text, history 
     fi
 }
 
+__ombot_audit_flush() {  # lines typed while the spool directory was not ours, written once it is
+    local i
+    for (( i = 1; i < ${#__ombot_audit_backlog}; i += 3 )); do
+        __ombot_audit_cwd=${__ombot_audit_backlog[i+1]}
+        __ombot_audit_emit "${__ombot_audit_backlog[i]}" "" missed "${__ombot_audit_backlog[i+2]}"
+    done
+    __ombot_audit_backlog=() __ombot_audit_cwd=
+}
+
 __ombot_audit_precmd() {  # the line finished: write it with its exit status
     local rc=$?
     emulate -L zsh
     (( ${preexec_functions[(Ie)__ombot_audit_preexec]} )) || preexec_functions=(__ombot_audit_preexec $preexec_functions)
-    if [[ -n $__ombot_audit_pending ]] && { [[ -n $__ombot_audit_ready ]] || __ombot_audit_prepare; }; then
-        __ombot_audit_emit "$__ombot_audit_hist" "$rc" history "$__ombot_audit_line"
+    if [[ -n $__ombot_audit_pending || ${#__ombot_audit_backlog} -gt 0 ]] \
+            && { [[ -n $__ombot_audit_ready ]] || __ombot_audit_prepare; }; then
+        (( ! ${#__ombot_audit_backlog} )) || __ombot_audit_flush
+        [[ -z $__ombot_audit_pending ]] || __ombot_audit_emit "$__ombot_audit_hist" "$rc" history "$__ombot_audit_line"
     fi
     __ombot_audit_pending= __ombot_audit_cwd=
     return $rc
@@ -235,7 +254,7 @@ def install(root: Path, spool_dir: str = DEFAULT_SPOOL_DIR) -> list[Path]:
     it in interactive non-login shells. Where zsh is installed, its hook goes to /etc/zsh (sourced by
     one marked line in /etc/zsh/zshrc, or placed in /etc/zsh/zshrc.d when the zshrc sources that).
     Running it again rewrites the hooks and adds no second line. `root` prefixes every path, the
-    spool directory's too (made here: the installer's, mode 1733)."""
+    spool directory's too (made here: the installer's, mode 1733, with root's own directory in it)."""
     spool, body = root / spool_dir.lstrip("/"), shlex.quote(str(root / HOOK_BODY))
     changed = [_write(root / HOOK_BODY, hook_text(str(spool))),
                _write(root / PROFILE_LOADER, _LOADER.replace("@MARKER@", MARKER).replace("@BODY@", body))]
@@ -244,6 +263,8 @@ def install(root: Path, spool_dir: str = DEFAULT_SPOOL_DIR) -> list[Path]:
         changed += _install_zsh(root, str(spool))
     spool.mkdir(parents=True, exist_ok=True)
     os.chmod(spool, 0o1733)  # create-only for users, sticky: nobody lists or removes another's entries
+    if os.geteuid() == 0 and not os.path.lexists(spool / "0"):
+        os.mkdir(spool / "0", 0o700)  # root's own, made now: no user can take it before root's first shell
     return changed + [spool]
 
 

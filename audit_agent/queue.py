@@ -2,8 +2,10 @@
 
 Spool lines become events and the spool offsets advance in one transaction, so a crash neither
 loses nor repeats a line. An event leaves the queue only when a master acknowledged (or, for a
-malformed one, rejected) its id. Past `max_events` the oldest command events go first and one
-`dropped` event says how many; dropped records are never themselves dropped.
+malformed one, rejected) its id. Past `max_events` command events go, oldest first, of the user
+with the most queued (so one user flooding their own spool while the masters are away cannot push
+another user's records out), and one `dropped` event says how many of whose; dropped records are
+never themselves dropped.
 """
 
 from __future__ import annotations
@@ -38,29 +40,35 @@ class EventQueue:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # durable across a crash of the agent
         self.db.executescript(_SCHEMA)
-        if "eid" not in {row[1] for row in self.db.execute("PRAGMA table_info(events)")}:
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(events)")}
+        if "eid" not in columns:
             self.db.execute("ALTER TABLE events ADD COLUMN eid TEXT")  # an id the source gave (auditd's serial)
+        if "uid" not in columns:
+            self.db.execute("ALTER TABLE events ADD COLUMN uid INTEGER")  # whose record: the queue's bound is fair
         self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_eid ON events (eid)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS events_uid ON events (uid, seq)")
         # The queue's instance names the event source: a wiped state directory never reuses an id.
-        self.instance = self._meta("instance") or self._set_meta("instance", os.urandom(6).hex())
+        self.instance = self.meta("instance") or self.set_meta("instance", os.urandom(6).hex())
         self.boot_id = _boot_id()
 
     # -- meta ------------------------------------------------------------------------------
 
-    def _meta(self, key: str) -> str | None:
+    def meta(self, key: str) -> str | None:
+        """A value the agent keeps across restarts (the queue's instance, counters, the last scan)."""
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def _set_meta(self, key: str, value: str) -> str:
+    def set_meta(self, key: str, value: str) -> str:
+        """Keep `value` under `key`; returns it."""
         self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = ?",
                         (key, value, value))
         return value
 
     def counter(self, key: str) -> int:
-        return int(self._meta(key) or 0)
+        return int(self.meta(key) or 0)
 
     def _bump(self, key: str, by: int) -> None:
-        self._set_meta(key, str(self.counter(key) + by))
+        self.set_meta(key, str(self.counter(key) + by))
 
     # -- adding ----------------------------------------------------------------------------
 
@@ -73,8 +81,8 @@ class EventQueue:
         """Queue (kind, at, data) events and, in the same transaction, record how far `file` was read."""
         with self._transaction():
             for kind, at, data in events:
-                self.db.execute("INSERT INTO events (kind, at, data, boot) VALUES (?, ?, ?, ?)",
-                                (kind, at, json.dumps(data, ensure_ascii=False), self.boot_id))
+                self.db.execute("INSERT INTO events (kind, at, data, boot, uid) VALUES (?, ?, ?, ?, ?)",
+                                (kind, at, _json(data), self.boot_id, _uid_of(kind, data)))
             if file is not None and offset is not None:
                 self.db.execute("INSERT INTO offsets (file, offset) VALUES (?, ?) "
                                 "ON CONFLICT(file) DO UPDATE SET offset = ?", (file, offset, offset))
@@ -86,8 +94,8 @@ class EventQueue:
         is skipped (a log re-read after a restart)."""
         with self._transaction():
             for eid, kind, at, data in events:
-                self.db.execute("INSERT OR IGNORE INTO events (kind, at, data, boot, eid) VALUES (?, ?, ?, ?, ?)",
-                                (kind, at, json.dumps(data, ensure_ascii=False), self.boot_id, eid))
+                self.db.execute("INSERT OR IGNORE INTO events (kind, at, data, boot, eid, uid) VALUES (?, ?, ?, ?, ?, ?)",
+                                (kind, at, _json(data), self.boot_id, eid, _uid_of(kind, data)))
             if file is not None and offset is not None:
                 self.db.execute("INSERT INTO offsets (file, offset) VALUES (?, ?) "
                                 "ON CONFLICT(file) DO UPDATE SET offset = ?", (file, offset, offset))
@@ -100,24 +108,44 @@ class EventQueue:
         over = self.depth() - self.max_events
         if over <= 0:
             return
-        rows = self.db.execute("SELECT seq, at FROM events WHERE kind != 'dropped' ORDER BY seq LIMIT ?",
-                               (over + 1,)).fetchall()  # +1: room for the dropped record itself
+        rows = self._evict(over + 1)  # +1: room for the dropped record itself
         if not rows:
             return
-        self.db.execute("DELETE FROM events WHERE seq <= ? AND kind != 'dropped'", (rows[-1][0],))
         self._bump("dropped_total", len(rows))
-        open_seq = self._meta("open_drop")  # a dropped record not yet sent: add to it
+        whose: dict[str, int] = {}
+        for _, _, owner in rows:
+            whose[str(owner)] = whose.get(str(owner), 0) + 1
+        oldest, newest = min(at for _, at, _ in rows), max(at for _, at, _ in rows)
+        open_seq = self.meta("open_drop")  # a dropped record not yet sent: add to it
         if open_seq and self.db.execute("SELECT 1 FROM events WHERE seq = ?", (int(open_seq),)).fetchone():
             data = json.loads(self.db.execute("SELECT data FROM events WHERE seq = ?", (int(open_seq),)).fetchone()[0])
             data["count"] += len(rows)
-            data["newest_at"] = rows[-1][1]
+            data["oldest_at"], data["newest_at"] = min(data["oldest_at"], oldest), max(data["newest_at"], newest)
+            for owner_uid, count in whose.items():
+                data.setdefault("uids", {})[owner_uid] = data["uids"].get(owner_uid, 0) + count
             self.db.execute("UPDATE events SET data = ? WHERE seq = ?", (json.dumps(data), int(open_seq)))
             return
-        data = {"count": len(rows), "oldest_at": rows[0][1], "newest_at": rows[-1][1],
+        data = {"count": len(rows), "oldest_at": oldest, "newest_at": newest, "uids": whose,
                 "reason": f"the agent's queue was full ({self.max_events} events)"}
         cursor = self.db.execute("INSERT INTO events (kind, at, data, boot) VALUES ('dropped', ?, ?, ?)",
                                  (now_ms(), json.dumps(data), self.boot_id))
-        self._set_meta("open_drop", str(cursor.lastrowid))
+        self.set_meta("open_drop", str(cursor.lastrowid))
+
+    def _evict(self, count: int) -> list[tuple[int, int, int | None]]:
+        """Delete `count` events (never `dropped` records), the oldest of whoever has the most
+        queued first; (seq, at, uid) of each."""
+        gone: list[tuple[int, int, int | None]] = []
+        while len(gone) < count:
+            top = self.db.execute("SELECT uid, COUNT(*) AS n FROM events WHERE kind != 'dropped' "
+                                  "GROUP BY uid ORDER BY n DESC LIMIT 1").fetchone()
+            if top is None:
+                break
+            uid = top[0]
+            rows = self.db.execute("SELECT seq, at, uid FROM events WHERE kind != 'dropped' AND uid IS ? "
+                                   "ORDER BY seq LIMIT ?", (uid, count - len(gone))).fetchall()
+            self.db.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq, _, _ in rows])
+            gone += rows
+        return gone
 
     # -- shipping --------------------------------------------------------------------------
 
@@ -138,7 +166,7 @@ class EventQueue:
             if batch and size > max_bytes:
                 break
             batch.append({"id": eid or self.event_id(seq, boot), "kind": kind, "at": at, "data": json.loads(data)})
-        if self._meta("open_drop") and any(e["kind"] == "dropped" for e in batch):
+        if self.meta("open_drop") and any(e["kind"] == "dropped" for e in batch):
             self.db.execute("DELETE FROM meta WHERE key = 'open_drop'")  # on its way: later drops get a new record
         return batch
 
@@ -177,6 +205,21 @@ class _Transaction:
 
     def __exit__(self, kind: Any, *rest: Any) -> None:
         self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _json(data: dict[str, Any]) -> str:
+    """JSON any SQLite text column takes: a lone surrogate (a file name that is not UTF-8) stays escaped."""
+    text = json.dumps(data, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data)
+    return text
+
+
+def _uid_of(kind: str, data: dict[str, Any]) -> int | None:
+    uid = data.get("uid") if kind == "command" else None
+    return uid if isinstance(uid, int) and not isinstance(uid, bool) else None
 
 
 def _boot_id() -> str:

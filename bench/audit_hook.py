@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/audit_hook.py [--n 2000] [--warmup 100]
 
-Prints figures, asserts nothing. Two interactive bash shells, each in its own pty: `bare` (no
-hook) and `hooked` (the hook installed into a temp root by `audit_agent install --root`, sourced as
-a server's /etc/bash.bashrc would). One sample = write one command line (`: N`, a new history entry
-each time) to the pty and read until the next prompt: the whole prompt cycle the user waits for,
-readline and PROMPT_COMMAND included. Samples alternate bare/hooked, so machine noise hits both alike.
+Prints figures, asserts nothing. Two interactive bash shells, each in its own pty and its own
+private mount namespace (tests/shells.py), where no global rc file of this machine is read: `bare`
+(no hook: an empty /etc/bash.bashrc) and `hooked` (the hook installed into a temp root by
+`audit_agent install --root`, that root's etc/bash.bashrc seen as /etc/bash.bashrc). So the
+difference is OMBot's hook alone, whatever this machine's own rc files hold. One sample = write one
+command line (`: N`, a new history entry each time) to the pty and read until the next prompt: the
+whole prompt cycle the user waits for, readline and PROMPT_COMMAND included. Samples alternate
+bare/hooked, so machine noise hits both alike.
 
 Three agent states, since the hook only appends to the spool and never talks to the agent:
 
@@ -41,19 +44,27 @@ READ_TIMEOUT = 10.0  # seconds without a prompt: the shell is stuck, and the ben
 
 
 class Shell:
-    """An interactive bash in a pty (pty.fork: it gets a controlling terminal, as a login does)."""
+    """An interactive bash in a pty (pty.fork: it gets a controlling terminal, as a login does), in a
+    private mount namespace where /etc/bash.bashrc is ROOT's (or empty: root None) and every other
+    global rc file is hidden (tests/shells.py)."""
 
-    def __init__(self, home: Path, rc_lines: list[str]) -> None:
+    def __init__(self, home: Path, root: Path | None) -> None:
+        from audit_agent import hook
+        from tests.shells import BASH, bash_files, isolated_argv
+
         home.mkdir(parents=True, exist_ok=True)
+        files, armed = bash_files(root)
+        rc_lines = [f". {root / hook.BASHRC}"] if root is not None and not armed else []  # no /etc/bash.bashrc here
         rcfile = home / ".bashrc"
-        # --rcfile: neither the machine's /etc/bash.bashrc nor a real ~/.bashrc; HISTCONTROL unset
+        # --rcfile: not a real ~/.bashrc; HISTCONTROL unset
         rcfile.write_text("\n".join(rc_lines + ["unset HISTCONTROL", f"PS1='{PROMPT.decode()}'"]) + "\n")
         env = {"HOME": str(home), "PATH": os.environ["PATH"], "TERM": "dumb", "HISTFILE": str(home / ".hist"),
                "LOGNAME": "bench", "USER": "bench"}
+        argv = isolated_argv([BASH or "bash", "--rcfile", str(rcfile), "-i"], files)
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: nothing but exec
             os.chdir(home)
-            os.execvpe("bash", ["bash", "--rcfile", str(rcfile), "-i"], env)
+            os.execve(argv[0], argv, env)
         self.read_prompt()
 
     def read_prompt(self) -> None:
@@ -179,14 +190,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100, help="uncounted prompts per shell and state")
     opts = parser.parse_args()
     from audit_agent import hook
+    from tests.shells import Unavailable
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ombot-bench-hook-") as tmp:
         root = Path(tmp)
         hook.install(root / "root")
         spool_dir = root / "root" / hook.DEFAULT_SPOOL_DIR.lstrip("/")
-        bare = Shell(root / "home-bare", [])
-        hooked = Shell(root / "home-hooked", [f". {root / 'root' / hook.BASHRC}"])
+        try:
+            bare = Shell(root / "home-bare", None)
+            hooked = Shell(root / "home-hooked", root / "root")
+        except Unavailable as exc:
+            sys.exit(f"audit_hook.py: {exc}")
         agent = Agent(root, spool_dir)
         results: dict[str, tuple[list[float], list[float]]] = {}
         recorded = queued = 0

@@ -151,12 +151,16 @@ class MasterSide:
     def __init__(self, db_path: Path) -> None:
         from masters import store
         from masters.audit import AuditIngest
-        from ombot.config import ClientRegistration
+        from ombot.config import ClientRegistration, Limits, MasterSettings
 
         self.db = store.open_store(f"sqlite:///{db_path}")
         self.clients = {f"agent-web{h:03d}": ClientRegistration(f"agent-web{h:03d}", "", "agent", f"agent:web{h:03d}",
                                                                 host=f"web{h:03d}") for h in range(200)}
-        self.ingest = AuditIngest(self.clients)
+        unlimited = Limits(ingest_events_per_second=10**9, ingest_burst_events=10**9,  # the code, not the limit
+                           ingest_bytes_per_second=10**12, ingest_burst_bytes=10**12)
+        settings = MasterSettings("bench", "local", "127.0.0.1", 1, "", None, None, "local", (), db_path.parent,
+                                  f"sqlite:///{db_path}", unlimited)
+        self.ingest = AuditIngest(self.clients, settings)
 
     def by_host(self, events: list[dict[str, Any]], batch: int) -> list[tuple[Any, list[dict[str, Any]]]]:
         """Agent batches: one host's events each, as agents send them (without the bot's `host` key)."""

@@ -15,8 +15,12 @@ logged once, and tried again with a growing pause; its events wait in its table 
 
 Silent agents: each read also returns the heartbeat rows changed since the last one. A server
 whose newest heartbeat (on any master of its IDC) is older than `audit_silent_after_seconds`
-raises one alert, and one "back" message when it returns. Only servers of an IDC with a master
-answering are judged: an unreachable IDC is not a thousand silent agents.
+raises one alert, and one "back" message when it returns; one whose agent reports a problem in its
+heartbeat raises one "degraded" alert, and one when it recovers. Only servers of an IDC with a
+master answering are judged: an unreachable IDC is not a thousand silent agents, but one alert of
+its own once no master of it has answered for UNREACHABLE_AFTER_SECONDS (or
+`audit_silent_after_seconds`, if shorter), and one when a master answers again. Agents' and
+masters' notices (bot.audit_notices) alert like rule matches, whether a rules file is loaded or not.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from typing import Any
 
 from bot import audit_store, lease
 from bot.alerts import AlertPoster, Timers
+from bot.audit_notices import (back_message, degraded_message, notice_alert, reachable_message, recovered_message,
+                               silent_message, unreachable_message)
 from bot.audit_rules import RuleSet, Thresholds, load_rules, redact
-from bot.messages import Message, escape, section, slack_date
+from bot.messages import Message
 from bot.settings import BotSettings
 from bot.transport import Transport
 from masters import Router
@@ -52,8 +58,19 @@ MAX_RETRY_SECONDS = 30.0
 LEASE_TTL_SECONDS = 45.0
 CLOSE_WAIT_SECONDS = 5.0  # how long closing waits for a poll under way
 JOB_ID = "audit-feed"
+UNREACHABLE_AFTER_SECONDS = 60.0  # no master of an IDC answered this long (or silent_after, if less): said
 RULE_FIELDS = ("id", "idc", "host", "kind", "at", "user", "login_user", "uid", "tty", "cwd", "command",
-               "exit_status", "ssh_client")
+               "exit_status", "ssh_client", "source")
+DATA_FIELDS = ("login_check", "kernel_login_user", "claimed_at")  # shown in alerts: what the kernel says, the claim
+
+
+@dataclass
+class _Outage:
+    """An IDC none of whose masters answers: since when, and whether the channel was told."""
+
+    since: float  # monotonic
+    since_ms: int
+    said: bool = False
 
 
 @dataclass
@@ -83,6 +100,8 @@ class AuditFeed:
         self._masters: dict[str, _Master] = {}
         self._heartbeats: dict[str, tuple[str, int]] = {}  # host -> (idc, newest heartbeat by this bot's clock)
         self._silent: set[str] = set()
+        self._problems: dict[str, str] = {}  # host -> the problem its agent reports, once alerted
+        self._down: dict[str, _Outage] = {}  # idc -> since when none of its masters answers
         self._stop = threading.Event()
         self._polling = threading.Lock()  # held by the poll under way
         self._timers: Timers | None = None
@@ -125,6 +144,8 @@ class AuditFeed:
                 self._masters.clear()
                 self._heartbeats.clear()
                 self._silent.clear()
+                self._problems.clear()
+                self._down.clear()
         self.leading = leading
         return leading
 
@@ -138,20 +159,39 @@ class AuditFeed:
                 break
             answered, count = self._poll_idc(idc)
             stored += count
+            if answered is not None:
+                self._reachable(idc, answered)
             if answered:
                 self._judge_heartbeats(idc)
         return stored
 
-    def _poll_idc(self, idc: str) -> tuple[bool, int]:
-        """Every master of the IDC that is due; whether any answered, and the events stored now."""
-        answered, stored = False, 0
+    def _poll_idc(self, idc: str) -> tuple[bool | None, int]:
+        """Every master of the IDC that is due; whether any answered (None: none was due), and the
+        events stored now."""
+        answered: bool | None = None
+        stored = 0
         for master_id in self.router.masters_of(idc):
             if self._stop.is_set() or not self._due(master_id) or not self._lead():
                 continue
             count = self._poll_master(idc, master_id)
-            if count is not None:
-                answered, stored = True, stored + count
+            answered = bool(answered) or count is not None
+            stored += count or 0
         return answered, stored
+
+    def _reachable(self, idc: str, answered: bool) -> None:
+        """Say once when no master of an IDC has answered for UNREACHABLE_AFTER_SECONDS, and when one does again."""
+        down = self._down.get(idc)
+        if answered:
+            if down is not None and self._down.pop(idc).said:
+                log.info("audit feed: a master of %s answers again", idc)
+                self._notify(reachable_message(idc, time.monotonic() - down.since), "info")
+            return
+        if down is None:
+            self._down[idc] = _Outage(time.monotonic(), now_ms())
+        elif not down.said and time.monotonic() - down.since >= min(UNREACHABLE_AFTER_SECONDS, self.silent_after_ms / 1000):
+            down.said = True
+            log.warning("audit feed: no master of %s has answered for %.0f s", idc, time.monotonic() - down.since)
+            self._notify(unreachable_message(idc, down.since_ms))
 
     def _poll_master(self, idc: str, master_id: str) -> int | None:
         """Read one master from its cursor on, page by page; the events stored now, None if it did not answer."""
@@ -192,17 +232,30 @@ class AuditFeed:
         if not events:
             return 0
         fresh = audit_store.insert_new(idc, events)
-        if self.rules is not None:
-            for record in fresh:
-                if record.kind == "command":
+        for record in fresh:
+            if record.kind == "command":
+                if self.rules is not None:
                     self._match(record)
+            else:
+                self._notice(record)
         return len(fresh)
+
+    def _notice(self, record: audit_store.AuditRecord) -> None:
+        """An agent's or master's notice (or an agent's drop) alerts in the alert channel."""
+        if self.alerts is None or self.silent_channel is None:
+            log.warning("audit notice from %s (no alert channel): %s", record.host, record.data)
+            return
+        row = record.__data__
+        match, event = notice_alert({name: row.get(name) for name in RULE_FIELDS}, row["data"], self.silent_channel)
+        self.alerts.alert(match, event, self.thresholds.fire(match, record.at), self.silent_channel)
 
     def _match(self, record: audit_store.AuditRecord) -> None:
         assert self.rules is not None
         row = record.__data__  # the stored values; a field's descriptor per name costs more than the match
         event = {name: row.get(name) for name in RULE_FIELDS}
         event["user"] = event["user"] or ""
+        data = row["data"]
+        event |= {name: data.get(name) for name in DATA_FIELDS}
         for match in self.rules.match(event):
             fired = self.thresholds.fire(match, record.at)
             channel = match.channel or self.fallback_channel
@@ -248,7 +301,20 @@ class AuditFeed:
             known = self._heartbeats.get(row["host"])
             if known is None or seen > known[1]:
                 self._heartbeats[row["host"]] = (idc, seen)
+                self._judge_problem(row["host"], idc, row.get("problem"))
         self._masters[master_id].agents_since = max(0, master_now - OVERLAP_MS)
+
+    def _judge_problem(self, host: str, idc: str, problem: Any) -> None:
+        """An agent that says something is wrong with it: one alert, and one when it no longer does."""
+        problem = problem if isinstance(problem, str) and problem else None
+        if problem is not None and host not in self._problems:
+            self._problems[host] = problem
+            log.warning("audit agent on %s (%s) reports a problem: %s", host, idc, problem)
+            self._notify(degraded_message(host, idc, problem))
+        elif problem is None and host in self._problems:
+            del self._problems[host]
+            log.info("audit agent on %s (%s) reports no problem now", host, idc)
+            self._notify(recovered_message(host, idc), "info")
 
     def _judge_heartbeats(self, idc: str) -> None:
         here = now_ms()
@@ -264,23 +330,12 @@ class AuditFeed:
             elif not silent and host in self._silent:
                 self._silent.discard(host)
                 log.info("audit agent on %s (%s) is back", host, idc)
-                self._notify(back_message(host, idc, seen))
+                self._notify(back_message(host, idc, seen), "info")
 
-    def _notify(self, message: Message) -> None:
+    def _notify(self, message: Message, severity: str = "warning") -> None:
         if self.alerts is None or self.silent_channel is None:
             return
-        self.alerts.notice(self.silent_channel, message)
-
-
-def silent_message(host: str, idc: str, last_seen_ms: int) -> Message:
-    text = (f":zzz: *audit agent silent* on `{escape(host)}` in `{escape(idc)}`: no heartbeat since "
-            f"{slack_date(last_seen_ms)}. Its commands are not reaching the audit store.")
-    return Message(f"[audit] agent on {escape(host)} ({escape(idc)}) is silent", [section(text)])
-
-
-def back_message(host: str, idc: str, seen_ms: int) -> Message:
-    text = f":white_check_mark: *audit agent back* on `{escape(host)}` in `{escape(idc)}` (heartbeat {slack_date(seen_ms)})."
-    return Message(f"[audit] agent on {escape(host)} ({escape(idc)}) is back", [section(text)])
+        self.alerts.notice(self.silent_channel, message, severity)
 
 
 def start_feed(router: Router, idcs: list[str], settings: BotSettings, transport: Transport,

@@ -16,6 +16,7 @@ from typing import Any
 
 from approvals import NO_POLICY, Gate, PolicyRefusal
 from bot import audit_store
+from bot.audit_fields import clock_note, login_status
 from bot.audit_rules import load_rules, redact
 from bot.commands import CommandError
 from bot.jobs import parse_since
@@ -108,36 +109,61 @@ def inline_answer(query: AuditQuery, records: list[audit_store.AuditRecord], pat
                   heading: str | None = None) -> Message:
     lines = [row_line(r, patterns) for r in records]
     head = heading or f"{len(records)} audit event(s) match {query.describe()}, newest first:"
+    if any(r.kind == "command" and r.source != "auditd" for r in records):
+        head += f"\n{LEGEND}"
     blocks = [section(escape(head))] + [section(code(chunk)) for chunk in _chunks(lines, SECTION_BUDGET)]
     text = escape(head) + "\n" + escape("\n".join(lines))
     return Message(clip(text, 3500), blocks)
 
 
+LEGEND = "(* claimed by the user's shell, not checked; ! the kernel says otherwise)"
+
+
 def row_line(record: audit_store.AuditRecord, patterns: tuple[str, ...]) -> str:
-    """One event on one line (unescaped): when, where, who, in which directory, exit status, command."""
-    who = record.user or "?"
-    if record.login_user and record.login_user != record.user:
-        who += f" (login {record.login_user})"
-    origin = f" from {record.ssh_client.split(' ', 1)[0]}" if record.ssh_client else ""
-    status = "" if record.exit_status is None else f" [{record.exit_status}]"
+    """One event on one line (unescaped): when, where, who, in which directory, exit status, command.
+    What only the user's shell claims is marked `*`, a login the kernel contradicts `!`."""
+    when = utc(record.at)
     if record.kind != "command":
-        return f"{utc(record.at)} {record.idc} {record.host} {record.kind}: {clip(_data(record), 200)}"
+        return f"{when} {record.idc} {record.host} {record.kind}: {clip(_data(record), 200)}"
+    data = record.data if isinstance(record.data, dict) else {}
+    kernel_said = record.source == "auditd"
+    note = clock_note(record.at, data.get("claimed_at"))
+    if note:
+        when += f" ({note}*)"
+    who = (record.user or "?") + _login(record, data)
+    mark = "" if kernel_said else "*"
+    origin = f" from {record.ssh_client.split(' ', 1)[0]}{mark}" if record.ssh_client else ""
+    status = "" if record.exit_status is None else f" [{record.exit_status}]"
     command = clip(_one_line(redact(record.command, patterns)), ROW_COMMAND_LIMIT)
     cwd = _one_line(redact(record.cwd or "?", patterns))
-    return f"{utc(record.at)} {record.idc} {record.host} {who}{origin} {clip(cwd, 80)}{status} $ {command}"
+    return f"{when} {record.idc} {record.host} {who}{origin} {clip(cwd, 80)}{status} $ {command}"
+
+
+def _login(record: audit_store.AuditRecord, data: dict[str, Any]) -> str:
+    checked = login_status({**data, "source": record.source})
+    if checked == "mismatch":
+        return f" (login {record.login_user or '?'}! kernel: {data.get('kernel_login_user') or 'no login session'})"
+    if not record.login_user or record.login_user == record.user:
+        return ""
+    return f" (login {record.login_user}{'' if checked == 'kernel' else '*'})"
 
 
 FILE_COLUMNS = ("time_utc", "idc", "host", "user", "login_user", "uid", "ssh_client", "tty", "cwd", "exit",
-                "kind", "command", "id")
+                "kind", "command", "id", "source", "login_check", "kernel_login_user", "claimed_time_utc")
 
 
 def file_text(records: list[audit_store.AuditRecord], patterns: tuple[str, ...]) -> str:
-    """Tab-separated, one event a line, commands whole but redacted; tabs and newlines shown as \\t \\n."""
+    """Tab-separated, one event a line, commands whole but redacted; tabs and newlines shown as \\t \\n.
+    `source` is auditd (every field the kernel's) or the agent's queue (a shell hook's record)."""
     rows = ["\t".join(FILE_COLUMNS)]
     for r in records:
+        data = r.data if isinstance(r.data, dict) else {}
+        claimed = data.get("claimed_at")
         values: list[object] = [utc(r.at), r.idc, r.host, r.user, r.login_user, r.uid, r.ssh_client, r.tty,
                                 redact(r.cwd or "", patterns), r.exit_status, r.kind,
-                                redact(r.command, patterns) if r.kind == "command" else _data(r), r.id]
+                                redact(r.command, patterns) if r.kind == "command" else _data(r), r.id, r.source,
+                                data.get("login_check"), data.get("kernel_login_user"),
+                                utc(claimed) if isinstance(claimed, int) else None]
         rows.append("\t".join(_cell(v) for v in values))
     return "\n".join(rows) + "\n"
 

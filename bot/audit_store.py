@@ -206,8 +206,10 @@ def save_position(master: str, received_after: int) -> None:
 
 
 def forget_events_before(cutoff_ms: int) -> int:
-    """Delete events that happened before `cutoff_ms` (retention)."""
-    return int(AuditRecord.delete().where(AuditRecord.at < cutoff_ms).execute())
+    """Delete events that happened, and were stored here, before `cutoff_ms` (retention). Both: an
+    event's time is the agent's (the shell's claim clamped), and a backlog stored today stays its
+    retention whatever its time says."""
+    return int(AuditRecord.delete().where((AuditRecord.at < cutoff_ms) & (AuditRecord.stored_at < cutoff_ms)).execute())
 
 
 # --- searching --------------------------------------------------------------------------------

@@ -19,7 +19,11 @@ job tables' migrations and these never depend on each other's order.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
+import threading
+from collections.abc import Mapping
 from typing import Any
 
 import peewee
@@ -29,8 +33,11 @@ from playhouse.migrate import migrate as run_migration
 from masters.envelope import Refused, Request, dumps
 from masters.store import BaseModel, db
 from ombot.clock import now_ms
-from ombot.config import ClientRegistration
+from masters.ingest_budget import IngestBudget
+from ombot.config import ClientRegistration, MasterSettings
 from ombot.storage import JSONField, create_tables, migrate
+
+log = logging.getLogger("ombot.master")
 
 MAX_BATCH_EVENTS = 1000
 MAX_EVENT_BYTES = 32 * 1024  # one event as JSON; the agent truncates command text well below this
@@ -38,6 +45,11 @@ EVENT_KINDS = ("command", "dropped", "notice")
 # host:boot-id:source:sequence; the host part is checked against the sender's registration
 _EVENT_ID_TAIL = re.compile(r"^[0-9a-f-]{1,64}:[a-z][a-z0-9_.-]{0,31}:[0-9]{1,19}$")
 _STATUS_FIELDS = ("spool_depth", "dropped_total", "sent_total")
+MAX_PROBLEM_CHARS = 500  # a heartbeat's `problem`: what the agent says is wrong with it
+FUTURE_MS = 60_000  # an event dated later than its arrival by more than this is stored at its arrival
+PULLED_MARGIN_MS = 3_600_000  # events every reader pulled are deleted this long after (a reader behind it)
+PRUNE_SECONDS = 60.0  # at most; more often for a retention under four minutes
+RATE_NOTICE_MS = 60_000  # at most one "ingest limit hit" notice per host this often
 MAX_READ_EVENTS = 1000  # one audit_read page
 DEFAULT_READ_EVENTS = 500
 MAX_READ_BYTES = 512 * 1024  # a page stops growing past this much event data (an event is at most 32 KiB)
@@ -63,6 +75,16 @@ class AuditAgent(BaseModel):
     spool_depth = peewee.BigIntegerField()
     dropped_total = peewee.BigIntegerField()
     sent_total = peewee.BigIntegerField()
+    problem = peewee.TextField(null=True)  # what the agent says is wrong with it; None when nothing is
+
+
+class AuditReader(BaseModel):
+    """How far each reading client (the bot, one per bot database) has pulled this master's events:
+    what every reader has read is deleted here (masters keep events only until the bot has them)."""
+
+    reader = peewee.CharField(max_length=64, primary_key=True)  # the client id that reads
+    after = peewee.BigIntegerField()  # its cursor: it holds every event received before this (epoch ms)
+    read_at = peewee.BigIntegerField()
 
 
 def _index_received(db: peewee.Database) -> None:
@@ -70,42 +92,109 @@ def _index_received(db: peewee.Database) -> None:
     run_migration(SchemaMigrator.from_database(db).add_index("auditevent", ("received_at", "id")))
 
 
-MIGRATIONS = [create_tables(AuditEvent, AuditAgent), _index_received]
+def _agent_problem_and_readers(db: peewee.Database) -> None:
+    """Heartbeats say what is wrong with an agent (a database made since has the column: step 1
+    creates the current model); readers' cursors let the master prune."""
+    columns = [d[0] for d in db.execute_sql("SELECT * FROM auditagent WHERE 1 = 0").description]
+    if "problem" not in columns:
+        run_migration(SchemaMigrator.from_database(db).add_column("auditagent", "problem",
+                                                                  peewee.TextField(null=True)))
+    with db.bind_ctx([AuditReader]):
+        db.create_tables([AuditReader])
+
+
+# Append-only: a new step goes at the end, never edit one that has shipped.
+MIGRATIONS = [create_tables(AuditEvent, AuditAgent), _index_received, _agent_problem_and_readers]
 
 
 class AuditIngest:
-    """Checks and stores agents' batches; the database must be open (masters.store.open_store)."""
+    """Checks and stores agents' batches; the database must be open (masters.store.open_store).
 
-    def __init__(self, clients: dict[str, ClientRegistration]) -> None:
-        self.clients = clients
-        self.enabled = any(c.kind == "agent" for c in clients.values())
-        if self.enabled:  # masters without agents keep no audit tables
-            migrate(db.obj, "audit", MIGRATIONS)
+    `clients` is read live (the master's registry): the audit tables are made when the first agent is
+    accepted, at start or when an admin adds one; masters that never had an agent keep none."""
+
+    def __init__(self, clients: Mapping[str, ClientRegistration], settings: MasterSettings) -> None:
+        self.clients, self.settings = clients, settings
+        self.budget = IngestBudget(settings.limits)
+        self._readers: dict[str, int] = {}  # reader -> the cursor last kept (saves a write per poll)
+        self._rate_noticed: dict[str, int] = {}  # host -> when its last "ingest limit" notice was stored
+        # this master's own notices: a source name unique to it, within the event id grammar
+        self._source = "master." + hashlib.sha256(settings.id.encode()).hexdigest()[:12]
+        self._enabled = False
+        self._lock = threading.Lock()
+        self.enabled()  # the tables now, if an agent is registered
+
+    def enabled(self) -> bool:
+        """Whether this master has the audit tables: once an agent was accepted here, for good."""
+        if not self._enabled and any(c.kind == "agent" for c in self.clients.values()):
+            with self._lock:
+                if not self._enabled:
+                    migrate(db.obj, "audit", MIGRATIONS)
+                    self._enabled = True
+        return self._enabled
 
     def ingest(self, client: ClientRegistration, request: Request) -> dict[str, Any]:
         host, events = self._batch(client, request.args)
-        status = request.args.get("status")
-        if status is not None and not (isinstance(status, dict) and all(_count(status.get(f)) for f in _STATUS_FIELDS)):
-            raise Refused("bad_request", f"status needs non-negative integers {', '.join(_STATUS_FIELDS)}")
-        kept: dict[str, dict[str, Any]] = {}
-        rejected: list[dict[str, Any]] = []
-        for index, event in enumerate(events):
-            reason = event_problem(event, host)
-            if reason is None and event["id"] in kept:
-                reason = "the same id twice in one batch"
-            if reason is None:
-                kept[event["id"]] = event
-            else:
-                event_id = event.get("id") if isinstance(event, dict) and isinstance(event.get("id"), str) else None
-                rejected.append({"index": index, "id": event_id[:255] if event_id else None, "reason": reason})
-        stored = self._store(client, host, list(kept.values()))
+        if not self.enabled():  # an agent revoked since its frame opened: nothing to store it in
+            raise Refused("revoked", f"client {client.id} was revoked at this master")
+        status = _status(request.args.get("status"))
+        kept, rejected = _checked(events, host)
+        taken, wait = self.budget.take(host, [size for _, size in kept])
+        stored = self._store(client, host, [event for event, _ in kept[:taken]])
         if status is not None:
             self._heartbeat(host, status)
-        return {"acked": list(kept), "stored": stored, "rejected": rejected}
+        reply: dict[str, Any] = {"acked": [event["id"] for event, _ in kept[:taken]], "stored": stored,
+                                 "rejected": rejected}
+        if taken < len(kept):  # the rest waits in the agent's queue; one notice a minute says so
+            reply |= {"retry_after": wait, "deferred": len(kept) - taken}
+            self._rate_notice(client, host, len(kept) - taken)
+        return reply
 
     def read(self, request: Request) -> dict[str, Any]:
-        """audit_read: a page of what this master stored, for the bot (masters.clients lets only chat clients)."""
-        return read_page(self.enabled, request.args)
+        """audit_read: a page of what this master stored, for the bot (masters.clients lets only chat
+        clients). Its cursor is the reader's word that it holds every event before it: kept, for pruning."""
+        page = read_page(self.enabled(), request.args)
+        if self.enabled():
+            self._reader_at(request.sender, min(int(request.args.get("after", 0)), page["now"]))
+        return page
+
+    def _reader_at(self, reader: str, after: int) -> None:
+        if self._readers.get(reader, -1) >= after:
+            return  # not moved: no write
+        values = {"after": after, "read_at": now_ms()}
+        with db.atomic():
+            if not AuditReader.update(**values).where(AuditReader.reader == reader).execute():
+                AuditReader.insert(reader=reader, **values).on_conflict_ignore().execute()
+        self._readers[reader] = after
+
+    def prune(self) -> None:
+        """Delete what every reader has pulled (an hour behind the slowest), and whatever is older than
+        `audit_retention_days`, pulled or not (saying how many were never pulled)."""
+        if not self._enabled:
+            return
+        try:
+            deleted, unpulled = prune_events(now_ms(), int(self.settings.audit_retention_days * 86_400_000))
+        except Exception:  # the database may be away a moment: the next run tries again
+            log.exception("could not prune the audit tables")
+            return
+        if unpulled:
+            log.warning("deleted %d audit event(s) past audit_retention_days that no reader had pulled", unpulled)
+        elif deleted:
+            log.debug("deleted %d audit event(s) the bot has", deleted)
+
+    def _rate_notice(self, client: ClientRegistration, host: str, deferred: int) -> None:
+        """A notice of this master's own in the host's stream: its agent sends faster than it may."""
+        now = now_ms()
+        if now - self._rate_noticed.get(host, 0) < RATE_NOTICE_MS:
+            return
+        self._rate_noticed[host] = now
+        limits = self.settings.limits
+        problem = (f"{host}'s agent sends faster than master {self.settings.id} takes ({limits.ingest_events_per_second} "
+                   f"events and {limits.ingest_bytes_per_second} bytes a second): {deferred} event(s) wait on {host}")
+        log.warning("audit ingest limit: %s", problem)
+        event = {"id": f"{host}:0:{self._source}:{now}", "kind": "notice", "at": now,
+                 "data": {"code": "ingest_rate", "problem": problem, "deferred": deferred, "master": self.settings.id}}
+        self._store(client, host, [event])
 
     @staticmethod
     def _batch(client: ClientRegistration, args: dict[str, Any]) -> tuple[str, list[Any]]:
@@ -124,8 +213,9 @@ class AuditIngest:
         if not events:
             return 0
         received = now_ms()
-        rows = [{"id": e["id"], "host": host, "kind": e["kind"], "at": e["at"], "received_at": received,
-                 "sender": client.id, "data": e["data"]} for e in events]
+        rows = [{"id": e["id"], "host": host, "kind": e["kind"], "received_at": received, "sender": client.id,
+                 **({"at": e["at"], "data": e["data"]} if e["at"] <= received + FUTURE_MS else  # else: its arrival
+                    {"at": received, "data": {**e["data"], "agent_at": e["at"]}})} for e in events]
         stored = 0
         with db.atomic():
             for start in range(0, len(rows), 100):  # bounded statements, whatever the backend's limits
@@ -135,7 +225,7 @@ class AuditIngest:
 
     @staticmethod
     def _heartbeat(host: str, status: dict[str, Any]) -> None:
-        values = {f: status[f] for f in _STATUS_FIELDS} | {"last_seen": now_ms()}
+        values = {f: status[f] for f in _STATUS_FIELDS} | {"last_seen": now_ms(), "problem": status.get("problem")}
         with db.atomic():  # update, else insert: portable across SQLite, MariaDB and PostgreSQL
             if not AuditAgent.update(**values).where(AuditAgent.host == host).execute():
                 AuditAgent.insert(host=host, **values).on_conflict_ignore().execute()
@@ -171,16 +261,60 @@ def read_page(enabled: bool, args: dict[str, Any]) -> dict[str, Any]:
         if size >= MAX_READ_BYTES:
             break
     agents = [] if agents_since is None else [
-        {"host": a.host, "last_seen": a.last_seen, **{f: getattr(a, f) for f in _STATUS_FIELDS}}
+        {"host": a.host, "last_seen": a.last_seen, "problem": a.problem, **{f: getattr(a, f) for f in _STATUS_FIELDS}}
         for a in AuditAgent.select().where(AuditAgent.last_seen >= agents_since).order_by(AuditAgent.host)]
     return {"now": now, "events": events, "more": len(events) == limit or size >= MAX_READ_BYTES, "agents": agents}
 
 
-def event_problem(event: Any, host: str) -> str | None:
-    """Why this event cannot be stored, or None when it can."""
+def prune_events(now: int, retention_ms: int, margin_ms: int = PULLED_MARGIN_MS) -> tuple[int, int]:
+    """Delete events every recent reader has pulled (`margin_ms` behind the slowest) and those older
+    than the retention; (deleted, of those never pulled). Readers silent for longer than the
+    retention no longer hold anything back."""
+    retained = now - retention_ms
+    AuditReader.delete().where(AuditReader.read_at < retained).execute()
+    cursors = [r.after for r in AuditReader.select(AuditReader.after)]
+    pulled = min(cursors) - margin_ms if cursors else None
+    cutoff = retained if pulled is None else max(retained, pulled)
+    unpulled = AuditEvent.select().where((AuditEvent.received_at < retained)
+                                         & (AuditEvent.received_at >= (pulled or 0))).count()
+    deleted = AuditEvent.delete().where(AuditEvent.received_at < cutoff).execute()
+    return int(deleted), int(unpulled)
+
+
+def _status(status: Any) -> dict[str, Any] | None:
+    """The heartbeat: counters, and what the agent says is wrong with it (a short text), if anything."""
+    if status is None:
+        return None
+    if not (isinstance(status, dict) and all(_count(status.get(f)) for f in _STATUS_FIELDS)):
+        raise Refused("bad_request", f"status needs non-negative integers {', '.join(_STATUS_FIELDS)}")
+    problem = status.get("problem")
+    if problem is not None and not (isinstance(problem, str) and len(problem) <= MAX_PROBLEM_CHARS):
+        raise Refused("bad_request", f"status.problem must be text of at most {MAX_PROBLEM_CHARS} characters")
+    return status
+
+
+def _checked(events: list[Any], host: str) -> tuple[list[tuple[dict[str, Any], int]], list[dict[str, Any]]]:
+    """The batch's events that may be stored, each with its size, and the reasoned refusals."""
+    kept: dict[str, tuple[dict[str, Any], int]] = {}
+    rejected: list[dict[str, Any]] = []
+    for index, event in enumerate(events):
+        size = len(dumps(event)) if isinstance(event, dict) else 0
+        reason = event_problem(event, host, size)
+        if reason is None and event["id"] in kept:
+            reason = "the same id twice in one batch"
+        if reason is None:
+            kept[event["id"]] = (event, size)
+        else:
+            event_id = event.get("id") if isinstance(event, dict) and isinstance(event.get("id"), str) else None
+            rejected.append({"index": index, "id": event_id[:255] if event_id else None, "reason": reason})
+    return list(kept.values()), rejected
+
+
+def event_problem(event: Any, host: str, size: int | None = None) -> str | None:
+    """Why this event cannot be stored, or None when it can; `size` is its JSON length, if known."""
     if not isinstance(event, dict):
         return "an event must be an object"
-    size = len(dumps(event))
+    size = len(dumps(event)) if size is None else size
     if size > MAX_EVENT_BYTES:
         return f"oversized: {size} bytes, the cap is {MAX_EVENT_BYTES}"
     event_id = event.get("id")

@@ -25,7 +25,7 @@ from masters.keys import Identity, decode_public
 from masters.states import JobState
 from modules import Catalog
 from ombot.clock import now_ms
-from ombot.config import Config, MasterSettings
+from ombot.config import CLIENT_MAX_IDLE_SECONDS, Config, MasterSettings
 from ombot.errors import OmbotError
 
 CLIENT_CONFIG: dict[str, Any] = {
@@ -78,6 +78,7 @@ class _Connection:
     def __init__(self, conn: rpyc.Connection) -> None:
         self.conn = conn
         self.methods: dict[str, Callable[[bytes], Any]] = {}
+        self.idle_since = time.monotonic()
 
     def method(self, op: str) -> Callable[[bytes], Any]:
         if op not in self.methods:
@@ -86,8 +87,10 @@ class _Connection:
 
     def usable(self) -> bool:
         """An idle connection with something to read was closed by the master (e.g. it restarted):
-        using it would turn a clean failover into an 'unknown' outcome."""
-        if self.conn.closed:
+        using it would turn a clean failover into an 'unknown' outcome. One idle for CLIENT_MAX_IDLE_SECONDS
+        is not used either: the master closes idle connections (`idle_timeout_seconds`), and one it
+        closes just as a request goes out would make that request's outcome unknown."""
+        if self.conn.closed or time.monotonic() - self.idle_since > CLIENT_MAX_IDLE_SECONDS:
             return False
         try:
             readable, _, _ = select.select([self.conn.fileno()], [], [], 0)
@@ -138,6 +141,7 @@ class MasterLink:
         return _Connection(self._connect())
 
     def _checkin(self, conn: _Connection) -> None:
+        conn.idle_since = time.monotonic()
         with self._lock:
             if len(self._idle) < self.max_idle:
                 self._idle.append(conn)
@@ -291,6 +295,14 @@ class Router:
                 except (ConnectFailed, MasterLost, Refused) as exc:
                     found[master_id] = exc
         return found
+
+    def registry(self, master_id: str, args: dict[str, Any]) -> dict[str, Any]:
+        """The `registry` operation (admin keys: add, revoke, list registrations) at one named master.
+        Never failed over: each master keeps its own registrations, so each must be told. `add` and
+        `revoke` are idempotent: after a lost reply (MasterLost), sending them again is safe."""
+        if master_id not in self.links:
+            raise OmbotError(f"unknown master {master_id!r} (known: {', '.join(self.links) or 'none'})")
+        return self.links[master_id].call("registry", args)
 
     def health(self) -> list[dict[str, Any]]:
         """Every configured master, reachable or not, with its round-trip time."""

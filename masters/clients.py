@@ -9,6 +9,7 @@ every identity a request names against it: the request's own word is never enoug
 - An `agent` client (a server's audit agent) speaks as `agent:HOST` and may call only `ingest`,
   which no other client may call.
 - Only a `chat` client (the bot, whose store holds the audit trail) reads stored audit events.
+- Only an `admin` client (a `cli` key marked so in ombot.toml) changes the master's registrations.
 """
 
 from __future__ import annotations
@@ -27,16 +28,21 @@ CHAT_ORIGINS = ("slack", "console")
 
 AGENT_OPS = ("ingest",)
 CHAT_ONLY_OPS = ("audit_read",)
+ADMIN_OPS = ("registry",)
 
 
 def check_operation(client: ClientRegistration, op: str) -> None:
-    """An agent key ships audit events and nothing else; only agent keys ship them."""
+    """An agent key ships audit events and nothing else; only agent keys ship them; only admins
+    change registrations."""
     if client.kind == "agent" and op not in AGENT_OPS:
         raise Refused("not_permitted", f"client {client.id} is an audit agent: it may only ingest, not {op}")
     if client.kind != "agent" and op in AGENT_OPS:
         raise Refused("not_permitted", f"client {client.id} is a {client.kind} client: only audit agents ingest")
     if client.kind != "chat" and op in CHAT_ONLY_OPS:
         raise Refused("not_permitted", f"client {client.id} is a {client.kind} client: only the bot reads audit events")
+    if op in ADMIN_OPS and not client.admin:
+        raise Refused("not_permitted", f"client {client.id} is not an admin: only a cli key with admin = true "
+                                       f"in ombot.toml may call {op}")
 
 
 def check_requester(client: ClientRegistration, request: Request) -> None:

@@ -15,20 +15,21 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ombot
 from masters.backends.base import Backend
 from masters.backends.base import close as close_backend
-from masters.audit import AuditIngest
+from masters.audit import PRUNE_SECONDS, AuditIngest
 from masters.clients import check_operation, check_requester
 from masters.envelope import Opener, Peer, Refused, Request
-from masters.housekeeping import Housekeeping
+from masters.housekeeping import SECONDS_PER_DAY, Housekeeping, purge_interval
 from masters.inventory import Inventory, TargetError
 from masters.jobspec import SubmitChecks, require_inventory
 from masters.jobstore import JobStore, summary
-from masters.keys import Identity, decode_public
+from masters.keys import Identity
+from masters.registry import ClientRegistry
 from masters.lograte import LogBudget
 from masters.runner import JobRunner
 from modules import Module, catalog_of
@@ -41,17 +42,19 @@ log = logging.getLogger("ombot.master")
 class MasterCore:
     """One master's request handling: open each frame, check who asks, run the operation, seal the reply."""
 
-    def __init__(self, settings: MasterSettings, identity: Identity, clients: dict[str, ClientRegistration],
+    def __init__(self, settings: MasterSettings, identity: Identity, clients: Mapping[str, ClientRegistration],
                  modules: dict[str, Module], inventory: Inventory | None, backend: Backend) -> None:
+        """`clients`: ombot.toml's registrations this master accepts; the live registry overlays them
+        with what `registry` stored in the database (which must be open)."""
         self.settings, self.modules, self.inventory, self.backend = settings, modules, inventory, backend
-        self.clients = clients
+        # One live map of who is accepted now: the opener asks it per frame, everything else reads it.
+        self.clients = ClientRegistry(settings.id, clients)
         self.catalog = catalog_of(modules)
         limits = settings.limits
-        accepted = {cid: decode_public(client.public_key) for cid, client in clients.items()}
-        self.opener = Opener(identity, settings.id, accepted, limits.max_frame_bytes,
+        self.opener = Opener(identity, settings.id, self.clients.sender, limits.max_frame_bytes,
                              limits.clock_skew_seconds, limits.max_validity_seconds)
         self.jobs = JobStore(settings.id)
-        self.checks = SubmitChecks(settings, clients, modules, inventory, backend)
+        self.checks = SubmitChecks(settings, self.clients, modules, inventory, backend)
         self.runner = JobRunner(settings, backend, inventory, self.jobs)
         self.started_at = time.time()
         operations: dict[str, Callable[[Request], dict[str, Any]]] = {
@@ -59,13 +62,16 @@ class MasterCore:
             "events": self._events, "cancel": self._cancel, "health": self._health,
             "ingest": self._ingest, "audit_read": lambda request: self.audit.read(request),
             "preview": self.checks.preview,  # read-only: a dry run's hosts and generated playbook
+            "registry": self.clients.operation,  # admin keys: add, revoke and list registrations
         }
         # Every operation first checks who is asking against the sender's registration.
         self.ops = {op: self._as_registered(op, work) for op, work in operations.items()}
-        self.audit = AuditIngest(clients)
+        self.audit = AuditIngest(self.clients, settings)
         self.runner.recover_interrupted()
         # Retention, old nonces, and jobs waiting for hosts another master holds.
         self.housekeeping = Housekeeping(self.jobs, settings.retention_days, self.runner.retry_waiting)
+        prune_every = min(PRUNE_SECONDS, purge_interval(settings.audit_retention_days * SECONDS_PER_DAY))
+        self.housekeeping.every("audit-prune", prune_every, self.audit.prune)  # what the bot has pulled
         self.housekeeping.start()
 
     # -- transport entry point -------------------------------------------------------------
@@ -73,16 +79,18 @@ class MasterCore:
     # What a peer without a valid envelope can make the master write: rate-limited, shared by all.
     strangers_log = LogBudget(log, burst=20, per_second=0.5)
 
-    def handle(self, op: str, frame: object, authenticated: Callable[[], None] | None = None) -> bytes:
-        """`authenticated` is called once the frame has opened (a valid envelope from an accepted key),
-        before any work: the transport then stops treating that connection as a stranger's."""
+    def handle(self, op: str, frame: object, authenticated: Callable[[str, str], None] | None = None) -> bytes:
+        """`authenticated(client_id, kind)` is called once the frame has opened (a valid envelope from
+        an accepted key), before any work: the transport binds the connection to that key, and may
+        refuse (raise Refused) a key or kind that holds all the connections it may."""
         peer: Peer | None = None
         request: Request | None = None
         try:
             request, peer = self.opener.open(frame, op)
-            if authenticated is not None:
-                authenticated()
-            if op == "cancel":  # state-changing: a replay must never act twice (a submit's nonce: JobStore.record)
+            if authenticated is not None:  # the connection learns whose it is (and may refuse to carry it)
+                client = self.clients.get(request.sender)
+                authenticated(request.sender, "" if client is None else client.kind)
+            if op in ("cancel", "registry"):  # state-changing: a replay must never act twice (submit: JobStore.record)
                 self._remember(request)
             return self.opener.seal_reply(peer, request, self.ops[op](request))
         except Refused as refused:
@@ -105,8 +113,11 @@ class MasterCore:
 
     def _as_registered(self, op: str, work: Callable[[Request], dict[str, Any]]) -> Callable[[Request], dict[str, Any]]:
         def checked(request: Request) -> dict[str, Any]:
-            check_operation(self.clients[request.sender], op)  # an agent key only ingests, and only agents do
-            check_requester(self.clients[request.sender], request)
+            client = self.clients.get(request.sender)
+            if client is None:  # revoked between opening the frame and now
+                raise Refused("revoked", f"client {request.sender} was revoked at this master")
+            check_operation(client, op)  # an agent key only ingests, and only agents do
+            check_requester(client, request)
             return work(request)
 
         return checked

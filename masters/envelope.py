@@ -17,6 +17,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,8 @@ REQUEST_MAGIC = b"OMB1"
 REPLY_MAGIC = b"OMR1"
 REFUSAL_MAGIC = b"OMX1"
 VERSION = 1
-OPS = ("catalog", "expand", "submit", "events", "cancel", "health", "ingest", "audit_read", "preview")  # ingest: audit agents only; audit_read: the bot
+# ingest: audit agents only; audit_read: the bot; registry: admin CLI keys (docs/protocol.md)
+OPS = ("catalog", "expand", "submit", "events", "cancel", "health", "ingest", "audit_read", "preview", "registry")
 ORIGINS = ("cli", "slack", "console", "agent")
 _KEY_LEN = 32
 
@@ -132,14 +134,36 @@ class Peer:
         return reply
 
 
-class Opener:
-    """The master's side: authenticate, decrypt, verify and check a request frame."""
+# The sender key's client id, or None for a key the master does not accept; it may raise Refused
+# itself (a revoked key). Asked for every frame, so a revocation holds from the very next one.
+SenderLookup = Callable[[bytes], str | None]
 
-    def __init__(self, me: Identity, master_id: str, accepted: dict[str, VerifyKey],
+
+class Opener:
+    """The master's side: authenticate, decrypt, verify and check a request frame.
+
+    `accepted` is a fixed map (client id -> key) or a SenderLookup consulted per frame (the master's
+    live registry, masters.registry)."""
+
+    def __init__(self, me: Identity, master_id: str, accepted: Mapping[str, VerifyKey] | SenderLookup,
                  max_frame: int, skew: int, max_validity: int) -> None:
         self.me, self.master_id = me, master_id
         self.max_frame, self.skew, self.max_validity = max_frame, skew, max_validity
-        self.peers = {bytes(key): (client_id, Peer(me, key)) for client_id, key in accepted.items()}
+        if isinstance(accepted, Mapping):
+            fixed = {bytes(key): client_id for client_id, key in accepted.items()}
+            self.sender_of: SenderLookup = fixed.get
+        else:
+            self.sender_of = accepted
+        self._peers: dict[bytes, Peer] = {}  # a Box per accepted key, made on its first frame
+
+    def _peer(self, sender_key: bytes) -> tuple[str, Peer]:
+        client_id = self.sender_of(sender_key)
+        if client_id is None:
+            raise Refused("unknown_sender", "the sender's key is not accepted by this master")
+        peer = self._peers.get(sender_key)
+        if peer is None:  # two threads may both make it: the same Box either way
+            peer = self._peers[sender_key] = Peer(self.me, VerifyKey(sender_key))
+        return client_id, peer
 
     def open(self, frame: object, op: str, now: float | None = None) -> tuple[Request, Peer]:
         if type(frame) is not bytes:  # a netref or bytes subclass would be a live remote object
@@ -149,10 +173,7 @@ class Opener:
                           size=len(frame), cap=self.max_frame)
         if frame[:4] != REQUEST_MAGIC or len(frame) < 4 + _KEY_LEN + Box.NONCE_SIZE + 16:
             raise Refused("bad_frame", "not an OMBot request frame")
-        sender_key = frame[4 : 4 + _KEY_LEN]
-        if sender_key not in self.peers:
-            raise Refused("unknown_sender", "the sender's key is not accepted by this master")
-        client_id, peer = self.peers[sender_key]
+        client_id, peer = self._peer(frame[4 : 4 + _KEY_LEN])
         try:
             signed = peer.box.decrypt(frame[4 + _KEY_LEN :])
         except CryptoError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +46,10 @@ def require_inventory(inventory: Inventory | None, master_id: str) -> Inventory:
 
 
 class SubmitChecks:
-    """Everything a submit must pass before the master records it; it never touches the store."""
+    """Everything a submit must pass before the master records it; it never touches the store.
+    `clients` is read per request: the master's live registry (masters.registry)."""
 
-    def __init__(self, settings: MasterSettings, clients: dict[str, ClientRegistration],
+    def __init__(self, settings: MasterSettings, clients: Mapping[str, ClientRegistration],
                  modules: dict[str, Module], inventory: Inventory | None, backend: Backend | None = None) -> None:
         self.settings, self.clients, self.modules, self.inventory = settings, clients, modules, inventory
         self.backend = backend

@@ -12,9 +12,9 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import rpyc
 from rpyc.core.channel import Channel
@@ -24,13 +24,13 @@ from rpyc.utils.server import ThreadedServer
 from masters import store
 from masters.backends import backend_named
 from masters.core import MasterCore
-from masters.envelope import OPS
+from masters.envelope import OPS, Refused
 from masters.housekeeping import Housekeeping
 from masters.inventory import open_inventory
 from masters.keys import Identity
 from masters.lograte import LogBudget
 from modules import load_modules
-from ombot.config import Config, MasterSettings
+from ombot.config import Config, Limits, MasterSettings
 from ombot.errors import ConfigError, OmbotError
 
 log = logging.getLogger("ombot.master")
@@ -128,17 +128,28 @@ def _hang_up(sock: socket.socket, reset: bool) -> None:
     sock.close()
 
 
+class ConnectionGate(Protocol):
+    """What a connection's service tells the server about it (CappedThreadedServer's `_Gate`)."""
+
+    def authenticated(self, client_id: str, kind: str) -> None:
+        """A frame on this connection opened as `client_id`'s; raises Refused if the connection may not
+        carry it (bound to another key, or that key or kind holds all the connections it may)."""
+
+    def calls(self, delta: int) -> None:
+        """A call starts (+1) or ends (-1): a connection in a call is never idle."""
+
+
 class MasterService(rpyc.Service):
     """The rpyc service: the envelope methods, bytes in and bytes out, each handed to MasterCore."""
 
-    def __init__(self, core: MasterCore, on_authenticated: Callable[[], None] | None = None) -> None:
+    def __init__(self, core: MasterCore, gate: ConnectionGate | None = None) -> None:
         self._core = core
-        self._on_authenticated = on_authenticated
+        self._gate = gate
         self._max_message = core.settings.limits.max_frame_bytes + RPYC_OVERHEAD_BYTES
 
-    def for_connection(self, on_authenticated: Callable[[], None]) -> MasterService:
-        """The service for one connection: it reports when a frame on it authenticates."""
-        return MasterService(self._core, on_authenticated)
+    def for_connection(self, gate: ConnectionGate) -> MasterService:
+        """The service for one connection: it reports its calls and whose key each frame carries."""
+        return MasterService(self._core, gate)
 
     def _connect(self, channel: Channel, config: dict[str, Any]) -> rpyc.Connection:
         """Every connection the server accepts goes through here: swap in the bounded channel."""
@@ -155,32 +166,44 @@ class MasterService(rpyc.Service):
     def _rpyc_delattr(self, name: str) -> None:
         raise AttributeError("read-only")
 
+    def _call(self, op: str, frame: bytes) -> bytes:
+        if self._gate is None:
+            return self._core.handle(op, frame)
+        self._gate.calls(+1)
+        try:
+            return self._core.handle(op, frame, self._gate.authenticated)
+        finally:
+            self._gate.calls(-1)
+
     def exposed_catalog(self, frame: bytes) -> bytes:
-        return self._core.handle("catalog", frame, self._on_authenticated)
+        return self._call("catalog", frame)
 
     def exposed_expand(self, frame: bytes) -> bytes:
-        return self._core.handle("expand", frame, self._on_authenticated)
+        return self._call("expand", frame)
 
     def exposed_submit(self, frame: bytes) -> bytes:
-        return self._core.handle("submit", frame, self._on_authenticated)
+        return self._call("submit", frame)
 
     def exposed_events(self, frame: bytes) -> bytes:
-        return self._core.handle("events", frame, self._on_authenticated)
+        return self._call("events", frame)
 
     def exposed_cancel(self, frame: bytes) -> bytes:
-        return self._core.handle("cancel", frame, self._on_authenticated)
+        return self._call("cancel", frame)
 
     def exposed_health(self, frame: bytes) -> bytes:
-        return self._core.handle("health", frame, self._on_authenticated)
+        return self._call("health", frame)
 
     def exposed_ingest(self, frame: bytes) -> bytes:
-        return self._core.handle("ingest", frame, self._on_authenticated)
+        return self._call("ingest", frame)
 
     def exposed_audit_read(self, frame: bytes) -> bytes:
-        return self._core.handle("audit_read", frame, self._on_authenticated)
+        return self._call("audit_read", frame)
 
     def exposed_preview(self, frame: bytes) -> bytes:
-        return self._core.handle("preview", frame, self._on_authenticated)
+        return self._call("preview", frame)
+
+    def exposed_registry(self, frame: bytes) -> bytes:
+        return self._call("registry", frame)
 
 
 def build_core(config: Config, settings: MasterSettings) -> MasterCore:
@@ -197,9 +220,10 @@ def build_core(config: Config, settings: MasterSettings) -> MasterCore:
     return MasterCore(settings, identity, accepted, modules, inventory, backend_named(settings.backend, settings))
 
 
-SWEEP_SECONDS = 5.0  # how often suppressed stranger lines are reported (and overdue strangers closed, at the latest)
+SWEEP_SECONDS = 5.0  # how often suppressed stranger lines are reported and idle connections closed
 SWEEP_JOB, DEADLINE_JOB = "connections", "stranger-deadline"
 THREAD_HEADROOM = 2  # threads of just-closed connections may still be finishing: cap all at 2x the cap
+RETRY_AFTER_SECONDS = 5  # what a refused connection's client is told to wait
 
 
 @dataclass(eq=False)  # hashed by identity: one Link per accepted socket
@@ -209,27 +233,47 @@ class Link:
     sock: socket.socket
     peer: str
     deadline: float  # time.monotonic() by which a frame on it must authenticate
-    authenticated: bool = False  # a frame on it passed Opener.open; it stays so
+    client: str | None = None  # the key whose frame first opened on it: it carries that key's frames only
+    kind: str | None = None  # that key's kind: agents have their own pool
+    last_active: float = field(default_factory=time.monotonic)
+    calls: int = 0  # calls under way: a connection in a call is never idle
+    hang_up: str | None = None  # close it once the reply under way is sent, for this reason
     closed_because: str | None = None  # set when the master closes it on purpose
+    quiet: bool = False  # an ordinary close (idle): logged at info, not as a warning
+
+    @property
+    def authenticated(self) -> bool:
+        """A frame on it passed Opener.open; it stays so."""
+        return self.client is not None
 
 
 class CappedThreadedServer(ThreadedServer):
-    """A thread per connection, at most `max_connections` open. Until a frame on it authenticates, a
-    connection is a stranger's: it is closed `auth_timeout` seconds after it was accepted, and at the
-    cap the oldest stranger is closed to admit a newcomer (else idle sockets would lock every client
-    out). Authenticated connections are never closed for strangers; with every slot authenticated,
-    newcomers are refused.
+    """A thread per connection, in two pools. Until a frame on it authenticates, a connection is a
+    stranger's and counts in the operators' pool (`max_connections`, with the bot, console and CLI
+    connections): it is closed `auth_timeout_seconds` after it was accepted, and at the cap the
+    oldest stranger is closed to admit a newcomer (else idle sockets would lock every client out).
+    A connection whose first valid frame is an agent's moves to the agents' pool
+    (`max_agent_connections`): a thousand servers' agents never take the slots chat and CLI need.
+
+    Each connection is bound to the key of its first valid frame (another key's frame on it is
+    refused and the connection closed), and each key holds at most `max_connections_per_client`
+    connections (`max_connections_per_agent` for an agent key). Authenticated connections are never
+    closed for strangers, but are closed when idle: `idle_timeout_seconds` (`agent_idle_seconds` for
+    agents, which connect, ship and go).
 
     Its timers are jobs on the master's scheduler (masters.housekeeping): a one-shot job at the
-    oldest stranger's deadline, and a sweep every SWEEP_SECONDS that reports suppressed log lines."""
+    oldest stranger's deadline, and a sweep every SWEEP_SECONDS that closes idle connections and
+    reports suppressed log lines."""
 
-    def __init__(self, *args: Any, max_connections: int, auth_timeout: float, timers: Housekeeping,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: Limits, timers: Housekeeping, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.max_connections, self.auth_timeout, self.timers = max_connections, auth_timeout, timers
+        self.limits, self.timers = limits, timers
+        self.max_connections, self.auth_timeout = limits.max_connections, limits.auth_timeout_seconds
         self._lock = threading.RLock()  # _close, under it, forgets the link under it too
         self._open: dict[Link, None] = {}  # every open connection, as an ordered set
         self._strangers: dict[Link, None] = {}  # those not yet authenticated, oldest (earliest deadline) first
+        self._per_client: dict[str, int] = {}  # open connections per client key
+        self._agents = 0  # open connections bound to agent keys (their own pool)
         self._threads = 0  # serving threads still running, closed connections' included
         timers.every(SWEEP_JOB, SWEEP_SECONDS, self._sweep)
 
@@ -256,9 +300,9 @@ class CappedThreadedServer(ThreadedServer):
     def _admit(self, sock: socket.socket) -> Link | str:
         """The newcomer's Link, making room if a stranger holds a slot; else why it is refused."""
         with self._lock:
-            if self._threads >= THREAD_HEADROOM * self.max_connections:
+            if self._threads >= THREAD_HEADROOM * (self.max_connections + self.limits.max_agent_connections):
                 return f"{self._threads} connection threads are still running"
-            if len(self._open) >= self.max_connections:
+            if len(self._open) - self._agents >= self.max_connections:
                 oldest = next(iter(self._strangers), None)
                 if oldest is None:
                     return f"{self.max_connections} connections already open, all authenticated"
@@ -271,19 +315,49 @@ class CappedThreadedServer(ThreadedServer):
                 self.timers.at(DEADLINE_JOB, link.deadline, self._reap)
             return link
 
-    def _authenticated(self, link: Link) -> None:
-        if link.authenticated:
-            return
+    def _bind(self, link: Link, client_id: str, kind: str) -> None:
+        """A frame on `link` opened as `client_id`'s: bind the connection to that key on its first one."""
         with self._lock:
-            link.authenticated = True
+            link.last_active = time.monotonic()
+            if link.client == client_id:
+                return
+            if link.client is not None:
+                raise self._hang_up(link, Refused("wrong_connection", f"this connection carries {link.client}'s "
+                                                  "requests: connect again for another key"))
+            if kind == "agent" and self._agents >= self.limits.max_agent_connections:
+                raise self._hang_up(link, Refused("busy", f"{self._agents} agent connections are open, the most "
+                                                  "this master takes", retry_after=RETRY_AFTER_SECONDS))
+            cap = self.limits.max_connections_per_agent if kind == "agent" else self.limits.max_connections_per_client
+            if self._per_client.get(client_id, 0) >= cap:
+                raise self._hang_up(link, Refused("too_many_connections", f"client {client_id} already holds {cap} "
+                                                  "connections to this master", retry_after=RETRY_AFTER_SECONDS))
+            link.client, link.kind = client_id, kind
             self._strangers.pop(link, None)
+            self._per_client[client_id] = self._per_client.get(client_id, 0) + 1
+            self._agents += kind == "agent"
 
-    def _close(self, link: Link, reason: str) -> None:
+    @staticmethod
+    def _hang_up(link: Link, refused: Refused) -> Refused:
+        link.hang_up = refused.message  # the refusal is the last reply on this connection
+        return refused
+
+    def _calls(self, link: Link, delta: int) -> None:
+        with self._lock:
+            link.calls += delta
+            link.last_active = time.monotonic()
+
+    def close_clients(self, client_ids: set[str]) -> None:
+        """Close every connection bound to one of these keys (revoked: its next frame would be refused)."""
+        with self._lock:
+            for link in [link for link in self._open if link.client in client_ids]:
+                self._close(link, f"client {link.client} was revoked")
+
+    def _close(self, link: Link, reason: str, quiet: bool = False) -> None:
         """Close an open connection from another thread (hold the lock); its own thread logs why."""
         if link not in self._open:
             return
         self._forget(link)
-        link.closed_because = reason
+        link.closed_because, link.quiet = reason, quiet
         if not link.authenticated:
             _reset_on_close(link.sock)
         try:
@@ -293,8 +367,16 @@ class CappedThreadedServer(ThreadedServer):
 
     def _forget(self, link: Link) -> None:
         with self._lock:
-            self._open.pop(link, None)
+            if self._open.pop(link, False) is False:
+                return  # forgotten already
             self._strangers.pop(link, None)
+            if link.client is not None:
+                left = self._per_client.get(link.client, 1) - 1
+                if left:
+                    self._per_client[link.client] = left
+                else:
+                    self._per_client.pop(link.client, None)
+                self._agents -= link.kind == "agent"
 
     def _discard(self, sock: socket.socket, stranger: bool = True) -> None:
         _hang_up(sock, reset=stranger)  # an authenticated client's last reply must not be cut off
@@ -314,10 +396,20 @@ class CappedThreadedServer(ThreadedServer):
             if oldest is not None:
                 self.timers.at(DEADLINE_JOB, oldest.deadline, self._reap)
 
+    def _close_idle(self) -> None:
+        """Close authenticated connections that carried no call for their kind's idle time."""
+        now = time.monotonic()
+        with self._lock:
+            for link in [link for link in self._open if link.authenticated and not link.calls]:
+                idle = self.limits.agent_idle_seconds if link.kind == "agent" else self.limits.idle_timeout_seconds
+                if now - link.last_active > idle:
+                    self._close(link, f"idle for {idle:g} s", quiet=True)
+
     def _sweep(self) -> None:
-        """Say how many stranger lines were dropped; close overdue strangers too, should the wall clock
-        (which the deadline job runs by) have stepped back."""
+        """Close idle connections, and overdue strangers should the wall clock (which the deadline job
+        runs by) have stepped back; say how many stranger lines were dropped."""
         self._reap()
+        self._close_idle()
         strangers_log.flush()
         MasterCore.strangers_log.flush()
 
@@ -339,16 +431,16 @@ class CappedThreadedServer(ThreadedServer):
                 self._threads -= 1
         reason = link.closed_because or reason
         if reason is not None:
-            say = log.warning if link.authenticated else strangers_log.warning
-            say("closing the connection from %s: %s", link.peer, reason)
+            say = log.info if link.quiet else log.warning if link.authenticated else strangers_log.warning
+            say("closing the connection from %s%s: %s", link.peer, f" ({link.client})" if link.client else "", reason)
 
     def _serve(self, link: Link) -> str | None:
         """Serve one connection until it ends; why the master ended it, if it did."""
-        service = self.service.for_connection(lambda: self._authenticated(link))
+        service = self.service.for_connection(_Gate(self, link))
         config = dict(self.protocol_config, endpoints=(None, link.peer), logger=self.logger)
         conn = service._connect(Channel(SocketStream(link.sock)), config)
         try:
-            while not conn.closed:
+            while not conn.closed and link.hang_up is None:
                 conn.serve(None)
         except OversizedMessage as exc:
             return str(exc)
@@ -366,7 +458,21 @@ class CappedThreadedServer(ThreadedServer):
             except OSError:
                 pass
             conn.close()
-        return None
+        return link.hang_up
+
+
+@dataclass
+class _Gate:
+    """One connection's view of the server, for its service (ConnectionGate)."""
+
+    server: CappedThreadedServer
+    link: Link
+
+    def authenticated(self, client_id: str, kind: str) -> None:
+        self.server._bind(self.link, client_id, kind)
+
+    def calls(self, delta: int) -> None:
+        self.server._calls(self.link, delta)
 
 
 def _claim_state(settings: MasterSettings) -> int:
@@ -410,9 +516,9 @@ def _server(core: MasterCore, settings: MasterSettings) -> CappedThreadedServer:
     server = CappedThreadedServer(
         MasterService(core), hostname=settings.host, port=settings.port, reuse_addr=True,
         protocol_config=SERVER_CONFIG, logger=logging.getLogger("ombot.master.rpyc"),
-        max_connections=settings.limits.max_connections, auth_timeout=settings.limits.auth_timeout_seconds,
-        timers=core.housekeeping,
+        limits=settings.limits, timers=core.housekeeping,
     )
+    core.clients.on_revoke(server.close_clients)  # a revoked key's open connections close at once
     server._listen()  # rpyc only binds in __init__: without listen() now, "ready" clients would be refused
     return server
 

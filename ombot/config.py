@@ -25,6 +25,9 @@ DEFAULT_CONFIG = "ombot.toml"
 SECRET_FILE_MODE_MASK = 0o077
 
 
+CLIENT_MAX_IDLE_SECONDS = 60.0  # the client library reuses a pooled connection idle at most this long
+
+
 @dataclass(frozen=True)
 class Limits:
     """A master's limits (`[masters.ID.limits]`): sizes, times and counts it will not exceed."""
@@ -35,8 +38,17 @@ class Limits:
     output_cap_bytes: int = 64 * 1024
     job_timeout_seconds: int = 600
     max_parallel_hosts: int = 16
-    max_connections: int = 256
+    max_connections: int = 256  # strangers' and operators' (chat, console, CLI) connections
     auth_timeout_seconds: int = 5  # a connection must present a valid envelope this soon, or it is closed
+    max_agent_connections: int = 1024  # audit agents' connections: a pool of their own
+    max_connections_per_client: int = 128  # one chat, console or CLI key's connections: never the whole pool
+    max_connections_per_agent: int = 2  # one agent key's
+    idle_timeout_seconds: int = 300  # an authenticated connection with no call for this long is closed (> CLIENT_MAX_IDLE_SECONDS)
+    agent_idle_seconds: int = 30  # an agent's (agents ship and close; a held one is closed sooner)
+    ingest_events_per_second: int = 200  # one agent's sustained ingest; past it the rest waits on the server
+    ingest_burst_events: int = 20_000  # what it may send at once (a backlog after an outage)
+    ingest_bytes_per_second: int = 256 * 1024
+    ingest_burst_bytes: int = 16 * 1024 * 1024
     max_jobs: int = 8  # job slots of this master
     max_jobs_per_requester: int = 4  # one requester never holds every slot
 
@@ -89,6 +101,7 @@ class MasterSettings:
     # module glob -> approvals the master itself demands: a bot bug cannot skip approval
     approvals: dict[str, int] = field(default_factory=dict)
     retention_days: float = 30.0  # finished jobs and their events are deleted this long after they end
+    audit_retention_days: float = 7.0  # audit events are deleted once the bot pulled them, or this long after
     ansible: AnsibleSettings = field(default_factory=AnsibleSettings)
     salt: SaltSettings = field(default_factory=SaltSettings)
 
@@ -106,7 +119,8 @@ class ClientRegistration:
     approvers. `cli` and `console` clients act as one fixed identity, `cli:USER` / `console:USER`,
     whatever their requests say. `modules` and `hosts` are globs of what the key may run at all.
     An `agent` client is the audit agent of one server (`host`): it speaks as `agent:HOST` and may
-    only ship that host's audit events.
+    only ship that host's audit events. An `admin` key (a `cli` one, only from ombot.toml) may add
+    and revoke registrations at the masters.
     """
 
     id: str
@@ -117,6 +131,7 @@ class ClientRegistration:
     modules: tuple[str, ...] = ()
     hosts: tuple[str, ...] = ()
     host: str = ""  # the server an `agent` key belongs to; empty for every other kind
+    admin: bool = False  # a `cli` key that may change the masters' registrations (the `registry` operation)
 
     @property
     def identity(self) -> str:
@@ -281,15 +296,38 @@ def _parse_clients_entry(r: TableReader, client_id: str) -> ClientRegistration:
     kind = r.get("kind", str, what=f"one of {', '.join(CLIENT_KINDS)}")
     if kind not in CLIENT_KINDS:
         raise ConfigError(r.path, r.key("kind"), f"one of {', '.join(CLIENT_KINDS)}", kind)
-    user = r.get("user", str, client_id)
-    if not _USER.fullmatch(user):
-        raise ConfigError(r.path, r.key("user"), "a lowercase user name (letters, digits, '_', '.', '-')", user)
+    user = _user(r, kind, client_id)
     registration = ClientRegistration(
-        id=client_id, public_key=public_key(r, "public_key"), kind=kind, user=user, key_file=r.file("key_file", None),
-        modules=r.strings("modules", ()), hosts=r.strings("hosts", ()), host=_agent_host(r, kind),
+        id=client_id, public_key=public_key(r, "public_key"), kind=kind, user=user,
+        key_file=r.file("key_file", None), modules=r.strings("modules", ()), hosts=r.strings("hosts", ()),
+        host=_agent_host(r, kind), admin=_admin(r, kind),
     )
     r.done()
     return registration
+
+
+def parse_registration(where: Path, client_id: str, table: dict[str, Any]) -> ClientRegistration:
+    """One registration checked by the rules of a `[clients.ID]` table, wherever it comes from (the
+    masters' `registry` operation too); `where` names the source in the ConfigError."""
+    _check_name(where, f"clients.{client_id}", client_id)
+    return _parse_clients_entry(TableReader(where, table, f"clients.{client_id}"), client_id)
+
+
+def _user(r: TableReader, kind: str, client_id: str) -> str:
+    """The USER of `cli:USER` / `console:USER`. An agent speaks as `agent:HOST`: its user, unused, is
+    checked only when given (an agent id such as agent-web01.example.internal is no user name)."""
+    user = r.get("user", str, client_id)
+    if (kind != "agent" or "user" in r.table) and not _USER.fullmatch(user):
+        raise ConfigError(r.path, r.key("user"), "a lowercase user name (letters, digits, '_', '.', '-')", user)
+    return user
+
+
+def _admin(r: TableReader, kind: str) -> bool:
+    """Only an operator's `cli` key may be an admin (may call the masters' `registry` operation)."""
+    admin = r.get("admin", bool, False)
+    if admin and kind != "cli":
+        raise ConfigError(r.path, r.key("admin"), "no admin: only a cli registration may be admin", admin)
+    return bool(admin)
 
 
 HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63}){0,20}$")
@@ -328,6 +366,10 @@ def _parse_master(r: TableReader, master_id: str, clients: dict[str, ClientRegis
     state_dir = r.file("state_dir", "state") or r.path.parent / "state"
     limits_table = r.sub("limits")
     limits = Limits(**{k: _positive(limits_table, k, v) for k, v in Limits().__dict__.items()})
+    if limits.idle_timeout_seconds <= CLIENT_MAX_IDLE_SECONDS:  # else a request could meet the master's close
+        raise ConfigError(r.path, limits_table.key("idle_timeout_seconds"),
+                          f"more than {CLIENT_MAX_IDLE_SECONDS:g} seconds (clients reuse a connection idle that long)",
+                          limits.idle_timeout_seconds)
     limits_table.done()
     settings = MasterSettings(
         id=master_id,
@@ -344,6 +386,7 @@ def _parse_master(r: TableReader, master_id: str, clients: dict[str, ClientRegis
         limits=limits,
         approvals=_approvals(r.sub("approvals")),
         retention_days=_positive_number(r, "retention_days", 30.0),
+        audit_retention_days=_positive_number(r, "audit_retention_days", 7.0),
         ansible=_ansible(r.sub("ansible")),
         salt=_salt(r.sub("salt")),
     )

@@ -81,6 +81,8 @@ class Cluster:
     policy: str = ALLOW_ALL_POLICY  # written to policy.toml; used when the [bot] table names it
     # client id -> kind: "bot" attests chat users; "test" is the CLI (cli:test)
     clients: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_CLIENTS))
+    # client ids registered with `admin = true` (cli clients only): admins=(CLI_CLIENT,) lets `ombot` enrol and revoke
+    admins: tuple[str, ...] = ()
     ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, "MasterProcess"] = field(default_factory=dict)
 
@@ -91,7 +93,8 @@ class Cluster:
         for client_id, kind in self.clients.items():  # each client its own key and registration
             ident = Identity.generate()
             ident.save(keys / f"{client_id}.key")
-            lines += [f'[clients.{client_id}]', f'kind = "{kind}"', f'public_key = "{ident.public}"',
+            lines += [f'[clients.{client_id}]', f'kind = "{kind}"', *(['admin = true'] if client_id in self.admins else []),
+                      f'public_key = "{ident.public}"',
                       f'key_file = "keys/{client_id}.key"', 'modules = ["*"]', 'hosts = ["*"]', '']
         (self.root / "inventory.ini").write_text(self.inventory)
         (self.root / "policy.toml").write_text(self.policy)

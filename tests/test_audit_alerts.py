@@ -252,10 +252,11 @@ def test_a_failed_post_is_retried_by_a_one_shot_job_on_the_scheduler(slack: tupl
 # -- the masters' side: audit_read -------------------------------------------------------------------------
 
 
-def with_agent_hosts(cluster: Cluster) -> Cluster:
-    """Each agent registration names its server (test_audit_agent's agent_cluster, with any extra toml)."""
+def with_agent_hosts(cluster: Cluster, hosts: tuple[str, ...] = (HOST, "web02")) -> Cluster:
+    """Each agent registration (agent-HOST) names its server (test_audit_agent's agent_cluster, with
+    any extra toml)."""
     text = cluster.config_path.read_text()
-    for client, host in ((AGENT, HOST), ("agent-web02", "web02")):
+    for client, host in ((f"agent-{h}", h) for h in hosts):
         text = text.replace(f'[clients.{client}]\nkind = "agent"', f'[clients.{client}]\nkind = "agent"\nhost = "{host}"')
     cluster.config_path.write_text(text)
     return cluster
@@ -339,6 +340,7 @@ class AuditRig:
     spool_dir: Path
     state_dir: Path
     agents: list[AgentProcess]
+    port: int = 0  # where the bot takes Slack's requests
 
     def agent(self, masters: list[str]) -> AgentProcess:
         agent = AgentProcess(self.cluster, self.spool_dir, self.state_dir, masters).start()
@@ -378,11 +380,15 @@ def make_rig(tmp_path: Path, make_cluster: Callable[..., Cluster]) -> Iterator[C
     started: list[tuple[FakeSlack, BotProcess]] = []
     agents: list[AgentProcess] = []  # every rig's, stopped at the end
 
-    def make(masters: list[str], **settings: Any) -> AuditRig:
+    def make(masters: list[str], limits: dict[str, int] | None = None, more_agents: tuple[str, ...] = (),
+             **settings: Any) -> AuditRig:
+        """A rig whose masters have `limits`, with agent keys for web01, web02 and `more_agents` hosts."""
         fake = FakeSlack().start()
         port = free_port()
         table = bot_table(port, TEAM_ID, audit_rules="audit-rules.toml", audit_poll_seconds=0.2, **settings)
-        cluster = with_agent_hosts(make_cluster({"local": masters}, clients=dict(AGENT_CLIENTS), extra_toml=table))
+        clients = {**AGENT_CLIENTS, **{f"agent-{h}": "agent" for h in more_agents}}
+        cluster = with_agent_hosts(make_cluster({"local": masters}, clients=clients, extra_toml=table,
+                                                limits=limits or {}), (HOST, "web02", *more_agents))
         (cluster.root / "audit-rules.toml").write_text(RULES)
         for master in masters:
             cluster.start(master)
@@ -391,7 +397,7 @@ def make_rig(tmp_path: Path, make_cluster: Callable[..., Cluster]) -> Iterator[C
         started.append((fake, bot))
         spool_dir = tmp_path / f"spool{len(started)}"
         spool_dir.mkdir()
-        return AuditRig(fake, cluster, bot, spool_dir, tmp_path / f"agent-state{len(started)}", agents)
+        return AuditRig(fake, cluster, bot, spool_dir, tmp_path / f"agent-state{len(started)}", agents, port)
 
     try:
         yield make
@@ -428,7 +434,8 @@ def test_a_keyword_rule_alerts_in_its_channel_escaped_redacted_grouped_and_rate_
     assert "<!channel>" not in shown and "&lt;!channel&gt;" in shown  # pings nobody
     user = pwd.getpwuid(UID).pw_name
     assert f"on `{HOST}` in `local`" in shown and f"*user* {user} (uid {UID})" in shown
-    assert f"*login* {user} from 192.0.2.7" in shown and "/dev/pts/3" in shown
+    # pid 4242 is no live shell of ours: the login is the shell's word only, and said so
+    assert f"_claimed by the shell:_ login {user} from 192.0.2.7" in shown and "/dev/pts/3" in shown
     body = next(b["text"]["text"] for b in alert["blocks"] if "$ rm -rf" in b["text"]["text"])
     assert body.count("```") == 2 and "/srv/app" in body  # one code block: the cwd, then the command
     assert "*critical*" in shown

@@ -132,10 +132,13 @@ def test_cursor_per_master(audit_db: peewee.Database) -> None:
     assert (audit_store.received_after("bj-1"), audit_store.received_after("bj-2")) == (T0 + 5, T0 + 1)
 
 
-def test_forget_events_before(audit_db: peewee.Database) -> None:
-    audit_store.insert_new("bj", [event(1), event(2), event(3)])
-    assert audit_store.forget_events_before(T0 + 2) == 1
-    assert [r.at for r in audit_store.search()] == [T0 + 3, T0 + 2]
+def test_forget_events_before_goes_by_the_event_and_the_store_time(audit_db: peewee.Database) -> None:
+    day = 86_400_000
+    audit_store.insert_new("bj", [event(n, at=n * day) for n in (1, 2, 3)])
+    assert audit_store.forget_events_before(2 * day) == 0  # dated long ago but stored now: kept its retention
+    audit_store.AuditRecord.update(stored_at=day).execute()
+    assert audit_store.forget_events_before(2 * day) == 1
+    assert [r.at for r in audit_store.search()] == [3 * day, 2 * day]
 
 
 def test_glob_to_like() -> None:

@@ -6,22 +6,19 @@ Needs zsh (`apt-get install -y zsh`; .ci/run installs it); skipped, saying so, w
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import pexpect
 import pytest
 
 from audit_agent import hook, spool
+from tests.shells import ZPROMPT as PROMPT, ZSH, Zsh
 from tests.support import child_env
 
-ZSH = shutil.which("zsh")
 pytestmark = pytest.mark.skipif(ZSH is None, reason="zsh is not installed (apt-get install -y zsh)")
 
-PROMPT = "ZPROMPT> "
 UID = os.geteuid()
 
 
@@ -37,29 +34,6 @@ def spooled(spool_dir: Path) -> list[dict[str, Any]]:
     events = [e for chunk in spool.scan(spool_dir, {}, set()) for e in chunk.events]
     assert all(kind == "command" for kind, _, _ in events), events  # every line the zsh hook wrote is a record
     return [data for _, _, data in events]
-
-
-class Zsh:
-    """An interactive zsh in a pty, armed as an installed server arms it: ~/.zshrc sources
-    ROOT/etc/zsh/zshrc, as zsh reads the real /etc/zsh/zshrc before ~/.zshrc."""
-
-    def __init__(self, root: Path, home: Path, rc: list[str] | None = None) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        lines = [f". {root / hook.ZSHRC}", f"PROMPT='{PROMPT}'", "unsetopt PROMPT_SP", *(rc or [])]
-        (home / ".zshrc").write_text("\n".join(lines) + "\n")
-        env = {"HOME": str(home), "ZDOTDIR": str(home), "PATH": os.environ["PATH"], "TERM": "dumb",
-               "HISTFILE": str(home / ".hist"), "LOGNAME": "tester", "SSH_CLIENT": "192.0.2.7 50000 22"}
-        self.child = pexpect.spawn(str(ZSH), ["-i"], env=env, encoding="utf-8", timeout=20, cwd=str(home))
-        self.child.expect_exact(PROMPT)
-
-    def run(self, line: str) -> str:
-        self.child.sendline(line)
-        self.child.expect_exact(PROMPT)
-        return str(self.child.before)
-
-    def close(self) -> None:
-        self.child.sendline("exit")
-        self.child.expect(pexpect.EOF)
 
 
 def test_install_writes_the_zsh_hook_once(tmp_path: Path) -> None:

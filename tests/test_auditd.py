@@ -2,7 +2,9 @@
 (hex arguments, events of many records, interleaving, rotation, a restart), and, where auditd can
 run (root, `auditctl -s` works), the real thing: the rules installed, a login through a
 PAM-enabled sshd (pam_loginuid sets the login uid the rules key on), its commands - evasions of the
-shell hook included - arriving at a real master as auditd events, and the rules removed after.
+shell hook included - arriving at a real master as auditd events, and the rules removed after (only
+those the test loaded: rules a real install had loaded before stay loaded, and a running auditd is
+used, never replaced).
 
 Needs auditd and openssh-server (`apt-get install -y auditd openssh-server`; .ci/run installs
 them); the live tests skip, saying why, where the kernel or the container refuses auditing."""
@@ -13,6 +15,7 @@ import getpass
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -33,6 +36,7 @@ from audit_agent.auditd import AuditLog, decode, parse_line
 from audit_agent.queue import EventQueue
 from audit_agent.settings import AgentSettings, MasterAddress
 from masters.keys import Identity
+from tests.shells import Unavailable, isolated_argv, login_files
 from tests.support import Cluster, child_env
 from tests.test_audit_agent import HOST, AgentProcess, agent_cluster, stored, wait_for
 
@@ -328,15 +332,17 @@ class AuditLogs:
 
 
 LAUREL = shutil.which("laurel", path="/usr/sbin:/usr/bin:/sbin")
+AUDITCTL = shutil.which("auditctl", path="/usr/sbin:/sbin") or "auditctl"
 
 
 @pytest.fixture
 def audit_logs(tmp_path: Path) -> Iterator[AuditLogs]:
     """The logs to read: the running auditd's, or those of an auditd started here (with its own
     configuration, log and, where LAUREL is installed, LAUREL as its plugin) and stopped after.
-    Auditing is left enabled or not as it was found."""
+    A running (foreign) auditd is looked for first and only read. Auditing is left enabled or not as
+    it was found: `auditctl -e` runs only if the test's auditd changed it."""
     before = auditd.status()
-    if before.get("pid", "0") != "0":
+    if before.get("pid", "0") != "0":  # the machine's own auditd: read its log, leave it alone
         conf = Path("/etc/audit/auditd.conf").read_text()
         match = re.search(r"^\s*log_file\s*=\s*(\S+)", conf, re.M)
         yield AuditLogs(Path(match[1] if match else auditd.DEFAULT_LOG), None)
@@ -371,24 +377,46 @@ def audit_logs(tmp_path: Path) -> Iterator[AuditLogs]:
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=20)
-        if before.get("enabled") == "0":
-            subprocess.run(["auditctl", "-e", "0"], capture_output=True)  # as it was; never -e 2
+        was = before.get("enabled")
+        if was in ("0", "1") and auditd.status().get("enabled") != was:
+            subprocess.run([AUDITCTL, "-e", was], capture_output=True)  # as it was; never -e 2
 
 
 @pytest.fixture
-def ombot_rules(tmp_path: Path) -> Iterator[Path]:
-    """The rules installed through the CLI (under a test root: the real /etc is not touched), and
-    removed afterwards whatever the test did."""
+def ombot_rules(tmp_path: Path, audit_logs: AuditLogs) -> Iterator[Path]:
+    """Our rules in the kernel for the test, and afterwards only what the test added taken out.
+
+    After `audit_logs` (the auditd question first). What the kernel holds is recorded first: rules
+    a real install on this machine had loaded are used as they are and left loaded (never
+    `install --remove`, which unloads every rule keyed ombot). Otherwise they are installed through
+    the CLI (under a test root: the real /etc is not touched) and removed the same way, whatever the
+    test did; if only some were there, the test adds the rest and deletes just those."""
     root = tmp_path / "root"
+    before = auditd.loaded_arches()
+    if before == set(auditd.ARCHES):
+        yield root
+        assert auditd.loaded_arches() == before  # still loaded, as found
+        return
     installed = run_cli("install", "--auditd", "--root", str(root))
     assert installed.returncode == 0, installed.stderr
+    added = auditd.loaded_arches() - before
     try:
-        assert auditd.loaded_arches() == {"b64", "b32"}
+        assert auditd.loaded_arches() == set(auditd.ARCHES)
         yield root
     finally:
-        removed = run_cli("install", "--auditd", "--remove", "--root", str(root))
-        assert removed.returncode == 0, removed.stderr
-        assert auditd.loaded_arches() == set() and not (root / auditd.RULES_FILE).exists()
+        if not before:  # all ours: removed as an operator removes them
+            removed = run_cli("install", "--auditd", "--remove", "--root", str(root))
+            assert removed.returncode == 0, removed.stderr
+            assert auditd.loaded_arches() == set() and not (root / auditd.RULES_FILE).exists()
+        else:  # some were the machine's: delete exactly the rules the test added, and the test's file
+            for rule, arch in zip(auditd.RULES, auditd.ARCHES):
+                if arch in added:
+                    deleted = subprocess.run([AUDITCTL, *shlex.split(rule.replace("-a ", "-d ", 1))],
+                                             capture_output=True, text=True)
+                    assert deleted.returncode == 0, deleted.stderr
+            removed = run_cli("install", "--auditd", "--remove", "--no-load", "--root", str(root))
+            assert removed.returncode == 0, removed.stderr
+            assert auditd.loaded_arches() == before
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -397,7 +425,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 class PamSshd:
     """One sshd on loopback with UsePAM yes: a login runs /etc/pam.d/sshd, whose pam_loginuid sets
-    the session's login uid (tests/sshd.py's hosts run without PAM, so theirs stays unset)."""
+    the session's login uid (tests/sshd.py's hosts run without PAM, so theirs stays unset).
+
+    It runs in a private mount namespace (tests/shells.py) where no shell rc file of this machine is
+    read: a session's `bash -c` reads /etc/bash.bashrc and ~/.bashrc on Debian (its bash is built to,
+    for shells started by sshd), so the machine's files, a hook in them included, would run in it."""
 
     def __init__(self, root: Path) -> None:
         self.root, self.user = root, getpass.getuser()
@@ -415,8 +447,12 @@ class PamSshd:
             "UsePAM yes", "PermitRootLogin prohibit-password", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "LogLevel ERROR", f"AllowUsers {self.user}", ""]))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        self.proc = subprocess.Popen([shutil.which("sshd", path="/usr/sbin:/sbin") or "sshd", "-D", "-e", "-f",
-                                      str(root / "sshd.conf")], stderr=open(root / "sshd.log", "ab"))
+        try:
+            argv = isolated_argv([shutil.which("sshd", path="/usr/sbin:/sbin") or "sshd", "-D", "-e", "-f",
+                                  str(root / "sshd.conf")], login_files(Path(pwd.getpwnam(self.user).pw_dir)))
+        except Unavailable as exc:
+            pytest.skip(str(exc))
+        self.proc = subprocess.Popen(argv, stderr=open(root / "sshd.log", "ab"))
 
     def run(self, command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ssh", "-i", str(self.key), "-p", str(self.port), "-o", "BatchMode=yes",

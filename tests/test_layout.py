@@ -23,7 +23,7 @@ RANK = {"ombot": 0, "modules": 1, "masters": 2, "audit_agent": 3, "approvals": 3
 ONLY = {"audit_agent": {"masters.envelope", "masters.keys"}}  # it runs on every server: no Slack, no engines
 MASTER_INTERNALS = ("masters.core", "masters.server", "masters.backends", "masters.store", "masters.jobstore",
                     "masters.runner", "masters.jobspec", "masters.slots", "masters.lograte", "masters.audit",
-                    "masters.housekeeping")
+                    "masters.housekeeping", "masters.registry", "masters.ingest_budget")
 ENTRY_POINTS = {"ombot/__main__.py"}  # `python -m ombot` starts the root: the one upward arrow, by design
 # third-party library -> the only files allowed to import it
 LIBRARY_HOMES = {

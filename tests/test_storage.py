@@ -33,6 +33,7 @@ from bot import audit_store as bot_audit
 from bot import lease, multi, replay, schedules
 from bot import store as bot_store
 from masters import audit as master_audit
+from masters import registry as master_registry
 from masters import store
 from ombot import config as cfg
 from ombot.clock import now_ms
@@ -177,7 +178,8 @@ def column_types(db: peewee.Database, table: str) -> dict[str, str]:
 TIMESTAMPS: dict[str, tuple[str, ...]] = {
     # the master's database
     "seennonce": ("keep_until",), "job": ("created_at", "finished_at"), "jobevent": ("at",), "hostlock": ("taken_at",),
-    "auditevent": ("at", "received_at"), "auditagent": ("last_seen",),
+    "auditevent": ("at", "received_at"), "auditagent": ("last_seen",), "auditreader": ("after", "read_at"),
+    "registeredclient": ("added_at",), "revokedkey": ("revoked_at",),
     # the bot's database, the approvals' tables included
     "bot_job": ("created_at", "finished_at"), "bot_seen_request": ("seen_at", "expires_at"), "bot_lease": ("expires_at",),
     "bot_multi_request": ("created_at",), "bot_multi_part": (),
@@ -440,7 +442,8 @@ def test_approval_tables_round_trip(bot_db: peewee.Database) -> None:
 
 # Every model, each in the database its component opens it in (test_every_model_is_listed_here).
 MASTER_MODELS = [store.SeenNonce, store.Job, store.JobEvent, store.HostLock, master_audit.AuditEvent,
-                 master_audit.AuditAgent]
+                 master_audit.AuditAgent, master_audit.AuditReader,
+                 master_registry.RegisteredClient, master_registry.RevokedKey]
 BOT_MODELS = [bot_store.BotJob, replay.SeenRequest, lease.Lease, multi.MultiRequest, multi.MultiPart,
               schedules.Schedule, schedules.ScheduleRun, bot_audit.AuditRecord, bot_audit.AuditCursor,
               astore.ApprovalRequest, astore.ApprovalVote, astore.TrailEntry, SchemaVersion]
@@ -451,6 +454,7 @@ TEXT = "héllo wörld ✓ 日本語 🚀 \\ \" '"
 def open_master_tables(url: str) -> peewee.Database:
     db = store.open_store(url)
     migrate(db, "audit", master_audit.MIGRATIONS)  # as a master with audit agents registered does
+    migrate(db, "registry", master_registry.MIGRATIONS)  # as every master's live registry does
     return db
 
 
@@ -965,9 +969,10 @@ def test_audit_events_are_stored_once_and_acknowledged(master_db: peewee.Databas
     from ombot.config import ClientRegistration
 
     agent = ClientRegistration("agent-web01", "k", "agent", "web01", host="web01")
-    ingest = AuditIngest({"agent-web01": agent})
+    ingest = AuditIngest({"agent-web01": agent}, master_settings())
     boot = "0f" * 18  # a boot id's length, hex
-    events = [{"id": f"web01:{boot}:bash:{n}", "kind": "command", "at": MS + n,
+    at = now_ms() - 10_000  # an event dated later than its arrival is stored at its arrival (below)
+    events = [{"id": f"web01:{boot}:bash:{n}", "kind": "command", "at": at + n,
                "data": {"cmd": "ls ✓" * 200, "uid": 1000}} for n in range(150)]
     status = {"spool_depth": 3, "dropped_total": 0, "sent_total": 150}
 
@@ -981,5 +986,52 @@ def test_audit_events_are_stored_once_and_acknowledged(master_db: peewee.Databas
     assert again["stored"] == 50 and again["acked"] == [e["id"] for e in events]
     assert AuditEvent.select().count() == 150
     back = AuditEvent.get_by_id(events[7]["id"])
-    assert (back.host, back.at, back.data) == ("web01", MS + 7, events[7]["data"])
+    assert (back.host, back.at, back.data) == ("web01", at + 7, events[7]["data"])
     assert AuditAgent.get_by_id("web01").sent_total == 150
+    future = send([{"id": f"web01:{boot}:bash:999", "kind": "command", "at": MS, "data": {"cmd": "x"}}])
+    row = AuditEvent.get_by_id(future["acked"][0])  # type: ignore[index]
+    assert row.at == row.received_at and row.data == {"cmd": "x", "agent_at": MS}  # the claim kept beside
+
+
+def master_settings(**changes: Any) -> cfg.MasterSettings:
+    """A master's settings for the audit code run in-process."""
+    return cfg.MasterSettings("m1", "local", "127.0.0.1", 1, "k", None, None, "local", (), Path("/nonexistent"),
+                              "sqlite://", cfg.Limits(**changes))
+
+
+def test_masters_prune_audit_events_the_bot_pulled_and_past_their_retention(master_db: peewee.Database) -> None:
+    """On every engine: events every reader pulled go (a margin behind the slowest reader), events past
+    the retention go pulled or not (and are counted), a reader silent past the retention holds nothing."""
+    from masters.audit import AuditEvent, AuditReader, prune_events
+
+    migrate(master_db, "audit", master_audit.MIGRATIONS)
+    now, hour = 10 * 86_400_000, 3_600_000
+    AuditEvent.insert_many([{"id": f"web01:0:q:{n}", "host": "web01", "kind": "command", "at": n * hour,
+                             "received_at": n * hour, "sender": "agent-web01", "data": {}} for n in range(240)]).execute()
+    AuditReader.insert_many([{"reader": "bot", "after": 200 * hour, "read_at": now},
+                             {"reader": "staging-bot", "after": 150 * hour, "read_at": now},
+                             {"reader": "gone-bot", "after": 0, "read_at": hour}]).execute()
+    deleted, unpulled = prune_events(now, retention_ms=5 * 86_400_000, margin_ms=hour)
+    assert (deleted, unpulled) == (149, 0)  # below the slowest live reader's cursor, an hour behind
+    assert min(e.received_at for e in AuditEvent.select()) == 149 * hour
+    assert {r.reader for r in AuditReader.select()} == {"bot", "staging-bot"}
+    AuditReader.delete().execute()
+    deleted, unpulled = prune_events(now + 100 * hour, retention_ms=5 * 86_400_000, margin_ms=hour)
+    assert (deleted, unpulled) == (91 - 20, 91 - 20)  # no reader: only the retention, every one unpulled
+
+
+def test_the_audit_tables_of_an_older_master_are_upgraded_in_place(master_db: peewee.Database) -> None:
+    """A master's audit tables from before heartbeats carried a problem and readers a cursor: the
+    upgrade adds both and keeps the rows, on every engine."""
+    from masters.audit import AuditAgent, AuditReader
+
+    migrate(master_db, "audit", master_audit.MIGRATIONS[:2])
+    master_db.execute_sql("DROP TABLE auditagent")
+    master_db.execute_sql("CREATE TABLE auditagent (host VARCHAR(255) PRIMARY KEY, last_seen BIGINT NOT NULL, "
+                          "spool_depth BIGINT NOT NULL, dropped_total BIGINT NOT NULL, sent_total BIGINT NOT NULL)")
+    master_db.execute_sql("INSERT INTO auditagent VALUES ('web01', 5, 1, 2, 3)")
+    migrate(master_db, "audit", master_audit.MIGRATIONS)
+    row = AuditAgent.get_by_id("web01")
+    assert (row.last_seen, row.sent_total, row.problem) == (5, 3, None)
+    AuditReader.create(reader="bot", after=1, read_at=2)
+    assert AuditReader.select().count() == 1

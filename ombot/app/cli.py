@@ -283,44 +283,42 @@ app.add_typer(audit_app, name="audit")
 def audit_enroll(ctx: typer.Context, host: Annotated[str, typer.Argument(help="The server's host name")],
                  idc: Annotated[str, typer.Option("--idc", help="The IDC whose masters collect its events")],
                  out: Annotated[Path, typer.Option("--out", help="Where to write agent-HOST.key and .toml")] = Path("."),
+                 print_only: Annotated[bool, typer.Option("--print-only", help="Register nowhere: print the "
+                                                          "[clients] table to add to ombot.toml by hand")] = False,
                  config: ConfigOpt = None) -> None:
-    """Make HOST's agent key and agent.toml, and print the registration to add to ombot.toml."""
-    from audit_agent.settings import render
-    from masters import Identity
-
+    """Make HOST's agent key and agent.toml, and register the key at every master of the IDC (`registry
+    add`, an admin key's operation: no restart). Exit 0 only if every master accepted it; safe to re-run."""
     conf = _config(ctx, config)
     if idc not in conf.idcs:
         raise OmbotError(f"no IDC {idc!r} in {conf.path} (known: {', '.join(conf.idcs)})")
-    if not cfg.HOST_NAME.fullmatch(host):
-        raise OmbotError(f"{host!r} is not a host name (letters, digits, '-', '_', dots)")
-    client_id = f"agent-{host}"
-    identity = Identity.generate()
-    identity.save(out / f"{client_id}.key")
-    masters = [(m.id, m.host, m.port, m.public_key) for m in (conf.masters[mid] for mid in conf.idcs[idc])]
-    (out / f"{client_id}.toml").write_text(render(host, idc, "agent.key", masters))
-    typer.echo(f"wrote {out / f'{client_id}.key'} and {out / f'{client_id}.toml'}; on {host}, install them as "
-               f"/etc/ombot/agent.key (0600) and /etc/ombot/agent.toml")
-    typer.echo(f"add to {conf.path}, then add \"{client_id}\" to the accept list of "
-               f"{', '.join(conf.idcs[idc])} and restart them:\n")
-    typer.echo(f'[clients.{client_id}]\nkind = "agent"\nhost = "{host}"\npublic_key = "{identity.public}"')
+    client_id = _agent_id(host)
+    router = None if print_only else _admin_router(conf)
+    identity = _agent_files(conf, host, idc, out)
+    if router is None:
+        typer.echo(f"add to {conf.path}, then add \"{client_id}\" to the accept list of "
+                   f"{', '.join(conf.idcs[idc])} and restart them:\n")
+        typer.echo(f'[clients.{client_id}]\nkind = "agent"\nhost = "{host}"\npublic_key = "{identity.public}"')
+        return
+    entry = {"id": client_id, "kind": "agent", "host": host, "public_key": identity.public, "modules": [], "hosts": []}
+    replies = _registry_everywhere(router, list(conf.idcs[idc]), {"action": "add", "clients": [entry]})
+    raise typer.Exit(_report_additions(replies, client_id))
 
 
 @audit_app.command("revoke")
 def audit_revoke(ctx: typer.Context, host: Annotated[str, typer.Argument(help="The server's host name")],
+                 idc: Annotated[Optional[str], typer.Option("--idc", help="Only this IDC's masters "
+                                                                          "[default: every master]")] = None,
                  config: ConfigOpt = None) -> None:
-    """Say exactly what to remove from ombot.toml so no master accepts HOST's agent key any more."""
+    """Revoke HOST's agent key(s) at every master (of the IDC): refused from their next frame, no restart.
+    Exit 0 only if every master answered and one of them knew an agent of HOST."""
     conf = _config(ctx, config)
-    found = [c.id for c in conf.clients.values() if c.kind == "agent" and c.host == host]
-    if not found:
-        typer.echo(f"no agent registration for {host} in {conf.path}: nothing accepts it")
-        raise typer.Exit(1)
-    for client_id in found:
-        accepting = [m.id for m in conf.masters.values() if client_id in m.accept]
-        typer.echo(f"remove the [clients.{client_id}] table from {conf.path}")
-        for mid in accepting:
-            typer.echo(f"remove \"{client_id}\" from [masters.{mid}] accept")
-        typer.echo(f"then restart {', '.join(accepting) or 'nothing (no master accepts it)'}: a master reads its "
-                   "accept list at start")
+    if not cfg.HOST_NAME.fullmatch(host):
+        raise OmbotError(f"{host!r} is not a host name (letters, digits, '-', '_', dots)")
+    # By host, each master finds every agent of it it knows, enrolled or from its ombot.toml.
+    ids = [f"agent-{host}", *(c.id for c in conf.clients.values() if c.kind == "agent" and c.host == host)]
+    args = {"action": "revoke", "ids": [i for i in dict.fromkeys(ids) if len(i) <= 63], "hosts": [host]}
+    replies = _registry_everywhere(_admin_router(conf), _masters_named(conf, idc, None), args)
+    raise typer.Exit(_report_revocations(replies, f"an audit agent of {host}"))
 
 
 @audit_app.command("test-rules")
@@ -340,6 +338,190 @@ def audit_test_rules(file: Annotated[Path, typer.Argument(help="The audit rules 
     if problems:
         raise typer.Exit(1)
     typer.echo(f"ok: {len(rules.rules)} rules")
+
+
+clients_app = typer.Typer(no_args_is_help=True, help="List, add and revoke the clients the masters accept (admin keys).")
+app.add_typer(clients_app, name="clients")
+MasterOpt = Annotated[Optional[str], typer.Option("--master", help="Only this master")]
+
+
+@clients_app.command("list")
+def clients_list(ctx: typer.Context, master: MasterOpt = None, config: ConfigOpt = None,
+                 as_json: Annotated[bool, typer.Option("--json", help="Print each master's answer as JSON")] = False) -> None:
+    """Every client each master accepts now (from ombot.toml or added since) and the keys it revoked."""
+    conf = _config(ctx, config)
+    replies = _registry_everywhere(_admin_router(conf), _masters_named(conf, None, master), {"action": "list"})
+    for mid, reply in replies.items():
+        if isinstance(reply, Exception):
+            typer.echo(f"{mid}: {_failure(reply)}")
+        elif as_json:
+            typer.echo(json.dumps(reply, sort_keys=True))
+        else:
+            typer.echo("\n".join(_listing(mid, reply)))
+    raise typer.Exit(1 if any(isinstance(r, Exception) for r in replies.values()) else 0)
+
+
+@clients_app.command("revoke")
+def clients_revoke(ctx: typer.Context, ids: Annotated[list[str], typer.Argument(help="Client ids to revoke")],
+                   idc: Annotated[Optional[str], typer.Option("--idc", help="Only this IDC's masters")] = None,
+                   master: MasterOpt = None, config: ConfigOpt = None) -> None:
+    """Revoke clients of any kind at every master (of the IDC, or one): their keys are refused from the
+    next frame, for good, though ombot.toml may still list them. Exit 0 only if every master answered
+    and each id was known to one of them."""
+    conf = _config(ctx, config)
+    replies = _registry_everywhere(_admin_router(conf), _masters_named(conf, idc, master),
+                                   {"action": "revoke", "ids": list(dict.fromkeys(ids))})
+    raise typer.Exit(_report_revocations(replies, None))
+
+
+@clients_app.command("add")
+def clients_add(ctx: typer.Context, client_id: Annotated[str, typer.Argument(help="The new client's id")],
+                kind: Annotated[str, typer.Option("--kind", help="cli or console")],
+                user: Annotated[str, typer.Option("--user", help="Who it acts as: cli:USER / console:USER")],
+                public_key: Annotated[str, typer.Option("--public-key", help="As `ombot keygen` printed it")],
+                modules: Annotated[Optional[list[str]], typer.Option("--module", help="A module glob it may run "
+                                                                     "(repeat)")] = None,
+                hosts: Annotated[Optional[list[str]], typer.Option("--host", help="A host glob it may run on "
+                                                                   "(repeat)")] = None,
+                idc: Annotated[Optional[str], typer.Option("--idc", help="Only this IDC's masters")] = None,
+                master: MasterOpt = None, config: ConfigOpt = None) -> None:
+    """Register an operator's key at every master (of the IDC, or one), accepted at once, no restart.
+    Agents: `ombot audit enroll`. Exit 0 only if every master has it; safe to re-run."""
+    conf = _config(ctx, config)
+    entry = {"id": client_id, "kind": kind, "user": user, "public_key": public_key,
+             "modules": modules or [], "hosts": hosts or []}
+    replies = _registry_everywhere(_admin_router(conf), _masters_named(conf, idc, master),
+                                   {"action": "add", "clients": [entry]})
+    raise typer.Exit(_report_additions(replies, client_id))
+
+
+def _admin_router(conf: cfg.Config) -> Any:
+    """A router speaking with the CLI's key, which must be an admin's to change registrations."""
+    client = conf.require_client()
+    if not conf.clients[client.id].admin:
+        raise OmbotError(f"client {client.id} is not an admin: only a cli key with `admin = true` under "
+                         f"[clients.{client.id}] of the masters' ombot.toml may list, add or revoke registrations "
+                         "(pick one with --client NAME)")
+    return _router(conf)
+
+
+def _agent_id(host: str) -> str:
+    """The client id an agent of HOST is enrolled as: agent-HOST, a name as ombot.toml's are."""
+    client_id = f"agent-{host}"
+    if not cfg.HOST_NAME.fullmatch(host) or len(client_id) > 63:
+        raise OmbotError(f"{host!r} is not a host name an agent can be enrolled for (letters, digits, '-', '_', "
+                         "dots; at most 57 characters)")
+    return client_id
+
+
+def _agent_files(conf: cfg.Config, host: str, idc: str, out: Path) -> Any:
+    """HOST's agent key (made once: a re-run reuses it) and agent.toml, written to `out`."""
+    from audit_agent.settings import render
+    from masters import Identity
+
+    key = out / f"{_agent_id(host)}.key"
+    if key.exists():
+        identity = Identity.load(key)
+        typer.echo(f"reusing the key in {key}")
+    else:
+        identity = Identity.generate()
+        identity.save(key)
+    masters = [(m.id, m.host, m.port, m.public_key) for m in (conf.masters[mid] for mid in conf.idcs[idc])]
+    (out / f"{_agent_id(host)}.toml").write_text(render(host, idc, "agent.key", masters))
+    typer.echo(f"wrote {key} and {key.with_suffix('.toml')}; on {host}, install them as /etc/ombot/agent.key (0600) "
+               "and /etc/ombot/agent.toml")
+    return identity
+
+
+def _masters_named(conf: cfg.Config, idc: str | None, master: str | None) -> list[str]:
+    """One master, an IDC's masters, or (neither given) every master in ombot.toml."""
+    if master is not None:
+        if master not in conf.masters:
+            raise OmbotError(f"no master {master!r} in {conf.path} (known: {', '.join(conf.masters)})")
+        return [master]
+    if idc is not None:
+        if idc not in conf.idcs:
+            raise OmbotError(f"no IDC {idc!r} in {conf.path} (known: {', '.join(conf.idcs)})")
+        return list(conf.idcs[idc])
+    return list(conf.masters)
+
+
+def _registry_everywhere(router: Any, masters: list[str], args: dict[str, Any]) -> dict[str, Any]:
+    """The `registry` operation at each master in turn: its reply, or the error that kept it from one."""
+    from masters import ConnectFailed, MasterLost, Refused
+
+    replies: dict[str, Any] = {}
+    try:
+        for mid in masters:
+            try:
+                replies[mid] = router.registry(mid, args)
+            except (ConnectFailed, MasterLost, Refused) as exc:
+                replies[mid] = exc
+    finally:
+        router.close()
+    return replies
+
+
+def _failure(exc: Exception) -> str:
+    code = getattr(exc, "code", None)
+    return f"refused ({code}): {getattr(exc, 'message', exc)}" if code else f"error: {exc}"
+
+
+def _report_additions(replies: dict[str, Any], client_id: str) -> int:
+    """Print each master's answer to an `add` of one client; 0 only if every master has it now."""
+    for mid, reply in replies.items():
+        typer.echo(f"{mid}: " + (_failure(reply) if isinstance(reply, Exception) else
+                                 "accepted" if reply["results"][client_id] == "added" else "already"))
+    failed = [mid for mid, reply in replies.items() if isinstance(reply, Exception)]
+    if failed:
+        typer.echo(f"{client_id} is not registered at {', '.join(failed)} (see above): run the same command "
+                   "again once they answer (it is safe to repeat)", err=True)
+    return 1 if failed else 0
+
+
+def _report_revocations(replies: dict[str, Any], what: str | None) -> int:
+    """Print each master's verdict per id; 0 only if every master answered and each id (or, for a
+    host, some agent of it) was revoked at one of them, now or before."""
+    known: dict[str, bool] = {}
+    for mid, reply in replies.items():
+        if isinstance(reply, Exception):
+            typer.echo(f"{mid}: {_failure(reply)}")
+            continue
+        for client_id, verdict in reply["results"].items():
+            known[client_id] = known.get(client_id, False) or verdict != "unknown"
+            typer.echo(f"{mid}: {client_id}: " + {"revoked": "revoked", "already": "revoked before",
+                                                  "unknown": "not registered here"}.get(verdict, verdict))
+    failed = [mid for mid, reply in replies.items() if isinstance(reply, Exception)]
+    nowhere = [cid for cid, found in known.items() if not found]
+    if failed:
+        typer.echo(f"not confirmed by {', '.join(failed)} (see above): run the same command again once they "
+                   "answer (it is safe to repeat)", err=True)
+    if what is not None and not failed and not any(known.values()):
+        typer.echo(f"no master knows {what}: nothing was revoked", err=True)
+        return 1
+    if what is None and nowhere:
+        typer.echo(f"no master knows {', '.join(nowhere)}: nothing was revoked for it", err=True)
+    return 1 if failed or (what is None and nowhere) else 0
+
+
+def _listing(master_id: str, reply: dict[str, Any]) -> list[str]:
+    """One master's registrations as a table, then the keys it revoked."""
+    import time
+
+    def when(ms: int) -> str:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
+
+    def who(c: dict[str, Any]) -> str:
+        return f"agent:{c['host']}" if c["kind"] == "agent" else f"{c['kind']}:{c['user']}"
+
+    lines = [f"== {master_id}", f"{'ID':<24} {'KIND':<8} {'SOURCE':<9} {'ACTS AS':<28} NOTE"]
+    for c in reply["clients"]:
+        note = "admin" if c["admin"] else f"added {when(c['added_at'])} by {c['added_by']}" if "added_at" in c else ""
+        lines.append(f"{c['id']:<24} {c['kind']:<8} {c['source']:<9} {who(c):<28} {note}".rstrip())
+    for r in reply["revoked"]:
+        lines.append(f"{r['id']:<24} {r['kind']:<8} {r['source']:<9} {who(r):<28} REVOKED {when(r['revoked_at'])} "
+                     f"by {r['revoked_by']}")
+    return lines
 
 
 def main() -> None:

@@ -28,7 +28,9 @@ default_idc = "local"
 #   kind = "console"  `ombot console`: always acts as console:USER
 #   kind = "cli"      `ombot run`: always acts as cli:USER
 # modules and hosts are globs of what the key may run at all; the policy decides the rest.
-# key_file is needed only on the machine where that client runs.
+# key_file is needed only on the machine where that client runs. `admin = true` (cli keys only)
+# lets that key add and revoke registrations at the masters at once, without a restart
+# (`ombot audit enroll`, `ombot clients revoke`): the masters keep them in their databases.
 [clients.bot]
 kind = "chat"
 public_key = "{bot_public}"
@@ -47,6 +49,7 @@ hosts = ["*"]
 [clients.{cli_id}]
 kind = "cli"
 user = "{unix_user}"
+admin = true                       # the operator's key: may enrol and revoke clients
 public_key = "{cli_public}"
 key_file = "keys/{cli_id}.key"
 modules = ["*"]
@@ -63,7 +66,7 @@ public_key = "{master_public}"
 key_file = "keys/local-1.key"      # needed only where this master runs
 inventory = "inventory/local.ini"  # Ansible INI or YAML
 backend = "local"
-accept = ["bot", "console", "{cli_id}"]  # revoke a client: remove it here, restart the master
+accept = ["bot", "console", "{cli_id}"]  # read at start; revoke at once: ombot clients revoke ID
 state_dir = "state"                # SQLite database, file store; or set OMBOT_MASTER_DATABASE_URL
 
 [masters.local-1.limits]
