@@ -9,16 +9,20 @@ import peewee
 
 from approvals import store
 from approvals.gate import (
-    NO_POLICY, ApprovalError, Gate, PolicyRefusal, Vote, authorize, record_trail, require_requester,
+    NO_POLICY, ApprovalError, Gate, PolicyRefusal, Vote, authorize, operator_viewer, record_trail, require_requester,
+    viewer_of,
 )
 from approvals.parts import authorize_parts
-from approvals.policy import Approval, Decision, Policy, load_policy
+from approvals.policy import (
+    APPROVER, AUTHORITY_NAMES, CANCELLER, NO_AUTHORITY, REQUESTER, Approval, Decision, Policy, Viewer, load_policy,
+)
 from approvals.store import APPROVED, DENIED, EXPIRED, PENDING, ApprovalRequest, forget_trail_before
 from ombot.storage import migrate
 
-__all__ = ["APPROVED", "DENIED", "EXPIRED", "NO_POLICY", "PENDING", "Approval", "ApprovalError", "ApprovalRequest",
-           "Decision", "Gate", "Policy", "PolicyRefusal", "Vote", "authorize", "authorize_parts", "bind", "forget_trail_before", "load_policy",
-           "record_trail", "require_requester"]
+__all__ = ["APPROVED", "APPROVER", "AUTHORITY_NAMES", "CANCELLER", "DENIED", "EXPIRED", "NO_AUTHORITY", "NO_POLICY",
+           "PENDING", "REQUESTER", "Approval", "ApprovalError", "ApprovalRequest", "Decision", "Gate", "Policy",
+           "PolicyRefusal", "Viewer", "Vote", "authorize", "authorize_parts", "bind", "forget_trail_before",
+           "load_policy", "operator_viewer", "record_trail", "require_requester", "viewer_of"]
 
 
 def bind(db: peewee.Database) -> None:

@@ -20,7 +20,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from approvals import store
-from approvals.policy import Decision, Policy
+from approvals.policy import Approval, Decision, Policy, Viewer
 from ombot.clock import MS_PER_SECOND, now_ms, seconds
 from ombot.errors import OmbotError
 
@@ -130,6 +130,13 @@ class Gate:
     def may_cancel(self, user: str, requester: str, approvers: list[str], cancel_roles: list[str]) -> bool:
         return user == requester or user in approvers or self.policy.in_roles(user, self.groups_of(user), cancel_roles)
 
+    def viewer(self, user: str) -> Viewer:
+        return self.policy.viewer(user, self.groups_of(user))
+
+    def authority(self, user: str, requester: str, approvers: list[str], cancel_roles: list[str],
+                  approval: Approval | None) -> int:
+        return self.policy.authority(user, self.groups_of(user), requester, approvers, cancel_roles, approval)
+
     # -- requests ----------------------------------------------------------------------------
 
     def open_request(self, *, requester: str, origin: str, channel: str, reply_url: str | None, idc: str,
@@ -187,6 +194,14 @@ class Gate:
         if request is None or not store.transition(request, store.EXPIRED):
             return None
         return request
+
+    def withdraw(self, request: store.ApprovalRequest, reason: str) -> bool:
+        """Close a pending request nobody may approve any more (a newer one replaces it); False if it
+        was decided meanwhile."""
+        if not store.transition(request, store.WITHDRAWN, reason=reason[:1000]):
+            return False
+        self._unschedule(request)
+        return True
 
     def pending(self) -> list[store.ApprovalRequest]:
         query = store.ApprovalRequest.select().where(store.ApprovalRequest.state == store.PENDING)
@@ -272,6 +287,21 @@ def authorize(gate: Gate | None, user: str, module: str, hosts: list[str], idc: 
     if not decision.allowed:
         raise PolicyRefusal(decision.reason)
     return decision
+
+
+def viewer_of(gate: Gate | None, user: str) -> Viewer:
+    """What a chat or console user may see of jobs and schedules (without a policy: their own)."""
+    return gate.viewer(user) if gate is not None else Viewer(user)
+
+
+def operator_viewer(policy: Policy | None, user: str, admin: bool) -> Viewer:
+    """What the CLI's key may see: everything for an admin key, else what the policy lets its
+    `cli:USER` see (groups from `[console_groups]`, as `ombot policy explain` reads them)."""
+    if admin:
+        return Viewer(user, everything=True)
+    if policy is None:
+        return Viewer(user)
+    return policy.viewer(user, frozenset(g for g, members in policy.console_groups.items() if user in members))
 
 
 def require_requester(gate: Gate | None, user: str) -> None:

@@ -6,6 +6,9 @@ default). When the hosts of one request fall under several rules, the strictest 
 smallest max_hosts, the most approvals, the shortest expiry, self-approval only if every rule allows
 it. Rules whose approvals name different approver roles cannot be combined: such a request is
 refused and has to be split, so no host is approved by someone its own rule does not name.
+
+Who may see a job or a schedule (`Viewer`), and how much say someone has over one (`Policy.authority`),
+are decided here too, once, for chat, console, CLI and the web view alike.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ DEFAULT_EXPIRY = 3600
 USER_ID = re.compile(r"^(?:[UW][A-Z0-9]{2,}|(?:cli|console):\S+)$")
 GROUP_ID = re.compile(r"^S[A-Z0-9]{2,}$")
 CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
+
+# How much say someone has over a job or a schedule, lowest first: a pause by someone with more
+# authority than you stays until they, someone with as much, or a fresh approval lifts it.
+NO_AUTHORITY, REQUESTER, CANCELLER, APPROVER = 0, 1, 2, 3
+AUTHORITY_NAMES = {NO_AUTHORITY: "no say", REQUESTER: "its requester",
+                   CANCELLER: "a canceller (one of its approvers or a `cancel` role)",
+                   APPROVER: "an approver (a member of its approval roles)"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,25 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Viewer:
+    """What one person may see of jobs and schedules: the one rule, for every surface."""
+
+    user: str
+    roles: frozenset[str] = frozenset()  # the policy roles the person holds
+    everything: bool = False  # a `[jobs] viewers` role, or an admin key on the CLI
+
+    def sees(self, requester: str, approvers: Iterable[str], cancel_roles: Iterable[str]) -> bool:
+        """Its requester, its approvers, members of its `cancel` roles, and `[jobs] viewers` see it."""
+        return (self.everything or self.user == requester or self.user in approvers
+                or not self.roles.isdisjoint(cancel_roles))
+
+    def sees_request(self, requester: str, approvers: Iterable[str], cancel_roles: Iterable[str],
+                     approver_roles: Iterable[str]) -> bool:
+        """A pending approval request: whoever would see its job, and the roles asked to approve it."""
+        return self.sees(requester, approvers, cancel_roles) or not self.roles.isdisjoint(approver_roles)
+
+
+@dataclass(frozen=True)
 class Policy:
     """Roles and rules, read and checked from the policy file."""
 
@@ -98,9 +127,26 @@ class Policy:
     console_groups: dict[str, frozenset[str]] = field(default_factory=dict)
     path: Path | None = None
     audit_viewers: tuple[str, ...] = ()  # roles that may search the shell audit trail (`[audit] viewers`)
+    job_viewers: tuple[str, ...] = ()  # roles that see every job and schedule (`[jobs] viewers`)
 
     def in_roles(self, user: str, groups: frozenset[str], roles: Iterable[str]) -> bool:
         return any(self.roles[r].has(user, groups) for r in roles if r in self.roles)
+
+    def viewer(self, user: str, groups: frozenset[str]) -> Viewer:
+        """What this person may see of jobs and schedules."""
+        held = frozenset(name for name, role in self.roles.items() if role.has(user, groups))
+        return Viewer(user, held, not held.isdisjoint(self.job_viewers))
+
+    def authority(self, user: str, groups: frozenset[str], requester: str, approvers: Iterable[str],
+                  cancel_roles: Iterable[str], approval: Approval | None) -> int:
+        """How much say `user` has over a job or schedule whose rule asks `approval` now: APPROVER
+        (may approve it: the requester only under self_approval), CANCELLER, REQUESTER or NO_AUTHORITY."""
+        if approval is not None and self.in_roles(user, groups, approval.roles) and (
+                user != requester or approval.self_approval):
+            return APPROVER
+        if user in approvers or self.in_roles(user, groups, cancel_roles):
+            return CANCELLER
+        return REQUESTER if user == requester else NO_AUTHORITY
 
     def decide(self, user: str, groups: frozenset[str], module: str, hosts: list[str], idc: str) -> Decision:
         used: dict[str, Rule] = {}
@@ -164,8 +210,11 @@ def parse_policy(path: Path, raw: dict[str, Any]) -> Policy:
     audit = top.sub("audit")
     audit_viewers = _known_roles(audit, "viewers", roles)
     audit.done()
+    jobs = top.sub("jobs")
+    job_viewers = _known_roles(jobs, "viewers", roles)
+    jobs.done()
     top.done()
-    return Policy(roles, rules, console_groups, path, audit_viewers)
+    return Policy(roles, rules, console_groups, path, audit_viewers, job_viewers)
 
 
 def _id(r: TableReader, key: str, pattern: re.Pattern[str], what: str, value: str) -> str:

@@ -12,6 +12,7 @@ from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms, find_by
 db = peewee.DatabaseProxy()
 
 PENDING, APPROVED, DENIED, EXPIRED = "pending", "approved", "denied", "expired"
+WITHDRAWN = "withdrawn"  # replaced by a newer request for the same schedule: no vote may start it
 
 
 class BaseModel(peewee.Model):

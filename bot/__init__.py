@@ -26,12 +26,18 @@ def serve_slack(config: Config) -> None:
 
 
 def list_schedules(config: Config) -> list[str]:
-    """One plain line per schedule in the bot's database (`ombot schedules`)."""
+    """One plain line per schedule in the bot's database that the CLI's key may see (`ombot
+    schedules`): every one for an admin key, else what the policy lets its `cli:USER` see."""
+    from approvals import load_policy, operator_viewer
     from bot import schedules, store
 
-    store.open_store(BotSettings.from_config(config).database_url)
+    settings = BotSettings.from_config(config)
+    registration = config.speaking_as(config.require_client().id)  # checks the registration exists
+    client = config.clients[registration.id]
+    policy = load_policy(settings.policy) if settings.policy is not None else None
+    store.open_store(settings.database_url)
     schedules.prepare()
-    return schedules.schedule_rows(mention=False)
+    return schedules.schedule_rows(mention=False, viewer=operator_viewer(policy, client.identity, client.admin))
 
 
 def slack_manifest(http_url: str | None = None) -> dict[str, Any]:

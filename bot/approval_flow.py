@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from approvals import PENDING, ApprovalRequest, Decision, Gate
+from approvals import PENDING, ApprovalRequest, Decision, Gate, Viewer
 from bot import grammar, multi
 from bot.messages import (
     CHECK, Message, RequestView, approval_card, deny_form, escape, params_text, slack_date, text_message,
@@ -133,11 +133,14 @@ class ApprovalFlow:
         self._tell_requester(request, transport, f"Request #{request.number} (`{request.module}`) expired "
                                                  f"before it had enough approvals.")
 
-    def listing(self) -> Message:
+    def listing(self, viewer: Viewer) -> Message:
+        """The pending requests `viewer` may see (approvals.Viewer.sees_request)."""
         rows = [f"#{r.number} `{r.module}` on {len(r.hosts)} host(s) in {r.idc} by <@{r.requester}>: "
                 f"{self.gate.vote_count(r)}/{r.needed} "
-                f"approvals, expires {slack_date(r.expires_at)}" for r in self.gate.pending()]
-        return text_message("\n".join(rows) or "No pending approval requests.")
+                f"approvals, expires {slack_date(r.expires_at)}" for r in self.gate.pending()
+                if viewer.sees_request(r.requester, self.gate.approvers(r), r.cancel_roles, r.approver_roles)]
+        some = "" if viewer.everything else " that you may see"
+        return text_message("\n".join(rows) or f"No pending approval requests{some}.")
 
     # -- helpers ---------------------------------------------------------------------------------
 

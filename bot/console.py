@@ -6,20 +6,18 @@ user when the config allows it (the demo config does, so approval flows can be t
 
 from __future__ import annotations
 
-import html
 import itertools
-import re
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, TextIO
 
-from bot.messages import Message
+from bot.messages import Message, plain
 from bot.service import BotService
+from bot.terminal import HISTORY_FILE, is_terminal, terminal
 from bot.transport import ChatRequest
 
 CHANNEL = "console"
-_DATE = re.compile(r"<!date\^\d+\^[^|>]*\|([^>]*)>")
-_MENTION = re.compile(r"<@([^>|]+)>")
 PROMPT = "om> "
 
 
@@ -32,8 +30,12 @@ class ConsoleTransport:
         self._ts = itertools.count(1)
 
     def say(self, text: str) -> None:
+        """Print a line of OMBot's markup as plain text (bot.messages.plain)."""
+        self._write(plain(text))
+
+    def _write(self, text: str) -> None:
         with self._lock:
-            self.out.write(plain(text).rstrip("\n") + "\n")
+            self.out.write(text.rstrip("\n") + "\n")
             self.out.flush()
 
     def respond(self, req: ChatRequest, message: Message) -> None:
@@ -45,7 +47,7 @@ class ConsoleTransport:
         lead = f"  \u21b3 (thread of {thread_ts}) " if thread_ts else f"[{channel} #{ts}] "
         self.say(lead + message.text)
         for name, content in message.files:
-            self.say(f"  \u21b3 file {name} ({len(content)} bytes):\n{content}")
+            self._write(f"  \u21b3 file {name} ({len(content)} bytes):\n{content}")  # raw text, not markup
         return ts
 
     def update(self, channel: str, ts: str, message: Message) -> None:
@@ -55,21 +57,34 @@ class ConsoleTransport:
         return False
 
 
-def plain(text: str) -> str:
-    """Slack's markup as a terminal shows it: dates in UTC, mentions as @user."""
-    return html.unescape(_MENTION.sub(r"@\1", _DATE.sub(r"\1", text)))
-
-
 def run_console(service: BotService, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+    """Read /om lines until /quit or end of input. In a terminal: line editing, history (in the
+    state directory), Ctrl-C clears the line, output above the prompt (bot.terminal); from a pipe or
+    file: plain lines, each command run to its end before the next is read."""
+    if not is_terminal(stdin, out):
+        _serve(service, out, lambda: _plain_line(stdin, out), lambda work: work())
+        return
+    with terminal(PROMPT, service.settings.state_dir / HISTORY_FILE) as (term, screen):
+        _serve(service, screen, term.read, term.run)
+
+
+def _plain_line(stdin: TextIO, out: TextIO) -> str | None:
+    """The next line from a pipe or file, after a prompt; None at end of input."""
+    out.write(PROMPT)
+    out.flush()
+    return stdin.readline() or None
+
+
+def _serve(service: BotService, out: TextIO, read: Callable[[], str | None],
+           run: Callable[[Callable[[], None]], None]) -> None:
+    """The console's loop: `read` gives each line (None: leave), `run` runs each command."""
     transport = ConsoleTransport(out)
     service.start(transport)
     user = service.console_user
     transport.say(f"OMBot console: you are {user}. Type /om help; /as USER switches user; /quit leaves.")
     while True:
-        out.write(PROMPT)
-        out.flush()
-        line = stdin.readline()
-        if not line or line.strip() in ("/quit", "/exit"):
+        line = read()
+        if line is None or line.strip() in ("/quit", "/exit"):
             break
         text = line.strip()
         if not text:
@@ -79,7 +94,8 @@ def run_console(service: BotService, stdin: TextIO = sys.stdin, out: TextIO = sy
             continue
         if text.startswith("/om"):
             text = text[3:].strip()
-        service.dispatcher.command(ChatRequest(user, CHANNEL, text, origin="console"), transport)
+        request = ChatRequest(user, CHANNEL, text, origin="console")
+        run(lambda: service.dispatcher.command(request, transport))
 
 
 def _switch_user(service: BotService, transport: ConsoleTransport, user: str, new: str) -> str:

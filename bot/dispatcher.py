@@ -14,14 +14,16 @@ from concurrent.futures import Executor
 from typing import Any
 
 from approvals import (
-    ApprovalError, Decision, Gate, PolicyRefusal, authorize, record_trail, require_requester,
+    ApprovalError, Decision, Gate, PolicyRefusal, authorize, record_trail, require_requester, viewer_of,
 )
 from bot import forms, grammar, multi, store
 from bot.approval_flow import ApprovalFlow
 from bot.audit_search import AUDIT_USAGE, AuditQuery, parse_audit_query, search_audit
 from bot.commands import REQUESTERS, CommandError, Prose, Word, available, chat_command
 from bot.jobs import JOBS_USAGE, JobFilter, JobFollower, card_of, history, parse_job_filter
-from bot.messages import CHECK, Message, clip, code, job_card, preview_message, slack_date, text_message
+from bot.messages import (
+    CHECK, Markup, Message, clip, code, error_message, escape, job_card, preview_message, slack_date, text_message,
+)
 from bot.schedules import SCHEDULE_USAGE, Schedules, schedule_words
 from bot.transport import ChatRequest, Transport
 from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
@@ -126,19 +128,19 @@ class Dispatcher:
             work()
         except PolicyRefusal as exc:
             outcome = f"refused: {exc}"
-            transport.respond(req, text_message(f"Refused: {exc}"))
+            transport.respond(req, error_message(exc, "Refused: "))
         except (CommandError, ParamError, ApprovalError) as exc:
             outcome = f"error: {exc}"
-            transport.respond(req, text_message(str(exc)))
+            transport.respond(req, error_message(exc))
         except Refused as exc:
             outcome = f"refused by master: {exc.code}"
-            transport.respond(req, text_message(f"Refused: {exc.message}"))
+            transport.respond(req, text_message(f"Refused: {escape(exc.message)}"))
         except (NoMasterAvailable, ConnectFailed, MasterLost) as exc:
             outcome = "masters unreachable"
-            transport.respond(req, text_message(f"Cannot reach the masters: {exc}"))
+            transport.respond(req, error_message(exc, "Cannot reach the masters: "))
         except OmbotError as exc:
             outcome = f"error: {exc}"
-            transport.respond(req, text_message(str(exc)))
+            transport.respond(req, error_message(exc))
         except Exception:
             ref = uuid.uuid4().hex[:8]
             outcome = f"internal error E-{ref}"
@@ -169,14 +171,14 @@ class Dispatcher:
     def form_command(self, req: ChatRequest, transport: Transport, module: str) -> None:
         self._form(grammar.Run(module, None), req, transport)
 
-    @chat_command("jobs", summary="recent jobs: `mine`, and filters by module, host and time (UTC)",
+    @chat_command("jobs", summary="recent jobs you may see: `mine`, and filters by module, host and time (UTC)",
                   usage=JOBS_USAGE, parse=parse_job_filter)
     def jobs_command(self, req: ChatRequest, transport: Transport, filters: JobFilter) -> None:
         transport.respond(req, self._jobs(filters, req.user))
 
     @chat_command("status", Word("job"), summary="where a job stands")
     def status_command(self, req: ChatRequest, transport: Transport, job: str) -> None:
-        transport.respond(req, self._status(job))
+        transport.respond(req, self._status(job, req.user))
 
     @chat_command("cancel", Word("job"), summary="cancel a job (its requester, approvers, or the policy's roles)")
     def cancel_command(self, req: ChatRequest, transport: Transport, job: str) -> None:
@@ -188,7 +190,7 @@ class Dispatcher:
 
     @chat_command("approvals", summary="pending approval requests")
     def approvals_command(self, req: ChatRequest, transport: Transport) -> None:
-        transport.respond(req, self.approvals.listing())
+        transport.respond(req, self.approvals.listing(viewer_of(self.gate, req.user)))
 
     @chat_command("approve", Word("request"), summary="approve a request")
     def approve_command(self, req: ChatRequest, transport: Transport, request: str) -> None:
@@ -219,9 +221,9 @@ class Dispatcher:
         assert ref is not None
         {"pause": schedules.pause, "resume": schedules.resume, "delete": schedules.delete}[action](ref, req, transport)
 
-    @chat_command("schedules", summary="the schedules")
+    @chat_command("schedules", summary="the schedules you may see")
     def schedules_command(self, req: ChatRequest, transport: Transport) -> None:
-        transport.respond(req, self._schedules().listing())
+        transport.respond(req, self._schedules().listing(req.user))
 
     def _schedules(self) -> Schedules:
         if self.schedules is None:
@@ -270,14 +272,21 @@ class Dispatcher:
         return text_message("\n".join(f"`{s.name}` ({s.category}, risk {s.risk}) {s.description}" for s in specs))
 
     def _jobs(self, filters: JobFilter, user: str) -> Message:
+        """The newest jobs `user` may see (approvals.Viewer) that match the filters."""
+        viewer = viewer_of(self.gate, user)
         lines = [f"#{j.number} {j.state:<9} `{j.module}` on {j.host_count} host(s) in {j.idc} by <@{j.requester}> "
-                 f"{slack_date(j.created_at)}" for j in history(filters, user, JOBS_LISTED)]
-        filtered = filters != JobFilter()
-        return text_message("\n".join(lines) or ("No jobs match." if filtered else "No jobs yet."))
+                 f"{slack_date(j.created_at)}" for j in history(filters, user, JOBS_LISTED, viewer)]
+        some = "" if viewer.everything else " that you may see"
+        empty = f"No jobs{some} match." if filters != JobFilter() else f"No jobs{some} yet."
+        return text_message("\n".join(lines) or empty)
 
-    def _status(self, ref: str) -> Message:
-        """A job's whole record from the bot's database; the owning master says where a live one stands."""
+    def _status(self, ref: str, user: str) -> Message:
+        """A job's whole record from the bot's database, for those who may see it; the owning master
+        says where a live one stands."""
         job = _find(ref)
+        if not viewer_of(self.gate, user).sees(job.requester, job.approvers, job.cancel_roles):
+            raise PolicyRefusal(f"job #{job.number} is not yours to see: its requester, its approvers, its rule's "
+                                f"`cancel` roles and the policy's `[jobs] viewers` may")
         state, live = job.state, ""
         if job.master_id and state not in FINAL_STATES:
             try:
@@ -422,8 +431,8 @@ class Dispatcher:
             self.gate is not None and self.gate.may_cancel(req.user, job.requester, list(job.approvers),
                                                            list(job.cancel_roles)))
         if not allowed:
-            raise PolicyRefusal(f"only the requester (<@{job.requester}>), its approvers or the roles the policy "
-                                f"names may cancel job #{job.number}")
+            raise PolicyRefusal(Markup(f"only the requester (<@{job.requester}>), its approvers or the roles the "
+                                       f"policy names may cancel job #{job.number}"))
         parts = multi.parts_with(job)
         if parts:  # one part of a request over several IDCs: cancel every part
             multi.cancel_parts(self, parts, req, transport)

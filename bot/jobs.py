@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import re
@@ -28,10 +29,10 @@ import peewee
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from approvals import forget_trail_before
+from approvals import Viewer, forget_trail_before
 from bot import audit_store, lease, multi, store
 from bot.commands import CommandError
-from bot.messages import CardState, results_message
+from bot.messages import CardState, escape, results_message
 from bot.schedules import schedule_label
 from bot.transport import ChatRequest, Transport
 from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, Refused, Router
@@ -218,8 +219,9 @@ class JobFollower:
         return None, unasked
 
     def end_early(self, job: store.BotJob, transport: Transport, state: JobState, reason: str) -> None:
-        """End a job that no master follows (refused, never arrived): the card says why."""
-        store.update_job(job, state=state, finished_at=store.now(), note=reason)
+        """End a job that no master follows (refused, never arrived): the card says why (`reason` is
+        plain text, often a master's words: escaped here, since the note is mrkdwn)."""
+        store.update_job(job, state=state, finished_at=store.now(), note=escape(reason))
         self._post_ending(job, transport)
 
     def _post_ending(self, job: store.BotJob, transport: Transport) -> None:
@@ -350,7 +352,7 @@ def apply_event(card: CardState, results: dict[str, dict[str, Any]], event: dict
     elif kind == "finished":
         card.state, card.finished_at = data["state"], event["at"]  # epoch ms, as the master stores it
         if data.get("reason"):
-            card.note = data["reason"]
+            card.note = escape(data["reason"])  # the master's words may quote a module's output
 
 
 # -- history: /om jobs filters -------------------------------------------------------------------
@@ -405,12 +407,14 @@ def parse_since(text: str, now_ms: int | None = None) -> int:
     return int(when.timestamp() * 1000)
 
 
-def history(filters: JobFilter, requester: str, limit: int) -> list[store.BotJob]:
-    """The newest jobs that match, newest first, from the bot's database."""
+def history(filters: JobFilter, requester: str, limit: int, viewer: Viewer | None = None) -> list[store.BotJob]:
+    """The newest jobs that match and `viewer` may see (None: every one), newest first, from the bot's database."""
     job = store.BotJob
     query = job.select().order_by(job.number.desc())
     if filters.mine:
         query = query.where(job.requester == requester)
+    if viewer is not None and not viewer.everything:  # narrowed in SQL; Viewer.sees below is the rule
+        query = query.where(_may_see(viewer))
     if filters.module:
         query = query.where(job.module == filters.module)
     if filters.since_ms is not None:
@@ -418,5 +422,24 @@ def history(filters: JobFilter, requester: str, limit: int) -> list[store.BotJob
     if filters.host:  # a coarse text match in SQL (`_` and `%` are wildcards there), then the exact one
         pattern = peewee.Value(f'%"{filters.host}"%', converter=False)  # as stored, not JSON-encoded again
         query = query.where(peewee.Expression(job.hosts, peewee.OP.ILIKE, pattern))  # LIKE on SQLite
-    matches = (j for j in query.iterator() if filters.host is None or filters.host in (j.hosts or ()))
+    matches = (j for j in query.iterator() if (filters.host is None or filters.host in (j.hosts or ()))
+               and (viewer is None or viewer.sees(j.requester, j.approvers, j.cancel_roles)))
     return list(itertools.islice(matches, limit))
+
+
+def _may_see(viewer: Viewer) -> peewee.ColumnBase:
+    """A coarse SQL match for what `viewer` may see: their id as the requester or among the approvers,
+    one of their roles among the cancel roles (as JSON text), so a scan never reads everyone's jobs."""
+    job = store.BotJob
+    found: peewee.ColumnBase = job.requester == viewer.user
+    for column, value in [(job.approvers, viewer.user), *((job.cancel_roles, r) for r in sorted(viewer.roles))]:
+        found |= _contains(column, json.dumps(value, ensure_ascii=False))
+    return found
+
+
+def _contains(column: peewee.Field, text: str) -> peewee.Expression:
+    """`column` LIKE %text% with text taken literally, never JSON-encoded again by the column."""
+    escaped = text.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
+    pattern = peewee.NodeList((peewee.Value(f"%{escaped}%", converter=False), peewee.SQL("ESCAPE"),
+                               peewee.Value("\\", converter=False)))
+    return peewee.Expression(column, peewee.OP.ILIKE, pattern)

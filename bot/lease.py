@@ -10,6 +10,7 @@ from __future__ import annotations
 import peewee
 
 from bot import store
+from ombot import storage
 from ombot.storage import create_tables, migrate
 
 
@@ -35,14 +36,7 @@ def prepare() -> None:
 
 def database_now_ms() -> int:
     """Now, in epoch ms, by the database server's clock (SQLite: this host's)."""
-    db = store.db.obj
-    if isinstance(db, peewee.PostgresqlDatabase):
-        sql = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
-    elif isinstance(db, peewee.MySQLDatabase):
-        sql = "SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)"
-    else:
-        sql = "SELECT CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
-    return int(db.execute_sql(sql).fetchone()[0])
+    return storage.database_now_ms(store.db.obj)
 
 
 def acquire(name: str, holder: str, ttl_ms: int) -> bool:

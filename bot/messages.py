@@ -1,5 +1,13 @@
 """What OMBot says: messages with Slack blocks and a plain-text twin (the console shows the text).
 
+One message model, rendered per surface. A message is written once, in OMBot's markup: Slack mrkdwn
+in which every piece of user-controlled text (parameters, targets, module output, reasons, the
+words of an error) went through `escape` or `code`, and only OMBot's own words carry markup
+(`<@U…>` mentions, `<!date…>` dates, `*bold*`, `` `code` ``). Each surface renders that text:
+Slack takes it as it is (`for_slack` also disarms any `<!channel>`-like broadcast a builder let
+through), a terminal takes `plain(text)`, and a web view would turn `plain(text)` into HTML. An
+exception's message is plain text unless raised as `Markup` (`error_message`).
+
 Every builder keeps within Slack's documented limits: a section's text at most 3,000 characters,
 at most 50 blocks, and far below the ~13k characters where Slack starts refusing a message
 (tests/fakeslack.py checks every message against them).
@@ -7,13 +15,18 @@ at most 50 blocks, and far below the ~13k characters where Slack starts refusing
 
 from __future__ import annotations
 
+import html
 import json
+import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from masters import FINAL_STATES, JobState, host_log, host_rows
 from ombot.clock import MS_PER_SECOND
+
+log = logging.getLogger("ombot.bot")
 
 SECTION_LIMIT = 3000
 TEXT_LIMIT = 3500  # the plain-text twin: what notifications and the console show
@@ -49,14 +62,68 @@ def section(text: str) -> dict[str, Any]:
     return {"type": "section", "text": {"type": "mrkdwn", "text": clip(text, SECTION_LIMIT)}}
 
 
+FENCE = "```"
+_BROKEN_FENCE = "``\u200b`"  # a fence in user text, split by a zero-width space: neither markup nor lost
+_DATE = re.compile(r"<!date\^\d+\^[^|>]*\|([^>]*)>")
+_MENTION = re.compile(r"<@([^>|]+)(?:\|[^>]*)?>")
+_LOOSE_FENCE = re.compile(r"[ \t]*\n?```\n?")  # a fence becomes a line break
+_BROADCAST = re.compile(r"<!(?!date\^)")  # <!channel>, <!here>, <!everyone>, <!subteam^…>: OMBot sends none
+
+
+class Markup(str):
+    """A tag only: text already in OMBot's markup (user words escaped, mentions meant). An exception
+    raised with one (`PolicyRefusal(Markup(f"... <@{user}> ..."))`) is shown as written in chat."""
+
+
 def escape(text: str) -> str:
-    """User-supplied text in mrkdwn: `<!channel>` or `<@U1>` typed by someone must not ping anyone."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """User-supplied text in mrkdwn: `<!channel>` or `<@U1>` typed by someone must not ping anyone,
+    and a typed ``` must not open a code block (nor vanish from the terminal's `plain` text)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(FENCE, _BROKEN_FENCE)
 
 
 def code(text: str, limit: int = SECTION_LIMIT - 8) -> str:
-    # Triple backticks inside the text would end the block early.
-    return "```" + clip(escape(text).replace("```", "``\u200b`"), limit) + "```"
+    # escape() splits the triple backticks inside the text, which would end the block early.
+    return FENCE + clip(escape(text), limit) + FENCE
+
+
+def plain(text: str) -> str:
+    """OMBot's markup as a terminal shows it: dates in UTC, mentions as @user, no ``` fences, and
+    every escaped character as typed (`plain(escape(x)) == x`)."""
+    text = _LOOSE_FENCE.sub("\n", _MENTION.sub(r"@\1", _DATE.sub(r"\1", text)))
+    return html.unescape(text.replace(_BROKEN_FENCE, FENCE))
+
+
+def error_message(exc: BaseException, lead: str = "") -> Message:
+    """An error's message for chat: plain text, escaped (it often echoes what the user typed, which
+    the grammar had unescaped), unless it was raised as `Markup`."""
+    said = exc.args[0] if len(exc.args) == 1 else None
+    return text_message(lead + (said if isinstance(said, Markup) else escape(str(exc))))
+
+
+def for_slack(message: Message) -> Message:
+    """The message as Slack gets it: as written, with any broadcast (`<!channel>`, `<!here>`, ...) in
+    its text or its blocks' mrkdwn disarmed. Builders escape user text; this is the boundary's net."""
+    text, blocks = _disarm(message.text), _disarm_blocks(message.blocks)
+    if text == message.text and blocks == message.blocks:
+        return message
+    log.warning("disarmed a broadcast mention in a message (its builder did not escape user text): %.200r",
+                message.text)
+    return Message(text, blocks, message.files)
+
+
+def _disarm(text: str) -> str:
+    return _BROADCAST.sub("&lt;!", text)
+
+
+def _disarm_blocks(value: Any) -> Any:
+    """Every mrkdwn text object, at any depth of the blocks (sections, fields, context, confirm dialogs)."""
+    if isinstance(value, list):
+        return [_disarm_blocks(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if value.get("type") == "mrkdwn" and isinstance(value.get("text"), str):
+        return {**value, "text": _disarm(value["text"])}
+    return {k: _disarm_blocks(v) for k, v in value.items()}
 
 
 def slack_date(epoch_ms: int, fallback_format: str = "%Y-%m-%d %H:%M UTC") -> str:
@@ -112,12 +179,12 @@ def preview_message(lead: str, idc: str, shown: dict[str, Any]) -> Message:
     steps = "\n".join(shown.get("steps", []))
     playbook = shown.get("playbook")
     blocks = [section(escape(head)), section("steps:\n" + code(steps or "(none)", 1200))]
-    text = f"{head}\nsteps:\n{steps}"
+    text = f"{escape(head)}\nsteps:\n{escape(steps)}"
     if playbook:
         options = " ".join(shown.get("options", []))
         blocks.append(section(f"{shown.get('backend', '')} playbook ({clip(escape(options), 200)}):\n"
                               + code(playbook, 2600)))
-        text += f"\nplaybook ({options}):\n{playbook}"
+        text += f"\nplaybook ({escape(options)}):\n{escape(playbook)}"
     return Message(clip(text, TEXT_LIMIT), blocks)
 
 
@@ -141,7 +208,8 @@ def job_card(card: CardState) -> Message:
         {"type": "context", "elements": [{"type": "mrkdwn", "text": clip(progress + took, 2000)}]},
     ]
     if card.schedule:
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": clip(f":calendar: {card.schedule}", 2000)}]})
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn",
+                                                         "text": clip(f":calendar: {escape(card.schedule)}", 2000)}]})
     if card.note:
         blocks.append(section(card.note))
     if not card.final:
@@ -155,7 +223,7 @@ def job_card(card: CardState) -> Message:
         }]})
     text = (f"[#{card.number} {card.state}] {card.module}{' (check run)' * check} on {card.hosts} host(s) in {card.idc} "
             f"by {card.requester}: {progress}{took}" + (f"\n{card.note}" if card.note else "")
-            + (f"\n{card.schedule}" if card.schedule else ""))
+            + (f"\n{escape(card.schedule)}" if card.schedule else ""))
     return Message(clip(text, TEXT_LIMIT), blocks)
 
 
@@ -169,7 +237,7 @@ def results_message(number: int, results: list[dict[str, Any]]) -> Message:
     blocks = [section(f"*Results of #{number}*{more}\n{code(table)}")]
     if not files and log.strip():
         blocks.append(section(code(log)))
-    text = f"Results of #{number}\n{table}" + ("" if files else f"\n{log}")
+    text = f"Results of #{number}\n{escape(table)}" + ("" if files else f"\n{escape(log)}")  # module output: anyone's
     return Message(clip(text, TEXT_LIMIT), blocks, files)
 
 
@@ -215,6 +283,7 @@ def approval_card(view: RequestView) -> Message:
         "approved": f"approved ({got}/{view.needed}); " + ("the schedule is active" if view.schedule else "the job is starting"),
         "denied": f"denied by <@{view.decided_by}>: {escape(view.reason or '')}",
         "expired": "expired before enough approvals",
+        "withdrawn": f"withdrawn: {escape(view.reason or '')}",
     }.get(view.state, view.state)
     blocks: list[dict[str, Any]] = [
         section(f":lock: *Approval #{view.number}* \u2014 <@{view.requester}> asks to run `{view.module}` on "
@@ -235,7 +304,7 @@ def approval_card(view: RequestView) -> Message:
             f"requested by {view.requester}" + (f" on {view.schedule}" if view.schedule else "")
             + f": {status}; approved by: {votes}")
     if view.parts:
-        text += f"\n{view.parts}"
+        text += f"\n{escape(view.parts)}"
     if view.state == "pending":
         text += f"\n(/om approve {view.number}  or  /om deny {view.number} REASON)"
     files = [(f"approval-{view.number}-hosts.txt", "\n".join(view.hosts) + "\n")] if len(view.hosts) > 30 else []

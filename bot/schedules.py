@@ -10,6 +10,10 @@ they lead still fire it once; its job id is uuid5(schedule id, fire time), so a 
 answered by the master as a duplicate of the first. Firings that pass while no process fires are
 caught up when one does: those within `misfire_grace` coalesce into one run (the card says how many
 were missed), older ones are skipped and reported, never run late.
+
+A pause by a person records who paused and with how much say (approvals.AUTHORITY_NAMES): only they,
+or someone with at least as much say over the schedule, may resume it at once; anyone else who may
+resume it gets a fresh approval request instead (or a refusal, when its rule asks no approval).
 """
 
 from __future__ import annotations
@@ -31,12 +35,17 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as run_operations
 
-from approvals import APPROVED, PENDING, ApprovalRequest, Decision, Gate, PolicyRefusal, authorize
+from approvals import (
+    APPROVED, AUTHORITY_NAMES, NO_AUTHORITY, PENDING, REQUESTER, ApprovalRequest, Decision, Gate, PolicyRefusal,
+    Viewer, authorize, viewer_of,
+)
 from bot import grammar, lease, store
 from bot.approval_flow import ApprovalFlow
 from bot.commands import CommandError
-from bot.messages import Message, escape, params_text, slack_date, text_message
+from bot.messages import Markup, Message, escape, params_text, plain, slack_date, text_message
 from bot.settings import BotSettings
 from bot.transport import ChatRequest, Transport
 from masters import FINAL_STATES, JobRef, Refused, Router
@@ -76,6 +85,8 @@ class Schedule(peewee.Model):
     timing = peewee.CharField(max_length=128)  # "every 15m" or a five-field cron line (UTC)
     state = peewee.CharField(max_length=16, index=True)
     reason = peewee.TextField(null=True)  # why it is paused or awaiting approval
+    paused_by = peewee.CharField(max_length=64, null=True)  # the person whose pause holds it, until it runs again
+    paused_authority = peewee.IntegerField(null=True)  # their say over it then (approvals.AUTHORITY_NAMES)
     approval_request = peewee.CharField(max_length=36, null=True, index=True)  # the request that covers it
     approvers = JSONField(default=list)
     cancel_roles = JSONField(default=list)
@@ -107,7 +118,17 @@ class ScheduleRun(peewee.Model):
         indexes = ((("schedule", "scheduled_at"), True),)
 
 
-MIGRATIONS = [create_tables(Schedule, ScheduleRun)]
+def _pausers(db: peewee.Database) -> None:
+    """Version 2: who paused a schedule, and with how much say (a database made since has them)."""
+    columns = {d[0] for d in db.execute_sql("SELECT * FROM bot_schedule WHERE 1 = 0").description}
+    migrator = SchemaMigrator.from_database(db)
+    run_operations(*[migrator.add_column("bot_schedule", name, field) for name, field in
+                     (("paused_by", peewee.CharField(max_length=64, null=True)),
+                      ("paused_authority", peewee.IntegerField(null=True))) if name not in columns])
+
+
+# Append-only: a new step goes at the end, never edit one that has shipped.
+MIGRATIONS = [create_tables(Schedule, ScheduleRun), _pausers]
 
 
 def prepare() -> None:
@@ -356,14 +377,26 @@ class Schedules:
         transport.respond(req, text_message(f"Schedule #{schedule.number} is active: {self._what(schedule)}; "
                                             f"next run {_when(next_fire(_reload(schedule)))}."))
 
-    def listing(self, mention: bool = True) -> Message:
-        return text_message("\n".join(schedule_rows(self.origin, mention)) or "No schedules.")
+    def listing(self, user: str, mention: bool = True) -> Message:
+        """The schedules `user` may see (approvals.Viewer)."""
+        viewer = viewer_of(self.gate, user)
+        empty = "No schedules." if viewer.everything else "No schedules that you may see."
+        return text_message("\n".join(schedule_rows(self.origin, mention, viewer)) or empty)
 
     def pause(self, ref: str, req: ChatRequest, transport: Transport) -> None:
+        """Pause it, recording who paused and with how much say: a pause by someone with more say
+        than the pauser before takes it over (a lead can hold what its requester paused)."""
         schedule = self._mine(ref, req.user, "pause")
-        if schedule.state == PAUSED:
+        say = self._authority(schedule, req.user)
+        keeps = schedule.paused_by is not None and (schedule.paused_authority or 0) >= say  # a hold never weakens
+        if schedule.state == PAUSED and (keeps or schedule.paused_by is None):
             raise OmbotError(f"Schedule #{schedule.number} is already paused.")
-        _set(schedule, state=PAUSED, reason=f"paused by <@{req.user}>")
+        reason = f"paused by <@{req.user}>, {AUTHORITY_NAMES[say]}"
+        if not keeps:
+            _set(schedule, state=PAUSED, reason=reason, paused_by=req.user, paused_authority=say)
+        else:  # e.g. its requester pauses it while the approval a lead's pause asked for is pending
+            _set(schedule, state=PAUSED, reason=reason if schedule.paused_by == req.user else
+                 f"{reason}; held since <@{schedule.paused_by}> paused it")
         self._arm()
         transport.respond(req, text_message(f"Paused schedule #{schedule.number}."))
 
@@ -374,21 +407,57 @@ class Schedules:
         transport.respond(req, text_message(f"Deleted schedule #{schedule.number}; it will not run again."))
 
     def resume(self, ref: str, req: ChatRequest, transport: Transport) -> None:
-        """Check it as if it were made now: active again, or asking for approval again."""
+        """Check it as if it were made now: active again, or asking for approval again. A pause by
+        someone with more say than the resumer holds: it needs a fresh approval, or their say."""
         schedule = self._mine(ref, req.user, "resume")
         if schedule.state == ACTIVE:
             raise OmbotError(f"Schedule #{schedule.number} is already active.")
         if schedule.state == AWAITING and self._pending_request(schedule) is not None:
             raise OmbotError(f"Schedule #{schedule.number} is waiting for approval already (`/om approvals`).")
         verdict = self._check(schedule)
+        held = self._held(schedule, req.user)
+        if held is not None and isinstance(verdict, Cleared):
+            verdict = self._fresh_approval(schedule, verdict, held)
         if isinstance(verdict, Blocked):
             if verdict.decision is None:
                 raise PolicyRefusal(verdict.reason)
-            self._ask(schedule, verdict.hosts, verdict.decision, req, transport, verdict.reason)
+            # asked in the requester's name: whoever resumes, the requester never approves their own
+            asker = req if req.user == schedule.requester else ChatRequest(schedule.requester, schedule.channel,
+                                                                           origin=schedule.origin)
+            request = self._ask(schedule, verdict.hosts, verdict.decision, asker, transport, verdict.reason)
+            if held is not None or asker is not req:
+                transport.respond(req, text_message(f"Schedule #{schedule.number} needs a fresh approval before it "
+                                                    f"runs again ({verdict.reason}): asked as request "
+                                                    f"#{request.number}."))
             return
         self._activate(schedule, verdict.hosts, verdict.approvers, schedule.approval_expires_at)
         transport.respond(req, text_message(f"Resumed schedule #{schedule.number}; next run "
                                             f"{_when(next_fire(_reload(schedule)))}."))
+
+    def _authority(self, schedule: Schedule, user: str) -> int:
+        """How much say `user` has over the schedule under today's policy (approvals.Policy.authority)."""
+        if self.gate is None:
+            return REQUESTER if user == schedule.requester else NO_AUTHORITY
+        decision = self.gate.decide(schedule.requester, schedule.module, list(schedule.hosts), schedule.idc)
+        return self.gate.authority(user, schedule.requester, list(schedule.approvers), list(schedule.cancel_roles),
+                                   decision.approval if decision.needs_approval else None)
+
+    def _held(self, schedule: Schedule, user: str) -> str | None:
+        """Why `user` may not simply resume it (a person with more say paused it), or None."""
+        if schedule.paused_by is None or user == schedule.paused_by:
+            return None
+        if self._authority(schedule, user) >= (schedule.paused_authority or 0):
+            return None
+        return f"<@{schedule.paused_by}> paused it as {AUTHORITY_NAMES[schedule.paused_authority or 0]}"
+
+    def _fresh_approval(self, schedule: Schedule, cleared: Cleared, held: str) -> Blocked:
+        """A held schedule may run again after a fresh approval; with no approval in its rule, only
+        the pauser or someone with as much say may resume it."""
+        decision = authorize(self.gate, schedule.requester, schedule.module, cleared.hosts, schedule.idc)
+        if not decision.needs_approval:
+            raise PolicyRefusal(Markup(f"{held}: only they, or someone with as much say over schedule "
+                                       f"#{schedule.number}, may resume it"))
+        return Blocked(f"{held}; resuming it needs a fresh approval", cleared.hosts, decision)
 
     def _mine(self, ref: str, user: str, verb: str) -> Schedule:
         schedule = find_schedule(ref)
@@ -399,22 +468,32 @@ class Schedules:
         allowed = user == schedule.requester or (self.gate is not None and self.gate.may_cancel(
             user, schedule.requester, list(schedule.approvers), list(schedule.cancel_roles)))
         if not allowed:
-            raise PolicyRefusal(f"only its requester (<@{schedule.requester}>), its approvers or the roles the "
-                                f"policy names may {verb} schedule #{schedule.number}")
+            raise PolicyRefusal(Markup(f"only its requester (<@{schedule.requester}>), its approvers or the roles "
+                                       f"the policy names may {verb} schedule #{schedule.number}"))
         return schedule
 
     # -- approvals -------------------------------------------------------------------------------
 
     def _ask(self, schedule: Schedule, hosts: list[str], decision: Decision, req: ChatRequest,
-             transport: Transport, why: str) -> None:
+             transport: Transport, why: str) -> ApprovalRequest:
         run = grammar.Run(schedule.module, schedule.targets, dict(schedule.params), schedule.idc,
                           timeout=schedule.timeout)
         spec = self.runner.spec_of(schedule.idc, schedule.module)
+        self._withdraw_pending(schedule, transport)
         _set(schedule, state=AWAITING, hosts=hosts, reason=why or "waiting for approval",
              cancel_roles=list(decision.cancel_roles))
         request = self.flow.ask(run, spec, hosts, decision, req, transport, link=lambda r: _set(
             schedule, approval_request=r.request_id))
         log.info("schedule %s waits for approval request %s", schedule.number, request.number)
+        return request
+
+    def _withdraw_pending(self, schedule: Schedule, transport: Transport) -> None:
+        """The schedule is about to be asked again: its older pending request would no longer be linked
+        to it, and approving that one would start the command once as a plain job. Nobody may."""
+        old = self._pending_request(schedule)
+        if old is not None and self.gate is not None and self.gate.withdraw(
+                old, f"schedule #{schedule.number} was asked again; approve the newer request"):
+            self.flow.show(old, transport)
 
     def label_of(self, request: ApprovalRequest) -> str:
         """What an approval message says about the schedule it covers ("" for a one-off job)."""
@@ -459,7 +538,7 @@ class Schedules:
     def _activate(self, schedule: Schedule, hosts: list[str], approvers: list[str], until: int | None) -> None:
         now = now_ms()
         _set(schedule, state=ACTIVE, reason=None, hosts=hosts, approvers=approvers, approval_expires_at=until,
-             anchor_at=now, last_fire_at=now, busy_skipped=0, missed_old=0)
+             anchor_at=now, last_fire_at=now, busy_skipped=0, missed_old=0, paused_by=None, paused_authority=None)
         self._arm()
 
     # -- firing ----------------------------------------------------------------------------------
@@ -608,9 +687,9 @@ class Schedules:
             hosts = self.router.expand(schedule.idc, schedule.targets, requester=schedule.requester)
             decision = authorize(self.gate, schedule.requester, schedule.module, hosts, schedule.idc)
         except PolicyRefusal as exc:
-            return Blocked(f"<@{schedule.requester}> may no longer run it: {exc}", list(schedule.hosts), None)
+            return Blocked(f"<@{schedule.requester}> may no longer run it: {escape(str(exc))}", list(schedule.hosts), None)
         except Refused as exc:
-            return Blocked(f"its targets no longer expand: {exc.message}", list(schedule.hosts), None)
+            return Blocked(f"its targets no longer expand: {escape(exc.message)}", list(schedule.hosts), None)
         approvers = list(schedule.approvers)  # every vote; the envelope names those other than the requester
         cleared = Cleared(hosts, [a for a in approvers if a != schedule.requester], list(decision.cancel_roles))
         if not decision.needs_approval or decision.approval is None:
@@ -673,23 +752,26 @@ def schedule_label(job_id: str) -> str:
     return run.label if run is not None else ""
 
 
-def schedule_rows(origin: str | None = None, mention: bool = True) -> list[str]:
-    """One line per schedule not deleted: chat (mentions, dates) or plain (the CLI)."""
+def schedule_rows(origin: str | None = None, mention: bool = True, viewer: Viewer | None = None) -> list[str]:
+    """One line per schedule not deleted that `viewer` may see (None: every one): chat (mentions,
+    dates) or plain (the CLI)."""
     query = Schedule.select().where(Schedule.state != DELETED).order_by(Schedule.number)
     if origin is not None:
         query = query.where(Schedule.origin == origin)
     rows = []
-    for s in query:
+    for s in (s for s in query if viewer is None or viewer.sees(s.requester, s.approvers, s.cancel_roles)):
+        # Written in OMBot's markup (what people typed escaped; the reason is stored as markup), and
+        # rendered plain for the CLI.
         who = f"<@{s.requester}>" if mention else s.requester
         params = params_text(s.params)
-        line = (f"#{s.number} {s.state:<8} {s.timing} (UTC): `{s.module}` on {s.targets} ({len(s.hosts)} host(s)) "
-                f"in {s.idc}{' ' + params if params else ''} by {who} in {s.channel}")
+        line = (f"#{s.number} {s.state:<8} {escape(s.timing)} (UTC): `{s.module}` on {escape(s.targets)} "
+                f"({len(s.hosts)} host(s)) in {s.idc}{' ' + escape(params) if params else ''} by {who} in {s.channel}")
         if s.state == ACTIVE:
             upcoming = next_fire(s)
             line += f", next {_when(upcoming) if mention else _plain_when(upcoming)}"
         elif s.reason:
             line += f": {s.reason}"
-        rows.append(line)
+        rows.append(line if mention else plain(line))
     return rows
 
 

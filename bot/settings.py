@@ -12,6 +12,7 @@ from ombot.errors import ConfigError
 
 SLACK_API_ENV = "OMBOT_SLACK_API_URL"
 CHANNEL_ID = re.compile(r"^[CG][A-Z0-9]{2,}$")
+TEAM_ID = re.compile(r"^T[A-Z0-9]{2,}$")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class SlackSecrets:
 class BotSettings:
     """The `[bot]` table of ombot.toml, validated."""
 
-    team_id: str | None
+    team_id: str | None  # the one workspace `ombot bot` serves; it refuses to start without (the console needs none)
     listen_host: str
     listen_port: int
     workers: int
@@ -63,7 +64,7 @@ class BotSettings:
         state_dir = r.file("state_dir", "state") or config.base_dir / "state"
         host, port = parse_address(r, "listen") if "listen" in r.table else ("127.0.0.1", 3000)
         settings = cls(
-            team_id=r.get("team_id", str, None),
+            team_id=_team_id(r),
             listen_host=host,
             listen_port=port,
             workers=r.get("workers", int, 8),
@@ -99,6 +100,13 @@ def _seconds(r: TableReader, key: str, default: float) -> float:
     if isinstance(value, bool) or not value >= 0.1:
         raise ConfigError(r.path, r.key(key), "a number of seconds, at least 0.1", value)
     return float(value)
+
+
+def _team_id(r: TableReader) -> str | None:
+    value: str | None = r.get("team_id", str, None)
+    if value is not None and not TEAM_ID.match(value):  # a misspelt id would refuse every request, silently
+        raise ConfigError(r.path, r.key("team_id"), "a Slack workspace id (T...), not its name or domain", value)
+    return value
 
 
 def _channel_id(r: TableReader, key: str) -> str | None:

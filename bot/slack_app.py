@@ -29,9 +29,9 @@ from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, R
 from slack_sdk.webhook import WebhookClient
 
 from bot import forms, replay, store
-from bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK, Message
+from bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK, Message, for_slack
 from bot.service import BotService
-from bot.settings import SlackSecrets
+from bot.settings import BotSettings, SlackSecrets
 from bot.transport import ChatRequest
 from ombot.config import Config
 from ombot.errors import OmbotError
@@ -140,6 +140,7 @@ class SlackTransport:
         return True
 
     def respond(self, req: ChatRequest, message: Message) -> None:
+        message = for_slack(message)
         if self._webhook(req.response_url, message, "ephemeral"):
             return
         try:
@@ -150,6 +151,7 @@ class SlackTransport:
 
     def post(self, channel: str, message: Message, thread_ts: str | None = None,
              req: ChatRequest | None = None) -> str | None:
+        message = for_slack(message)
         try:
             reply = self.queues.run(channel, lambda: self.client.chat_postMessage(
                 channel=channel, text=message.text, blocks=message.blocks, thread_ts=thread_ts)).result()
@@ -170,6 +172,7 @@ class SlackTransport:
         return ts
 
     def update(self, channel: str, ts: str, message: Message) -> None:
+        message = for_slack(message)
         try:
             self.queues.run(channel, lambda: self.client.chat_update(
                 channel=channel, ts=ts, text=message.text, blocks=message.blocks)).result()
@@ -190,7 +193,7 @@ def build_app(service: BotService, secrets: SlackSecrets, client: WebClient, soc
     app = App(client=client, signing_secret=secrets.signing_secret, process_before_response=True,
               request_verification_enabled=not socket_mode, token_verification_enabled=False,
               ignoring_self_events_enabled=False)
-    team_id = service.settings.team_id
+    team_id = required_team_id(service.settings)
     dispatcher = service.dispatcher
     if not socket_mode:  # Socket Mode requests come over the app's own authenticated connection
         app.middleware(_drop_replays)
@@ -198,7 +201,7 @@ def build_app(service: BotService, secrets: SlackSecrets, client: WebClient, soc
     @app.middleware
     def only_our_workspace(body: dict[str, Any], next: Callable[[], BoltResponse]) -> BoltResponse | None:
         team = _team_of(body)
-        if team_id and team != team_id:
+        if team != team_id:
             log.warning("refused a request from workspace %r", team)
             return BoltResponse(status=403, body="This OMBot serves another Slack workspace.")
         return next()
@@ -261,6 +264,15 @@ def _click_listener(name: str, handle: Callable[[ChatRequest, str], None],
 def _click(body: dict[str, Any]) -> ChatRequest:
     return ChatRequest(user=body["user"]["id"], channel=(body.get("channel") or {}).get("id", ""),
                        team=_team_of(body), trigger_id=body.get("trigger_id"), response_url=body.get("response_url"))
+
+
+def required_team_id(settings: BotSettings) -> str:
+    """The one workspace the Slack app serves: without `[bot] team_id` it would serve any workspace
+    whose request carries a valid signature (the console needs none)."""
+    if not settings.team_id:
+        raise OmbotError("[bot] team_id is not set: the Slack app serves one workspace and refuses to start "
+                         "without its id (T..., from the workspace's URL or `auth.test`); the console needs none")
+    return settings.team_id
 
 
 def _team_of(body: dict[str, Any]) -> str | None:
@@ -387,6 +399,7 @@ def serve_slack(config: Config) -> None:
         raise OmbotError("SLACK_BOT_TOKEN is not set (see the README: creating the Slack app)")
     if not (secrets.app_token or secrets.signing_secret):
         raise OmbotError("set SLACK_APP_TOKEN for Socket Mode, or SLACK_SIGNING_SECRET for HTTP mode")
+    required_team_id(BotSettings.from_config(config))  # before anything starts
     client = web_client(secrets)
     # A command waits on its group lookups: a rate-limited one fails at once (the group has no members
     # until the failure's short cache expires) instead of holding every command for the Retry-After.
@@ -400,11 +413,12 @@ def serve_slack(config: Config) -> None:
         if socket_mode:
             from slack_bolt.adapter.socket_mode import SocketModeHandler
 
-            log.info("connecting to Slack in Socket Mode")
+            log.info("connecting to Slack in Socket Mode, serving workspace %s", service.settings.team_id)
             SocketModeHandler(app, secrets.app_token, web_client=client).start()
         else:
             server = http_server(app, service.settings.listen_host, service.settings.listen_port)
-            log.info("serving Slack requests on http://%s:%s/slack/events", *server.server_address[:2])
+            log.info("serving Slack requests of workspace %s on http://%s:%s/slack/events", service.settings.team_id,
+                     *server.server_address[:2])
             server.serve_forever()
     finally:
         service.close()

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from masters.client import ConnectFailed, JobRef, MasterLink, MasterLost, NoMasterAvailable, Router
+from masters.client import ConnectFailed, JobLookup, JobRef, MasterLink, MasterLost, NoMasterAvailable, Router
 from masters.envelope import Refused
 from masters.keys import Identity, KeyFileError
 from masters.report import host_log, host_rows
 from masters.states import FINAL_STATES, JobState
 from ombot.config import Config, MasterSettings
 
-__all__ = ["FINAL_STATES", "ConnectFailed", "Identity", "JobRef", "JobState", "KeyFileError", "MasterLink", "MasterLost",
+__all__ = ["FINAL_STATES", "ConnectFailed", "Identity", "JobLookup", "JobRef", "JobState", "KeyFileError", "MasterLink", "MasterLost",
            "NoMasterAvailable", "Refused", "Router", "host_log", "host_rows", "serve_master"]
 
 

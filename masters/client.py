@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import rpyc
@@ -70,6 +70,16 @@ class JobRef:
     job_id: str
     idc: str
     master_id: str
+
+
+@dataclass
+class JobLookup:
+    """What the masters asked know of one job of the asking client (`Router.lookup`)."""
+
+    master_id: str | None = None  # the first master that has it; None if none of those that answered does
+    state: str = ""
+    events: list[dict[str, Any]] = field(default_factory=list)  # every event so far, in order
+    errors: dict[str, OmbotError] = field(default_factory=dict)  # masters that could not be asked
 
 
 class _Connection:
@@ -233,6 +243,42 @@ class Router:
     def job_state(self, ref: JobRef) -> str:
         """The job's state alone, from the master that owns it: no waiting, no events read."""
         return str(self.links[ref.master_id].call("events", {"job": ref.job_id, "state_only": True})["state"])
+
+    def lookup(self, job_id: str, master_ids: Sequence[str]) -> JobLookup:
+        """Ask each master in turn for the asking client's job and all its events so far (read-only,
+        nothing waits); stops at the first that has it. A master that says it has no such job answered."""
+        found = JobLookup()
+        for master_id in master_ids:
+            try:
+                reply = self.links[master_id].call("events", {"job": job_id, "after": 0})
+                while reply["events"]:  # a long job's events come a page at a time
+                    found.events += reply["events"]
+                    reply = self.links[master_id].call("events", {"job": job_id, "after": found.events[-1]["seq"]})
+            except Refused as exc:
+                if exc.code != "unknown_job":
+                    raise
+                continue
+            except (ConnectFailed, MasterLost) as exc:
+                found.errors[master_id], found.events = exc, []
+                continue
+            found.master_id, found.state = master_id, str(reply["state"])
+            return found
+        return found
+
+    def jobs(self, idc: str, limit: int = 20) -> tuple[list[dict[str, Any]], dict[str, OmbotError]]:
+        """The asking client's newest jobs at the masters of the IDC, newest first, and the error of each
+        master that could not answer. Every master is asked: a job stays with the master that took it."""
+        found: dict[str, dict[str, Any]] = {}
+        errors: dict[str, OmbotError] = {}
+        for master_id in self.masters_of(idc):
+            try:
+                reply = self.links[master_id].call("jobs", {"limit": limit})
+            except (ConnectFailed, MasterLost, Refused) as exc:
+                errors[master_id] = exc
+                continue
+            for job in reply["jobs"]:  # masters sharing a database list the same jobs: each once
+                found.setdefault(job["id"], {**job, "master_id": job.get("master_id") or master_id})
+        return sorted(found.values(), key=lambda job: job["created_at"], reverse=True)[:limit], errors
 
     def cancel(self, ref: JobRef, requester: str | None = None) -> dict[str, Any]:
         return self.links[ref.master_id].call("cancel", {"job": ref.job_id}, requester=requester)

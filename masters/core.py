@@ -37,6 +37,7 @@ from ombot.clock import MS_PER_SECOND
 from ombot.config import ClientRegistration, MasterSettings
 
 log = logging.getLogger("ombot.master")
+DEFAULT_JOBS_LISTED, MAX_JOBS_LISTED = 20, 200  # the `jobs` operation's limit
 
 
 class MasterCore:
@@ -53,7 +54,7 @@ class MasterCore:
         limits = settings.limits
         self.opener = Opener(identity, settings.id, self.clients.sender, limits.max_frame_bytes,
                              limits.clock_skew_seconds, limits.max_validity_seconds)
-        self.jobs = JobStore(settings.id)
+        self.jobs = JobStore(settings.id, settings.limits.lock_lease_seconds)
         self.checks = SubmitChecks(settings, self.clients, modules, inventory, backend)
         self.runner = JobRunner(settings, backend, inventory, self.jobs)
         self.started_at = time.time()
@@ -63,13 +64,15 @@ class MasterCore:
             "ingest": self._ingest, "audit_read": lambda request: self.audit.read(request),
             "preview": self.checks.preview,  # read-only: a dry run's hosts and generated playbook
             "registry": self.clients.operation,  # admin keys: add, revoke and list registrations
+            "jobs": self._jobs,  # read-only: the asking client's recent jobs (`ombot jobs`)
         }
         # Every operation first checks who is asking against the sender's registration.
         self.ops = {op: self._as_registered(op, work) for op, work in operations.items()}
         self.audit = AuditIngest(self.clients, settings)
         self.runner.recover_interrupted()
         # Retention, old nonces, and jobs waiting for hosts another master holds.
-        self.housekeeping = Housekeeping(self.jobs, settings.retention_days, self.runner.retry_waiting)
+        self.housekeeping = Housekeeping(self.jobs, settings.retention_days, self.runner.retry_waiting,
+                                         self.runner.leases)
         prune_every = min(PRUNE_SECONDS, purge_interval(settings.audit_retention_days * SECONDS_PER_DAY))
         self.housekeeping.every("audit-prune", prune_every, self.audit.prune)  # what the bot has pulled
         self.housekeeping.start()
@@ -177,6 +180,18 @@ class MasterCore:
         if reply is None:
             raise self._unknown_job(request)
         return reply
+
+    def _jobs(self, request: Request) -> dict[str, Any]:
+        """The newest jobs this client submitted as this requester; no other client's jobs."""
+        limit = request.args.get("limit", DEFAULT_JOBS_LISTED)
+        if type(limit) is not int or not 1 <= limit <= MAX_JOBS_LISTED:
+            raise Refused("bad_request", f"limit must be an integer from 1 to {MAX_JOBS_LISTED}")
+        jobs = self.jobs.recent(request.sender, request.requester, limit)
+        for job in jobs:  # the store says queued until the end: a job this master runs says where it is now
+            live = self.runner.live.get(job["id"])
+            if live is not None:
+                job["state"] = str(live.state)
+        return {"jobs": jobs}
 
     def _cancel(self, request: Request) -> dict[str, Any]:
         reply = self.runner.cancel(request.args.get("job"), request.sender, request.requester)

@@ -33,7 +33,8 @@ REPLY_MAGIC = b"OMR1"
 REFUSAL_MAGIC = b"OMX1"
 VERSION = 1
 # ingest: audit agents only; audit_read: the bot; registry: admin CLI keys (docs/protocol.md)
-OPS = ("catalog", "expand", "submit", "events", "cancel", "health", "ingest", "audit_read", "preview", "registry")
+OPS = ("catalog", "expand", "submit", "events", "cancel", "health", "ingest", "audit_read", "preview", "registry",
+       "jobs")
 ORIGINS = ("cli", "slack", "console", "agent")
 _KEY_LEN = 32
 

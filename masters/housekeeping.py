@@ -8,7 +8,10 @@ tests/test_timers.py lists each such place.
   master's own, in a database shared with others);
 - nonces: replay-cache entries past their window (they can never pass the time checks again);
 - host locks: jobs waiting for hosts try again, for locks another master sharing the database
-  freed (this master's own jobs retry at once when one of its jobs ends).
+  freed (this master's own jobs retry at once when one of its jobs ends);
+- host-lock leases (masters.leases): renewing this master's and taking over lapsed ones every
+  `lock_renew_seconds`, and watching, several times a renewal period, that no job works on under a
+  lease that could lapse.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from masters.jobstore import JobStore
+from masters.leases import HostLeases
 from ombot.clock import MS_PER_SECOND, now_ms
 
 log = logging.getLogger("ombot.master")
@@ -41,7 +45,8 @@ def purge_interval(retention_seconds: float) -> float:
 class Housekeeping:
     """Starts the master's periodic work; `close` stops it (a job under way finishes first)."""
 
-    def __init__(self, jobs: JobStore, retention_days: float, retry_waiting: Callable[[], None]) -> None:
+    def __init__(self, jobs: JobStore, retention_days: float, retry_waiting: Callable[[], None],
+                 leases: HostLeases) -> None:
         self.jobs, self.retention_seconds = jobs, retention_days * SECONDS_PER_DAY
         self.scheduler = BackgroundScheduler(timezone=timezone.utc)
         every = {"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
@@ -49,6 +54,10 @@ class Housekeeping:
                                id="retention", **every)
         self.scheduler.add_job(self.purge_old_nonces, "interval", seconds=NONCE_PURGE_SECONDS, id="nonces", **every)
         self.scheduler.add_job(retry_waiting, "interval", seconds=RETRY_SECONDS, id="host-locks", **every)
+        # Two jobs: a renewal stuck on an unreachable database must not hold up the watch.
+        self.scheduler.add_job(leases.renew, "interval", seconds=leases.renew_seconds, id="lock-leases", **every)
+        self.scheduler.add_job(leases.watch, "interval", seconds=leases.watch_seconds, id="lock-lease-watch",
+                               **every)
 
     def start(self) -> None:
         self.purge_old_jobs()  # a master that was down a long time does not keep old jobs another hour

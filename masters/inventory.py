@@ -45,13 +45,18 @@ class TargetError(OmbotError):
     """A target expression that cannot be resolved to hosts."""
 
 
+# How every Ansible of a master reads the inventory: this module's, and ansible-playbook's in the
+# Ansible backend (which passes them to each run), so both see the same hosts: INI or YAML only, and a
+# file Ansible cannot parse is an error, never an empty inventory.
+INVENTORY_SETTINGS = {"ANSIBLE_INVENTORY_ENABLED": "ini,yaml", "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
+                      "ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED": "True"}
+
+
 def _quiet_ansible() -> None:
     # Ansible reads these at import time: keep it off ~/.ansible and make unparsable files an error.
     os.environ.setdefault("ANSIBLE_HOME", os.path.join(tempfile.gettempdir(), f"ombot-ansible-{os.getuid()}"))
     os.environ.setdefault("ANSIBLE_LOCAL_TEMP", os.path.join(os.environ["ANSIBLE_HOME"], "tmp"))
-    os.environ["ANSIBLE_INVENTORY_ENABLED"] = "ini,yaml"
-    os.environ["ANSIBLE_INVENTORY_UNPARSED_FAILED"] = "True"
-    os.environ["ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED"] = "True"
+    os.environ.update(INVENTORY_SETTINGS)
     os.environ["ANSIBLE_HOST_PATTERN_MISMATCH"] = "ignore"  # we report non-matching terms ourselves
     os.environ.setdefault("ANSIBLE_DEPRECATION_WARNINGS", "False")
     os.environ.setdefault("ANSIBLE_LOCALHOST_WARNING", "False")

@@ -16,13 +16,15 @@ import peewee
 from masters import store
 from masters.envelope import Refused, Request
 from masters.jobspec import JobSpec
-from masters.states import JobState
-from ombot.clock import now_ms
+from masters.states import FINAL_STATES, JobState
+from ombot.clock import MS_PER_SECOND, now_ms
 
 MAX_EVENTS_PER_REPLY = 500
 PURGE_BATCH = 500  # jobs deleted per transaction by retention
 MAX_REPLY_OUTPUT = 1024 * 1024  # captured output per events reply, at least one event
 REPLAYED = "this request was already received (replayed nonce)"
+LAPSED = ("master {holder} stopped renewing its lease on the job's hosts, and master {taker} took them over; "
+          "the hosts may or may not have finished")
 
 Event = tuple[str, dict[str, Any]]  # (kind, data) of an event about to be written
 
@@ -58,10 +60,11 @@ class JobStore:
     """The master's jobs, events, seen nonces and host locks, behind named operations.
 
     The database may be shared with the other masters of the IDC: `master_id` is this master's, and
-    whatever acts on jobs in bulk (restart recovery, retention) acts only on its own."""
+    whatever acts on jobs in bulk (restart recovery, retention) acts only on its own. Host locks it
+    takes carry a lease of `lease_seconds` by the database's clock (masters.leases renews them)."""
 
-    def __init__(self, master_id: str) -> None:
-        self.master_id = master_id
+    def __init__(self, master_id: str, lease_seconds: float = 60.0) -> None:
+        self.master_id, self.lease_ms = master_id, round(lease_seconds * MS_PER_SECOND)
 
     @staticmethod
     def remember(nonce: str, keep_until: int) -> None:
@@ -101,18 +104,23 @@ class JobStore:
     # -- host locks ----------------------------------------------------------------------------
 
     def take_hosts(self, job_id: str, idc: str, hosts: Sequence[str]) -> Busy | None:
-        """Lock every host for the job in one INSERT, or none of them: None when taken, else who holds them."""
-        rows = [{"idc": idc, "host": host, "job": job_id, "master_id": self.master_id, "taken_at": now_ms()}
-                for host in sorted(hosts)]  # one order for everyone: two inserts never wait on each other crosswise
+        """Lock every host for the job in one INSERT, or none of them: None when taken, else who holds them.
+        Locks whose lease lapsed are taken over on the way (`take_over_lapsed`)."""
+        wanted = (store.HostLock.idc == idc) & store.HostLock.host.in_(list(hosts))
         held: list[tuple[str, str]] = []
-        for _ in range(3):  # a holder that ended between the INSERT and the SELECT: try again
+        for _ in range(3):  # a holder that ended (or lapsed) between the INSERT and the SELECT: try again
+            expires_at = store.database_now_ms() + self.lease_ms
+            rows = [{"idc": idc, "host": host, "job": job_id, "master_id": self.master_id, "taken_at": now_ms(),
+                     "expires_at": expires_at}
+                    for host in sorted(hosts)]  # one order for everyone: two inserts never wait on each other crosswise
             try:
                 with store.db.atomic():  # a savepoint inside a submit's transaction
                     store.HostLock.insert_many(rows).execute()
                 return None
             except peewee.IntegrityError:
-                query = (store.HostLock.select(store.HostLock.host, store.HostLock.job)
-                         .where((store.HostLock.idc == idc) & store.HostLock.host.in_(list(hosts))).tuples())
+                if self.take_over_lapsed(wanted):
+                    continue
+                query = store.HostLock.select(store.HostLock.host, store.HostLock.job).where(wanted).tuples()
                 held = list(cast("Iterable[tuple[str, str]]", query))  # .tuples(): tuples, not models
                 if held:
                     break
@@ -121,6 +129,44 @@ class JobStore:
     @staticmethod
     def release_hosts(job_id: str) -> None:
         store.HostLock.delete().where(store.HostLock.job == job_id).execute()
+
+    def renew_locks(self, job_ids: Sequence[str]) -> dict[str, int]:
+        """Extend this master's leases on the jobs' host locks to the lease from the database's now. A
+        lease that lapsed is never renewed (another master may be taking it over). Returns how many
+        locks each job holds now; a job holding none is absent."""
+        with store.db.atomic():
+            now = store.database_now_ms()
+            ours = ((store.HostLock.master_id == self.master_id) & store.HostLock.job.in_(list(job_ids))
+                    & (store.HostLock.expires_at >= now))
+            store.HostLock.update(expires_at=now + self.lease_ms).where(ours).execute()
+            counts = (store.HostLock.select(store.HostLock.job, peewee.fn.COUNT(store.HostLock.host))
+                      .where(ours).group_by(store.HostLock.job).tuples())
+            return dict(cast("Iterable[tuple[str, int]]", counts))
+
+    def take_over_lapsed(self, where: peewee.Expression | None = None) -> list[str]:
+        """Free the host locks whose lease lapsed (those `where` selects, or all), and end each job that
+        held them, if still open, as unknown: its master stopped renewing, so what it did is unknown.
+        Returns the jobs whose locks were freed; a lock without a lease (NULL) never lapses."""
+        now = store.database_now_ms()
+        lapsed = store.HostLock.expires_at < now
+        query = (store.HostLock.select(store.HostLock.job, store.HostLock.master_id)
+                 .where(lapsed if where is None else lapsed & where).distinct().tuples())
+        freed: list[str] = []
+        for job_id, holder in list(cast("Iterable[tuple[str, str]]", query)):
+            try:
+                with store.db.atomic():  # conditional: a lock renewed meanwhile stays; one master wins each
+                    if store.HostLock.delete().where((store.HostLock.job == job_id) & lapsed).execute():
+                        self._end_lapsed(job_id, holder)
+                        freed.append(job_id)
+            except peewee.IntegrityError:  # its master wrote an event meanwhile: the next pass tries again
+                continue
+        return freed
+
+    def _end_lapsed(self, job_id: str, holder: str) -> None:
+        if self._close(job_id, JobState.UNKNOWN):
+            reason = LAPSED.format(holder=holder, taker=self.master_id)
+            self.append(job_id, self._last_seq(job_id) + 1,
+                        [("finished", {"state": JobState.UNKNOWN, "counts": {}, "reason": reason})])
 
     def free_own_locks(self) -> int:
         """At start: every lock this master holds belongs to a job of a run that has ended."""
@@ -145,18 +191,19 @@ class JobStore:
 
     def finish(self, job_id: str, state: JobState, first_seq: int, events: Sequence[Event]) -> int:
         """The final state and the last events (ending with "finished") become visible together, and
-        the job's host locks are released with them."""
+        the job's host locks are released with them. Returns how many events it wrote: none if the job
+        had ended already (another master took its hosts over when its lease lapsed: that end stands)."""
         with store.db.atomic():
-            self.set_state(job_id, state, finished=True)
             self.release_hosts(job_id)
+            if not self._close(job_id, state):
+                return 0
             return self.append(job_id, first_seq, events)
 
     @staticmethod
-    def set_state(job_id: str, state: JobState, finished: bool = False) -> None:
-        fields: dict[Any, Any] = {store.Job.state: state}
-        if finished:
-            fields[store.Job.finished_at] = now_ms()
-        store.Job.update(fields).where(store.Job.id == job_id).execute()
+    def _close(job_id: str, state: JobState) -> bool:
+        """Give an open job its final state; False if it had one already (a final state is never changed)."""
+        return bool(store.Job.update({store.Job.state: state, store.Job.finished_at: now_ms()})
+                    .where((store.Job.id == job_id) & store.Job.state.not_in(list(FINAL_STATES))).execute())
 
     @staticmethod
     def state_of(job_id: object, sender: str) -> str | None:
@@ -168,6 +215,14 @@ class JobStore:
         if row is None or row[0] != sender:
             return None
         return row[1]
+
+    @staticmethod
+    def recent(sender: str, requester: str, limit: int) -> list[dict[str, Any]]:
+        """The `jobs` reply: the newest `limit` jobs `sender` submitted as `requester`, newest first,
+        each with where it ran and when it ended (every master sharing this database sees the same)."""
+        query = (store.Job.select().where((store.Job.sender == sender) & (store.Job.requester == requester))
+                 .order_by(store.Job.created_at.desc(), store.Job.id).limit(limit))
+        return [{**summary(job), "master_id": job.master_id, "finished_at": job.finished_at} for job in query]
 
     @staticmethod
     def read_events(job_id: str, after: int) -> list[dict[str, Any]]:

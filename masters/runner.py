@@ -7,7 +7,10 @@ one of its hosts at once; the time it waits counts against its timeout. `refuse`
 their locks with the submit or are refused; `parallel` (read-only) modules take none. The locks
 are rows in the master's database, so masters sharing one respect each other's; waiting jobs are
 retried whenever a job of this master ends, and every RETRY_SECONDS (masters.housekeeping) for
-locks another master freed.
+locks another master freed. Each lock carries a lease the master renews (masters.leases): a job
+whose lease it cannot renew is stopped before the lease could lapse, and a dead master's locks
+lapse and are taken over. One requester has at most `max_waiting_per_requester` jobs waiting (for
+hosts or a job slot); more are refused at submit (`queue_full`), nothing recorded.
 
 While a job runs, its `LiveJob` is where events are announced (a condition) and its cancel is
 signalled; everything durable goes through the `JobStore`.
@@ -22,10 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from masters.backends.base import Backend, HostResult, HostStatus, RunContext
-from masters.envelope import Request
+from masters.envelope import Refused, Request
 from masters.inventory import Inventory
 from masters.jobspec import JobSpec
 from masters.jobstore import Busy, Event, JobStore
+from masters.leases import HostLeases
 from masters.slots import JobSlots
 from masters.states import FINAL_STATES, JobState
 from modules import Concurrency
@@ -54,6 +58,7 @@ class LiveJob:
     wait_started: float = 0.0  # monotonic; when it began waiting for its hosts
     waited: float = 0.0  # seconds it waited for its hosts: taken from its timeout
     blocked: Busy | None = None  # what its last "waiting" event said
+    stop_reason: str | None = None  # why the master itself stopped it (its host locks' lease): the end's reason
     finished: bool = False  # set once the final state and "finished" event are committed
     cancelled: threading.Event = field(default_factory=threading.Event)
     changed: threading.Condition = field(default_factory=lambda: threading.Condition(threading.RLock()))
@@ -86,7 +91,11 @@ class JobRunner:
         self.waiting: dict[str, LiveJob] = {}  # jobs waiting for their hosts, oldest first
         self.lock = threading.Lock()
         self._retrying = threading.Lock()  # one pass over the waiting jobs at a time, in order
-        self.slots = JobSlots(settings.limits.max_jobs, settings.limits.max_jobs_per_requester)
+        self._entering: dict[str, int] = {}  # requester -> submits between the queue check and `live`
+        limits = settings.limits
+        self.slots = JobSlots(limits.max_jobs, limits.max_jobs_per_requester)
+        self.leases = HostLeases(jobs, settings.id, limits.lock_lease_seconds, limits.lock_renew_seconds,
+                                 self._stop_unleased)
 
     # -- starting ------------------------------------------------------------------------------
 
@@ -94,16 +103,24 @@ class JobRunner:
         """Record the job and queue it; None if the request id is already a job. With `wait` > 0 the
         reply is held (at most MAX_SUBMIT_WAIT_SECONDS) for the job to end, and carries its events."""
         concurrency = spec.module.concurrency
-        job = self.jobs.record(request, spec, self.settings.idc, keep_nonce_until,
-                               lock_hosts=concurrency is Concurrency.REFUSE)  # refused now if busy
-        if job is None:
+        if not self._enter_queue(request):
             return None
-        live = LiveJob(request.id, request.sender, len(spec.hosts), next_seq=2,  # seq 1: "accepted", recorded
-                       requester=request.requester, spec=spec, wait_started=time.monotonic())
-        with self.lock:
-            self.live[request.id] = live
-            if concurrency is Concurrency.WAIT:
-                self.waiting[request.id] = live
+        try:
+            since = time.monotonic()
+            job = self.jobs.record(request, spec, self.settings.idc, keep_nonce_until,
+                                   lock_hosts=concurrency is Concurrency.REFUSE)  # refused now if busy
+            if job is None:
+                return None
+            if concurrency is Concurrency.REFUSE:
+                self.leases.taken(request.id, len(spec.hosts), since)
+            live = LiveJob(request.id, request.sender, len(spec.hosts), next_seq=2,  # seq 1: "accepted", recorded
+                           requester=request.requester, spec=spec, wait_started=time.monotonic())
+            with self.lock:
+                self.live[request.id] = live
+                if concurrency is Concurrency.WAIT:
+                    self.waiting[request.id] = live
+        finally:
+            self._leave_entry(request.requester)
         if concurrency is Concurrency.WAIT:
             self.retry_waiting()  # in turn: behind the jobs already waiting
         else:
@@ -113,6 +130,32 @@ class JobRunner:
             live.await_finished(min(wait, MAX_SUBMIT_WAIT_SECONDS))
             reply["events"] = self.jobs.read_events(request.id, 0)
         return reply
+
+    def _enter_queue(self, request: Request) -> bool:
+        """Room in the requester's queue: counted from here until the job is live. False for a request id
+        that is already a job (answered as a duplicate); a full queue is refused (`queue_full`)."""
+        bound = self.settings.limits.max_waiting_per_requester
+        with self.lock:
+            queued = sum(1 for live in self.live.values()
+                         if live.requester == request.requester and live.state is JobState.QUEUED)
+            queued += self._entering.get(request.requester, 0)
+            if queued < bound:
+                self._entering[request.requester] = self._entering.get(request.requester, 0) + 1
+                return True
+        if self.jobs.known(request.id):  # a re-submit gets its job back, full queue or not
+            return False
+        raise Refused("queue_full", f"{request.requester} already has {queued} jobs waiting at master "
+                                    f"{self.settings.id} for their hosts or a job slot, the most it queues for "
+                                    "one requester; wait for some to start, or cancel some",
+                      waiting=queued, limit=bound)
+
+    def _leave_entry(self, requester: str) -> None:
+        with self.lock:
+            left = self._entering[requester] - 1
+            if left:
+                self._entering[requester] = left
+            else:
+                del self._entering[requester]
 
     # -- waiting for hosts -----------------------------------------------------------------------
 
@@ -137,8 +180,10 @@ class JobRunner:
             self._end_unstarted(live, HostStatus.TIMED_OUT, f"timed out after waiting {spec.timeout} s for its hosts"
                                 + (f" ({', '.join(live.blocked.hosts[:10])})" if live.blocked else ""))
         else:
+            since = time.monotonic()
             busy = self.jobs.take_hosts(live.id, self.settings.idc, spec.hosts)
             if busy is None:
+                self.leases.taken(live.id, len(spec.hosts), since)
                 live.waited = waited
                 self._unwait(live)
                 self._start(live)
@@ -188,6 +233,7 @@ class JobRunner:
 
     def _finish_or_lose(self, live: LiveJob, hosts: list[str], started: float,
                         unreported: HostResult | None = None, reason: str | None = None) -> None:
+        self.leases.released(live.id)  # the run is over; locks the end cannot release lapse unrenewed
         try:
             self._finish(live, hosts, started, unreported, reason)
         except Exception:
@@ -232,10 +278,14 @@ class JobRunner:
             counts[str(r.status)] = counts.get(str(r.status), 0) + 1
         last = ([live.held] if live.held else []) + missing
         events: list[Event] = [("host", r.as_dict()) for r in last]
+        reason = reason or live.stop_reason
         finished: dict[str, Any] = {"state": state, "counts": counts, "duration": round(time.time() - started, 3)}
         events.append(("finished", finished | ({"reason": reason} if reason else {})))
         with live.changed:  # final state and "finished" event become visible together
-            live.next_seq += self.jobs.finish(live.id, state, live.next_seq, events)
+            written = self.jobs.finish(live.id, state, live.next_seq, events)
+            if not written:  # another master ended it when its lease lapsed: that end stands
+                state = JobState(self.jobs.stored(live.id).state)
+            live.next_seq += written
             live.state, live.finished = state, True
             live.changed.notify_all()
         self._forget(live)
@@ -249,6 +299,17 @@ class JobRunner:
     def _forget(self, live: LiveJob) -> None:
         with self.lock:
             self.live.pop(live.id, None)
+
+    def _stop_unleased(self, job_id: str, reason: str) -> None:
+        """Stop a job whose host locks' lease this master cannot keep: the cancel path, with a reason."""
+        live = self.live.get(job_id)
+        if live is None:
+            return
+        with live.changed:
+            if live.finished:
+                return
+            live.stop_reason = reason
+            live.cancelled.set()
 
     # -- following -----------------------------------------------------------------------------
 
@@ -316,6 +377,8 @@ class JobRunner:
 
 def final_state(statuses: list[HostStatus], cancelled: bool) -> JobState:
     """A job's state from its hosts' statuses, and whether a cancel was requested."""
+    if any(s is HostStatus.UNKNOWN for s in statuses):  # what one host did is not known: never retry blindly
+        return JobState.UNKNOWN
     if cancelled and any(s is HostStatus.CANCELLED for s in statuses):
         return JobState.CANCELLED
     if statuses and all(s is HostStatus.OK for s in statuses):

@@ -205,6 +205,9 @@ class MasterService(rpyc.Service):
     def exposed_registry(self, frame: bytes) -> bytes:
         return self._call("registry", frame)
 
+    def exposed_jobs(self, frame: bytes) -> bytes:
+        return self._call("jobs", frame)
+
 
 def build_core(config: Config, settings: MasterSettings) -> MasterCore:
     """Everything a master needs, validated before it listens: keys, modules, inventory, store."""

@@ -10,6 +10,7 @@ import peewee
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as run_migration
 
+from ombot import storage
 from ombot.clock import now_ms
 from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms, open_database
 
@@ -69,13 +70,17 @@ class JobEvent(BaseModel):
 class HostLock(BaseModel):
     """A host a running (or about to run) job is changing: one row per host, for every master sharing the database.
 
-    A job takes all its rows in one INSERT or none (the primary key refuses a host already taken)."""
+    A job takes all its rows in one INSERT or none (the primary key refuses a host already taken). Its
+    master renews the lease (`expires_at`, by the database's clock) while it holds them; once it lapses,
+    any master may take the hosts over (masters.leases)."""
 
     idc = peewee.CharField(max_length=64)
     host = peewee.CharField(max_length=255)
     job = peewee.CharField(max_length=36, index=True)  # the holder's request id
     master_id = peewee.CharField(max_length=64, index=True)
     taken_at = peewee.BigIntegerField()
+    # Epoch ms by the database's clock. NULL: taken by a master from before leases, held until it restarts.
+    expires_at = peewee.BigIntegerField(null=True)
 
     class Meta:
         primary_key = peewee.CompositeKey("idc", "host")
@@ -92,16 +97,33 @@ def _add_master_id(db: peewee.Database) -> None:
     run_migration(migrator.add_column("job", "master_id", peewee.CharField(max_length=64, null=True, index=True)))
 
 
+def _add_lock_expiry(db: peewee.Database) -> None:
+    """Host locks carry a lease. Locks already held keep none (NULL): a master of the previous version
+    may still hold them without renewing, so they are never taken over, only freed by its restart.
+    Skipped when the column exists (a new database; or a step cut short on MySQL, run again)."""
+    columns = [d[0] for d in db.execute_sql("SELECT * FROM hostlock WHERE 1 = 0").description]
+    if "expires_at" in columns:
+        return
+    run_migration(SchemaMigrator.from_database(db).add_column("hostlock", "expires_at",
+                                                              peewee.BigIntegerField(null=True)))
+
+
 MIGRATIONS = [
     create_tables(SeenNonce, Job, JobEvent),
     epoch_seconds_to_ms({"seennonce": ("keep_until",), "job": ("created_at", "finished_at"), "jobevent": ("at",)}),
     _add_master_id,
     create_tables(HostLock),
+    _add_lock_expiry,
 ]
 
 
 def open_store(url: str) -> peewee.Database:
     return open_database(url, db, "master", MIGRATIONS)
+
+
+def database_now_ms() -> int:
+    """Now by the database's clock, in epoch ms: the clock every master sharing it agrees on."""
+    return storage.database_now_ms(db.obj)
 
 
 def remember_nonce(nonce: str, keep_until: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import posixpath
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -27,7 +28,10 @@ def yes_or_no(text: str) -> bool | None:
 
 
 class ParamError(OmbotError):
-    """A parameter value that does not validate: which parameter, and what was expected."""
+    """A parameter value that does not validate: which parameter, and what was expected.
+
+    `problems` holds every problem found in one request (one per parameter, see `combine`), so
+    fixing one never reveals the next."""
 
     def __init__(self, param: str, expected: str, got: Any = ...) -> None:
         message = f"{param}: expected {expected}"
@@ -36,6 +40,22 @@ class ParamError(OmbotError):
             message += f", got {shown!r}"
         super().__init__(message)
         self.param, self.expected = param, expected
+        self.problems: tuple[ParamError, ...] = (self,)
+
+    @staticmethod
+    def combine(errors: Sequence[ParamError]) -> ParamError:
+        """One error for several problems, one line each, in the order given; one problem stays as it is.
+
+        `param` is the first problem's parameter, and `expected` carries on from it to the last line, so
+        `ParamError(e.param, e.expected + note)`, the way callers add a usage line, keeps every problem."""
+        problems = [problem for error in errors for problem in error.problems]
+        if len(problems) == 1:
+            return problems[0]
+        first = problems[0]
+        rest = "".join(f"\n{problem}" for problem in problems[1:])
+        combined = ParamError(first.param, str(first).removeprefix(f"{first.param}: expected ") + rest)
+        combined.problems = tuple(problems)
+        return combined
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,13 @@ class Shell:
 
 @dataclass(frozen=True)
 class PutFile:
-    """Write a file on the host: inline `content`, or `source`, a file in the master's file store."""
+    """Write a file on the host: inline `content`, or `source`, a file in the master's file store.
+
+    The backend checks and writes in one step on the host, by descriptors (masters/backends/put_file.py):
+    it walks to `dest`'s directory from `/` without following any symlink blindly, refuses the host if
+    that directory's real path (the file's, for a symlink at `dest`) is outside every one of `roots`
+    (none given: anywhere), and renames a fresh file into that very directory. A symlink swapped in
+    meanwhile cannot redirect the write. `param` names the parameter `dest` came from, for the error."""
 
     dest: Arg
     content: str | None = None
@@ -85,6 +91,8 @@ class PutFile:
     mode: int = 0o644
     owner: str | None = None
     group: str | None = None
+    roots: tuple[str, ...] = ()
+    param: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,10 +186,10 @@ def _describe(step: Step) -> str:
             return "first installed of: " + "; ".join(_describe(c) for c in commands)
         case Shell(cmd):
             return f"sh -c {cmd!r}"
-        case PutFile(dest, content, source, mode, owner, group):
+        case PutFile(dest, content, source, mode, owner, group, roots):
             what = f"store:{source}" if source else f"{len(content or '')} chars"
             return (f"put {what} -> {dest} mode {mode:04o}" + (f" owner {owner}" if owner else "")
-                    + (f" group {group}" if group else ""))
+                    + (f" group {group}" if group else "") + (f" within {', '.join(roots)}" if roots else ""))
         case RequireWithin(path, roots, _):
             return f"require {path} within {', '.join(roots)}"
         case TailFile(path, lines, roots, _):

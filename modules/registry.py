@@ -81,20 +81,24 @@ class ModuleSpec:
         return next((p for p in self.params if p.name == name), None)
 
     def validate(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        """Convert every given value; refuse unknown and missing ones. The first problem wins."""
+        """Convert every given value; refuse unknown and missing ones. The refusal names every
+        problem (unknown names first, then each parameter in declaration order), not only the first."""
         known = {p.name for p in self.params}
-        for key in raw:
-            if key not in known:
-                expected = f"one of {', '.join(sorted(known))}" if known else "no parameters"
-                raise ParamError(key, f"a parameter of {self.name} ({expected})")
+        expected = f"one of {', '.join(sorted(known))}" if known else "no parameters"
+        errors = [ParamError(key, f"a parameter of {self.name} ({expected})") for key in raw if key not in known]
         values: dict[str, Any] = {}
         for p in self.params:
-            if key_present(raw, p.name):
-                values[p.name] = p.convert(raw[p.name])
-            elif p.required:
-                raise ParamError(p.name, f"a value ({p.help or p.kind})")
-            else:  # defaults go through convert too, so run() always gets the converted type
-                values[p.name] = None if p.default is None else p.convert(p.default)
+            try:
+                if key_present(raw, p.name):
+                    values[p.name] = p.convert(raw[p.name])
+                elif p.required:
+                    raise ParamError(p.name, f"a value ({p.help or p.kind})")
+                else:  # defaults go through convert too, so run() always gets the converted type
+                    values[p.name] = None if p.default is None else p.convert(p.default)
+            except ParamError as exc:
+                errors.append(exc)
+        if errors:
+            raise ParamError.combine(errors)
         return values
 
     def usage(self) -> str:

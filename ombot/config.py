@@ -26,6 +26,7 @@ SECRET_FILE_MODE_MASK = 0o077
 
 
 CLIENT_MAX_IDLE_SECONDS = 60.0  # the client library reuses a pooled connection idle at most this long
+LEASE_RENEWALS = 3  # a host lock's lease spans this many renewal periods at least
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class Limits:
     ingest_burst_bytes: int = 16 * 1024 * 1024
     max_jobs: int = 8  # job slots of this master
     max_jobs_per_requester: int = 4  # one requester never holds every slot
+    max_waiting_per_requester: int = 32  # one requester's jobs waiting for hosts or a slot; more are refused
+    lock_lease_seconds: int = 60  # a host lock lapses this long after its master last renewed it (database clock)
+    lock_renew_seconds: int = 15  # how often a master renews its locks; it stops its runs one period before they lapse
 
 
 @dataclass(frozen=True)
@@ -370,6 +374,10 @@ def _parse_master(r: TableReader, master_id: str, clients: dict[str, ClientRegis
         raise ConfigError(r.path, limits_table.key("idle_timeout_seconds"),
                           f"more than {CLIENT_MAX_IDLE_SECONDS:g} seconds (clients reuse a connection idle that long)",
                           limits.idle_timeout_seconds)
+    if limits.lock_lease_seconds < LEASE_RENEWALS * limits.lock_renew_seconds:  # it must fail twice before it stops
+        raise ConfigError(r.path, limits_table.key("lock_lease_seconds"),
+                          f"at least {LEASE_RENEWALS} times lock_renew_seconds ({limits.lock_renew_seconds})",
+                          limits.lock_lease_seconds)
     limits_table.done()
     settings = MasterSettings(
         id=master_id,

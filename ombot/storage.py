@@ -124,6 +124,18 @@ def open_database(
     return db
 
 
+def database_now_ms(db: peewee.Database) -> int:
+    """Now, in UTC epoch ms, by the database server's clock (SQLite: this host's). Leases are timed by
+    it: processes whose own clocks disagree still agree on when a lease ran out."""
+    if isinstance(db, peewee.PostgresqlDatabase):
+        sql = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+    elif isinstance(db, peewee.MySQLDatabase):
+        sql = "SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)"
+    else:
+        sql = "SELECT CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+    return int(db.execute_sql(sql).fetchone()[0])
+
+
 def _require_utf8mb4(db: peewee.Database, url: str) -> None:
     """New tables take the database's character set; anything but utf8mb4 loses emoji and more."""
     name, charset = db.execute_sql("SELECT DATABASE(), @@character_set_database").fetchone()

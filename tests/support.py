@@ -46,13 +46,17 @@ users = ["U0ALICE", "U0BOB", "U0CAROL", "U0DAVE", "U0DEMO"]
 [[rules]]
 name = "anything"
 request = ["everyone"]
+
+[jobs]
+viewers = ["everyone"]  # everyone sees every job and schedule, as everyone may run anything
 """
 
 
-def bot_table(port: int | None = None, team_id: str = "T0OMBOT", policy: str | None = ALLOW_ALL_POLICY,
+def bot_table(port: int | None = None, team_id: str | None = "T0OMBOT", policy: str | None = ALLOW_ALL_POLICY,
               **extra: object) -> str:
-    """A [bot] table for Cluster(extra_toml=...); the policy text lands in policy.toml beside it."""
-    lines = ["[bot]", f'team_id = "{team_id}"']
+    """A [bot] table for Cluster(extra_toml=...); the policy text lands in policy.toml beside it.
+    `ombot bot` refuses to start without a team_id; team_id=None leaves it out (the console needs none)."""
+    lines = ["[bot]"] + ([f'team_id = "{team_id}"'] if team_id is not None else [])
     if port is not None:
         lines.append(f'listen = "127.0.0.1:{port}"')
     if policy is not None:

@@ -469,8 +469,9 @@ def test_group_membership_comes_from_slack_and_fails_closed(rig: Rig) -> None:
 def test_text_fallbacks_apply_the_same_checks(rig: Rig) -> None:
     first = rig.ask('shell.exec localhost cmd="echo by-text"')
     second = rig.ask('shell.exec localhost cmd="echo denied-by-text"')
-    listing = rig.command("approvals", MALLORY).wait(f"#{first.number} `shell.exec`")
+    listing = rig.command("approvals", LEAD2).wait(f"#{first.number} `shell.exec`")  # asked to approve: sees
     assert f"#{second.number} `shell.exec` on 1 host(s) in local by <@{ALICE}>: 0/1 approvals" in listing
+    assert f"#{first.number} " not in rig.command("approvals", MALLORY).first()  # no role: sees none
 
     rig.command(f"approve {first.number}", MALLORY).wait(f"You are not an approver for request #{first.number}")
     rig.command(f"deny {second.number} nope", MALLORY).wait("Only an approver")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from masters.keys import Identity
-from tests.support import Cluster, MasterProcess, child_env, free_port
+from tests.support import REPO, Cluster, MasterProcess, child_env, free_port
 
 
 def ombot(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -259,3 +261,117 @@ def test_no_arguments_shows_help() -> None:
     output = ombot().stdout
     assert "Usage" in output
     assert all(command in output for command in ("init", "keygen", "run", "masters", "modules", "master"))
+
+
+def test_help_keeps_bracketed_words() -> None:
+    """Help text is printed as written: Rich markup used to eat `[client] id` and `[bot] listen`."""
+    root = ombot("--help")
+    assert root.returncode == 0, root.stderr
+    flat = " ".join(root.stdout.split())  # help wraps lines
+    assert "The [clients.NAME] registration to speak as [default: [client] id]" in flat
+    assert "Path to ombot.toml [default: ./ombot.toml]" in flat
+    assert "else HTTP on [bot] listen." in " ".join(ombot("bot", "--help").stdout.split())
+    assert "IDC to act in [default: the client's default_idc]" in " ".join(ombot("run", "--help").stdout.split())
+
+
+def test_every_parameter_problem_is_named_at_once(cluster: Cluster) -> None:
+    before = jobs_in(cluster)
+    result = cluster.ombot("run", "service", "localhost", "action=explode", "name=-x", "extra=1", "stray")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == (
+        "error: parameters are key=value, got 'stray'\n"
+        "extra: expected a parameter of service (one of action, name)\n"
+        "action: expected one of start, stop, restart, reload, status, got 'explode'\n"
+        "name: expected a value that does not start with '-', got '-x'\n"
+        "usage: ombot run service TARGETS action=<choice> name=<string>\n")
+    assert jobs_in(cluster) == before
+
+
+# --- exit codes, jobs and status -------------------------------------------------------------------
+
+
+def test_a_master_that_is_down_exits_4_nothing_sent(make_cluster: Callable[..., Cluster]) -> None:
+    """A refused connection sent nothing: exit 4 (safe to retry), not 3 (outcome unknown)."""
+    cluster = make_cluster()  # its master is never started
+    for args in (["run", "echo", "localhost", "message=hi"], ["modules"], ["jobs"], ["status", "some-job"]):
+        result = cluster.ombot(*args)
+        assert result.returncode == 4, (args, result.stdout, result.stderr)
+        assert "ConnectionRefusedError" in result.stderr and "Traceback" not in result.stderr, args
+    run = cluster.ombot("run", "echo", "localhost", "message=hi")
+    assert run.stderr.rstrip().endswith("Connection refused; nothing was sent"), run.stderr
+    assert not (cluster.root / "state-m1").exists()  # no master ever held anything
+
+
+def test_jobs_lists_this_clients_jobs_and_status_reports_each(cluster: Cluster) -> None:
+    ok = cluster.ombot("run", "echo", "localhost", "message=first")
+    partial = cluster.ombot("run", "echo", "far01,localhost", "message=second")
+    ok_id, partial_id = (re.search(r"job (\S+) on master m1", r.stdout)[1] for r in (ok, partial))  # type: ignore[index]
+    state, _, _ = cluster.run_job("echo", {"message": "not yours"}, ["localhost"], requester="U0ALICE")  # the bot's key
+    assert state == "ok"
+
+    listed = cluster.ombot("jobs")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == ["JOB", "STATE", "IDC", "MASTER", "CREATED", "(UTC)", "HOSTS", "MODULE"]
+    rows = [line.split() for line in lines[1:]]
+    assert [r[0] for r in rows][:2] == [partial_id, ok_id]  # newest first
+    assert rows[0][1:4] + rows[0][-2:] == ["partial", "local", "m1", "2", "echo"]
+    assert rows[1][1:4] + rows[1][-2:] == ["ok", "local", "m1", "1", "echo"]
+    assert all(master_job(cluster, r[0])["sender"] == "test" for r in rows)  # no other client's job
+    as_json = [json.loads(line) for line in cluster.ombot("jobs", "--json", "--limit", "1").stdout.splitlines()]
+    assert [(j["id"], j["state"], j["hosts"], j["master_id"]) for j in as_json] == [
+        (partial_id, "partial", ["far01", "localhost"], "m1")]
+
+    shown = cluster.ombot("status", ok_id)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[:2] == [f"job {ok_id} on master m1: ok", "echo on 1 host(s): localhost"]
+    assert table_rows(shown.stdout) == {"localhost": "ok"} and "first" in shown.stdout
+    failed = cluster.ombot("status", partial_id, "--idc", "local")
+    assert failed.returncode == 1 and table_rows(failed.stdout) == {"far01": "unreachable", "localhost": "ok"}
+    data = json.loads(cluster.ombot("status", partial_id, "--json").stdout)
+    assert (data["state"], data["master"], data["final"], data["module"]) == ("partial", "m1", True, "echo")
+    assert {r["host"]: r["status"] for r in data["results"]} == {"far01": "unreachable", "localhost": "ok"}
+
+    missing = cluster.ombot("status", "no-such-job")
+    assert (missing.returncode, missing.stderr) == (2, "no job no-such-job at m1\n")
+
+
+@pytest.mark.slow
+def test_a_master_lost_mid_job_exits_3_and_status_says_what_became_of_it(make_cluster: Callable[..., Cluster]) -> None:
+    """The check exit 3 asks for: `ombot status JOB` says running (5), unreachable (4), then unknown (3)."""
+    cluster = make_cluster(module_dirs=[REPO / "tests" / "site_modules"])
+    cluster.start("m1")
+    run = subprocess.Popen([sys.executable, "-m", "ombot", "--config", str(cluster.config_path), "run", "test.sleep",
+                            "localhost", "seconds=120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=child_env())
+    try:
+        job_id = running_job(cluster)
+        running = cluster.ombot("status", job_id)
+        assert running.returncode == 5, running.stdout + running.stderr
+        assert running.stdout.splitlines()[0] == f"job {job_id} on master m1: running (not finished: ask again later)"
+        cluster.processes["m1"].kill()
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 3, out + err
+    assert f"check with `ombot status {job_id}` before sending it again" in err
+    unreachable = cluster.ombot("status", job_id)
+    assert unreachable.returncode == 4 and "m1: could not be asked" in unreachable.stderr
+    cluster.start("m1")  # it marks the job it lost unknown: it cannot know what the host did
+    after = cluster.ombot("status", job_id)
+    assert after.returncode == 3, after.stdout + after.stderr
+    assert after.stdout.splitlines()[0] == f"job {job_id} on master m1: unknown"
+    assert re.search(r"^reason: .*master stopped", after.stdout, re.M), after.stdout
+
+
+def running_job(cluster: Cluster, within: float = 30) -> str:
+    """The id of the one job `ombot jobs` shows running (waits for the master to start it)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        rows = [line.split() for line in cluster.ombot("jobs").stdout.splitlines()[1:]]
+        if rows and rows[0][1] == "running":
+            return rows[0][0]
+        time.sleep(0.2)
+    raise AssertionError(f"no job started running within {within} s")

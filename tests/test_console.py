@@ -3,6 +3,9 @@ dispatcher as Slack, a real master with the local backend, cards printed as text
 
 from __future__ import annotations
 
+import contextlib
+import stat
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 
@@ -15,10 +18,18 @@ from tests.support import REPO, Cluster, bot_table, child_env
 TIMEOUT = 30  # generous: pexpect waits for output, it asserts nothing about time
 
 
-def spawn_console(cluster: Cluster) -> pexpect.spawn:
-    child = pexpect.spawn(sys.executable, ["-m", "ombot", "--config", str(cluster.config_path), "console"],
-                          env=child_env(), encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 250),
-                          cwd=str(cluster.root), echo=False)  # no echo: expectations see only the console
+# prompt_toolkit asks the terminal where its cursor is; pexpect's never answers, so the console would
+# wait for the answer and then print a warning. Real terminals answer.
+TERMINAL_ENV = {"PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm"}
+# How the prompt shows on a terminal: prompt_toolkit draws its trailing space as a cursor move.
+SHOWN_PROMPT = PROMPT.rstrip()
+
+
+def spawn_console(cluster: Cluster, *args: str) -> pexpect.spawn:
+    """`ombot console` (or `args` instead of `console`, e.g. `up DIR`) in a real terminal of 50x250."""
+    child = pexpect.spawn(sys.executable, ["-m", "ombot", "--config", str(cluster.config_path), *(args or ["console"])],
+                          env=child_env(TERMINAL_ENV), encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 250),
+                          cwd=str(cluster.root), echo=False)  # the console draws what is typed itself
     child.logfile_read = ConsoleLog()
     return child
 
@@ -58,7 +69,7 @@ def console(make_cluster: Callable[..., Cluster], request: pytest.FixtureRequest
     child = spawn_console(cluster)
     try:
         child.expect_exact("OMBot console: you are U0DEMO. Type /om help; /as USER switches user; /quit leaves.")
-        child.expect_exact(PROMPT)
+        child.expect_exact(SHOWN_PROMPT)
         yield child
     finally:
         print(child.logfile_read.text)  # pytest shows it only when the test failed
@@ -96,6 +107,9 @@ def test_bad_input_is_answered_and_the_console_goes_on(console: pexpect.spawn) -
     console.expect_exact("close every quote")
     say(console, "/om echo localhost message=\u201csmart\u201d colour=red")
     console.expect_exact("colour: expected a parameter of echo (one of message)")
+    say(console, "/om service localhost action=explode name=-x")  # every problem at once, not the first
+    console.expect_exact("action: expected one of start, stop, restart, reload, status, got 'explode'")
+    console.expect_exact("name: expected a value that does not start with '-', got '-x'")
     say(console, "/om ech localhost")
     console.expect_exact("Did you mean `echo`")
     say(console, "/om status 42")
@@ -145,3 +159,102 @@ def test_as_is_refused_when_the_config_says_so(console: pexpect.spawn) -> None:
     console.close()
     assert console.exitstatus == 0
     assert "Traceback" not in console.logfile_read.text
+
+
+# -- a terminal: line editing, history, Ctrl-C, output above the prompt ----------------------------
+
+UP, CTRL_C = "\x1b[A", "\x03"
+
+
+@pytest.fixture
+def site(make_cluster: Callable[..., Cluster]) -> Cluster:
+    cluster = make_cluster(module_dirs=[REPO / "tests" / "site_modules"],
+                           extra_toml=bot_table(console_user="U0DEMO", schedule_min_interval_seconds=1))
+    cluster.start("m1")
+    return cluster
+
+
+@contextlib.contextmanager
+def opened(cluster: Cluster) -> Iterator[pexpect.spawn]:
+    """`ombot console` on `cluster`, at its first prompt; killed if the test leaves it running."""
+    child = spawn_console(cluster)
+    try:
+        child.expect_exact("OMBot console: you are U0DEMO.")
+        child.expect_exact(SHOWN_PROMPT)
+        yield child
+    finally:
+        print(child.logfile_read.text)
+        if child.isalive():
+            child.terminate(force=True)
+
+
+@pytest.mark.slow
+def test_up_arrow_recalls_a_line_and_history_outlives_the_console(site: Cluster) -> None:
+    with opened(site) as console:
+        say(console, "/om echo localhost message=recalled")
+        console.expect_exact("Results of #1")
+        console.send(UP + "\r")  # the previous line again, not `^[[A`
+        console.expect_exact("(to U0DEMO) Starting job #2: `echo` on 1 host(s) in local: localhost")
+        console.expect(r"\[#2 ok\] echo on 1 host\(s\) in local by U0DEMO")
+        console.expect_exact("Results of #2")
+        assert quit_console(console) == 0
+    assert "^[[A" not in console.logfile_read.text
+    history = site.root / "state" / "console_history"
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600
+    assert [line for line in history.read_text().splitlines() if line.startswith("+")] == [
+        "+/om echo localhost message=recalled", "+/quit"]
+    with opened(site) as again:  # a new console starts from the same history
+        again.send(UP + UP + "\r")
+        again.expect_exact("(to U0DEMO) Starting job #3: `echo` on 1 host(s) in local: localhost")
+        again.expect_exact("Results of #3")
+        assert quit_console(again) == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_clears_a_half_typed_line_and_the_console_goes_on(site: Cluster) -> None:
+    with opened(site) as console:
+        console.send("/om echo localhost message=half-typed" + CTRL_C)
+        console.expect_exact(SHOWN_PROMPT)
+        say(console, "/om echo localhost message=next")
+        console.expect_exact("(to U0DEMO) Starting job #1: `echo` on 1 host(s) in local: localhost")
+        console.expect(r"localhost\s+ok\s+[\d.]+s\s+next")  # the half line never ran: this is job #1
+        assert console.isalive()
+        console.sendcontrol("d")  # Ctrl-D on an empty line leaves
+        console.expect(pexpect.EOF)
+        console.close()
+        assert console.exitstatus == 0
+    assert "half-typed" not in (site.root / "state" / "console_history").read_text()
+    assert "Traceback" not in console.logfile_read.text and "KeyboardInterrupt" not in console.logfile_read.text
+
+
+@pytest.mark.slow
+def test_log_lines_print_above_the_prompt_and_leave_the_typed_line_alone(site: Cluster) -> None:
+    with opened(site) as console:
+        say(console, "/om schedule every 1s run test.sleep localhost seconds=60")
+        console.expect(r"Schedule #1 is active")
+        console.expect(r"\[#1 running\] test.sleep")
+        console.send("/om ech")  # half typed, while the scheduler logs from its own thread
+        console.expect(r"INFO ombot.bot.schedules: schedule 1: run at \d+ skipped, job #1 still runs\r\n")
+        console.expect_exact(f"{PROMPT}/om ech")  # the prompt is drawn again below it, the line as typed
+        say(console, "o localhost message=typed-around-a-log-line")
+        console.expect_exact("(to U0DEMO) Starting job #2: `echo` on 1 host(s) in local: localhost")
+        console.expect(r"localhost\s+ok\s+[\d.]+s\s+typed-around-a-log-line")
+        say(console, "/om schedule delete 1")
+        console.expect_exact("Deleted schedule #1")
+        say(console, "/om cancel 1")
+        console.expect(r"\[#1 cancelled\] test.sleep")
+        assert quit_console(console) == 0
+
+
+def test_a_pipe_gets_the_plain_line_reader(site: Cluster) -> None:
+    """Not a terminal: lines are read as they come (the end of input leaves), nothing is drawn, no
+    history is kept."""
+    result = subprocess.run([sys.executable, "-m", "ombot", "--config", str(site.config_path), "console"],
+                            input="/om echo localhost message=piped\n", capture_output=True, text=True,
+                            timeout=TIMEOUT * 2, env=child_env(TERMINAL_ENV))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("OMBot console: you are U0DEMO. Type /om help; /as USER switches user; "
+                                    "/quit leaves.\nom> (to U0DEMO) Starting job #1: `echo` on 1 host(s) in local: "
+                                    "localhost\n"), result.stdout
+    assert result.stdout.count(PROMPT) == 2 and "\x1b" not in result.stdout
+    assert not (site.root / "state" / "console_history").exists()

@@ -14,7 +14,7 @@ from masters.runner import final_state
 from masters.states import FINAL_STATES, JobState
 
 OK, FAILED, UNREACHABLE = HostStatus.OK, HostStatus.FAILED, HostStatus.UNREACHABLE
-TIMED_OUT, CANCELLED = HostStatus.TIMED_OUT, HostStatus.CANCELLED
+TIMED_OUT, CANCELLED, UNKNOWN = HostStatus.TIMED_OUT, HostStatus.CANCELLED, HostStatus.UNKNOWN
 
 
 @pytest.mark.parametrize("statuses, cancelled, expected", [
@@ -33,6 +33,8 @@ TIMED_OUT, CANCELLED = HostStatus.TIMED_OUT, HostStatus.CANCELLED
     ([OK, OK], True, JobState.OK),  # a cancel that came after every host finished changes nothing
     ([CANCELLED], False, JobState.FAILED),  # a host cancelled without a cancel request is a failure
     ([TIMED_OUT, CANCELLED], True, JobState.CANCELLED),
+    ([OK, UNKNOWN, FAILED], False, JobState.UNKNOWN),  # the backend lost sight of one host: not "partial"
+    ([UNKNOWN, CANCELLED], True, JobState.UNKNOWN),
 ])
 def test_final_state(statuses: list[HostStatus], cancelled: bool, expected: JobState) -> None:
     assert final_state(statuses, cancelled) is expected

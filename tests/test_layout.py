@@ -36,6 +36,7 @@ LIBRARY_HOMES = {
     "ahocorasick": {"bot/audit_rules.py"},
     "ansible_runner": {"masters/backends/ansible.py"},
     "salt": {"masters/backends/salt.py"},
+    "prompt_toolkit": {"bot/terminal.py"},
 }
 
 

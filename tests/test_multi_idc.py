@@ -395,7 +395,7 @@ def test_every_idc_when_only_one_is_configured_is_a_plain_request(tmp_path: Path
     cluster.start("bj-1")
     child = spawn_console(cluster)
     try:
-        child.expect_exact(PROMPT)
+        child.expect_exact(PROMPT.rstrip())  # a terminal shows the prompt's trailing space as a cursor move
         say(child, "/om ping web01 idc=*")
         child.expect_exact(f"(to {ALICE}) Starting job #1: `ping` on 1 host(s) in bj: web01")
         child.expect(rf"\[#1 ok\] ping on 1 host\(s\) in bj by {ALICE}: 1/1 hosts · 1 ok · 0 failed[^\n]*\r?\n")

@@ -369,6 +369,46 @@ def test_loader_loads_builtins_and_site_modules(tmp_path: Path) -> None:
     assert hello.source == str(tmp_path / "hello.py")
 
 
+# -- a module's validation names every problem at once -------------------------------------------
+
+
+def test_validation_names_every_problem_not_only_the_first() -> None:
+    service = load_modules([])["service"]
+    with pytest.raises(ParamError) as caught:
+        service.validate({"action": "explode", "name": "-x", "extra": "1"})
+    assert str(caught.value) == ("extra: expected a parameter of service (one of action, name)\n"
+                                 "action: expected one of start, stop, restart, reload, status, got 'explode'\n"
+                                 "name: expected a value that does not start with '-', got '-x'")
+    assert [e.param for e in caught.value.problems] == ["extra", "action", "name"]
+    assert caught.value.param == "extra"
+    # Callers add the usage line as ParamError(param, expected + note): every problem stays in it.
+    noted = ParamError(caught.value.param, caught.value.expected + "\nusage: service TARGETS")
+    assert str(noted) == str(caught.value) + "\nusage: service TARGETS"
+
+
+def test_every_missing_parameter_is_named() -> None:
+    with pytest.raises(ParamError) as caught:
+        load_modules([])["service"].validate({})
+    assert str(caught.value) == ("action: expected a value (what to do with the service)\n"
+                                 "name: expected a value (service name, e.g. nginx or getty@tty1)")
+
+
+def test_one_problem_is_reported_alone() -> None:
+    with pytest.raises(ParamError) as caught:
+        load_modules([])["echo"].validate({"message": "-x"})
+    assert str(caught.value) == "message: expected a value that does not start with '-', got '-x'"
+    assert caught.value.problems == (caught.value,) and caught.value.expected == "a value that does not start with '-'"
+    assert ParamError.combine([caught.value]) is caught.value
+
+
+def test_combining_keeps_each_problem_once_in_order() -> None:
+    a, b, c = ParamError("a", "x"), ParamError("b", "y", got=1), ParamError("c", "z")
+    combined = ParamError.combine([ParamError.combine([a, b]), c])
+    assert combined.problems == (a, b, c)
+    assert str(combined) == "a: expected x\nb: expected y, got 1\nc: expected z"
+    assert (combined.param, combined.expected) == ("a", "x\nb: expected y, got 1\nc: expected z")
+
+
 # -- through a real master -------------------------------------------------------------------------
 
 

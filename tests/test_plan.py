@@ -55,6 +55,7 @@ def test_describe_gives_one_line_per_step() -> None:
         PutFile(TempPath("run.sh"), content="echo hi\n", mode=0o700),
         PutFile("/etc/x.conf", source="conf/x.conf", owner="root", group="wheel"),
         PutFile("/tmp/empty"),
+        PutFile("/srv/a.conf", source="a.conf", roots=("/opt", "/srv"), param="dest"),
         RequireWithin("/var/log/app", ("/var/log", "/srv"), param="path"),
         TailFile("/var/log/syslog", 20, ("/var/log", "/srv"), param="path"),
     )
@@ -69,6 +70,7 @@ def test_describe_gives_one_line_per_step() -> None:
         "put 8 chars -> $TMP/run.sh mode 0700",
         "put store:conf/x.conf -> /etc/x.conf mode 0644 owner root group wheel",
         "put 0 chars -> /tmp/empty mode 0644",
+        "put store:a.conf -> /srv/a.conf mode 0644 within /opt, /srv",
         "require /var/log/app within /var/log, /srv",
         "show the last 20 lines of /var/log/syslog (a single-link regular file within /var/log, /srv)",
     ]
@@ -96,6 +98,7 @@ def test_describe_refuses_what_is_not_a_step() -> None:
 def test_put_file_defaults() -> None:
     put = PutFile("/x")
     assert (put.content, put.source, put.mode, put.owner, put.group) == (None, None, 0o644, None, None)
+    assert (put.roots, put.param) == ((), None)  # no roots: the host may put it anywhere
     assert RequireWithin("/a", ("/",)).param is None and TailFile("/a", 1, ("/",)).param is None
 
 

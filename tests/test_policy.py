@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from approvals import Decision, Gate
-from approvals.policy import Approval, Policy, Role, load_policy, parse_policy
+from approvals import Decision, Gate, operator_viewer, viewer_of
+from approvals.policy import (
+    APPROVER, CANCELLER, NO_AUTHORITY, REQUESTER, Approval, Policy, Role, Viewer, load_policy, parse_policy,
+)
 from ombot.errors import ConfigError
 from ombot.app.initdir import init
 from tests.support import Cluster, bot_table, child_env
@@ -208,6 +210,83 @@ def test_audit_viewers_are_known_roles_and_nobody_by_default() -> None:
 ])
 def test_audit_viewer_errors(text: str, message: str) -> None:
     assert error_of(text) == f"policy.toml: {message}"
+
+
+def test_job_viewers_are_known_roles_and_nobody_by_default() -> None:
+    assert policy(ROLES).job_viewers == ()  # no [jobs] table: each sees only what they are part of
+    assert policy(ROLES + "[jobs]\nviewers = []\n").job_viewers == ()
+    assert policy(ROLES + '[jobs]\nviewers = ["leads", "dbas"]\n').job_viewers == ("leads", "dbas")
+    assert policy(ROLES + '[jobs]\nviewers = ["leads"]\n').audit_viewers == ()  # the two never mix
+
+
+@pytest.mark.parametrize("text, message", [
+    (ROLES + '[jobs]\nviewers = ["auditors"]\n',
+     "jobs.viewers: expected role names defined under [roles] (ops, leads, dbas), got 'auditors'"),
+    (ROLES + '[jobs]\nviewers = ["U0LEAD1"]\n',
+     "jobs.viewers: expected role names defined under [roles] (ops, leads, dbas), got 'U0LEAD1'"),
+    ('[jobs]\nviewers = ["leads"]\n', "jobs.viewers: expected role names defined under [roles] (none), got 'leads'"),
+    (ROLES + '[jobs]\nviewers = "leads"\n', "jobs.viewers: expected a list of strings, got 'leads'"),
+    (ROLES + '[jobs]\nviewer = ["leads"]\n', "jobs.viewer: expected a known key (did you mean 'viewers'? known: viewers)"),
+    ('jobs = ["leads"]\n', "jobs: expected a table, got ['leads']"),
+])
+def test_job_viewer_errors(text: str, message: str) -> None:
+    assert error_of(text) == f"policy.toml: {message}"
+
+
+def test_who_sees_a_job_or_schedule() -> None:
+    """Its requester, its approvers, members of its `cancel` roles (by group too), `[jobs] viewers`."""
+    p = policy(ROLES + '[jobs]\nviewers = ["dbas"]\n')
+    job = ("U0ALICE", ["U0LEAD1"], ["ops"])  # requester, approvers, cancel roles
+    assert p.viewer("U0ALICE", NO_GROUPS) == Viewer("U0ALICE", frozenset({"ops"}), False)
+    assert p.viewer("U0DBA", NO_GROUPS) == Viewer("U0DBA", frozenset({"dbas"}), True)
+    assert p.viewer("U0NOBODY", NO_GROUPS) == Viewer("U0NOBODY", frozenset(), False)
+    seen = [(user, bool(groups), p.viewer(user, groups).sees(*job)) for user, groups in [
+        ("U0ALICE", NO_GROUPS), ("U0LEAD1", NO_GROUPS), ("W0LEAD2", NO_GROUPS), ("U0BOB", frozenset({"S0OPS"})),
+        ("U0BOB", NO_GROUPS), ("U0DBA", NO_GROUPS), ("U0NOBODY", NO_GROUPS)]]
+    assert seen == [("U0ALICE", False, True), ("U0LEAD1", False, True), ("W0LEAD2", False, False),
+                    ("U0BOB", True, True), ("U0BOB", False, False), ("U0DBA", False, True), ("U0NOBODY", False, False)]
+    assert not p.viewer("U0BOB", frozenset({"S0OPS"})).sees("U0ALICE", [], ["leads"])
+    assert Viewer("U0X", everything=True).sees("U0ALICE", [], [])
+
+
+def test_what_the_cli_and_a_policy_less_bot_see() -> None:
+    p = policy(ROLES.replace('groups = ["S0OPS"]', 'groups = ["S0OPS"]\n[console_groups]\nS0OPS = ["cli:ops"]\n')
+               + '[jobs]\nviewers = ["ops"]\n')
+    assert operator_viewer(p, "cli:root", admin=True) == Viewer("cli:root", frozenset(), True)
+    assert operator_viewer(p, "cli:ops", admin=False) == Viewer("cli:ops", frozenset({"ops"}), True)  # by its group
+    assert operator_viewer(p, "cli:deploy", admin=False) == Viewer("cli:deploy", frozenset({"ops"}), True)
+    assert operator_viewer(p, "cli:other", admin=False) == Viewer("cli:other", frozenset(), False)
+    assert operator_viewer(None, "cli:other", admin=False) == Viewer("cli:other")
+    assert viewer_of(None, "U0ALICE") == Viewer("U0ALICE")
+    assert viewer_of(Gate(p, lambda group: frozenset({"U0BOB"})), "U0BOB") == Viewer("U0BOB", frozenset({"ops"}), True)
+
+
+def test_authority_over_a_job_or_schedule() -> None:
+    """Approvers of its rule (the requester only under self_approval) > its approvers and `cancel`
+    roles > its requester > anyone else."""
+    p = policy(ROLES)
+    lead = Approval(1, ("leads",))
+
+    def say(user: str, approval: Approval | None = lead, groups: frozenset[str] = NO_GROUPS,
+            approvers: tuple[str, ...] = ("U0LEAD1",), cancel: tuple[str, ...] = ("dbas",)) -> int:
+        return p.authority(user, groups, "U0ALICE", approvers, cancel, approval)
+
+    assert (NO_AUTHORITY, REQUESTER, CANCELLER, APPROVER) == (0, 1, 2, 3)
+    assert say("U0LEAD1") == say("W0LEAD2") == APPROVER  # approved it, or could have
+    assert say("U0LEAD1", approval=None) == CANCELLER  # no approval asked now: one of its approvers still
+    assert say("W0LEAD2", approval=None) == NO_AUTHORITY
+    assert say("U0DBA") == CANCELLER and say("U0DBA", cancel=()) == NO_AUTHORITY
+    assert say("U0ALICE") == REQUESTER and say("U0BOB") == NO_AUTHORITY
+    assert say("U0BOB", approval=Approval(1, ("ops",)), groups=frozenset({"S0OPS"})) == APPROVER
+    # the requester approves their own only under self_approval
+    own = Approval(1, ("ops",), self_approval=True)
+    assert say("U0ALICE", approval=Approval(1, ("ops",))) == REQUESTER
+    assert say("U0ALICE", approval=own) == APPROVER
+    assert say("U0ALICE", approval=Approval(1, ("ops",)), cancel=("ops",)) == CANCELLER
+    assert say("U0ALICE", approval=Approval(1, ("ops",)), approvers=("U0ALICE",)) == CANCELLER
+    gate = Gate(p, lambda group: frozenset({"U0BOB"}) if group == "S0OPS" else frozenset())
+    assert gate.authority("U0BOB", "U0ALICE", [], [], Approval(1, ("ops",))) == APPROVER
+    assert gate.authority("U0BOB", "U0ALICE", [], ["ops"], None) == CANCELLER
 
 
 # -- deciding -----------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import os
 import re
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,21 +27,24 @@ from urllib.parse import urlencode
 import peewee
 import pexpect
 import pytest
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as run_operations
 
 from bot import schedules as sched
 from bot import store
 from bot.settings import BotSettings
 from ombot.clock import now_ms
 from ombot.errors import ConfigError
-from ombot.storage import connect_url
+from ombot.storage import SchemaVersion, connect_url
 from tests.fakeslack import TEAM_ID, FakeSlack, interactive_body, post_to_bot
-from tests.support import REPO, BotProcess, Cluster, bot_table, free_port
+from tests.support import CLI_CLIENT, REPO, BotProcess, Cluster, bot_table, child_env, free_port
 from tests.test_approvals import Reply as ApprovalReply
 from tests.test_console import say, spawn_console
 from tests.test_storage import BACKENDS, scratch
 
 SECRET = "0c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f"
 ALICE, LEAD1, LEAD2, MALLORY = "U0ALICE", "U0LEAD1", "U0LEAD2", "U0MALLORY"
+ONCALL, AUDITOR = "U0ONCALL", "U0AUDIT"  # a `cancel` role of the shell rule; a `[jobs] viewers` role
 TAKEOVER = 40.0  # the lease's 10 s, a renewal, a bot start: generously
 DAY_MS = 86_400_000
 
@@ -49,6 +54,15 @@ users = ["U0ALICE"]
 
 [roles.leads]
 users = [LEADS]
+
+[roles.oncall]
+users = ["U0ONCALL"]
+
+[roles.auditors]
+users = ["U0AUDIT"]
+
+[jobs]
+viewers = ["auditors"]
 
 [[rules]]
 name = "db hosts are for nobody"
@@ -62,6 +76,7 @@ modules = ["shell.exec"]
 targets = ["localhost"]
 request = ["ops"]
 approval = { count = 1, roles = ["leads"] }
+cancel = ["oncall"]
 
 [[rules]]
 name = "shell on web needs a lead"
@@ -149,6 +164,18 @@ class Rig:
     def master_jobs(self) -> list[str]:
         with sqlite3.connect(self.cluster.root / "state-m1" / "m1.db", timeout=10) as conn:
             return [row[0] for row in conn.execute("SELECT id FROM job")]
+
+    def cli_schedules(self, admin: bool) -> str:
+        """`ombot schedules` with the cluster's CLI key (`cli:test`, in no role), or that key made an admin."""
+        config = self.cluster.config_path
+        if admin:
+            config = config.with_name("ombot-admin.toml")
+            config.write_text(self.cluster.config_path.read_text().replace(
+                f'[clients.{CLI_CLIENT}]\nkind = "cli"\n', f'[clients.{CLI_CLIENT}]\nkind = "cli"\nadmin = true\n'))
+        done = subprocess.run([sys.executable, "-m", "ombot", "--config", str(config), "schedules"],
+                              capture_output=True, text=True, timeout=60, env=child_env())
+        assert done.returncode == 0, done.stderr
+        return done.stdout
 
     def bot(self, index: int) -> BotProcess:
         """Bot `index`: the cluster's config, or a copy of it that listens on its own port."""
@@ -266,6 +293,47 @@ def test_schedule_tables_and_the_run_claim_on_every_database(backend: str, tmp_p
             with pytest.raises(peewee.IntegrityError):
                 sched.ScheduleRun.create(job_id="j-2", schedule=row.number, scheduled_at=now + 60_000,
                                          fired_at=now, label="y")
+            # a table from version 1, before pauses recorded their pauser, gains the columns
+            migrator = SchemaMigrator.from_database(db)
+            run_operations(migrator.drop_column("bot_schedule", "paused_by"),
+                           migrator.drop_column("bot_schedule", "paused_authority"))
+            with db.bind_ctx([SchemaVersion]):
+                SchemaVersion.update(version=1).where(SchemaVersion.component == "schedules").execute()
+            sched.prepare()
+            sched.Schedule.update(paused_by=LEAD1, paused_authority=3).where(
+                sched.Schedule.number == row.number).execute()
+            kept = sched.Schedule.get_by_id(row.number)
+            assert (kept.paused_by, kept.paused_authority, kept.last_job_id) == (LEAD1, 3, "j-1")
+        finally:
+            db.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_job_history_shows_each_viewer_what_the_policy_lets_them_see_on_every_database(backend: str,
+                                                                                       tmp_path: Path) -> None:
+    """The SQL narrowing of `/om jobs` keeps every job the rule (Viewer.sees) allows and the rule drops
+    the rest, with LIKE's wildcards and JSON's escapes in ids and role names taken literally."""
+    from approvals import Viewer
+    from bot.jobs import JobFilter, history
+
+    odd_role = 'on%call_\\"x'  # a role name with LIKE wildcards, a backslash and a quote
+    jobs = {"own": ("U0A_B", [], []), "approved": ("U0OTHER", ["U0A_B"], []), "role": ("U0OTHER", [], [odd_role]),
+            "lookalike": ("U0AXB", ["U0AXB"], ["on%callX\\\"x", "oncall"]), "none": ("U0OTHER", ["U0LEAD"], ["ops"])}
+    with scratch(backend, tmp_path) as url:
+        db = store.open_store(url)
+        try:
+            for name, (requester, approvers, roles) in jobs.items():
+                store.BotJob.create(job_id=name, requester=requester, origin="slack", channel="C0X", idc="local",
+                                    module="echo", params={}, host_count=1, hosts=["web01"], state="ok",
+                                    approvers=approvers, cancel_roles=roles, created_at=now_ms())
+
+            def seen(viewer: Viewer) -> set[str]:
+                return {j.job_id for j in history(JobFilter(), viewer.user, 50, viewer)}
+
+            assert seen(Viewer("U0A_B", frozenset({odd_role}))) == {"own", "approved", "role"}
+            assert seen(Viewer("U0NOBODY")) == set()
+            assert seen(Viewer("U0NOBODY", everything=True)) == set(jobs)
+            assert {j.job_id for j in history(JobFilter(), "U0A_B", 50)} == set(jobs)  # no viewer: unfiltered
         finally:
             db.close()
 
@@ -295,8 +363,7 @@ def test_a_schedule_fires_cards_naming_it_and_survives_a_restart(rig: Rig) -> No
     assert not [e for e in rig.fake.ephemerals if "Starting job" in e.get("text", "")]  # each card says it
     listing = rig.command("schedules", channel).wait(f"#{number} active")
     assert "every 2s (UTC): `echo` on localhost (1 host(s)) in local message=tick" in listing
-    cli = rig.cluster.ombot("schedules")
-    assert cli.returncode == 0 and f"#{number} active   every 2s (UTC): `echo` on localhost" in cli.stdout
+    assert f"#{number} active   every 2s (UTC): `echo` on localhost" in rig.cli_schedules(admin=True)
 
     rig.restart()  # restored from the table; the new bot takes over the lease, then fires again
     before = len(rig.cards(channel, number))
@@ -331,6 +398,167 @@ def test_pause_and_resume(rig: Rig) -> None:
     rig.wait_cards(channel, number, paused + 1)
     rig.command(f"schedule delete {number}", channel).wait("Deleted")
     rig.command("schedule pause 99999", channel).wait("No schedule '99999'")
+
+
+def runs_of(rig: Rig, number: int) -> int:
+    """How many runs schedule `number` has claimed: each is a job sent to the master."""
+    return int(rig.rows("SELECT count(*) FROM bot_schedule_run WHERE schedule = ?", number)[0][0])
+
+
+def assert_still(rig: Rig, channel: str, number: int, seconds: float = 5) -> None:
+    """Several firings pass and none runs: no card, no claimed run."""
+    time.sleep(1)  # a run claimed just before may still post its card
+    cards, runs = len(rig.cards(channel, number)), runs_of(rig, number)
+    time.sleep(seconds)
+    assert (len(rig.cards(channel, number)), runs_of(rig, number)) == (cards, runs)
+
+
+@pytest.mark.slow
+def test_a_leads_pause_holds_until_a_fresh_approval_or_a_lead_lifts_it(rig: Rig) -> None:
+    """A lead pauses an approved shell.exec schedule: neither its requester nor a `cancel` role can
+    start it again alone (each gets a fresh approval request, in the requester's name), a denial
+    keeps it held, and a lead's approval or a lead's resume lifts it."""
+    channel = "C0HOLD"
+    rig.command('schedule every 2s run shell.exec localhost cmd="echo held"', channel).wait("Waiting as request #")
+    [(number,)] = rig.rows("SELECT number FROM bot_schedule WHERE channel = ?", channel)
+    rig.approve(rig.approval(channel, number), LEAD1, channel).wait("is active now")
+    rig.wait_cards(channel, number, 1)
+    rig.command(f"schedule pause {number}", channel, user=LEAD1).wait(f"Paused schedule #{number}")
+    listing = rig.command("schedules", channel).wait(f"#{number} paused")
+    assert f"paused by <@{LEAD1}>, an approver (a member of its approval roles)" in listing
+    assert rig.rows("SELECT paused_by, paused_authority FROM bot_schedule WHERE number = ?", number) == [(LEAD1, 3)]
+    assert_still(rig, channel, number, 3)
+
+    # a `cancel` role may resume only through a fresh approval, asked in the requester's name
+    reply = rig.command(f"schedule resume {number}", channel, user=ONCALL).wait("needs a fresh approval")
+    assert f"<@{LEAD1}> paused it as an approver" in reply
+    first = int(re.search(r"asked as request #(\d+)", reply).group(1))
+    assert rig.rows("SELECT requester, state FROM approval_request WHERE number = ?", first) == [(ALICE, "pending")]
+    assert rig.state_of(number) == "awaiting"
+    assert_still(rig, channel, number)
+    rig.command(f"deny {first} not yet", channel, user=LEAD1).wait(f"Denied request #{first}")
+    rig.said(channel, f"Schedule #{number} is paused: its approval request #{first} was denied")
+
+    # the requester alone cannot undo it either, though the first approval is still good for 30 days
+    reply = rig.command(f"schedule resume {number}", channel).wait("needs a fresh approval")
+    second = int(re.search(r"asked as request #(\d+)", reply).group(1))
+    assert rig.state_of(number) == "awaiting"
+    # pausing it again meanwhile does not make the hold the requester's own
+    rig.command(f"schedule pause {number}", channel).wait(f"Paused schedule #{number}")
+    assert rig.rows("SELECT paused_by FROM bot_schedule WHERE number = ?", number) == [(LEAD1,)]
+    third = rig.command(f"schedule resume {number}", channel).number("asked as request #")
+    # the request it replaces is withdrawn: approving it would start the command once as a plain job
+    assert rig.rows("SELECT state FROM approval_request WHERE number = ?", second) == [("withdrawn",)]
+    rig.command(f"approve {second}", channel, user=LEAD1).wait("it was withdrawn")
+    assert_still(rig, channel, number)
+    assert rig.state_of(number) == "awaiting"
+
+    # a lead's approval lifts the hold: it runs again
+    rig.command(f"approve {third}", channel, user=LEAD2).wait("is active now")
+    runs = runs_of(rig, number)
+    rig.fake.wait_for(lambda: runs_of(rig, number) > runs, what="a run after the fresh approval")
+    assert rig.rows("SELECT state, paused_by, paused_authority FROM bot_schedule WHERE number = ?",
+                    number) == [("active", None, None)]
+
+    # more say lifts a pause at once: a `cancel` role resumes what its requester paused
+    rig.command(f"schedule pause {number}", channel).wait(f"Paused schedule #{number}")
+    rig.command(f"schedule resume {number}", channel, user=ONCALL).wait(f"Resumed schedule #{number}")
+    runs = runs_of(rig, number)
+    rig.fake.wait_for(lambda: runs_of(rig, number) > runs, what="a run after the `cancel` role resumed it")
+
+    # a pause by more say takes the hold over; the same say cannot pause it twice
+    rig.command(f"schedule pause {number}", channel).wait(f"Paused schedule #{number}")
+    rig.command(f"schedule pause {number}", channel, user=ONCALL).wait(f"Paused schedule #{number}")
+    rig.command(f"schedule pause {number}", channel, user=ONCALL).wait("is already paused")
+    assert rig.rows("SELECT paused_by, paused_authority FROM bot_schedule WHERE number = ?", number) == [(ONCALL, 2)]
+    rig.command(f"schedule resume {number}", channel).wait("needs a fresh approval")
+    rig.command(f"schedule pause {number}", channel, user=LEAD2).wait(f"Paused schedule #{number}")
+    assert rig.rows("SELECT paused_by, paused_authority FROM bot_schedule WHERE number = ?", number) == [(LEAD2, 3)]
+    rig.command(f"schedule resume {number}", channel, user=LEAD2).wait(f"Resumed schedule #{number}")
+    runs = runs_of(rig, number)
+    rig.fake.wait_for(lambda: runs_of(rig, number) > runs, what="a run after the lead resumed it")
+    rig.command(f"schedule delete {number}", channel).wait("Deleted")
+
+
+@pytest.mark.slow
+def test_a_pause_of_a_schedule_that_needs_no_approval_holds_against_less_say(rig: Rig) -> None:
+    """No approval can lift it: the requester is refused, naming who paused it; the pauser may resume."""
+    channel = "C0HOLDPLAIN"
+    number = rig.schedule("every 2s run echo web01 message=held", channel)
+    rig.wait_cards(channel, number, 1)
+    with sqlite3.connect(rig.cluster.root / "state" / "bot.db", timeout=10) as conn:  # as if a `cancel` role
+        conn.execute("UPDATE bot_schedule SET cancel_roles = '[\"oncall\"]' WHERE number = ?", (number,))
+    rig.command(f"schedule pause {number}", channel, user=ONCALL).wait(f"Paused schedule #{number}")
+    rig.command(f"schedule resume {number}", channel).wait(
+        f"Refused: <@{ONCALL}> paused it as a canceller (one of its approvers or a `cancel` role): only they, or "
+        f"someone with as much say over schedule #{number}, may resume it")
+    assert rig.state_of(number) == "paused"
+    assert_still(rig, channel, number, 3)
+    rig.command(f"schedule resume {number}", channel, user=ONCALL).wait(f"Resumed schedule #{number}")
+    rig.wait_cards(channel, number, len(rig.cards(channel, number)) + 1)
+    rig.command(f"schedule delete {number}", channel).wait("Deleted")
+
+
+@pytest.mark.slow
+def test_jobs_and_schedules_are_shown_only_to_those_the_policy_names(rig: Rig) -> None:
+    """Requesters, approvers, `cancel` roles and `[jobs] viewers` see a job or schedule; a user with
+    no role sees nothing of others' in `/om schedules`, `/om jobs` or `/om status`; the CLI's key sees
+    what its identity may, and everything when it is an admin key."""
+    channel = "C0SEE"
+    rig.command('schedule every 2s run shell.exec localhost cmd="echo seen"', channel).wait("Waiting as request #")
+    [(shell,)] = rig.rows("SELECT number FROM bot_schedule WHERE channel = ?", channel)
+    rig.approve(rig.approval(channel, shell), LEAD1, channel).wait("is active now")
+    rig.wait_cards(channel, shell, 1)
+    rig.command(f"schedule pause {shell}", channel).wait(f"Paused schedule #{shell}")
+    plain = rig.schedule("every 2s run echo localhost message=seen", channel)
+    rig.wait_cards(channel, plain, 1)
+    rig.command(f"schedule pause {plain}", channel).wait(f"Paused schedule #{plain}")
+    time.sleep(1)  # a run claimed before the pause may still store its job
+
+    def jobs_of(number: int) -> set[int]:
+        return {row[0] for row in rig.rows("SELECT number FROM bot_job WHERE job_id IN "
+                                           "(SELECT job_id FROM bot_schedule_run WHERE schedule = ?)", number)}
+
+    plain_jobs, shell_jobs = jobs_of(plain), jobs_of(shell)
+    assert plain_jobs and shell_jobs
+
+    def listed(user: str, command: str) -> set[int]:
+        text = rig.command(command, channel, user=user).first()
+        return {int(n) for n in re.findall(r"^#(\d+) ", text, re.M)}
+
+    sees = {user: (listed(user, "schedules") & {plain, shell}, listed(user, "jobs") & (plain_jobs | shell_jobs))
+            for user in (ALICE, LEAD1, LEAD2, ONCALL, AUDITOR, MALLORY)}
+    assert sees == {
+        ALICE: ({plain, shell}, plain_jobs | shell_jobs),  # the requester
+        LEAD1: ({shell}, shell_jobs),  # its approver
+        LEAD2: (set(), set()),  # a lead who approved neither
+        ONCALL: ({shell}, shell_jobs),  # the `cancel` role of the shell rule
+        AUDITOR: ({plain, shell}, plain_jobs | shell_jobs),  # `[jobs] viewers`
+        MALLORY: (set(), set()),  # no role at all
+    }
+    assert rig.command("schedules", channel, user=MALLORY).first() == "No schedules that you may see."
+    assert rig.command("jobs", channel, user=MALLORY).first() == "No jobs that you may see yet."
+    assert rig.command("jobs module=echo", channel, user=MALLORY).first() == "No jobs that you may see match."
+    job = min(plain_jobs)
+    rig.command(f"status {job}", channel, user=MALLORY).wait(f"Refused: job #{job} is not yours to see")
+    rig.command(f"status {job}", channel, user=LEAD1).wait(f"Refused: job #{job} is not yours to see")
+    rig.command(f"status {min(shell_jobs)}", channel, user=LEAD1).wait(f"#{min(shell_jobs)} `shell.exec`")
+    rig.command(f"status {job}", channel, user=AUDITOR).wait(f"#{job} `echo` on 1 host(s)")
+
+    # pending approval requests: the same rule, and the roles asked to approve one see it too
+    pending = rig.command('shell.exec localhost cmd="echo pending"', channel).number("Waiting as request #")
+    shown = {user: f"#{pending} `shell.exec`" in rig.command("approvals", channel, user=user).first()
+             for user in (ALICE, LEAD2, ONCALL, AUDITOR, MALLORY)}
+    assert shown == {ALICE: True, LEAD2: True, ONCALL: True, AUDITOR: True, MALLORY: False}
+    assert rig.command("approvals", channel, user=MALLORY).first() == "No pending approval requests that you may see."
+    rig.command(f"deny {pending} not now", channel, user=LEAD1).wait(f"Denied request #{pending}")
+
+    # the CLI: `cli:test` holds no role, an admin key sees every schedule
+    assert not re.search(rf"^#({plain}|{shell}) ", rig.cli_schedules(admin=False), re.M)
+    admin = rig.cli_schedules(admin=True)
+    assert f"#{plain} paused" in admin and f"#{shell} paused" in admin
+    for number in (plain, shell):
+        rig.command(f"schedule delete {number}", channel).wait("Deleted")
 
 
 @pytest.mark.slow

@@ -177,7 +177,7 @@ def column_types(db: peewee.Database, table: str) -> dict[str, str]:
 # test_every_model_is_listed_here keeps this whole: a model added to any package fails it until it is here.
 TIMESTAMPS: dict[str, tuple[str, ...]] = {
     # the master's database
-    "seennonce": ("keep_until",), "job": ("created_at", "finished_at"), "jobevent": ("at",), "hostlock": ("taken_at",),
+    "seennonce": ("keep_until",), "job": ("created_at", "finished_at"), "jobevent": ("at",), "hostlock": ("taken_at", "expires_at"),
     "auditevent": ("at", "received_at"), "auditagent": ("last_seen",), "auditreader": ("after", "read_at"),
     "registeredclient": ("added_at",), "revokedkey": ("revoked_at",),
     # the bot's database, the approvals' tables included

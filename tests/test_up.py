@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from tests.support import child_env, free_port
+from tests.test_console import SHOWN_PROMPT, TERMINAL_ENV, ConsoleLog
 
 
 def ombot(*args: str, stdin: str = "", cwd: Path | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -56,3 +60,39 @@ def test_slack_manifest(tmp_path: Path) -> None:
     assert http["settings"]["socket_mode_enabled"] is False
     assert http["settings"]["interactivity"]["request_url"] == "https://ombot.example.com/slack/events"
     assert http["features"]["slash_commands"][0]["url"] == "https://ombot.example.com/slack/events"
+
+
+@pytest.mark.slow
+def test_up_in_a_terminal_survives_ctrl_c_and_prints_a_command_that_works(tmp_path: Path) -> None:
+    """Ctrl-C on a half-typed line clears it: the console and the master it started stay up. The
+    command `up` suggests for another terminal runs as printed, though `ombot` is not on PATH."""
+    child = pexpect.spawn(sys.executable, ["-m", "ombot", "up", "demo", "--master-port", str(free_port())],
+                          env=child_env(TERMINAL_ENV), encoding="utf-8", timeout=60, dimensions=(50, 250),
+                          cwd=str(tmp_path), echo=False)
+    child.logfile_read = ConsoleLog()
+    try:
+        child.expect(r"from another terminal: (.+) run facts localhost\r\n")
+        suggested = shlex.split(child.match.group(1))
+        child.expect_exact(SHOWN_PROMPT)
+        child.send("/om echo localhost message=never")
+        child.sendcontrol("c")
+        child.expect_exact(SHOWN_PROMPT)
+        child.sendline("/om echo localhost message=still-up")
+        child.expect_exact("(to U0DEMO) Starting job #1: `echo` on 1 host(s) in local: localhost")
+        child.expect(r"localhost\s+ok\s+[\d.]+s\s+still-up")  # the master answered after the Ctrl-C
+
+        bare_path = child_env({"PATH": "/usr/bin:/bin"})
+        outside = subprocess.run([*suggested, "run", "echo", "localhost", "message=from-outside"], cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=60, env=bare_path)
+        assert outside.returncode == 0, outside.stdout + outside.stderr
+        assert re.search(r"^localhost\s+ok\s+.*from-outside$", outside.stdout, re.M), outside.stdout
+
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        print(child.logfile_read.text)
+        if child.isalive():
+            child.terminate(force=True)
+    assert "Traceback" not in child.logfile_read.text

@@ -11,11 +11,11 @@ the tuned defaults and the limits.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -26,10 +26,12 @@ from typing import Any
 from ansible_runner import Runner, RunnerConfig
 
 from masters.backends import ansible_play as play
-from masters.backends import playbooks
+from masters.backends import playbooks, put_file
+from masters.backends.ansible_forkserver import LOST
 from masters.backends.ansible_warm import WarmStart
 from masters.backends.ansible_snippets import CHILD_PATH, TAIL_TOTAL_MARK
 from masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
+from masters.inventory import INVENTORY_SETTINGS
 from modules import (
     Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
 )
@@ -43,9 +45,16 @@ _LIMITABLE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
 # What the ansible-playbook process may see of the master's environment; everything else (Slack
 # tokens, database URLs, the operator's own ANSIBLE_* settings) stays out of it and of its artifacts.
 ENV_ALLOWED = ("HOME", "USER", "LOGNAME", "SSH_AUTH_SOCK", "TZ")
+# What ansible-runner sets for each run whatever the master's environment holds (its event callback,
+# its fact cache): kept even when the master happens to hold the same value.
+RUNNER_SETS = ("ANSIBLE_STDOUT_CALLBACK", "ANSIBLE_CALLBACK_PLUGINS", "AWX_ISOLATED_DATA_DIR", "ANSIBLE_CACHE_PLUGIN",
+               "ANSIBLE_CACHE_PLUGIN_CONNECTION", "RUNNER_OMIT_EVENTS", "RUNNER_ONLY_FAILED_EVENTS")
 PEXPECT_POLL_SECONDS = 0.2  # how often ansible-runner asks whether the job was cancelled
 STOP_RUN_SECONDS = 30  # bound on the run that ends a stopped job's leftovers
 _CONTROL_PATH_MAX = 60  # unix socket paths are short (108 bytes), and ssh appends a hash
+_CONTROL_PREFIX = "ombot-cp-"  # a control directory made under the temp dir (a long state path)
+LOST_RUN = ("the warm ansible-playbook server died during the run: whether this host did the work is not known; "
+            "check the host before running the job again")
 _STEPS = (Emit, Ping, Command, FirstAvailable, Shell, PutFile, RequireWithin, TailFile, RunPlaybook)  # what it runs
 
 
@@ -79,17 +88,18 @@ class AnsibleBackend:
         for sub in ("project", "home", "tmp"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.data_dir / "ansible.cfg").touch(mode=0o600)  # never an ansible.cfg from the working directory
-        self.control_dir = _control_dir(self.data_dir / "cp")
+        self.control_dir = _control_dir(self.data_dir / "cp", self.data_dir / "cp.path")
         real = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
         self.warm = WarmStart(self.data_dir, self.control_dir, real) if self.tuning.warm_start else None
 
     def close(self) -> None:
-        """The warm start's server stops; a control directory made under /tmp (the state dir's path was
-        too long for a socket) goes with the master; ssh control masters end on their own after ControlPersist."""
+        """The warm start's server stops; a control directory made under the temp dir (the state dir's path
+        was too long for a socket) goes with the master; ssh control masters end on their own after ControlPersist."""
         if self.warm is not None:
             self.warm.close()
         if self.control_dir != self.data_dir / "cp":
             shutil.rmtree(self.control_dir, ignore_errors=True)
+            (self.data_dir / "cp.path").unlink(missing_ok=True)
 
     # -- at submit, and for previews -------------------------------------------------------------
 
@@ -135,6 +145,10 @@ class AnsibleBackend:
             runner = self._run(ident, book.text, runnable, ctx, events.handle,
                                lambda: ctx.cancelled.is_set() or ctx.remaining() <= 0)
             events.runner_said = _tail_of_stdout(runner)
+            events.lost = self.warm is not None and runner.rc == LOST  # only the launcher exits with it
+            if events.lost:
+                log.warning("job %s: the warm ansible-playbook server died during the run; its hosts' outcome "
+                            "is unknown", ctx.job_id)
         stopped = ctx.cancelled.is_set() or ctx.remaining() <= 0
         leftovers = [h for h in runnable if not hosts[h].reported and hosts[h].status is not HostStatus.UNREACHABLE]
         events.finish_rest()
@@ -164,7 +178,7 @@ class AnsibleBackend:
                 settings={"pexpect_timeout": PEXPECT_POLL_SECONDS, "suppress_ansible_output": True},
             )
             config.prepare()
-            config.env = _allowed_env(config.env)  # before the run writes it into the artifacts
+            config.env = _allowed_env(config.env, self._envvars())  # before the run writes it into the artifacts
             if self.warm is not None:
                 config.env = self.warm.environment(config.env)
             runner = Runner(config, event_handler=on_event, cancel_callback=stop)
@@ -184,7 +198,7 @@ class AnsibleBackend:
             "ANSIBLE_SSH_ARGS": f"-C -o ControlMaster=auto -o ControlPersist={t.control_persist_seconds}s",
             "ANSIBLE_PIPELINING": str(t.pipelining), "ANSIBLE_TIMEOUT": str(t.connect_timeout_seconds),
             "ANSIBLE_HOST_KEY_CHECKING": str(t.host_key_checking), "ANSIBLE_PYTHON_INTERPRETER": t.python,
-            "ANSIBLE_INVENTORY_ENABLED": "ini,yaml", "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
+            **INVENTORY_SETTINGS,  # the run reads the inventory as the master does
             "ANSIBLE_RETRY_FILES_ENABLED": "False", "ANSIBLE_GATHERING": "explicit", "ANSIBLE_NOCOLOR": "True",
             "ANSIBLE_DEPRECATION_WARNINGS": "False", "ANSIBLE_LOCALHOST_WARNING": "False",
         }
@@ -195,23 +209,44 @@ def job_forks(hosts: int, forks: int, max_parallel: int) -> int:
     return max(1, min(hosts, forks, max_parallel))
 
 
-def _allowed_env(env: dict[str, str]) -> dict[str, str]:
-    """The run's environment: what ansible-runner and we set, plus a few harmless names of the master's."""
-    ours = {k: v for k, v in env.items() if os.environ.get(k) != v}
-    return {**{k: os.environ[k] for k in ENV_ALLOWED if k in os.environ}, **ours}
+def _allowed_env(env: dict[str, str], ours: dict[str, str]) -> dict[str, str]:
+    """The run's environment: a few harmless names of the master's, the backend's settings (`ours`:
+    always, even where the master's environment holds the same value), and what ansible-runner set.
+    Anything else `env` took from the master's environment stays out."""
+    runner = {k: v for k, v in env.items() if k in RUNNER_SETS or os.environ.get(k) != v}
+    return {**{k: os.environ[k] for k in ENV_ALLOWED if k in os.environ}, **ours, **runner}
 
 
-def _control_dir(preferred: Path) -> Path:
-    """Where ssh keeps its ControlPersist sockets: under the state dir unless that path is too long."""
-    path = preferred
-    if len(str(preferred)) > _CONTROL_PATH_MAX:
-        digest = hashlib.sha256(str(preferred).encode()).hexdigest()[:12]
-        path = Path(tempfile.gettempdir()) / f"ombot-cp-{os.getuid()}-{digest}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    if path.lstat().st_uid != os.getuid() or path.is_symlink():
-        raise OmbotError(f"ssh control directory {path} is not this user's own")
-    os.chmod(path, 0o700)
+def _control_dir(preferred: Path, record: Path) -> Path:
+    """Where ssh keeps its ControlPersist sockets (and the warm start its socket): under the state dir,
+    or, when that path is too long for a socket, a new private directory under the temp dir: random
+    name, mode 0700, made by mkdtemp, so no other user can make it first. `record` names it, so a
+    master that died without removing it removes it at its next start."""
+    if len(str(preferred)) <= _CONTROL_PATH_MAX:
+        preferred.mkdir(mode=0o700, exist_ok=True)
+        if preferred.lstat().st_uid != os.getuid() or preferred.is_symlink():
+            raise OmbotError(f"ssh control directory {preferred} is not this user's own")
+        os.chmod(preferred, 0o700)
+        return preferred
+    _remove_stale_control_dir(record)
+    path = Path(tempfile.mkdtemp(prefix=_CONTROL_PREFIX))
+    if len(str(path)) > _CONTROL_PATH_MAX:
+        path.rmdir()
+        raise OmbotError(f"ssh control directory {path}: too long for a socket; give the master a shorter "
+                         "state_dir, or a shorter TMPDIR")
+    record.write_text(str(path))
     return path
+
+
+def _remove_stale_control_dir(record: Path) -> None:
+    """The control directory a master before this one made and never removed (it was killed)."""
+    try:
+        stale = Path(record.read_text().strip())
+        info = stale.lstat()
+    except (OSError, ValueError):
+        return
+    if stale.name.startswith(_CONTROL_PREFIX) and stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _tail_of_stdout(runner: Runner) -> str:
@@ -229,6 +264,7 @@ class _Events:
         self.ctx, self.hosts = ctx, hosts
         self.book: play.Playbook | None = None
         self.runner_said = ""
+        self.lost = False  # the warm start's server died during the run: what the hosts did is unknown
 
     def handle(self, event: dict[str, Any]) -> bool:
         kind, data = event.get("event", ""), event.get("event_data") or {}
@@ -285,7 +321,7 @@ class _Events:
                 self._report(host)
                 return
             host.counts["ok"] += 1
-            host.counts["changed"] += bool(res.get("changed"))
+            host.counts["changed"] += _changed(role, res)
             if role == "probe":  # FirstAvailable's probe prints the index of the command it chose
                 host.picks[index] = _text(res.get("stdout")).strip()
             if role != "probe" and index >= 0:
@@ -304,6 +340,8 @@ class _Events:
         if role == "tail" and TAIL_TOTAL_MARK in stderr:
             stderr, _, total_text = stderr.rpartition(TAIL_TOTAL_MARK)
             total = int(total_text)
+        if role == "put" and stdout:  # put_file's JSON answer: only its diff (a check run) is shown
+            stdout = put_file.reply(stdout)[1]
         data = b"pong\n" if isinstance(self._step(index), Ping) else stdout.encode()
         host.out.write(data)
         if res.get("diff"):  # a check run (--diff): what this step would change
@@ -365,7 +403,7 @@ class _Events:
                 return f"command not found: {program}"
             if rc is not None:
                 return f"{program} exited with {rc}"
-        if role in ("probe", "tail"):  # our snippets say why on their last stderr line
+        if role in ("probe", "tail", "put"):  # our snippets say why on their last stderr line
             lines = [line for line in _text(res.get("stderr")).split(TAIL_TOTAL_MARK)[0].splitlines() if line]
             if lines:
                 return lines[-1]
@@ -384,6 +422,8 @@ class _Events:
                 continue
             if self.book is not None and not self.book.has_tasks:
                 pass  # nothing to run: the Emit text is the whole result
+            elif self.lost and host.status is HostStatus.OK:  # it may still be at work: never "failed"
+                host.status, host.error = HostStatus.UNKNOWN, LOST_RUN
             elif ctx.cancelled.is_set() and host.status is HostStatus.OK:
                 host.status, host.error = HostStatus.CANCELLED, "cancelled"
             elif ctx.remaining() <= 0 and host.status is HostStatus.OK:
@@ -430,6 +470,13 @@ def diff_text(diff: Any) -> str:
         if out and not out[-1].endswith("\n"):
             out[-1] += "\n"
     return "".join(out)
+
+
+def _changed(role: str, res: dict[str, Any]) -> bool:
+    """Whether a task changed something; put_file says so itself (a command task is always `changed`)."""
+    if role == "put":
+        return put_file.reply(_text(res.get("stdout")))[0]
+    return bool(res.get("changed"))
 
 
 def _text(value: Any) -> str:

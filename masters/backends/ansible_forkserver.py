@@ -12,6 +12,12 @@ sees an ordinary ansible-playbook: the same pty, the same events, and the child'
 the launcher exits with. When the launcher dies (ansible-runner kills its process group on a cancel or
 a timeout), its connection closes and the server kills the child's process group.
 
+When the server dies in the middle of a run, the kernel sends its children SIGTERM, which Ansible
+passes on to its workers (each in its own session) before it ends. The launcher, told the child's
+pid when the run started, waits for the child to end, removes the local temp directories the server
+and the child could not remove, and exits with LOST: the master reports those hosts `unknown`, as
+what they did is not known.
+
 The launcher execs the real ansible-playbook when the server is not there; a child execs it when the
 run's environment differs from the server's in anything but the per-run names (Ansible reads much of
 its configuration at import). So a warm start changes how fast a run starts, never what it does.
@@ -30,7 +36,7 @@ import signal
 import socket
 import struct
 import sys
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 HEADER = struct.Struct("!I")  # the length of the JSON request that follows the fds
 MAX_REQUEST = 1 << 20
@@ -39,6 +45,7 @@ MAX_REQUEST = 1 << 20
 # the run's working directory). They may differ from the server's; any other difference means a cold start.
 PER_RUN = frozenset({"AWX_ISOLATED_DATA_DIR", "ANSIBLE_CACHE_PLUGIN_CONNECTION", "PWD"})
 LOST = 255  # the launcher's status when the server went away in the middle of a run
+LOST_WAIT_SECONDS = 10  # how long a launcher waits for its run to end after the server died, before SIGKILL
 _PR_SET_PDEATHSIG = 1
 
 
@@ -53,26 +60,75 @@ def launch(real: str, sock_path: str, args: list[str]) -> NoReturn:
     except OSError:
         os.execv(real, [real, *args])  # nothing was sent: a cold start is the same run
     body = json.dumps({"argv": [real, *args], "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    server, child, reply = _peer_pid(conn), 0, b""
     try:
         socket.send_fds(conn, [HEADER.pack(len(body))], [0, 1, 2])
         conn.sendall(body)
-        reply = _read_line(conn)
-    except OSError:
-        reply = b""
+        lines = conn.makefile("rb")  # the server says which process runs this run, then its status
+        child = int(_line(lines) or b"0")
+        reply = _line(lines)
+    except (OSError, ValueError):
+        pass
     if not reply:  # the run may have started: never start it a second time
         os.write(2, b"ombot: the warm ansible-playbook server went away during the run\n")
+        _clean_up_after(server, child)
         os._exit(LOST)
     os._exit(int(reply))
 
 
-def _read_line(conn: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(64)
-        if not chunk:
-            return b""
-        data += chunk
-    return data.strip()
+def _peer_pid(conn: socket.socket) -> int:
+    return int(struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0])
+
+
+def _clean_up_after(server: int, child: int) -> None:
+    """The run's child got SIGTERM when the server died and ends its workers: wait for it (SIGKILL it if
+    it takes too long), then remove the local temp directories a killed server and child leave behind."""
+    if child:
+        _wait_gone(child, LOST_WAIT_SECONDS)
+    root = os.environ.get("ANSIBLE_LOCAL_TEMP")
+    for pid in (server, child):
+        if root and pid:
+            remove_local_temp(root, pid)
+
+
+def _wait_gone(pid: int, seconds: float) -> None:
+    try:
+        fd = os.pidfd_open(pid)  # from here on the number cannot name another process
+    except OSError:
+        return  # gone already
+    try:
+        if not select.select([fd], [], [], seconds)[0]:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            select.select([fd], [], [], seconds)
+    finally:
+        os.close(fd)
+
+
+def remove_local_temp(root: str, pid: int) -> None:
+    """Remove the temp directory Ansible made for process `pid` under ANSIBLE_LOCAL_TEMP (`root`):
+    ansible-local-PID and 8 random characters, removed at exit by a process that was not killed.
+    Nothing is removed while `pid` still runs."""
+    if _running(pid):
+        return
+    import glob
+    import shutil
+
+    for path in glob.glob(os.path.join(glob.escape(root), f"ansible-local-{pid}" + "[a-z0-9_]" * 8)):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def _line(lines: BinaryIO) -> bytes:
+    """One whole line from the server; b"" if the connection ended first."""
+    line = lines.readline(64)
+    return line.strip() if line.endswith(b"\n") else b""
 
 
 # -- the server -------------------------------------------------------------------------------------
@@ -106,8 +162,8 @@ def serve(sock_path: str, master_pid: int) -> None:
                 _kill_group(runs.pop(conn))  # reaped by _reap, with no one left to tell
                 conn.close()
     finally:
-        for pid in runs.values():
-            _kill_group(pid)
+        for pid in runs.values():  # Ansible ends its workers (in sessions of their own) on SIGTERM, then itself
+            _signal(pid, signal.SIGTERM)
         os.unlink(sock_path)
 
 
@@ -129,9 +185,12 @@ def _accept(listener: socket.socket, runs: dict[socket.socket, int], own_fds: li
         if pid == 0:
             _child(request, fds, server, [*own_fds, conn.fileno(), *(c.fileno() for c in runs)])
         runs[conn] = pid
+        conn.sendall(b"%d\n" % pid)  # the launcher cleans up after the run if this server dies
         conn.settimeout(None)
     except (OSError, ValueError) as exc:
         print(f"ansible fork server: refused a run: {exc}", file=sys.stderr, flush=True)
+        if conn in runs:
+            _kill_group(runs.pop(conn))
         conn.close()
     finally:
         for fd in fds:
@@ -174,6 +233,13 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
 def _die_with(parent_pid: int, sig: int = signal.SIGTERM) -> None:
     """Get `sig` when the process that started this one dies, even by SIGKILL."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
@@ -188,7 +254,7 @@ def _child(request: dict[str, Any], fds: list[int], server: int, server_fds: lis
     code = 1
     try:
         os.setsid()  # its own process group: what the server kills when the launcher dies
-        _die_with(server, signal.SIGKILL)
+        _die_with(server, signal.SIGTERM)  # not SIGKILL: Ansible ends its workers on SIGTERM (their own sessions)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)

@@ -6,13 +6,15 @@ templated strings are fixed ones written here (the host's temporary directory, t
 
 Task names are `ombot:STEP:ROLE`, which is how runner events map back to plan steps: role `run`
 is a step's own work (its output is the host's output), `probe` a check whose output is not shown
-(FirstAvailable's choice), `tmp` the temporary directory, `end` the marker that a host is done,
+(FirstAvailable's choice), `put` PutFile's writer (put_file.py: its JSON answer says whether it
+changed anything, and the diff), `tmp` the temporary directory, `end` the marker that a host is done,
 `reach` the ping that a plan of only Emit steps still sends, so an unreachable host is reported so.
 
 In a check run (`--check --diff`) the tasks that only read (ping, probes, tails) and the backend's own
 temporary directory run for real (`check_mode: false`): they change nothing, and the steps after them
-need their answers. A playbook (RunPlaybook) is imported whole with its vars, then one marker play
-says which hosts got through it; its own tasks keep their names (role `play` in the events).
+need their answers. So does PutFile's writer, told it is a check run: it writes nothing and diffs.
+A playbook (RunPlaybook) is imported whole with its vars, then one marker play says which hosts got
+through it; its own tasks keep their names (role `play` in the events).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import yaml
 
 from masters.backends import ansible_snippets as snippets
+from masters.backends import put_file
 from masters.backends.playbooks import ResolvedPlaybook
 from modules import (
     Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
@@ -90,7 +93,7 @@ def build(plan: Plan, job_id: str, ident: str, python: str, file_store: Path | N
         tasks.append({"name": "ombot:-1:tmp", "ansible.builtin.tempfile": {
             "state": "directory", "prefix": Unsafe(tmp_prefix(ident))}, "register": TMP_VAR})
     for index, step in enumerate(plan.steps):
-        for role, task in _tasks(step, index, file_store, output_cap):
+        for role, task in _tasks(step, index, file_store, output_cap, check):
             tasks.append({"name": f"ombot:{index}:{role}", **task})
     if not tasks:  # only Emit steps: still ask each host to answer, or an unreachable host would say ok
         tasks.append({"name": "ombot:-1:reach", "ansible.builtin.ping": {}})
@@ -101,7 +104,7 @@ def build(plan: Plan, job_id: str, ident: str, python: str, file_store: Path | N
         always.append({"name": "ombot:-1:end", "ansible.builtin.debug": {"msg": "done"}})
     if check:
         for task in tasks + always:
-            if _meaning(task["name"])[1] in _READ_ONLY_ROLES or "ansible.builtin.ping" in task:
+            if _meaning(task["name"])[1] in _READ_ONLY_ROLES + _CHECKS_ITSELF or "ansible.builtin.ping" in task:
                 task["check_mode"] = False
     play = {
         "name": "ombot", "hosts": "all", "gather_facts": False, "strategy": _strategy(tasks, always),
@@ -116,6 +119,7 @@ def build(plan: Plan, job_id: str, ident: str, python: str, file_store: Path | N
 
 
 _READ_ONLY_ROLES = ("probe", "tail", "tmp", "cleanup", "end", "reach")
+_CHECKS_ITSELF = ("put",)  # told it is a check run, it writes nothing and says what it would change
 
 
 def _imported(plan: Plan, books: list[RunPlaybook], job_id: str, python: str) -> Playbook:
@@ -156,7 +160,8 @@ def _meaning(name: str) -> tuple[int, str]:
     return int(index), role
 
 
-def _tasks(step: Step, index: int, file_store: Path | None, cap: int) -> list[tuple[str, dict[str, Any]]]:
+def _tasks(step: Step, index: int, file_store: Path | None, cap: int,
+           check: bool = False) -> list[tuple[str, dict[str, Any]]]:
     match step:
         case Emit():
             return []  # the master adds the text itself; nothing runs
@@ -173,7 +178,7 @@ def _tasks(step: Step, index: int, file_store: Path | None, cap: int) -> list[tu
                        for k, c in enumerate(commands)]
             return [("probe", {**probe, "register": f"ombot_pick_{index}"}), *choices]
         case PutFile():
-            return [("run", _copy(step, file_store))]
+            return [("put", _put(step, file_store, check))]
         case RequireWithin(path, roots, param):
             return [("probe", _snippet(snippets.REQUIRE_WITHIN, [_label(param), path, *roots]))]
         case TailFile(path, lines, roots, param):
@@ -205,18 +210,26 @@ def _command(step: Command) -> dict[str, Any]:
     return {"ansible.builtin.command": args}
 
 
-def _copy(step: PutFile, file_store: Path | None) -> dict[str, Any]:
-    args: dict[str, Any] = {"dest": _arg(step.dest), "mode": Unsafe(f"{step.mode:04o}"), "follow": False,
-                            "force": True}
+def _put(step: PutFile, file_store: Path | None, check: bool) -> dict[str, Any]:
+    """put_file.py run on the host: the path check and the write in one step, by descriptors. The
+    content goes base64 on stdin; the host's answer is one line of JSON (changed, diff)."""
+    args = put_file.arguments(step.mode, step.owner, step.group, step.roots, _label(step.param), check,
+                              put_label(step))
+    argv = [PYTHON, Unsafe("-c"), Unsafe(put_file.source()), _arg(step.dest), *map(Unsafe, args)]
+    return {"ansible.builtin.command": {"argv": argv, "stdin": Unsafe(put_file.stdin(put_data(step, file_store))),
+                                        "stdin_add_newline": False, **_LITERAL_ARGV}}
+
+
+def put_label(step: PutFile) -> str:
+    """How a check run's diff names the new content: the module's own name for it, not a master path."""
+    return f"store:{step.source}" if step.source is not None else "the pushed content"
+
+
+def put_data(step: PutFile, file_store: Path | None) -> bytes:
+    """The bytes a PutFile writes: its inline content, or its store file read on the master."""
     if step.source is None:
-        args["content"] = Unsafe(step.content or "")
-    else:
-        args["src"] = Unsafe(str(store_file(step.source, file_store)))
-    if step.owner:
-        args["owner"] = Unsafe(step.owner)
-    if step.group:
-        args["group"] = Unsafe(step.group)
-    return {"ansible.builtin.copy": args}
+        return (step.content or "").encode()
+    return store_file(step.source, file_store).read_bytes()
 
 
 def store_file(source: str, file_store: Path | None) -> Path:

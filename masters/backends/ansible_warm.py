@@ -33,6 +33,7 @@ class WarmStart:
         self.bin_dir = data_dir / "warm-bin"
         self.log_path = data_dir / "warm.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.local_temp = ""  # the server's ANSIBLE_LOCAL_TEMP, where a killed server leaves its temp dir
         self.lock = threading.Lock()
         if len(str(self.socket)) > _SOCKET_PATH_MAX:
             raise ValueError(f"{self.socket}: too long for a Unix socket")
@@ -56,6 +57,8 @@ class WarmStart:
     def _start(self, server_env: dict[str, str]) -> None:
         if self.proc is not None:
             log.warning("the warm ansible-playbook server exited (%s): starting it again", self.proc.returncode)
+            self._remove_temp(self.proc.pid)
+        self.local_temp = server_env.get("ANSIBLE_LOCAL_TEMP", "")
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             self.proc = subprocess.Popen(
@@ -74,4 +77,9 @@ class WarmStart:
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
+                    self._remove_temp(self.proc.pid)
             self.proc = None
+
+    def _remove_temp(self, pid: int) -> None:
+        if self.local_temp:
+            forkserver.remove_local_temp(self.local_temp, pid)

@@ -28,6 +28,7 @@ class HostStatus(StrEnum):
     UNREACHABLE = "unreachable"
     TIMED_OUT = "timed_out"
     CANCELLED = "cancelled"
+    UNKNOWN = "unknown"  # the backend lost sight of the run (the host may have done the work): never "failed"
 
 
 @dataclass

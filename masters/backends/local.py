@@ -7,10 +7,8 @@ shell, in their own process group so a cancel or timeout kills the whole tree.
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
-import pwd
 import re
 import select
 import shutil
@@ -24,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
-from masters.backends import cgroup
+from masters.backends import cgroup, put_file
 from masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
 from modules import (
     Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
@@ -232,22 +230,13 @@ def _first_installed(commands: tuple[Command, ...]) -> Command:
 
 
 def _put_file(step: PutFile, ctx: RunContext, tmp: Path) -> None:
-    dest = Path(_resolve(step.dest, tmp))
-    data = _file_data(step, ctx)
-    uid, gid = _owner_ids(step)
-    # A fresh, randomly named file (O_EXCL, no symlink following) in the destination's directory, so
-    # nothing planted there beforehand can redirect the write; renamed over dest when complete.
-    fd, partial = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".ombot-partial", dir=dest.parent)
+    """Check and write in one go, by descriptors (put_file.py): no symlink swapped in can redirect it."""
+    label = f"{step.param}: " if step.param else ""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if uid != -1 or gid != -1:
-                os.fchown(f.fileno(), uid, gid)
-            os.fchmod(f.fileno(), step.mode)  # after chown, which clears set-id bits
-        os.replace(partial, dest)  # atomic: readers see the old file or the new one, never half
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+        put_file.put(_resolve(step.dest, tmp), _file_data(step, ctx), step.mode, step.owner, step.group,
+                     step.roots or ("/",), label)
+    except put_file.PutError as exc:
+        raise StepFailed(HostStatus.FAILED, str(exc)) from None
 
 
 def _file_data(step: PutFile, ctx: RunContext) -> bytes:
@@ -259,19 +248,6 @@ def _file_data(step: PutFile, ctx: RunContext) -> bytes:
     if not within(str(source), str(ctx.file_store.resolve())) or not source.is_file():
         raise StepFailed(HostStatus.FAILED, f"{step.source} is not a file in the master's store")
     return source.read_bytes()
-
-
-def _owner_ids(step: PutFile) -> tuple[int, int]:
-    """Numeric ids for owner and group (-1: leave as is); an unknown name fails the host, naming it."""
-    try:
-        uid = pwd.getpwnam(step.owner).pw_uid if step.owner else -1
-    except KeyError:
-        raise StepFailed(HostStatus.FAILED, f"no user named {step.owner!r} on this host") from None
-    try:
-        gid = grp.getgrnam(step.group).gr_gid if step.group else -1
-    except KeyError:
-        raise StepFailed(HostStatus.FAILED, f"no group named {step.group!r} on this host") from None
-    return uid, gid
 
 
 def _child_env(ctx: RunContext, host: str, tmp: Path) -> dict[str, str]:

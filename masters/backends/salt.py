@@ -28,7 +28,8 @@ import salt.client
 import salt.config
 
 from masters.backends import ansible_snippets as snippets
-from masters.backends.ansible_play import PlanError, store_file, tmp_prefix
+from masters.backends import put_file
+from masters.backends.ansible_play import PlanError, put_data, put_label, tmp_prefix
 from masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
 from modules import (
     Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, SaltState, Shell, Step,
@@ -416,7 +417,7 @@ class _Job:
                 else:
                     _ran((yield self._command(chosen, host)), host, str(chosen.argv[0]))
             case PutFile():
-                _file_state((yield self._put_file(step, host)), host, check)
+                _put_reply((yield self._put_file(step, host)), host, self._arg(step.dest, host), check)
             case RequireWithin(path, roots, param):
                 _ran((yield _Call("cmd.run_all", self._snippet(snippets.REQUIRE_WITHIN, [_label(param), path,
                                                                                         *roots]))),
@@ -449,31 +450,16 @@ class _Job:
         return f"{host.tmp}/{arg.name}" if isinstance(arg, TempPath) else arg
 
     def _put_file(self, step: PutFile, host: _Host) -> _Call:
-        if step.source is None:
-            text = step.content or ""
-        else:
-            try:
-                data = store_file(step.source, self.ctx.file_store).read_bytes()
-            except PlanError as exc:
-                raise StepFailed(str(exc)) from None
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                raise StepFailed(f"{step.source} is not UTF-8 text; the salt backend pushes text files only") from None
-        if len(text.splitlines()) != text.count("\n") + (0 if text.endswith("\n") or not text else 1):
-            raise StepFailed("the salt backend pushes text whose lines end in \\n only (no \\r or other line breaks)")
-        kwarg: dict[str, Any] = {
-            # file.managed joins the content's lines with "\n", ending in one if contents_newline.
-            "fun": "file.managed", "name": self._arg(step.dest, host), "contents": text,
-            "contents_newline": text.endswith("\n"), "allow_empty": True,
-            "mode": f"{step.mode:04o}", "follow_symlinks": False, "makedirs": False, "show_changes": True,
-            "test": self.ctx.check, "queue": False,
-        }
-        if step.owner:
-            kwarg["user"] = step.owner
-        if step.group:
-            kwarg["group"] = step.group
-        return _Call("state.single", kwarg)
+        """put_file.py run on the minion: the path check and the write in one step, by descriptors; the
+        content base64 on stdin (a keyword argument, never in a shell string)."""
+        try:
+            data = put_data(step, self.ctx.file_store)
+        except PlanError as exc:
+            raise StepFailed(str(exc)) from None
+        args = put_file.arguments(step.mode, step.owner, step.group, step.roots, _label(step.param), self.ctx.check,
+                                  put_label(step))
+        return _Call("cmd.run_all", {**self._snippet(put_file.source(), [self._arg(step.dest, host), *args]),
+                                     "stdin": put_file.stdin(data)})
 
 
 # -- what the plan needs ---------------------------------------------------------------------
@@ -498,10 +484,9 @@ def _preview(step: Step, check: bool) -> list[str]:
         case FirstAvailable(commands):
             return [f"cmd.run_all: which of {', '.join(str(c.argv[0]) for c in commands)} is installed",
                     f"cmd.run_all: the first installed of: {'; '.join(Plan(c).describe()[0] for c in commands)}{skip}"]
-        case PutFile(dest, content, source, mode, owner, group):
-            what = f"store:{source}" if source else f"<{len(content or '')} characters>"
-            return [f"state.single file.managed name={dest} contents={what} mode={mode:04o}"
-                    + (f" user={owner}" if owner else "") + (f" group={group}" if group else "") + f" test={check}"]
+        case PutFile():
+            return [f"cmd.run_all [python, -c, PUT_FILE] (content base64 on stdin): {Plan(step).describe()[0]}"
+                    + (" (check: writes nothing)" if check else "")]
         case RequireWithin() | TailFile():
             return [f"cmd.run_all [python, -c, SNIPPET]: {Plan(step).describe()[0]}"]
         case SaltState(name):
@@ -563,12 +548,11 @@ def _states(reply: _Reply) -> list[dict[str, Any]]:
     return sorted(ret.values(), key=lambda r: r.get("__run_num__", 0))
 
 
-def _file_state(reply: _Reply, host: _Host, check: bool) -> None:
-    for result in _states(reply):
-        if result.get("result") is False:
-            raise StepFailed(str(result.get("comment") or "file.managed failed"), rc=1)
-        if check and result.get("changes"):
-            host.out.write(f"would change {result.get('name')}:\n{_changes(result['changes'])}".encode())
+def _put_reply(reply: _Reply, host: _Host, dest: str, check: bool) -> None:
+    """put_file's answer; a check run shows what would change."""
+    changed, diff = put_file.reply(_ran(reply, host, "the file write", quiet=True))
+    if check and changed:
+        host.out.write(f"would change {dest}:\n{diff}".encode())
 
 
 def _state_run(reply: _Reply, host: _Host, check: bool) -> None:

@@ -1,4 +1,4 @@
-from modules import Plan, PutFile, RequireWithin, module, params as p
+from modules import Plan, PutFile, module, params as p
 
 # Where pushed files may land: application and service trees plus scratch space. Not /etc, /usr or
 # home directories: changing those is configuration management's job, with review.
@@ -17,7 +17,7 @@ ACCOUNT = r"[a-z_][a-z0-9_-]{0,31}"
 ])
 def run(source: str, dest: str, mode: str, owner: str | None, group: str | None) -> Plan:
     """Copy a file from the master's file store to a path on each host, with mode and owner."""
-    return Plan(
-        RequireWithin(dest, DEST_ROOTS, param="dest"),  # no symlinked directory may lead outside the roots
-        PutFile(dest, source=source, mode=int(mode, 8), owner=owner, group=group),
-    )
+    # One step: the check that no symlink leads outside the roots and the write happen together on
+    # the host, by descriptors, so nothing can be swapped in between.
+    return Plan(PutFile(dest, source=source, mode=int(mode, 8), owner=owner, group=group, roots=DEST_ROOTS,
+                        param="dest"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import logging
+import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -12,12 +14,14 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ombot import config as cfg
-from ombot.app import initdir
+from ombot.app import exits, initdir
 from ombot.errors import OmbotError
 from ombot.logs import setup_logging
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="OMBot: run and audit Linux clusters from chat.")
+# rich_markup_mode=None: help text is printed as written; Rich markup would eat `[client] id` and `[bot]`.
+# Without a subcommand `_root` prints the help to stdout (click's no_args_is_help would use stderr).
+app = typer.Typer(invoke_without_command=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="OMBot: run and audit Linux clusters from chat.")
 
 RootConfigOpt = Annotated[
     Optional[Path],
@@ -36,6 +40,9 @@ def _root(ctx: typer.Context, config: RootConfigOpt = None,
           client: Annotated[Optional[str], typer.Option(
               "--client", envvar=cfg.CLIENT_ENV, help="The [clients.NAME] registration to speak as [default: [client] id]")] = None,
           verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail")] = False) -> None:
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(exits.REFUSED)  # as a usage error: nothing was asked
     ctx.obj = {"config": config}
     if client:  # read by Config.require_client; only a key this user can read can be used
         os.environ[cfg.CLIENT_ENV] = client
@@ -60,8 +67,8 @@ def init(directory: Annotated[Path, typer.Argument(help="Directory to create")],
     """Write a working starter set: ombot.toml, fresh keys, an inventory, a sample policy."""
     path = initdir.init(directory, master_port)
     typer.echo(f"wrote {path}")
-    typer.echo(f"start a master:  ombot --config {path} master")
-    typer.echo(f"run a module:    ombot --config {path} run facts localhost")
+    typer.echo(f"start a master:  {self_command()} --config {shlex.quote(str(path))} master")
+    typer.echo(f"run a module:    {self_command()} --config {shlex.quote(str(path))} run facts localhost")
 
 
 @app.command()
@@ -103,11 +110,32 @@ def up(ctx: typer.Context, config: ConfigOpt = None,
     with local_masters(conf) as started:
         for line in started:
             typer.echo(line)
-        typer.echo(f"from another terminal: ombot --config {path} run facts localhost")
+        typer.echo(f"from another terminal: {self_command()} --config {shlex.quote(str(path))} run facts localhost")
         if SlackSecrets.from_env().configured:
             _serve_slack(conf)
         else:
             _serve_console(conf)
+
+
+def self_command() -> str:
+    """`ombot` as this shell can run it: the bare name when PATH finds this install, else this
+    install's script (relative when below the current directory: `.venv/bin/ombot` in a fresh
+    clone), else this interpreter with `-m ombot`."""
+    script = Path(sys.executable).parent / "ombot"  # not resolved: a venv's python is a symlink
+    found = shutil.which("ombot")
+    if found and script.exists() and Path(found).resolve() == script.resolve():
+        return "ombot"
+    return shlex.quote(_from_here(script)) if script.exists() else f"{shlex.quote(_from_here(Path(sys.executable)))} -m ombot"
+
+
+def _from_here(path: Path) -> str:
+    """`path` relative to the current directory when it lies below it, else absolute."""
+    absolute = path.absolute()
+    try:
+        relative = str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
+    return relative if "/" in relative else f"./{relative}"  # a bare name would be looked up on PATH
 
 
 @app.command()
@@ -190,6 +218,46 @@ def masters(ctx: typer.Context, config: ConfigOpt = None) -> None:
         else:
             typer.echo(f"{m['master']:<16} {m['idc']:<10} DOWN  {m['error']}")
     raise typer.Exit(0 if all(m["ok"] for m in report) else 1)
+
+
+@app.command("jobs")
+def jobs(ctx: typer.Context, config: ConfigOpt = None,
+         idc: Annotated[Optional[str], typer.Option("--idc", help="IDC, list (bj,sh) or '*' [default: the client's "
+                                                    "default_idc]")] = None,
+         limit: Annotated[int, typer.Option(min=1, max=200, help="At most this many jobs per IDC")] = 20,
+         as_json: Annotated[bool, typer.Option("--json", help="One JSON object per job")] = False) -> None:
+    """This client's recent jobs at the masters of an IDC, newest first, with their state.
+    Exit 0, or 4 when a master could not be asked (its jobs may be missing)."""
+    from ombot.app.jobscmd import list_jobs
+    from ombot.config import named_idcs
+
+    conf = _config(ctx, config)
+    router = _router(conf)
+    try:
+        code = list_jobs(router, named_idcs(conf, idc or conf.require_client().default_idc), limit, as_json)
+    finally:
+        router.close()
+    raise typer.Exit(code)
+
+
+@app.command("status")
+def status(ctx: typer.Context, job: Annotated[str, typer.Argument(help="The job id `ombot run` printed")],
+           idc: Annotated[Optional[str], typer.Option("--idc", help="Ask only this IDC's masters")] = None,
+           master: Annotated[Optional[str], typer.Option("--master", help="Ask only this master")] = None,
+           config: ConfigOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Print the job as one JSON object")] = False) -> None:
+    """One job's state and per-host results [default: asking every master]. Exit 0 ok; 1 failed, partial,
+    cancelled or timed out; 2 no master asked has it (so it did not run there); 3 unknown; 4 a master
+    could not be asked; 5 still queued or running."""
+    from ombot.app.jobscmd import show_status
+
+    conf = _config(ctx, config)
+    router = _router(conf)
+    try:
+        code = show_status(router, job, _masters_named(conf, idc, master), as_json)
+    finally:
+        router.close()
+    raise typer.Exit(code)
 
 
 @app.command("schedules")
@@ -534,14 +602,17 @@ def main() -> None:
         app()
     except Refused as exc:
         typer.echo(f"refused ({exc.code}): {exc.message}", err=True)
-        sys.exit(2)
-    except (NoMasterAvailable, ConnectFailed, MasterLost) as exc:
+        sys.exit(exits.REFUSED)
+    except (NoMasterAvailable, ConnectFailed) as exc:  # connecting failed everywhere: the request never left
+        typer.echo(f"error: {exc}; nothing was sent", err=True)
+        sys.exit(exits.NOT_SENT)
+    except MasterLost as exc:  # sent, then the link broke: what it did is not known
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(3)
+        sys.exit(exits.UNKNOWN)
     except OmbotError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(exits.REFUSED)
     except OSError as exc:  # a taken port, an unwritable directory: say so, without a traceback
         where = f": {exc.filename}" if exc.filename else ""
         typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
-        sys.exit(2)
+        sys.exit(exits.REFUSED)

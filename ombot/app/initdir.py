@@ -139,6 +139,11 @@ users = ["U0LEAD1", "U0LEAD2"]         # in `ombot up`'s demo, try approvals alo
 [audit]
 viewers = ["leads"]
 
+# Who sees every job and schedule in /om jobs, /om schedules and /om status (docs/policy.md);
+# everyone else sees what they asked for, approved or may cancel.
+[jobs]
+viewers = ["leads"]
+
 # The console has no Slack to ask for group members: it reads them here.
 [console_groups]
 # S0123OPS = ["U0DEMO"]

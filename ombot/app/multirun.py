@@ -2,9 +2,10 @@
 masters and failover, followed together; the policy decides per IDC and `max_hosts` counts the whole
 request. A part whose masters cannot be reached is reported failed while the others run.
 
-Exit status: 0 when every part ended ok; 3 when a part's outcome is unknown (a master was lost after
-it accepted the job: check there before running it again); otherwise 1 once anything was sent, and
-2 when the request was refused or invalid (nothing ran).
+Exit status (ombot.app.exits): 0 when every part ended ok; 3 when a part's outcome is unknown (a master
+was lost after it accepted the job: check there before running it again); 4 when no part could reach
+a master (nothing was sent anywhere); otherwise 1 once anything was sent, and 2 when the request was
+refused or invalid (nothing ran).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import typer
 from approvals import Gate, PolicyRefusal, authorize_parts
 from masters import ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router, host_log, host_rows
 from modules import ParamError
+from ombot.app import exits
 from ombot.errors import OmbotError
 
 UNREACHABLE = (NoMasterAvailable, ConnectFailed, MasterLost)
@@ -34,6 +36,7 @@ class CliPart:
     hosts: list[str] = field(default_factory=list)
     reason: str = ""  # why it did not run, or why it ended as it did
     error: OmbotError | None = None  # what made it unreachable, re-raised when no part can run
+    unsent: bool = False  # no master of its IDC could be reached: nothing was sent there
     ref: JobRef | None = None
     first: list[dict[str, Any]] = field(default_factory=list)
     state: str = ""
@@ -53,7 +56,7 @@ def run_parts(router: Router, gate: Gate | None, requester: str, idcs: list[str]
     if gate is not None:
         _authorize(gate, requester, module, ready)
     if dry_run:
-        return 0
+        return exits.OK
     for part in ready:
         _submit(router, part, module, params, timeout, as_json, check)
     _follow_all(router, [p for p in ready if p.ref is not None], as_json)
@@ -70,8 +73,10 @@ def run_parts(router: Router, gate: Gate | None, requester: str, idcs: list[str]
         for part in parts:
             typer.echo(f"{part.idc}: {part.state}" + (f": {part.reason}" if part.reason else ""))
     if any(p.state == JobState.UNKNOWN for p in parts):  # never blindly retry: a part may have run
-        return 3
-    return 0 if all(p.state == JobState.OK for p in parts) else 1
+        return exits.UNKNOWN
+    if all(p.unsent for p in parts):  # safe to send again: no master anywhere got it
+        return exits.NOT_SENT
+    return exits.OK if all(p.state == JobState.OK for p in parts) else exits.FAILED
 
 
 def _expand(router: Router, idc: str, module: str, targets: str, params: dict[str, str]) -> CliPart:
@@ -87,7 +92,7 @@ def _expand(router: Router, idc: str, module: str, targets: str, params: dict[st
             raise OmbotError(f"{exc} (in {idc})\nusage: ombot run {spec.usage()}") from None
         hosts = router.expand(idc, targets)
     except UNREACHABLE as exc:
-        return CliPart(idc, reason=str(exc), error=exc)
+        return CliPart(idc, reason=str(exc), error=exc, unsent=True)
     except Refused as exc:
         raise Refused(exc.code, f"in {idc}: {exc.message}") from None
     return CliPart(idc, hosts) if hosts else CliPart(idc, reason=f"no hosts match in {idc}")
@@ -115,6 +120,7 @@ def _submit(router: Router, part: CliPart, module: str, params: dict[str, str], 
         return
     except (Refused, NoMasterAvailable) as exc:
         part.state, part.reason = JobState.FAILED, getattr(exc, "message", str(exc))
+        part.unsent = isinstance(exc, NoMasterAvailable)
         typer.echo(f"{part.idc}: not submitted: {part.reason}", err=True)
         return
     typer.echo(f"{part.idc}: job {part.ref.job_id} on master {part.ref.master_id}", err=as_json)

@@ -13,6 +13,7 @@ import typer
 from approvals import Gate, PolicyRefusal, authorize
 from masters import JobRef, JobState, MasterLost, Router, host_log, host_rows
 from modules import ParamError
+from ombot.app import exits
 from ombot.config import named_idcs, several_idcs
 from ombot.errors import OmbotError
 
@@ -37,11 +38,13 @@ def run_module(router: Router, gate: Gate | None, requester: str, idc: str, modu
 
         close = difflib.get_close_matches(module, catalog.modules, n=3)
         raise OmbotError(f"no module {module!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    params, problems = split_pairs(pairs)
     try:
-        params = parse_pairs(pairs)
         spec.validate(params)  # friendly errors here; the master validates again and decides
-    except (ParamError, OmbotError) as exc:
-        raise OmbotError(f"{exc}\nusage: ombot run {spec.usage()}") from None
+    except ParamError as exc:
+        problems += str(exc).splitlines()  # every problem at once, after the malformed words
+    if problems:
+        raise OmbotError("\n".join(problems) + f"\nusage: ombot run {spec.usage()}")
     hosts = router.expand(idc, targets)
     kind = " (check run)" if check else ""
     typer.echo(f"{module}{kind} on {len(hosts)} host(s) in {idc}: {', '.join(hosts)}", err=as_json)
@@ -49,12 +52,13 @@ def run_module(router: Router, gate: Gate | None, requester: str, idc: str, modu
         _authorize(gate, requester, module, hosts, idc)
     if dry_run:
         _print_preview(router.preview(idc, module, params, targets, check), as_json)
-        return 0
+        return exits.OK
     try:
         ref, reply = router.submit(idc, module, params, hosts, timeout=timeout, check=check)
     except MasterLost as exc:
-        typer.echo(f"job state unknown: {exc}", err=True)
-        return 3
+        job = exc.ref.job_id if exc.ref else "JOB"
+        typer.echo(f"job state unknown: {exc}; check with `ombot status {job}` before sending it again", err=True)
+        return exits.UNKNOWN
     typer.echo(f"job {ref.job_id} on master {ref.master_id}", err=as_json)
     results: list[dict[str, Any]] = []
     state = _follow_cancellable(router, ref, lambda ev: _on_event(ev, results, as_json), reply.get("events", []))
@@ -63,9 +67,10 @@ def run_module(router: Router, gate: Gate | None, requester: str, idc: str, modu
         typer.echo(f"state: {state}" + (" (a check run: the diffs above show what a real run would change)"
                                         if check else ""))
     if state == JobState.UNKNOWN:  # not "failed": whether it ran is not known, so never blindly retry it
-        typer.echo(f"job {ref.job_id} on master {ref.master_id}: outcome unknown", err=True)
-        return 3
-    return 0 if state == JobState.OK else 1
+        typer.echo(f"job {ref.job_id} on master {ref.master_id}: outcome unknown; check with "
+                   f"`ombot status {ref.job_id}` before sending it again", err=True)
+        return exits.UNKNOWN
+    return exits.OK if state == JobState.OK else exits.FAILED
 
 
 def _print_preview(shown: dict[str, Any], as_json: bool) -> None:
@@ -87,15 +92,26 @@ def _idc_pair(idc: str, pairs: list[str]) -> tuple[str, list[str]]:
 
 
 def parse_pairs(pairs: list[str]) -> dict[str, str]:
+    """The key=value words as a dict; OmbotError naming every malformed or repeated one."""
+    values, problems = split_pairs(pairs)
+    if problems:
+        raise OmbotError("\n".join(problems))
+    return values
+
+
+def split_pairs(pairs: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The well-formed key=value words, and a line for each word that is not one or repeats a key."""
     values: dict[str, str] = {}
+    problems: list[str] = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise OmbotError(f"parameters are key=value, got {pair!r}")
-        if key in values:
-            raise OmbotError(f"parameter {key!r} given twice")
-        values[key] = value
-    return values
+            problems.append(f"parameters are key=value, got {pair!r}")
+        elif key in values:
+            problems.append(f"parameter {key!r} given twice")
+        else:
+            values[key] = value
+    return values, problems
 
 
 def _authorize(gate: Gate, requester: str, module: str, hosts: list[str], idc: str) -> None:
