@@ -12,17 +12,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import peewee
-from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.background import BackgroundScheduler
 
 from approvals import store
 from approvals.policy import Approval, Decision, Policy, Viewer
-from ombot.clock import MS_PER_SECOND, now_ms, seconds
+from ombot.clock import MS_PER_SECOND, now_ms
 from ombot.errors import OmbotError
+from ombot.timers import Timers
 
 log = logging.getLogger("ombot.approvals")
 
@@ -104,7 +102,7 @@ class Gate:
         # requests made through it, whose cards and jobs it can show.
         self.origin = origin
         self.groups = CachedGroups(group_members)
-        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
+        self.timers: Timers | None = None  # the process's scheduler, from `start` on: expiries are jobs on it
         self.on_expired: Callable[[store.ApprovalRequest], None] = lambda request: None
 
     # -- who is who --------------------------------------------------------------------------
@@ -246,25 +244,29 @@ class Gate:
 
     # -- expiry ------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Rebuild expiry timers from the table (the scheduler keeps none of its own); overdue ones expire now."""
-        self.scheduler.start()
+    def start(self, timers: Timers) -> None:
+        """Rebuild expiry timers on `timers` from the table (the scheduler keeps none of its own);
+        overdue ones expire now."""
+        self.timers = timers
         for request in self.pending():
             self._schedule(request)
 
     def _schedule(self, request: store.ApprovalRequest) -> None:
-        if not self.scheduler.running:
+        timers = self.timers
+        if timers is None:  # not started (or closed): `start` arms every pending request
             return
-        when = datetime.fromtimestamp(seconds(request.expires_at), tz=timezone.utc)
-        self.scheduler.add_job(self._expired, "date", run_date=when, args=[request.request_id],
-                               id=request.request_id, replace_existing=True, misfire_grace_time=None)
+        deadline = time.monotonic() + (request.expires_at - now_ms()) / MS_PER_SECOND
+        timers.at(request.request_id, deadline, self._due, request.request_id)
 
     def _unschedule(self, request: store.ApprovalRequest) -> None:
         """A decided request needs no expiry timer (it would find nothing to expire anyway)."""
-        try:
-            self.scheduler.remove_job(request.request_id)
-        except JobLookupError:
-            pass
+        if self.timers is not None:
+            self.timers.cancel(request.request_id)
+
+    def _due(self, request_id: str) -> None:
+        """A request's expiry timer went off."""
+        if self.timers is not None:  # else closed: the process is stopping, the next one expires it
+            self._expired(request_id)
 
     def _expired(self, request_id: str) -> None:
         request = self.expire(request_id)
@@ -275,8 +277,8 @@ class Gate:
                 log.exception("after expiring request %s", request_id)
 
     def close(self) -> None:
-        if self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
+        """Arm and fire no more expiries (the scheduler is the process's: its owner stops it)."""
+        self.timers = None
 
 
 def authorize(gate: Gate | None, user: str, module: str, hosts: list[str], idc: str) -> Decision:

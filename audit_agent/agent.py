@@ -27,6 +27,7 @@ from audit_agent import spool
 from audit_agent.auditd import AuditLog, boot_time
 from audit_agent.link import MasterLinks, Unreachable
 from audit_agent.queue import EventQueue
+from audit_agent.records import Event, notice
 from audit_agent.settings import AgentSettings
 from masters.envelope import Refused
 from masters.keys import Identity
@@ -50,17 +51,17 @@ class NoticeBudget:
         self._updated: dict[str, float] = {}
         self.held: dict[str, int] = {}
 
-    def admit(self, events: list[spool.Event]) -> list[spool.Event]:
+    def admit(self, events: list[Event]) -> list[Event]:
         """The events to queue: every non-notice, and the notices the budget allows."""
         return [e for e in events if e[0] != "notice" or self._take(_owner_of(e[2]))]
 
-    def summaries(self) -> list[spool.Event]:
+    def summaries(self) -> list[Event]:
         """One notice per owner whose held-back notices can be said now."""
         out = []
         for owner, count in list(self.held.items()):
             if self._take(owner, counting=False):
                 del self.held[owner]
-                out.append(spool.notice("notices_held", f"{count} more notice(s) about {owner} were held back "
+                out.append(notice("notices_held", f"{count} more notice(s) about {owner} were held back "
                                         "(a flood of them)", count=count, owner=owner))
         return out
 
@@ -137,14 +138,14 @@ class Agent:
             problem = f"{source}: {type(exc).__name__}: {exc}"[:MAX_PROBLEM_CHARS]
             if self.problems.get(source) != problem:
                 log.exception("audit agent: %s failed; going on", source)
-                self._note(spool.notice("agent_error", problem, source=source))
+                self._note(notice("agent_error", problem, source=source))
             self.problems[source] = problem
             return None
         if self.problems.pop(source, None) is not None:
             log.info("audit agent: %s works again", source)
         return result
 
-    def _note(self, event: spool.Event) -> None:
+    def _note(self, event: Event) -> None:
         try:
             self.queue.add(self.notices.admit([event]))
         except Exception:  # the queue itself is failing: the heartbeat's problem says so

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import errno
 import os
-import pwd
 import stat
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from audit_agent.hook import MAX_COMMAND_CHARS, RECORD_VERSION
+from audit_agent.hook import MAX_COMMAND_CHARS
+from audit_agent.records import SHOWN_BYTES, Event, account_of, check_login, notice, now_ms, parse_record, printable
 
 SPOOL_NAME = "spool"
 ROTATED_PREFIX = "spool.rotated-"
@@ -41,16 +40,13 @@ ROTATE_GRACE_SECONDS = 2.0  # a shell that opened it just before the rename has 
 MAX_LINE_BYTES = 4 * MAX_COMMAND_CHARS + 4096  # a record the hook writes is shorter; a longer line is cut
 READ_BYTES = 1 << 20  # per file and pass: memory stays bounded whatever a user makes of their spool
 MAX_LINES = 5000  # per file and pass (a person types a few lines a second)
-SHOWN_BYTES = 1024  # of a line that is not a record, kept in its notice
 RELIST_SECONDS = 10.0  # an unchanged directory is listed again at least this often
 MAX_REPORTED = 10_000  # entries reported one by one; a user making more gets one notice for the rest
 TOO_MANY = "\0too many"  # (no file name holds a NUL)
 UID_MAX = 2**32 - 2  # (uid_t)-1 is "no uid"
-_FIELDS = 14
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-Event = tuple[str, int, dict[str, Any]]  # (kind, trusted time in epoch ms, data)
 
 
 @dataclass
@@ -77,112 +73,9 @@ class _Listing:
     listed_at: float
 
 
-def printable(name: str) -> str:
-    """A file name as text any store takes: bytes that are not UTF-8 become \\xNN escapes."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def is_uid_name(name: str) -> bool:
     """ASCII digits naming a uid (`²` and `٣` are digits to str.isdigit, not to the kernel)."""
     return name.isascii() and name.isdigit() and len(name) <= 10 and int(name) <= UID_MAX
-
-
-def escape_free(text: str) -> str:
-    """The hook's escaping undone: \\\\, \\n, \\t and \\r."""
-    out, i = [], 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            out.append({"\\": "\\", "n": "\n", "t": "\t", "r": "\r"}.get(text[i + 1], "\\" + text[i + 1]))
-            i += 2
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
-def trusted_time(claimed: int | None, since_ms: int, read_ms: int) -> int:
-    """The claimed time clamped into (since_ms, read_ms]: when the line can have been written."""
-    if claimed is None:
-        return read_ms
-    return max(min(since_ms, read_ms), min(claimed, read_ms))
-
-
-def parse_record(line: str, uid: int, since_ms: int = 0, read_ms: int | None = None) -> Event:
-    """One spool line as an event; a line that is not a record becomes a `notice` holding its text.
-    `since_ms` and `read_ms` bound when the agent could have seen it (see trusted_time)."""
-    read_ms = _now() if read_ms is None else read_ms
-    fields = line.split("\t")
-    if len(fields) != _FIELDS or fields[0] != RECORD_VERSION:
-        return notice("spool_line", "a spool line that is not a record", uid=uid, line=line[:SHOWN_BYTES],
-                      length=len(line), at=read_ms)
-    _, when, pid, hist, status, seen, loginuid, sudo_user, logname, tty, ssh, cwd, command, length = fields
-    login_uid = _int(loginuid)
-    if login_uid == 4294967295:  # (uid_t)-1: no login session (a console started before pam_loginuid)
-        login_uid = None
-    claimed = int(float(when) * 1000) if _is_float(when) else None
-    text = escape_free(command)
-    data = {
-        "uid": uid, "user": user_name(uid), "login_uid": login_uid, "login_user": user_name(login_uid),
-        "sudo_user": escape_free(sudo_user), "logname": escape_free(logname), "tty": escape_free(tty),
-        "ssh_client": escape_free(ssh), "cwd": escape_free(cwd), "command": text, "exit": _int(status),
-        "pid": _int(pid), "history": _int(hist), "seen": seen if seen in ("history", "debug", "missed", "exec") else "?",
-        "truncated": (_int(length) or 0) > len(text), "claimed_at": claimed,
-    }
-    return "command", trusted_time(claimed, since_ms, read_ms), data
-
-
-def check_login(data: dict[str, Any]) -> dict[str, Any]:
-    """Hold the record's claimed login against the kernel's: while the shell that wrote it is alive
-    (it waits at its prompt when the agent reads the line), /proc/PID tells its real uid, login uid
-    and audit session, which its user cannot change. `login_check` says what was found:
-    `kernel` (the claim is the kernel's), `mismatch` (the kernel says otherwise: `kernel_login_uid`),
-    or `unverified` (no live process of that uid with that pid)."""
-    kernel = _kernel_login(data.get("pid"), data.get("uid"))
-    if kernel is None:
-        return data | {"login_check": "unverified"}
-    login_uid, session = kernel
-    checked = "kernel" if login_uid == data.get("login_uid") else "mismatch"
-    return data | {"login_check": checked, "kernel_login_uid": login_uid, "kernel_login_user": user_name(login_uid),
-                   "session": session}
-
-
-def _kernel_login(pid: Any, uid: Any) -> tuple[int | None, int | None] | None:
-    """(login uid, audit session) of process `pid` if it is alive and runs as `uid`; else None."""
-    if not isinstance(pid, int) or pid <= 0 or not isinstance(uid, int):
-        return None
-    try:
-        dfd = os.open(f"/proc/{pid}", _DIR_FLAGS)
-    except OSError:
-        return None
-    try:
-        if os.fstat(dfd).st_uid != uid:  # /proc/PID is owned by the process's effective uid
-            return None
-        values = []
-        for name in ("loginuid", "sessionid"):
-            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
-            try:
-                values.append(_int(os.read(fd, 32).decode("ascii", "replace").strip()))
-            finally:
-                os.close(fd)
-    except OSError:
-        return None
-    finally:
-        os.close(dfd)
-    login_uid, session = values
-    return (None if login_uid == 4294967295 else login_uid), (None if session == 4294967295 else session)
-
-
-def notice(code: str, problem: str, uid: int | None = None, path: str | None = None, at: int | None = None,
-           **more: Any) -> Event:
-    """A `notice` event: something in the spool the agent cannot take as records, or a problem of the
-    agent's own. `code` names the kind (docs/audit.md lists them); `uid` is whose entry it is."""
-    data: dict[str, Any] = {"code": code, "problem": problem, **more}
-    if uid is not None:
-        data |= {"uid": uid, "user": user_name(uid)}
-    if path is not None:
-        data["path"] = printable(path)
-    return "notice", _now() if at is None else at, data
 
 
 class SpoolScanner:
@@ -200,7 +93,7 @@ class SpoolScanner:
 
     def scan(self) -> Iterator[Chunk]:
         """Every spool file with new lines, and a notice for everything that is not one."""
-        now = _now()
+        now = now_ms()
         try:
             top = os.open(self.spool_dir, _DIR_FLAGS)
         except FileNotFoundError:
@@ -287,23 +180,24 @@ class SpoolScanner:
         record nothing. As root: move it aside, make UID's directory, and say so."""
         owner = _owner(top, name)
         path = str(self.spool_dir / name)
-        account = _account(uid)
+        account = account_of(uid)
         if not self.repair or account is None:
             why = "the agent is not root" if not self.repair else "no account has that uid"
             yield from self._once(name, lambda: notice(
                 "spool_squatted", f"spool directory {name} belongs to uid {owner}, so uid {uid}'s shells record "
                 f"nothing; left as it is ({why})", uid=uid, owner_uid=owner, path=path))
             return
-        aside = f"{SQUATTED_PREFIX}{name}-{owner}-{_now()}"
+        aside = f"{SQUATTED_PREFIX}{name}-{owner}-{now_ms()}"
         try:
             os.rename(name, aside, src_dir_fd=top, dst_dir_fd=top)
             os.mkdir(name, 0o700, dir_fd=top)
             os.chown(name, uid, account.pw_gid, dir_fd=top, follow_symlinks=False)
             os.chmod(name, 0o700, dir_fd=top, follow_symlinks=False)
         except OSError as exc:  # raced by the squatter again: the next pass tries again
+            failed = os.strerror(exc.errno or 0)
             yield from self._once(name, lambda: notice(
                 "spool_squatted", f"spool directory {name} belongs to uid {owner}; moving it aside failed "
-                f"({os.strerror(exc.errno or 0)}), trying again", uid=uid, owner_uid=owner, path=path))
+                f"({failed}), trying again", uid=uid, owner_uid=owner, path=path))
             return
         self.reported.discard(name)
         yield Chunk("", -1, [notice(
@@ -438,7 +332,7 @@ def rotate(chunk: Chunk) -> bool:
 def ensure_user_dir(spool_dir: Path, uid: int) -> bool:
     """Make SPOOL_DIR/UID for `uid` (0700, its own) if it is missing: the installer and the root agent
     make root's, so no other user can take it first. True if made now."""
-    account = _account(uid)
+    account = account_of(uid)
     if account is None:
         return False
     path = spool_dir / str(uid)
@@ -470,32 +364,3 @@ def _owner(dfd: int, name: str) -> int | None:
     except OSError:
         return None
 
-
-def _account(uid: int) -> pwd.struct_passwd | None:
-    try:
-        return pwd.getpwuid(uid)
-    except KeyError:
-        return None
-
-
-def user_name(uid: int | None) -> str | None:
-    """The account name of a uid, or None (no uid, or none in the passwd database)."""
-    if uid is None:
-        return None
-    account = _account(uid)
-    return None if account is None else account.pw_name
-
-
-def _int(text: str) -> int | None:
-    return int(text) if text.isascii() and text.isdigit() and len(text) < 19 else None
-
-
-def _is_float(text: str) -> bool:
-    try:
-        return 0 <= float(text) < 2**40
-    except ValueError:
-        return False
-
-
-def _now() -> int:
-    return time.time_ns() // 1_000_000

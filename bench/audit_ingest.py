@@ -4,7 +4,7 @@
 
 Prints figures, asserts nothing. 1,000 generated rules (900 keyword rules of 1-3 keywords, 100 rules
 of one regex and no keyword, so every regex runs on every command: the worst case) are written as a
-rules file and loaded by the real parser (bot.audit_rules.load_rules). The events are what agents
+rules file and loaded by the real parser (audit.rules.load_rules). The events are what agents
 send: mostly everyday commands, about 3 % hitting a keyword rule and 1 % a regex rule, 200 hosts,
 40 users. Series, each single-threaded on its own fresh SQLite file (the default database, with
 OMBot's own settings), run in turn for `--rounds` rounds:
@@ -12,7 +12,7 @@ OMBot's own settings), run in turn for `--rounds` rounds:
   bot path      AuditFeed._store, what the bot's feed does with each page a master returns: the
                 central store's insert_new (skip ids already there, insert the rest) and, on the rows
                 inserted now, RuleSet.match and Thresholds.fire. Alerts are not posted (no Slack).
-  bot insert    audit_store.insert_new alone.
+  bot insert    audit.store.insert_new alone.
   match only    RuleSet.match + Thresholds.fire on the same events as dicts: no database.
   master store  masters/audit.py AuditIngest._store: the master's insert-ignore of a checked batch.
   master ingest AuditIngest.ingest: each event checked (event_problem), then _store.
@@ -103,9 +103,10 @@ def measured(fn: Callable[[], Any]) -> tuple[float, float]:
 
 class BotSide:
     def __init__(self, db_path: Path, rules_path: Path) -> None:
-        from bot import audit_store, store
-        from bot.audit_feed import AuditFeed
-        from bot.audit_rules import load_rules
+        from audit import store as audit_store
+        from audit.feed import AuditFeed
+        from audit.rules import load_rules
+        from bot import store
 
         self.db = store.open_store(f"sqlite:///{db_path}")
         audit_store.prepare()
@@ -119,7 +120,7 @@ class BotSide:
         return sum(self.feed._store("bj", chunk) for chunk in batches(events, batch))
 
     def insert_only(self, events: list[dict[str, Any]], batch: int) -> int:
-        from bot import audit_store
+        from audit import store as audit_store
 
         return sum(len(audit_store.insert_new("bj", chunk)) for chunk in batches(events, batch))
 
@@ -129,7 +130,7 @@ class BotSide:
 
 def match_only(rules: Any, events: list[dict[str, Any]]) -> tuple[int, int]:
     """RuleSet.match + Thresholds.fire on event dicts shaped as the feed builds them from its rows."""
-    from bot.audit_rules import Thresholds
+    from audit.alerts import Thresholds
 
     thresholds = Thresholds()
     matched = fired = 0
@@ -206,7 +207,7 @@ def main() -> None:
         rules_path = root / "rules.toml"
         rules_path.write_text(text)
         started = time.perf_counter()
-        from bot.audit_rules import load_rules
+        from audit.rules import load_rules
 
         ruleset = load_rules(rules_path)
         load_s = time.perf_counter() - started

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.audit_rules import SAMPLE_RULES, check_examples, load_rules
 from bot.console import run_console
 from bot.service import BotService
 from bot.settings import BotSettings, SlackSecrets
 from ombot.config import Config
 
-__all__ = ["SAMPLE_RULES", "BotService", "BotSettings", "SlackSecrets", "check_examples", "list_schedules", "load_rules", "run_console", "serve_slack",
-           "slack_manifest"]
+__all__ = ["BotService", "BotSettings", "SlackSecrets", "list_schedules", "run_console", "serve_slack", "slack_manifest"]
 
 
 def serve_slack(config: Config) -> None:

@@ -9,12 +9,11 @@ from typing import Any, Protocol
 
 from approvals import PENDING, ApprovalRequest, Decision, Gate, Viewer
 from bot import grammar, multi
-from bot.messages import (
-    CHECK, Message, RequestView, approval_card, deny_form, escape, params_text, slack_date, text_message,
-)
+from bot.messages import CHECK, RequestView, approval_card, deny_form, params_text
 from bot.transport import ChatRequest, Transport
 from modules import ModuleSpec
 from ombot.errors import OmbotError
+from ombot.message import Message, escape, slack_date, text_message
 
 log = logging.getLogger("ombot.bot.approvals")
 

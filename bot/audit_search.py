@@ -1,27 +1,23 @@
-"""`/om audit`: search the central shell-audit store from chat and the console.
+"""`/om audit`: search the central shell-audit store (the audit room's search) from chat and the console.
 
-Only roles the access policy names under `[audit] viewers` may search. Results go to the asker
-alone: a short answer as an ephemeral message, a long one as a file in a direct message with
-the bot. Commands are shown redacted (the built-in secret patterns and the rules file's own) and
-escaped in code blocks, so a typed `<!channel>` or a stray triple backtick does nothing.
+Only roles the access policy names under `[audit] viewers` may search (audit.require_audit_viewer).
+Results go to the asker alone: a short answer as an ephemeral message, a long one as a file in a
+direct message with the bot. Commands are shown redacted (the built-in secret patterns and the
+rules file's own) and escaped in code blocks, so a typed `<!channel>` or a stray triple backtick does nothing.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from approvals import NO_POLICY, Gate, PolicyRefusal
-from bot import audit_store
-from bot.audit_fields import clock_note, login_status
-from bot.audit_rules import load_rules, redact
-from bot.commands import CommandError
-from bot.jobs import parse_since
-from bot.messages import Message, clip, code, escape, section
+from approvals import Gate
+from audit import AuditQuery, AuditRecord, clock_note, find_events, login_status, redact, require_audit_viewer, utc
 from bot.transport import ChatRequest, Transport
+from ombot.errors import CommandError
+from ombot.message import Message, clip, code, escape, section
+from ombot.since import parse_since
 
 AUDIT_USAGE = "[host=GLOB] [user=GLOB] [grep=TEXT] [since=2h|3d|2026-11-20] [idc=IDC]"
 AUDIT_KEYS = ("host", "user", "grep", "since", "idc")
@@ -29,23 +25,6 @@ INLINE_ROWS = 20  # more than this goes to a file in a DM
 FILE_ROWS = 1000  # the newest this many matches go into the file
 ROW_COMMAND_LIMIT = 300  # characters of a command in the ephemeral answer; the file has it whole
 SECTION_BUDGET = 2800  # characters of rows per code block (a section holds 3,000)
-
-
-@dataclass(frozen=True)
-class AuditQuery:
-    """What `/om audit` looks for; every filter optional. `since_ms` is epoch ms, UTC."""
-
-    host: str | None = None
-    user: str | None = None
-    grep: str | None = None
-    since_ms: int | None = None
-    idc: str | None = None
-
-    def describe(self) -> str:
-        shown = [f"{k}={getattr(self, k)}" for k in ("host", "user", "grep", "idc") if getattr(self, k)]
-        if self.since_ms is not None:
-            shown.append(f"since={utc(self.since_ms)}")
-        return " ".join(shown) or "everything"
 
 
 def parse_audit_query(words: list[str]) -> dict[str, Any]:
@@ -61,28 +40,11 @@ def parse_audit_query(words: list[str]) -> dict[str, Any]:
     return {"query": AuditQuery(found.get("host"), found.get("user"), found.get("grep"), since, found.get("idc"))}
 
 
-def require_audit_viewer(gate: Gate | None, user: str) -> None:
-    """Refuse anyone the access policy does not name as an audit viewer."""
-    if gate is None:
-        raise PolicyRefusal(NO_POLICY)
-    policy = gate.policy
-    if not policy.in_roles(user, gate.groups_of(user), policy.audit_viewers):
-        roles = ", ".join(policy.audit_viewers) or "none are set"
-        raise PolicyRefusal(f"the access policy does not let you search the shell audit trail "
-                            f"([audit] viewers: {roles})")
-
-
-def redact_patterns(rules_file: Path | None) -> tuple[str, ...]:
-    """The rules file's own redaction patterns (on top of the built-in ones); none without a file."""
-    return load_rules(rules_file).redact_patterns if rules_file is not None else ()
-
-
 def search_audit(query: AuditQuery, req: ChatRequest, transport: Transport, gate: Gate | None,
                  patterns: tuple[str, ...] = ()) -> None:
     """Answer `/om audit` to the asker only: ephemeral rows, or a file in a DM when there are many."""
     require_audit_viewer(gate, req.user)
-    records = audit_store.search(host=query.host, user=query.user, grep=query.grep, since_ms=query.since_ms,
-                                 idc=query.idc, limit=FILE_ROWS + 1)
+    records = find_events(query, limit=FILE_ROWS + 1)
     if not records:
         transport.respond(req, _plain(f"No audit events match {query.describe()}."))
         return
@@ -105,7 +67,7 @@ def search_audit(query: AuditQuery, req: ChatRequest, transport: Transport, gate
     transport.respond(req, newest)
 
 
-def inline_answer(query: AuditQuery, records: list[audit_store.AuditRecord], patterns: tuple[str, ...],
+def inline_answer(query: AuditQuery, records: list[AuditRecord], patterns: tuple[str, ...],
                   heading: str | None = None) -> Message:
     lines = [row_line(r, patterns) for r in records]
     head = heading or f"{len(records)} audit event(s) match {query.describe()}, newest first:"
@@ -119,7 +81,7 @@ def inline_answer(query: AuditQuery, records: list[audit_store.AuditRecord], pat
 LEGEND = "(* claimed by the user's shell, not checked; ! the kernel says otherwise)"
 
 
-def row_line(record: audit_store.AuditRecord, patterns: tuple[str, ...]) -> str:
+def row_line(record: AuditRecord, patterns: tuple[str, ...]) -> str:
     """One event on one line (unescaped): when, where, who, in which directory, exit status, command.
     What only the user's shell claims is marked `*`, a login the kernel contradicts `!`."""
     when = utc(record.at)
@@ -139,7 +101,7 @@ def row_line(record: audit_store.AuditRecord, patterns: tuple[str, ...]) -> str:
     return f"{when} {record.idc} {record.host} {who}{origin} {clip(cwd, 80)}{status} $ {command}"
 
 
-def _login(record: audit_store.AuditRecord, data: dict[str, Any]) -> str:
+def _login(record: AuditRecord, data: dict[str, Any]) -> str:
     checked = login_status({**data, "source": record.source})
     if checked == "mismatch":
         return f" (login {record.login_user or '?'}! kernel: {data.get('kernel_login_user') or 'no login session'})"
@@ -152,7 +114,7 @@ FILE_COLUMNS = ("time_utc", "idc", "host", "user", "login_user", "uid", "ssh_cli
                 "kind", "command", "id", "source", "login_check", "kernel_login_user", "claimed_time_utc")
 
 
-def file_text(records: list[audit_store.AuditRecord], patterns: tuple[str, ...]) -> str:
+def file_text(records: list[AuditRecord], patterns: tuple[str, ...]) -> str:
     """Tab-separated, one event a line, commands whole but redacted; tabs and newlines shown as \\t \\n.
     `source` is auditd (every field the kernel's) or the agent's queue (a shell hook's record)."""
     rows = ["\t".join(FILE_COLUMNS)]
@@ -168,16 +130,12 @@ def file_text(records: list[audit_store.AuditRecord], patterns: tuple[str, ...])
     return "\n".join(rows) + "\n"
 
 
-def utc(epoch_ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch_ms // 1000)) + "Z"
-
-
 def _cell(value: object) -> str:
     text = "" if value is None else str(value)
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def _data(record: audit_store.AuditRecord) -> str:
+def _data(record: AuditRecord) -> str:
     """A dropped or notice event's data (counts, the problem seen), on one line."""
     return _one_line(json.dumps(record.data, ensure_ascii=False, separators=(", ", ": "), sort_keys=True))
 

@@ -17,14 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from modules import RESERVED_COMMANDS
-from ombot.errors import OmbotError
+from ombot.errors import CommandError
 
 ANYONE = "anyone"  # listings and lookups; deciding steps (approve, cancel) check the person themselves
 REQUESTERS = "requesters"  # only people the access policy lets request jobs: checked before any work
-
-
-class CommandError(OmbotError):
-    """Text that is not a valid /om command; the message says what is wrong and how to write it."""
 
 
 @dataclass(frozen=True)

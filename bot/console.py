@@ -12,10 +12,10 @@ import threading
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from bot.messages import Message, plain
 from bot.service import BotService
 from bot.terminal import HISTORY_FILE, is_terminal, terminal
 from bot.transport import ChatRequest
+from ombot.message import Message, plain
 
 CHANNEL = "console"
 PROMPT = "om> "
@@ -30,7 +30,7 @@ class ConsoleTransport:
         self._ts = itertools.count(1)
 
     def say(self, text: str) -> None:
-        """Print a line of OMBot's markup as plain text (bot.messages.plain)."""
+        """Print a line of OMBot's markup as plain text (ombot.message.plain)."""
         self._write(plain(text))
 
     def _write(self, text: str) -> None:

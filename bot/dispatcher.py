@@ -16,19 +16,19 @@ from typing import Any
 from approvals import (
     ApprovalError, Decision, Gate, PolicyRefusal, authorize, record_trail, require_requester, viewer_of,
 )
+from audit import AuditQuery
 from bot import forms, grammar, multi, store
 from bot.approval_flow import ApprovalFlow
-from bot.audit_search import AUDIT_USAGE, AuditQuery, parse_audit_query, search_audit
+from bot.audit_search import AUDIT_USAGE, parse_audit_query, search_audit
 from bot.commands import REQUESTERS, CommandError, Prose, Word, available, chat_command
 from bot.jobs import JOBS_USAGE, JobFilter, JobFollower, card_of, history, parse_job_filter
-from bot.messages import (
-    CHECK, Markup, Message, clip, code, error_message, escape, job_card, preview_message, slack_date, text_message,
-)
+from bot.messages import CHECK, job_card, preview_message
 from bot.schedules import SCHEDULE_USAGE, Schedules, schedule_words
 from bot.transport import ChatRequest, Transport
 from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
 from modules import Catalog, ModuleSpec, ParamError
 from ombot.errors import OmbotError
+from ombot.message import Markup, Message, clip, code, error_message, escape, slack_date, text_message
 
 log = logging.getLogger("ombot.bot")
 

@@ -27,7 +27,7 @@ def normalise(text: str) -> str:
     """Undo what Slack and chat clients do to typed text: entities, links, smart punctuation.
 
     The result is what the person typed, in plain text (`&lt;!channel&gt;` is `<!channel>` again):
-    whatever echoes it back to chat escapes it again (bot.messages: `escape`, `error_message`)."""
+    whatever echoes it back to chat escapes it again (ombot.message: `escape`, `error_message`)."""
     text = _SLACK_LINK.sub(r"\1", text)  # <http://web01|web01> -> web01 (auto-linked host names)
     text = _SLACK_BARE_LINK.sub(r"\1", text)
     text = html.unescape(text) if "&" in text else text  # Slack sends & < > as &amp; &lt; &gt;

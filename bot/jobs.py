@@ -1,6 +1,6 @@
 """Following jobs on OMBot's own worker pool: progress on the card, results in its thread.
 
-Each unfinished job is owned through a lease in the bot's database (`job:<job id>`, bot.lease), taken
+Each unfinished job is owned through a lease in the bot's database (`job:<job id>`, ombot.lease), taken
 before the job is even stored: with several bot processes on one database exactly one follows a
 job and finishes its card. The owner renews its leases every few seconds; a bot that dies stops
 renewing, and another (or itself, restarted) adopts its jobs once the lease has run out. Each job's
@@ -9,12 +9,10 @@ card is finished once: the owner checks it still holds the lease before it posts
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -22,20 +20,22 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import peewee
-from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.background import BackgroundScheduler
 
 from approvals import Viewer, forget_trail_before
-from bot import audit_store, lease, multi, store
-from bot.commands import CommandError
-from bot.messages import CardState, escape, results_message
+from audit import forget_events_before
+from bot import multi, store
+from bot.messages import CardState, results_message
 from bot.schedules import schedule_label
 from bot.transport import ChatRequest, Transport
 from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, Refused, Router
+from ombot import lease
+from ombot.errors import CommandError
+from ombot.message import escape
+from ombot.since import MS_PER_DAY, parse_since
+from ombot.timers import Timers
 
 log = logging.getLogger("ombot.bot.jobs")
 
@@ -44,7 +44,7 @@ IDLE_WAIT = 15.0
 LEASE_TTL_MS = 15_000  # a dead bot's jobs are adopted within this plus one tick
 TICK_SECONDS = 5.0  # how often leases are renewed and orphaned jobs adopted
 PRUNE_SECONDS = 3600.0  # how often old jobs and trail rows are deleted (and once at start)
-MS_PER_DAY = 86_400_000
+TICK_JOB, PRUNE_JOB = "job-leases", "job-retention"  # their jobs on the process's scheduler
 
 TransportFor = Callable[[str], Transport | None]
 
@@ -240,57 +240,20 @@ def _request_of(job: store.BotJob) -> ChatRequest:
     return ChatRequest(job.requester, job.channel, origin=job.origin, response_url=job.reply_url)
 
 
-class Timers:
-    """One APScheduler in UTC, as the rest of the bot uses it: the lifecycle's own, handed to the audit
-    feed (its polls) and the alerts (their retries) by bot.service. Started and stopped by Lifecycle."""
-
-    def __init__(self) -> None:
-        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
-
-    def every(self, job_id: str, seconds: float, work: Callable[[], None]) -> None:
-        """`work` now, then every `seconds`. Its job is paused while it runs: a run longer than the
-        interval delays the next, which is neither stacked nor skipped (and logged as skipped)."""
-        def run() -> None:
-            self._on(job_id, self.scheduler.pause_job)
-            try:
-                work()
-            finally:
-                self._on(job_id, self.scheduler.resume_job)  # the interval's next beat from now
-
-        self.scheduler.add_job(run, "interval", seconds=seconds, id=job_id, next_run_time=datetime.now(timezone.utc),
-                               max_instances=1, coalesce=True)
-
-    def once(self, seconds: float, work: Callable[..., None], *args: Any) -> None:
-        """`work(*args)` once, `seconds` from now (however late the scheduler gets to it)."""
-        self.scheduler.add_job(work, "date", run_date=datetime.now(timezone.utc) + timedelta(seconds=seconds),
-                               args=args, misfire_grace_time=None)
-
-    def cancel(self, job_id: str) -> None:
-        self._on(job_id, self.scheduler.remove_job)
-
-    @staticmethod
-    def _on(job_id: str, change: Callable[[str], Any]) -> None:
-        with contextlib.suppress(JobLookupError):  # cancelled meanwhile
-            change(job_id)
-
-
 class Lifecycle:
-    """The timers of the job lifecycle, on one APScheduler in UTC: renewing this process's leases and
-    adopting orphaned jobs every TICK_SECONDS, and deleting history past `[bot] retention_days`."""
+    """The timers of the job lifecycle, on the process's scheduler (`timers`): renewing this process's
+    leases and adopting orphaned jobs every TICK_SECONDS, and deleting history past `[bot] retention_days`."""
 
-    def __init__(self, follower: JobFollower, transport_for: TransportFor, retention_days: float) -> None:
+    def __init__(self, follower: JobFollower, transport_for: TransportFor, retention_days: float,
+                 timers: Timers) -> None:
         self.follower, self.transport_for, self.retention_days = follower, transport_for, retention_days
-        self.timers = Timers()
-        self.scheduler = self.timers.scheduler
+        self.timers = timers
 
     def start(self) -> int:
         """Adopt what a previous run left unfinished (now), then keep ticking; returns how many were adopted."""
         adopted = self.follower.adopt(self.transport_for)
-        now = datetime.now(timezone.utc)
-        self.scheduler.add_job(self.tick, "interval", seconds=TICK_SECONDS, coalesce=True, max_instances=1)
-        self.scheduler.add_job(self.prune, "interval", seconds=PRUNE_SECONDS, next_run_time=now, coalesce=True,
-                               max_instances=1)
-        self.scheduler.start()
+        self.timers.interval(TICK_JOB, TICK_SECONDS, self.tick)
+        self.timers.interval(PRUNE_JOB, PRUNE_SECONDS, self.prune, first_now=True)
         return adopted
 
     def tick(self) -> None:
@@ -308,7 +271,7 @@ class Lifecycle:
         try:
             jobs, trail = store.forget_jobs_before(cutoff), forget_trail_before(cutoff)
             multi.forget_before(cutoff)  # the split of requests whose parts are gone
-            audit = audit_store.forget_events_before(cutoff)  # audit events are kept as long as jobs
+            audit = forget_events_before(cutoff)  # audit events are kept as long as jobs
         except Exception:
             log.exception("could not delete old jobs and trail entries")
             return
@@ -317,8 +280,9 @@ class Lifecycle:
                      trail, audit, self.retention_days)
 
     def close(self) -> None:
-        if self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
+        """Stop ticking, and let other bots adopt at once the jobs this process follows."""
+        self.timers.cancel(TICK_JOB)
+        self.timers.cancel(PRUNE_JOB)
         self.follower.release_all()
 
 
@@ -357,8 +321,6 @@ def apply_event(card: CardState, results: dict[str, dict[str, Any]], event: dict
 
 # -- history: /om jobs filters -------------------------------------------------------------------
 
-SINCE_UNITS_MS = {"m": 60_000, "h": 3_600_000, "d": MS_PER_DAY, "w": 7 * MS_PER_DAY}
-_SINCE_DURATION = re.compile(r"(\d{1,6})([mhdw])")
 JOBS_USAGE = "[mine] [module=NAME] [host=HOST] [since=2h|3d|2026-11-20]"
 
 
@@ -387,24 +349,6 @@ def parse_job_filter(words: list[str]) -> dict[str, Any]:
                                f"usage: /om jobs {JOBS_USAGE}")
     since = parse_since(found["since"]) if "since" in found else None
     return {"filters": JobFilter(mine, found.get("module"), found.get("host"), since)}
-
-
-def parse_since(text: str, now_ms: int | None = None) -> int:
-    """`30m`, `2h`, `3d`, `1w` ago, or an ISO date or time (UTC unless it names its offset) -> epoch ms."""
-    now = store.now() if now_ms is None else now_ms
-    duration = _SINCE_DURATION.fullmatch(text.lower())
-    if duration:
-        return now - int(duration.group(1)) * SINCE_UNITS_MS[duration.group(2)]
-    try:
-        when = datetime.fromisoformat(text) if text[:4].isdigit() else None
-    except ValueError:
-        when = None
-    if when is None:
-        raise CommandError(f"since is a time ago such as 30m, 2h, 3d or 1w, or a UTC date such as 2026-11-20 "
-                           f"or 2026-11-20T08:00, got {text!r}")
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return int(when.timestamp() * 1000)
 
 
 def history(filters: JobFilter, requester: str, limit: int, viewer: Viewer | None = None) -> list[store.BotJob]:

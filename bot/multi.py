@@ -24,12 +24,13 @@ import peewee
 
 from approvals import ApprovalRequest, Decision, Gate, authorize_parts
 from bot import grammar, store
-from bot.messages import CHECK, CardState, Message, clip, job_card, text_message
+from bot.messages import CHECK, CardState, job_card
 from bot.transport import ChatRequest, Transport
 from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
 from modules import ModuleSpec, ParamError
 from ombot.config import named_idcs, several_idcs
 from ombot.errors import OmbotError
+from ombot.message import Message, clip, text_message
 from ombot.storage import JSONField, create_tables, migrate
 
 log = logging.getLogger("ombot.bot.multi")

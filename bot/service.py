@@ -1,4 +1,5 @@
-"""Wiring: one BotService per process holds the router, the stores, the pools and the dispatcher."""
+"""Wiring: one BotService per process holds the router, the stores, the pools, the dispatcher, and the
+process's one scheduler (ombot.timers.Timers) that everything keeping time here shares."""
 
 from __future__ import annotations
 
@@ -6,23 +7,27 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import audit
 from approvals import Gate, bind, load_policy
-from bot import audit_store, lease, multi, replay, schedules, store
-from bot.audit_feed import AuditFeed, start_feed
-from bot.audit_search import redact_patterns
+from audit import AuditFeed, FeedSettings, redact_patterns, start_feed
+from bot import multi, replay, schedules, store
+from bot.alerts import AlertPoster
 from bot.dispatcher import CatalogCache, Dispatcher
 from bot.jobs import JobFollower, Lifecycle
 from bot.settings import BotSettings
 from bot.transport import Transport
 from masters import Identity, Router
+from ombot import lease
 from ombot.config import ClientRegistration, Config
 from ombot.errors import ConfigError
+from ombot.timers import Timers
 
 log = logging.getLogger("ombot.bot")
 
 
 class BotService:
-    """One per bot or console process: the router, the stores, the pools, the gate and the dispatcher."""
+    """One per bot or console process: the router, the stores, the pools, the gate, the dispatcher, and
+    the process's scheduler (`timers`: the gate's expiries, the job lifecycle, the audit feed)."""
 
     def __init__(self, config: Config, origin: str,
                  group_members: Callable[[str], frozenset[str]] | None = None) -> None:
@@ -35,7 +40,8 @@ class BotService:
         lease.prepare()
         schedules.prepare()
         multi.prepare()
-        audit_store.prepare()
+        audit.prepare()
+        self.timers = Timers()  # the one scheduler of this process, started by `start`, closed last
         self.router = Router(config, Identity.load(client.key_file), requester=self.registration.identity,
                              origin=origin)
         self.gate = self._gate(group_members)
@@ -88,18 +94,23 @@ class BotService:
     def start(self, transport: Transport) -> None:
         """Warm the catalogs, pick up jobs a previous run left unfinished, re-arm approval expiries."""
         self.commands.submit(self.catalogs.warm, list(self.config.idcs))
+        self.timers.start()
         if self.gate is not None:
             self.gate.on_expired = lambda request: self.dispatcher.approvals.expired(request, transport)
-            self.gate.start()
+            self.gate.start(self.timers)
         self.lifecycle = Lifecycle(self.follower, lambda origin: transport if origin == self.origin else None,
-                                   self.settings.retention_days)
+                                   self.settings.retention_days, self.timers)
         resumed = self.lifecycle.start()  # and keeps adopting jobs whose bot died, on every tick
         if resumed:
             log.info("following %d unfinished job(s) again", resumed)
-        self.schedules.start(transport)  # restores the schedules from the table; fires if it holds the lease
+        self.schedules.start(transport, self.timers)  # restores the schedules from the table; fires if it holds the lease
         if self.origin == "slack":  # alerts go to Slack: a console on the same database never takes the feed
-            self.audit_feed = start_feed(self.router, list(self.config.idcs), self.settings, transport,
-                                         self.lifecycle.timers)  # its polls and retries: jobs on the bot's scheduler
+            settings = self.settings
+            feed = FeedSettings(settings.audit_rules, settings.audit_alert_channel, settings.audit_poll_seconds,
+                                settings.audit_silent_after_seconds)
+            self.audit_feed = start_feed(self.router, list(self.config.idcs), feed,
+                                         lambda redact: AlertPoster(transport, redact, self.timers),
+                                         self.timers)  # its polls and its alerts' retries: jobs on the scheduler
 
     def close(self) -> None:
         self.schedules.close()  # first: no run fires into pools that are shutting down
@@ -109,6 +120,7 @@ class BotService:
             self.lifecycle.close()  # before the pools: followers still running then post nothing
         if self.gate is not None:
             self.gate.close()
+        self.timers.close()  # last of what keeps time: each user above cancelled its own jobs
         self.commands.shutdown(wait=False, cancel_futures=True)
         self.following.shutdown(wait=False, cancel_futures=True)
         self.router.close()

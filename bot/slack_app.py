@@ -29,12 +29,13 @@ from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, R
 from slack_sdk.webhook import WebhookClient
 
 from bot import forms, replay, store
-from bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK, Message, for_slack
+from bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK
 from bot.service import BotService
 from bot.settings import BotSettings, SlackSecrets
 from bot.transport import ChatRequest
 from ombot.config import Config
 from ombot.errors import OmbotError
+from ombot.message import Message, for_slack
 
 log = logging.getLogger("ombot.bot.slack")
 

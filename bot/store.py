@@ -9,6 +9,8 @@ import peewee
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as run_operations
 
+import audit
+from ombot import lease
 from ombot.clock import now_ms
 from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms, find_by_number_or_id, open_database
 
@@ -64,7 +66,12 @@ MIGRATIONS = [create_tables(BotJob), epoch_seconds_to_ms({"bot_job": ("created_a
 
 
 def open_store(url: str) -> peewee.Database:
-    return open_database(url, db, "bot", MIGRATIONS)
+    """Open the bot's database and migrate the job tables; the leases (ombot.lease) and the audit store
+    (audit), which keep their tables in it, are bound to it here too (each migrates its own: `prepare`)."""
+    database = open_database(url, db, "bot", MIGRATIONS)
+    lease.bind(database)
+    audit.bind(database)
+    return database
 
 
 def find_job(ref: str) -> BotJob | None:

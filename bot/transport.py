@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bot.messages import Message
+from ombot.message import Message
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from masters.runner import JobRunner
 from modules import Module, catalog_of
 from ombot.clock import MS_PER_SECOND
 from ombot.config import ClientRegistration, MasterSettings
+from ombot.timers import Timers
 
 log = logging.getLogger("ombot.master")
 DEFAULT_JOBS_LISTED, MAX_JOBS_LISTED = 20, 200  # the `jobs` operation's limit
@@ -70,12 +71,15 @@ class MasterCore:
         self.ops = {op: self._as_registered(op, work) for op, work in operations.items()}
         self.audit = AuditIngest(self.clients, settings)
         self.runner.recover_interrupted()
+        # The process's one scheduler: the housekeeping's jobs, the audit prune, the server's deadlines.
+        self.timers = Timers()
         # Retention, old nonces, and jobs waiting for hosts another master holds.
-        self.housekeeping = Housekeeping(self.jobs, settings.retention_days, self.runner.retry_waiting,
-                                         self.runner.leases)
+        self.housekeeping = Housekeeping(self.timers, self.jobs, settings.retention_days,
+                                         self.runner.retry_waiting, self.runner.leases)
         prune_every = min(PRUNE_SECONDS, purge_interval(settings.audit_retention_days * SECONDS_PER_DAY))
-        self.housekeeping.every("audit-prune", prune_every, self.audit.prune)  # what the bot has pulled
+        self.timers.interval("audit-prune", prune_every, self.audit.prune)  # what the bot has pulled
         self.housekeeping.start()
+        self.timers.start()
 
     # -- transport entry point -------------------------------------------------------------
 
@@ -207,6 +211,6 @@ class MasterCore:
         return Refused("unknown_job", f"no job {request.args.get('job')!r} on master {self.settings.id}")
 
     def close(self) -> None:
-        self.housekeeping.close()
+        self.timers.close(wait=True)  # a job under way finishes first
         self.runner.close()
         close_backend(self.backend)

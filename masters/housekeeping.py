@@ -1,8 +1,8 @@
-"""The master's timers, all on one APScheduler `BackgroundScheduler` (UTC): the jobs below, and the
-server's (masters.server: closing connections at their authentication deadline, reporting suppressed
-stranger lines). No other periodic work in the master keeps time for itself; what still waits in a
-loop waits inside one call (a backend watching its process up to the job's deadline), and
-tests/test_timers.py lists each such place.
+"""The master's periodic work, as jobs on the process's one scheduler (ombot.timers.Timers, which the
+master's core makes and also hands to its server: closing connections at their authentication
+deadline, reporting suppressed stranger lines). No other periodic work in the master keeps time for
+itself; what still waits in a loop waits inside one call (a backend watching its process up to the
+job's deadline), and tests/test_timers.py lists each such place.
 
 - retention: jobs that ended more than `retention_days` ago are deleted with their events (this
   master's own, in a database shared with others);
@@ -16,18 +16,13 @@ tests/test_timers.py lists each such place.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
-
-from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.background import BackgroundScheduler
 
 from masters.jobstore import JobStore
 from masters.leases import HostLeases
 from ombot.clock import MS_PER_SECOND, now_ms
+from ombot.timers import Timers
 
 log = logging.getLogger("ombot.master")
 
@@ -43,43 +38,22 @@ def purge_interval(retention_seconds: float) -> float:
 
 
 class Housekeeping:
-    """Starts the master's periodic work; `close` stops it (a job under way finishes first)."""
+    """The master's periodic work, set on `timers` (the process's scheduler, which its owner starts and
+    stops: a job under way finishes first)."""
 
-    def __init__(self, jobs: JobStore, retention_days: float, retry_waiting: Callable[[], None],
+    def __init__(self, timers: Timers, jobs: JobStore, retention_days: float, retry_waiting: Callable[[], None],
                  leases: HostLeases) -> None:
         self.jobs, self.retention_seconds = jobs, retention_days * SECONDS_PER_DAY
-        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
-        every = {"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
-        self.scheduler.add_job(self.purge_old_jobs, "interval", seconds=purge_interval(self.retention_seconds),
-                               id="retention", **every)
-        self.scheduler.add_job(self.purge_old_nonces, "interval", seconds=NONCE_PURGE_SECONDS, id="nonces", **every)
-        self.scheduler.add_job(retry_waiting, "interval", seconds=RETRY_SECONDS, id="host-locks", **every)
+        timers.interval("retention", purge_interval(self.retention_seconds), self.purge_old_jobs)
+        timers.interval("nonces", NONCE_PURGE_SECONDS, self.purge_old_nonces)
+        timers.interval("host-locks", RETRY_SECONDS, retry_waiting)
         # Two jobs: a renewal stuck on an unreachable database must not hold up the watch.
-        self.scheduler.add_job(leases.renew, "interval", seconds=leases.renew_seconds, id="lock-leases", **every)
-        self.scheduler.add_job(leases.watch, "interval", seconds=leases.watch_seconds, id="lock-lease-watch",
-                               **every)
+        timers.interval("lock-leases", leases.renew_seconds, leases.renew)
+        timers.interval("lock-lease-watch", leases.watch_seconds, leases.watch)
 
     def start(self) -> None:
-        self.purge_old_jobs()  # a master that was down a long time does not keep old jobs another hour
-        self.scheduler.start()
-
-    # -- for the rest of the master (masters.server) ----------------------------------------------
-
-    def every(self, job_id: str, seconds: float, work: Callable[[], None]) -> None:
-        """`work` every `seconds`, never two at once."""
-        self.scheduler.add_job(work, "interval", seconds=seconds, id=job_id, coalesce=True, max_instances=1,
-                               misfire_grace_time=None)
-
-    def at(self, job_id: str, deadline: float, work: Callable[[], None]) -> None:
-        """`work` once at `deadline` (time.monotonic()), replacing what `job_id` was set to run. Two
-        may run at once: a run may set the next one only just ahead."""
-        run_at = datetime.now(timezone.utc) + timedelta(seconds=max(0.0, deadline - time.monotonic()))
-        self.scheduler.add_job(work, "date", run_date=run_at, id=job_id, replace_existing=True,
-                               misfire_grace_time=None, max_instances=2)
-
-    def cancel(self, job_id: str) -> None:
-        with contextlib.suppress(JobLookupError):
-            self.scheduler.remove_job(job_id)
+        """The first purge now: a master that was down a long time does not keep old jobs another hour."""
+        self.purge_old_jobs()
 
     def purge_old_jobs(self) -> None:
         try:
@@ -96,7 +70,3 @@ class Housekeeping:
             self.jobs.forget_old_nonces()
         except Exception:
             log.exception("could not forget old nonces")
-
-    def close(self) -> None:
-        if self.scheduler.running:
-            self.scheduler.shutdown(wait=True)

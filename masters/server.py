@@ -25,13 +25,13 @@ from masters import store
 from masters.backends import backend_named
 from masters.core import MasterCore
 from masters.envelope import OPS, Refused
-from masters.housekeeping import Housekeeping
 from masters.inventory import open_inventory
 from masters.keys import Identity
 from masters.lograte import LogBudget
 from modules import load_modules
 from ombot.config import Config, Limits, MasterSettings
 from ombot.errors import ConfigError, OmbotError
+from ombot.timers import Timers
 
 log = logging.getLogger("ombot.master")
 # Closed and refused connections of peers that never sent a valid envelope: one line each, rate-limited.
@@ -264,11 +264,11 @@ class CappedThreadedServer(ThreadedServer):
     closed for strangers, but are closed when idle: `idle_timeout_seconds` (`agent_idle_seconds` for
     agents, which connect, ship and go).
 
-    Its timers are jobs on the master's scheduler (masters.housekeeping): a one-shot job at the
+    Its timers are jobs on the master's scheduler (ombot.timers, the core's): a one-shot job at the
     oldest stranger's deadline, and a sweep every SWEEP_SECONDS that closes idle connections and
     reports suppressed log lines."""
 
-    def __init__(self, *args: Any, limits: Limits, timers: Housekeeping, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: Limits, timers: Timers, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits, self.timers = limits, timers
         self.max_connections, self.auth_timeout = limits.max_connections, limits.auth_timeout_seconds
@@ -278,7 +278,7 @@ class CappedThreadedServer(ThreadedServer):
         self._per_client: dict[str, int] = {}  # open connections per client key
         self._agents = 0  # open connections bound to agent keys (their own pool)
         self._threads = 0  # serving threads still running, closed connections' included
-        timers.every(SWEEP_JOB, SWEEP_SECONDS, self._sweep)
+        timers.interval(SWEEP_JOB, SWEEP_SECONDS, self._sweep)
 
     def close(self) -> None:
         super().close()
@@ -519,7 +519,7 @@ def _server(core: MasterCore, settings: MasterSettings) -> CappedThreadedServer:
     server = CappedThreadedServer(
         MasterService(core), hostname=settings.host, port=settings.port, reuse_addr=True,
         protocol_config=SERVER_CONFIG, logger=logging.getLogger("ombot.master.rpyc"),
-        limits=settings.limits, timers=core.housekeeping,
+        limits=settings.limits, timers=core.timers,
     )
     core.clients.on_revoke(server.close_clients)  # a revoked key's open connections close at once
     server._listen()  # rpyc only binds in __init__: without listen() now, "ready" clients would be refused

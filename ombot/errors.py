@@ -10,6 +10,11 @@ class OmbotError(Exception):
     """An error whose message is meant for the person who caused it."""
 
 
+class CommandError(OmbotError):
+    """Text that is not a valid /om command (or a value in one, such as a `since=` time); the message
+    says what is wrong and how to write it. In the base: the time parser (ombot.since) raises it too."""
+
+
 class ConfigError(OmbotError):
     """A setting that cannot be used: names the file, the key path and what was expected."""
 

@@ -220,16 +220,19 @@ class MasterProcess:
 
 
 class BotProcess:
-    """`ombot bot` (or `ombot console`) as a real child process."""
+    """`ombot bot` (or `ombot console`) as a real child process; `config_path` and `log_path` give a
+    second bot on the same site its own copy of the config (another port) and its own log."""
 
-    def __init__(self, cluster: Cluster, env: dict[str, str], args: tuple[str, ...] = ("bot",)) -> None:
+    def __init__(self, cluster: Cluster, env: dict[str, str], args: tuple[str, ...] = ("bot",),
+                 config_path: Path | None = None, log_path: Path | None = None) -> None:
         self.cluster, self.env, self.args = cluster, env, args
-        self.log_path = cluster.root / "bot.log"
+        self.config_path = config_path or cluster.config_path
+        self.log_path = log_path or cluster.root / "bot.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, port: int | None = None, timeout: float = 30) -> "BotProcess":
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ombot", "--config", str(self.cluster.config_path), *self.args],
+            [sys.executable, "-m", "ombot", "--config", str(self.config_path), *self.args],
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=child_env(self.env),
             start_new_session=True,
         )

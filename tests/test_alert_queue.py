@@ -10,19 +10,20 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from bot.alerts import MAX_PENDING, AlertPoster
-from bot.audit_rules import Match, Threshold
-from bot.messages import Message, section
-from tests.fakeslack import TEAM_ID, FakeSlack, message_problems
-from tests.support import BotProcess, Cluster, bot_table, free_port
+from audit import MAX_PENDING
+from audit.rules import Match, Threshold
+from bot.alerts import AlertPoster
+from ombot.message import Message, section
+from tests.fakeslack import FakeSlack, message_problems
+from tests.rigs import AUDIT_CHANNEL as CHANNEL
+from tests.rigs import AuditRig, audit_site
 from tests.test_audit_agent import event, wait_for
-from tests.test_audit_alerts import AGENT_CLIENTS, CHANNEL, AuditRig, record, with_agent_hosts
+from tests.test_audit_alerts import record
 from tests.test_audit_alerts import slack, timers  # noqa: F401  (fixtures)
 
 SUMMARY = "[audit overflow]"
@@ -313,23 +314,9 @@ cooldown_seconds = 0
 
 
 @pytest.fixture
-def flood_rig(tmp_path: Path, make_cluster: Callable[..., Cluster]) -> Iterator[AuditRig]:
+def flood_rig(make_slack_rig: Callable[..., AuditRig]) -> AuditRig:
     """test_audit_alerts' rig (one master, the real bot, fake Slack) with a rules file of a flood rule."""
-    fake = FakeSlack().start()
-    port = free_port()
-    table = bot_table(port, TEAM_ID, audit_rules="audit-rules.toml", audit_poll_seconds=0.2)
-    cluster = with_agent_hosts(make_cluster({"local": ["m1"]}, clients=dict(AGENT_CLIENTS), extra_toml=table))
-    (cluster.root / "audit-rules.toml").write_text(FLOOD_RULES)
-    cluster.start("m1")
-    env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": "s3cr3t", "OMBOT_SLACK_API_URL": fake.url}
-    bot = BotProcess(cluster, env)
-    try:
-        bot.start(port)
-        yield AuditRig(fake, cluster, bot, tmp_path / "spool", tmp_path / "agent-state", [])
-    finally:
-        bot.stop()
-        fake.stop()
-        fake.assert_no_violations()
+    return make_slack_rig(kind=AuditRig, **audit_site(FLOOD_RULES))
 
 
 @pytest.mark.slow

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pexpect
 import pytest
@@ -27,104 +25,33 @@ import approvals
 from approvals import ApprovalError, Gate
 from approvals import store as astore
 from approvals.policy import parse_policy
-from masters import FINAL_STATES, JobRef, Refused
+from masters import JobRef, Refused
 from ombot.storage import connect_url
-from tests.fakeslack import TEAM_ID, FakeSlack, interactive_body, post_to_bot
-from tests.support import REPO, BotProcess, Cluster, bot_table, child_env, free_port
-
-SECRET = "0c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f"
-CHANNEL = "C0OPS"
-
-POLICY = """\
-[roles.ops]
-users = ["U0ALICE"]
-groups = ["S0OPS"]
-
-[roles.leads]
-users = ["U0LEAD1", "U0LEAD2", "U0LEAD3"]
-
-[roles.oncall]
-users = ["U0ONCALL"]
-
-[roles.dbas]
-users = ["U0DBA"]
-
-[[rules]]
-name = "db hosts are for dbas"
-modules = ["echo"]
-targets = ["db*"]
-request = ["dbas"]
-
-[[rules]]
-name = "web shell needs two leads"
-modules = ["shell.exec"]
-targets = ["web*"]
-request = ["ops"]
-approval = { count = 2, roles = ["leads"] }
-cancel = ["oncall"]
-
-[[rules]]
-name = "localhost changes need a lead"
-modules = ["shell.exec", "test.sleep"]
-targets = ["localhost"]
-request = ["ops", "leads"]
-approval = { count = 1, roles = ["leads"] }
-
-[[rules]]
-name = "quick approvals expire"
-modules = ["facts"]
-targets = ["localhost"]
-request = ["ops"]
-approval = { count = 1, roles = ["leads"], expiry_seconds = 2 }
-
-[[rules]]
-name = "leads on db01 may approve their own"
-modules = ["shell.exec"]
-targets = ["db01"]
-request = ["leads"]
-approval = { count = 2, roles = ["leads"], self_approval = true }
-
-[[rules]]
-name = "everyday"
-modules = ["echo", "test.sleep"]
-targets = ["web*", "localhost"]
-request = ["ops"]
-max_hosts = 2
-cancel = ["oncall"]
-"""
-
-# The master's own floor: whatever the bot says, shell.exec needs one approver other than the requester.
-MASTER_FLOOR = '\n[masters.m1.approvals]\n"shell.exec" = 1\n'
+from tests.fakeslack import interactive_body
+from tests.rigs import CHANNEL, Reply, SlackRig, approval, console, console_site, floor, policy, role, rule
 
 ALICE, BOB, MALLORY, ONCALL, DBA = "U0ALICE", "U0BOB", "U0MALLORY", "U0ONCALL", "U0DBA"
 LEAD1, LEAD2, LEAD3 = "U0LEAD1", "U0LEAD2", "U0LEAD3"
 
+POLICY = policy(
+    role("ops", ALICE, groups=["S0OPS"]), role("leads", LEAD1, LEAD2, LEAD3), role("oncall", ONCALL), role("dbas", DBA),
+    rule("db hosts are for dbas", modules=["echo"], targets=["db*"], request=["dbas"]),
+    rule("web shell needs two leads", modules=["shell.exec"], targets=["web*"], request=["ops"], approval=approval(2),
+         cancel=["oncall"]),
+    rule("localhost changes need a lead", modules=["shell.exec", "test.sleep"], targets=["localhost"],
+         request=["ops", "leads"], approval=approval()),
+    rule("quick approvals expire", modules=["facts"], targets=["localhost"], request=["ops"],
+         approval=approval(expiry_seconds=2)),
+    rule("leads on db01 may approve their own", modules=["shell.exec"], targets=["db01"], request=["leads"],
+         approval=approval(2, self_approval=True)),
+    rule("everyday", modules=["echo", "test.sleep"], targets=["web*", "localhost"], request=["ops"], max_hosts=2,
+         cancel=["oncall"]))
+
+# The master's own floor: whatever the bot says, shell.exec needs one approver other than the requester.
+MASTER_FLOOR = floor("m1")
+
 
 # -- the rig ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    """The answers (ephemeral, by response_url) to one command or click."""
-
-    fake: FakeSlack
-    url: str
-
-    def texts(self) -> list[str]:
-        token = self.url.rsplit("/", 1)[1]
-        return [str(c.body.get("text", "")) for c in self.fake.response_posts if c.path.endswith(token)]
-
-    def wait(self, needle: str, timeout: float = 15) -> str:
-        return self.fake.wait_for(lambda: next((t for t in self.texts() if needle in t), None), timeout,
-                                  what=f"an answer containing {needle!r}; got {self.texts()}")
-
-    def first(self) -> str:
-        return self.fake.wait_for(lambda: next(iter(self.texts()), None), what="an answer")
-
-    def number(self, pattern: str) -> int:
-        """A number the bot answered with, e.g. number("Waiting as request #") or ("Starting job #")."""
-        text = self.wait(pattern)
-        return int(re.search(re.escape(pattern) + r"(\d+)", text).group(1))
 
 
 @dataclass
@@ -137,38 +64,11 @@ class Pending:
     asked: Reply  # the requester's command: "Starting job #N" arrives there once approved
 
 
-@dataclass
-class Rig:
-    fake: FakeSlack
-    cluster: Cluster
-    bot: BotProcess
-    port: int
-    env: dict[str, str]
-
-    # -- talking to the bot --
-
-    def send(self, body: str) -> tuple[int, str]:
-        return post_to_bot(self.port, body, SECRET)
-
-    def command(self, text: str, user: str = ALICE) -> Reply:
-        fields = self.fake.slash_command(text=text, user_id=user, channel_id=CHANNEL)
-        status, _ = self.send(urlencode(fields))
-        assert status == 200
-        return Reply(self.fake, fields["response_url"])
-
-    def click_body(self, action_id: str, value: str, ts: str, user: str) -> tuple[str, Reply]:
-        payload = self.fake.block_actions(action_id, value, user_id=user, channel_id=CHANNEL, message_ts=ts)
-        return interactive_body(payload), Reply(self.fake, payload["response_url"])
-
-    def click(self, action_id: str, value: str, ts: str, user: str) -> Reply:
-        body, reply = self.click_body(action_id, value, ts, user)
-        assert self.send(body)[0] == 200
-        return reply
+class Rig(SlackRig):
+    """The rig, with the approval flow's words: ask, approve, and the channel's approval messages."""
 
     def approve(self, pending: Pending, user: str) -> Reply:
         return self.click("om_approve", pending.request_id, pending.ts, user)
-
-    # -- what the channel shows --
 
     def ask(self, text: str, user: str = ALICE) -> Pending:
         """A command that needs approval: its request number and the Approve/Deny message."""
@@ -185,31 +85,15 @@ class Rig:
                                                 if m.get("text", "").startswith(lead)), None),
                                   what=f"approval message {lead!r}")
 
-    def cards(self, number: int) -> list[dict[str, Any]]:
-        return [m for m in self.fake.messages(CHANNEL) if m.get("text", "").startswith(f"[#{number} ")]
-
-    def final_card(self, number: int, timeout: float = 30) -> dict[str, Any]:
-        return self.fake.wait_for(
-            lambda: next((c for c in self.cards(number) if c["text"].split("]")[0].split()[-1] in FINAL_STATES),
-                         None),
-            timeout, what=f"job #{number} to end")
-
     def running_card(self, number: int) -> dict[str, Any]:
         return self.fake.wait_for(lambda: next((c for c in self.cards(number) if " running]" in c["text"]), None),
                                   what=f"job #{number} to run")
 
     def results(self, card: dict[str, Any]) -> str:
-        return self.fake.wait_for(lambda: next((m["text"] for m in self.fake.thread(CHANNEL, card["ts"])
-                                                if m["ts"] != card["ts"]), None), what="results in the thread")
-
-    # -- state --
+        return str(self.replies(card)[0]["text"])
 
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.cluster.root / "state" / "bot.db", timeout=10)
-
-    def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        with self.db() as conn:
-            return conn.execute(sql, args).fetchall()
 
     def master_events(self, job_id: str) -> list[dict[str, Any]]:
         router = self.cluster.router("chat:bot")  # the bot's jobs, seen with the bot's key
@@ -218,29 +102,10 @@ class Rig:
         finally:
             router.close()
 
-    def restart_bot(self, between: Any = None) -> None:
-        """Stop the bot process and start a new one on the same config and state."""
-        self.bot.stop()
-        if between is not None:
-            between()
-        self.bot = BotProcess(self.cluster, self.env).start(self.port)
-
 
 @pytest.fixture(scope="module")
-def shared_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    with FakeSlack(usergroups={"S0OPS": [BOB]}) as fake:
-        port = free_port()
-        cluster = Cluster(tmp_path_factory.mktemp("approvals"), {"local": ["m1"]},
-                          module_dirs=[REPO / "tests" / "site_modules"], policy=POLICY,
-                          extra_toml=bot_table(port, TEAM_ID) + MASTER_FLOOR)
-        cluster.start("m1")
-        env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url}
-        rig = Rig(fake, cluster, BotProcess(cluster, env).start(port), port, env)
-        try:
-            yield rig
-        finally:
-            rig.bot.stop()
-            cluster.stop_all()
+def shared_rig(make_module_slack_rig) -> Rig:
+    return make_module_slack_rig(kind=Rig, policy=POLICY, extra_toml=MASTER_FLOOR, usergroups={"S0OPS": [BOB]})
 
 
 @pytest.fixture
@@ -552,12 +417,8 @@ def test_deny_modal_is_in_the_trail(rig: Rig) -> None:
 
 @pytest.mark.slow
 def test_console_approval_flow_with_as(tmp_path: Path) -> None:
-    cluster = Cluster(tmp_path / "console", {"local": ["m1"]}, policy=POLICY,
-                      extra_toml=bot_table(None, TEAM_ID, console_user=ALICE, console_allow_as=True) + MASTER_FLOOR)
-    cluster.start("m1")
-    child = pexpect.spawn(sys.executable, ["-m", "ombot", "--config", str(cluster.config_path), "console"],
-                          env=child_env(), encoding="utf-8", timeout=30, echo=False)
-    try:
+    with console_site(tmp_path / "console", user=ALICE, policy=POLICY, extra_toml=MASTER_FLOOR,
+                      console_allow_as=True) as site, console(site) as child:
         child.expect_exact(f"you are {ALICE}")
         child.sendline('/om shell.exec localhost cmd="echo from-the-console"')
         child.expect_exact("Waiting as request #1")
@@ -571,9 +432,6 @@ def test_console_approval_flow_with_as(tmp_path: Path) -> None:
         child.expect_exact("from-the-console")
         child.sendline("/quit")
         child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-        cluster.stop_all()
 
 
 # -- the gate itself, under a real race ---------------------------------------------------------------

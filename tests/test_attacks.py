@@ -91,13 +91,11 @@ class Attacker:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def shared(make_module_cluster: Callable[..., Cluster]) -> Cluster:
     """IDC "local" with master m1 running; m2 is only configured, its id and key serve as decoys."""
-    cluster = Cluster(tmp_path_factory.mktemp("attacks"), {"local": ["m1", "m2"]},
-                      limits={"max_frame_bytes": MAX_FRAME})
+    cluster = make_module_cluster({"local": ["m1", "m2"]}, limits={"max_frame_bytes": MAX_FRAME})
     cluster.start("m1")
-    yield cluster
-    cluster.stop_all()
+    return cluster
 
 
 @pytest.fixture(scope="module")

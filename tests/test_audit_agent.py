@@ -20,14 +20,12 @@ import rpyc
 from audit_agent import hook, spool
 from masters.envelope import Peer, Refused, new_request
 from masters.keys import Identity, decode_public
+from tests.rigs import AGENT, HOST, AgentProcess, agent_cluster
 from tests.shells import PROMPT, Shell
 from tests.support import REPO, Cluster, child_env
 
 pytestmark = pytest.mark.slow
 
-HOST = "web01"
-AGENT = f"agent-{HOST}"
-CLIENTS = {"bot": "chat", "test": "cli", "console": "chat", AGENT: "agent", "agent-web02": "agent"}
 UID = os.geteuid()
 
 
@@ -49,47 +47,6 @@ def spooled(spool_dir: Path) -> list[dict[str, Any]]:
 
 def commands(spool_dir: Path) -> list[str]:
     return [e["command"] for e in spooled(spool_dir)]
-
-
-def agent_cluster(make_cluster: Callable[..., Cluster], masters: list[str] | None = None) -> Cluster:
-    cluster = make_cluster({"local": masters or ["m1"]}, clients=dict(CLIENTS))
-    text = cluster.config_path.read_text()
-    for client, host in ((AGENT, HOST), ("agent-web02", "web02")):
-        text = text.replace(f'[clients.{client}]\nkind = "agent"', f'[clients.{client}]\nkind = "agent"\nhost = "{host}"')
-    cluster.config_path.write_text(text)
-    return cluster
-
-
-class AgentProcess:
-    """`python -m audit_agent run` with an agent.toml for HOST, speeding its timings up for tests."""
-
-    def __init__(self, cluster: Cluster, spool_dir: Path, state_dir: Path, masters: list[str]) -> None:
-        conf = cluster.config()
-        self.config = cluster.root / "agent.toml"
-        lines = [f'host = "{HOST}"', 'idc = "local"', f'key_file = "{cluster.root / "keys" / f"{AGENT}.key"}"',
-                 f'spool_dir = "{spool_dir}"', f'state_dir = "{state_dir}"', "scan_seconds = 0.2",
-                 "retry_min_seconds = 0.2", "retry_max_seconds = 1.0", "heartbeat_seconds = 1", "batch_events = 50",
-                 "connect_timeout_seconds = 2", ""]
-        for mid in masters:
-            m = conf.masters[mid]
-            lines += ["[[masters]]", f'id = "{mid}"', f'address = "{m.host}:{m.port}"', f'public_key = "{m.public_key}"', ""]
-        self.config.write_text("\n".join(lines))
-        self.log_path = cluster.root / "agent.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> AgentProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "audit_agent", "run", "--config", str(self.config)],
-                                     stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=child_env(),
-                                     start_new_session=True)
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 def stored(cluster: Cluster, master: str = "m1") -> list[tuple[str, str, dict[str, Any]]]:

@@ -9,10 +9,8 @@ import json
 import os
 import pwd
 import signal
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +19,18 @@ import pytest
 import rpyc
 from apscheduler.triggers.date import DateTrigger
 
-from bot.alerts import AlertGroup, AlertPoster, Grouper, TokenBucket, alert_message
-from bot.audit_rules import Match, Threshold, Thresholds, parse_rules
-from bot.jobs import Timers
+from audit.alerts import AlertGroup, Grouper, Thresholds, alert_message
+from audit.rules import Match, Threshold, parse_rules
+from bot.alerts import AlertPoster, TokenBucket
 from masters import audit
 from masters.envelope import Peer, Refused, new_request
 from masters.keys import decode_public
 from ombot.storage import migrate
-from tests.fakeslack import TEAM_ID, FakeSlack
-from tests.support import BotProcess, Cluster, bot_table, free_port
-from tests.test_audit_agent import AGENT, HOST, AgentProcess, event, wait_for
+from ombot.timers import Timers
+from tests.fakeslack import FakeSlack
+from tests.rigs import AGENT, AGENT_CLIENTS, HOST, AuditRig, audit_site, with_agent_hosts
+from tests.support import Cluster, bot_table
+from tests.test_audit_agent import event, wait_for
 from tests.test_storage import backend, current_schema, master_db, store_url  # noqa: F401  (fixtures)
 
 CHANNEL = "C0AUDIT"
@@ -67,7 +67,6 @@ cooldown_seconds = 0
 name = "marker"
 keywords = ["MARKER"]
 """
-AGENT_CLIENTS = {"bot": "chat", "test": "cli", "console": "chat", AGENT: "agent", "agent-web02": "agent"}
 
 
 # -- pure parts ----------------------------------------------------------------------------------------
@@ -252,16 +251,6 @@ def test_a_failed_post_is_retried_by_a_one_shot_job_on_the_scheduler(slack: tupl
 # -- the masters' side: audit_read -------------------------------------------------------------------------
 
 
-def with_agent_hosts(cluster: Cluster, hosts: tuple[str, ...] = (HOST, "web02")) -> Cluster:
-    """Each agent registration (agent-HOST) names its server (test_audit_agent's agent_cluster, with
-    any extra toml)."""
-    text = cluster.config_path.read_text()
-    for client, host in ((f"agent-{h}", h) for h in hosts):
-        text = text.replace(f'[clients.{client}]\nkind = "agent"', f'[clients.{client}]\nkind = "agent"\nhost = "{host}"')
-    cluster.config_path.write_text(text)
-    return cluster
-
-
 def call(cluster: Cluster, client: str, op: str, args: dict[str, Any], requester: str, origin: str) -> dict[str, Any]:
     peer = Peer(cluster.identity(client), decode_public(cluster.config().masters["m1"].public_key))
     conn = rpyc.connect("127.0.0.1", cluster.ports["m1"], config={"allow_pickle": False})
@@ -332,82 +321,14 @@ def test_only_the_bot_reads_audit_events_a_bounded_page_at_a_time(make_cluster: 
 # -- end to end: agent -> masters -> bot -> fake Slack ---------------------------------------------------
 
 
-@dataclass
-class AuditRig:
-    fake: FakeSlack
-    cluster: Cluster
-    bot: BotProcess
-    spool_dir: Path
-    state_dir: Path
-    agents: list[AgentProcess]
-    port: int = 0  # where the bot takes Slack's requests
-
-    def agent(self, masters: list[str]) -> AgentProcess:
-        agent = AgentProcess(self.cluster, self.spool_dir, self.state_dir, masters).start()
-        self.agents.append(agent)
-        return agent
-
-    def ingest(self, master: str, events: list[dict[str, Any]]) -> None:
-        """A batch straight from web01's agent key to one master, as the agent would send it."""
-        identity = self.cluster.identity(AGENT)
-        peer = Peer(identity, decode_public(self.cluster.config().masters[master].public_key))
-        conn = rpyc.connect("127.0.0.1", self.cluster.ports[master], config={"allow_pickle": False})
-        try:
-            request = new_request("ingest", master, f"agent:{HOST}", "agent", {"host": HOST, "events": events})
-            reply = peer.open_reply(conn.root.ingest(peer.seal_request(request)), request)
-        finally:
-            conn.close()
-        assert reply["stored"] == len(events), reply
-
-    def stored(self) -> list[tuple[str, str]]:
-        """(id, command) of every event in the bot's own store."""
-        path = self.cluster.root / "state" / "bot.db"
-        with sqlite3.connect(path) as db:
-            try:
-                return db.execute("SELECT id, command FROM bot_audit_event").fetchall()
-            except sqlite3.OperationalError:
-                return []
-
-    def alerts(self, rule: str, channel: str = CHANNEL) -> list[dict[str, Any]]:
-        return [m for m in self.fake.messages(channel) if f"] {rule} on " in m["text"]]
-
-    def posts_for(self, rule: str) -> list[Any]:
-        return [c for c in self.fake.calls_to("chat.postMessage") if f"] {rule} on " in c.body.get("text", "")]
-
-
 @pytest.fixture
-def make_rig(tmp_path: Path, make_cluster: Callable[..., Cluster]) -> Iterator[Callable[..., AuditRig]]:
-    started: list[tuple[FakeSlack, BotProcess]] = []
-    agents: list[AgentProcess] = []  # every rig's, stopped at the end
-
+def make_rig(make_slack_rig: Callable[..., AuditRig]) -> Callable[..., AuditRig]:
     def make(masters: list[str], limits: dict[str, int] | None = None, more_agents: tuple[str, ...] = (),
              **settings: Any) -> AuditRig:
         """A rig whose masters have `limits`, with agent keys for web01, web02 and `more_agents` hosts."""
-        fake = FakeSlack().start()
-        port = free_port()
-        table = bot_table(port, TEAM_ID, audit_rules="audit-rules.toml", audit_poll_seconds=0.2, **settings)
-        clients = {**AGENT_CLIENTS, **{f"agent-{h}": "agent" for h in more_agents}}
-        cluster = with_agent_hosts(make_cluster({"local": masters}, clients=clients, extra_toml=table,
-                                                limits=limits or {}), (HOST, "web02", *more_agents))
-        (cluster.root / "audit-rules.toml").write_text(RULES)
-        for master in masters:
-            cluster.start(master)
-        env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": "s3cr3t", "OMBOT_SLACK_API_URL": fake.url}
-        bot = BotProcess(cluster, env).start(port)
-        started.append((fake, bot))
-        spool_dir = tmp_path / f"spool{len(started)}"
-        spool_dir.mkdir()
-        return AuditRig(fake, cluster, bot, spool_dir, tmp_path / f"agent-state{len(started)}", agents, port)
-
-    try:
-        yield make
-    finally:
-        for agent in agents:
-            agent.stop(signal.SIGKILL)
-        for fake, bot in started:
-            bot.stop()
-            fake.stop()
-            fake.assert_no_violations()
+        return make_slack_rig({"local": masters}, kind=AuditRig, limits=limits or {}, **audit_site(RULES, more_agents),
+                              **settings)
+    return make
 
 
 def type_commands(spool_dir: Path, commands: list[str], ssh: str = "192.0.2.7 50000 22", cwd: str = "/srv/app") -> None:

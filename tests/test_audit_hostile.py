@@ -29,14 +29,15 @@ from audit_agent import spool
 from masters.envelope import Peer, Refused, new_request
 from masters.keys import Identity, decode_public
 from tests.fakeslack import post_to_bot
+from tests.rigs import AUDIT_CHANNEL as CHANNEL
+from tests.rigs import HOST, SECRET, AgentProcess, AuditRig, agent_cluster
 from tests.support import Cluster, child_env
-from tests.test_audit_agent import HOST, UID, AgentProcess, event, stored, wait_for
-from tests.test_audit_alerts import CHANNEL, AuditRig, make_rig  # noqa: F401  (the fixture)
+from tests.test_audit_agent import UID, event, stored, wait_for
+from tests.test_audit_alerts import make_rig  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="the attacks need a second Unix user")]
 
 NOBODY = 65534
-SECRET = "s3cr3t"  # make_rig's signing secret
 
 
 @pytest.fixture
@@ -464,8 +465,6 @@ def test_masters_keep_audit_events_only_until_the_bot_has_them_or_their_retentio
         make_cluster: Callable[..., Cluster]) -> None:
     """m1 keeps its audit rows 9 s (audit_retention_days): the bot's reads leave their cursor there,
     and once the retention has passed the rows are gone, pulled or not."""
-    from tests.test_audit_agent import agent_cluster
-
     cluster = agent_cluster(make_cluster)
     text = cluster.config_path.read_text().replace('state_dir = "state-m1"\n',
                                                    'state_dir = "state-m1"\naudit_retention_days = 0.0001\n')

@@ -1,4 +1,4 @@
-"""The audit rules engine (bot/audit_rules.py): pure code, tested in process; one CLI test through a real process."""
+"""The audit rules engine (audit/rules.py): pure code, tested in process; one CLI test through a real process."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from bot.audit_rules import (SAMPLE_RULES, Match, RuleSet, Threshold, Thresholds, check_examples, load_rules,
-                             parse_rules, redact)
+from audit.alerts import Thresholds
+from audit.examples import SAMPLE_RULES, check_examples
+from audit.rules import Match, RuleSet, Threshold, load_rules, parse_rules, redact
 from ombot.errors import ConfigError
 
 PATH = Path("rules.toml")

@@ -8,8 +8,6 @@ import json
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +15,21 @@ import pytest
 
 from approvals import Gate, PolicyRefusal
 from approvals.policy import parse_policy
-from bot import audit_store, store as bot_store
-from bot.audit_search import AuditQuery, file_text, parse_audit_query, row_line, search_audit
+from audit import AuditQuery
+from audit import store as audit_store
+from bot import store as bot_store
+from bot.audit_search import file_text, parse_audit_query, row_line, search_audit
 from bot.commands import CommandError
 from bot.console import ConsoleTransport
 from bot.transport import ChatRequest
 from ombot.errors import ConfigError
-from tests.fakeslack import TEAM_ID, FakeSlack, post_to_bot, slash_command_body
-from tests.support import BotProcess, Cluster, bot_table, free_port
+from tests.fakeslack import slash_command_body
+from tests.rigs import CHANNEL, SlackRig, policy, role, rule, table
+from tests.support import Cluster
 
-SECRET = "0d8b6c1e2a3f4b5c6d7e8f9a0b1c2d3e"
-CHANNEL = "C0OPS"
 T0 = 1_800_000_000_000
-POLICY = """\
-[roles.everyone]
-users = ["U0ALICE", "U0BOB"]
-
-[roles.auditors]
-users = ["U0ALICE", "console:alice"]
-
-[[rules]]
-name = "anything"
-request = ["everyone"]
-
-[audit]
-viewers = ["auditors"]
-"""
+POLICY = policy(role("everyone", "U0ALICE", "U0BOB"), role("auditors", "U0ALICE", "console:alice"),
+                rule("anything", request=["everyone"]), table("audit", viewers=["auditors"]))
 RULES = """\
 [redact]
 patterns = ['(?i)\\btoken=(\\S+)']
@@ -68,17 +55,13 @@ def store_events(url: str, idc: str, events: list[dict[str, Any]]) -> None:
 # --- through Slack ----------------------------------------------------------------------------------
 
 
-@dataclass
-class AuditRig:
-    fake: FakeSlack
-    cluster: Cluster
-    bot: BotProcess
-    port: int
+class AuditRig(SlackRig):
+    """The rig, asked for the audit: the answer comes back to the asker alone."""
 
     def ask(self, text: str, user: str = "U0ALICE") -> dict[str, Any]:
         """`/om TEXT` as `user`; the answer that came back to them alone."""
         url = self.fake.new_response_url(channel=CHANNEL, user_id=user)
-        status, _ = post_to_bot(self.port, slash_command_body(text=text, user_id=user, response_url=url), SECRET)
+        status, _ = self.send(slash_command_body(text=text, user_id=user, response_url=url))
         assert status == 200
         token = url.rsplit("/", 1)[1]
         call = self.fake.wait_for(lambda: next((c for c in self.fake.response_posts if c.path.endswith(token)), None),
@@ -93,23 +76,13 @@ def bot_url(cluster: Cluster) -> str:
 
 
 @pytest.fixture
-def rig(make_cluster: Callable[..., Cluster]) -> Iterator[Callable[[list[dict[str, Any]]], AuditRig]]:
+def rig(make_slack_rig: Callable[..., AuditRig]) -> Callable[[list[dict[str, Any]]], AuditRig]:
     """A bot whose database holds the given events (no master: the search reads the bot's own store)."""
-    with ExitStack() as stack:
-        def start(events: list[dict[str, Any]]) -> AuditRig:
-            fake = stack.enter_context(FakeSlack())
-            port = free_port()
-            cluster = make_cluster(policy=POLICY, extra_toml=bot_table(port, TEAM_ID, audit_rules="audit-rules.toml"))
-            (cluster.root / "audit-rules.toml").write_text(RULES)
-            store_events(bot_url(cluster), "bj", events)
-            env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url}
-            bot = BotProcess(cluster, env)
-            stack.callback(bot.stop)
-            bot.start(port)
-            stack.callback(fake.assert_no_violations)  # runs first, before the bot stops
-            return AuditRig(fake, cluster, bot, port)
-
-        yield start
+    def start(events: list[dict[str, Any]]) -> AuditRig:
+        return make_slack_rig(kind=AuditRig, policy=POLICY, start=(), files={"audit-rules.toml": RULES},
+                              prepare=lambda cluster: store_events(bot_url(cluster), "bj", events),
+                              audit_rules="audit-rules.toml")
+    return start
 
 
 def test_results_go_to_the_asker_alone_escaped_and_redacted(rig: Callable[..., AuditRig]) -> None:

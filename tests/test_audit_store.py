@@ -9,7 +9,8 @@ from typing import Any
 import peewee
 import pytest
 
-from bot import audit_store, store as bot_store
+from audit import store as audit_store
+from bot import store as bot_store
 from ombot.storage import SchemaVersion
 from tests.test_storage import BACKENDS, scratch
 

@@ -36,9 +36,10 @@ from audit_agent.auditd import AuditLog, decode, parse_line
 from audit_agent.queue import EventQueue
 from audit_agent.settings import AgentSettings, MasterAddress
 from masters.keys import Identity
+from tests.rigs import HOST, AgentProcess, agent_cluster
 from tests.shells import Unavailable, isolated_argv, login_files
 from tests.support import Cluster, child_env
-from tests.test_audit_agent import HOST, AgentProcess, agent_cluster, stored, wait_for
+from tests.test_audit_agent import stored, wait_for
 
 BOOT = "b00710ad-0000-4000-8000-000000000001"
 T0 = int(time.time())  # the records' clock (seconds): after this boot, or the reader takes them for older ones

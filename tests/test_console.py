@@ -3,78 +3,30 @@ dispatcher as Slack, a real master with the local backend, cards printed as text
 
 from __future__ import annotations
 
-import contextlib
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
 
 import pexpect
 import pytest
 
 from bot.console import PROMPT
-from tests.support import REPO, Cluster, bot_table, child_env
+from tests import rigs
+from tests.rigs import CONSOLE_TIMEOUT as TIMEOUT
+from tests.rigs import SHOWN_PROMPT, TERMINAL_ENV, console_site, quit_console, say
+from tests.support import Cluster, child_env
 
-TIMEOUT = 30  # generous: pexpect waits for output, it asserts nothing about time
-
-
-# prompt_toolkit asks the terminal where its cursor is; pexpect's never answers, so the console would
-# wait for the answer and then print a warning. Real terminals answer.
-TERMINAL_ENV = {"PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm"}
-# How the prompt shows on a terminal: prompt_toolkit draws its trailing space as a cursor move.
-SHOWN_PROMPT = PROMPT.rstrip()
-
-
-def spawn_console(cluster: Cluster, *args: str) -> pexpect.spawn:
-    """`ombot console` (or `args` instead of `console`, e.g. `up DIR`) in a real terminal of 50x250."""
-    child = pexpect.spawn(sys.executable, ["-m", "ombot", "--config", str(cluster.config_path), *(args or ["console"])],
-                          env=child_env(TERMINAL_ENV), encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 250),
-                          cwd=str(cluster.root), echo=False)  # the console draws what is typed itself
-    child.logfile_read = ConsoleLog()
-    return child
-
-
-class ConsoleLog:
-    """Keeps what the console printed, to show when a test fails."""
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def write(self, data: str) -> None:
-        self.text += data
-
-    def flush(self) -> None:
-        pass
-
-
-def say(child: pexpect.spawn, line: str) -> None:
-    """Type a line. Not waiting for a prompt: cards and results print from worker threads, so a prompt
-    may already have gone by inside earlier output; the terminal keeps what is typed until it is read."""
-    child.sendline(line)
-
-
-def quit_console(child: pexpect.spawn) -> int:
-    say(child, "/quit")
-    child.expect(pexpect.EOF)
-    child.close()
-    return child.exitstatus
+GREETING = "OMBot console: you are U0DEMO. Type /om help; /as USER switches user; /quit leaves."
 
 
 @pytest.fixture
-def console(make_cluster: Callable[..., Cluster], request: pytest.FixtureRequest) -> Iterator[pexpect.spawn]:
+def console(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[pexpect.spawn]:
     allow_as = getattr(request, "param", True)
-    cluster = make_cluster(module_dirs=[REPO / "tests" / "site_modules"],
-                           extra_toml=bot_table(console_user="U0DEMO", console_allow_as=allow_as))
-    cluster.start("m1")
-    child = spawn_console(cluster)
-    try:
-        child.expect_exact("OMBot console: you are U0DEMO. Type /om help; /as USER switches user; /quit leaves.")
-        child.expect_exact(SHOWN_PROMPT)
+    with console_site(tmp_path / "console", console_allow_as=allow_as) as site, rigs.console(site, GREETING) as child:
         yield child
-    finally:
-        print(child.logfile_read.text)  # pytest shows it only when the test failed
-        if child.isalive():
-            child.terminate(force=True)
 
 
 def test_job_card_results_jobs_and_help(console: pexpect.spawn) -> None:
@@ -167,25 +119,14 @@ UP, CTRL_C = "\x1b[A", "\x03"
 
 
 @pytest.fixture
-def site(make_cluster: Callable[..., Cluster]) -> Cluster:
-    cluster = make_cluster(module_dirs=[REPO / "tests" / "site_modules"],
-                           extra_toml=bot_table(console_user="U0DEMO", schedule_min_interval_seconds=1))
-    cluster.start("m1")
-    return cluster
+def site(tmp_path: Path) -> Iterator[Cluster]:
+    with console_site(tmp_path / "site", schedule_min_interval_seconds=1) as cluster:
+        yield cluster
 
 
-@contextlib.contextmanager
-def opened(cluster: Cluster) -> Iterator[pexpect.spawn]:
+def opened(cluster: Cluster) -> AbstractContextManager[pexpect.spawn]:
     """`ombot console` on `cluster`, at its first prompt; killed if the test leaves it running."""
-    child = spawn_console(cluster)
-    try:
-        child.expect_exact("OMBot console: you are U0DEMO.")
-        child.expect_exact(SHOWN_PROMPT)
-        yield child
-    finally:
-        print(child.logfile_read.text)
-        if child.isalive():
-            child.terminate(force=True)
+    return rigs.console(cluster, "OMBot console: you are U0DEMO.")
 
 
 @pytest.mark.slow

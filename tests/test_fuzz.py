@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from bot import grammar
 from bot.jobs import JobFilter
-from bot.messages import Message
 from bot.transport import ChatRequest
+from ombot.message import Message
 from tests.support import Cluster, bot_table
 
 REMOTE_ONLY = "[remote]\nfar01 ansible_host=192.0.2.10\nfar02 ansible_host=192.0.2.11\n"

@@ -23,6 +23,7 @@ import pexpect
 import pytest
 
 from masters import Refused, Router
+from tests.rigs import console
 from tests.support import Cluster, MasterProcess, child_env, free_port
 
 LEAD1 = "U0LEAD1"
@@ -190,9 +191,7 @@ def test_init_gives_each_client_its_own_key(site: tuple[Path, MasterProcess]) ->
 def test_the_console_acts_as_itself(site: tuple[Path, MasterProcess]) -> None:
     config, _ = site
     user = pwd.getpwuid(os.getuid()).pw_name
-    child = pexpect.spawn(sys.executable, ["-m", "ombot", "--config", str(config), "console"], env=child_env(),
-                          encoding="utf-8", timeout=30, echo=False)
-    try:
+    with console(SimpleNamespace(config_path=config, root=config.parent)) as child:  # type: ignore[arg-type]
         child.expect_exact(f"OMBot console: you are console:{user}.")
         child.sendline("/as U0LEAD1")
         child.expect_exact("/as is disabled")
@@ -201,8 +200,6 @@ def test_the_console_acts_as_itself(site: tuple[Path, MasterProcess]) -> None:
         child.expect(r"\[#1 ok\]")
         child.sendline("/quit")
         child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
     with contextlib.closing(sqlite3.connect(config.parent / "state" / "local-1.db")) as db:
         assert db.execute("SELECT sender, requester, origin FROM job").fetchall() == [
             ("console", f"console:{user}", "console")]

@@ -17,55 +17,27 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from slack_sdk import WebClient
 
 from bot.commands import CommandError
-from bot.jobs import JobFilter, parse_job_filter, parse_since
+from bot.jobs import JobFilter, parse_job_filter
 from masters import FINAL_STATES, JobRef, Refused
-from tests.fakeslack import TEAM_ID, FakeSlack, post_to_bot, slash_command_body
-from tests.support import REPO, BotProcess, Cluster, bot_table, free_port
+from ombot.since import parse_since
+from tests.rigs import CHANNEL, Reply, SlackRig
+from tests.support import Cluster, bot_table, free_port
 from tests.test_storage import scratch
 
-SECRET = "5e1f0c2b9a8d7e6f5a4b3c2d1e0f9a8b"
-CHANNEL = "C0OPS"
 ALICE, BOB = "U0ALICE", "U0BOB"
 # A dead bot's jobs are adopted within the lease (15 s) and a tick (5 s); generous for a shared machine.
 TAKEOVER_BOUND = 60.0
 
 
-@dataclass
-class Rig:
-    fake: FakeSlack
-    cluster: Cluster
-    env: dict[str, str]
-    bots: dict[int, BotProcess] = field(default_factory=dict)  # port -> bot process
-
-    first_port: int = 0  # the port in the cluster's own config
-
-    @property
-    def port(self) -> int:
-        return self.first_port
-
-    def start_bot(self, port: int | None = None) -> BotProcess:
-        """A bot process; another port gets its own copy of the config (same keys, same database)."""
-        port = port or self.first_port
-        config, root = self.cluster.config_path, self.cluster.root
-        if port != self.first_port:
-            root = self.cluster.root / f"bot-{port}"  # its own log
-            root.mkdir(exist_ok=True)
-            config = self.cluster.root / f"ombot-{port}.toml"  # beside the original: relative paths still hold
-            config.write_text(self.cluster.config_path.read_text().replace(
-                f'listen = "127.0.0.1:{self.first_port}"', f'listen = "127.0.0.1:{port}"'))
-        shim: Any = SimpleNamespace(config_path=config, root=root)
-        bot = BotProcess(shim, self.env).start(port)
-        self.bots[port] = bot
-        return bot
+class Rig(SlackRig):
+    """The rig, with restarts in mind: bots killed and started again, each card finished exactly once."""
 
     def kill_bot(self, port: int | None = None) -> None:
         """SIGKILL: no clean stop, its leases are left to run out."""
@@ -74,41 +46,16 @@ class Rig:
         os.killpg(bot.proc.pid, signal.SIGKILL)
         bot.proc.wait()
 
-    def command(self, text: str, user: str = ALICE, port: int | None = None) -> str:
-        """Send /om TEXT; returns the response_url its answers go to."""
-        url = self.fake.new_response_url()
-        body = slash_command_body(text=text, user_id=user, channel_id=CHANNEL, response_url=url)
-        assert post_to_bot(port or self.port, body, SECRET)[0] == 200
-        return url
+    def answer(self, reply: Reply, needle: str = "") -> str:
+        """The first answer to a command whose body (as JSON) holds `needle`."""
+        return reply.wait_body(needle)
 
-    def answer(self, url: str, needle: str = "") -> str:
-        token = url.rsplit("/", 1)[1]
-
-        def found() -> str | None:
-            texts = [json.dumps(c.body) for c in self.fake.response_posts if c.path.endswith(token)]
-            return next((t for t in texts if needle in t), None)
-        try:
-            return self.fake.wait_for(found, what=f"an answer containing {needle!r}")
-        except AssertionError:
-            print([c.body for c in self.fake.response_posts if c.path.endswith(token)])
-            raise
-
-    def started(self, url: str) -> int:
-        text = self.answer(url, "Starting job #")
-        return int(text.split("Starting job #", 1)[1].split(":", 1)[0])
-
-    def card(self, number: int) -> dict[str, Any] | None:
-        return next((m for m in self.fake.messages(CHANNEL) if m.get("text", "").startswith(f"[#{number} ")), None)
+    def started(self, reply: Reply) -> int:
+        return reply.number("Starting job #")
 
     def card_in(self, number: int, state: str, timeout: float = 30) -> dict[str, Any]:
         return self.fake.wait_for(lambda: (c := self.card(number)) and f"[#{number} {state}]" in c["text"] and c,
                                   timeout, what=f"job #{number} {state}")
-
-    def final_card(self, number: int, timeout: float = 30) -> dict[str, Any]:
-        def final() -> dict[str, Any] | None:
-            card = self.card(number)
-            return card if card and card["text"].split("]")[0].split()[-1] in FINAL_STATES else None
-        return self.fake.wait_for(final, timeout, what=f"job #{number} to end")
 
     def results_posts(self, card: dict[str, Any]) -> list[Any]:
         """Every message posted into the card's thread (the results), counted as Slack received them."""
@@ -131,38 +78,14 @@ class Rig:
     def bot_db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.cluster.root / "state" / "bot.db", timeout=10)
 
-    def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        with self.bot_db() as conn:
-            return conn.execute(sql, args).fetchall()
-
-    def stop(self) -> None:
-        for bot in self.bots.values():
-            bot.stop()
-
 
 @pytest.fixture
-def make_rig(make_cluster: Callable[..., Cluster]) -> Iterator[Callable[..., Rig]]:
-    made: list[Rig] = []
-    with FakeSlack() as fake:
-        def make(idcs: dict[str, list[str]] | None = None, env: dict[str, str] | None = None,
-                 **bot_settings: object) -> Rig:
-            port = free_port()
-            cluster = make_cluster(idcs, module_dirs=[REPO / "tests" / "site_modules"],
-                                   extra_toml=bot_table(port, TEAM_ID, **bot_settings))
-            for master_id in cluster.ports:
-                cluster.start(master_id)
-            rig = Rig(fake, cluster, {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET,
-                                      "OMBOT_SLACK_API_URL": fake.url, **(env or {})}, first_port=port)
-            rig.start_bot(port)
-            made.append(rig)
-            return rig
-
-        try:
-            yield make
-            fake.assert_no_violations()
-        finally:
-            for rig in made:
-                rig.stop()
+def make_rig(make_slack_rig: Callable[..., Rig]) -> Callable[..., Rig]:
+    """make_rig(idcs, env, **[bot] keys): a rig whose masters all run."""
+    def make(idcs: dict[str, list[str]] | None = None, env: dict[str, str] | None = None,
+             **bot_settings: object) -> Rig:
+        return make_slack_rig(idcs, kind=Rig, env=env, **bot_settings)
+    return make
 
 
 # -- restarts never leave a card stuck ------------------------------------------------------------

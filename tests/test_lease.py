@@ -1,4 +1,4 @@
-"""bot.lease on SQLite, MariaDB and PostgreSQL: one holder at a time, renewed by its holder, taken over
+"""ombot.lease on SQLite, MariaDB and PostgreSQL: one holder at a time, renewed by its holder, taken over
 once it runs out, and timed by the database's clock: a process whose own clock is a day off still
 agrees with the database on when a lease ends.
 """
@@ -12,7 +12,8 @@ from pathlib import Path
 import peewee
 import pytest
 
-from bot import lease, store
+from bot import store
+from ombot import lease
 from ombot.clock import now_ms
 from tests.test_storage import BACKENDS, scratch
 

@@ -13,56 +13,31 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-import rpyc
 
 from bot.console import ConsoleTransport
-from bot.messages import Markup, Message, code, error_message, escape, for_slack, plain, section
 from bot.transport import ChatRequest
-from masters.envelope import Peer, new_request
-from masters.keys import decode_public
 from ombot.errors import ConfigError
-from tests.fakeslack import TEAM_ID, FakeSlack, post_to_bot
-from tests.support import CLI_CLIENT, BotProcess, Cluster, bot_table, child_env, free_port
-from tests.test_audit_agent import AGENT, HOST, event
-from tests.test_audit_alerts import AGENT_CLIENTS, with_agent_hosts
+from ombot.message import Markup, Message, code, error_message, escape, for_slack, plain, section
+from tests.fakeslack import FakeSlack, post_to_bot
+from tests.rigs import (
+    AUDIT_CHANNEL, CHANNEL, SECRET, SlackRig, approval, audit_site, floor, ingest, policy, role, rule, slack_env, table,
+)
+from tests.support import CLI_CLIENT, Cluster, bot_table, child_env, free_port
+from tests.test_audit_agent import event
 
-SECRET = "5e1f0c2b9a8d7e6f5a4b3c2d1e0f9a8b"
-CHANNEL = "C0OPS"
-AUDIT_CHANNEL = "C0AUDIT"
 ALICE, LEAD, OTHER = "U0ALICE", "U0LEAD", "U0OTHER"
 PINGS = ("<!channel>", "<!here>", f"<@{OTHER}>")
 LOUD = " ".join(PINGS)
 QUIET = escape(LOUD)  # what each message must show instead: &lt;!channel&gt; &lt;!here&gt; &lt;@U0OTHER&gt;
-POLICY = f"""\
-[roles.ops]
-users = ["{ALICE}"]
-
-[roles.leads]
-users = ["{LEAD}"]
-
-[roles.auditors]
-users = ["{ALICE}"]
-
-[[rules]]
-name = "shell needs a lead"
-modules = ["shell.exec"]
-request = ["ops"]
-approval = {{ count = 1, roles = ["leads"] }}
-
-[[rules]]
-name = "everyday"
-modules = ["echo"]
-request = ["ops"]
-
-[audit]
-viewers = ["auditors"]
-"""
+POLICY = policy(role("ops", ALICE), role("leads", LEAD), role("auditors", ALICE),
+                rule("shell needs a lead", modules=["shell.exec"], request=["ops"], approval=approval()),
+                rule("everyday", modules=["echo"], request=["ops"]),
+                table("audit", viewers=["auditors"]))
 RULES = f"""
 channel = "{AUDIT_CHANNEL}"
 
@@ -71,7 +46,7 @@ name = "loud"
 keywords = ["LOUD"]
 cooldown_seconds = 0
 """
-FLOOR = '\n[masters.m1.approvals]\n"shell.exec" = 1\n'
+FLOOR = floor("m1")
 
 
 def typed(text: str) -> str:
@@ -79,42 +54,17 @@ def typed(text: str) -> str:
     return html.escape(text, quote=False)
 
 
-@dataclass
-class Rig:
-    fake: FakeSlack
-    cluster: Cluster
-    bot: BotProcess
-    port: int
+class Rig(SlackRig):
+    """The rig, asked as a person types: `ask` sends the text with Slack's entities."""
 
     def ask(self, text: str, user: str = ALICE) -> Callable[[str], str]:
         """`/om TEXT` typed in Slack; returns a waiter for an answer to `user` alone (its whole body as
         JSON) that holds a needle."""
-        fields = self.fake.slash_command(text=typed(text), user_id=user, channel_id=CHANNEL)
-        assert post_to_bot(self.port, urlencode(fields), SECRET)[0] == 200
-        token = fields["response_url"].rsplit("/", 1)[1]
-
-        def answer(needle: str) -> str:
-            def found() -> str | None:
-                return next((json.dumps(c.body) for c in self.fake.response_posts
-                             if c.path.endswith(token) and needle in json.dumps(c.body)), None)
-            return self.fake.wait_for(found, what=f"an answer to {text!r} with {needle!r}")
-        return answer
-
-    def posted(self, channel: str, needle: str, timeout: float = 30) -> dict[str, Any]:
-        """A message in `channel` (replies included), as it stands now, whose text holds `needle`."""
-        return self.fake.wait_for(lambda: next((m for m in self.fake.messages(channel, include_replies=True)
-                                                if needle in m.get("text", "")), None),
-                                  timeout, what=f"a message with {needle!r} in {channel}")
+        return self.command(typed(text), user).wait_body
 
     def ingest(self, events: list[dict[str, Any]]) -> None:
         """A batch straight from web01's agent key to the master, as the agent would send it."""
-        peer = Peer(self.cluster.identity(AGENT), decode_public(self.cluster.config().masters["m1"].public_key))
-        conn = rpyc.connect("127.0.0.1", self.cluster.ports["m1"], config={"allow_pickle": False})
-        try:
-            request = new_request("ingest", "m1", f"agent:{HOST}", "agent", {"host": HOST, "events": events})
-            assert peer.open_reply(conn.root.ingest(peer.seal_request(request)), request)["stored"] == len(events)
-        finally:
-            conn.close()
+        assert ingest(self.cluster, "m1", events)["stored"] == len(events)
 
 
 def sent_to_slack(fake: FakeSlack) -> list[str]:
@@ -129,25 +79,8 @@ def assert_pings_nobody(shown: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    with FakeSlack() as fake:
-        port = free_port()
-        table = bot_table(port, TEAM_ID, audit_rules="audit-rules.toml", audit_poll_seconds=0.2)
-        cluster = with_agent_hosts(Cluster(tmp_path_factory.mktemp("mentions"), {"local": ["m1"]}, policy=POLICY,
-                                           clients=dict(AGENT_CLIENTS), admins=(CLI_CLIENT,),
-                                           extra_toml=table + FLOOR))
-        (cluster.root / "audit-rules.toml").write_text(RULES)
-        bot: BotProcess | None = None
-        try:
-            cluster.start("m1")
-            env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url}
-            bot = BotProcess(cluster, env).start(port)
-            yield Rig(fake, cluster, bot, port)
-            fake.assert_no_violations()
-        finally:
-            if bot is not None:
-                bot.stop()
-            cluster.stop_all()
+def rig(make_module_slack_rig) -> Rig:
+    return make_module_slack_rig(kind=Rig, policy=POLICY, admins=(CLI_CLIENT,), extra_toml=FLOOR, **audit_site(RULES))
 
 
 # -- through Slack -------------------------------------------------------------------------------------
@@ -307,9 +240,8 @@ def test_the_slack_app_refuses_to_start_without_a_team_id(make_cluster: Callable
         port = free_port()
         cluster = make_cluster(extra_toml=bot_table(port, team_id=None))
         cluster.start("m1")
-        env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url}
         started = subprocess.run([sys.executable, "-m", "ombot", "--config", str(cluster.config_path), "bot"],
-                                 capture_output=True, text=True, timeout=60, env=child_env(env))
+                                 capture_output=True, text=True, timeout=60, env=child_env(slack_env(fake)))
         assert started.returncode != 0
         assert "[bot] team_id is not set" in started.stderr + started.stdout
         with socket.socket() as s:

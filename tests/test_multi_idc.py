@@ -13,75 +13,36 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 
 from approvals import Gate, PolicyRefusal, authorize_parts
 from approvals.policy import parse_policy
-from bot.console import PROMPT
 from ombot import config as cfg
 from ombot.errors import ConfigError
 from tests import sshd
-from tests.fakeslack import TEAM_ID, FakeSlack, interactive_body, post_to_bot
-from tests.support import REPO, BotProcess, Cluster, bot_table, free_port
-from tests.test_approvals import Reply
-from tests.test_console import quit_console, say, spawn_console
+from tests.rigs import (
+    CHANNEL, SHOWN_PROMPT, SlackRig, approval, console, console_site, floor, policy, quit_console, role, rule, say,
+)
+from tests.support import BotProcess, Cluster
 
-SECRET = "0c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f"
-CHANNEL = "C0OPS"
 ALICE, LEAD1 = "U0ALICE", "U0LEAD1"
 
-POLICY = """\
-[roles.ops]
-users = ["U0ALICE", "cli:test"]
-
-[roles.leads]
-users = ["U0LEAD1"]
-
-[[rules]]
-name = "shell needs a lead"
-modules = ["shell.exec"]
-request = ["ops"]
-approval = { count = 1, roles = ["leads"] }
-
-[[rules]]
-name = "everyday"
-modules = ["echo", "ping", "test.sleep"]
-request = ["ops"]
-max_hosts = 4
-"""
+POLICY = policy(role("ops", ALICE, "cli:test"), role("leads", LEAD1),
+                rule("shell needs a lead", modules=["shell.exec"], request=["ops"], approval=approval()),
+                rule("everyday", modules=["echo", "ping", "test.sleep"], request=["ops"], max_hosts=4))
 # Each master's own floor: the approver must reach every part's master.
-FLOORS = '\n[masters.bj-1.approvals]\n"shell.exec" = 1\n\n[masters.sh-1.approvals]\n"shell.exec" = 1\n'
+FLOORS = floor("bj-1", "sh-1")
 
 
 # -- the rig ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Rig:
-    fake: FakeSlack
-    cluster: Cluster
-    bot: BotProcess
-    port: int
-
-    def command(self, text: str, user: str = ALICE) -> Reply:
-        fields = self.fake.slash_command(text=text, user_id=user, channel_id=CHANNEL)
-        status, _ = post_to_bot(self.port, urlencode(fields), SECRET)
-        assert status == 200
-        return Reply(self.fake, fields["response_url"])
-
-    def click(self, action_id: str, value: str, ts: str, user: str) -> Reply:
-        payload = self.fake.block_actions(action_id, value, user_id=user, channel_id=CHANNEL, message_ts=ts)
-        assert post_to_bot(self.port, interactive_body(payload), SECRET)[0] == 200
-        return Reply(self.fake, payload["response_url"])
-
-    def cards(self, number: int) -> list[dict[str, Any]]:
-        return [m for m in self.fake.messages(CHANNEL) if m.get("text", "").startswith(f"[#{number} ")]
+class Rig(SlackRig):
+    """The rig, with a request over several IDCs in mind: one card for every part, each part's job."""
 
     def card_when(self, number: int, needle: str | re.Pattern[str], timeout: float = 60) -> dict[str, Any]:
         """The request's card once its text shows `needle` (the card is updated in place)."""
@@ -94,31 +55,25 @@ class Rig:
         return self.fake.wait_for(found, timeout, what=f"card #{number} showing {needle!r}: {self.cards(number)}")
 
     def results(self, card: dict[str, Any], count: int) -> list[str]:
-        return self.fake.wait_for(lambda: (lambda r: r if len(r) >= count else None)(
-            [m["text"] for m in self.fake.thread(CHANNEL, card["ts"]) if m["ts"] != card["ts"]]),
-            60, what=f"{count} results in the thread")
+        return [m["text"] for m in self.replies(card, count, timeout=60)]
 
     def approval_messages(self, number: int) -> list[dict[str, Any]]:
         return [m for m in self.fake.messages(CHANNEL) if m.get("text", "").startswith(f"[approval #{number} ")]
 
     def master_jobs(self, master_id: str) -> dict[str, dict[str, Any]]:
         """Every job the master accepted: id -> hosts, approvers, state."""
-        path = self.cluster.root / f"state-{master_id}" / f"{master_id}.db"
-        with sqlite3.connect(path, timeout=10) as conn:
-            rows = conn.execute("SELECT id, hosts, approvers, state, module FROM job").fetchall()
+        rows = self.master_rows(master_id, "SELECT id, hosts, approvers, state, module FROM job")
         return {r[0]: {"hosts": json.loads(r[1]), "approvers": json.loads(r[2]), "state": r[3], "module": r[4]}
                 for r in rows}
 
     def is_part(self, job_id: str) -> bool:
         """Whether the bot stored the job as a part of a request over several IDCs (bot_multi_part)."""
-        with sqlite3.connect(self.cluster.root / "state" / "bot.db", timeout=10) as conn:
-            return conn.execute("SELECT 1 FROM bot_multi_part WHERE job_id = ?", (job_id,)).fetchone() is not None
+        return bool(self.rows("SELECT 1 FROM bot_multi_part WHERE job_id = ?", job_id))
 
     def bot_jobs(self, *numbers: int) -> dict[int, tuple[str, str, str]]:
         """number -> (job id, idc, state) in the bot's database."""
-        with sqlite3.connect(self.cluster.root / "state" / "bot.db", timeout=10) as conn:
-            rows = conn.execute(f"SELECT number, job_id, idc, state FROM bot_job WHERE number IN "
-                                f"({','.join('?' * len(numbers))})", numbers).fetchall()
+        rows = self.rows(f"SELECT number, job_id, idc, state FROM bot_job WHERE number IN "
+                         f"({','.join('?' * len(numbers))})", *numbers)
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
 
@@ -146,35 +101,24 @@ def drop_tables(text: str, names: set[str]) -> str:
     return "".join(kept)
 
 
-def make_cluster(root: Path, hosts: sshd.SshHosts, port: int) -> Cluster:
-    cluster = Cluster(root, {"bj": ["bj-1"], "sh": ["sh-1"], "gz": ["gz-1"]},
-                      module_dirs=[REPO / "tests" / "site_modules"], policy=POLICY,
-                      extra_toml=bot_table(port, TEAM_ID) + FLOORS)
-    (root / "inventory-sh.ini").write_text(hosts.inventory(group="web", unreachable=None))
-    text = in_section(cluster.config_path.read_text(), "masters.sh-1", 'inventory = "inventory.ini"',
-                      'inventory = "inventory-sh.ini"\nbackend = "ansible"')
-    cluster.config_path.write_text(text)
-    # The same site without gz, whose master never answers: `idc=*` there can succeed everywhere.
-    without_gz = drop_tables(text, {"idcs.gz", "masters.gz-1", "masters.gz-1.limits"})
-    assert "gz-1" not in without_gz and "[bot]" in without_gz
-    (root / "all-up.toml").write_text(without_gz)
-    return cluster
+def sh_on_ansible(hosts: sshd.SshHosts) -> Callable[[Cluster], None]:
+    """The site's edit: IDC sh's master drives the sshd hosts through Ansible; all-up.toml is the same
+    site without gz, whose master never answers (`idc=*` there can succeed everywhere)."""
+    def prepare(cluster: Cluster) -> None:
+        (cluster.root / "inventory-sh.ini").write_text(hosts.inventory(group="web", unreachable=None))
+        text = in_section(cluster.config_path.read_text(), "masters.sh-1", 'inventory = "inventory.ini"',
+                          'inventory = "inventory-sh.ini"\nbackend = "ansible"')
+        cluster.config_path.write_text(text)
+        without_gz = drop_tables(text, {"idcs.gz", "masters.gz-1", "masters.gz-1.limits"})
+        assert "gz-1" not in without_gz and "[bot]" in without_gz
+        (cluster.root / "all-up.toml").write_text(without_gz)
+    return prepare
 
 
 @pytest.fixture(scope="module")
-def shared_rig(hosts: sshd.SshHosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    with FakeSlack() as fake:
-        port = free_port()
-        cluster = make_cluster(tmp_path_factory.mktemp("multi") / "site", hosts, port)
-        cluster.start("bj-1")
-        cluster.start("sh-1")
-        env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url}
-        rig = Rig(fake, cluster, BotProcess(cluster, env).start(port), port)
-        try:
-            yield rig
-        finally:
-            rig.bot.stop()
-            cluster.stop_all()
+def shared_rig(hosts: sshd.SshHosts, make_module_slack_rig) -> Rig:
+    return make_module_slack_rig({"bj": ["bj-1"], "sh": ["sh-1"], "gz": ["gz-1"]}, kind=Rig, policy=POLICY,
+                                 extra_toml=FLOORS, prepare=sh_on_ansible(hosts), start=["bj-1", "sh-1"])
 
 
 @pytest.fixture
@@ -391,22 +335,15 @@ def test_ombot_run_in_every_idc_exits_0_only_when_every_part_succeeded(rig: Rig)
 def test_every_idc_when_only_one_is_configured_is_a_plain_request(tmp_path: Path) -> None:
     """`idc=*` in a site of one IDC: in `ombot console` (the same dispatcher as Slack) the job and its
     card are those of a single-IDC request, with no per-IDC lines."""
-    cluster = Cluster(tmp_path / "site", {"bj": ["bj-1"]}, policy=POLICY, extra_toml=bot_table(console_user=ALICE))
-    cluster.start("bj-1")
-    child = spawn_console(cluster)
-    try:
-        child.expect_exact(PROMPT.rstrip())  # a terminal shows the prompt's trailing space as a cursor move
+    with console_site(tmp_path / "site", {"bj": ["bj-1"]}, user=ALICE, policy=POLICY) as cluster, \
+            console(cluster) as child:
+        child.expect_exact(SHOWN_PROMPT)  # a terminal shows the prompt's trailing space as a cursor move
         say(child, "/om ping web01 idc=*")
         child.expect_exact(f"(to {ALICE}) Starting job #1: `ping` on 1 host(s) in bj: web01")
         child.expect(rf"\[#1 ok\] ping on 1 host\(s\) in bj by {ALICE}: 1/1 hosts · 1 ok · 0 failed[^\n]*\r?\n")
         child.expect_exact("Results of #1")
         assert quit_console(child) == 0
         assert "IDCs" not in child.logfile_read.text and "bj #1: " not in child.logfile_read.text  # no split
-    finally:
-        print(child.logfile_read.text)  # pytest shows it only when the test failed
-        if child.isalive():
-            child.terminate(force=True)
-        cluster.stop_all()
     with sqlite3.connect(cluster.root / "state" / "bot.db", timeout=10) as conn:
         jobs = conn.execute("SELECT number, idc, state, hosts FROM bot_job").fetchall()
         assert jobs == [(1, "bj", "ok", '["web01"]')]

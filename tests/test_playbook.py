@@ -19,12 +19,11 @@ import pytest
 from masters.envelope import Refused
 from tests import sshd
 from tests.fakeslack import TEAM_ID, FakeSlack, post_to_bot, slash_command_body
-from tests.support import REPO, BotProcess, Cluster, bot_table, free_port
+from tests.rigs import CHANNEL, SECRET, approval, floor, policy, role, rule, slack_rig
+from tests.support import REPO, Cluster, bot_table, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sshd.available(), reason="needs openssh-server (sshd)")]
 
-SECRET = "0a1b2c3d4e5f60718293a4b5c6d7e8f9"
-CHANNEL = "C0OPS"
 INJECTED = Path(f"/tmp/ombot-injected-{uuid.uuid4().hex}")
 LOOKUP = "{{ lookup('pipe', 'touch %s') }}" % INJECTED
 MOTD = """\
@@ -52,23 +51,10 @@ default = 1
 kind = "path"
 roots = ["/tmp"]
 """
-POLICY = """\
-[roles.ops]
-users = ["U0ALICE", "cli:test"]
-[roles.leads]
-users = ["U0LEAD1"]
-
-[[rules]]
-name = "pushes need a lead"
-modules = ["file.push"]
-request = ["ops"]
-approval = { count = 1, roles = ["leads"], expiry_seconds = 600 }
-
-[[rules]]
-name = "the rest"
-modules = ["*"]
-request = ["ops"]
-"""
+POLICY = policy(role("ops", "U0ALICE", "cli:test"), role("leads", "U0LEAD1"),
+                rule("pushes need a lead", modules=["file.push"], request=["ops"],
+                     approval=approval(expiry_seconds=600)),
+                rule("the rest", modules=["*"], request=["ops"]))
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +75,8 @@ def cluster(hosts: sshd.SshHosts, books: Path, tmp_path_factory: pytest.TempPath
     port = free_port()
     made = Cluster(tmp_path_factory.mktemp("playbook") / "c", {"local": ["m1"], "here": ["m2"]},
                    inventory=hosts.inventory() + "[mine]\nlocalhost ansible_connection=local\n", policy=POLICY,
-                   extra_toml=(f'[masters.m1.ansible]\nplaybooks = "{books}"\n'
-                               '[masters.m1.approvals]\n"file.push" = 1\n' + bot_table(port, TEAM_ID)))
+                   extra_toml=(f'[masters.m1.ansible]\nplaybooks = "{books}"\n' + floor("m1", module="file.push")
+                               + bot_table(port, TEAM_ID)))
     text = made.config_path.read_text()
     made.config_path.write_text(text.replace('state_dir = "state-m1"', 'state_dir = "state-m1"\nbackend = "ansible"'))
     made.ports["bot"] = port
@@ -285,14 +271,8 @@ def test_the_cli_dry_run_prints_the_playbook_and_check_runs_say_so(cluster: Clus
 
 @pytest.fixture(scope="module")
 def slack(cluster: Cluster) -> Iterator[FakeSlack]:
-    with FakeSlack() as fake:
-        env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url}
-        bot = BotProcess(cluster, env).start(cluster.ports["bot"])
-        try:
-            yield fake
-            fake.assert_no_violations()
-        finally:
-            bot.stop()
+    with slack_rig(cluster.root, cluster=cluster) as rig:
+        yield rig.fake
 
 
 def _command(cluster: Cluster, fake: FakeSlack, text: str, user: str = "U0ALICE") -> None:

@@ -3,7 +3,7 @@ fake Slack Web API, and a real master; two bots on one PostgreSQL database for t
 
 Intervals of a few seconds are allowed here by `[bot] schedule_min_interval_seconds = 1` (the
 default is 60). A bot stopped with SIGTERM lets go of the schedules lease and the next one fires at
-once; one killed with SIGKILL holds it until it runs out (bot.schedules.LEASE_TTL_MS), and the
+once; one killed with SIGKILL holds it until it runs out (bot.schedules.service.LEASE_TTL_MS), and the
 other takes over then. Every wait is a generous bound, never a measurement.
 """
 
@@ -17,12 +17,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import peewee
 import pexpect
@@ -32,102 +31,52 @@ from playhouse.migrate import migrate as run_operations
 
 from bot import schedules as sched
 from bot import store
+from bot.schedules.render import plain_when
 from bot.settings import BotSettings
 from ombot.clock import now_ms
-from ombot.errors import ConfigError
+from ombot.errors import CommandError, ConfigError
 from ombot.storage import SchemaVersion, connect_url
-from tests.fakeslack import TEAM_ID, FakeSlack, interactive_body, post_to_bot
-from tests.support import CLI_CLIENT, REPO, BotProcess, Cluster, bot_table, child_env, free_port
-from tests.test_approvals import Reply as ApprovalReply
-from tests.test_console import say, spawn_console
+from tests import rigs
+from tests.rigs import Reply, SlackRig, approval, console, console_site, floor, role, rule, say, slack_rig, table
+from tests.support import CLI_CLIENT, Cluster, bot_table, child_env
 from tests.test_storage import BACKENDS, scratch
 
-SECRET = "0c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f"
 ALICE, LEAD1, LEAD2, MALLORY = "U0ALICE", "U0LEAD1", "U0LEAD2", "U0MALLORY"
 ONCALL, AUDITOR = "U0ONCALL", "U0AUDIT"  # a `cancel` role of the shell rule; a `[jobs] viewers` role
 TAKEOVER = 40.0  # the lease's 10 s, a renewal, a bot start: generously
 DAY_MS = 86_400_000
 
-POLICY = """\
-[roles.ops]
-users = ["U0ALICE"]
-
-[roles.leads]
-users = [LEADS]
-
-[roles.oncall]
-users = ["U0ONCALL"]
-
-[roles.auditors]
-users = ["U0AUDIT"]
-
-[jobs]
-viewers = ["auditors"]
-
-[[rules]]
-name = "db hosts are for nobody"
-modules = ["echo"]
-targets = ["db*"]
-request = []
-
-[[rules]]
-name = "shell needs a lead"
-modules = ["shell.exec"]
-targets = ["localhost"]
-request = ["ops"]
-approval = { count = 1, roles = ["leads"] }
-cancel = ["oncall"]
-
-[[rules]]
-name = "shell on web needs a lead"
-modules = ["shell.exec"]
-targets = ["web*"]
-request = ["ops"]
-approval = { count = 1, roles = ["leads"] }
-
-[[rules]]
-name = "everyday"
-modules = ["echo", "test.sleep"]
-targets = ["web*", "localhost"]
-request = ["ops"]
-"""
-MASTER_FLOOR = '\n[masters.m1.approvals]\n"shell.exec" = 1\n'
+MASTER_FLOOR = floor("m1")
 
 
 def policy(leads: str = '"U0LEAD1", "U0LEAD2"', ops: str = '"U0ALICE"') -> str:
-    return POLICY.replace("[LEADS]", f"[{leads}]").replace('users = ["U0ALICE"]', f"users = [{ops}]")
+    """The suite's policy; `leads` and `ops` are the users of those roles as a TOML list spells its items."""
+    def users(items: str) -> list[str]:
+        return list(tomllib.loads(f"users = [{items}]")["users"])
+    return rigs.policy(
+        role("ops", *users(ops)), role("leads", *users(leads)), role("oncall", ONCALL), role("auditors", AUDITOR),
+        table("jobs", viewers=["auditors"]),
+        rule("db hosts are for nobody", modules=["echo"], targets=["db*"], request=[]),
+        rule("shell needs a lead", modules=["shell.exec"], targets=["localhost"], request=["ops"], approval=approval(),
+             cancel=["oncall"]),
+        rule("shell on web needs a lead", modules=["shell.exec"], targets=["web*"], request=["ops"],
+             approval=approval()),
+        rule("everyday", modules=["echo", "test.sleep"], targets=["web*", "localhost"], request=["ops"]))
 
 
-class Reply(ApprovalReply):
-    """The answers to one command, waited for longer: schedules fire on their own time."""
+class Rig(SlackRig):
+    """The rig, with schedules in mind: each test keeps to its own channel, answers come on the schedule's
+    time (so they are waited for longer), and `bots` may be two on one database."""
 
-    def wait(self, needle: str, timeout: float = 30) -> str:
-        return super().wait(needle, timeout)
+    reply_wait = 30.0
 
-
-@dataclass
-class Rig:
-    fake: FakeSlack
-    cluster: Cluster
-    bots: list[BotProcess]
-    ports: list[int]
-    env: dict[str, str]
-
-    def command(self, text: str, channel: str, user: str = ALICE, bot: int = 0) -> Reply:
-        fields = self.fake.slash_command(text=text, user_id=user, channel_id=channel)
-        status, _ = post_to_bot(self.ports[bot], urlencode(fields), SECRET)
-        assert status == 200
-        return Reply(self.fake, fields["response_url"])
-
-    def click(self, action_id: str, value: str, ts: str, user: str, channel: str) -> Reply:
-        payload = self.fake.block_actions(action_id, value, user_id=user, channel_id=channel, message_ts=ts)
-        assert post_to_bot(self.ports[0], interactive_body(payload), SECRET)[0] == 200
-        return Reply(self.fake, payload["response_url"])
+    def command(self, text: str, channel: str, user: str = ALICE, bot: int = 0) -> Reply:  # type: ignore[override]
+        return super().command(text, user, channel, port=list(self.bots)[bot])
 
     def schedule(self, text: str, channel: str) -> int:
         return self.command(f"schedule {text}", channel).number("Schedule #")
 
-    def cards(self, channel: str, schedule: int) -> list[dict[str, Any]]:
+    def cards(self, channel: str, schedule: int) -> list[dict[str, Any]]:  # type: ignore[override]
         return [m for m in self.fake.messages(channel)
                 if m.get("text", "").startswith("[#") and f"schedule #{schedule} (" in m["text"]]
 
@@ -136,8 +85,7 @@ class Rig:
                                   timeout, what=f"{count} cards of schedule #{schedule}")
 
     def said(self, channel: str, needle: str, timeout: float = 30) -> dict[str, Any]:
-        return self.fake.wait_for(lambda: next((m for m in self.fake.messages(channel) if needle in m.get("text", "")),
-                                               None), timeout, what=f"a message with {needle!r} in {channel}")
+        return self.posted(channel, needle, timeout, replies=False)
 
     def approval(self, channel: str, schedule: int, state: str = "pending") -> dict[str, Any]:
         shape = re.compile(rf"^\[approval #\d+ {state}\] .* on schedule #{schedule} \(")
@@ -149,21 +97,15 @@ class Rig:
         buttons = next(b for b in message["blocks"] if b["type"] == "actions")["elements"]
         return self.click("om_approve", buttons[0]["value"], message["ts"], user, channel)
 
-    def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        with sqlite3.connect(self.cluster.root / "state" / "bot.db", timeout=10) as conn:
-            return conn.execute(sql, args).fetchall()
-
     def state_of(self, schedule: int) -> str:
         return str(self.rows("SELECT state FROM bot_schedule WHERE number = ?", schedule)[0][0])
 
     def master_hosts(self) -> list[list[str]]:
         """The host list of every job the master accepted."""
-        with sqlite3.connect(self.cluster.root / "state-m1" / "m1.db", timeout=10) as conn:
-            return [json.loads(row[0]) for row in conn.execute("SELECT hosts FROM job")]
+        return [json.loads(row[0]) for row in self.master_rows("m1", "SELECT hosts FROM job")]
 
     def master_jobs(self) -> list[str]:
-        with sqlite3.connect(self.cluster.root / "state-m1" / "m1.db", timeout=10) as conn:
-            return [row[0] for row in conn.execute("SELECT id FROM job")]
+        return [row[0] for row in self.master_rows("m1", "SELECT id FROM job")]
 
     def cli_schedules(self, admin: bool) -> str:
         """`ombot schedules` with the cluster's CLI key (`cli:test`, in no role), or that key made an admin."""
@@ -177,22 +119,13 @@ class Rig:
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    def bot(self, index: int) -> BotProcess:
-        """Bot `index`: the cluster's config, or a copy of it that listens on its own port."""
-        if index == 0:
-            return BotProcess(self.cluster, self.env)
-        site = Site(self.cluster.root / f"bot{index}", self.cluster.root / f"ombot-{index}.toml")
-        site.root.mkdir(exist_ok=True)
-        site.config_path.write_text(self.cluster.config_path.read_text().replace(
-            f'listen = "127.0.0.1:{self.ports[0]}"', f'listen = "127.0.0.1:{self.ports[index]}"'))
-        return BotProcess(site, self.env)  # type: ignore[arg-type]  # it reads only these two
+    restart = SlackRig.restart_bot
 
-    def restart(self, between: Any = None) -> None:
-        for bot in self.bots:
-            bot.stop()
-        if between is not None:
-            between()
-        self.bots = [self.bot(i).start(port) for i, port in enumerate(self.ports)]
+
+def site(grace: int = 5, **settings: Any) -> dict[str, Any]:
+    """slack_rig's keywords for this suite's site: its policy and floor, schedules allowed every second."""
+    return {"kind": Rig, "policy": policy(), "extra_toml": MASTER_FLOOR, "schedule_min_interval_seconds": 1,
+            "misfire_grace_seconds": grace, **settings}
 
 
 def run_id(rig: Rig, number: int, at: int) -> str:
@@ -201,38 +134,9 @@ def run_id(rig: Rig, number: int, at: int) -> str:
     return str(uuid.uuid5(sched.RUN_NAMESPACE, f"{schedule_id}@{at}"))
 
 
-def make_rig(root: Path, fake: FakeSlack, bots: int = 1, env: dict[str, str] | None = None,
-             grace: int = 5, **settings: object) -> Rig:
-    ports = [free_port() for _ in range(bots)]
-    table = bot_table(ports[0], TEAM_ID, schedule_min_interval_seconds=1, misfire_grace_seconds=grace, **settings)
-    cluster = Cluster(root, {"local": ["m1"]}, module_dirs=[REPO / "tests" / "site_modules"], policy=policy(),
-                      extra_toml=table + MASTER_FLOOR)
-    cluster.start("m1")
-    env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url,
-           **(env or {})}
-    rig = Rig(fake, cluster, [], ports, env)
-    rig.bots = [rig.bot(i).start(port) for i, port in enumerate(ports)]
-    return rig
-
-
-@dataclass
-class Site:
-    """Where a second bot process reads its config (the first's, on its own port) and writes its log."""
-
-    root: Path
-    config_path: Path
-
-
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    with FakeSlack() as fake:
-        rig = make_rig(tmp_path_factory.mktemp("schedules"), fake)
-        try:
-            yield rig
-        finally:
-            for bot in rig.bots:
-                bot.stop()
-            rig.cluster.stop_all()
+def shared(make_module_slack_rig) -> Rig:
+    return make_module_slack_rig(**site())
 
 
 @pytest.fixture
@@ -250,7 +154,7 @@ def test_timing_is_read_by_apscheduler_and_bad_timings_are_explained() -> None:
     for bad, needle in [("every 15", "every N"), ("every 0s", "too often"), ("every 5s", "too often"),
                         ("*/5 * * *", "five fields"), ("61 * * * *", "cannot read the cron line"),
                         ("every 1x", "every N")]:
-        with pytest.raises(sched.CommandError, match=needle):
+        with pytest.raises(CommandError, match=needle):
             sched.parse_timing(bad, min_interval=60)
     cron = sched.parse_timing("0 3 * * *").trigger(0)
     day = 86_400_000
@@ -266,7 +170,7 @@ def test_schedule_words() -> None:
     assert sched.schedule_words(["every", "15m", "run", "echo", "web01"])["timing"] == "every 15m"
     assert sched.schedule_words(["pause", "3"]) == {"action": "pause", "ref": "3", "timing": None, "run": None}
     for bad in ([], ["pause"], ["every", "15m", "echo"], ["run", "echo"], ["every", "15m", "run"]):
-        with pytest.raises(sched.CommandError):
+        with pytest.raises(CommandError):
             sched.schedule_words(bad)
 
 
@@ -663,13 +567,13 @@ def test_a_claimed_run_too_old_to_start_is_reported_and_holds_up_no_later_run(ri
         time.sleep(max(0.0, (at[0] - now_ms()) / 1000) + 7)
 
     rig.restart(between=died_after_claiming_then_nobody_ran)
-    rig.said(channel, f"Schedule #{number} skipped its run due {sched._plain_when(at[0])}: the bot that claimed it "
+    rig.said(channel, f"Schedule #{number} skipped its run due {plain_when(at[0])}: the bot that claimed it "
                       "stopped before starting it", 20)
     # the next card comes at once (nothing runs), and counts the lost run with the firings too old to run
 
     def next_card() -> dict[str, Any] | None:
         due = first_after(rig, number, at[0])
-        return next((c for c in rig.cards(channel, number) if due and f"run due {sched._plain_when(due)}" in c["text"]),
+        return next((c for c in rig.cards(channel, number) if due and f"run due {plain_when(due)}" in c["text"]),
                     None)
 
     card = rig.fake.wait_for(next_card, 20, what="the first card after the lost run")
@@ -802,56 +706,51 @@ def test_a_rule_that_now_asks_more_approvals_pauses_the_schedule_and_asks_again(
 def test_a_group_that_expands_to_other_hosts_pauses_the_schedule_and_asks_again(tmp_path: Path) -> None:
     """The approvers saw `web` as web01..web03; once the master's inventory says otherwise, nothing runs
     on the new hosts until someone approves them."""
-    with FakeSlack() as fake:
-        rig = make_rig(tmp_path / "regroup", fake, schedule_approval_days=2)
-        try:
-            channel = "C0REGROUP"
-            rig.command('schedule every 2s run shell.exec web cmd="echo regrouped"', channel).wait("Waiting as request #")
-            number = rig.rows("SELECT number FROM bot_schedule WHERE channel = ?", channel)[0][0]
-            before, after, until = approved_until(rig, number, lambda: rig.approve(
-                rig.approval(channel, number), LEAD1, channel).wait("is active now"))
-            assert before + 2 * DAY_MS <= until <= after + 2 * DAY_MS  # [bot] schedule_approval_days = 2
-            first = ["web01", "web02", "web03"]
-            assert rig.fake.wait_for(lambda: any(" ok]" in c["text"].split("\n")[0]
-                                                 for c in rig.cards(channel, number)), what="an approved run")
-            assert {tuple(h) for h in rig.master_hosts()} == {tuple(first)}
+    with slack_rig(tmp_path / "regroup", **site(schedule_approval_days=2)) as rig:
+        fake = rig.fake
+        channel = "C0REGROUP"
+        rig.command('schedule every 2s run shell.exec web cmd="echo regrouped"', channel).wait("Waiting as request #")
+        number = rig.rows("SELECT number FROM bot_schedule WHERE channel = ?", channel)[0][0]
+        before, after, until = approved_until(rig, number, lambda: rig.approve(
+            rig.approval(channel, number), LEAD1, channel).wait("is active now"))
+        assert before + 2 * DAY_MS <= until <= after + 2 * DAY_MS  # [bot] schedule_approval_days = 2
+        first = ["web01", "web02", "web03"]
+        assert rig.fake.wait_for(lambda: any(" ok]" in c["text"].split("\n")[0]
+                                             for c in rig.cards(channel, number)), what="an approved run")
+        assert {tuple(h) for h in rig.master_hosts()} == {tuple(first)}
 
-            # the group changes at the master: web01 leaves, web04 and web05 join
-            master = rig.cluster.processes["m1"]
-            master.stop()
-            inventory = rig.cluster.root / "inventory.ini"
-            inventory.write_text(inventory.read_text().replace(
-                "web01 ansible_connection=local\n", "").replace(
-                "web03 ansible_connection=local\n",
-                "web03 ansible_connection=local\nweb04 ansible_connection=local\nweb05 ansible_connection=local\n"))
-            master.start()
-            moved = ["web02", "web03", "web04", "web05"]
-            rig.said(channel, f"Schedule #{number} is paused: its targets now expand to 4 host(s), not the 3 approved. "
-                              "Asking for approval again.", TAKEOVER)
-            asked = rig.approval(channel, number)
-            assert "web04" in json.dumps(asked["blocks"])
-            row = rig.rows("SELECT state, hosts, approval_request FROM bot_schedule WHERE number = ?", number)[0]
-            assert row[0] == "awaiting" and sorted(json.loads(row[1])) == moved
-            [(request_state, request_hosts)] = rig.rows("SELECT state, hosts FROM approval_request WHERE request_id = ?",
-                                                        row[2])
-            assert request_state == "pending" and sorted(json.loads(request_hosts)) == moved
-            before = len(rig.cards(channel, number))
-            time.sleep(5)  # a few firings pass while it waits: none runs
-            assert len(rig.cards(channel, number)) == before and rig.state_of(number) == "awaiting"
-            assert all(sorted(h) == first for h in rig.master_hosts())  # nothing ran on the new hosts
+        # the group changes at the master: web01 leaves, web04 and web05 join
+        master = rig.cluster.processes["m1"]
+        master.stop()
+        inventory = rig.cluster.root / "inventory.ini"
+        inventory.write_text(inventory.read_text().replace(
+            "web01 ansible_connection=local\n", "").replace(
+            "web03 ansible_connection=local\n",
+            "web03 ansible_connection=local\nweb04 ansible_connection=local\nweb05 ansible_connection=local\n"))
+        master.start()
+        moved = ["web02", "web03", "web04", "web05"]
+        rig.said(channel, f"Schedule #{number} is paused: its targets now expand to 4 host(s), not the 3 approved. "
+                          "Asking for approval again.", TAKEOVER)
+        asked = rig.approval(channel, number)
+        assert "web04" in json.dumps(asked["blocks"])
+        row = rig.rows("SELECT state, hosts, approval_request FROM bot_schedule WHERE number = ?", number)[0]
+        assert row[0] == "awaiting" and sorted(json.loads(row[1])) == moved
+        [(request_state, request_hosts)] = rig.rows("SELECT state, hosts FROM approval_request WHERE request_id = ?",
+                                                    row[2])
+        assert request_state == "pending" and sorted(json.loads(request_hosts)) == moved
+        before = len(rig.cards(channel, number))
+        time.sleep(5)  # a few firings pass while it waits: none runs
+        assert len(rig.cards(channel, number)) == before and rig.state_of(number) == "awaiting"
+        assert all(sorted(h) == first for h in rig.master_hosts())  # nothing ran on the new hosts
 
-            rig.approve(asked, LEAD2, channel).wait("is active now")
-            card = rig.wait_cards(channel, number, before + 1)[before]
-            assert "shell.exec on 4 host(s)" in card["text"]
-            assert rig.fake.wait_for(lambda: any(sorted(h) == moved for h in rig.master_hosts()),
-                                     what="a run on the new host list at the master")
-            assert rig.state_of(number) == "active"
-            assert rig.rows("SELECT count(*) FROM approval_request WHERE channel = ?", channel) == [(2,)]
-            fake.assert_no_violations()
-        finally:
-            for bot in rig.bots:
-                bot.stop()
-            rig.cluster.stop_all()
+        rig.approve(asked, LEAD2, channel).wait("is active now")
+        card = rig.wait_cards(channel, number, before + 1)[before]
+        assert "shell.exec on 4 host(s)" in card["text"]
+        assert rig.fake.wait_for(lambda: any(sorted(h) == moved for h in rig.master_hosts()),
+                                 what="a run on the new host list at the master")
+        assert rig.state_of(number) == "active"
+        assert rig.rows("SELECT count(*) FROM approval_request WHERE channel = ?", channel) == [(2,)]
+        fake.assert_no_violations()
 
 
 # -- two bots on one PostgreSQL database ------------------------------------------------------------
@@ -859,8 +758,9 @@ def test_a_group_that_expands_to_other_hosts_pauses_the_schedule_and_asks_again(
 
 @pytest.mark.slow
 def test_two_bots_fire_each_run_once_and_one_takes_over_when_the_other_dies(tmp_path: Path) -> None:
-    with scratch("postgres", tmp_path) as url, FakeSlack() as fake:
-        rig = make_rig(tmp_path / "two", fake, bots=2, env={"OMBOT_BOT_DATABASE_URL": url})
+    with scratch("postgres", tmp_path) as url, \
+            slack_rig(tmp_path / "two", bots=2, env={"OMBOT_BOT_DATABASE_URL": url}, **site()) as rig:
+        fake = rig.fake
         db = connect_url(url)
         try:
             channel = "C0TWO"
@@ -872,7 +772,7 @@ def test_two_bots_fire_each_run_once_and_one_takes_over_when_the_other_dies(tmp_
                 return str(row[0])
 
             pid = int(holder().split(":")[1])
-            leader = next(b for b in rig.bots if b.proc is not None and b.proc.pid == pid)
+            leader = next(b for b in rig.bots.values() if b.proc is not None and b.proc.pid == pid)
             assert leader.proc is not None
             os.killpg(leader.proc.pid, signal.SIGKILL)  # it dies holding the lease, which has to run out
             leader.proc.wait()
@@ -893,12 +793,12 @@ def test_two_bots_fire_each_run_once_and_one_takes_over_when_the_other_dies(tmp_
             # that one run (claimed, not yet sent), never doubled it
             assert len(runs) - len(at_master) <= 1
             for job, at in runs:
-                due = f"run due {sched._plain_when(at)}"
+                due = f"run due {plain_when(at)}"
                 if job in jobs:  # exactly one card, whichever bot posted or finished it
                     fake.wait_for(lambda: any(due in c["text"] for c in rig.cards(channel, number)), what=due)
                     assert len([c for c in rig.cards(channel, number) if due in c["text"]]) == 1, due
                 else:  # claimed, never stored as a job, too old to start by the takeover: the channel hears of it
-                    rig.said(channel, f"Schedule #{number} skipped its run due {sched._plain_when(at)}: the bot that "
+                    rig.said(channel, f"Schedule #{number} skipped its run due {plain_when(at)}: the bot that "
                                       "claimed it stopped before starting it")
             # a takeover that sent a run again would get the first job back, marked a duplicate
             router = rig.cluster.router(ALICE)
@@ -910,9 +810,6 @@ def test_two_bots_fire_each_run_once_and_one_takes_over_when_the_other_dies(tmp_
             assert reply["duplicate"] is True and sorted(rig.master_jobs()) == sorted(at_master)
         finally:
             db.close()
-            for bot in rig.bots:
-                bot.stop()
-            rig.cluster.stop_all()
 
 
 # -- the console ------------------------------------------------------------------------------------
@@ -920,11 +817,7 @@ def test_two_bots_fire_each_run_once_and_one_takes_over_when_the_other_dies(tmp_
 
 @pytest.mark.slow
 def test_console_schedules(tmp_path: Path) -> None:
-    cluster = Cluster(tmp_path / "console", {"local": ["m1"]}, module_dirs=[REPO / "tests" / "site_modules"],
-                      extra_toml=bot_table(console_user="U0DEMO", schedule_min_interval_seconds=1))
-    cluster.start("m1")
-    child = spawn_console(cluster)
-    try:
+    with console_site(tmp_path / "console", schedule_min_interval_seconds=1) as cluster, console(cluster) as child:
         child.expect_exact("OMBot console: you are U0DEMO.")
         say(child, "/om schedule every 2s run echo localhost message=console")
         child.expect(r"Schedule #(\d+) is active")
@@ -936,8 +829,3 @@ def test_console_schedules(tmp_path: Path) -> None:
         child.expect_exact(f"Deleted schedule #{number}")
         say(child, "/quit")
         child.expect(pexpect.EOF)
-    finally:
-        print(child.logfile_read.text)
-        if child.isalive():
-            child.terminate(force=True)
-        cluster.stop_all()

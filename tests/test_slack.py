@@ -5,71 +5,32 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from masters import FINAL_STATES
-from tests.fakeslack import (
-    TEAM_ID, FakeSlack, block_actions_body, post_to_bot, signed_request, slash_command_body, view_submission_body,
-)
-from tests.support import REPO, BotProcess, Cluster, bot_table, free_port
-
-SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
-CHANNEL = "C0OPS"
+from tests import rigs
+from tests.fakeslack import block_actions_body, signed_request, slash_command_body, view_submission_body
+from tests.rigs import CHANNEL, SECRET
 
 
-@dataclass
-class SlackRig:
-    fake: FakeSlack
-    cluster: Cluster
-    bot: BotProcess
-    port: int
+class SlackRig(rigs.SlackRig):
+    """The rig, spoken raw: a command is the bot's (HTTP status, body), its answers go to a bare response_url."""
 
-    def send(self, body: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-        return post_to_bot(self.port, body, SECRET, headers)
-
-    def command(self, text: str, **fields: Any) -> tuple[int, str]:
+    def command(self, text: str, **fields: Any) -> tuple[int, str]:  # type: ignore[override]
         fields.setdefault("response_url", self.fake.new_response_url())
         return self.send(slash_command_body(text=text, **fields))
 
-    def card(self, number: int) -> dict[str, Any]:
-        """The job card for job #number, as the channel shows it now."""
-        def find() -> dict[str, Any] | None:
-            return next((m for m in self.fake.messages(CHANNEL) if f"[#{number} " in m.get("text", "")), None)
-        return self.fake.wait_for(find, what=f"the card of job #{number}")
-
-    def final_card(self, number: int, timeout: float = 30) -> dict[str, Any]:
-        return self.fake.wait_for(lambda: (c := self.card(number)) and _final(c) and c, timeout,
-                                  what=f"job #{number} to end")
-
     def results(self, card: dict[str, Any]) -> dict[str, Any]:
-        return self.fake.wait_for(lambda: next((m for m in self.fake.thread(CHANNEL, card["ts"])
-                                                if m["ts"] != card["ts"]), None), what="results in the thread")
+        return self.replies(card)[0]
 
     def replies_to_user(self) -> list[str]:
         return [json.dumps(c.body) for c in self.fake.response_posts]
 
 
-def _final(card: dict[str, Any]) -> bool:
-    return any(f" {s}]" in card["text"] for s in FINAL_STATES)
-
-
 @pytest.fixture
-def rig(make_cluster) -> Any:
-    with FakeSlack() as fake:
-        port = free_port()
-        cluster = make_cluster(module_dirs=[REPO / "tests" / "site_modules"],
-                               extra_toml=bot_table(port, TEAM_ID))
-        cluster.start("m1")
-        env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url}
-        bot = BotProcess(cluster, env).start(port)
-        try:
-            yield SlackRig(fake, cluster, bot, port)
-            fake.assert_no_violations()
-        finally:
-            bot.stop()
+def rig(make_slack_rig) -> SlackRig:
+    return make_slack_rig(kind=SlackRig)
 
 
 def test_signature_is_checked(rig: SlackRig) -> None:

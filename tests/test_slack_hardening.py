@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import socket
-import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -22,35 +19,19 @@ import pytest
 from bot import replay
 from bot import store as bot_store
 from ombot.clock import now_ms
-from tests.fakeslack import TEAM_ID, FakeSlack, interactive_body, post_to_bot, signed_request
-from tests.support import REPO, BotProcess, Cluster, bot_table, free_port
+from tests.fakeslack import interactive_body, signed_request
+from tests.rigs import CHANNEL, SECRET, SITE_MODULES, Reply, SlackRig, approval, policy, role, rule
 from tests.test_storage import BACKENDS, scratch
 
-SECRET = "3a7c1e9b5d2f4a6c8e0b1d3f5a7c9e2b"
-CHANNEL = "C0OPS"
 ALICE, BOB, LEAD = "U0ALICE", "U0BOB", "U0LEAD1"
 MiB = 1024 * 1024
 
 # S0GONE is unknown to the fake Slack: every lookup of it fails (no_such_subteam).
-POLICY = """\
-[roles.ops]
-users = ["U0ALICE"]
-groups = ["S0OPS", "S0GONE"]
-
-[roles.leads]
-users = ["U0LEAD1"]
-
-[[rules]]
-name = "localhost shell needs a lead"
-modules = ["shell.exec"]
-targets = ["localhost"]
-request = ["ops"]
-approval = { count = 1, roles = ["leads"] }
-
-[[rules]]
-name = "anything else"
-request = ["ops"]
-"""
+POLICY = policy(
+    role("ops", ALICE, groups=["S0OPS", "S0GONE"]), role("leads", LEAD),
+    rule("localhost shell needs a lead", modules=["shell.exec"], targets=["localhost"], request=["ops"],
+         approval=approval()),
+    rule("anything else", request=["ops"]))
 
 # A module whose generated modal is as large as the forms code makes one within Slack's 250 kB view
 # limit: the most input blocks a modal holds, each with the longest hint, the last a select of the most
@@ -72,16 +53,8 @@ def run({", ".join(f"field{i:02d}: str" for i in range(BIG_FORM_FIELDS - 1))}, m
 '''
 
 
-@dataclass
-class Rig:
-    fake: FakeSlack
-    cluster: Cluster
-    bot: BotProcess
-    port: int
-    env: dict[str, str]
-
-    def send(self, body: str, headers: dict[str, str] | None = None, port: int | None = None) -> tuple[int, str]:
-        return post_to_bot(port or self.port, body, SECRET, headers)
+class Rig(SlackRig):
+    """The rig, with a command's body kept to send again (a replay) and its answers found by response_url."""
 
     def command_body(self, text: str, user: str = ALICE) -> tuple[str, str]:
         """(form body, its response_url) of a slash command."""
@@ -89,48 +62,18 @@ class Rig:
         return urlencode(fields), fields["response_url"]
 
     def answers(self, url: str) -> list[str]:
-        token = url.rsplit("/", 1)[1]
-        return [str(c.body.get("text", "")) for c in self.fake.response_posts if c.path.endswith(token)]
+        return Reply(self.fake, url).texts()
 
     def answer(self, url: str, needle: str = "") -> str:
-        return self.fake.wait_for(lambda: next((t for t in self.answers(url) if needle in t), None),
-                                  what=f"an answer containing {needle!r}; got {self.answers(url)}")
-
-    def cards(self) -> list[dict[str, Any]]:
-        return [m for m in self.fake.messages(CHANNEL) if m.get("text", "").startswith("[#")]
-
-    def final_card(self, number: int) -> dict[str, Any]:
-        ended = ("ok]", "failed]", "partial]")
-        return self.fake.wait_for(lambda: next((c for c in self.cards() if c["text"].startswith(f"[#{number} ")
-                                                and c["text"].split(" ", 2)[1].endswith(ended)), None),
-                                  30, what=f"job #{number} to end")
-
-    def rows(self, sql: str) -> list[tuple[Any, ...]]:
-        with sqlite3.connect(self.cluster.root / "state" / "bot.db", timeout=10) as conn:
-            return conn.execute(sql).fetchall()
-
-    def restart_bot(self) -> None:
-        self.bot.stop()
-        self.bot = BotProcess(self.cluster, self.env).start(self.port)
+        return Reply(self.fake, url).wait(needle)
 
 
 @pytest.fixture
-def rig(make_cluster, tmp_path: Path) -> Iterator[Rig]:
+def rig(make_slack_rig, tmp_path: Path) -> Rig:
     big = tmp_path / "big_modules"
     big.mkdir()
     (big / "bigform.py").write_text(BIG_FORM)
-    with FakeSlack(usergroups={"S0OPS": [BOB]}) as fake:
-        port = free_port()
-        cluster = make_cluster(module_dirs=[REPO / "tests" / "site_modules", big], policy=POLICY,
-                               extra_toml=bot_table(port, TEAM_ID))
-        cluster.start("m1")
-        env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url}
-        rig = Rig(fake, cluster, BotProcess(cluster, env).start(port), port, env)
-        try:
-            yield rig
-            fake.assert_no_violations()
-        finally:
-            rig.bot.stop()
+    return make_slack_rig(kind=Rig, module_dirs=[SITE_MODULES, big], policy=POLICY, usergroups={"S0OPS": [BOB]})
 
 
 # -- the body cap ------------------------------------------------------------------------------------
@@ -248,7 +191,7 @@ def job_count(rig: Rig) -> int:
 
 
 @pytest.mark.slow
-def test_a_replayed_command_runs_once_across_restarts_and_processes(rig: Rig, make_cluster) -> None:
+def test_a_replayed_command_runs_once_across_restarts_and_processes(rig: Rig, make_slack_rig) -> None:
     body, url = rig.command_body("echo localhost message=once")
     headers = signed_request(SECRET, body)
     assert [rig.send(body, headers) for _ in range(3)] == [(200, "")] * 3  # repeats are acked, then dropped
@@ -275,12 +218,9 @@ def test_a_replayed_command_runs_once_across_restarts_and_processes(rig: Rig, ma
     assert "replayed" in rig.bot.log()
 
     # A second bot process (another config, its own master) on the same database drops it too.
-    port = free_port()
-    other = make_cluster(module_dirs=[REPO / "tests" / "site_modules"], policy=POLICY,
-                         extra_toml=bot_table(port, TEAM_ID))
-    other.start("m1")
     database = f"sqlite:///{rig.cluster.root / 'state' / 'bot.db'}"
-    second = BotProcess(other, {**rig.env, "OMBOT_BOT_DATABASE_URL": database}).start(port)
+    other = make_slack_rig(fake=rig.fake, policy=POLICY, env={"OMBOT_BOT_DATABASE_URL": database})
+    port, second = other.port, other.bot
     try:
         assert rig.send(body, headers, port=port) == (200, "")
         fresh, fresh_url = rig.command_body("echo localhost message=fresh")

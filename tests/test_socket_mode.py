@@ -5,32 +5,25 @@ master with the local backend."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from masters import FINAL_STATES
-from tests.fakeslack import TEAM_ID, FakeSlack
-from tests.support import REPO, BotProcess, Cluster, bot_table
+from tests.rigs import CHANNEL, SlackRig
 
-CHANNEL = "C0OPS"
 pytestmark = pytest.mark.slow  # a bot and a master per test; the HTTP face is in the fast tier
 
 
-@dataclass
-class SocketRig:
-    fake: FakeSlack
-    cluster: Cluster
-    bot: BotProcess
+class SocketRig(SlackRig):
+    """The rig in Socket Mode: commands and clicks are envelopes pushed down the bot's websocket."""
 
-    def command(self, text: str, **fields: Any) -> tuple[str, dict[str, Any]]:
+    def command(self, text: str, **fields: Any) -> tuple[str, dict[str, Any]]:  # type: ignore[override]
         """Push a /om slash-command envelope; return its envelope id and the payload pushed."""
         payload = self.fake.slash_command(text=text, **fields)
         return self.fake.socket.push("slash_commands", payload), payload
 
-    def card(self, number: int, condition: Callable[[dict[str, Any]], bool] = lambda _: True,
+    def card(self, number: int, condition: Callable[[dict[str, Any]], bool] = lambda _: True,  # type: ignore[override]
              timeout: float = 30, what: str = "") -> dict[str, Any]:
         """Job #number's card as the channel shows it, once `condition` holds for it."""
         def find() -> dict[str, Any] | None:
@@ -38,39 +31,13 @@ class SocketRig:
             return card if card is not None and condition(card) else None
         return self.fake.wait_for(find, timeout, what=what or f"the card of job #{number}")
 
-    def final_card(self, number: int) -> dict[str, Any]:
-        return self.card(number, lambda c: any(f" {s}]" in c["text"] for s in FINAL_STATES),
-                         what=f"job #{number} to end")
-
     def results(self, card: dict[str, Any]) -> dict[str, Any]:
-        return self.fake.wait_for(lambda: next((m for m in self.fake.thread(CHANNEL, card["ts"])
-                                                if m["ts"] != card["ts"]), None), what="results in the thread")
-
-    def wait_connected(self, count: int = 1, timeout: float = 30) -> None:
-        """Wait for the bot's websocket(s); fail at once, with its log, if the process died."""
-        def connected() -> bool:
-            if self.bot.proc is not None and self.bot.proc.poll() is not None:
-                raise AssertionError(f"ombot bot exited {self.bot.proc.returncode}:\n{self.bot.log()}")
-            return self.fake.socket.connections >= count
-        self.fake.wait_for(connected, timeout, what=f"{count} Socket Mode connection(s)")
+        return self.replies(card)[0]
 
 
 @pytest.fixture
-def rig(make_cluster: Callable[..., Cluster]) -> Iterator[SocketRig]:
-    with FakeSlack() as fake:
-        cluster = make_cluster(module_dirs=[REPO / "tests" / "site_modules"], extra_toml=bot_table(team_id=TEAM_ID))
-        cluster.start("m1")
-        env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_APP_TOKEN": fake.app_token,
-               "OMBOT_SLACK_API_URL": fake.url, "SLACK_SIGNING_SECRET": ""}  # Socket Mode needs no secret
-        bot = BotProcess(cluster, env).start()
-        try:
-            rig = SocketRig(fake, cluster, bot)
-            rig.wait_connected()
-            yield rig
-            fake.assert_no_violations()  # also fails on any envelope the bot never acked
-        finally:
-            bot.stop()
-            print(bot.log())  # pytest shows it only when the test failed
+def rig(make_slack_rig) -> SocketRig:
+    return make_slack_rig(kind=SocketRig, socket_mode=True)
 
 
 def test_slash_commands_are_acked_then_answered(rig: SocketRig) -> None:

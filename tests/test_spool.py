@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from audit_agent import spool
+from audit_agent import records, spool
 from audit_agent.agent import NoticeBudget
 from audit_agent.queue import EventQueue
 
@@ -35,19 +35,19 @@ def test_uid_names_are_ascii_digits_of_a_uid() -> None:
 
 
 def test_printable_names_escape_bytes_that_are_not_utf8() -> None:
-    assert spool.printable(os.fsdecode(b"a\xffb")) == "a\\xffb" and spool.printable("caf\u00e9") == "caf\u00e9"
+    assert records.printable(os.fsdecode(b"a\xffb")) == "a\\xffb" and records.printable("caf\u00e9") == "caf\u00e9"
 
 
 def test_the_trusted_time_is_the_claim_clamped_into_the_read_window() -> None:
-    assert spool.trusted_time(1500, 1000, 2000) == 1500  # plausible: kept
-    assert spool.trusted_time(10, 1000, 2000) == 1000  # before the previous read: could not be new now
-    assert spool.trusted_time(9_999_999, 1000, 2000) == 2000  # after this read: not yet written
-    assert spool.trusted_time(None, 1000, 2000) == 2000
-    assert spool.trusted_time(1500, 3000, 2000) == 2000  # a window upside down (a clock stepped back)
+    assert records.trusted_time(1500, 1000, 2000) == 1500  # plausible: kept
+    assert records.trusted_time(10, 1000, 2000) == 1000  # before the previous read: could not be new now
+    assert records.trusted_time(9_999_999, 1000, 2000) == 2000  # after this read: not yet written
+    assert records.trusted_time(None, 1000, 2000) == 2000
+    assert records.trusted_time(1500, 3000, 2000) == 2000  # a window upside down (a clock stepped back)
 
 
 def test_a_record_keeps_its_claimed_time_beside_the_trusted_one() -> None:
-    kind, at, data = spool.parse_record(line("ls", 1000.0).rstrip("\n"), UID, since_ms=5_000_000, read_ms=6_000_000)
+    kind, at, data = records.parse_record(line("ls", 1000.0).rstrip("\n"), UID, since_ms=5_000_000, read_ms=6_000_000)
     assert (kind, at, data["claimed_at"]) == ("command", 5_000_000, 1_000_000)
 
 
@@ -81,7 +81,7 @@ def test_a_huge_sparse_spool_is_read_in_slices_and_its_endless_line_cut(tmp_path
             offsets[chunk.key] = chunk.offset
             events += chunk.events
     assert [d.get("command") or d["code"] for _, _, d in events] == ["echo before", "spool_line", "echo after"]
-    assert len(events[1][2]["line"]) <= spool.SHOWN_BYTES
+    assert len(events[1][2]["line"]) <= records.SHOWN_BYTES
 
 
 def test_a_spool_truncated_under_the_agent_is_read_again_from_its_start(tmp_path: Path) -> None:
@@ -111,8 +111,8 @@ def test_junk_entries_are_reported_once_each_and_a_flood_of_them_once_in_all(tmp
 
 def test_the_notice_budget_holds_back_a_flood_and_says_how_many() -> None:
     budget = NoticeBudget(burst=3, every=3600)
-    flood = [spool.notice("spool_line", "junk", uid=1000) for _ in range(10)]
-    other = [spool.notice("spool_line", "junk", uid=1001)]
+    flood = [records.notice("spool_line", "junk", uid=1000) for _ in range(10)]
+    other = [records.notice("spool_line", "junk", uid=1001)]
     command = ("command", 1, {"command": "ls"})
     assert len(budget.admit(flood + other + [command])) == 3 + 1 + 1  # the burst, another user's, the command
     assert budget.held == {"uid 1000": 7} and budget.summaries() == []  # no token left to say it yet

@@ -29,13 +29,14 @@ import pytest
 
 import approvals
 from approvals import store as astore
-from bot import audit_store as bot_audit
-from bot import lease, multi, replay, schedules
+from audit import store as bot_audit
+from bot import multi, replay, schedules
 from bot import store as bot_store
 from masters import audit as master_audit
 from masters import registry as master_registry
 from masters import store
 from ombot import config as cfg
+from ombot import lease
 from ombot.clock import now_ms
 from ombot.errors import ConfigError
 from ombot.logs import redact
@@ -447,7 +448,7 @@ MASTER_MODELS = [store.SeenNonce, store.Job, store.JobEvent, store.HostLock, mas
 BOT_MODELS = [bot_store.BotJob, replay.SeenRequest, lease.Lease, multi.MultiRequest, multi.MultiPart,
               schedules.Schedule, schedules.ScheduleRun, bot_audit.AuditRecord, bot_audit.AuditCursor,
               astore.ApprovalRequest, astore.ApprovalVote, astore.TrailEntry, SchemaVersion]
-PACKAGES = ("approvals", "audit_agent", "bot", "masters", "modules", "ombot")
+PACKAGES = ("approvals", "audit", "audit_agent", "bot", "masters", "modules", "ombot")
 TEXT = "héllo wörld ✓ 日本語 🚀 \\ \" '"
 
 
@@ -803,7 +804,8 @@ def assert_converted() -> None:
 
 
 def test_stored_times_are_shown_in_seconds_where_people_read_them() -> None:
-    from bot.messages import CardState, job_card, slack_date
+    from bot.messages import CardState, job_card
+    from ombot.message import slack_date
 
     assert slack_date(MS).startswith("<!date^4102444800^") and slack_date(MS).endswith("|2100-01-01 00:00 UTC>")
     card = CardState(number=1, job_id="j", requester="U1", module="echo", params={}, idc="local", hosts=1,
@@ -1035,3 +1037,79 @@ def test_the_audit_tables_of_an_older_master_are_upgraded_in_place(master_db: pe
     assert (row.last_seen, row.sent_total, row.problem) == (5, 3, None)
     AuditReader.create(reader="bot", after=1, read_at=2)
     assert AuditReader.select().count() == 1
+
+
+def test_a_bot_database_from_before_the_audit_room_opens_as_it_is(store_url: str) -> None:
+    """Issue 19 moved the central audit's tables (now audit.store) and the leases (now ombot.lease) out
+    of the bot. A bot database made before, by their schema as it then was (frozen below: the same
+    tables, columns and migration components), opens with the moved code, runs no migration again,
+    and keeps every row: the events, the pull cursor, a lease."""
+
+    class OldLease(peewee.Model):
+        name = peewee.CharField(max_length=191, primary_key=True)
+        holder = peewee.CharField(max_length=128)
+        expires_at = peewee.BigIntegerField(index=True)
+
+        class Meta:
+            table_name = "bot_lease"
+
+    class OldAuditRecord(peewee.Model):
+        id = peewee.CharField(max_length=255, primary_key=True)
+        idc = peewee.CharField(max_length=64)
+        host = peewee.CharField(max_length=255, index=True)
+        kind = peewee.CharField(max_length=16)
+        at = peewee.BigIntegerField(index=True)
+        user = peewee.CharField(max_length=64, null=True, index=True)
+        login_user = peewee.CharField(max_length=64, null=True)
+        uid = peewee.BigIntegerField(null=True)
+        tty = peewee.CharField(max_length=64, null=True)
+        cwd = peewee.TextField(null=True)
+        command = peewee.TextField(default="")
+        exit_status = peewee.IntegerField(null=True)
+        ssh_client = peewee.CharField(max_length=255, null=True)
+        source = peewee.CharField(max_length=64)
+        data = JSONField()
+        stored_at = peewee.BigIntegerField()
+
+        class Meta:
+            table_name = "bot_audit_event"
+
+    class OldAuditCursor(peewee.Model):
+        master = peewee.CharField(max_length=64, primary_key=True)
+        received_after = peewee.BigIntegerField()
+
+        class Meta:
+            table_name = "bot_audit_cursor"
+
+    now = now_ms()
+    old = open_database(store_url, peewee.DatabaseProxy(), "bot", bot_store.MIGRATIONS)
+    try:
+        with old.bind_ctx([OldLease, OldAuditRecord, OldAuditCursor]):
+            migrate(old, "bot_lease", [create_tables(OldLease)])  # bot.lease's MIGRATIONS then
+            migrate(old, "bot_audit", [create_tables(OldAuditRecord, OldAuditCursor)])  # bot.audit_store's
+            OldLease.create(name="audit-feed", holder="bot-before", expires_at=now + 3_600_000)
+            OldAuditRecord.create(id="web01:b:q:1", idc="bj", host="web01", kind="command", at=now - 1000,
+                                  user="alice", command="rm -rf /tmp/x", source="q", data={"command": "rm -rf /tmp/x"},
+                                  stored_at=now - 500)
+            OldAuditCursor.create(master="bj-1", received_after=now - 2000)
+    finally:
+        old.close()
+
+    db = bot_store.open_store(store_url)  # binds the moved tables, as bot.service opens it
+    try:
+        lease.prepare()
+        bot_audit.prepare()
+        with db.bind_ctx([SchemaVersion]):
+            versions = {row.component: row.version for row in SchemaVersion.select()}
+        assert versions["bot_lease"] == len(lease.MIGRATIONS) == 1
+        assert versions["bot_audit"] == len(bot_audit.MIGRATIONS) == 1
+        assert lease.holder_of("audit-feed") == "bot-before"
+        assert not lease.acquire("audit-feed", "bot-after", 60_000)  # still held: the move took it from nobody
+        assert bot_audit.received_after("bj-1") == now - 2000
+        assert [r.command for r in bot_audit.search(host="web01")] == ["rm -rf /tmp/x"]
+        event = {"id": "web01:b:q:1", "kind": "command", "at": now - 1000, "data": {"command": "rm -rf /tmp/x"}}
+        assert bot_audit.insert_new("bj", [event]) == []  # stored before the move: not stored, nor alerted, again
+        fresh = bot_audit.insert_new("bj", [event | {"id": "web01:b:q:2", "data": {"command": "uptime"}}])
+        assert [r.command for r in fresh] == ["uptime"]
+    finally:
+        db.close()

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,9 @@ import pytest
 from masters import Router
 from masters.inventory import EXPAND_SECONDS
 from masters.envelope import Refused, Request, new_request
-from tests.fakeslack import TEAM_ID, FakeSlack, post_to_bot, slash_command_body, view_submission_body
-from tests.support import INVENTORY, BotProcess, Cluster, bot_table, free_port
+from tests.fakeslack import post_to_bot, slash_command_body, view_submission_body
+from tests.rigs import SECRET, policy, role, rule, slack_rig
+from tests.support import INVENTORY, Cluster
 from tests.test_attacks import Attacker, echo_args
 
 # A long name makes backtracking regexes take effectively forever under `re`.
@@ -45,26 +46,22 @@ class Sender(Attacker):
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path_factory.mktemp("targets"), {"local": ["m1"]},
-                      inventory=INVENTORY + f"\n[long]\n{LONG_HOST} ansible_connection=local\n")
+def shared(make_module_cluster: Callable[..., Cluster]) -> Cluster:
+    cluster = make_module_cluster(inventory=INVENTORY + f"\n[long]\n{LONG_HOST} ansible_connection=local\n")
     cluster.start("m1")
-    yield cluster
-    cluster.stop_all()
+    return cluster
 
 
 @pytest.fixture(scope="module")
 def router(shared: Cluster) -> Iterator[Router]:
-    r = shared.router()
-    yield r
-    r.close()
+    with contextlib.closing(shared.router()) as r:
+        yield r
 
 
 @pytest.fixture
 def attacker(shared: Cluster) -> Iterator[Attacker]:
-    a = Sender(shared)
-    yield a
-    a.close()
+    with contextlib.closing(Sender(shared)) as a:
+        yield a
 
 
 def in_thread(work: Any) -> tuple[threading.Thread, dict[str, Any]]:
@@ -282,51 +279,36 @@ def test_a_lone_surrogate_anywhere_is_refused(shared: Cluster, attacker: Attacke
 
 # -- the bot: no role, no expansion ---------------------------------------------------------------
 
-SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
-ONE_ROLE_POLICY = """\
-[roles.ops]
-users = ["U0ALICE"]
-
-[[rules]]
-name = "ops may ping"
-modules = ["ping"]
-request = ["ops"]
-"""
+ONE_ROLE_POLICY = policy(role("ops", "U0ALICE"), rule("ops may ping", modules=["ping"], request=["ops"]))
 
 
 @pytest.mark.slow
 def test_a_user_without_a_role_is_refused_before_any_expansion(tmp_path: Path) -> None:
     """The master is never started: a refusal that needs no master proves no expand was sent."""
-    with FakeSlack() as fake:
-        port = free_port()
-        cluster = Cluster(tmp_path / "bot", {"local": ["m1"]}, policy=ONE_ROLE_POLICY,
-                          extra_toml=bot_table(port, TEAM_ID, policy=ONE_ROLE_POLICY))
-        env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "OMBOT_SLACK_API_URL": fake.url}
-        bot = BotProcess(cluster, env).start(port)
-        try:
-            def answer(text: str, user: str) -> str:
-                url = fake.new_response_url()
-                body = slash_command_body(text=text, user_id=user, response_url=url)
-                assert post(port, body) == (200, "")
-                token = url.rsplit("/", 1)[1]
-                posts = fake.wait_for(lambda: [c for c in fake.response_posts if c.path.endswith(token)],
-                                      what=f"an answer to {text!r}")
-                return json.dumps(posts[0].body)
+    with slack_rig(tmp_path / "bot", policy=ONE_ROLE_POLICY, start=()) as rig:
+        fake, port = rig.fake, rig.port
 
-            refused = answer("ping ~(((.*)*)*)*Z", "U0MALLORY")
-            assert "Refused: you hold no role that the access policy lets request jobs" in refused
-            # The same path for someone with a role does try the master, which is down:
-            assert "Cannot reach the masters" in answer("ping ~web0[12]", "U0ALICE")
+        def answer(text: str, user: str) -> str:
+            url = fake.new_response_url()
+            body = slash_command_body(text=text, user_id=user, response_url=url)
+            assert post(port, body) == (200, "")
+            token = url.rsplit("/", 1)[1]
+            posts = fake.wait_for(lambda: [c for c in fake.response_posts if c.path.endswith(token)],
+                                  what=f"an answer to {text!r}")
+            return json.dumps(posts[0].body)
 
-            form = view_submission_body("om_run", {"targets": {"v": "~(.*){25}Z"}}, user_id="U0MALLORY",
-                                        private_metadata=json.dumps({"idc": "local", "module": "ping",
-                                                                     "channel": "C0OPS"}))
-            status, reply = post(port, form)
-            assert status == 200
-            assert "you hold no role" in json.loads(reply)["errors"]["targets"]
-            fake.assert_no_violations()
-        finally:
-            bot.stop()
+        refused = answer("ping ~(((.*)*)*)*Z", "U0MALLORY")
+        assert "Refused: you hold no role that the access policy lets request jobs" in refused
+        # The same path for someone with a role does try the master, which is down:
+        assert "Cannot reach the masters" in answer("ping ~web0[12]", "U0ALICE")
+
+        form = view_submission_body("om_run", {"targets": {"v": "~(.*){25}Z"}}, user_id="U0MALLORY",
+                                    private_metadata=json.dumps({"idc": "local", "module": "ping",
+                                                                 "channel": "C0OPS"}))
+        status, reply = post(port, form)
+        assert status == 200
+        assert "you hold no role" in json.loads(reply)["errors"]["targets"]
+        fake.assert_no_violations()
 
 
 def post(port: int, body: str) -> tuple[int, str]:

@@ -1,6 +1,6 @@
-"""Issue 12: in the bot and the masters nothing hand-rolls timers. Periodic work and later retries are
-jobs on the process's one APScheduler scheduler (bot.jobs.Timers, masters.housekeeping.Housekeeping);
-the audit agent (audit_agent/, outside this check) keeps its own retry and heartbeat loops.
+"""Issue 12: in the bot, the central audit and the masters nothing hand-rolls timers. Periodic work
+and later retries are jobs on the process's one APScheduler scheduler (ombot.timers.Timers); the
+audit agent (audit_agent/, outside this check) keeps its own retry and heartbeat loops.
 
 The check reads the source: no `threading.Timer`, no `sched`, and no `while` loop that sleeps or
 waits with a timeout, except the few places below, each a wait inside one call rather than a timer.
@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from bot.jobs import Timers
+from ombot.timers import Timers
 from tests.support import REPO
 
-ROOTS = ("bot", "masters")
+ROOTS = ("bot", "audit", "masters")
 # "file::function" -> why its timed wait in a loop is not a hand-rolled timer. Keep it short and true:
 # an entry that no longer waits fails test_every_allowed_place_still_waits.
 ALLOWED = {
-    "bot/alerts.py::AlertPoster._drain":
+    "audit/queue.py::AlertQueue.take":
         "pacing, not periodic work: a channel's worker waits for its token bucket's next token, "
         "and new alerts wake it at once",
     "masters/client.py::Router.follow":

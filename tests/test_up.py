@@ -13,8 +13,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from tests.rigs import SHOWN_PROMPT, TERMINAL_ENV, ConsoleLog
 from tests.support import child_env, free_port
-from tests.test_console import SHOWN_PROMPT, TERMINAL_ENV, ConsoleLog
 
 
 def ombot(*args: str, stdin: str = "", cwd: Path | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:

@@ -392,7 +392,7 @@ def audit_revoke(ctx: typer.Context, host: Annotated[str, typer.Argument(help="T
 @audit_app.command("test-rules")
 def audit_test_rules(file: Annotated[Path, typer.Argument(help="The audit rules file (TOML)")]) -> None:
     """Check an audit rules file: its syntax, its regexes, and every rule's inline examples."""
-    from bot import check_examples, load_rules
+    from audit import check_examples, load_rules
     from ombot.errors import ConfigError
 
     try:

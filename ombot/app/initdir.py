@@ -167,7 +167,7 @@ cancel = ["leads"]
 
 def init(directory: Path, port: int = DEFAULT_PORT, demo: bool = False) -> Path:
     """Write a starter set. `demo` (for `ombot up`) lets the console play the demo's chat users."""
-    from bot import SAMPLE_RULES
+    from audit import SAMPLE_RULES
     from masters import Identity
 
     config = directory / "ombot.toml"

@@ -3,14 +3,14 @@
 A pure module: rules read from a TOML file (docs/audit.md, "Rules"), matched against one event at a
 time. All keywords of all rules are found in one Aho-Corasick pass; regexes run on RE2 (linear
 time: a pattern RE2 cannot compile, e.g. a backreference, is refused at load, naming the rule);
-then field conditions (user, host, IDC globs; exit status). `Thresholds` turns matches into alerts
-over time (counts within a window, cooldown per dedupe key). `redact` hides secrets in commands.
+then field conditions (user, host, IDC globs; exit status). `redact` hides secrets in commands.
+When matches become alerts (thresholds, cooldown, grouping) is audit.alerts; the sample file and the
+check of a file's own examples are audit.examples.
 """
 
 from __future__ import annotations
 
 import string
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -201,44 +201,6 @@ def _dedupe_key(rule: Rule, event: Mapping[str, Any]) -> str:
     return rule.dedupe.format(**{k: "" if v is None else str(v) for k, v in values.items()})
 
 
-class Thresholds:
-    """Whether a match raises an alert now: its threshold's count reached within the window, and its
-    cooldown since the last alert with the same dedupe key passed.
-
-    In memory, keyed by dedupe key: the bot's store runs in one process, and that process keeps the
-    one instance (counts restart with it). At most `max_keys` keys are kept, the least recent dropped.
-    """
-
-    def __init__(self, max_keys: int = 100_000) -> None:
-        self.max_keys = max_keys
-        self._recent: dict[str, deque[int]] = {}  # dedupe key -> the last `count` match times (ms)
-        self._fired: dict[str, int] = {}  # dedupe key -> when it last alerted (ms)
-
-    def fire(self, match: Match, at: int) -> bool:
-        key = match.dedupe_key
-        times = self._recent.pop(key, None)
-        if times is None or times.maxlen != match.threshold.count:  # a key shared by rules of other counts
-            times = deque(times or (), maxlen=match.threshold.count)
-        self._recent[key] = times  # re-inserted: the dict's order is least recently seen first
-        times.append(at)
-        self._evict()
-        window_ms = match.threshold.window_seconds * 1000
-        if len(times) < match.threshold.count or (match.threshold.count > 1 and at - times[0] > window_ms):
-            return False
-        last = self._fired.get(key)
-        if last is not None and at - last < match.cooldown_seconds * 1000:
-            return False
-        self._fired[key] = at
-        times.clear()  # the next alert needs `count` new matches
-        return True
-
-    def _evict(self) -> None:
-        while len(self._recent) > self.max_keys:
-            oldest = next(iter(self._recent))
-            del self._recent[oldest]
-            self._fired.pop(oldest, None)
-
-
 # --- redaction ----------------------------------------------------------------------------------
 
 _VALUE = r"""('[^']*'|"[^"]*"|[^\s'"]+)"""
@@ -415,109 +377,3 @@ def _examples(e: TableReader, key: str) -> tuple[str | dict[str, Any], ...]:
         elif not isinstance(value, str):
             raise ConfigError(e.path, f"{e.key(key)}[{i}]", "a command or an event table", value)
     return tuple(values)
-
-
-# --- checking a file's examples -----------------------------------------------------------------
-
-
-def check_examples(ruleset: RuleSet) -> list[str]:
-    """Problems with the rules' inline examples: a command string is checked against the rule's
-    keywords and regexes; an event table against the whole rule, fields included."""
-    problems = []
-    for rule in ruleset.rules:
-        for wanted, examples in ((True, rule.examples_match), (False, rule.examples_no_match)):
-            for example in examples:
-                if _example_matches(ruleset, rule.name, example) != wanted:
-                    shown = example if isinstance(example, str) else dict(example)
-                    problems.append(f"rule {rule.name!r}: example {shown!r} should "
-                                    f"{'match' if wanted else 'not match'} but does{'' if not wanted else ' not'}")
-    return problems
-
-
-def _example_matches(ruleset: RuleSet, name: str, example: str | dict[str, Any]) -> bool:
-    if isinstance(example, str):
-        return name in ruleset.command_matches(example)
-    event = {"user": "", "host": "", "idc": "", "exit_status": None, "at": 0, **example}
-    return any(m.rule == name for m in ruleset.match(event))
-
-
-SAMPLE_RULES = r"""# OMBot shell audit rules (docs/audit.md, "Rules"). `ombot audit test-rules FILE` checks this
-# file's syntax and that every rule's examples match (or do not) as written.
-#
-# A rule matches a command when one of its keywords is in it (case-insensitive unless
-# case_sensitive = true) and, if it has regexes, one of them matches (RE2 syntax: linear time,
-# no backreferences or lookarounds), and its field conditions hold: users, hosts and idcs globs,
-# exit_status ("nonzero" or a list). An alert goes to `channel` (a Slack channel id) once
-# `threshold.count` matches with one dedupe key fall within `threshold.window_seconds`, and at
-# most once per `cooldown_seconds` per dedupe key (fields: rule, severity, host, user, idc, exit_status).
-
-# channel = "C0123AUDIT"          # the default channel for every rule's alerts
-
-# Secrets in commands are hidden in alerts and search results: -pSECRET, --password=..., password=...,
-# Slack tokens, Authorization headers; and these RE2 patterns (the first group is hidden, or the
-# whole match when there is none).
-[redact]
-patterns = ['(?i)\btoken=(\S+)', '(?i)\bAWS_SECRET_ACCESS_KEY=(\S+)']
-
-[[rules]]
-name = "wipe the root filesystem"
-severity = "critical"
-keywords = ["rm "]
-regexes = ['\brm\s+(?:-{1,2}[\w-]+\s+)*/\*?(?:[\s;&|]|$)']
-cooldown_seconds = 0
-examples.match = ["rm -rf /", "sudo rm -rf --no-preserve-root /", "rm -fr /*"]
-examples.no_match = ["rm -rf /tmp/build", "rm -rf ./build", "rm notes.txt"]
-
-[[rules]]
-name = "pipe a download into a shell"
-severity = "critical"
-regexes = ['\b(?:curl|wget)\b[^|]*\|\s*(?:sudo\s+)?(?:ba|z|da|k)?sh\b']
-dedupe = "{rule}:{host}:{user}"
-examples.match = ["curl -fsSL https://get.example.com | sh", "wget -qO- http://x.example/i.sh | sudo bash"]
-examples.no_match = ["curl -o install.sh https://get.example.com", "curl https://api.example.com | jq ."]
-
-[[rules]]
-name = "hide shell history"
-severity = "critical"
-keywords = ["history -c", "history -w /dev/null", "unset histfile", "unset prompt_command", "histsize=0",
-            "histfile=/dev/null", "set +o history"]
-dedupe = "{rule}:{host}:{user}"
-examples.match = ["history -c", "unset PROMPT_COMMAND", "export HISTSIZE=0", "set +o history"]
-examples.no_match = ["history | tail", "echo $PROMPT_COMMAND"]
-
-[[rules]]
-name = "edit sudoers"
-severity = "warning"
-keywords = ["sudoers"]
-regexes = ['(?:\b(?:vim?|nano|emacs|tee)\s|\bsed\s+-i).*?/etc/sudoers', '>>?\s*/etc/sudoers', '\bvisudo\b']
-examples.match = ["vi /etc/sudoers", "echo 'deploy ALL=(ALL) NOPASSWD:ALL' >> /etc/sudoers",
-                  "sudo visudo -f /etc/sudoers.d/deploy", "sed -i 's/^#//' /etc/sudoers.d/ops"]
-examples.no_match = ["cat /etc/sudoers", "grep deploy /etc/sudoers.d/*"]
-
-[[rules]]
-name = "flush the firewall"
-severity = "critical"
-case_sensitive = true             # iptables -F flushes; -f is something else
-keywords = ["iptables", "ip6tables", "nft"]
-regexes = ['\bip6?tables\s+(?:-t\s+\S+\s+)?(?:-F|--flush|-X)\b', '\bip6?tables\s+-P\s+\S+\s+ACCEPT', '\bnft\s+flush\s+ruleset']
-examples.match = ["iptables -F", "ip6tables -t nat --flush", "iptables -P INPUT ACCEPT", "nft flush ruleset"]
-examples.no_match = ["iptables -L -n", "iptables -f -A INPUT -j DROP"]
-
-[[rules]]
-name = "stop the audit"
-severity = "critical"
-regexes = ['\b(?:systemctl|service)\s+(?:stop|disable|mask|kill)\s+(?:ombot-audit|auditd)\b', '\bauditctl\s+-e\s*0\b']
-examples.match = ["systemctl stop ombot-audit", "sudo systemctl mask auditd", "auditctl -e 0"]
-examples.no_match = ["systemctl status ombot-audit"]
-
-[[rules]]
-name = "repeated failed sudo"
-severity = "warning"
-keywords = ["sudo "]
-exit_status = "nonzero"
-dedupe = "{rule}:{host}:{user}"
-cooldown_seconds = 1800
-threshold = { count = 5, window_seconds = 300 }
-examples.match = [{ command = "sudo -i", user = "alice", exit_status = 1 }]
-examples.no_match = [{ command = "sudo -i", user = "alice", exit_status = 0 }, "ls /root"]
-"""

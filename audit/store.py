@@ -6,7 +6,9 @@ reached two masters) and returns only the rows inserted now: the rules run on th
 delivered twice alerts once. `search` serves `/om audit`.
 
 The tables are their own component ("bot_audit"), migrated by `prepare()`, so the job tables'
-migrations and these never depend on each other's order.
+migrations and these never depend on each other's order. Their models are bound to this room's own
+proxy, which `bind` points at the bot's database (bot.store.open_store does, when it opens it);
+table and component names are those of before the room existed, so existing databases open as they are.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any
 
 import peewee
 
-from bot.store import db
 from ombot.clock import now_ms
 from ombot.globs import matches_any
 from ombot.storage import JSONField, create_tables, migrate
@@ -28,6 +29,8 @@ MAX_SEARCH_ROWS = 10_000
 _SCAN_PAGES = 20  # pages read past the database's coarse filter (case-blind LIKE) before giving up
 LIKE_ESCAPE = "!"  # not a backslash: MySQL reads backslashes in the SQL text itself
 _INT32 = 2**31
+
+db = peewee.DatabaseProxy()  # the bot's database, once bound
 
 
 class AuditRecord(peewee.Model):
@@ -75,8 +78,13 @@ _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # JSONField
 MIGRATIONS = [create_tables(AuditRecord, AuditCursor)]
 
 
+def bind(database: peewee.Database) -> None:
+    """Keep the audit tables in `database` (the bot's, open)."""
+    db.initialize(database)
+
+
 def prepare() -> None:
-    """Create or upgrade the audit tables; the bot's database must be open (bot.store.open_store)."""
+    """Create or upgrade the audit tables in the database `bind` named."""
     migrate(db.obj, "bot_audit", MIGRATIONS)
 
 
@@ -200,6 +208,7 @@ def received_after(master: str) -> int:
 
 
 def save_position(master: str, received_after: int) -> None:
+    """Where the puller's next read of this master starts (its received_at, epoch ms)."""
     with db.atomic():  # update, else insert: portable across SQLite, MariaDB and PostgreSQL
         if not AuditCursor.update(received_after=received_after).where(AuditCursor.master == master).execute():
             AuditCursor.insert(master=master, received_after=received_after).on_conflict_ignore().execute()

@@ -1,17 +1,23 @@
 """Leases in the bot's database: with several bot processes on one database, exactly one holds a
-named lease (firing a schedule, following a job) until it lets go or stops renewing it.
+named lease (firing a schedule, following a job, pulling the audit feed) until it lets go or stops
+renewing it.
 
 Time is the database's clock, never the processes' own: two bots whose clocks disagree still agree
 on when a lease ran out. A holder that dies is replaced once its lease expires (`ttl`).
+
+In the base because the chat face (bot) and the central audit (audit) both take leases. The table
+keeps its name and its migration component (`bot_lease`): databases made before the move open as
+they are. `bind` points it at the bot's database (bot.store.open_store does, when it opens it).
 """
 
 from __future__ import annotations
 
 import peewee
 
-from bot import store
 from ombot import storage
 from ombot.storage import create_tables, migrate
+
+db = peewee.DatabaseProxy()
 
 
 class Lease(peewee.Model):
@@ -22,21 +28,26 @@ class Lease(peewee.Model):
     expires_at = peewee.BigIntegerField(index=True)
 
     class Meta:
-        database = store.db
+        database = db
         table_name = "bot_lease"
 
 
 MIGRATIONS = [create_tables(Lease)]
 
 
+def bind(database: peewee.Database) -> None:
+    """Keep the leases in `database` (the bot's, open)."""
+    db.initialize(database)
+
+
 def prepare() -> None:
-    """Create the lease table in the bot's database (after bot.store is opened)."""
-    migrate(store.db.obj, "bot_lease", MIGRATIONS)
+    """Create the lease table in the database `bind` named."""
+    migrate(db.obj, "bot_lease", MIGRATIONS)
 
 
 def database_now_ms() -> int:
     """Now, in epoch ms, by the database server's clock (SQLite: this host's)."""
-    return storage.database_now_ms(store.db.obj)
+    return storage.database_now_ms(db.obj)
 
 
 def acquire(name: str, holder: str, ttl_ms: int) -> bool:
@@ -44,7 +55,7 @@ def acquire(name: str, holder: str, ttl_ms: int) -> bool:
 
     One conditional UPDATE (ours, or expired), else one INSERT that a unique key lets only one
     process win: no read-then-write race between bots."""
-    with store.db.atomic():
+    with db.atomic():
         now = database_now_ms()
         taken = (Lease.update(holder=holder, expires_at=now + ttl_ms)
                  .where((Lease.name == name) & ((Lease.holder == holder) | (Lease.expires_at < now))).execute())

@@ -1,12 +1,13 @@
 """The audit feed: from every master's audit table to the bot's one store, the rules and the alerts.
 
 One process per bot database pulls (it holds the `audit-feed` lease, by the database's clock;
-the others wait to take over). Every `audit_poll_seconds`, a job on the bot's scheduler
-(bot.jobs.Timers), it reads each master of each IDC with
+the others wait to take over). Every `audit_poll_seconds`, a job on the process's scheduler
+(ombot.timers.Timers), it reads each master of each IDC with
 `audit_read` — every master, since an agent fails over and a server's events are spread over
-them — from that master's cursor on, a page at a time. `audit_store.insert_new` keeps only events
+them — from that master's cursor on, a page at a time. `store.insert_new` keeps only events
 not stored yet, and the rules run on those alone: an event that reached two masters, or was read
-twice, alerts once.
+twice, alerts once. Alerts go to the `Alerts` the bot provides (audit.queue: its queue, served at
+the pace of the chat surface).
 
 The cursor per master (AuditCursor) trails the master's clock by OVERLAP_MS: a batch that commits
 late may carry an earlier received_at than rows already read, so the next read starts that far
@@ -20,7 +21,7 @@ heartbeat raises one "degraded" alert, and one when it recovers. Only servers of
 master answering are judged: an unreachable IDC is not a thousand silent agents, but one alert of
 its own once no master of it has answered for UNREACHABLE_AFTER_SECONDS (or
 `audit_silent_after_seconds`, if shorter), and one when a master answers again. Agents' and
-masters' notices (bot.audit_notices) alert like rule matches, whether a rules file is loaded or not.
+masters' notices (audit.notices) alert like rule matches, whether a rules file is loaded or not.
 """
 
 from __future__ import annotations
@@ -31,24 +32,26 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot import audit_store, lease
-from bot.alerts import AlertPoster, Timers
-from bot.audit_notices import (back_message, degraded_message, notice_alert, reachable_message, recovered_message,
-                               silent_message, unreachable_message)
-from bot.audit_rules import RuleSet, Thresholds, load_rules, redact
-from bot.messages import Message
-from bot.settings import BotSettings
-from bot.transport import Transport
+from audit import store
+from audit.alerts import Thresholds
+from audit.notices import (back_message, degraded_message, notice_alert, reachable_message, recovered_message,
+                           silent_message, unreachable_message)
+from audit.queue import Alerts
+from audit.rules import RuleSet, load_rules, redact
 from masters import Router
+from ombot import lease
 from ombot.clock import now_ms
 from ombot.config import read_toml
 from ombot.errors import OmbotError
+from ombot.message import Message
+from ombot.timers import Timers
 
-log = logging.getLogger("ombot.bot.audit")
+log = logging.getLogger("ombot.bot.audit")  # its name from before the audit room: operators' filters keep working
 
 LEASE = "audit-feed"
 OVERLAP_MS = 10_000  # how late a master's batch may commit after taking its received_at
@@ -62,6 +65,17 @@ UNREACHABLE_AFTER_SECONDS = 60.0  # no master of an IDC answered this long (or s
 RULE_FIELDS = ("id", "idc", "host", "kind", "at", "user", "login_user", "uid", "tty", "cwd", "command",
                "exit_status", "ssh_client", "source")
 DATA_FIELDS = ("login_check", "kernel_login_user", "claimed_at")  # shown in alerts: what the kernel says, the claim
+
+
+@dataclass(frozen=True)
+class FeedSettings:
+    """What the feed takes from `[bot]`: the rules file (None: store and search, no rule alerts), the
+    channel for silent agents and rules that name none, how often to poll, when an agent is silent."""
+
+    rules: Path | None
+    alert_channel: str | None
+    poll_seconds: float
+    silent_after_seconds: int
 
 
 @dataclass
@@ -83,9 +97,9 @@ class _Master:
 
 
 class AuditFeed:
-    """The puller: masters -> audit_store -> rules -> alerts, while this process holds the lease."""
+    """The puller: masters -> store -> rules -> alerts, while this process holds the lease."""
 
-    def __init__(self, router: Router, idcs: list[str], rules: RuleSet | None, alerts: AlertPoster | None,
+    def __init__(self, router: Router, idcs: list[str], rules: RuleSet | None, alerts: Alerts | None,
                  poll_seconds: float, silent_after_seconds: int, silent_channel: str | None,
                  fallback_channel: str | None = None) -> None:
         self.router, self.idcs, self.rules, self.alerts = router, idcs, rules, alerts
@@ -196,7 +210,7 @@ class AuditFeed:
     def _poll_master(self, idc: str, master_id: str) -> int | None:
         """Read one master from its cursor on, page by page; the events stored now, None if it did not answer."""
         state = self._masters.setdefault(master_id, _Master())
-        start = audit_store.received_after(master_id)
+        start = store.received_after(master_id)
         page: dict[str, Any] = {"after": start, "after_id": "", "limit": PAGE_EVENTS, "agents_since": state.agents_since}
         first_now: int | None = None
         stored = 0
@@ -231,7 +245,7 @@ class AuditFeed:
     def _store(self, idc: str, events: list[dict[str, Any]]) -> int:
         if not events:
             return 0
-        fresh = audit_store.insert_new(idc, events)
+        fresh = store.insert_new(idc, events)
         for record in fresh:
             if record.kind == "command":
                 if self.rules is not None:
@@ -240,7 +254,7 @@ class AuditFeed:
                 self._notice(record)
         return len(fresh)
 
-    def _notice(self, record: audit_store.AuditRecord) -> None:
+    def _notice(self, record: store.AuditRecord) -> None:
         """An agent's or master's notice (or an agent's drop) alerts in the alert channel."""
         if self.alerts is None or self.silent_channel is None:
             log.warning("audit notice from %s (no alert channel): %s", record.host, record.data)
@@ -249,7 +263,7 @@ class AuditFeed:
         match, event = notice_alert({name: row.get(name) for name in RULE_FIELDS}, row["data"], self.silent_channel)
         self.alerts.alert(match, event, self.thresholds.fire(match, record.at), self.silent_channel)
 
-    def _match(self, record: audit_store.AuditRecord) -> None:
+    def _match(self, record: store.AuditRecord) -> None:
         assert self.rules is not None
         row = record.__data__  # the stored values; a field's descriptor per name costs more than the match
         event = {name: row.get(name) for name in RULE_FIELDS}
@@ -270,7 +284,7 @@ class AuditFeed:
     @staticmethod
     def _advance(master_id: str, start: int, to: int) -> None:
         if to > start:  # never backwards: a master whose clock stepped back re-reads, it never skips
-            audit_store.save_position(master_id, to)
+            store.save_position(master_id, to)
 
     # -- masters that do not answer ---------------------------------------------------------------------
 
@@ -338,20 +352,20 @@ class AuditFeed:
         self.alerts.notice(self.silent_channel, message, severity)
 
 
-def start_feed(router: Router, idcs: list[str], settings: BotSettings, transport: Transport,
-               timers: Timers) -> AuditFeed:
+def start_feed(router: Router, idcs: list[str], settings: FeedSettings,
+               alerts: Callable[[Callable[[str], str]], Alerts], timers: Timers) -> AuditFeed:
     """The feed of `[bot]`'s audit settings, started on `timers`: its rules file loaded (an error
-    stops the bot at start, not at the first alert), alerts posted through `transport`."""
-    rules = load_rules(settings.audit_rules) if settings.audit_rules is not None else None
-    default_channel = _default_channel(settings.audit_rules) if settings.audit_rules is not None else None
-    silent_channel = settings.audit_alert_channel or default_channel
+    stops the bot at start, not at the first alert), its alerts handed to what `alerts(redact)` makes
+    (the chat surface's, e.g. bot.alerts.AlertPoster; `redact` hides the secrets in the commands shown)."""
+    rules = load_rules(settings.rules) if settings.rules is not None else None
+    default_channel = _default_channel(settings.rules) if settings.rules is not None else None
+    silent_channel = settings.alert_channel or default_channel
     if rules is None:
         log.info("no [bot] audit_rules file: audit events are stored and searchable, no rule alerts")
     if silent_channel is None:
         log.warning("no [bot] audit_alert_channel and no channel in the rules file: silent agents are only logged")
-    alerts = AlertPoster(transport, rules.redact if rules is not None else redact, timers)
-    feed = AuditFeed(router, idcs, rules, alerts, settings.audit_poll_seconds, settings.audit_silent_after_seconds,
-                     silent_channel, fallback_channel=settings.audit_alert_channel)
+    feed = AuditFeed(router, idcs, rules, alerts(rules.redact if rules is not None else redact), settings.poll_seconds,
+                     settings.silent_after_seconds, silent_channel, fallback_channel=settings.alert_channel)
     feed.start(timers)
     return feed
 

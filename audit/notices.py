@@ -14,8 +14,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from bot.audit_rules import Match, Threshold
-from bot.messages import Message, escape, section, slack_date
+from audit.rules import Match, Threshold
+from ombot.message import Message, escape, section, slack_date
 
 COOLDOWN_SECONDS = 300
 # kind of notice -> (severity, what it means, as the alert's title)

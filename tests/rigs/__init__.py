@@ -1,0 +1,29 @@
+"""The rigs every suite that talks to OMBot as a person would stands on (docs/testing.md, "Writing a
+Slack-facing suite"): one door, four rooms.
+
+- `slack`: a site's masters, our fake Slack and real `ombot bot` processes; signed slash commands and
+  clicks in, the channel and the answers out (SlackRig, slack_rig; the fixtures `make_slack_rig` and
+  `make_module_slack_rig` in tests/conftest.py).
+- `console`: `ombot console` in a real terminal on such a site (console_site, console).
+- `audit`: agent keys, the audit agent process, and the rig whose bot pulls the audit (AuditRig).
+- `policies`: access policies built from roles and rules, spelled once.
+"""
+
+from tests.rigs.audit import (
+    AGENT, AGENT_CLIENTS, AUDIT_CHANNEL, HOST, AgentProcess, AuditRig, agent_cluster, audit_site, ingest,
+    with_agent_hosts,
+)
+from tests.rigs.console import (
+    CONSOLE_TIMEOUT, SHOWN_PROMPT, TERMINAL_ENV, ConsoleLog, console, console_site, quit_console, say, spawn_console,
+)
+from tests.rigs.policies import approval, policy, role, rule, table
+from tests.rigs.slack import (
+    ALICE, CHANNEL, REPLY_WAIT, SECRET, SITE_MODULES, Reply, SlackRig, floor, slack_env, slack_rig, state_of,
+)
+
+__all__ = [
+    "AGENT", "AGENT_CLIENTS", "ALICE", "AUDIT_CHANNEL", "CHANNEL", "CONSOLE_TIMEOUT", "HOST", "REPLY_WAIT", "SECRET",
+    "SHOWN_PROMPT", "SITE_MODULES", "TERMINAL_ENV", "AgentProcess", "AuditRig", "ConsoleLog", "Reply", "SlackRig",
+    "agent_cluster", "approval", "audit_site", "console", "console_site", "floor", "ingest", "policy", "quit_console",
+    "role", "rule", "say", "slack_env", "slack_rig", "spawn_console", "state_of", "table", "with_agent_hosts",
+]
