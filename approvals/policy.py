@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ombot.config import TableReader, read_toml
+from ombot.tables import TableReader, read_toml
 from ombot.globs import matches_any
 from ombot.errors import ConfigError
 

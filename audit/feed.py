@@ -46,7 +46,7 @@ from audit.rules import RuleSet, load_rules, redact
 from masters import Router
 from ombot import lease
 from ombot.clock import now_ms
-from ombot.config import read_toml
+from ombot.tables import read_toml
 from ombot.errors import OmbotError
 from ombot.message import Message
 from ombot.timers import Timers

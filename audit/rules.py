@@ -20,7 +20,7 @@ from typing import Any
 import ahocorasick
 import re2
 
-from ombot.config import TableReader, read_toml
+from ombot.tables import TableReader, read_toml
 from ombot.errors import ConfigError
 from ombot.globs import matches_any
 

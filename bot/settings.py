@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ombot.config import Config, TableReader, database_url, parse_address
+from ombot.config import Config
+from ombot.tables import TableReader, database_url, parse_address
 from ombot.errors import ConfigError
 
 SLACK_API_ENV = "OMBOT_SLACK_API_URL"

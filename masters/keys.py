@@ -16,7 +16,7 @@ from pathlib import Path
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
-from ombot.config import read_secret_file
+from ombot.tables import read_secret_file
 from ombot.errors import OmbotError
 
 

@@ -23,7 +23,7 @@ RANK = {"ombot": 0, "modules": 1, "masters": 2, "audit_agent": 3, "approvals": 3
         "ombot.app": 6}
 # What a room may import besides the base, where it is narrower than "everything below".
 ONLY = {"audit_agent": {"masters.envelope", "masters.keys"}}  # it runs on every server: no Slack, no engines
-MASTER_INTERNALS = ("masters.core", "masters.server", "masters.backends", "masters.store", "masters.jobstore",
+MASTER_INTERNALS = ("masters.core", "masters.server", "masters.connections", "masters.backends", "masters.store", "masters.jobstore",
                     "masters.runner", "masters.jobspec", "masters.slots", "masters.lograte", "masters.audit",
                     "masters.housekeeping", "masters.registry", "masters.ingest_budget")
 ENTRY_POINTS = {"ombot/__main__.py"}  # `python -m ombot` starts the root: the one upward arrow, by design
@@ -31,7 +31,7 @@ ENTRY_POINTS = {"ombot/__main__.py"}  # `python -m ombot` starts the root: the o
 LIBRARY_HOMES = {
     "slack_bolt": {"bot/slack_app.py"},
     "slack_sdk": {"bot/slack_app.py"},
-    "rpyc": {"masters/server.py", "masters/client.py", "audit_agent/link.py"},
+    "rpyc": {"masters/server.py", "masters/connections.py", "masters/client.py", "audit_agent/link.py"},
     "ansible": {"masters/inventory.py", "masters/backends/ansible_forkserver.py"},
     # one scheduler per process (ombot.timers); bot/schedules keeps its own until it moves onto it
     "apscheduler": {"ombot/timers.py", "bot/schedules/timing.py"},
