@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,3 +282,11 @@ def wait_for_port(port: int, timeout: float, owner: "BotProcess | None" = None) 
 def statuses(results: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Each host's status, from Cluster.run_job's results."""
     return {name: r["status"] for name, r in results.items()}
+
+
+def wait_for(check: Callable[[], object], timeout: float = 30) -> None:
+    """Poll `check` until it is truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

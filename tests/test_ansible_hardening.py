@@ -17,15 +17,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import sshd
-from tests.support import Cluster
+from tests.support import Cluster, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sshd.available(), reason="needs openssh-server (sshd)")]
 
@@ -58,13 +57,6 @@ def ansible_master(root: Path, hosts: sshd.SshHosts, books: Path | None = None, 
     if start:
         made.start("m1", env=env)
     return made
-
-
-def wait_for(check: Callable[[], object], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def running(pid: int) -> bool:
