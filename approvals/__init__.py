@@ -7,16 +7,16 @@ behind them stay inside this package.
 
 import peewee
 
-from approvals import store
-from approvals.gate import (
+from ombot.approvals import store
+from ombot.approvals.gate import (
     NO_POLICY, ApprovalError, Gate, PolicyRefusal, Vote, authorize, operator_viewer, record_trail, require_requester,
     viewer_of,
 )
-from approvals.parts import authorize_parts
-from approvals.policy import (
+from ombot.approvals.parts import authorize_parts
+from ombot.approvals.policy import (
     APPROVER, AUTHORITY_NAMES, CANCELLER, NO_AUTHORITY, REQUESTER, Approval, Decision, Policy, Viewer, load_policy,
 )
-from approvals.store import APPROVED, DENIED, EXPIRED, PENDING, ApprovalRequest, forget_trail_before
+from ombot.approvals.store import APPROVED, DENIED, EXPIRED, PENDING, ApprovalRequest, forget_trail_before
 from ombot.storage import migrate
 
 __all__ = ["APPROVED", "APPROVER", "AUTHORITY_NAMES", "CANCELLER", "DENIED", "EXPIRED", "NO_AUTHORITY", "NO_POLICY",

@@ -16,8 +16,8 @@ from typing import Any
 
 import peewee
 
-from approvals import store
-from approvals.policy import Approval, Decision, Policy, Viewer
+from ombot.approvals import store
+from ombot.approvals.policy import Approval, Decision, Policy, Viewer
 from ombot.clock import MS_PER_SECOND, now_ms
 from ombot.errors import OmbotError
 from ombot.timers import Timers

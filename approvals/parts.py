@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from approvals.gate import Gate, PolicyRefusal, authorize
-from approvals.policy import Decision, _strictest
+from ombot.approvals.gate import Gate, PolicyRefusal, authorize
+from ombot.approvals.policy import Decision, _strictest
 
 
 def authorize_parts(gate: Gate | None, user: str, module: str,

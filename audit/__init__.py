@@ -11,14 +11,14 @@ pipeline says about itself), fields (whose word each field is), search (queries 
 
 import peewee
 
-from audit import store
-from audit.examples import SAMPLE_RULES, check_examples
-from audit.feed import AuditFeed, FeedSettings, start_feed
-from audit.fields import clock_note, login_status
-from audit.queue import MAX_PENDING, Alerts, AlertQueue, Courier, Outgoing
-from audit.rules import Match, load_rules, redact
-from audit.search import AuditQuery, find_events, redact_patterns, require_audit_viewer, utc
-from audit.store import AuditRecord, forget_events_before
+from ombot.audit import store
+from ombot.audit.examples import SAMPLE_RULES, check_examples
+from ombot.audit.feed import AuditFeed, FeedSettings, start_feed
+from ombot.audit.fields import clock_note, login_status
+from ombot.audit.queue import MAX_PENDING, Alerts, AlertQueue, Courier, Outgoing
+from ombot.audit.rules import Match, load_rules, redact
+from ombot.audit.search import AuditQuery, find_events, redact_patterns, require_audit_viewer, utc
+from ombot.audit.store import AuditRecord, forget_events_before
 
 # What the bot (the chat face) and ombot.app (`ombot audit test-rules`, `ombot init`) use.
 __all__ = ["MAX_PENDING", "SAMPLE_RULES", "AlertQueue", "Alerts", "AuditFeed", "AuditQuery", "AuditRecord", "Courier",

@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from audit.fields import clock_note, login_status
-from audit.rules import Match
+from ombot.audit.fields import clock_note, login_status
+from ombot.audit.rules import Match
 from ombot.message import Message, clip, code, escape, section, slack_date
 
 BURST_MS = 60_000  # matches with one key within this of the group's last one join it, whatever the cooldown

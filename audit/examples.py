@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from audit.rules import RuleSet
+from ombot.audit.rules import RuleSet
 
 
 def check_examples(ruleset: RuleSet) -> list[str]:

@@ -37,13 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from audit import store
-from audit.alerts import Thresholds
-from audit.notices import (back_message, degraded_message, notice_alert, reachable_message, recovered_message,
+from ombot.audit import store
+from ombot.audit.alerts import Thresholds
+from ombot.audit.notices import (back_message, degraded_message, notice_alert, reachable_message, recovered_message,
                            silent_message, unreachable_message)
-from audit.queue import Alerts
-from audit.rules import RuleSet, load_rules, redact
-from masters import Router
+from ombot.audit.queue import Alerts
+from ombot.audit.rules import RuleSet, load_rules, redact
+from ombot.masters import Router
 from ombot import lease
 from ombot.clock import now_ms
 from ombot.tables import read_toml

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from audit.rules import Match, Threshold
+from ombot.audit.rules import Match, Threshold
 from ombot.message import Message, escape, section, slack_date
 
 COOLDOWN_SECONDS = 300

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from audit.alerts import FIELD_LIMIT, SEVERITY_ICONS, AlertGroup, field_text
+from ombot.audit.alerts import FIELD_LIMIT, SEVERITY_ICONS, AlertGroup, field_text
 from ombot.message import Message, clip, escape, section
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}  # most severe posted first

@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from audit.alerts import MAX_GROUPS, AlertGroup, Grouper, alert_message
-from audit.overflow import Overflow, overflow_message, rank
-from audit.rules import Match
+from ombot.audit.alerts import MAX_GROUPS, AlertGroup, Grouper, alert_message
+from ombot.audit.overflow import Overflow, overflow_message, rank
+from ombot.audit.rules import Match
 from ombot.message import Message
 from ombot.timers import Timers
 

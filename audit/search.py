@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from approvals import NO_POLICY, Gate, PolicyRefusal
-from audit import store
-from audit.rules import load_rules
+from ombot.approvals import NO_POLICY, Gate, PolicyRefusal
+from ombot.audit import store
+from ombot.audit.rules import load_rules
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,6 @@ the records to a master of its IDC (docs/audit.md). It runs on every server, so 
 its own code, the envelope and keys of `masters`, PyNaCl and rpyc: nothing of Slack, Ansible,
 Salt or the databases."""
 
-from audit_agent.cli import main
+from ombot.audit_agent.cli import main
 
 __all__ = ["main"]

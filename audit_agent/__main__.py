@@ -1,5 +1,5 @@
 import sys
 
-from audit_agent.cli import main
+from ombot.audit_agent.cli import main
 
 sys.exit(main())

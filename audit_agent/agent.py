@@ -23,14 +23,14 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from audit_agent import spool
-from audit_agent.auditd import AuditLog, boot_time
-from audit_agent.link import MasterLinks, Unreachable
-from audit_agent.queue import EventQueue
-from audit_agent.records import Event, notice
-from audit_agent.settings import AgentSettings
-from masters.envelope import Refused
-from masters.keys import Identity
+from ombot.audit_agent import spool
+from ombot.audit_agent.auditd import AuditLog, boot_time
+from ombot.audit_agent.link import MasterLinks, Unreachable
+from ombot.audit_agent.queue import EventQueue
+from ombot.audit_agent.records import Event, notice
+from ombot.audit_agent.settings import AgentSettings
+from ombot.masters.envelope import Refused
+from ombot.masters.keys import Identity
 
 log = logging.getLogger("ombot.audit_agent")
 T = TypeVar("T")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from audit_agent.records import user_name
+from ombot.audit_agent.records import user_name
 
 RULES_FILE = "etc/audit/rules.d/ombot.rules"
 KEY = "ombot"

@@ -1,4 +1,4 @@
-"""`python -m audit_agent` (and `ombot audit-agent`): print or install the hook, run the agent.
+"""`python -m ombot.audit_agent` (and `ombot audit-agent`): print or install the hook, run the agent.
 
 Its own entry point on purpose: a server runs the agent without the ombot CLI and its libraries
 (typer, Slack, Ansible, databases). Only the standard library, PyNaCl and rpyc are needed.
@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from audit_agent import auditd, hook
-from audit_agent.settings import DEFAULT_CONFIG
+from ombot.audit_agent import auditd, hook
+from ombot.audit_agent.settings import DEFAULT_CONFIG
 from ombot.errors import OmbotError
 
 
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config: Path, verbose: bool) -> int:
-    from audit_agent.agent import Agent
-    from audit_agent.settings import load
+    from ombot.audit_agent.agent import Agent
+    from ombot.audit_agent.settings import load
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

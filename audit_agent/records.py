@@ -14,7 +14,7 @@ import pwd
 import time
 from typing import Any
 
-from audit_agent.hook import RECORD_VERSION
+from ombot.audit_agent.hook import RECORD_VERSION
 
 Event = tuple[str, int, dict[str, Any]]  # (kind, trusted time in epoch ms, data)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from audit_agent.hook import DEFAULT_SPOOL_DIR
+from ombot.audit_agent.hook import DEFAULT_SPOOL_DIR
 from ombot.config import HOST_NAME
 from ombot.tables import TableReader, parse_address, public_key, read_toml
 from ombot.errors import ConfigError

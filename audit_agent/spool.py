@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from audit_agent.hook import MAX_COMMAND_CHARS
-from audit_agent.records import SHOWN_BYTES, Event, account_of, check_login, notice, now_ms, parse_record, printable
+from ombot.audit_agent.hook import MAX_COMMAND_CHARS
+from ombot.audit_agent.records import SHOWN_BYTES, Event, account_of, check_login, notice, now_ms, parse_record, printable
 
 SPOOL_NAME = "spool"
 ROTATED_PREFIX = "spool.rotated-"

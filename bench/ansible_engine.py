@@ -163,7 +163,7 @@ class Ombot:
 
     def forks(self, size: int) -> int:
         """The forks the master runs a job on `size` hosts with."""
-        from masters.backends.ansible import job_forks
+        from ombot.masters.backends.ansible import job_forks
 
         settings = self.cluster.config().masters["m1"]
         return job_forks(size, settings.ansible.forks, settings.limits.max_parallel_hosts)
@@ -175,8 +175,8 @@ class Ombot:
 
     def book(self) -> tuple[str, dict[str, str]]:
         """The playbook this master generates for the job, and the environment it runs it with."""
-        from masters.backends import ansible, ansible_play
-        from modules import Plan, Shell
+        from ombot.masters.backends import ansible, ansible_play
+        from ombot.modules import Plan, Shell
 
         settings = self.cluster.config().masters["m1"]
         text = ansible_play.build(Plan(Shell("uptime")), "bench", "bench", settings.ansible.python, None,
@@ -303,7 +303,7 @@ def bench(root: Path, sizes: list[int], opts: argparse.Namespace) -> None:
 
 def end_ssh_masters(root: Path) -> None:
     """ControlPersist leaves an ssh mux per host and series for 60 s: end them now, leave nothing."""
-    from masters.backends.ansible import _control_dir
+    from ombot.masters.backends.ansible import _control_dir
 
     master_dir = _control_dir(root / "cluster" / "state-m1" / "ansible" / "cp")  # under /tmp when that is long
     for socket_path in [p for d in [*root.glob("*/home/cp"), master_dir] for p in d.iterdir() if p.is_socket()]:

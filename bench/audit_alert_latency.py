@@ -3,7 +3,7 @@
     .venv/bin/python bench/audit_alert_latency.py [--n 100] [--poll 2] [--scan 0.5] [--gap 1.1]
 
 Prints figures, asserts nothing. Real processes throughout: one master (`ombot master`), the audit
-agent (`python -m audit_agent run`, shipping to it), the Slack bot (`ombot bot`, HTTP mode, its audit
+agent (`python -m ombot.audit_agent run`, shipping to it), the Slack bot (`ombot bot`, HTTP mode, its audit
 feed polling every --poll seconds) and our fake Slack Web API in this process.
 
 One sample = append one spool line exactly as the bash hook does (the moment a typed command is
@@ -76,7 +76,7 @@ def run(root: Path, n: int, poll: float, scan: float, gap: float) -> list[float]
         cluster.start("m1")
         env = {"SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": "bench-secret", "OMBOT_SLACK_API_URL": fake.url}
         bot = BotProcess(cluster, env).start(port)
-        agent = subprocess.Popen([sys.executable, "-m", "audit_agent", "run", "--config", str(agent_config)],
+        agent = subprocess.Popen([sys.executable, "-m", "ombot.audit_agent", "run", "--config", str(agent_config)],
                                  stdout=open(root / "agent.log", "ab"), stderr=subprocess.STDOUT, env=child_env(),
                                  start_new_session=True)
         try:

@@ -14,7 +14,7 @@ bare/hooked, so machine noise hits both alike.
 Three agent states, since the hook only appends to the spool and never talks to the agent:
 
   stopped  no agent process: the spool just grows.
-  up       `python -m audit_agent run` on the same spool, its only master an unused loopback port
+  up       `python -m ombot.audit_agent run` on the same spool, its only master an unused loopback port
            (it scans, queues, rotates the spool and retries in the background, on the same CPUs).
   hung     that agent SIGSTOPped after it had opened and read the spool.
 
@@ -49,7 +49,7 @@ class Shell:
     global rc file is hidden (tests/shells.py)."""
 
     def __init__(self, home: Path, root: Path | None) -> None:
-        from audit_agent import hook
+        from ombot.audit_agent import hook
         from tests.shells import BASH, bash_files, isolated_argv
 
         home.mkdir(parents=True, exist_ok=True)
@@ -90,10 +90,10 @@ class Shell:
 
 
 class Agent:
-    """`python -m audit_agent run` on the benchmark's spool, with no reachable master."""
+    """`python -m ombot.audit_agent run` on the benchmark's spool, with no reachable master."""
 
     def __init__(self, root: Path, spool_dir: Path) -> None:
-        from masters import Identity
+        from ombot.masters import Identity
 
         key = root / "agent.key"
         Identity.generate().save(key)
@@ -109,7 +109,7 @@ class Agent:
     def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([sys.executable, "-m", "audit_agent", "run", "--config", str(self.config)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "ombot.audit_agent", "run", "--config", str(self.config)],
                                          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
                                          start_new_session=True)
         deadline = time.monotonic() + 20
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="counted prompts per shell and state")
     parser.add_argument("--warmup", type=int, default=100, help="uncounted prompts per shell and state")
     opts = parser.parse_args()
-    from audit_agent import hook
+    from ombot.audit_agent import hook
     from tests.shells import Unavailable
 
     load_before = os.getloadavg()[0]

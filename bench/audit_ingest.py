@@ -103,10 +103,10 @@ def measured(fn: Callable[[], Any]) -> tuple[float, float]:
 
 class BotSide:
     def __init__(self, db_path: Path, rules_path: Path) -> None:
-        from audit import store as audit_store
-        from audit.feed import AuditFeed
-        from audit.rules import load_rules
-        from bot import store
+        from ombot.audit import store as audit_store
+        from ombot.audit.feed import AuditFeed
+        from ombot.audit.rules import load_rules
+        from ombot.bot import store
 
         self.db = store.open_store(f"sqlite:///{db_path}")
         audit_store.prepare()
@@ -120,7 +120,7 @@ class BotSide:
         return sum(self.feed._store("bj", chunk) for chunk in batches(events, batch))
 
     def insert_only(self, events: list[dict[str, Any]], batch: int) -> int:
-        from audit import store as audit_store
+        from ombot.audit import store as audit_store
 
         return sum(len(audit_store.insert_new("bj", chunk)) for chunk in batches(events, batch))
 
@@ -130,7 +130,7 @@ class BotSide:
 
 def match_only(rules: Any, events: list[dict[str, Any]]) -> tuple[int, int]:
     """RuleSet.match + Thresholds.fire on event dicts shaped as the feed builds them from its rows."""
-    from audit.alerts import Thresholds
+    from ombot.audit.alerts import Thresholds
 
     thresholds = Thresholds()
     matched = fired = 0
@@ -150,8 +150,8 @@ def match_only(rules: Any, events: list[dict[str, Any]]) -> tuple[int, int]:
 
 class MasterSide:
     def __init__(self, db_path: Path) -> None:
-        from masters import store
-        from masters.audit import AuditIngest
+        from ombot.masters import store
+        from ombot.masters.audit import AuditIngest
         from ombot.config import ClientRegistration, Limits, MasterSettings
 
         self.db = store.open_store(f"sqlite:///{db_path}")
@@ -174,7 +174,7 @@ class MasterSide:
         return sum(self.ingest._store(client, client.host, chunk) for client, chunk in work)
 
     def checked(self, work: list[tuple[Any, list[dict[str, Any]]]]) -> int:
-        from masters.envelope import new_request
+        from ombot.masters.envelope import new_request
 
         stored = 0
         for client, chunk in work:
@@ -207,7 +207,7 @@ def main() -> None:
         rules_path = root / "rules.toml"
         rules_path.write_text(text)
         started = time.perf_counter()
-        from audit.rules import load_rules
+        from ombot.audit.rules import load_rules
 
         ruleset = load_rules(rules_path)
         load_s = time.perf_counter() - started

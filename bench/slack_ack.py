@@ -105,9 +105,9 @@ def serve_ombot_on(ready: Path, config_path: Path, server_kind: str) -> None:
     """What `ombot bot` does in HTTP mode (bot.slack_app.serve_slack), on another WSGI server."""
     from slack_bolt.adapter.wsgi import SlackRequestHandler
 
-    from bot.service import BotService
-    from bot.settings import SlackSecrets
-    from bot.slack_app import build_app, web_client
+    from ombot.bot.service import BotService
+    from ombot.bot.settings import SlackSecrets
+    from ombot.bot.slack_app import build_app, web_client
     from ombot import config as cfg
 
     secrets = SlackSecrets.from_env()

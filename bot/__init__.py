@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.console import run_console
-from bot.service import BotService
-from bot.settings import BotSettings, SlackSecrets
+from ombot.bot.console import run_console
+from ombot.bot.service import BotService
+from ombot.bot.settings import BotSettings, SlackSecrets
 from ombot.config import Config
 
 __all__ = ["BotService", "BotSettings", "SlackSecrets", "list_schedules", "run_console", "serve_slack", "slack_manifest"]
@@ -18,7 +18,7 @@ __all__ = ["BotService", "BotSettings", "SlackSecrets", "list_schedules", "run_c
 
 def serve_slack(config: Config) -> None:
     """Serve the Slack app (Socket Mode or HTTP); Slack's libraries load only here."""
-    from bot.slack_app import serve_slack as serve
+    from ombot.bot.slack_app import serve_slack as serve
 
     serve(config)
 
@@ -26,8 +26,8 @@ def serve_slack(config: Config) -> None:
 def list_schedules(config: Config) -> list[str]:
     """One plain line per schedule in the bot's database that the CLI's key may see (`ombot
     schedules`): every one for an admin key, else what the policy lets its `cli:USER` see."""
-    from approvals import load_policy, operator_viewer
-    from bot import schedules, store
+    from ombot.approvals import load_policy, operator_viewer
+    from ombot.bot import schedules, store
 
     settings = BotSettings.from_config(config)
     registration = config.speaking_as(config.require_client().id)  # checks the registration exists
@@ -39,6 +39,6 @@ def list_schedules(config: Config) -> list[str]:
 
 
 def slack_manifest(http_url: str | None = None) -> dict[str, Any]:
-    from bot.slack_app import manifest
+    from ombot.bot.slack_app import manifest
 
     return manifest(http_url)

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from audit import MAX_PENDING, AlertQueue, Match, Outgoing
-from bot.transport import Transport
+from ombot.audit import MAX_PENDING, AlertQueue, Match, Outgoing
+from ombot.bot.transport import Transport
 from ombot.message import Message
 from ombot.timers import Timers
 

@@ -7,11 +7,11 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from approvals import PENDING, ApprovalRequest, Decision, Gate, Viewer
-from bot import grammar, multi
-from bot.messages import CHECK, RequestView, approval_card, deny_form, params_text
-from bot.transport import ChatRequest, Transport
-from modules import ModuleSpec
+from ombot.approvals import PENDING, ApprovalRequest, Decision, Gate, Viewer
+from ombot.bot import grammar, multi
+from ombot.bot.messages import CHECK, RequestView, approval_card, deny_form, params_text
+from ombot.bot.transport import ChatRequest, Transport
+from ombot.modules import ModuleSpec
 from ombot.errors import OmbotError
 from ombot.message import Message, escape, slack_date, text_message
 

@@ -12,9 +12,9 @@ import json
 import time
 from typing import Any
 
-from approvals import Gate
-from audit import AuditQuery, AuditRecord, clock_note, find_events, login_status, redact, require_audit_viewer, utc
-from bot.transport import ChatRequest, Transport
+from ombot.approvals import Gate
+from ombot.audit import AuditQuery, AuditRecord, clock_note, find_events, login_status, redact, require_audit_viewer, utc
+from ombot.bot.transport import ChatRequest, Transport
 from ombot.errors import CommandError
 from ombot.message import Message, clip, code, escape, section
 from ombot.since import parse_since

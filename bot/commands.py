@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from modules import RESERVED_COMMANDS
+from ombot.modules import RESERVED_COMMANDS
 from ombot.errors import CommandError
 
 ANYONE = "anyone"  # listings and lookups; deciding steps (approve, cancel) check the person themselves

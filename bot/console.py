@@ -12,9 +12,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from bot.service import BotService
-from bot.terminal import HISTORY_FILE, is_terminal, terminal
-from bot.transport import ChatRequest
+from ombot.bot.service import BotService
+from ombot.bot.terminal import HISTORY_FILE, is_terminal, terminal
+from ombot.bot.transport import ChatRequest
 from ombot.message import Message, plain
 
 CHANNEL = "console"

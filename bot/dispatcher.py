@@ -13,20 +13,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
-from approvals import (
+from ombot.approvals import (
     ApprovalError, Decision, Gate, PolicyRefusal, authorize, record_trail, require_requester, viewer_of,
 )
-from audit import AuditQuery
-from bot import forms, grammar, multi, store
-from bot.approval_flow import ApprovalFlow
-from bot.audit_search import AUDIT_USAGE, parse_audit_query, search_audit
-from bot.commands import REQUESTERS, CommandError, Prose, Word, available, chat_command
-from bot.jobs import JOBS_USAGE, JobFilter, JobFollower, card_of, history, parse_job_filter
-from bot.messages import CHECK, job_card, preview_message
-from bot.schedules import SCHEDULE_USAGE, Schedules, schedule_words
-from bot.transport import ChatRequest, Transport
-from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
-from modules import Catalog, ModuleSpec, ParamError
+from ombot.audit import AuditQuery
+from ombot.bot import forms, grammar, multi, store
+from ombot.bot.approval_flow import ApprovalFlow
+from ombot.bot.audit_search import AUDIT_USAGE, parse_audit_query, search_audit
+from ombot.bot.commands import REQUESTERS, CommandError, Prose, Word, available, chat_command
+from ombot.bot.jobs import JOBS_USAGE, JobFilter, JobFollower, card_of, history, parse_job_filter
+from ombot.bot.messages import CHECK, job_card, preview_message
+from ombot.bot.schedules import SCHEDULE_USAGE, Schedules, schedule_words
+from ombot.bot.transport import ChatRequest, Transport
+from ombot.masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
+from ombot.modules import Catalog, ModuleSpec, ParamError
 from ombot.errors import OmbotError
 from ombot.message import Markup, Message, clip, code, error_message, escape, slack_date, text_message
 

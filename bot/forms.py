@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from modules import ModuleSpec, Param, ParamError
+from ombot.modules import ModuleSpec, Param, ParamError
 
 CALLBACK_ID = "om_run"
 TARGETS_BLOCK = "targets"

@@ -10,8 +10,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.commands import ChatCommand, CommandError, Prose, declared
-from modules import RESERVED_PARAMS, yes_or_no
+from ombot.bot.commands import ChatCommand, CommandError, Prose, declared
+from ombot.modules import RESERVED_PARAMS, yes_or_no
 
 # Phone and desktop clients "smarten" what people type; commands need the plain characters.
 _PUNCTUATION = str.maketrans({

@@ -24,13 +24,13 @@ from typing import Any
 
 import peewee
 
-from approvals import Viewer, forget_trail_before
-from audit import forget_events_before
-from bot import multi, store
-from bot.messages import CardState, results_message
-from bot.schedules import schedule_label
-from bot.transport import ChatRequest, Transport
-from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, Refused, Router
+from ombot.approvals import Viewer, forget_trail_before
+from ombot.audit import forget_events_before
+from ombot.bot import multi, store
+from ombot.bot.messages import CardState, results_message
+from ombot.bot.schedules import schedule_label
+from ombot.bot.transport import ChatRequest, Transport
+from ombot.masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, Refused, Router
 from ombot import lease
 from ombot.errors import CommandError
 from ombot.message import escape

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from masters import FINAL_STATES, JobState, host_log, host_rows
+from ombot.masters import FINAL_STATES, JobState, host_log, host_rows
 from ombot.clock import MS_PER_SECOND
 from ombot.message import SECTION_LIMIT, TEXT_LIMIT, Message, clip, code, escape, section, slack_date
 

@@ -22,12 +22,12 @@ from typing import Any, Protocol
 
 import peewee
 
-from approvals import ApprovalRequest, Decision, Gate, authorize_parts
-from bot import grammar, store
-from bot.messages import CHECK, CardState, job_card
-from bot.transport import ChatRequest, Transport
-from masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
-from modules import ModuleSpec, ParamError
+from ombot.approvals import ApprovalRequest, Decision, Gate, authorize_parts
+from ombot.bot import grammar, store
+from ombot.bot.messages import CHECK, CardState, job_card
+from ombot.bot.transport import ChatRequest, Transport
+from ombot.masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
+from ombot.modules import ModuleSpec, ParamError
 from ombot.config import named_idcs, several_idcs
 from ombot.errors import OmbotError
 from ombot.message import Message, clip, text_message

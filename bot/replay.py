@@ -15,7 +15,7 @@ import threading
 
 import peewee
 
-from bot import store
+from ombot.bot import store
 from ombot.clock import now_ms
 from ombot.storage import create_tables, migrate
 

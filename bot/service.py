@@ -7,16 +7,16 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import audit
-from approvals import Gate, bind, load_policy
-from audit import AuditFeed, FeedSettings, redact_patterns, start_feed
-from bot import multi, replay, schedules, store
-from bot.alerts import AlertPoster
-from bot.dispatcher import CatalogCache, Dispatcher
-from bot.jobs import JobFollower, Lifecycle
-from bot.settings import BotSettings
-from bot.transport import Transport
-from masters import Identity, Router
+from ombot import audit
+from ombot.approvals import Gate, bind, load_policy
+from ombot.audit import AuditFeed, FeedSettings, redact_patterns, start_feed
+from ombot.bot import multi, replay, schedules, store
+from ombot.bot.alerts import AlertPoster
+from ombot.bot.dispatcher import CatalogCache, Dispatcher
+from ombot.bot.jobs import JobFollower, Lifecycle
+from ombot.bot.settings import BotSettings
+from ombot.bot.transport import Transport
+from ombot.masters import Identity, Router
 from ombot import lease
 from ombot.config import ClientRegistration, Config
 from ombot.errors import ConfigError

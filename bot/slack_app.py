@@ -28,11 +28,11 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
 from slack_sdk.webhook import WebhookClient
 
-from bot import forms, replay, store
-from bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK
-from bot.service import BotService
-from bot.settings import BotSettings, SlackSecrets
-from bot.transport import ChatRequest
+from ombot.bot import forms, replay, store
+from ombot.bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK
+from ombot.bot.service import BotService
+from ombot.bot.settings import BotSettings, SlackSecrets
+from ombot.bot.transport import ChatRequest
 from ombot.config import Config
 from ombot.errors import OmbotError
 from ombot.message import Message, for_slack

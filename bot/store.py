@@ -9,7 +9,7 @@ import peewee
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as run_operations
 
-import audit
+from ombot import audit
 from ombot import lease
 from ombot.clock import now_ms
 from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms, find_by_number_or_id, open_database

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from masters.client import ConnectFailed, JobLookup, JobRef, MasterLink, MasterLost, NoMasterAvailable, Router
-from masters.envelope import Refused
-from masters.keys import Identity, KeyFileError
-from masters.report import host_log, host_rows
-from masters.states import FINAL_STATES, JobState
+from ombot.masters.client import ConnectFailed, JobLookup, JobRef, MasterLink, MasterLost, NoMasterAvailable, Router
+from ombot.masters.envelope import Refused
+from ombot.masters.keys import Identity, KeyFileError
+from ombot.masters.report import host_log, host_rows
+from ombot.masters.states import FINAL_STATES, JobState
 from ombot.config import Config, MasterSettings
 
 __all__ = ["FINAL_STATES", "ConnectFailed", "Identity", "JobLookup", "JobRef", "JobState", "KeyFileError", "MasterLink", "MasterLost",
@@ -19,6 +19,6 @@ __all__ = ["FINAL_STATES", "ConnectFailed", "Identity", "JobLookup", "JobRef", "
 
 def serve_master(config: Config, settings: MasterSettings, ready_file: Path | None = None) -> None:
     """Run one master until SIGTERM or SIGINT (its rpyc server, modules and backend load only here)."""
-    from masters.server import serve
+    from ombot.masters.server import serve
 
     serve(config, settings, ready_file)

@@ -30,10 +30,10 @@ import peewee
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as run_migration
 
-from masters.envelope import Refused, Request, dumps
-from masters.store import BaseModel, db
+from ombot.masters.envelope import Refused, Request, dumps
+from ombot.masters.store import BaseModel, db
 from ombot.clock import now_ms
-from masters.ingest_budget import IngestBudget
+from ombot.masters.ingest_budget import IngestBudget
 from ombot.config import ClientRegistration, MasterSettings
 from ombot.storage import JSONField, create_tables, migrate
 

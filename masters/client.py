@@ -20,10 +20,10 @@ from typing import Any
 import rpyc
 from rpyc.core.stream import SocketStream
 
-from masters.envelope import Peer, Refused, new_request
-from masters.keys import Identity, decode_public
-from masters.states import JobState
-from modules import Catalog
+from ombot.masters.envelope import Peer, Refused, new_request
+from ombot.masters.keys import Identity, decode_public
+from ombot.masters.states import JobState
+from ombot.modules import Catalog
 from ombot.clock import now_ms
 from ombot.config import CLIENT_MAX_IDLE_SECONDS, Config, MasterSettings
 from ombot.errors import OmbotError

@@ -22,9 +22,9 @@ from rpyc.core.channel import Channel
 from rpyc.core.stream import SocketStream
 from rpyc.utils.server import ThreadedServer
 
-from masters.core import MasterCore
-from masters.envelope import Refused
-from masters.lograte import LogBudget
+from ombot.masters.core import MasterCore
+from ombot.masters.envelope import Refused
+from ombot.masters.lograte import LogBudget
 from ombot.config import Limits
 from ombot.timers import Timers
 

@@ -19,20 +19,20 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import ombot
-from masters.backends.base import Backend
-from masters.backends.base import close as close_backend
-from masters.audit import PRUNE_SECONDS, AuditIngest
-from masters.clients import check_operation, check_requester
-from masters.envelope import Opener, Peer, Refused, Request
-from masters.housekeeping import SECONDS_PER_DAY, Housekeeping, purge_interval
-from masters.inventory import Inventory, TargetError
-from masters.jobspec import SubmitChecks, require_inventory
-from masters.jobstore import JobStore, summary
-from masters.keys import Identity
-from masters.registry import ClientRegistry
-from masters.lograte import LogBudget
-from masters.runner import JobRunner
-from modules import Module, catalog_of
+from ombot.masters.backends.base import Backend
+from ombot.masters.backends.base import close as close_backend
+from ombot.masters.audit import PRUNE_SECONDS, AuditIngest
+from ombot.masters.clients import check_operation, check_requester
+from ombot.masters.envelope import Opener, Peer, Refused, Request
+from ombot.masters.housekeeping import SECONDS_PER_DAY, Housekeeping, purge_interval
+from ombot.masters.inventory import Inventory, TargetError
+from ombot.masters.jobspec import SubmitChecks, require_inventory
+from ombot.masters.jobstore import JobStore, summary
+from ombot.masters.keys import Identity
+from ombot.masters.registry import ClientRegistry
+from ombot.masters.lograte import LogBudget
+from ombot.masters.runner import JobRunner
+from ombot.modules import Module, catalog_of
 from ombot.clock import MS_PER_SECOND
 from ombot.config import ClientRegistration, MasterSettings
 from ombot.timers import Timers

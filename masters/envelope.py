@@ -25,7 +25,7 @@ from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import Box
 from nacl.signing import VerifyKey
 
-from masters.keys import Identity, box_public
+from ombot.masters.keys import Identity, box_public
 from ombot.errors import OmbotError
 
 REQUEST_MAGIC = b"OMB1"

@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from masters.jobstore import JobStore
-from masters.leases import HostLeases
+from ombot.masters.jobstore import JobStore
+from ombot.masters.leases import HostLeases
 from ombot.clock import MS_PER_SECOND, now_ms
 from ombot.timers import Timers
 

@@ -215,7 +215,7 @@ def _write_minions(path: Path, names: list[str]) -> None:
 def open_inventory(settings: MasterSettings) -> Inventory | None:
     """A master's inventory: its inventory file, or the salt-master's accepted minion keys."""
     if settings.salt.inventory == "minions":
-        from masters.backends import salt_module  # Salt only for a master that asks for it
+        from ombot.masters.backends import salt_module  # Salt only for a master that asks for it
 
         config = settings.salt.config
         return MinionInventory(settings.state_dir / "salt-minions.ini",

@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from masters.backends.base import Backend, Unsupported, preview, vet
-from masters.clients import check_approvers, check_permitted
-from masters.envelope import Refused, Request
-from masters.inventory import Inventory, TargetError
-from modules import Module, ParamError, Plan, Shell
+from ombot.masters.backends.base import Backend, Unsupported, preview, vet
+from ombot.masters.clients import check_approvers, check_permitted
+from ombot.masters.envelope import Refused, Request
+from ombot.masters.inventory import Inventory, TargetError
+from ombot.modules import Module, ParamError, Plan, Shell
 from ombot.config import ClientRegistration, MasterSettings
 from ombot.globs import matches_any
 

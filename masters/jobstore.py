@@ -13,10 +13,10 @@ from typing import Any, cast
 
 import peewee
 
-from masters import store
-from masters.envelope import Refused, Request
-from masters.jobspec import JobSpec
-from masters.states import FINAL_STATES, JobState
+from ombot.masters import store
+from ombot.masters.envelope import Refused, Request
+from ombot.masters.jobspec import JobSpec
+from ombot.masters.states import FINAL_STATES, JobState
 from ombot.clock import MS_PER_SECOND, now_ms
 
 MAX_EVENTS_PER_REPLY = 500

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from masters.jobstore import JobStore
+from ombot.masters.jobstore import JobStore
 
 log = logging.getLogger("ombot.master")
 

@@ -29,10 +29,10 @@ from typing import Any
 
 import peewee
 
-from masters.audit import AuditAgent
-from masters.envelope import Refused, Request
-from masters.keys import KeyFileError, box_public, decode_public
-from masters.store import BaseModel, db
+from ombot.masters.audit import AuditAgent
+from ombot.masters.envelope import Refused, Request
+from ombot.masters.keys import KeyFileError, box_public, decode_public
+from ombot.masters.store import BaseModel, db
 from ombot.clock import now_ms
 from ombot.config import ClientRegistration, parse_registration
 from ombot.errors import ConfigError

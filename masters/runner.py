@@ -24,15 +24,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from masters.backends.base import Backend, HostResult, HostStatus, RunContext
-from masters.envelope import Refused, Request
-from masters.inventory import Inventory
-from masters.jobspec import JobSpec
-from masters.jobstore import Busy, Event, JobStore
-from masters.leases import HostLeases
-from masters.slots import JobSlots
-from masters.states import FINAL_STATES, JobState
-from modules import Concurrency
+from ombot.masters.backends.base import Backend, HostResult, HostStatus, RunContext
+from ombot.masters.envelope import Refused, Request
+from ombot.masters.inventory import Inventory
+from ombot.masters.jobspec import JobSpec
+from ombot.masters.jobstore import Busy, Event, JobStore
+from ombot.masters.leases import HostLeases
+from ombot.masters.slots import JobSlots
+from ombot.masters.states import FINAL_STATES, JobState
+from ombot.modules import Concurrency
 from ombot.config import MasterSettings
 
 log = logging.getLogger("ombot.master")

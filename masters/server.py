@@ -12,14 +12,14 @@ from typing import Any
 import rpyc
 from rpyc.core.channel import Channel
 
-from masters import store
-from masters.backends import backend_named
-from masters.connections import RPYC_OVERHEAD_BYTES, BoundedChannel, CappedThreadedServer, ConnectionGate
-from masters.core import MasterCore
-from masters.envelope import OPS
-from masters.inventory import open_inventory
-from masters.keys import Identity
-from modules import load_modules
+from ombot.masters import store
+from ombot.masters.backends import backend_named
+from ombot.masters.connections import RPYC_OVERHEAD_BYTES, BoundedChannel, CappedThreadedServer, ConnectionGate
+from ombot.masters.core import MasterCore
+from ombot.masters.envelope import OPS
+from ombot.masters.inventory import open_inventory
+from ombot.masters.keys import Identity
+from ombot.modules import load_modules
 from ombot.config import Config, MasterSettings
 from ombot.errors import ConfigError, OmbotError
 

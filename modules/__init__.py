@@ -1,6 +1,6 @@
 """The task-module SDK: declare a module in one file, return a Plan from its `run`.
 
-    from modules import Command, Plan, module, params as p
+    from ombot.modules import Command, Plan, module, params as p
 
     @module("disk.usage", category="info", params=[p.Path("path", roots=("/",))])
     def run(path: str) -> Plan:
@@ -8,13 +8,13 @@
         return Plan(Command(["du", "-sh", "--", path]))
 """
 
-from modules import params
-from modules.params import Param, ParamError, within, yes_or_no
-from modules.plan import (
+from ombot.modules import params
+from ombot.modules.params import Param, ParamError, within, yes_or_no
+from ombot.modules.plan import (
     Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, SaltState, Shell, Step,
     TailFile, TempPath,
 )
-from modules.registry import (
+from ombot.modules.registry import (
     RESERVED_COMMANDS, RESERVED_PARAMS, Catalog, Concurrency, Module, ModuleLoadError, ModuleSpec, Risk,
     catalog_of, load_modules, module,
 )

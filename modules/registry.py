@@ -15,8 +15,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from modules.params import Param, ParamError, ShellCommand
-from modules.plan import Plan
+from ombot.modules.params import Param, ParamError, ShellCommand
+from ombot.modules.plan import Plan
 from ombot.errors import OmbotError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("approvals", "audit_agent", "bot", "masters", "modules", "ombot")
+# The rooms at the root that ombot/ links in (ombot/bot -> ../bot): in the scratch copy each one moves
+# into ombot/ for real, so mutmut, which neither follows nor keeps symlinks, sees one plain package.
+ROOMS = ("approvals", "audit", "audit_agent", "bot", "masters", "modules")
 # Never the slow tier: its tests start processes, which import the unmutated tree anyway.
 FAST = ["-m", "not slow"]
 
@@ -72,8 +74,8 @@ def mutmut_section(target: Target) -> str:
     # Every package is a source path so that mutants/ holds the whole importable tree; only one file mutates.
     return (
         "\n[tool.mutmut]\n"
-        f"source_paths = {toml_list(list(PACKAGES))}\n"
-        f"only_mutate = {toml_list([target.source])}\n"
+        f"source_paths = {toml_list(['ombot'])}\n"
+        f"only_mutate = {toml_list(['ombot/' + target.source])}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(target.tests)}\n"
         "pytest_add_cli_args = [\"-p\", \"no:cacheprovider\"]\n"
         f"do_not_mutate_patterns = {toml_list(list(target.unmutated))}\n"
@@ -88,6 +90,8 @@ def prepare(target: Target, workdir: Path) -> Path:
         dest = scratch / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, dest)
+    for room in ROOMS:
+        shutil.move(scratch / room, scratch / "ombot" / room)
     with open(scratch / "pyproject.toml", "a") as pyproject:
         pyproject.write(mutmut_section(target))
     return scratch

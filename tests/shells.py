@@ -25,7 +25,7 @@ need world-traversable parents. pytest's tmp_path is not (/tmp/pytest-of-root is
 `tempfile.mkdtemp()` and chmod it 0755:
 
     base = Path(tempfile.mkdtemp(prefix="ombot-test-")); base.chmod(0o755)
-    root = base / "root"; hook.install(root)       # or `python -m audit_agent install --root`
+    root = base / "root"; hook.install(root)       # or `python -m ombot.audit_agent install --root`
     shell = Shell(root, base / "home", user="nobody")
     shell.run("id -u")                              # '65534', in a hooked shell
     shell.close(); shutil.rmtree(base)
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pexpect
 
-from audit_agent import hook
+from ombot.audit_agent import hook
 
 PROMPT = "PROMPT> "
 ZPROMPT = "ZPROMPT> "

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from masters.keys import Identity
+from ombot.masters.keys import Identity
 from ombot import config as cfg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ class Cluster:
     def router(self, requester: str = "cli:test", origin: str | None = None, client: str | None = None, **kw):
         """A client library Router; a chat user as requester speaks with the bot's key (origin slack),
         cli:test with the CLI's."""
-        from masters import Router
+        from ombot.masters import Router
 
         conf = self.config()
         chat = not requester.startswith("cli:")

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from audit import MAX_PENDING
-from audit.rules import Match, Threshold
-from bot.alerts import AlertPoster
+from ombot.audit import MAX_PENDING
+from ombot.audit.rules import Match, Threshold
+from ombot.bot.alerts import AlertPoster
 from ombot.message import Message, section
 from tests.fakeslack import FakeSlack, message_problems
 from tests.rigs import AUDIT_CHANNEL as CHANNEL

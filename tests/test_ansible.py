@@ -242,7 +242,7 @@ LOOKUP = "{{ lookup('pipe', 'touch %s') }}" % INJECTED
     ("facts", {}),
 ])
 def test_request_values_are_never_templates(cluster: Cluster, module: str, params: dict[str, Any]) -> None:
-    from masters.envelope import Refused
+    from ombot.masters.envelope import Refused
 
     try:
         state, results = run(cluster, module, params, ["web01"])
@@ -263,7 +263,7 @@ def test_forks_follow_the_host_count_up_to_the_cap(cluster: Cluster) -> None:
     """No idle workers for a small job; never more than `forks` or limits.max_parallel_hosts (16 here)."""
     import json
 
-    from masters.backends.ansible import job_forks
+    from ombot.masters.backends.ansible import job_forks
 
     def forks_of_last_run() -> str:
         commands = sorted((cluster.root / "state-m1" / "ansible" / "artifacts").glob("*/command"),
@@ -295,8 +295,8 @@ def test_the_run_environment_and_artifacts_hold_no_secrets(cluster: Cluster) -> 
 def test_a_plan_with_nothing_to_clean_up_has_no_end_task() -> None:
     """A host is done at its last task (or first failure) unless a temporary directory must go: the
     end marker, one more task per host on every job, is only there with the `always` cleanup."""
-    from masters.backends import ansible_play
-    from modules import Command, FirstAvailable, Plan, TempPath
+    from ombot.masters.backends import ansible_play
+    from ombot.modules import Command, FirstAvailable, Plan, TempPath
 
     simple = ansible_play.build(Plan(FirstAvailable(Command(["systemctl", "status"]), Command(["service", "x"]))),
                                 "job", "job", "/usr/bin/python3", None, 1000)
@@ -310,8 +310,8 @@ def test_a_plan_with_nothing_to_clean_up_has_no_end_task() -> None:
 def test_hosts_keep_their_own_pace_unless_there_is_one_task() -> None:
     """Several tasks per host: `free`, so no host waits for the slowest at every task. One task: `linear`,
     which reports each host as it ends all the same and costs the controller less while it waits."""
-    from masters.backends import ansible_play
-    from modules import Command, Plan, Shell, TempPath
+    from ombot.masters.backends import ansible_play
+    from ombot.modules import Command, Plan, Shell, TempPath
 
     def strategy(plan: Plan) -> str:
         text = ansible_play.build(plan, "job", "job", "/usr/bin/python3", None, 1000).text

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from masters.backends import ansible_forkserver
+from ombot.masters.backends import ansible_forkserver
 from tests import sshd
 from tests.support import Cluster, statuses, wait_for
 

@@ -21,11 +21,11 @@ from typing import Any
 import pexpect
 import pytest
 
-import approvals
-from approvals import ApprovalError, Gate
-from approvals import store as astore
-from approvals.policy import parse_policy
-from masters import JobRef, Refused
+from ombot import approvals
+from ombot.approvals import ApprovalError, Gate
+from ombot.approvals import store as astore
+from ombot.approvals.policy import parse_policy
+from ombot.masters import JobRef, Refused
 from ombot.storage import connect_url
 from tests.fakeslack import interactive_body
 from tests.rigs import CHANNEL, Reply, SlackRig, approval, console, console_site, floor, policy, role, rule

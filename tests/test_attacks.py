@@ -25,10 +25,10 @@ import rpyc
 from rpyc.core import consts
 from rpyc.utils import classic
 
-from masters import JobRef, Router
-from masters.envelope import OPS, REFUSAL_MAGIC, REQUEST_MAGIC, Peer, Refused, Request, dumps, new_request
-from masters.keys import Identity, decode_public
-from masters.connections import RPYC_OVERHEAD_BYTES
+from ombot.masters import JobRef, Router
+from ombot.masters.envelope import OPS, REFUSAL_MAGIC, REQUEST_MAGIC, Peer, Refused, Request, dumps, new_request
+from ombot.masters.keys import Identity, decode_public
+from ombot.masters.connections import RPYC_OVERHEAD_BYTES
 from tests.support import Cluster, logged
 RAW_CONFIG = {"allow_pickle": False, "sync_request_timeout": 30}
 MAX_FRAME = 4096  # the shared master's cap: small, so oversized frames are cheap to build

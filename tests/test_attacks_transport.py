@@ -21,9 +21,9 @@ import pytest
 import rpyc
 from rpyc.core import brine, consts
 
-from masters.envelope import Peer, new_request
-from masters.keys import decode_public
-from masters.lograte import LogBudget
+from ombot.masters.envelope import Peer, new_request
+from ombot.masters.keys import decode_public
+from ombot.masters.lograte import LogBudget
 from tests.support import Cluster, logged
 from tests.test_attacks import RAW_CONFIG, read_until_closed, still_serves
 

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import rpyc
 
-from audit_agent import hook, spool
-from masters.envelope import Peer, Refused, new_request
-from masters.keys import Identity, decode_public
+from ombot.audit_agent import hook, spool
+from ombot.masters.envelope import Peer, Refused, new_request
+from ombot.masters.keys import Identity, decode_public
 from tests.rigs import AGENT, HOST, AgentProcess, agent_cluster
 from tests.shells import PROMPT, Shell
 from tests.support import REPO, Cluster, child_env
@@ -34,7 +34,7 @@ UID = os.geteuid()
 
 def installed(tmp_path: Path) -> tuple[Path, Path]:
     root = tmp_path / "root"
-    subprocess.run([sys.executable, "-m", "audit_agent", "install", "--root", str(root)], check=True,
+    subprocess.run([sys.executable, "-m", "ombot.audit_agent", "install", "--root", str(root)], check=True,
                    env=child_env(), capture_output=True)
     return root, root / hook.DEFAULT_SPOOL_DIR.lstrip("/")
 
@@ -230,7 +230,7 @@ def test_a_master_outage_and_an_agent_kill_lose_and_duplicate_nothing(
 
 
 def test_a_full_queue_drops_the_oldest_and_says_so(tmp_path: Path) -> None:
-    from audit_agent.queue import EventQueue
+    from ombot.audit_agent.queue import EventQueue
 
     queue = EventQueue(tmp_path / "state", HOST, max_events=10)
     queue.add([("command", n, {"command": f"c{n}"}) for n in range(25)])
@@ -313,7 +313,7 @@ def test_enroll_print_only_writes_the_agents_files_offline(tmp_path: Path, make_
     assert enrolled.returncode == 0, enrolled.stderr
     assert '[clients.agent-db01]\nkind = "agent"\nhost = "db01"' in enrolled.stdout
     assert oct((out / "agent-db01.key").stat().st_mode & 0o777) == "0o600"
-    from audit_agent.settings import load
+    from ombot.audit_agent.settings import load
 
     (out / "agent.key").write_bytes((out / "agent-db01.key").read_bytes())
     settings = load(out / "agent-db01.toml")
@@ -332,9 +332,9 @@ def test_the_agent_installs_light_in_a_fresh_venv(tmp_path: Path) -> None:
     built = subprocess.run([*pip, "--no-deps", str(REPO)], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
     python = str(venv / "bin" / "python")
-    help_text = subprocess.run([python, "-m", "audit_agent", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    help_text = subprocess.run([python, "-m", "ombot.audit_agent", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert help_text.returncode == 0 and "run" in help_text.stdout, help_text.stderr
-    probe = ("import sys, audit_agent.agent; heavy = ('peewee', 'playhouse', 'typer', 'slack_sdk', 'slack_bolt', "
-             "'ansible', 'salt', 'pymysql', 'psycopg2', 'apscheduler', 're2', 'bot', 'approvals'); "
-             "print([m for m in sys.modules if m.split('.')[0] in heavy])")
+    probe = ("import sys, ombot.audit_agent.agent; heavy = ('peewee', 'playhouse', 'typer', 'slack_sdk', 'slack_bolt', "
+             "'ansible', 'salt', 'pymysql', 'psycopg2', 'apscheduler', 're2', 'ombot.bot', 'ombot.approvals'); "
+             "print([m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(heavy[-2:])])")
     assert subprocess.run([python, "-c", probe], cwd=tmp_path, capture_output=True, text=True).stdout.strip() == "[]"

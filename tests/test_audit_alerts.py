@@ -19,12 +19,12 @@ import pytest
 import rpyc
 from apscheduler.triggers.date import DateTrigger
 
-from audit.alerts import AlertGroup, Grouper, Thresholds, alert_message
-from audit.rules import Match, Threshold, parse_rules
-from bot.alerts import AlertPoster, TokenBucket
-from masters import audit
-from masters.envelope import Peer, Refused, new_request
-from masters.keys import decode_public
+from ombot.audit.alerts import AlertGroup, Grouper, Thresholds, alert_message
+from ombot.audit.rules import Match, Threshold, parse_rules
+from ombot.bot.alerts import AlertPoster, TokenBucket
+from ombot.masters import audit
+from ombot.masters.envelope import Peer, Refused, new_request
+from ombot.masters.keys import decode_public
 from ombot.storage import migrate
 from ombot.timers import Timers
 from tests.fakeslack import FakeSlack
@@ -143,7 +143,7 @@ def test_the_alert_escapes_and_redacts_what_users_typed() -> None:
 
 
 def test_the_audit_settings_are_checked(make_cluster: Callable[..., Cluster]) -> None:
-    from bot.settings import BotSettings
+    from ombot.bot.settings import BotSettings
     from ombot.errors import ConfigError
 
     good = make_cluster(extra_toml=bot_table(audit_rules="audit-rules.toml", audit_poll_seconds=0.5,
@@ -176,8 +176,8 @@ def test_a_huge_command_of_markup_still_fits_slack_with_its_code_block_closed() 
 
 @pytest.fixture
 def slack() -> Iterator[tuple[FakeSlack, Any]]:
-    from bot.settings import SlackSecrets
-    from bot.slack_app import SlackTransport, web_client
+    from ombot.bot.settings import SlackSecrets
+    from ombot.bot.slack_app import SlackTransport, web_client
 
     with FakeSlack() as fake:
         transport = SlackTransport(web_client(SlackSecrets(fake.bot_token, None, None, fake.url)))

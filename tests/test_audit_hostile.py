@@ -25,9 +25,9 @@ from urllib.parse import urlencode
 import pytest
 import rpyc
 
-from audit_agent import spool
-from masters.envelope import Peer, Refused, new_request
-from masters.keys import Identity, decode_public
+from ombot.audit_agent import spool
+from ombot.masters.envelope import Peer, Refused, new_request
+from ombot.masters.keys import Identity, decode_public
 from tests.fakeslack import post_to_bot
 from tests.rigs import AUDIT_CHANNEL as CHANNEL
 from tests.rigs import HOST, SECRET, AgentProcess, AuditRig, agent_cluster
@@ -110,7 +110,7 @@ class LimitedAgent(AgentProcess):
         def limit() -> None:
             resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "audit_agent", "run", "--config", str(self.config)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "ombot.audit_agent", "run", "--config", str(self.config)],
                                      stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=child_env(),
                                      start_new_session=True, preexec_fn=limit)
         return self
@@ -317,7 +317,7 @@ def installed(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     base = Path(tempfile.mkdtemp(prefix="ombot-hostile-"))
     os.chmod(base, 0o755)
     root = base / "root"
-    made = subprocess.run([sys.executable, "-m", "audit_agent", "install", "--root", str(root)], env=child_env(),
+    made = subprocess.run([sys.executable, "-m", "ombot.audit_agent", "install", "--root", str(root)], env=child_env(),
                           capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     try:

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from audit.alerts import Thresholds
-from audit.examples import SAMPLE_RULES, check_examples
-from audit.rules import Match, RuleSet, Threshold, load_rules, parse_rules, redact
+from ombot.audit.alerts import Thresholds
+from ombot.audit.examples import SAMPLE_RULES, check_examples
+from ombot.audit.rules import Match, RuleSet, Threshold, load_rules, parse_rules, redact
 from ombot.errors import ConfigError
 
 PATH = Path("rules.toml")

@@ -13,15 +13,15 @@ from typing import Any
 
 import pytest
 
-from approvals import Gate, PolicyRefusal
-from approvals.policy import parse_policy
-from audit import AuditQuery
-from audit import store as audit_store
-from bot import store as bot_store
-from bot.audit_search import file_text, parse_audit_query, row_line, search_audit
-from bot.commands import CommandError
-from bot.console import ConsoleTransport
-from bot.transport import ChatRequest
+from ombot.approvals import Gate, PolicyRefusal
+from ombot.approvals.policy import parse_policy
+from ombot.audit import AuditQuery
+from ombot.audit import store as audit_store
+from ombot.bot import store as bot_store
+from ombot.bot.audit_search import file_text, parse_audit_query, row_line, search_audit
+from ombot.bot.commands import CommandError
+from ombot.bot.console import ConsoleTransport
+from ombot.bot.transport import ChatRequest
 from ombot.errors import ConfigError
 from tests.fakeslack import slash_command_body
 from tests.rigs import CHANNEL, SlackRig, policy, role, rule, table

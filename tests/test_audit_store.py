@@ -9,8 +9,8 @@ from typing import Any
 import peewee
 import pytest
 
-from audit import store as audit_store
-from bot import store as bot_store
+from ombot.audit import store as audit_store
+from ombot.bot import store as bot_store
 from ombot.storage import SchemaVersion
 from tests.test_storage import BACKENDS, scratch
 

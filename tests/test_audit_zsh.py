@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from audit_agent import hook, spool
+from ombot.audit_agent import hook, spool
 from tests.shells import ZPROMPT as PROMPT, ZSH, Zsh
 from tests.support import child_env
 
@@ -24,7 +24,7 @@ UID = os.geteuid()
 
 def installed(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
     root = tmp_path / "root"
-    subprocess.run([sys.executable, "-m", "audit_agent", "install", "--root", str(root), *extra], check=True,
+    subprocess.run([sys.executable, "-m", "ombot.audit_agent", "install", "--root", str(root), *extra], check=True,
                    env=child_env(), capture_output=True)
     return root, root / hook.DEFAULT_SPOOL_DIR.lstrip("/")
 
@@ -45,7 +45,7 @@ def test_install_writes_the_zsh_hook_once(tmp_path: Path) -> None:
     assert str(root / hook.DEFAULT_SPOOL_DIR.lstrip("/")) in body
     assert subprocess.run([str(ZSH), "-n", str(root / hook.ZSH_BODY)], capture_output=True).returncode == 0
     # printed by `hook --shell zsh`, the same code
-    printed = subprocess.run([sys.executable, "-m", "audit_agent", "hook", "--shell", "zsh"], env=child_env(),
+    printed = subprocess.run([sys.executable, "-m", "ombot.audit_agent", "hook", "--shell", "zsh"], env=child_env(),
                              capture_output=True, text=True, check=True).stdout
     assert printed == hook.hook_text(hook.DEFAULT_SPOOL_DIR, "zsh")
     # bash never parses the zsh hook, and the bash hook is still the default

@@ -30,12 +30,12 @@ from typing import Any
 
 import pytest
 
-from audit_agent import auditd
-from audit_agent.agent import Agent
-from audit_agent.auditd import AuditLog, decode, parse_line
-from audit_agent.queue import EventQueue
-from audit_agent.settings import AgentSettings, MasterAddress
-from masters.keys import Identity
+from ombot.audit_agent import auditd
+from ombot.audit_agent.agent import Agent
+from ombot.audit_agent.auditd import AuditLog, decode, parse_line
+from ombot.audit_agent.queue import EventQueue
+from ombot.audit_agent.settings import AgentSettings, MasterAddress
+from ombot.masters.keys import Identity
 from tests.rigs import HOST, AgentProcess, agent_cluster
 from tests.shells import Unavailable, isolated_argv, login_files
 from tests.support import Cluster, child_env
@@ -421,7 +421,7 @@ def ombot_rules(tmp_path: Path, audit_logs: AuditLogs) -> Iterator[Path]:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "audit_agent", *args], env=child_env(), capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "ombot.audit_agent", *args], env=child_env(), capture_output=True, text=True)
 
 
 class PamSshd:

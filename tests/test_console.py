@@ -13,7 +13,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from bot.console import PROMPT
+from ombot.bot.console import PROMPT
 from tests import rigs
 from tests.rigs import CONSOLE_TIMEOUT as TIMEOUT
 from tests.rigs import SHOWN_PROMPT, TERMINAL_ENV, console_site, quit_console, say

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from masters.envelope import (
+from ombot.masters.envelope import (
     REFUSAL_MAGIC, REPLY_MAGIC, REQUEST_MAGIC, Opener, Peer, Refused, Request, dumps, new_request,
 )
-from masters.keys import Identity
+from ombot.masters.keys import Identity
 
 NOW = 1_700_000_000
 SKEW, MAX_VALIDITY, MAX_FRAME = 30, 300, 4096

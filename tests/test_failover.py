@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from masters import Refused
+from ombot.masters import Refused
 from tests.support import REPO
 
 SITE = [REPO / "tests" / "site_modules"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from bot import forms
-from modules import ModuleSpec, Risk
-from modules import params as p
+from ombot.bot import forms
+from ombot.modules import ModuleSpec, Risk
+from ombot.modules import params as p
 from tests.fakeslack import view_problems
 
 

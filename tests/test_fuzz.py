@@ -21,9 +21,9 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from bot import grammar
-from bot.jobs import JobFilter
-from bot.transport import ChatRequest
+from ombot.bot import grammar
+from ombot.bot.jobs import JobFilter
+from ombot.bot.transport import ChatRequest
 from ombot.message import Message
 from tests.support import Cluster, bot_table
 
@@ -126,7 +126,7 @@ class FuzzBot:
 @pytest.fixture(scope="module")
 def fuzz_bot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzBot]:
     """One master and one in-process bot for the whole file (a master takes a second or two to start)."""
-    from bot.service import BotService
+    from ombot.bot.service import BotService
 
     cluster = Cluster(tmp_path_factory.mktemp("fuzz"), {"local": ["m1"]}, inventory=REMOTE_ONLY,
                       extra_toml=bot_table())
@@ -363,7 +363,7 @@ def test_errors_say_what_is_wrong(text: str, expected: str) -> None:
 
 
 def test_a_deny_reason_is_prose_and_never_pings() -> None:
-    from bot.messages import RequestView, approval_card
+    from ombot.bot.messages import RequestView, approval_card
     from tests.fakeslack import message_problems
 
     assert invoked("deny 3 don't run this on friday") == ("deny", {"request": "3", "reason": "don't run this on friday"})
@@ -378,15 +378,15 @@ def test_a_deny_reason_is_prose_and_never_pings() -> None:
 def test_each_chat_command_is_declared_once_and_reserved_at_the_master() -> None:
     """The master refuses site modules named like a chat command, without importing the bot: its
     list of reserved words must be exactly the declared command words."""
-    from bot.commands import declared
-    from modules import RESERVED_COMMANDS
+    from ombot.bot.commands import declared
+    from ombot.modules import RESERVED_COMMANDS
 
     assert set(declared()) == RESERVED_COMMANDS
     assert {"audit", "schedule", "schedules"} <= set(declared())  # declared now, handled by the issues to come
 
 
 def test_help_lists_the_usage_of_every_available_command() -> None:
-    from bot.commands import available
+    from ombot.bot.commands import available
 
     usages = [c.usage for c in available()]
     assert "/om deny REQUEST REASON" in usages and "/om help [module]" in usages

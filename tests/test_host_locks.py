@@ -19,9 +19,9 @@ from typing import Any
 import psutil
 import pytest
 
-from masters import JobRef, Refused, Router, store
-from masters.jobstore import Busy, JobStore
-from modules import Concurrency, ModuleLoadError, load_modules
+from ombot.masters import JobRef, Refused, Router, store
+from ombot.masters.jobstore import Busy, JobStore
+from ombot.modules import Concurrency, ModuleLoadError, load_modules
 from ombot import config as cfg
 from ombot import storage
 from ombot.errors import ConfigError
@@ -31,7 +31,7 @@ from tests.test_storage import BACKENDS, SERVERS, create_schema_v1, scratch
 
 SITE = REPO / "tests" / "site_modules"
 REFUSING = '''\
-from modules import Command, Plan, module, params as p
+from ombot.modules import Command, Plan, module, params as p
 
 
 @module("test.exclusive", category="test", concurrency="refuse", params=[p.Int("seconds", min=0, max=600)])

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from masters.backends.cgroup import own_cgroup
+from ombot.masters.backends.cgroup import own_cgroup
 from tests.support import Cluster, child_env, free_port
 from tests.test_modules import run_job
 

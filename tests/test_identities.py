@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pexpect
 import pytest
 
-from masters import Refused, Router
+from ombot.masters import Refused, Router
 from tests.rigs import console
 from tests.support import Cluster, MasterProcess, child_env, free_port
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from masters.envelope import Refused
-from modules import load_modules
-from modules.params import Args, Path as PathParam, Script, ShellCommand, String
+from ombot.masters.envelope import Refused
+from ombot.modules import load_modules
+from ombot.modules.params import Args, Path as PathParam, Script, ShellCommand, String
 from tests.support import Cluster
 
 CANARY = Path(f"/tmp/ombot-canary-{uuid.uuid4().hex}")

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from masters import Refused
-from masters.inventory import Inventory, MinionInventory, TargetError, expand_ranges, open_inventory
+from ombot.masters import Refused
+from ombot.masters.inventory import Inventory, MinionInventory, TargetError, expand_ranges, open_inventory
 from ombot.config import Limits, MasterSettings, SaltSettings
 
 YAML = """\
@@ -199,7 +199,7 @@ class SteppedClock:
 
 
 def test_regex_matching_stops_past_its_deadline(inventory: Inventory, monkeypatch: pytest.MonkeyPatch) -> None:
-    from masters import inventory as module
+    from ombot.masters import inventory as module
 
     monkeypatch.setattr(module, "time", SteppedClock(then=module.EXPAND_SECONDS))
     assert inventory.expand("~web") == ["web01", "web02", "web10"]  # at the deadline: still in time
@@ -221,7 +221,7 @@ def test_the_work_of_an_expansion_is_counted_before_matching(inventory: Inventor
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """As Ansible resolves a term: a host's own name costs nothing; anything else costs a fixed part
     plus one comparison per group (4 here), and one per host too (4) unless it is a group's plain name."""
-    from masters import inventory as module
+    from ombot.masters import inventory as module
 
     targets = "web,db,web0*,!nosuch,&~w,db01"  # 500+4 twice, 500+4+4 three times, and 0: 2,532
     monkeypatch.setattr(module, "MAX_NAME_MATCHES", 2532)
@@ -237,7 +237,7 @@ def test_the_work_of_an_expansion_is_counted_before_matching(inventory: Inventor
 
 
 def test_plain_terms_stop_at_the_deadline_too(inventory: Inventory, monkeypatch: pytest.MonkeyPatch) -> None:
-    from masters import inventory as module
+    from ombot.masters import inventory as module
 
     monkeypatch.setattr(module, "time", SteppedClock(then=module.EXPAND_SECONDS))
     assert inventory.expand("db") == ["db01"]  # at the deadline: still in time
@@ -277,7 +277,7 @@ def test_the_minion_inventory_follows_the_accepted_keys(tmp_path: Path) -> None:
 
 def test_a_master_opens_its_inventory_file_or_the_minion_keys(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from masters import backends
+    from ombot.masters import backends
 
     hosts = tmp_path / "hosts.ini"
     hosts.write_text("[web]\nweb01\n")

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from slack_sdk import WebClient
 
-from bot.commands import CommandError
-from bot.jobs import JobFilter, parse_job_filter
-from masters import FINAL_STATES, JobRef, Refused
+from ombot.bot.commands import CommandError
+from ombot.bot.jobs import JobFilter, parse_job_filter
+from ombot.masters import FINAL_STATES, JobRef, Refused
 from ombot.since import parse_since
 from tests.rigs import CHANNEL, Reply, SlackRig
 from tests.support import Cluster, bot_table, free_port
@@ -326,7 +326,7 @@ def test_jobs_filters_are_each_given_once() -> None:
 
 
 def test_retention_days_must_be_above_zero(make_cluster: Callable[..., Cluster]) -> None:
-    from bot import BotSettings
+    from ombot.bot import BotSettings
     from ombot.errors import ConfigError
 
     assert BotSettings.from_config(make_cluster(extra_toml=bot_table()).config()).retention_days == 90

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from bot.jobs import apply_event
-from bot.messages import CardState
-from masters.backends.base import HostStatus
-from masters.runner import final_state
-from masters.states import FINAL_STATES, JobState
+from ombot.bot.jobs import apply_event
+from ombot.bot.messages import CardState
+from ombot.masters.backends.base import HostStatus
+from ombot.masters.runner import final_state
+from ombot.masters.states import FINAL_STATES, JobState
 
 OK, FAILED, UNREACHABLE = HostStatus.OK, HostStatus.FAILED, HostStatus.UNREACHABLE
 TIMED_OUT, CANCELLED, UNKNOWN = HostStatus.TIMED_OUT, HostStatus.CANCELLED, HostStatus.UNKNOWN
@@ -86,7 +86,7 @@ def test_a_late_accepted_never_reopens_a_final_card() -> None:
 
 
 def test_every_job_state_has_an_icon_on_the_card() -> None:
-    from bot.messages import STATE_ICONS
+    from ombot.bot.messages import STATE_ICONS
 
     assert set(STATE_ICONS) == set(JobState)
 

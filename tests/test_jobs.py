@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from masters import JobState, MasterLost, Refused
+from ombot.masters import JobState, MasterLost, Refused
 from tests.support import INVENTORY, REPO, Cluster, child_env
 
 SITE = [REPO / "tests" / "site_modules"]

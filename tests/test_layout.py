@@ -8,6 +8,10 @@
 A package imports only packages below it; the master side never imports the bot; nobody outside
 `masters` reaches its internals; no two project files import each other, however indirectly; and
 each heavy third-party library lives in one place.
+
+The rooms live at the repository's root and are imported as `ombot.bot`, `ombot.masters`, ...
+(ombot/ links them in: README, "Installed names"); below, names are written without the `ombot.`
+prefix, so `bot.grammar` is the file bot/grammar.py, imported as `ombot.bot.grammar`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 
 from tests.support import REPO
 
-PACKAGES = ("bot", "audit", "approvals", "masters", "modules", "audit_agent", "ombot")
+ROOMS = ("bot", "audit", "approvals", "masters", "modules", "audit_agent")  # at the root, linked into ombot/
+PACKAGES = (*ROOMS, "ombot")
 # The rooms from the bottom up: a room may import only rooms of a lower rank.
 RANK = {"ombot": 0, "modules": 1, "masters": 2, "audit_agent": 3, "approvals": 3, "audit": 4, "bot": 5,
         "ombot.app": 6}
@@ -49,7 +54,8 @@ def imports_of(path: Path, top_level_only: bool = False) -> set[str]:
     return imports_in(path.read_text(), str(path), top_level_only)
 
 
-def imports_in(source: str, filename: str, top_level_only: bool = False) -> set[str]:
+def imports_in(source: str, filename: str, top_level_only: bool = False, raw: bool = False) -> set[str]:
+    """The names imported, each room's written without its `ombot.` prefix (raw: as written)."""
     tree = ast.parse(source, filename)
     nodes = _top_level(tree.body) if top_level_only else ast.walk(tree)
     names: set[str] = set()
@@ -59,7 +65,13 @@ def imports_in(source: str, filename: str, top_level_only: bool = False) -> set[
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from bot import grammar`
-    return names
+    return names if raw else {_unprefixed(name) for name in names}
+
+
+def _unprefixed(name: str) -> str:
+    """ombot.bot.grammar -> bot.grammar; `from ombot import bot` (ombot.bot) -> bot; others as they are."""
+    head, _, rest = name.partition(".")
+    return rest if head == "ombot" and rest.split(".")[0] in ROOMS else name
 
 
 def _top_level(body: list[ast.stmt]) -> list[ast.stmt]:
@@ -77,7 +89,12 @@ def _top_level(body: list[ast.stmt]) -> list[ast.stmt]:
 
 
 def sources() -> list[tuple[str, Path]]:
-    return [(str(p.relative_to(REPO)), p) for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))]
+    """Every project file once, by its real path (not again through ombot/'s links)."""
+    return [(str(p.relative_to(REPO)), p) for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))
+            if p.relative_to(REPO).parts[:2] not in _LINKS]
+
+
+_LINKS = {("ombot", room) for room in ROOMS}
 
 
 def room_of(module: str) -> str | None:
@@ -204,6 +221,17 @@ def test_each_heavy_library_is_imported_in_one_place() -> None:
             if homes is not None and rel not in homes:
                 wrong.append(f"{rel} imports {name}")
     assert not wrong, wrong
+
+
+def test_rooms_are_imported_by_their_installed_names() -> None:
+    """`from ombot.bot import ...`, never `from bot import ...`: a wheel installs only `ombot`, and a
+    bare name would load a second copy of a room (its own peewee models, its own caches) beside it."""
+    trees = [*sources(), *[(str(p.relative_to(REPO)), p) for d in ("tests", "bench", "scripts")
+                           for p in sorted((REPO / d).rglob("*.py"))]]
+    wrong = [f"{rel} imports {name}" for rel, path in trees
+             for name in imports_in(path.read_text(), rel, raw=True) if name.split(".")[0] in ROOMS]
+    assert not wrong, wrong
+    assert {room: (REPO / "ombot" / room).readlink() for room in ROOMS} == {room: Path("..", room) for room in ROOMS}
 
 
 def test_nothing_imports_the_root() -> None:

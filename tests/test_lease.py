@@ -12,7 +12,7 @@ from pathlib import Path
 import peewee
 import pytest
 
-from bot import store
+from ombot.bot import store
 from ombot import lease
 from ombot.clock import now_ms
 from tests.test_storage import BACKENDS, scratch

@@ -19,8 +19,8 @@ from urllib.parse import urlencode
 
 import pytest
 
-from bot.console import ConsoleTransport
-from bot.transport import ChatRequest
+from ombot.bot.console import ConsoleTransport
+from ombot.bot.transport import ChatRequest
 from ombot.errors import ConfigError
 from ombot.message import Markup, Message, code, error_message, escape, for_slack, plain, section
 from tests.fakeslack import FakeSlack, post_to_bot
@@ -202,7 +202,7 @@ def test_an_error_is_escaped_unless_raised_as_markup() -> None:
 
 def test_the_console_shows_plain_text(make_cluster: Callable[..., Cluster]) -> None:
     """The console's own transport on a real master, with no team_id (the console needs none)."""
-    from bot.service import BotService
+    from ombot.bot.service import BotService
 
     cluster = make_cluster(extra_toml=bot_table(team_id=None, console_user=ALICE))
     cluster.start("m1")
@@ -250,7 +250,7 @@ def test_the_slack_app_refuses_to_start_without_a_team_id(make_cluster: Callable
 
 
 def test_a_team_id_must_look_like_one(make_cluster: Callable[..., Cluster]) -> None:
-    from bot.settings import BotSettings
+    from ombot.bot.settings import BotSettings
 
     assert BotSettings.from_config(make_cluster(extra_toml=bot_table(team_id="T0AB12")).config()).team_id == "T0AB12"
     for bad in ("ombot-test", "t0ab12", "C0OPS", "T"):

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from masters.backends.local import CHILD_PATH
-from modules import Command, load_modules
-from modules.plan import FirstAvailable
+from ombot.masters.backends.local import CHILD_PATH
+from ombot.modules import Command, load_modules
+from ombot.modules.plan import FirstAvailable
 from tests.support import Cluster
 
 

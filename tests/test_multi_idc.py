@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from approvals import Gate, PolicyRefusal, authorize_parts
-from approvals.policy import parse_policy
+from ombot.approvals import Gate, PolicyRefusal, authorize_parts
+from ombot.approvals.policy import parse_policy
 from ombot import config as cfg
 from ombot.errors import ConfigError
 from tests import sshd
@@ -152,7 +152,7 @@ def test_one_request_runs_in_both_idcs_on_one_card(rig: Rig) -> None:
     assert bj_job not in rig.master_jobs("sh-1") and sh_job not in rig.master_jobs("bj-1")
     router = rig.cluster.router(ALICE)
     try:
-        from masters import JobRef
+        from ombot.masters import JobRef
 
         sh_events = router.events(JobRef(sh_job, "sh", "sh-1"))["events"]
         bj_events = router.events(JobRef(bj_job, "bj", "bj-1"))["events"]
@@ -404,7 +404,7 @@ def test_masters_of_one_idc_must_name_one_backend(tmp_path: Path) -> None:
 
 
 def test_retention_forgets_a_split_once_its_parts_are_gone(tmp_path: Path) -> None:
-    from bot import multi, store
+    from ombot.bot import multi, store
 
     store.open_store(f"sqlite:///{tmp_path / 'bot.db'}")
     multi.prepare()

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from modules import Emit, ModuleLoadError, ParamError, Plan, load_modules, params as p
-from modules.params import Param
+from ombot.modules import Emit, ModuleLoadError, ParamError, Plan, load_modules, params as p
+from ombot.modules.params import Param
 from tests.support import Cluster
 
 
@@ -241,7 +241,7 @@ def test_schema_refuses_unknown_kinds_keys_and_bad_declarations() -> None:
 # -- the loader ----------------------------------------------------------------------------------
 
 GOOD = '''
-from modules import Emit, Plan, module, params as p
+from ombot.modules import Emit, Plan, module, params as p
 
 
 @module("site.hello", category="demo", params=[p.String("who", help="whom to greet")])
@@ -252,7 +252,7 @@ def run(who: str) -> Plan:
 
 BAD_FILES = {
     "duplicate name": ('''
-        from modules import Emit, Plan, module
+        from ombot.modules import Emit, Plan, module
 
         @module("echo", category="demo")
         def run() -> Plan:
@@ -260,7 +260,7 @@ BAD_FILES = {
             return Plan(Emit("x"))
         ''', "module name 'echo' is already defined in"),
     "reserved command word": ('''
-        from modules import Emit, Plan, module
+        from ombot.modules import Emit, Plan, module
 
         @module("status", category="demo")
         def run() -> Plan:
@@ -268,7 +268,7 @@ BAD_FILES = {
             return Plan(Emit("x"))
         ''', "'status' collides with the reserved command word"),
     "reserved parameter": ('''
-        from modules import Emit, Plan, module, params as p
+        from ombot.modules import Emit, Plan, module, params as p
 
         @module("site.where", category="demo", params=[p.String("idc")])
         def run(idc: str) -> Plan:
@@ -276,7 +276,7 @@ BAD_FILES = {
             return Plan(Emit(idc))
         ''', "parameter name 'idc' is reserved"),
     "two modules in one file": ('''
-        from modules import Emit, Plan, module
+        from ombot.modules import Emit, Plan, module
 
         @module("site.one", category="demo")
         def run() -> Plan:
@@ -292,7 +292,7 @@ BAD_FILES = {
         X = 1
         ''', "declares exactly one @module, found 0"),
     "shell parameter with low risk": ('''
-        from modules import Plan, Shell, module, params as p
+        from ombot.modules import Plan, Shell, module, params as p
 
         @module("site.sh", category="demo", risk="low", params=[p.ShellCommand("cmd")])
         def run(cmd: str) -> Plan:
@@ -300,7 +300,7 @@ BAD_FILES = {
             return Plan(Shell(cmd))
         ''', "a ShellCommand parameter requires risk='high'"),
     "run() signature mismatch": ('''
-        from modules import Emit, Plan, module, params as p
+        from ombot.modules import Emit, Plan, module, params as p
 
         @module("site.sig", category="demo", params=[p.String("who")])
         def run(whom: str) -> Plan:
@@ -308,11 +308,11 @@ BAD_FILES = {
             return Plan(Emit(whom))
         ''', "run() must take exactly its declared parameters (who), got run(whom)"),
     "syntax error": ('''
-        from modules import Plan, module
+        from ombot.modules import Plan, module
         def run(:
         ''', "failed to import: SyntaxError"),
     "bad parameter schema": ('''
-        from modules import Emit, Plan, module, params as p
+        from ombot.modules import Emit, Plan, module, params as p
 
         @module("site.roots", category="demo", params=[p.Path("where")])
         def run(where: str) -> Plan:
@@ -320,7 +320,7 @@ BAD_FILES = {
             return Plan(Emit(where))
         ''', "parameter 'where': a Path needs at least one allow-listed root"),
     "default that does not convert": ('''
-        from modules import Emit, Plan, module, params as p
+        from ombot.modules import Emit, Plan, module, params as p
 
         @module("site.dflt", category="demo", params=[p.Int("n", min=1, max=5, required=False, default=9)])
         def run(n: int) -> Plan:
@@ -328,7 +328,7 @@ BAD_FILES = {
             return Plan(Emit(str(n)))
         ''', "default of n: expected an integer from 1 to 5"),
     "missing docstring": ('''
-        from modules import Emit, Plan, module
+        from ombot.modules import Emit, Plan, module
 
         @module("site.nodoc", category="demo")
         def run() -> Plan:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from modules.plan import (
+from ombot.modules.plan import (
     Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, SaltState, Shell, TailFile,
     TempPath,
 )

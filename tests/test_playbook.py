@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from masters.envelope import Refused
+from ombot.masters.envelope import Refused
 from tests import sshd
 from tests.fakeslack import TEAM_ID, FakeSlack, post_to_bot, slash_command_body
 from tests.rigs import CHANNEL, SECRET, approval, floor, policy, role, rule, slack_rig
@@ -320,8 +320,8 @@ def test_a_check_run_through_slack_asks_approval_and_its_card_says_check(cluster
 
 
 def test_check_is_a_request_word_like_dry_run() -> None:
-    from bot.commands import CommandError
-    from bot.grammar import run_of
+    from ombot.bot.commands import CommandError
+    from ombot.bot.grammar import run_of
 
     assert run_of("file.push", ["web01", "source=a", "check=yes"]).check is True
     assert run_of("file.push", ["web01", "source=a", "check=yes"]).params == {"source": "a"}

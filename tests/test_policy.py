@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from approvals import Decision, Gate, operator_viewer, viewer_of
-from approvals.policy import (
+from ombot.approvals import Decision, Gate, operator_viewer, viewer_of
+from ombot.approvals.policy import (
     APPROVER, CANCELLER, NO_AUTHORITY, REQUESTER, Approval, Policy, Role, Viewer, load_policy, parse_policy,
 )
 from ombot.errors import ConfigError

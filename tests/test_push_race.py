@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from masters.backends import put_file
-from modules.builtin.file_push import DEST_ROOTS
+from ombot.masters.backends import put_file
+from ombot.modules.builtin.file_push import DEST_ROOTS
 from tests import saltrig, sshd
 from tests.support import Cluster
 from tests.test_salt import salt_cluster

@@ -13,8 +13,8 @@ import peewee
 import pytest
 import rpyc
 
-from masters.envelope import Peer, Refused, new_request
-from masters.keys import Identity, decode_public
+from ombot.masters.envelope import Peer, Refused, new_request
+from ombot.masters.keys import Identity, decode_public
 from ombot import config as cfg
 from ombot.errors import ConfigError
 from tests.rigs import AGENT, HOST, agent_cluster
@@ -387,7 +387,7 @@ def test_an_admin_adds_an_operator_without_a_restart(make_cluster: Callable[...,
 
 
 def test_masters_sharing_a_database_keep_their_own_registrations(master_db: peewee.Database) -> None:  # noqa: F811
-    from masters.registry import ClientRegistry
+    from ombot.masters.registry import ClientRegistry
     from ombot.config import ClientRegistration
 
     keys = {name: Identity.generate().public for name in ("bot", "test", "agent-web01", "agent-db01")}

@@ -29,10 +29,10 @@ import pytest
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as run_operations
 
-from bot import schedules as sched
-from bot import store
-from bot.schedules.render import plain_when
-from bot.settings import BotSettings
+from ombot.bot import schedules as sched
+from ombot.bot import store
+from ombot.bot.schedules.render import plain_when
+from ombot.bot.settings import BotSettings
 from ombot.clock import now_ms
 from ombot.errors import CommandError, ConfigError
 from ombot.storage import SchemaVersion, connect_url
@@ -217,8 +217,8 @@ def test_job_history_shows_each_viewer_what_the_policy_lets_them_see_on_every_da
                                                                                        tmp_path: Path) -> None:
     """The SQL narrowing of `/om jobs` keeps every job the rule (Viewer.sees) allows and the rule drops
     the rest, with LIKE's wildcards and JSON's escapes in ids and role names taken literally."""
-    from approvals import Viewer
-    from bot.jobs import JobFilter, history
+    from ombot.approvals import Viewer
+    from ombot.bot.jobs import JobFilter, history
 
     odd_role = 'on%call_\\"x'  # a role name with LIKE wildcards, a backslash and a quote
     jobs = {"own": ("U0A_B", [], []), "approved": ("U0OTHER", ["U0A_B"], []), "role": ("U0OTHER", [], [odd_role]),

@@ -25,7 +25,7 @@ from typing import Any
 import pexpect
 import pytest
 
-from audit_agent import hook, spool
+from ombot.audit_agent import hook, spool
 from tests import shells
 from tests.shells import PROMPT, ZPROMPT, ZSH, Shell, Unavailable, Zsh, isolated_argv
 from tests.support import REPO, child_env

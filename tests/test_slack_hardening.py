@@ -16,8 +16,8 @@ from urllib.parse import urlencode
 
 import pytest
 
-from bot import replay
-from bot import store as bot_store
+from ombot.bot import replay
+from ombot.bot import store as bot_store
 from ombot.clock import now_ms
 from tests.fakeslack import interactive_body, signed_request
 from tests.rigs import CHANNEL, SECRET, SITE_MODULES, Reply, SlackRig, approval, policy, role, rule
@@ -39,7 +39,7 @@ POLICY = policy(
 BIG_FORM_FIELDS = 95
 BIG_CHOICES = [f"choice-{j:03d}-" + "z" * 64 for j in range(100)]
 BIG_FORM = f'''\
-from modules import Command, Plan, module, params as p
+from ombot.modules import Command, Plan, module, params as p
 
 HINT = ("Every field carries the longest hint a modal allows, so the view is as big as a generated "
         "one gets: 'quotes', \\"double quotes\\", & ampersands, = signs, % signs and spaces. ") * 14

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from audit_agent import records, spool
-from audit_agent.agent import NoticeBudget
-from audit_agent.queue import EventQueue
+from ombot.audit_agent import records, spool
+from ombot.audit_agent.agent import NoticeBudget
+from ombot.audit_agent.queue import EventQueue
 
 UID = os.geteuid()
 

@@ -27,14 +27,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import peewee
 import pytest
 
-import approvals
-from approvals import store as astore
-from audit import store as bot_audit
-from bot import multi, replay, schedules
-from bot import store as bot_store
-from masters import audit as master_audit
-from masters import registry as master_registry
-from masters import store
+from ombot import approvals
+from ombot.approvals import store as astore
+from ombot.audit import store as bot_audit
+from ombot.bot import multi, replay, schedules
+from ombot.bot import store as bot_store
+from ombot.masters import audit as master_audit
+from ombot.masters import registry as master_registry
+from ombot.masters import store
 from ombot import config as cfg
 from ombot import lease
 from ombot.clock import now_ms
@@ -804,7 +804,7 @@ def assert_converted() -> None:
 
 
 def test_stored_times_are_shown_in_seconds_where_people_read_them() -> None:
-    from bot.messages import CardState, job_card
+    from ombot.bot.messages import CardState, job_card
     from ombot.message import slack_date
 
     assert slack_date(MS).startswith("<!date^4102444800^") and slack_date(MS).endswith("|2100-01-01 00:00 UTC>")
@@ -857,7 +857,7 @@ def test_redaction_hides_passwords() -> None:
 
 
 def write_config(tmp_path: Path, master_extra: str) -> Path:
-    from masters.keys import Identity
+    from ombot.masters.keys import Identity
 
     path = tmp_path / "ombot.toml"
     path.write_text(f'[masters.bj-1]\nidc = "bj"\naddress = "127.0.0.1:1"\npublic_key = "{Identity.generate().public}"\n'
@@ -966,8 +966,8 @@ def test_a_master_with_an_unreachable_database_says_so(make_cluster: Callable[..
 def test_audit_events_are_stored_once_and_acknowledged(master_db: peewee.Database) -> None:
     """The master's audit tables on every engine: insert-ignore on the event id, every held id acked,
     an id of a length MySQL must index, the heartbeat upserted."""
-    from masters.audit import AuditAgent, AuditEvent, AuditIngest
-    from masters.envelope import new_request
+    from ombot.masters.audit import AuditAgent, AuditEvent, AuditIngest
+    from ombot.masters.envelope import new_request
     from ombot.config import ClientRegistration
 
     agent = ClientRegistration("agent-web01", "k", "agent", "web01", host="web01")
@@ -1004,7 +1004,7 @@ def master_settings(**changes: Any) -> cfg.MasterSettings:
 def test_masters_prune_audit_events_the_bot_pulled_and_past_their_retention(master_db: peewee.Database) -> None:
     """On every engine: events every reader pulled go (a margin behind the slowest reader), events past
     the retention go pulled or not (and are counted), a reader silent past the retention holds nothing."""
-    from masters.audit import AuditEvent, AuditReader, prune_events
+    from ombot.masters.audit import AuditEvent, AuditReader, prune_events
 
     migrate(master_db, "audit", master_audit.MIGRATIONS)
     now, hour = 10 * 86_400_000, 3_600_000
@@ -1025,7 +1025,7 @@ def test_masters_prune_audit_events_the_bot_pulled_and_past_their_retention(mast
 def test_the_audit_tables_of_an_older_master_are_upgraded_in_place(master_db: peewee.Database) -> None:
     """A master's audit tables from before heartbeats carried a problem and readers a cursor: the
     upgrade adds both and keeps the rows, on every engine."""
-    from masters.audit import AuditAgent, AuditReader
+    from ombot.masters.audit import AuditAgent, AuditReader
 
     migrate(master_db, "audit", master_audit.MIGRATIONS[:2])
     master_db.execute_sql("DROP TABLE auditagent")

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from masters import Router
-from masters.inventory import EXPAND_SECONDS
-from masters.envelope import Refused, Request, new_request
+from ombot.masters import Router
+from ombot.masters.inventory import EXPAND_SECONDS
+from ombot.masters.envelope import Refused, Request, new_request
 from tests.fakeslack import post_to_bot, slash_command_body, view_submission_body
 from tests.rigs import SECRET, policy, role, rule, slack_rig
 from tests.support import INVENTORY, Cluster
@@ -233,7 +233,7 @@ def test_an_expansion_too_costly_for_the_inventory_is_refused_at_once(fleet: Clu
 def test_every_term_of_an_expansion_counts_against_its_deadline(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The backstop behind the work cap (lifted here): plain and glob terms stop at the deadline too."""
-    from masters import inventory as module
+    from ombot.masters import inventory as module
     from tests.test_inventory import SteppedClock
 
     (tmp_path / "inventory.ini").write_text(INVENTORY)

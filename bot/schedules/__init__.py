@@ -12,12 +12,12 @@ concern a file, each importing only those listed before it:
 - `service`: `Schedules`, the commands, the approval hooks, and the lease that picks the process that fires.
 """
 
-from bot.schedules.firing import RUN_NAMESPACE
-from bot.schedules.models import ACTIVE, Schedule, ScheduleRun, prepare
-from bot.schedules.render import schedule_label, schedule_rows
-from bot.schedules.service import Schedules
-from bot.schedules.timing import fire_times, parse_timing
-from bot.schedules.words import SCHEDULE_USAGE, schedule_words
+from ombot.bot.schedules.firing import RUN_NAMESPACE
+from ombot.bot.schedules.models import ACTIVE, Schedule, ScheduleRun, prepare
+from ombot.bot.schedules.render import schedule_label, schedule_rows
+from ombot.bot.schedules.service import Schedules
+from ombot.bot.schedules.timing import fire_times, parse_timing
+from ombot.bot.schedules.words import SCHEDULE_USAGE, schedule_words
 
 __all__ = ["ACTIVE", "RUN_NAMESPACE", "SCHEDULE_USAGE", "Schedule", "ScheduleRun", "Schedules", "fire_times",
            "parse_timing", "prepare", "schedule_label", "schedule_rows", "schedule_words"]

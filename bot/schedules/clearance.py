@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from approvals import Decision, Gate, PolicyRefusal, authorize
-from bot.schedules.models import Schedule
-from bot.schedules.render import when
-from masters import Refused, Router
+from ombot.approvals import Decision, Gate, PolicyRefusal, authorize
+from ombot.bot.schedules.models import Schedule
+from ombot.bot.schedules.render import when
+from ombot.masters import Refused, Router
 from ombot.clock import now_ms
 from ombot.message import escape
 

@@ -17,15 +17,15 @@ from typing import Any, Protocol
 
 import peewee
 
-from approvals import Gate
-from bot import grammar, store
-from bot.schedules.clearance import Blocked, Cleared, may_run
-from bot.schedules.models import ACTIVE, Schedule, ScheduleRun, reload
-from bot.schedules.render import plain_when, post_notice, run_label
-from bot.schedules.timing import fire_times, timing_of
-from bot.transport import ChatRequest, Transport
-from masters import FINAL_STATES, JobRef, Refused, Router
-from modules import ModuleSpec
+from ombot.approvals import Gate
+from ombot.bot import grammar, store
+from ombot.bot.schedules.clearance import Blocked, Cleared, may_run
+from ombot.bot.schedules.models import ACTIVE, Schedule, ScheduleRun, reload
+from ombot.bot.schedules.render import plain_when, post_notice, run_label
+from ombot.bot.schedules.timing import fire_times, timing_of
+from ombot.bot.transport import ChatRequest, Transport
+from ombot.masters import FINAL_STATES, JobRef, Refused, Router
+from ombot.modules import ModuleSpec
 from ombot.clock import now_ms
 from ombot.errors import OmbotError
 

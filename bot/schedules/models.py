@@ -12,7 +12,7 @@ import peewee
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as run_operations
 
-from bot import store
+from ombot.bot import store
 from ombot.storage import JSONField, create_tables, find_by_number_or_id, migrate
 
 ACTIVE, AWAITING, PAUSED, DELETED = "active", "awaiting", "paused", "deleted"  # awaiting: approval

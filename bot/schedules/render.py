@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import time
 
-from approvals import Viewer
-from bot.messages import params_text
-from bot.schedules.models import ACTIVE, DELETED, Schedule, ScheduleRun
-from bot.schedules.timing import next_fire
-from bot.transport import ChatRequest, Transport
+from ombot.approvals import Viewer
+from ombot.bot.messages import params_text
+from ombot.bot.schedules.models import ACTIVE, DELETED, Schedule, ScheduleRun
+from ombot.bot.schedules.timing import next_fire
+from ombot.bot.transport import ChatRequest, Transport
 from ombot.clock import MS_PER_SECOND
 from ombot.message import escape, plain, slack_date, text_message
 

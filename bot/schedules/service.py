@@ -23,22 +23,22 @@ from contextlib import contextmanager
 
 import peewee
 
-from approvals import (
+from ombot.approvals import (
     APPROVED, AUTHORITY_NAMES, NO_AUTHORITY, PENDING, REQUESTER, ApprovalRequest, Decision, Gate, PolicyRefusal,
     authorize, viewer_of,
 )
-from bot import grammar
-from bot.approval_flow import ApprovalFlow
-from bot.commands import CommandError
-from bot.schedules.clearance import Blocked, Cleared, may_run
-from bot.schedules.firing import Firing, Runner
-from bot.schedules.models import ACTIVE, AWAITING, DELETED, PAUSED, Schedule, find_schedule, reload, set_fields
-from bot.schedules.render import describe, post_notice, schedule_rows, when
-from bot.schedules.timing import next_fire, parse_timing
-from bot.settings import BotSettings
-from bot.transport import ChatRequest, Transport
-from masters import Router
-from modules import ParamError
+from ombot.bot import grammar
+from ombot.bot.approval_flow import ApprovalFlow
+from ombot.bot.commands import CommandError
+from ombot.bot.schedules.clearance import Blocked, Cleared, may_run
+from ombot.bot.schedules.firing import Firing, Runner
+from ombot.bot.schedules.models import ACTIVE, AWAITING, DELETED, PAUSED, Schedule, find_schedule, reload, set_fields
+from ombot.bot.schedules.render import describe, post_notice, schedule_rows, when
+from ombot.bot.schedules.timing import next_fire, parse_timing
+from ombot.bot.settings import BotSettings
+from ombot.bot.transport import ChatRequest, Transport
+from ombot.masters import Router
+from ombot.modules import ParamError
 from ombot import lease
 from ombot.clock import MS_PER_SECOND, now_ms
 from ombot.errors import OmbotError

@@ -13,8 +13,8 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from bot.commands import CommandError
-from bot.schedules.models import Schedule
+from ombot.bot.commands import CommandError
+from ombot.bot.schedules.models import Schedule
 from ombot.clock import MS_PER_SECOND, now_ms
 
 MAX_COUNTED = 100_000  # missed firings counted one by one up to here (every 1s for a day)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot import grammar
-from bot.commands import CommandError
+from ombot.bot import grammar
+from ombot.bot.commands import CommandError
 
 SCHEDULE_USAGE = ('"CRON" run MODULE TARGETS [key=value ...] [idc=X]  |  every N[smhd] run MODULE TARGETS ...'
                   '  |  pause|resume|delete ID')

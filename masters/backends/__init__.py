@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from masters.backends.base import Backend, CappedText, HostResult, HostStatus, RunContext
+from ombot.masters.backends.base import Backend, CappedText, HostResult, HostStatus, RunContext
 from ombot.config import MasterSettings
 from ombot.errors import OmbotError
 
@@ -12,13 +12,13 @@ __all__ = ["Backend", "CappedText", "HostResult", "HostStatus", "RunContext", "b
 def backend_named(name: str, settings: MasterSettings | None = None) -> Backend:
     """The backend `name`, set up for the master `settings` describe (Ansible needs them)."""
     if name == "local":
-        from masters.backends.local import LocalBackend
+        from ombot.masters.backends.local import LocalBackend
 
         return LocalBackend()
     if name == "ansible":
         if settings is None:
             raise OmbotError("the ansible backend needs the master's settings")
-        from masters.backends.ansible import AnsibleBackend  # ansible-runner loads only when used
+        from ombot.masters.backends.ansible import AnsibleBackend  # ansible-runner loads only when used
 
         return AnsibleBackend(settings)
     if name == "salt":
@@ -34,7 +34,7 @@ SALT_UNAVAILABLE = "the Salt backend is unavailable: install the salt extra (pip
 def salt_module() -> Any:
     """masters.backends.salt, which imports Salt (the optional `salt` extra) only when a master uses it."""
     try:
-        from masters.backends import salt
+        from ombot.masters.backends import salt
     except ImportError as exc:
         if not (exc.name or "").startswith("salt"):
             raise

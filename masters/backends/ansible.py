@@ -25,14 +25,14 @@ from typing import Any
 
 from ansible_runner import Runner, RunnerConfig
 
-from masters.backends import ansible_play as play
-from masters.backends import playbooks, put_file
-from masters.backends.ansible_forkserver import LOST
-from masters.backends.ansible_warm import WarmStart
-from masters.backends.ansible_snippets import CHILD_PATH, TAIL_TOTAL_MARK
-from masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
-from masters.inventory import INVENTORY_SETTINGS
-from modules import (
+from ombot.masters.backends import ansible_play as play
+from ombot.masters.backends import playbooks, put_file
+from ombot.masters.backends.ansible_forkserver import LOST
+from ombot.masters.backends.ansible_warm import WarmStart
+from ombot.masters.backends.ansible_snippets import CHILD_PATH, TAIL_TOTAL_MARK
+from ombot.masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
+from ombot.masters.inventory import INVENTORY_SETTINGS
+from ombot.modules import (
     Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
 )
 from ombot.config import AnsibleSettings, MasterSettings

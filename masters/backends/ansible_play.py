@@ -26,10 +26,10 @@ from typing import Any
 
 import yaml
 
-from masters.backends import ansible_snippets as snippets
-from masters.backends import put_file
-from masters.backends.playbooks import ResolvedPlaybook
-from modules import (
+from ombot.masters.backends import ansible_snippets as snippets
+from ombot.masters.backends import put_file
+from ombot.masters.backends.playbooks import ResolvedPlaybook
+from ombot.modules import (
     Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
     TempPath, within,
 )

@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from masters.backends import ansible_forkserver as forkserver
+from ombot.masters.backends import ansible_forkserver as forkserver
 
 log = logging.getLogger("ombot.master.ansible")
 

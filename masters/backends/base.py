@@ -16,7 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from modules import Plan, RunPlaybook, SaltState
+from ombot.modules import Plan, RunPlaybook, SaltState
 from ombot.errors import OmbotError
 
 

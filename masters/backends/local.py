@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
-from masters.backends import cgroup, put_file
-from masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
-from modules import (
+from ombot.masters.backends import cgroup, put_file
+from ombot.masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
+from ombot.modules import (
     Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
     TempPath, within,
 )

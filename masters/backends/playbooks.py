@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modules import ModuleSpec, Param, ParamError, Risk, RunPlaybook, within
+from ombot.modules import ModuleSpec, Param, ParamError, Risk, RunPlaybook, within
 
 PLAYBOOK_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"  # a file name without its .yml: no dots, no slashes
 _VAR_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")

@@ -27,11 +27,11 @@ from typing import Any
 import salt.client
 import salt.config
 
-from masters.backends import ansible_snippets as snippets
-from masters.backends import put_file
-from masters.backends.ansible_play import PlanError, put_data, put_label, tmp_prefix
-from masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
-from modules import (
+from ombot.masters.backends import ansible_snippets as snippets
+from ombot.masters.backends import put_file
+from ombot.masters.backends.ansible_play import PlanError, put_data, put_label, tmp_prefix
+from ombot.masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
+from ombot.modules import (
     Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, SaltState, Shell, Step,
     TailFile, TempPath,
 )

@@ -1,4 +1,4 @@
-from modules import Plan, RunPlaybook, module, params as p
+from ombot.modules import Plan, RunPlaybook, module, params as p
 
 
 @module("ansible.playbook", category="config", risk="high", params=[

@@ -1,4 +1,4 @@
-from modules import Emit, Plan, module, params as p
+from ombot.modules import Emit, Plan, module, params as p
 
 
 @module("echo", category="diagnostics", concurrency="parallel",

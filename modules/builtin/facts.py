@@ -1,6 +1,6 @@
 from typing import Any
 
-from modules import Command, Plan, module
+from ombot.modules import Command, Plan, module
 
 
 @module("facts", category="diagnostics", concurrency="parallel")

@@ -1,4 +1,4 @@
-from modules import Plan, PutFile, module, params as p
+from ombot.modules import Plan, PutFile, module, params as p
 
 # Where pushed files may land: application and service trees plus scratch space. Not /etc, /usr or
 # home directories: changing those is configuration management's job, with review.

@@ -1,4 +1,4 @@
-from modules import Plan, TailFile, module, params as p
+from ombot.modules import Plan, TailFile, module, params as p
 
 LOG_ROOTS = ("/var/log",)
 

@@ -1,4 +1,4 @@
-from modules import Ping, Plan, module
+from ombot.modules import Ping, Plan, module
 
 
 @module("ping", category="diagnostics", concurrency="parallel")

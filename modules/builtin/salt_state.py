@@ -1,4 +1,4 @@
-from modules import Plan, SaltState, module, params as p
+from ombot.modules import Plan, SaltState, module, params as p
 
 
 @module("salt.state", category="config", risk="high", params=[

@@ -1,4 +1,4 @@
-from modules import Command, Plan, PutFile, TempPath, module, params as p
+from ombot.modules import Command, Plan, PutFile, TempPath, module, params as p
 
 
 @module("script.run", category="exec", risk="high", params=[

@@ -1,4 +1,4 @@
-from modules import Command, FirstAvailable, Plan, module, params as p
+from ombot.modules import Command, FirstAvailable, Plan, module, params as p
 
 ACTIONS = ("start", "stop", "restart", "reload", "status")
 UNIT_NAME = r"[A-Za-z0-9][A-Za-z0-9@._-]{0,127}"

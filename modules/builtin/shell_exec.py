@@ -1,4 +1,4 @@
-from modules import Plan, Shell, module, params as p
+from ombot.modules import Plan, Shell, module, params as p
 
 
 @module("shell.exec", category="exec", risk="high",

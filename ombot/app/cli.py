@@ -55,7 +55,7 @@ def _config(ctx: typer.Context, local: Path | None) -> cfg.Config:
 
 def _router(conf: cfg.Config, origin: str = "cli") -> Any:
     """The CLI speaks as its registration; the master fixes who that is (cli:USER), never the environment."""
-    from masters import Identity, Router
+    from ombot.masters import Identity, Router
 
     client = conf.require_client()
     return Router(conf, Identity.load(client.key_file), conf.clients[client.id].identity, origin)
@@ -75,7 +75,7 @@ def init(directory: Annotated[Path, typer.Argument(help="Directory to create")],
 def keygen(name: Annotated[str, typer.Argument(help="Key name, e.g. bot or bj-master-1")],
            directory: Annotated[Path, typer.Option("--dir", help="Where to write NAME.key and NAME.pub")] = Path("keys")) -> None:
     """Make a key pair (private file 0600, never overwritten) and print the public key."""
-    from masters import Identity
+    from ombot.masters import Identity
 
     identity = Identity.generate()
     identity.save(directory / f"{name}.key")
@@ -87,7 +87,7 @@ def master(ctx: typer.Context, config: ConfigOpt = None,
            master_id: Annotated[Optional[str], typer.Option("--id", help="Which [masters.NAME] to serve")] = None,
            ready_file: Annotated[Optional[Path], typer.Option(help="Write host:port here once listening")] = None) -> None:
     """Serve one master of an IDC (rpyc on its configured address)."""
-    from masters import serve_master
+    from ombot.masters import serve_master
 
     conf = _config(ctx, config)
     serve_master(conf, conf.master(master_id), ready_file)
@@ -99,7 +99,7 @@ def up(ctx: typer.Context, config: ConfigOpt = None,
        master_port: Annotated[int, typer.Option(help="Port for the demo's master, on first use")] = initdir.DEFAULT_PORT) -> None:
     """Start OMBot on the embedded default: a local master on SQLite (configured on first use) and
     the chat front end: Slack when its tokens are set, else the console."""
-    from bot import SlackSecrets
+    from ombot.bot import SlackSecrets
     from ombot.app.launch import local_masters
 
     path = Path(config or (ctx.obj or {}).get("config") or directory / "ombot.toml")
@@ -154,13 +154,13 @@ def bot(ctx: typer.Context, config: ConfigOpt = None) -> None:
 def slack_manifest(ctx: typer.Context, config: ConfigOpt = None,
                    http_url: Annotated[Optional[str], typer.Option(help="Public URL for HTTP mode; omit for Socket Mode")] = None) -> None:
     """Print the Slack app manifest (JSON) to create the app with."""
-    from bot import slack_manifest
+    from ombot.bot import slack_manifest
 
     typer.echo(json.dumps(slack_manifest(http_url), indent=2))
 
 
 def _serve_console(conf: cfg.Config) -> None:
-    from bot import BotService, run_console
+    from ombot.bot import BotService, run_console
 
     service = BotService(conf, origin="console")
     try:
@@ -170,7 +170,7 @@ def _serve_console(conf: cfg.Config) -> None:
 
 
 def _serve_slack(conf: cfg.Config) -> None:
-    from bot import serve_slack
+    from ombot.bot import serve_slack
 
     serve_slack(conf)
 
@@ -263,7 +263,7 @@ def status(ctx: typer.Context, job: Annotated[str, typer.Argument(help="The job 
 @app.command("schedules")
 def schedules(ctx: typer.Context, config: ConfigOpt = None) -> None:
     """The schedules in the bot's database (made with /om schedule)."""
-    from bot import list_schedules
+    from ombot.bot import list_schedules
 
     rows = list_schedules(_config(ctx, config))
     typer.echo("\n".join(rows) if rows else "No schedules.")
@@ -274,7 +274,7 @@ app.add_typer(policy_app, name="policy")
 
 
 def _policy_path(conf: cfg.Config, file: Path | None) -> Path:
-    from bot import BotSettings
+    from ombot.bot import BotSettings
 
     path = file or BotSettings.from_config(conf).policy
     if path is None:
@@ -284,8 +284,8 @@ def _policy_path(conf: cfg.Config, file: Path | None) -> Path:
 
 def _cli_gate(conf: cfg.Config) -> Any:
     """The policy gate for CLI requests, when the config names a policy; CLI ids are in no user group."""
-    from approvals import Gate, load_policy
-    from bot import BotSettings
+    from ombot.approvals import Gate, load_policy
+    from ombot.bot import BotSettings
 
     path = BotSettings.from_config(conf).policy
     return None if path is None else Gate(load_policy(path), lambda group: frozenset())
@@ -295,7 +295,7 @@ def _cli_gate(conf: cfg.Config) -> Any:
 def policy_check(ctx: typer.Context, config: ConfigOpt = None,
                  file: Annotated[Optional[Path], typer.Option(help="Policy file [default: [bot] policy]")] = None) -> None:
     """Validate the policy file; errors name the rule and key path."""
-    from approvals import load_policy
+    from ombot.approvals import load_policy
 
     path = _policy_path(_config(ctx, config), file) if file is None else file
     policy = load_policy(path)
@@ -312,7 +312,7 @@ def policy_explain(ctx: typer.Context,
                    config: ConfigOpt = None,
                    file: Annotated[Optional[Path], typer.Option(help="Policy file [default: [bot] policy]")] = None) -> None:
     """Say what would happen if USER asked to run MODULE on TARGETS, and why."""
-    from approvals import Gate, load_policy
+    from ombot.approvals import Gate, load_policy
 
     conf = _config(ctx, config)
     policy = load_policy(_policy_path(conf, file))
@@ -338,7 +338,7 @@ def policy_explain(ctx: typer.Context,
              context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def audit_agent_command(ctx: typer.Context) -> None:
     """The shell audit hook and agent: hook | install [--root DIR] | run [--config agent.toml] (see --help)."""
-    from audit_agent import main as agent_main
+    from ombot.audit_agent import main as agent_main
 
     raise typer.Exit(agent_main(list(ctx.args)))
 
@@ -392,7 +392,7 @@ def audit_revoke(ctx: typer.Context, host: Annotated[str, typer.Argument(help="T
 @audit_app.command("test-rules")
 def audit_test_rules(file: Annotated[Path, typer.Argument(help="The audit rules file (TOML)")]) -> None:
     """Check an audit rules file: its syntax, its regexes, and every rule's inline examples."""
-    from audit import check_examples, load_rules
+    from ombot.audit import check_examples, load_rules
     from ombot.errors import ConfigError
 
     try:
@@ -484,8 +484,8 @@ def _agent_id(host: str) -> str:
 
 def _agent_files(conf: cfg.Config, host: str, idc: str, out: Path) -> Any:
     """HOST's agent key (made once: a re-run reuses it) and agent.toml, written to `out`."""
-    from audit_agent.settings import render
-    from masters import Identity
+    from ombot.audit_agent.settings import render
+    from ombot.masters import Identity
 
     key = out / f"{_agent_id(host)}.key"
     if key.exists():
@@ -516,7 +516,7 @@ def _masters_named(conf: cfg.Config, idc: str | None, master: str | None) -> lis
 
 def _registry_everywhere(router: Any, masters: list[str], args: dict[str, Any]) -> dict[str, Any]:
     """The `registry` operation at each master in turn: its reply, or the error that kept it from one."""
-    from masters import ConnectFailed, MasterLost, Refused
+    from ombot.masters import ConnectFailed, MasterLost, Refused
 
     replies: dict[str, Any] = {}
     try:
@@ -593,7 +593,7 @@ def _listing(master_id: str, reply: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
-    from masters import ConnectFailed, MasterLost, NoMasterAvailable, Refused
+    from ombot.masters import ConnectFailed, MasterLost, NoMasterAvailable, Refused
     from ombot.proc import make_undumpable
 
     os.umask(0o077)  # databases, logs, keys, state: every file OMBot writes is its user's alone

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from masters import JobState
+from ombot.masters import JobState
 
 OK = 0
 FAILED = 1  # the job ended, but not ok on every host (failed, partial, cancelled, timed out)

@@ -167,8 +167,8 @@ cancel = ["leads"]
 
 def init(directory: Path, port: int = DEFAULT_PORT, demo: bool = False) -> Path:
     """Write a starter set. `demo` (for `ombot up`) lets the console play the demo's chat users."""
-    from audit import SAMPLE_RULES
-    from masters import Identity
+    from ombot.audit import SAMPLE_RULES
+    from ombot.masters import Identity
 
     config = directory / "ombot.toml"
     if config.exists():

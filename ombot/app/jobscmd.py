@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from masters import FINAL_STATES, JobLookup, Router, host_log, host_rows
+from ombot.masters import FINAL_STATES, JobLookup, Router, host_log, host_rows
 from ombot.app import exits
 from ombot.errors import OmbotError
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import typer
 
-from approvals import Gate, PolicyRefusal, authorize_parts
-from masters import ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router, host_log, host_rows
-from modules import ParamError
+from ombot.approvals import Gate, PolicyRefusal, authorize_parts
+from ombot.masters import ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router, host_log, host_rows
+from ombot.modules import ParamError
 from ombot.app import exits
 from ombot.errors import OmbotError
 

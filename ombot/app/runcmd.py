@@ -10,9 +10,9 @@ from typing import Any
 
 import typer
 
-from approvals import Gate, PolicyRefusal, authorize
-from masters import JobRef, JobState, MasterLost, Router, host_log, host_rows
-from modules import ParamError
+from ombot.approvals import Gate, PolicyRefusal, authorize
+from ombot.masters import JobRef, JobState, MasterLost, Router, host_log, host_rows
+from ombot.modules import ParamError
 from ombot.app import exits
 from ombot.config import named_idcs, several_idcs
 from ombot.errors import OmbotError

@@ -15,8 +15,8 @@ from typing import Any
 
 import rpyc
 
-from masters.envelope import Peer, new_request
-from masters.keys import decode_public
+from ombot.masters.envelope import Peer, new_request
+from ombot.masters.keys import decode_public
 from tests.fakeslack import Call
 from tests.rigs.slack import SlackRig
 from tests.support import CLI_CLIENT, Cluster, child_env
@@ -64,7 +64,7 @@ def ingest(cluster: Cluster, master: str, events: list[dict[str, Any]]) -> dict[
 
 
 class AgentProcess:
-    """`python -m audit_agent run` with an agent.toml for HOST, speeding its timings up for tests."""
+    """`python -m ombot.audit_agent run` with an agent.toml for HOST, speeding its timings up for tests."""
 
     def __init__(self, cluster: Cluster, spool_dir: Path, state_dir: Path, masters: list[str]) -> None:
         conf = cluster.config()
@@ -81,7 +81,7 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "audit_agent", "run", "--config", str(self.config)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "ombot.audit_agent", "run", "--config", str(self.config)],
                                      stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=child_env(),
                                      start_new_session=True)
         return self

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pexpect
 
-from bot.console import PROMPT
+from ombot.bot.console import PROMPT
 from tests.rigs.slack import SITE_MODULES
 from tests.support import ALLOW_ALL_POLICY, Cluster, bot_table, child_env
 

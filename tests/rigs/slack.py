@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
-from masters import FINAL_STATES
+from ombot.masters import FINAL_STATES
 from tests.fakeslack import TEAM_ID, Call, FakeSlack, interactive_body, post_to_bot
 from tests.support import ALLOW_ALL_POLICY, REPO, BotProcess, Cluster, bot_table, free_port
 

@@ -1,4 +1,4 @@
-from modules import Command, Plan, module, params as p
+from ombot.modules import Command, Plan, module, params as p
 
 
 @module("test.sleep", category="test", params=[p.Int("seconds", min=0, max=600)])
