@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ombot.audit_agent import auditd, hook
+from ombot.audit_agent import auditd_rules, hook
 from ombot.audit_agent.settings import DEFAULT_CONFIG
 from ombot.errors import OmbotError
 
@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     install.add_argument("--root", type=Path, default=Path("/"), help="install under this directory (tests)")
     install.add_argument("--spool-dir", default=hook.DEFAULT_SPOOL_DIR)
     install.add_argument("--auditd", action="store_true",
-                         help=f"write {auditd.RULES_FILE} (execve of login sessions, key {auditd.KEY}) and load it")
+                         help=f"write {auditd_rules.RULES_FILE} (execve of login sessions, key {auditd_rules.KEY}) and load it")
     install.add_argument("--remove", action="store_true", help="with --auditd: delete the rules file and unload them")
     install.add_argument("--no-load", action="store_true", help="with --auditd: only write (or remove) the file")
     run = sub.add_parser("run", help="run the agent: ship spooled records to a master of this IDC")
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "install" and (args.auditd or args.remove or args.no_load):
             if not args.auditd:
                 raise OmbotError("--remove and --no-load go with --auditd")
-            change = auditd.remove_rules if args.remove else auditd.install_rules
+            change = auditd_rules.remove_rules if args.remove else auditd_rules.install_rules
             for line in change(args.root, not args.no_load):
                 print(line)
         elif args.command == "install":
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {path}")
         else:
             return _run(args.config, args.verbose)
-    except (OmbotError, OSError, auditd.AuditdError) as exc:
+    except (OmbotError, OSError, auditd_rules.AuditdError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

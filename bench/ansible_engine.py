@@ -303,10 +303,11 @@ def bench(root: Path, sizes: list[int], opts: argparse.Namespace) -> None:
 
 def end_ssh_masters(root: Path) -> None:
     """ControlPersist leaves an ssh mux per host and series for 60 s: end them now, leave nothing."""
-    from ombot.masters.backends.ansible import _control_dir
-
-    master_dir = _control_dir(root / "cluster" / "state-m1" / "ansible" / "cp")  # under /tmp when that is long
-    for socket_path in [p for d in [*root.glob("*/home/cp"), master_dir] for p in d.iterdir() if p.is_socket()]:
+    state = root / "cluster" / "state-m1" / "ansible"
+    record = state / "cp.path"  # the master's directory under /tmp, when its own path was too long for a socket
+    master_dir = Path(record.read_text().strip()) if record.exists() else state / "cp"
+    for socket_path in [p for d in [*root.glob("*/home/cp"), master_dir] if d.is_dir() for p in d.iterdir()
+                        if p.is_socket()]:
         subprocess.run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "bench"], capture_output=True,
                        timeout=10)
     if not master_dir.is_relative_to(root):

@@ -10,15 +10,13 @@ from __future__ import annotations
 import logging
 import queue
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from types import FrameType
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIServer
 
 import peewee
 from slack_bolt import App, BoltRequest, BoltResponse
@@ -28,7 +26,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
 from slack_sdk.webhook import WebhookClient
 
-from ombot.bot import forms, replay, store
+from ombot.bot import forms, http_front, replay, store
 from ombot.bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK
 from ombot.bot.service import BotService
 from ombot.bot.settings import BotSettings, SlackSecrets
@@ -43,12 +41,6 @@ COMMAND = "/om"
 RESPONSE_URL_USES = 5  # Slack accepts at most five posts to one response_url
 RATE_LIMIT_RETRIES = 6
 SEND_ATTEMPTS = 20  # after the client's own retries: a result is never dropped for a 429 storm
-# Slack's largest request is a modal's view_submission: the whole view (at most 250 kB of JSON) plus
-# its state, form-encoded; the largest modal bot/forms.py generates comes to about 430 kB.
-MAX_BODY_BYTES = 1024 * 1024
-LINGER_SECONDS = 2.0  # after refusing a body: drain what is in flight, so the refusal is not reset away
-CONNECTION_NOTES = "ombot.connection"  # WSGI environ key: a dict the app leaves notes in for the handler
-UNREAD_BODY = "unread_body"  # such a note: the body was refused, not read
 SCOPES = ["commands", "chat:write", "chat:write.public", "files:write", "usergroups:read", "users:read"]
 
 
@@ -314,84 +306,17 @@ def slack_group_members(client: WebClient, group: str) -> frozenset[str]:
     return frozenset(client.usergroups_users_list(usergroup=group)["users"])
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    request_queue_size = 128
-
-
-class _QuietHandler(WSGIRequestHandler):
-    notes: dict[str, Any]
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-    def get_environ(self) -> dict[str, Any]:
-        environ = super().get_environ()
-        environ[CONNECTION_NOTES] = self.notes  # the app sees a copy of the environ, but this same dict
-        return environ
-
-    def handle(self) -> None:
-        self.notes = {}
-        super().handle()
-        if self.notes.get(UNREAD_BODY):
-            _discard_rest(self.connection)
-
-
-def _discard_rest(sock: socket.socket) -> None:
-    """Half-close, then read and drop what the client still sends, for a moment only.
-
-    Closing with unread bytes makes the kernel reset the connection, and a client still sending may
-    then lose the answer before reading it. The drain reuses one buffer: nothing accumulates.
-    """
-    buffer = bytearray(64 * 1024)
-    deadline = time.monotonic() + LINGER_SECONDS
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            if not sock.recv_into(buffer):
-                return
-    except OSError:
-        return
-
-
-def _body_refusal(environ: dict[str, Any]) -> tuple[str, str] | None:
-    """(status, reason) when the body must not be read: chunked, of undeclared or bad length, or too long.
-
-    Checked before Bolt reads anything, and so before the signature: Bolt reads the whole body into
-    memory to verify it, and anyone can send one.
-    """
-    length = str(environ.get("CONTENT_LENGTH") or "").strip()
-    if environ.get("HTTP_TRANSFER_ENCODING") or (not length and environ.get("REQUEST_METHOD") == "POST"):
-        return "411 Length Required", "Send the body with a Content-Length (not chunked)."
-    if not length:
-        return None
-    if not (length.isascii() and length.isdigit()):
-        return "400 Bad Request", "Content-Length must be a number of bytes."
-    if int(length) > MAX_BODY_BYTES:
-        return "413 Content Too Large", f"A request body may be at most {MAX_BODY_BYTES} bytes."
-    return None
-
-
 def http_server(app: App, host: str, port: int) -> WSGIServer:
-    """Bolt's WSGI adapter on a threaded server bound to the configured (loopback by default) address."""
+    """Bolt's WSGI adapter at /slack/events, behind the guarded threaded server (bot/http_front.py)."""
     handler = SlackRequestHandler(app)
 
     def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if environ.get("PATH_INFO") != "/slack/events":
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found"]
-        refusal = _body_refusal(environ)
-        if refusal is not None:
-            status, reason = refusal
-            environ.get(CONNECTION_NOTES, {})[UNREAD_BODY] = True
-            log.info("refused a request from %s: %s (Content-Length %r)", environ.get("REMOTE_ADDR"), status,
-                     str(environ.get("CONTENT_LENGTH", ""))[:20])
-            start_response(status, [("Content-Type", "text/plain")])  # wsgiref closes after one request
-            return [reason.encode()]
         return handler(environ, start_response)
 
-    return make_server(host, port, wsgi, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    return http_front.serve(wsgi, host, port)
 
 
 def serve_slack(config: Config) -> None:

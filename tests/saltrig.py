@@ -5,7 +5,8 @@ Everything lives under one directory: the master's config (`ROOT/master/master`)
 127.0.0.1 on two free ports; minion keys are generated here and pre-accepted (no auto_accept), so a
 minion answers as soon as it has connected (~8 s). `file_roots` holds a demo state. A key can be
 accepted for a minion that never runs (`absent`): the master knows it, nothing answers for it.
-Salt runs as root here, like the master's own service would.
+Salt runs as root here, like the master's own service would. `salt_cluster` is an OMBot site whose
+master m1 runs the Salt backend against such a rig.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support import Cluster
+
 BIN = Path(sys.executable).parent
 DEMO_STATE = "ombot_demo"
+ANSWER_SECONDS = 4  # how long salt_cluster's master waits for the minions' answers
 # The demo state writes /tmp/ombot-salt-demo-<minion id>: a check run shows it would change, a real one makes it.
 DEMO_SLS = """\
 ombot-demo-file:
@@ -192,3 +196,15 @@ class SaltRig:
     def stop(self) -> None:
         self._end([n for n in self.procs if n != "master"])
         self._end(["master"])
+
+
+def salt_cluster(root: Path, rig: SaltRig, extra: str = "") -> Cluster:
+    """A site (not started) whose master m1 runs the Salt backend on `rig`, its inventory the accepted
+    minion keys; `extra` is appended to its [masters.m1.salt] table."""
+    made = Cluster(root, {"local": ["m1"]}, extra_toml=(
+        f'[masters.m1.salt]\nconfig = "{rig.master_config}"\ninventory = "minions"\n'
+        f'states = ["{DEMO_STATE}"]\nanswer_seconds = {ANSWER_SECONDS}\n' + extra))
+    text = made.config_path.read_text()
+    text = text.replace('inventory = "inventory.ini"\n', '', 1)  # the minions' keys are the inventory
+    made.config_path.write_text(text.replace('state_dir = "state-m1"', 'state_dir = "state-m1"\nbackend = "salt"'))
+    return made

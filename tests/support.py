@@ -1,4 +1,5 @@
-"""Test support: real configs with fresh keys, and real master processes on free loopback ports."""
+"""Test support: real configs with fresh keys, and real master processes on free loopback ports; and
+the small helpers any suite may use (wait_for, run_job, statuses, SteppedClock)."""
 
 from __future__ import annotations
 
@@ -284,9 +285,31 @@ def statuses(results: dict[str, dict[str, Any]]) -> dict[str, str]:
     return {name: r["status"] for name, r in results.items()}
 
 
-def wait_for(check: Callable[[], object], timeout: float = 30) -> None:
-    """Poll `check` until it is truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+def wait_for(check: Callable[[], object], within: float = 30, why: str = "") -> None:
+    """Poll `check` until it is truthy; fail the test after `within` seconds, saying what it waited for."""
+    deadline = time.monotonic() + within
     while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {why}" if why else "timed out")
+        time.sleep(0.05)  # often enough to see a short-lived child process (test_ansible_warm)
+
+
+def run_job(router: Any, module: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Submit to localhost, follow to the end; the final state and the host's result."""
+    ref, _ = router.submit("local", module, params, ["localhost"])
+    events: list[dict[str, Any]] = []
+    state = router.follow(ref, events.append)
+    [host] = [e["data"] for e in events if e["kind"] == "host"]
+    return state, host
+
+
+class SteppedClock:
+    """time.monotonic for the inventory: the deadline is taken at 0, every later reading is `then`."""
+
+    def __init__(self, then: float, on_time: int = 0) -> None:
+        self.readings = [0.0] + [0.5] * on_time  # the deadline, then `on_time` readings before it
+        self.readings.reverse()
+        self.then = then
+
+    def monotonic(self) -> float:
+        return self.readings.pop() if self.readings else self.then

@@ -21,10 +21,8 @@ from ombot.bot.alerts import AlertPoster
 from ombot.message import Message, section
 from tests.fakeslack import FakeSlack, message_problems
 from tests.rigs import AUDIT_CHANNEL as CHANNEL
-from tests.rigs import AuditRig, audit_site
-from tests.test_audit_agent import event, wait_for
-from tests.test_audit_alerts import record
-from tests.test_audit_alerts import slack, timers  # noqa: F401  (fixtures)
+from tests.rigs import AuditRig, audit_site, event, record
+from tests.support import wait_for
 
 SUMMARY = "[audit overflow]"
 COUNTED = re.compile(r"(\d+) more match(?:es)? of (?:rule|\d+ other rules?)")

@@ -24,8 +24,8 @@ from rpyc.core import brine, consts
 from ombot.masters.envelope import Peer, new_request
 from ombot.masters.keys import decode_public
 from ombot.masters.lograte import LogBudget
+from tests.attacker import RAW_CONFIG, read_until_closed, still_serves
 from tests.support import Cluster, logged
-from tests.test_attacks import RAW_CONFIG, read_until_closed, still_serves
 
 DEADLINE = 1  # auth_timeout_seconds of the masters that test the deadline
 

@@ -3,7 +3,6 @@ real process, a real master storing what it ships, and the attacks on the ingest
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -20,13 +19,11 @@ import rpyc
 from ombot.audit_agent import hook, spool
 from ombot.masters.envelope import Peer, Refused, new_request
 from ombot.masters.keys import Identity, decode_public
-from tests.rigs import AGENT, HOST, AgentProcess, agent_cluster
+from tests.rigs import AGENT, HOST, UID, AgentProcess, agent_cluster, event, stored
 from tests.shells import PROMPT, Shell
-from tests.support import REPO, Cluster, child_env
+from tests.support import REPO, Cluster, child_env, wait_for
 
 pytestmark = pytest.mark.slow
-
-UID = os.geteuid()
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -47,26 +44,6 @@ def spooled(spool_dir: Path) -> list[dict[str, Any]]:
 
 def commands(spool_dir: Path) -> list[str]:
     return [e["command"] for e in spooled(spool_dir)]
-
-
-def stored(cluster: Cluster, master: str = "m1") -> list[tuple[str, str, dict[str, Any]]]:
-    path = cluster.root / f"state-{master}" / f"{master}.db"
-    if not path.exists():
-        return []
-    with sqlite3.connect(path) as db:
-        try:
-            rows = db.execute("SELECT id, kind, data FROM auditevent ORDER BY at").fetchall()
-        except sqlite3.OperationalError:
-            return []
-    return [(i, k, json.loads(d)) for i, k, d in rows]
-
-
-def wait_for(check: Callable[[], bool], within: float = 30, why: str = "") -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {why}")
-        time.sleep(0.1)
 
 
 def write_records(spool_dir: Path, texts: list[str]) -> None:
@@ -255,12 +232,6 @@ class Sender:
     def call(self, op: str, args: dict[str, Any], requester: str = f"agent:{HOST}", origin: str = "agent") -> dict[str, Any]:
         request = new_request(op, "m1", requester, origin, args)
         return self.peer.open_reply(getattr(self.conn.root, op)(self.peer.seal_request(request)), request)
-
-
-def event(seq: int, host: str = HOST, **changes: Any) -> dict[str, Any]:
-    base = {"id": f"{host}:0123abcd-0000:qtest:{seq}", "kind": "command", "at": 1_700_000_000_000 + seq,
-            "data": {"command": f"c{seq}"}}
-    return {**base, **changes}
 
 
 def test_forged_and_misdirected_batches_are_refused(make_cluster: Callable[..., Cluster]) -> None:

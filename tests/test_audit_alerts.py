@@ -6,11 +6,10 @@ the poster over the real Slack transport directly."""
 from __future__ import annotations
 
 import json
-import os
 import pwd
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,45 +27,11 @@ from ombot.masters.keys import decode_public
 from ombot.storage import migrate
 from ombot.timers import Timers
 from tests.fakeslack import FakeSlack
-from tests.rigs import AGENT, AGENT_CLIENTS, HOST, AuditRig, audit_site, with_agent_hosts
-from tests.support import Cluster, bot_table
-from tests.test_audit_agent import event, wait_for
-from tests.test_storage import backend, current_schema, master_db, store_url  # noqa: F401  (fixtures)
-
-CHANNEL = "C0AUDIT"
-OTHER_CHANNEL = "C0SEC"
-UID = os.geteuid()
-RULES = f"""
-channel = "{CHANNEL}"
-
-[redact]
-patterns = ['(?i)\\btoken=(\\S+)']
-
-[[rules]]
-name = "wipe the root filesystem"
-severity = "critical"
-keywords = ["rm -rf /"]
-cooldown_seconds = 0
-
-[[rules]]
-name = "mysql with a password"
-keywords = ["mysql "]
-channel = "{OTHER_CHANNEL}"
-
-[[rules]]
-name = "alarm"
-keywords = ["ALARM"]
-cooldown_seconds = 300
-
-[[rules]]
-name = "twice"
-keywords = ["TWICE"]
-cooldown_seconds = 0
-
-[[rules]]
-name = "marker"
-keywords = ["MARKER"]
-"""
+from tests.rigs import AUDIT_CHANNEL as CHANNEL
+from tests.rigs import OTHER_AUDIT_CHANNEL as OTHER_CHANNEL
+from tests.rigs import AGENT, AGENT_CLIENTS, HOST, UID, AuditRig, event, record, with_agent_hosts
+from tests.storage import current_schema
+from tests.support import Cluster, bot_table, wait_for
 
 
 # -- pure parts ----------------------------------------------------------------------------------------
@@ -98,12 +63,6 @@ def test_the_token_bucket_allows_a_small_burst_then_one_a_second() -> None:
 
 def match(rule: str = "alarm", key: str = "alarm:web01", cooldown: int = 300, count: int = 1) -> Match:
     return Match(rule, "warning", CHANNEL, key, cooldown, Threshold(count, 60 if count > 1 else 0))
-
-
-def record(at: int, command: str = "echo ALARM", **fields: Any) -> dict[str, Any]:
-    return {"id": f"web01:b:q:{at}", "idc": "local", "host": "web01", "kind": "command", "at": at, "user": "alice",
-            "login_user": "alice", "uid": 1000, "tty": "/dev/pts/1", "cwd": "/root", "command": command,
-            "exit_status": 0, "ssh_client": "192.0.2.7", **fields}
 
 
 def test_matches_within_the_cooldown_or_a_burst_count_on_one_group() -> None:
@@ -172,26 +131,7 @@ def test_a_huge_command_of_markup_still_fits_slack_with_its_code_block_closed() 
 
 
 # -- the poster over the real Slack transport -------------------------------------------------------------
-
-
-@pytest.fixture
-def slack() -> Iterator[tuple[FakeSlack, Any]]:
-    from ombot.bot.settings import SlackSecrets
-    from ombot.bot.slack_app import SlackTransport, web_client
-
-    with FakeSlack() as fake:
-        transport = SlackTransport(web_client(SlackSecrets(fake.bot_token, None, None, fake.url)))
-        yield fake, transport
-        fake.assert_no_violations()
-
-
-@pytest.fixture
-def timers() -> Iterator[Timers]:
-    """The bot's scheduler, as bot.jobs.Lifecycle starts it: the poster's retries are jobs on it."""
-    timers = Timers()
-    timers.scheduler.start()
-    yield timers
-    timers.scheduler.shutdown(wait=False)
+# (`slack` and `timers` are tests/conftest.py's)
 
 
 def test_a_burst_is_one_message_updated_in_place_with_its_count(slack: tuple[FakeSlack, Any],
@@ -319,16 +259,7 @@ def test_only_the_bot_reads_audit_events_a_bounded_page_at_a_time(make_cluster: 
 
 
 # -- end to end: agent -> masters -> bot -> fake Slack ---------------------------------------------------
-
-
-@pytest.fixture
-def make_rig(make_slack_rig: Callable[..., AuditRig]) -> Callable[..., AuditRig]:
-    def make(masters: list[str], limits: dict[str, int] | None = None, more_agents: tuple[str, ...] = (),
-             **settings: Any) -> AuditRig:
-        """A rig whose masters have `limits`, with agent keys for web01, web02 and `more_agents` hosts."""
-        return make_slack_rig({"local": masters}, kind=AuditRig, limits=limits or {}, **audit_site(RULES, more_agents),
-                              **settings)
-    return make
+# (`make_rig` is tests/conftest.py's: an AuditRig on ALERT_RULES, tests/rigs/audit.py)
 
 
 def type_commands(spool_dir: Path, commands: list[str], ssh: str = "192.0.2.7 50000 22", cwd: str = "/srv/app") -> None:

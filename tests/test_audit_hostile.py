@@ -30,10 +30,8 @@ from ombot.masters.envelope import Peer, Refused, new_request
 from ombot.masters.keys import Identity, decode_public
 from tests.fakeslack import post_to_bot
 from tests.rigs import AUDIT_CHANNEL as CHANNEL
-from tests.rigs import HOST, SECRET, AgentProcess, AuditRig, agent_cluster
-from tests.support import Cluster, child_env
-from tests.test_audit_agent import UID, event, stored, wait_for
-from tests.test_audit_alerts import make_rig  # noqa: F401  (the fixture)
+from tests.rigs import HOST, SECRET, UID, AgentProcess, AuditRig, agent_cluster, event, stored
+from tests.support import Cluster, child_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="the attacks need a second Unix user")]
 

@@ -12,7 +12,7 @@ import pytest
 from ombot.audit import store as audit_store
 from ombot.bot import store as bot_store
 from ombot.storage import SchemaVersion
-from tests.test_storage import BACKENDS, scratch
+from tests.storage import BACKENDS, scratch
 
 T0 = 1_800_000_000_000
 

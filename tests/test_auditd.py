@@ -30,16 +30,15 @@ from typing import Any
 
 import pytest
 
-from ombot.audit_agent import auditd
+from ombot.audit_agent import auditd, auditd_rules
 from ombot.audit_agent.agent import Agent
 from ombot.audit_agent.auditd import AuditLog, decode, parse_line
 from ombot.audit_agent.queue import EventQueue
 from ombot.audit_agent.settings import AgentSettings, MasterAddress
 from ombot.masters.keys import Identity
-from tests.rigs import HOST, AgentProcess, agent_cluster
+from tests.rigs import HOST, AgentProcess, agent_cluster, stored
 from tests.shells import Unavailable, isolated_argv, login_files
-from tests.support import Cluster, child_env
-from tests.test_audit_agent import stored, wait_for
+from tests.support import Cluster, child_env, wait_for
 
 BOOT = "b00710ad-0000-4000-8000-000000000001"
 T0 = int(time.time())  # the records' clock (seconds): after this boot, or the reader takes them for older ones
@@ -264,9 +263,9 @@ def test_laurel_json_lines_give_the_same_events(tmp_path: Path) -> None:
 
 
 def test_the_rules_text_never_locks() -> None:
-    text = auditd.rules_text()
+    text = auditd_rules.rules_text()
     rules = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert rules == list(auditd.RULES) and len(rules) == 2
+    assert rules == list(auditd_rules.RULES) and len(rules) == 2
     assert all("-S execve" in r and "auid!=unset" in r and r.endswith("-k ombot") for r in rules)
     assert {r.split("arch=")[1].split()[0] for r in rules} == {"b64", "b32"}
     assert "-e 2" not in text.replace("Never -e 2", "") and "-e" not in " ".join(rules).split()
@@ -282,10 +281,10 @@ def test_the_cli_writes_and_removes_the_rules_file(tmp_path: Path) -> None:
     root = tmp_path / "root"
     written = run_cli("install", "--auditd", "--no-load", "--root", str(root))
     assert written.returncode == 0, written.stderr
-    assert (root / auditd.RULES_FILE).read_text() == auditd.rules_text()
-    assert oct((root / auditd.RULES_FILE).stat().st_mode & 0o777) == "0o640"
+    assert (root / auditd_rules.RULES_FILE).read_text() == auditd_rules.rules_text()
+    assert oct((root / auditd_rules.RULES_FILE).stat().st_mode & 0o777) == "0o640"
     removed = run_cli("install", "--auditd", "--remove", "--no-load", "--root", str(root))
-    assert removed.returncode == 0 and not (root / auditd.RULES_FILE).exists()
+    assert removed.returncode == 0 and not (root / auditd_rules.RULES_FILE).exists()
     alone = run_cli("install", "--remove", "--root", str(root))
     assert alone.returncode == 2 and "--auditd" in alone.stderr
     assert not (root / "etc" / "profile.d").exists()  # --remove alone installed no hook either
@@ -312,8 +311,8 @@ def _why_auditd_cannot_run() -> str | None:
     if shutil.which("sshd", path="/usr/sbin:/sbin") is None or not Path("/etc/pam.d/sshd").exists():
         return "openssh-server (with its PAM config) is not installed"
     try:
-        state = auditd.status()
-    except auditd.AuditdError as exc:
+        state = auditd_rules.status()
+    except auditd_rules.AuditdError as exc:
         return f"the kernel refuses auditing here: {exc}"
     if state.get("enabled") == "2":
         return "the audit rules are locked (enabled 2) on this machine"
@@ -342,7 +341,7 @@ def audit_logs(tmp_path: Path) -> Iterator[AuditLogs]:
     configuration, log and, where LAUREL is installed, LAUREL as its plugin) and stopped after.
     A running (foreign) auditd is looked for first and only read. Auditing is left enabled or not as
     it was found: `auditctl -e` runs only if the test's auditd changed it."""
-    before = auditd.status()
+    before = auditd_rules.status()
     if before.get("pid", "0") != "0":  # the machine's own auditd: read its log, leave it alone
         conf = Path("/etc/audit/auditd.conf").read_text()
         match = re.search(r"^\s*log_file\s*=\s*(\S+)", conf, re.M)
@@ -372,14 +371,14 @@ def audit_logs(tmp_path: Path) -> Iterator[AuditLogs]:
     daemon = subprocess.Popen([shutil.which("auditd", path="/usr/sbin:/sbin") or "auditd", "-n", "-c", str(conf_dir)],
                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "auditd.err", "ab"))
     try:
-        wait_for(lambda: auditd.status().get("pid") == str(daemon.pid) and log.exists(), within=20,
+        wait_for(lambda: auditd_rules.status().get("pid") == str(daemon.pid) and log.exists(), within=20,
                  why="auditd to start: " + (tmp_path / "auditd.err").read_text(errors="replace"))
         yield AuditLogs(log, laurel)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=20)
         was = before.get("enabled")
-        if was in ("0", "1") and auditd.status().get("enabled") != was:
+        if was in ("0", "1") and auditd_rules.status().get("enabled") != was:
             subprocess.run([AUDITCTL, "-e", was], capture_output=True)  # as it was; never -e 2
 
 
@@ -393,31 +392,31 @@ def ombot_rules(tmp_path: Path, audit_logs: AuditLogs) -> Iterator[Path]:
     the CLI (under a test root: the real /etc is not touched) and removed the same way, whatever the
     test did; if only some were there, the test adds the rest and deletes just those."""
     root = tmp_path / "root"
-    before = auditd.loaded_arches()
-    if before == set(auditd.ARCHES):
+    before = auditd_rules.loaded_arches()
+    if before == set(auditd_rules.ARCHES):
         yield root
-        assert auditd.loaded_arches() == before  # still loaded, as found
+        assert auditd_rules.loaded_arches() == before  # still loaded, as found
         return
     installed = run_cli("install", "--auditd", "--root", str(root))
     assert installed.returncode == 0, installed.stderr
-    added = auditd.loaded_arches() - before
+    added = auditd_rules.loaded_arches() - before
     try:
-        assert auditd.loaded_arches() == set(auditd.ARCHES)
+        assert auditd_rules.loaded_arches() == set(auditd_rules.ARCHES)
         yield root
     finally:
         if not before:  # all ours: removed as an operator removes them
             removed = run_cli("install", "--auditd", "--remove", "--root", str(root))
             assert removed.returncode == 0, removed.stderr
-            assert auditd.loaded_arches() == set() and not (root / auditd.RULES_FILE).exists()
+            assert auditd_rules.loaded_arches() == set() and not (root / auditd_rules.RULES_FILE).exists()
         else:  # some were the machine's: delete exactly the rules the test added, and the test's file
-            for rule, arch in zip(auditd.RULES, auditd.ARCHES):
+            for rule, arch in zip(auditd_rules.RULES, auditd_rules.ARCHES):
                 if arch in added:
                     deleted = subprocess.run([AUDITCTL, *shlex.split(rule.replace("-a ", "-d ", 1))],
                                              capture_output=True, text=True)
                     assert deleted.returncode == 0, deleted.stderr
             removed = run_cli("install", "--auditd", "--remove", "--no-load", "--root", str(root))
             assert removed.returncode == 0, removed.stderr
-            assert auditd.loaded_arches() == before
+            assert auditd_rules.loaded_arches() == before
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

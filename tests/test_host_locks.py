@@ -26,8 +26,9 @@ from ombot import config as cfg
 from ombot import storage
 from ombot.errors import ConfigError
 from ombot.storage import connect_url, migrate
+from tests.schema_v1 import create_schema_v1
+from tests.storage import BACKENDS, SERVERS, scratch
 from tests.support import REPO, Cluster, MasterProcess
-from tests.test_storage import BACKENDS, SERVERS, create_schema_v1, scratch
 
 SITE = REPO / "tests" / "site_modules"
 REFUSING = '''\

@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 
 from ombot.masters.backends.cgroup import own_cgroup
-from tests.support import Cluster, child_env, free_port
-from tests.test_modules import run_job
+from tests.support import Cluster, child_env, free_port, run_job
 
 SLACK_ENV = {"SLACK_SIGNING_SECRET": "sekrit-signing-9f2c", "SLACK_APP_TOKEN": "xapp-sekrit-77",
              "SLACK_HYGIENE_CANARY": "canary-1d4e"}

@@ -11,6 +11,7 @@ import pytest
 from ombot.masters import Refused
 from ombot.masters.inventory import Inventory, MinionInventory, TargetError, expand_ranges, open_inventory
 from ombot.config import Limits, MasterSettings, SaltSettings
+from tests.support import SteppedClock
 
 YAML = """\
 all:
@@ -184,18 +185,6 @@ def test_regexes_are_re2s_never_pythons(inventory: Inventory, capfd: pytest.Capt
         inventory.expand("~a{1000}b{997}")
     assert str(caught.value) == ("'~a{1000}b{997}': the regular expression is too complex (RE2 program of 2001 "
                                  "instructions, the cap is 2000)")
-
-
-class SteppedClock:
-    """time.monotonic for the inventory: the deadline is taken at 0, every later reading is `then`."""
-
-    def __init__(self, then: float, on_time: int = 0) -> None:
-        self.readings = [0.0] + [0.5] * on_time  # the deadline, then `on_time` readings before it
-        self.readings.reverse()
-        self.then = then
-
-    def monotonic(self) -> float:
-        return self.readings.pop() if self.readings else self.then
 
 
 def test_regex_matching_stops_past_its_deadline(inventory: Inventory, monkeypatch: pytest.MonkeyPatch) -> None:

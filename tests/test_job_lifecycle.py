@@ -28,8 +28,8 @@ from ombot.bot.jobs import JobFilter, parse_job_filter
 from ombot.masters import FINAL_STATES, JobRef, Refused
 from ombot.since import parse_since
 from tests.rigs import CHANNEL, Reply, SlackRig
+from tests.storage import scratch
 from tests.support import Cluster, bot_table, free_port
-from tests.test_storage import scratch
 
 ALICE, BOB = "U0ALICE", "U0BOB"
 # A dead bot's jobs are adopted within the lease (15 s) and a tick (5 s); generous for a shared machine.

@@ -15,7 +15,7 @@ import pytest
 from ombot.bot import store
 from ombot import lease
 from ombot.clock import now_ms
-from tests.test_storage import BACKENDS, scratch
+from tests.storage import BACKENDS, scratch
 
 DAY_MS = 86_400_000
 REAL_TIME_NS, REAL_TIME = time.time_ns, time.time

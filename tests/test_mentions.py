@@ -25,10 +25,10 @@ from ombot.errors import ConfigError
 from ombot.message import Markup, Message, code, error_message, escape, for_slack, plain, section
 from tests.fakeslack import FakeSlack, post_to_bot
 from tests.rigs import (
-    AUDIT_CHANNEL, CHANNEL, SECRET, SlackRig, approval, audit_site, floor, ingest, policy, role, rule, slack_env, table,
+    AUDIT_CHANNEL, CHANNEL, SECRET, SlackRig, approval, audit_site, event, floor, ingest, policy, role, rule, slack_env,
+    table,
 )
 from tests.support import CLI_CLIENT, Cluster, bot_table, child_env, free_port
-from tests.test_audit_agent import event
 
 ALICE, LEAD, OTHER = "U0ALICE", "U0LEAD", "U0OTHER"
 PINGS = ("<!channel>", "<!here>", f"<@{OTHER}>")

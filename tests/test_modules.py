@@ -15,7 +15,7 @@ import pytest
 from ombot.masters.backends.local import CHILD_PATH
 from ombot.modules import Command, load_modules
 from ombot.modules.plan import FirstAvailable
-from tests.support import Cluster
+from tests.support import Cluster, run_job
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +27,6 @@ def master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, 
     yield cluster, router
     router.close()
     cluster.stop_all()
-
-
-def run_job(router: Any, module: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Submit to localhost, follow to the end; the final state and the host's result."""
-    ref, _ = router.submit("local", module, params, ["localhost"])
-    events: list[dict[str, Any]] = []
-    state = router.follow(ref, events.append)
-    [host] = [e["data"] for e in events if e["kind"] == "host"]
-    return state, host
 
 
 @pytest.fixture

@@ -30,8 +30,8 @@ import pytest
 from ombot.masters.backends import put_file
 from ombot.modules.builtin.file_push import DEST_ROOTS
 from tests import saltrig, sshd
+from tests.saltrig import salt_cluster
 from tests.support import Cluster
-from tests.test_salt import salt_cluster
 
 ROOTS = ", ".join(DEST_ROOTS)
 NAME = "pushed.conf"

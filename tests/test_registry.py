@@ -17,11 +17,9 @@ from ombot.masters.envelope import Peer, Refused, new_request
 from ombot.masters.keys import Identity, decode_public
 from ombot import config as cfg
 from ombot.errors import ConfigError
-from tests.rigs import AGENT, HOST, agent_cluster
+from tests.rigs import AGENT, HOST, agent_cluster, event
 from tests.rigs import AGENT_CLIENTS as CLIENTS
 from tests.support import Cluster
-from tests.test_audit_agent import event
-from tests.test_storage import backend, master_db, store_url  # noqa: F401  (the storage suite's engines)
 
 STATUS = {"spool_depth": 0, "dropped_total": 0, "sent_total": 1}
 

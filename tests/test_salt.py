@@ -21,12 +21,12 @@ import pytest
 from ombot import config as cfg
 from ombot.errors import ConfigError
 from tests import saltrig
+from tests.saltrig import salt_cluster
 from tests.support import REPO, Cluster, statuses
 
 pytestmark = [pytest.mark.slow]
 NEEDS_SALT = "needs the salt extra (pip install 'ombot[salt]') and root, to run a salt-master and minions"
 
-ANSWER_SECONDS = 4
 INJECTIONS = ["runas=root", "{{ grains['id'] }}", "{% raw %}x", "$HOME", "`id`", "cwd=/etc", "__kwarg__=True"]
 
 
@@ -38,16 +38,6 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[saltrig.SaltRig]:
                               absent=["gone1"]).start()
     yield started
     started.stop()
-
-
-def salt_cluster(root: Path, rig: saltrig.SaltRig, extra: str = "") -> Cluster:
-    made = Cluster(root, {"local": ["m1"]}, extra_toml=(
-        f'[masters.m1.salt]\nconfig = "{rig.master_config}"\ninventory = "minions"\n'
-        f'states = ["{saltrig.DEMO_STATE}"]\nanswer_seconds = {ANSWER_SECONDS}\n' + extra))
-    text = made.config_path.read_text()
-    text = text.replace('inventory = "inventory.ini"\n', '', 1)  # the minions' keys are the inventory
-    made.config_path.write_text(text.replace('state_dir = "state-m1"', 'state_dir = "state-m1"\nbackend = "salt"'))
-    return made
 
 
 @pytest.fixture(scope="module")

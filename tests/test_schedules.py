@@ -38,8 +38,8 @@ from ombot.errors import CommandError, ConfigError
 from ombot.storage import SchemaVersion, connect_url
 from tests import rigs
 from tests.rigs import Reply, SlackRig, approval, console, console_site, floor, role, rule, say, slack_rig, table
+from tests.storage import BACKENDS, scratch
 from tests.support import CLI_CLIENT, Cluster, bot_table, child_env
-from tests.test_storage import BACKENDS, scratch
 
 ALICE, LEAD1, LEAD2, MALLORY = "U0ALICE", "U0LEAD1", "U0LEAD2", "U0MALLORY"
 ONCALL, AUDITOR = "U0ONCALL", "U0AUDIT"  # a `cancel` role of the shell rule; a `[jobs] viewers` role

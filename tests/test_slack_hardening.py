@@ -21,7 +21,7 @@ from ombot.bot import store as bot_store
 from ombot.clock import now_ms
 from tests.fakeslack import interactive_body, signed_request
 from tests.rigs import CHANNEL, SECRET, SITE_MODULES, Reply, SlackRig, approval, policy, role, rule
-from tests.test_storage import BACKENDS, scratch
+from tests.storage import BACKENDS, scratch
 
 ALICE, BOB, LEAD = "U0ALICE", "U0BOB", "U0LEAD1"
 MiB = 1024 * 1024

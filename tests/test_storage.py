@@ -1,28 +1,22 @@
 """Every store (master, bot, approvals) on SQLite, PostgreSQL and MariaDB/MySQL: same models, same migrations.
 
-The servers come from scripts/services.sh (run by `./dev test` and `.ci/run`). A server that
-cannot be reached is a skip on a workstation and a failure when $CI is set.
-
-Every test gets an empty place of its own, so test files and whole test runs can share the
-servers: a schema inside `ombot_test` on PostgreSQL, a database `ombot_test_<random>` on MySQL
-(where a schema is a database), a file on SQLite. End-to-end tests give their master a database
-of its own on both servers.
+The engines, and each test's empty place on them, are tests/storage.py's (the fixtures `backend`,
+`store_url` and `master_db` are in tests/conftest.py). End-to-end tests give their master a
+database of its own on both servers.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import pkgutil
 import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import peewee
 import pytest
@@ -42,103 +36,14 @@ from ombot.errors import ConfigError
 from ombot.logs import redact
 from ombot.storage import (JSONField, SchemaVersion, StorageError, connect_url, create_tables, migrate, open_database,
                            redact_url)
+from tests.schema_v1 import JOB_ID, T, create_schema_v1
+from tests.storage import SERVERS, admin, current_schema, scratch
 from tests.support import Cluster
 
-SERVERS = {
-    "postgres": ("OMBOT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/ombot_test"),
-    "mysql": ("OMBOT_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/ombot_test"),
-}
-# The database servers only in the full run: the fast tier keeps SQLite.
-BACKENDS = ["sqlite", *(pytest.param(server, marks=pytest.mark.slow) for server in SERVERS)]
 MIB = 1024 * 1024
-_reachable: dict[str, str] = {}  # backend -> error, "" when it answered; asked once per run
 
 
-# --- where each test's tables live ---------------------------------------------------------------
-
-
-def server_url(backend: str) -> str:
-    """The URL of the shared test database, after checking the server answers."""
-    env, default = SERVERS[backend]
-    url = os.environ.get(env) or default
-    if backend not in _reachable:
-        try:
-            db = connect_url(url)
-            db.connect()
-            db.close()
-            _reachable[backend] = ""
-        except Exception as exc:  # any failure to reach it is the same finding
-            _reachable[backend] = f"{type(exc).__name__}: {redact(str(exc)).strip()}"
-    if _reachable[backend]:
-        reason = " ".join(_reachable[backend].split())
-        message = f"{backend} test database {redact_url(url)} is not reachable ({reason}); " \
-                  f"run scripts/services.sh or set ${env}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return url
-
-
-def with_database(url: str, name: str, **query: str) -> str:
-    parts = urlsplit(url)
-    params = dict(parse_qsl(parts.query)) | query
-    return urlunsplit(parts._replace(path=f"/{name}", query=urlencode(params)))
-
-
-def admin(url: str, *statements: str) -> None:
-    db = connect_url(url)
-    try:
-        for sql in statements:
-            db.execute_sql(sql)
-    finally:
-        db.close()
-
-
-@contextmanager
-def scratch(backend: str, tmp_path: Path, own_database: bool = False) -> Iterator[str]:
-    """A URL to an empty place for tables, removed afterwards."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / f'scratch-{uuid.uuid4().hex[:8]}.db'}"
-        return
-    base = server_url(backend)
-    name = f"ombot_test_{uuid.uuid4().hex[:12]}"
-    if backend == "postgres" and not own_database:
-        admin(base, f"CREATE SCHEMA {name}")
-        try:
-            yield with_database(base, urlsplit(base).path.lstrip("/"), options=f"-csearch_path={name}")
-        finally:
-            admin(base, f"DROP SCHEMA {name} CASCADE")
-    elif backend == "postgres":
-        admin(base, f"CREATE DATABASE {name} TEMPLATE template0")  # template1 may be in use by others
-        try:
-            yield with_database(base, name)
-        finally:
-            admin(base, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    else:
-        admin(base, f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
-        try:
-            yield with_database(base, name)
-        finally:
-            admin(base, f"DROP DATABASE IF EXISTS {name}")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def store_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    with scratch(backend, tmp_path) as url:
-        yield url
-
-
-@pytest.fixture
-def master_db(store_url: str) -> Iterator[peewee.Database]:
-    """The master's models bound to a fresh, migrated database."""
-    db = store.open_store(store_url)
-    yield db
-    db.close()
+# --- the bot's database, and what a database holds ------------------------------------------------
 
 
 @pytest.fixture
@@ -148,13 +53,6 @@ def bot_db(store_url: str) -> Iterator[peewee.Database]:
     approvals.bind(db)
     yield db
     db.close()
-
-
-def current_schema(db: peewee.Database) -> str | None:
-    """Postgres introspection looks in "public" unless told; each test here has a schema of its own."""
-    if isinstance(db, peewee.PostgresqlDatabase):
-        return db.execute_sql("SELECT current_schema()").fetchone()[0]
-    return None
 
 
 def table_names(db: peewee.Database) -> set[str]:
@@ -448,7 +346,7 @@ MASTER_MODELS = [store.SeenNonce, store.Job, store.JobEvent, store.HostLock, mas
 BOT_MODELS = [bot_store.BotJob, replay.SeenRequest, lease.Lease, multi.MultiRequest, multi.MultiPart,
               schedules.Schedule, schedules.ScheduleRun, bot_audit.AuditRecord, bot_audit.AuditCursor,
               astore.ApprovalRequest, astore.ApprovalVote, astore.TrailEntry, SchemaVersion]
-PACKAGES = ("approvals", "audit", "audit_agent", "bot", "masters", "modules", "ombot")
+PACKAGES = ("ombot",)  # every room is inside it (ombot/bot -> ../bot, ...)
 TEXT = "héllo wörld ✓ 日本語 🚀 \\ \" '"
 
 
@@ -565,172 +463,10 @@ def all_subclasses(cls: type) -> set[type]:
 
 
 # --- migrating a database of the schema before epoch milliseconds --------------------------------
-# The models as they were (schema version 1 of each component): seconds, a float trail time, JSON as text.
-
-_old = peewee.DatabaseProxy()
-
-
-def schema_v1() -> dict[str, type[peewee.Model]]:
-    """The models as version 1 defined them, under their own class names: peewee names indexes after those."""
-
-    class BaseModel(peewee.Model):
-        class Meta:
-            database = _old
-
-    class SeenNonce(BaseModel):
-        nonce = peewee.CharField(max_length=32, primary_key=True)
-        keep_until = peewee.BigIntegerField(index=True)
-
-        class Meta:
-            table_name = "seennonce"
-
-    class Job(BaseModel):
-        id = peewee.CharField(max_length=36, primary_key=True)
-        sender = peewee.CharField(max_length=64)
-        requester = peewee.CharField(max_length=256)
-        origin = peewee.CharField(max_length=16)
-        approvers = peewee.TextField()
-        module = peewee.CharField(max_length=128)
-        params = peewee.TextField()
-        hosts = peewee.TextField()
-        idc = peewee.CharField(max_length=64)
-        timeout = peewee.IntegerField()
-        state = peewee.CharField(max_length=16, index=True)
-        created_at = peewee.BigIntegerField()
-        finished_at = peewee.BigIntegerField(null=True)
-        signed_request = peewee.BlobField()
-
-        class Meta:
-            table_name = "job"
-
-    class JobEvent(BaseModel):
-        job = peewee.ForeignKeyField(Job, backref="events", on_delete="CASCADE")
-        seq = peewee.IntegerField()
-        kind = peewee.CharField(max_length=32)
-        at = peewee.DoubleField()
-        data = peewee.TextField()
-
-        class Meta:
-            table_name = "jobevent"
-            indexes = ((("job", "seq"), True),)
-
-    class BotJob(BaseModel):
-        number = peewee.AutoField()
-        job_id = peewee.CharField(max_length=36, unique=True)
-        requester = peewee.CharField(max_length=64, index=True)
-        origin = peewee.CharField(max_length=16)
-        channel = peewee.CharField(max_length=64)
-        card_ts = peewee.CharField(max_length=32, null=True)
-        reply_url = peewee.TextField(null=True)
-        idc = peewee.CharField(max_length=64)
-        master_id = peewee.CharField(max_length=64, null=True)
-        module = peewee.CharField(max_length=128)
-        params = peewee.TextField()
-        host_count = peewee.IntegerField()
-        state = peewee.CharField(max_length=16, index=True)
-        approvers = peewee.TextField(default="[]")
-        cancel_roles = peewee.TextField(default="[]")
-        reported = peewee.BooleanField(default=False)
-        created_at = peewee.IntegerField()
-        finished_at = peewee.IntegerField(null=True)
-
-        class Meta:
-            table_name = "bot_job"
-
-    class ApprovalRequest(BaseModel):
-        number = peewee.AutoField()
-        request_id = peewee.CharField(max_length=36, unique=True)
-        requester = peewee.CharField(max_length=64)
-        origin = peewee.CharField(max_length=16)
-        channel = peewee.CharField(max_length=64)
-        reply_url = peewee.TextField(null=True)
-        idc = peewee.CharField(max_length=64)
-        module = peewee.CharField(max_length=128)
-        params = peewee.TextField()
-        hosts = peewee.TextField()
-        timeout = peewee.IntegerField(null=True)
-        rules = peewee.TextField()
-        needed = peewee.IntegerField()
-        approver_roles = peewee.TextField()
-        self_approval = peewee.BooleanField(default=False)
-        cancel_roles = peewee.TextField()
-        state = peewee.CharField(max_length=16, index=True, default="pending")
-        created_at = peewee.IntegerField()
-        expires_at = peewee.IntegerField(index=True)
-        decided_at = peewee.IntegerField(null=True)
-        decided_by = peewee.CharField(max_length=64, null=True)
-        reason = peewee.TextField(null=True)
-        message_channel = peewee.CharField(max_length=64, null=True)
-        message_ts = peewee.CharField(max_length=32, null=True)
-
-        class Meta:
-            table_name = "approval_request"
-
-    class ApprovalVote(BaseModel):
-        request = peewee.ForeignKeyField(ApprovalRequest, backref="votes", on_delete="CASCADE")
-        approver = peewee.CharField(max_length=64)
-        at = peewee.IntegerField()
-
-        class Meta:
-            table_name = "approval_vote"
-            indexes = ((("request", "approver"), True),)
-
-    class TrailEntry(BaseModel):
-        at = peewee.FloatField(index=True)
-        user = peewee.CharField(max_length=64, index=True)
-        channel = peewee.CharField(max_length=64)
-        origin = peewee.CharField(max_length=16)
-        action = peewee.CharField(max_length=32)
-        detail = peewee.TextField()
-        outcome = peewee.TextField()
-
-        class Meta:
-            table_name = "chat_trail"
-
-    return {m.__name__: m for m in (SeenNonce, Job, JobEvent, BotJob, ApprovalRequest, ApprovalVote, TrailEntry)}
-
-
-T = 1_700_000_000  # 2023-11-14 22:13:20 UTC; a whole multiple of 128, so even a 32-bit float holds it exactly
-JOB_ID = "0b5c7a52-6f7e-4a57-9a51-3f0d7c1b2a10"
-
+# The database as version 1 left it is tests/schema_v1.py's (create_schema_v1).
 
 INDEXES_ADDED_SINCE_V1 = {"bot_job": {"bot_job_reported"},  # bot version 3: the unfinished jobs
                          "job": {"job_master_id"}}  # master version 3: jobs record their master
-
-
-def create_schema_v1(url: str) -> None:
-    """A database as today's code leaves it: every component at version 1, with rows."""
-    old = schema_v1()
-    db = connect_url(url)
-    try:
-        migrate(db, "master", [create_tables(old["SeenNonce"], old["Job"], old["JobEvent"])])
-        migrate(db, "bot", [create_tables(old["BotJob"])])
-        migrate(db, "approvals", [create_tables(old["ApprovalRequest"], old["ApprovalVote"], old["TrailEntry"])])
-        _old.initialize(db)
-        old["SeenNonce"].create(nonce="n" * 32, keep_until=T + 60)
-        old["Job"].create(id=JOB_ID, sender="bot", requester="slack:U1", origin="slack", approvers='["U2"]',
-                      module="echo", params='{"message":"h\\u00e9"}', hosts='["web01"]', idc="local", timeout=60,
-                      state="ok", created_at=T, finished_at=T + 5, signed_request=b"\x00signed")
-        old["JobEvent"].create(job=JOB_ID, seq=1, kind="accepted", at=T + 0.123, data='{"hosts":["web01"]}')
-        old["JobEvent"].create(job=JOB_ID, seq=2, kind="finished", at=T + 4.9996, data='{"state":"ok"}')
-        old["BotJob"].create(job_id=JOB_ID, requester="U1", origin="slack", channel="C1", idc="local", module="echo",
-                         params=json.dumps({"message": "hé 🚀"}), host_count=1, state="ok", approvers='["U2"]',
-                         cancel_roles='["leads"]', reported=True, created_at=T, finished_at=T + 6)
-        old["BotJob"].create(job_id="still-running", requester="U1", origin="slack", channel="C1", idc="local",
-                         module="echo", params="{}", host_count=1, state="queued", created_at=T + 1)
-        request = old["ApprovalRequest"].create(
-            request_id=JOB_ID, requester="U1", origin="slack", channel="C1", idc="local", module="echo",
-            params='{"message":"hé"}', hosts='["web01"]', rules='["r"]', needed=1, approver_roles='["leads"]',
-            cancel_roles='[]', state="approved", created_at=T - 100, expires_at=T + 3500, decided_at=T - 1)
-        old["ApprovalRequest"].create(
-            request_id="pending-one", requester="U1", origin="slack", channel="C1", idc="local", module="echo",
-            params="{}", hosts='["web01"]', rules='["r"]', needed=1, approver_roles='["leads"]', cancel_roles='[]',
-            created_at=T, expires_at=T + 3600)
-        old["ApprovalVote"].create(request=request.number, approver="U2", at=T - 1)
-        old["TrailEntry"].create(at=float(T), user="U2", channel="C1", origin="slack", action="approve", detail="#1",
-                             outcome="ok")
-    finally:
-        db.close()
 
 
 def test_a_database_of_the_previous_schema_is_converted(backend: str, tmp_path: Path) -> None:

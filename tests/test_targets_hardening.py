@@ -23,8 +23,8 @@ from ombot.masters.inventory import EXPAND_SECONDS
 from ombot.masters.envelope import Refused, Request, new_request
 from tests.fakeslack import post_to_bot, slash_command_body, view_submission_body
 from tests.rigs import SECRET, policy, role, rule, slack_rig
-from tests.support import INVENTORY, Cluster
-from tests.test_attacks import Attacker, echo_args
+from tests.attacker import Attacker, echo_args
+from tests.support import INVENTORY, Cluster, SteppedClock
 
 # A long name makes backtracking regexes take effectively forever under `re`.
 LONG_HOST = "a-rather-long-host-name-for-backtracking-attacks.example.internal"
@@ -33,7 +33,7 @@ ANSWER_SECONDS = 10  # generous: the fix answers in well under a second; the old
 
 
 class Sender(Attacker):
-    """Test_attacks' raw-frame sender, asking as the identity its client key stands for."""
+    """The attack suites' raw-frame sender (tests/attacker.py), asking as the identity its client key stands for."""
 
     def __init__(self, cluster: Cluster) -> None:
         super().__init__(cluster)
@@ -234,7 +234,6 @@ def test_every_term_of_an_expansion_counts_against_its_deadline(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The backstop behind the work cap (lifted here): plain and glob terms stop at the deadline too."""
     from ombot.masters import inventory as module
-    from tests.test_inventory import SteppedClock
 
     (tmp_path / "inventory.ini").write_text(INVENTORY)
     inventory = module.Inventory(tmp_path / "inventory.ini")

@@ -5,13 +5,15 @@ Slack-facing suite"): one door, four rooms.
   clicks in, the channel and the answers out (SlackRig, slack_rig; the fixtures `make_slack_rig` and
   `make_module_slack_rig` in tests/conftest.py).
 - `console`: `ombot console` in a real terminal on such a site (console_site, console).
-- `audit`: agent keys, the audit agent process, and the rig whose bot pulls the audit (AuditRig).
+- `audit`: agent keys, the audit agent process, and the rig whose bot pulls the audit (AuditRig; the
+  fixture `make_rig` in tests/conftest.py builds one on ALERT_RULES); the events an agent sends
+  (event), what a master stored (stored), a record as the alert poster gets it (record).
 - `policies`: access policies built from roles and rules, spelled once.
 """
 
 from tests.rigs.audit import (
-    AGENT, AGENT_CLIENTS, AUDIT_CHANNEL, HOST, AgentProcess, AuditRig, agent_cluster, audit_site, ingest,
-    with_agent_hosts,
+    AGENT, AGENT_CLIENTS, ALERT_RULES, AUDIT_CHANNEL, HOST, OTHER_AUDIT_CHANNEL, UID, AgentProcess, AuditRig,
+    agent_cluster, audit_site, event, ingest, record, stored, with_agent_hosts,
 )
 from tests.rigs.console import (
     CONSOLE_TIMEOUT, SHOWN_PROMPT, TERMINAL_ENV, ConsoleLog, console, console_site, quit_console, say, spawn_console,
@@ -22,8 +24,9 @@ from tests.rigs.slack import (
 )
 
 __all__ = [
-    "AGENT", "AGENT_CLIENTS", "ALICE", "AUDIT_CHANNEL", "CHANNEL", "CONSOLE_TIMEOUT", "HOST", "REPLY_WAIT", "SECRET",
-    "SHOWN_PROMPT", "SITE_MODULES", "TERMINAL_ENV", "AgentProcess", "AuditRig", "ConsoleLog", "Reply", "SlackRig",
-    "agent_cluster", "approval", "audit_site", "console", "console_site", "floor", "ingest", "policy", "quit_console",
-    "role", "rule", "say", "slack_env", "slack_rig", "spawn_console", "state_of", "table", "with_agent_hosts",
+    "AGENT", "AGENT_CLIENTS", "ALERT_RULES", "ALICE", "AUDIT_CHANNEL", "CHANNEL", "CONSOLE_TIMEOUT", "HOST",
+    "OTHER_AUDIT_CHANNEL", "REPLY_WAIT", "SECRET", "SHOWN_PROMPT", "SITE_MODULES", "TERMINAL_ENV", "UID", "AgentProcess",
+    "AuditRig", "ConsoleLog", "Reply", "SlackRig", "agent_cluster", "approval", "audit_site", "console", "console_site",
+    "event", "floor", "ingest", "policy", "quit_console", "record", "role", "rule", "say", "slack_env", "slack_rig",
+    "spawn_console", "state_of", "stored", "table", "with_agent_hosts",
 ]

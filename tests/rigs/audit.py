@@ -1,9 +1,11 @@
 """The audit on a rig: agent keys registered at the masters (each naming its server), the audit agent
 as a real process, batches sent straight from web01's agent key, and the rig whose bot pulls the audit
-into its store and posts alerts to the fake Slack."""
+into its store and posts alerts to the fake Slack; the events and records the audit suites build and
+read back, and the alert rules of the rig that tests/conftest.py's `make_rig` builds."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -26,6 +28,40 @@ AGENT = f"agent-{HOST}"
 # The usual clients and an agent key each for web01 and web02.
 AGENT_CLIENTS = {"bot": "chat", CLI_CLIENT: "cli", "console": "chat", AGENT: "agent", "agent-web02": "agent"}
 AUDIT_CHANNEL = "C0AUDIT"
+OTHER_AUDIT_CHANNEL = "C0SEC"  # where one alert rule, and the silence alerts of one test, go instead
+UID = os.geteuid()  # ours: the uid the hook records for what the tests type
+# The rules of make_rig's rigs (tests/conftest.py): audit_site(ALERT_RULES).
+ALERT_RULES = f"""
+channel = "{AUDIT_CHANNEL}"
+
+[redact]
+patterns = ['(?i)\\btoken=(\\S+)']
+
+[[rules]]
+name = "wipe the root filesystem"
+severity = "critical"
+keywords = ["rm -rf /"]
+cooldown_seconds = 0
+
+[[rules]]
+name = "mysql with a password"
+keywords = ["mysql "]
+channel = "{OTHER_AUDIT_CHANNEL}"
+
+[[rules]]
+name = "alarm"
+keywords = ["ALARM"]
+cooldown_seconds = 300
+
+[[rules]]
+name = "twice"
+keywords = ["TWICE"]
+cooldown_seconds = 0
+
+[[rules]]
+name = "marker"
+keywords = ["MARKER"]
+"""
 
 
 def with_agent_hosts(cluster: Cluster, hosts: tuple[str, ...] = (HOST, "web02")) -> Cluster:
@@ -61,6 +97,33 @@ def ingest(cluster: Cluster, master: str, events: list[dict[str, Any]]) -> dict[
         return reply
     finally:
         conn.close()
+
+
+def event(seq: int, host: str = HOST, **changes: Any) -> dict[str, Any]:
+    """An event of a batch as an agent sends it: the command `c<seq>` on `host`, its id and time from `seq`."""
+    base = {"id": f"{host}:0123abcd-0000:qtest:{seq}", "kind": "command", "at": 1_700_000_000_000 + seq,
+            "data": {"command": f"c{seq}"}}
+    return {**base, **changes}
+
+
+def stored(cluster: Cluster, master: str = "m1") -> list[tuple[str, str, dict[str, Any]]]:
+    """(id, kind, data) of every audit event in a master's own SQLite database, oldest first."""
+    path = cluster.root / f"state-{master}" / f"{master}.db"
+    if not path.exists():
+        return []
+    with sqlite3.connect(path) as db:
+        try:
+            rows = db.execute("SELECT id, kind, data FROM auditevent ORDER BY at").fetchall()
+        except sqlite3.OperationalError:
+            return []
+    return [(i, k, json.loads(d)) for i, k, d in rows]
+
+
+def record(at: int, command: str = "echo ALARM", **fields: Any) -> dict[str, Any]:
+    """A command on web01 at `at` as the bot's store hands it to the alert poster."""
+    return {"id": f"web01:b:q:{at}", "idc": "local", "host": "web01", "kind": "command", "at": at, "user": "alice",
+            "login_user": "alice", "uid": 1000, "tty": "/dev/pts/1", "cwd": "/root", "command": command,
+            "exit_status": 0, "ssh_client": "192.0.2.7", **fields}
 
 
 class AgentProcess:
