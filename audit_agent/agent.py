@@ -29,8 +29,8 @@ from ombot.audit_agent.link import MasterLinks, Unreachable
 from ombot.audit_agent.queue import EventQueue
 from ombot.audit_agent.records import Event, notice
 from ombot.audit_agent.settings import AgentSettings
-from ombot.masters.envelope import Refused
-from ombot.masters.keys import Identity
+from ombot.envelope import Refused
+from ombot.keys import Identity
 
 log = logging.getLogger("ombot.audit_agent")
 T = TypeVar("T")

@@ -14,8 +14,8 @@ import rpyc
 from rpyc.core.stream import SocketStream
 
 from ombot.audit_agent.settings import AgentSettings, MasterAddress
-from ombot.masters.envelope import Peer, Refused, new_request
-from ombot.masters.keys import Identity, decode_public
+from ombot.envelope import Peer, Refused, new_request
+from ombot.keys import Identity, decode_public
 
 _CONFIG: dict[str, Any] = {
     "allow_safe_attrs": False, "allow_public_attrs": False, "allow_all_attrs": False, "allow_pickle": False,

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ombot.audit_agent.hook import DEFAULT_SPOOL_DIR
-from ombot.config import HOST_NAME
-from ombot.tables import TableReader, parse_address, public_key, read_toml
+from ombot.tables import HOST_NAME, TableReader, parse_address, public_key, read_toml
 from ombot.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/ombot/agent.toml"

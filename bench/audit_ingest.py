@@ -174,7 +174,7 @@ class MasterSide:
         return sum(self.ingest._store(client, client.host, chunk) for client, chunk in work)
 
     def checked(self, work: list[tuple[Any, list[dict[str, Any]]]]) -> int:
-        from ombot.masters.envelope import new_request
+        from ombot.envelope import new_request
 
         stored = 0
         for client, chunk in work:

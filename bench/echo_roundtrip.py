@@ -108,8 +108,8 @@ class OmbotClient:
         return counted
 
     def frame_size(self) -> int:
-        from ombot.masters.envelope import Peer, new_request
-        from ombot.masters.keys import Identity, decode_public
+        from ombot.envelope import Peer, new_request
+        from ombot.keys import Identity, decode_public
 
         conf = self.cluster.config()
         peer = Peer(Identity.load(conf.require_client().key_file), decode_public(conf.masters["m1"].public_key))

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ombot.masters.client import ConnectFailed, JobLookup, JobRef, MasterLink, MasterLost, NoMasterAvailable, Router
-from ombot.masters.envelope import Refused
-from ombot.masters.keys import Identity, KeyFileError
+from ombot.envelope import Refused
+from ombot.keys import Identity, KeyFileError
 from ombot.masters.report import host_log, host_rows
 from ombot.masters.states import FINAL_STATES, JobState
 from ombot.config import Config, MasterSettings

@@ -30,7 +30,7 @@ import peewee
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as run_migration
 
-from ombot.masters.envelope import Refused, Request, dumps
+from ombot.envelope import Refused, Request, dumps
 from ombot.masters.store import BaseModel, db
 from ombot.clock import now_ms
 from ombot.masters.ingest_budget import IngestBudget

@@ -20,8 +20,8 @@ from typing import Any
 import rpyc
 from rpyc.core.stream import SocketStream
 
-from ombot.masters.envelope import Peer, Refused, new_request
-from ombot.masters.keys import Identity, decode_public
+from ombot.envelope import Peer, Refused, new_request
+from ombot.keys import Identity, decode_public
 from ombot.masters.states import JobState
 from ombot.modules import Catalog
 from ombot.clock import now_ms

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ombot.masters.envelope import Refused, Request
+from ombot.envelope import Refused, Request
 from ombot.config import ClientRegistration
 from ombot.globs import matches_any
 

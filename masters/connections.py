@@ -23,7 +23,7 @@ from rpyc.core.stream import SocketStream
 from rpyc.utils.server import ThreadedServer
 
 from ombot.masters.core import MasterCore
-from ombot.masters.envelope import Refused
+from ombot.envelope import Refused
 from ombot.masters.lograte import LogBudget
 from ombot.config import Limits
 from ombot.timers import Timers

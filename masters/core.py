@@ -23,12 +23,12 @@ from ombot.masters.backends.base import Backend
 from ombot.masters.backends.base import close as close_backend
 from ombot.masters.audit import PRUNE_SECONDS, AuditIngest
 from ombot.masters.clients import check_operation, check_requester
-from ombot.masters.envelope import Opener, Peer, Refused, Request
+from ombot.envelope import Opener, Peer, Refused, Request
 from ombot.masters.housekeeping import SECONDS_PER_DAY, Housekeeping, purge_interval
 from ombot.masters.inventory import Inventory, TargetError
 from ombot.masters.jobspec import SubmitChecks, require_inventory
 from ombot.masters.jobstore import JobStore, summary
-from ombot.masters.keys import Identity
+from ombot.keys import Identity
 from ombot.masters.registry import ClientRegistry
 from ombot.masters.lograte import LogBudget
 from ombot.masters.runner import JobRunner

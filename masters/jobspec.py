@@ -17,7 +17,7 @@ from typing import Any
 
 from ombot.masters.backends.base import Backend, Unsupported, preview, vet
 from ombot.masters.clients import check_approvers, check_permitted
-from ombot.masters.envelope import Refused, Request
+from ombot.envelope import Refused, Request
 from ombot.masters.inventory import Inventory, TargetError
 from ombot.modules import Module, ParamError, Plan, Shell
 from ombot.config import ClientRegistration, MasterSettings

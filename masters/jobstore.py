@@ -14,7 +14,7 @@ from typing import Any, cast
 import peewee
 
 from ombot.masters import store
-from ombot.masters.envelope import Refused, Request
+from ombot.envelope import Refused, Request
 from ombot.masters.jobspec import JobSpec
 from ombot.masters.states import FINAL_STATES, JobState
 from ombot.clock import MS_PER_SECOND, now_ms

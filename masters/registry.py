@@ -30,8 +30,8 @@ from typing import Any
 import peewee
 
 from ombot.masters.audit import AuditAgent
-from ombot.masters.envelope import Refused, Request
-from ombot.masters.keys import KeyFileError, box_public, decode_public
+from ombot.envelope import Refused, Request
+from ombot.keys import KeyFileError, box_public, decode_public
 from ombot.masters.store import BaseModel, db
 from ombot.clock import now_ms
 from ombot.config import ClientRegistration, parse_registration
@@ -152,7 +152,7 @@ class ClientRegistry(Mapping[str, ClientRegistration]):
 
     def sender(self, key: bytes) -> str | None:
         """The client id a sender key is accepted as now; None for a key never accepted here, and
-        Refused `revoked` for a key revoked here (masters.envelope.Opener asks for every frame)."""
+        Refused `revoked` for a key revoked here (ombot.envelope.Opener asks for every frame)."""
         state = self._state
         client_id = state.by_key.get(key)
         if client_id is None and key in state.revoked:

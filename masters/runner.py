@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ombot.masters.backends.base import Backend, HostResult, HostStatus, RunContext
-from ombot.masters.envelope import Refused, Request
+from ombot.envelope import Refused, Request
 from ombot.masters.inventory import Inventory
 from ombot.masters.jobspec import JobSpec
 from ombot.masters.jobstore import Busy, Event, JobStore

@@ -16,9 +16,9 @@ from ombot.masters import store
 from ombot.masters.backends import backend_named
 from ombot.masters.connections import RPYC_OVERHEAD_BYTES, BoundedChannel, CappedThreadedServer, ConnectionGate
 from ombot.masters.core import MasterCore
-from ombot.masters.envelope import OPS
+from ombot.envelope import OPS
 from ombot.masters.inventory import open_inventory
-from ombot.masters.keys import Identity
+from ombot.keys import Identity
 from ombot.modules import load_modules
 from ombot.config import Config, MasterSettings
 from ombot.errors import ConfigError, OmbotError

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ombot.errors import ConfigError, OmbotError
-from ombot.tables import TableReader, database_url, parse_address, public_key, read_toml
+from ombot.tables import HOST_NAME, TableReader, database_url, parse_address, public_key, read_toml
 
 CONFIG_ENV = "OMBOT_CONFIG"
 DEFAULT_CONFIG = "ombot.toml"
@@ -263,9 +263,6 @@ def _admin(r: TableReader, kind: str) -> bool:
     if admin and kind != "cli":
         raise ConfigError(r.path, r.key("admin"), "no admin: only a cli registration may be admin", admin)
     return bool(admin)
-
-
-HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63}){0,20}$")
 
 
 def _agent_host(r: TableReader, kind: str) -> str:

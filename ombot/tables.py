@@ -10,12 +10,21 @@ import base64
 import binascii
 import difflib
 import os
-import tomllib
+import re
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from ombot.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the audit agent runs on the servers' own Python, 3.9 and later: tomli is the same parser
+    import tomli as tomllib
+
+# A host name as inventories, agents and enrolments write it.
+HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63}){0,20}$")
 
 SECRET_FILE_MODE_MASK = 0o077
 

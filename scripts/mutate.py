@@ -47,7 +47,7 @@ TARGETS = [
     Target("policy", "approvals/policy.py", ["tests/test_policy.py", *FAST, "-k",
                                              "not test_policy_check and not test_sample_policy "
                                              "and not test_policy_explain and not test_run_obeys"]),
-    Target("envelope", "masters/envelope.py", ["tests/test_envelope.py", *FAST]),
+    Target("envelope", "ombot/envelope.py", ["tests/test_envelope.py", *FAST]),
     Target("plan", "modules/plan.py", ["tests/test_plan.py", *FAST]),
     Target("inventory", "masters/inventory.py", ["tests/test_inventory.py", *FAST, "-k", "not test_master_runs"],
            unmutated=(r"os\.environ",)),

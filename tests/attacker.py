@@ -1,5 +1,5 @@
 """A peer that bypasses the client library, for the attack suites (test_attacks, test_attacks_transport,
-test_targets_hardening): frames built by hand with masters.envelope and sent over its own raw rpyc
+test_targets_hardening): frames built by hand with ombot.envelope and sent over its own raw rpyc
 connection, and the check that a master still serves a normal job after an attack."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import rpyc
 
 from ombot.masters import JobRef, Router
-from ombot.masters.envelope import REQUEST_MAGIC, Peer, Refused, Request, new_request
-from ombot.masters.keys import Identity, decode_public
+from ombot.envelope import REQUEST_MAGIC, Peer, Refused, Request, new_request
+from ombot.keys import Identity, decode_public
 from tests.support import Cluster
 
 RAW_CONFIG = {"allow_pickle": False, "sync_request_timeout": 30}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ombot.masters.keys import Identity
+from ombot.keys import Identity
 from ombot import config as cfg
 
 REPO = Path(__file__).resolve().parent.parent

@@ -242,7 +242,7 @@ LOOKUP = "{{ lookup('pipe', 'touch %s') }}" % INJECTED
     ("facts", {}),
 ])
 def test_request_values_are_never_templates(cluster: Cluster, module: str, params: dict[str, Any]) -> None:
-    from ombot.masters.envelope import Refused
+    from ombot.envelope import Refused
 
     try:
         state, results = run(cluster, module, params, ["web01"])

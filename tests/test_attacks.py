@@ -2,7 +2,7 @@
 message, or for transport abuse a closed connection and a line in the master's log), and after
 each one the master still runs a normal echo job.
 
-Frames are built by hand with masters.envelope and sent over a raw rpyc connection (tests/attacker.py),
+Frames are built by hand with ombot.envelope and sent over a raw rpyc connection (tests/attacker.py),
 as someone bypassing the client library would. The attacks share one master (module scope: starting
 a master takes seconds on a busy machine); the restart test gets a cluster of its own.
 """
@@ -26,8 +26,8 @@ from rpyc.core import consts
 from rpyc.utils import classic
 
 from ombot.masters import Router
-from ombot.masters.envelope import OPS, REFUSAL_MAGIC, Peer, Refused, Request, dumps, new_request
-from ombot.masters.keys import Identity
+from ombot.envelope import OPS, REFUSAL_MAGIC, Peer, Refused, Request, dumps, new_request
+from ombot.keys import Identity
 from ombot.masters.connections import RPYC_OVERHEAD_BYTES
 from tests.attacker import RAW_CONFIG, Attacker, echo_args, follow, read_until_closed, still_serves
 from tests.support import Cluster, logged

@@ -21,8 +21,8 @@ import pytest
 import rpyc
 from rpyc.core import brine, consts
 
-from ombot.masters.envelope import Peer, new_request
-from ombot.masters.keys import decode_public
+from ombot.envelope import Peer, new_request
+from ombot.keys import decode_public
 from ombot.masters.lograte import LogBudget
 from tests.attacker import RAW_CONFIG, read_until_closed, still_serves
 from tests.support import Cluster, logged

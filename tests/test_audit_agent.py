@@ -17,8 +17,8 @@ import pytest
 import rpyc
 
 from ombot.audit_agent import hook, spool
-from ombot.masters.envelope import Peer, Refused, new_request
-from ombot.masters.keys import Identity, decode_public
+from ombot.envelope import Peer, Refused, new_request
+from ombot.keys import Identity, decode_public
 from tests.rigs import AGENT, HOST, UID, AgentProcess, agent_cluster, event, stored
 from tests.shells import PROMPT, Shell
 from tests.support import REPO, Cluster, child_env, wait_for

@@ -22,8 +22,8 @@ from ombot.audit.alerts import AlertGroup, Grouper, Thresholds, alert_message
 from ombot.audit.rules import Match, Threshold, parse_rules
 from ombot.bot.alerts import AlertPoster, TokenBucket
 from ombot.masters import audit
-from ombot.masters.envelope import Peer, Refused, new_request
-from ombot.masters.keys import decode_public
+from ombot.envelope import Peer, Refused, new_request
+from ombot.keys import decode_public
 from ombot.storage import migrate
 from ombot.timers import Timers
 from tests.fakeslack import FakeSlack

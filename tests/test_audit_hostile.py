@@ -26,8 +26,8 @@ import pytest
 import rpyc
 
 from ombot.audit_agent import spool
-from ombot.masters.envelope import Peer, Refused, new_request
-from ombot.masters.keys import Identity, decode_public
+from ombot.envelope import Peer, Refused, new_request
+from ombot.keys import Identity, decode_public
 from tests.fakeslack import post_to_bot
 from tests.rigs import AUDIT_CHANNEL as CHANNEL
 from tests.rigs import HOST, SECRET, UID, AgentProcess, AuditRig, agent_cluster, event, stored

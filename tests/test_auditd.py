@@ -35,7 +35,7 @@ from ombot.audit_agent.agent import Agent
 from ombot.audit_agent.auditd import AuditLog, decode, parse_line
 from ombot.audit_agent.queue import EventQueue
 from ombot.audit_agent.settings import AgentSettings, MasterAddress
-from ombot.masters.keys import Identity
+from ombot.keys import Identity
 from tests.rigs import HOST, AgentProcess, agent_cluster, stored
 from tests.shells import Unavailable, isolated_argv, login_files
 from tests.support import Cluster, child_env, wait_for

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ombot.masters.keys import Identity
+from ombot.keys import Identity
 from tests.support import REPO, Cluster, MasterProcess, child_env, free_port
 
 

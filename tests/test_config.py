@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ombot.masters.keys import Identity
+from ombot.keys import Identity
 from ombot import config as cfg
 from ombot.errors import ConfigError
 from tests.support import child_env

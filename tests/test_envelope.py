@@ -1,4 +1,4 @@
-"""The envelope alone, in one process: sealing, opening and every refusal of masters/envelope.py.
+"""The envelope alone, in one process: sealing, opening and every refusal of ombot/envelope.py.
 
 The same checks through a running master are in tests/test_attacks.py; these are the fast unit tests
 the mutation run (scripts/mutate.py) uses, so each assertion names the exact code, message and details.
@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from ombot.masters.envelope import (
+from ombot.envelope import (
     REFUSAL_MAGIC, REPLY_MAGIC, REQUEST_MAGIC, Opener, Peer, Refused, Request, dumps, new_request,
 )
-from ombot.masters.keys import Identity
+from ombot.keys import Identity
 
 NOW = 1_700_000_000
 SKEW, MAX_VALIDITY, MAX_FRAME = 30, 300, 4096

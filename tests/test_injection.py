@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ombot.masters.envelope import Refused
+from ombot.envelope import Refused
 from ombot.modules import load_modules
 from ombot.modules.params import Args, Path as PathParam, Script, ShellCommand, String
 from tests.support import Cluster

@@ -3,7 +3,7 @@
     ombot.app (the CLI: composes everything; nothing imports it)
       -> bot -> audit (the central audit) -> approvals -> masters (the client library and the master)
                                                             -> modules -> ombot (the base)
-                 audit_agent -> masters (envelope, keys only) -> ombot
+                 audit_agent -> ombot (its four files the agent's distribution ships: AGENT_BASE)
 
 A package imports only packages below it; the master side never imports the bot; nobody outside
 `masters` reaches its internals; no two project files import each other, however indirectly; and
@@ -24,10 +24,12 @@ from tests.support import REPO
 ROOMS = ("bot", "audit", "approvals", "masters", "modules", "audit_agent")  # at the root, linked into ombot/
 PACKAGES = (*ROOMS, "ombot")
 # The rooms from the bottom up: a room may import only rooms of a lower rank.
-RANK = {"ombot": 0, "modules": 1, "masters": 2, "audit_agent": 3, "approvals": 3, "audit": 4, "bot": 5,
+RANK = {"ombot": 0, "audit_agent": 1, "modules": 1, "masters": 2, "approvals": 3, "audit": 4, "bot": 5,
         "ombot.app": 6}
 # What a room may import besides the base, where it is narrower than "everything below".
-ONLY = {"audit_agent": {"masters.envelope", "masters.keys"}}  # it runs on every server: no Slack, no engines
+ONLY: dict[str, set[str]] = {"audit_agent": set()}  # it runs on every server: no Slack, no engines, no masters
+# The base files the agent imports: with audit_agent/, all that its own distribution (ombot-agent) ships.
+AGENT_BASE = {"ombot", "ombot.envelope", "ombot.keys", "ombot.tables", "ombot.errors"}
 MASTER_INTERNALS = ("masters.core", "masters.server", "masters.connections", "masters.backends", "masters.store", "masters.jobstore",
                     "masters.runner", "masters.jobspec", "masters.slots", "masters.lograte", "masters.audit",
                     "masters.housekeeping", "masters.registry", "masters.ingest_budget")
@@ -126,6 +128,14 @@ def test_imports_flow_one_way() -> None:
                                                      or any(name == n or name.startswith(n + ".") for n in narrow))
             if not allowed:
                 wrong.append(f"{rel} ({room}) imports {name} ({target})")
+    assert not wrong, wrong
+
+
+def test_the_agent_needs_only_what_its_distribution_ships() -> None:
+    """audit_agent/ imports itself and AGENT_BASE only (`ombot.envelope.Peer` counts as ombot.envelope)."""
+    wrong = [f"{rel} imports {name}" for rel, path in sources() if rel.startswith("audit_agent/")
+             for name in imports_of(path) if name.split(".")[0] == "ombot"
+             and not any(name == base or name.rpartition(".")[0] == base for base in AGENT_BASE)]
     assert not wrong, wrong
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ombot.masters.envelope import Refused
+from ombot.envelope import Refused
 from tests import sshd
 from tests.fakeslack import TEAM_ID, FakeSlack, post_to_bot, slash_command_body
 from tests.rigs import CHANNEL, SECRET, approval, floor, policy, role, rule, slack_rig

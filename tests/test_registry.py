@@ -13,8 +13,8 @@ import peewee
 import pytest
 import rpyc
 
-from ombot.masters.envelope import Peer, Refused, new_request
-from ombot.masters.keys import Identity, decode_public
+from ombot.envelope import Peer, Refused, new_request
+from ombot.keys import Identity, decode_public
 from ombot import config as cfg
 from ombot.errors import ConfigError
 from tests.rigs import AGENT, HOST, agent_cluster, event

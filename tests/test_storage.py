@@ -593,7 +593,7 @@ def test_redaction_hides_passwords() -> None:
 
 
 def write_config(tmp_path: Path, master_extra: str) -> Path:
-    from ombot.masters.keys import Identity
+    from ombot.keys import Identity
 
     path = tmp_path / "ombot.toml"
     path.write_text(f'[masters.bj-1]\nidc = "bj"\naddress = "127.0.0.1:1"\npublic_key = "{Identity.generate().public}"\n'
@@ -703,7 +703,7 @@ def test_audit_events_are_stored_once_and_acknowledged(master_db: peewee.Databas
     """The master's audit tables on every engine: insert-ignore on the event id, every held id acked,
     an id of a length MySQL must index, the heartbeat upserted."""
     from ombot.masters.audit import AuditAgent, AuditEvent, AuditIngest
-    from ombot.masters.envelope import new_request
+    from ombot.envelope import new_request
     from ombot.config import ClientRegistration
 
     agent = ClientRegistration("agent-web01", "k", "agent", "web01", host="web01")

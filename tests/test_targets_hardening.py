@@ -20,7 +20,7 @@ import pytest
 
 from ombot.masters import Router
 from ombot.masters.inventory import EXPAND_SECONDS
-from ombot.masters.envelope import Refused, Request, new_request
+from ombot.envelope import Refused, Request, new_request
 from tests.fakeslack import post_to_bot, slash_command_body, view_submission_body
 from tests.rigs import SECRET, policy, role, rule, slack_rig
 from tests.attacker import Attacker, echo_args

@@ -17,8 +17,8 @@ from typing import Any
 
 import rpyc
 
-from ombot.masters.envelope import Peer, new_request
-from ombot.masters.keys import decode_public
+from ombot.envelope import Peer, new_request
+from ombot.keys import decode_public
 from tests.fakeslack import Call
 from tests.rigs.slack import SlackRig
 from tests.support import CLI_CLIENT, Cluster, child_env

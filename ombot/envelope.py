@@ -19,13 +19,13 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import Box
 from nacl.signing import VerifyKey
 
-from ombot.masters.keys import Identity, box_public
+from ombot.keys import Identity, box_public
 from ombot.errors import OmbotError
 
 REQUEST_MAGIC = b"OMB1"
@@ -137,7 +137,7 @@ class Peer:
 
 # The sender key's client id, or None for a key the master does not accept; it may raise Refused
 # itself (a revoked key). Asked for every frame, so a revocation holds from the very next one.
-SenderLookup = Callable[[bytes], str | None]
+SenderLookup = Callable[[bytes], Optional[str]]  # Optional: evaluated at import, also on Python 3.9
 
 
 class Opener:
