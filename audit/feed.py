@@ -1,13 +1,16 @@
 """The audit feed: from every master's audit table to the bot's one store, the rules and the alerts.
 
 One process per bot database pulls (it holds the `audit-feed` lease, by the database's clock;
-the others wait to take over). Every `audit_poll_seconds`, a job on the process's scheduler
-(ombot.timers.Timers), it reads each master of each IDC with
-`audit_read` — every master, since an agent fails over and a server's events are spread over
-them — from that master's cursor on, a page at a time. `store.insert_new` keeps only events
-not stored yet, and the rules run on those alone: an event that reached two masters, or was read
-twice, alerts once. Alerts go to the `Alerts` the bot provides (audit.queue: its queue, served at
-the pace of the chat surface).
+the others wait to take over). The Slack bot and a console may both pull (`surface`): a console takes
+the feed only while nobody holds it, and a Slack bot takes it from a console at once (PREEMPTS), so
+alerts go to Slack whenever a bot runs, and to the console of the embedded default otherwise.
+
+Every `audit_poll_seconds`, a job on the process's scheduler (ombot.timers.Timers), it reads
+each master of each IDC with `audit_read` — every master, since an agent fails over and a
+server's events are spread over them — from that master's cursor on, a page at a time.
+`store.insert_new` keeps only events not stored yet, and the rules run on those alone: an event
+that reached two masters, or was read twice, alerts once. Alerts go to the `Alerts` the bot
+provides (audit.queue: its queue, served at the pace of the chat surface).
 
 The cursor per master (AuditCursor) trails the master's clock by OVERLAP_MS: a batch that commits
 late may carry an earlier received_at than rows already read, so the next read starts that far
@@ -61,6 +64,9 @@ MAX_RETRY_SECONDS = 30.0
 LEASE_TTL_SECONDS = 45.0
 CLOSE_WAIT_SECONDS = 5.0  # how long closing waits for a poll under way
 JOB_ID = "audit-feed"
+# Which holders each surface takes the feed from before their lease runs out: the Slack bot from a
+# console (alerts belong in the channel once a bot runs); a console from nobody.
+PREEMPTS = {"slack": "console:"}
 UNREACHABLE_AFTER_SECONDS = 60.0  # no master of an IDC answered this long (or silent_after, if less): said
 RULE_FIELDS = ("id", "idc", "host", "kind", "at", "user", "login_user", "uid", "tty", "cwd", "command",
                "exit_status", "ssh_client", "source")
@@ -101,12 +107,17 @@ class AuditFeed:
 
     def __init__(self, router: Router, idcs: list[str], rules: RuleSet | None, alerts: Alerts | None,
                  poll_seconds: float, silent_after_seconds: int, silent_channel: str | None,
-                 fallback_channel: str | None = None) -> None:
+                 fallback_channel: str | None = None, surface: str = "slack",
+                 on_lead: Callable[[bool, str | None], None] | None = None) -> None:
         self.router, self.idcs, self.rules, self.alerts = router, idcs, rules, alerts
         self.poll_seconds, self.silent_after_ms = poll_seconds, silent_after_seconds * 1000
         self.silent_channel = silent_channel
         self.fallback_channel = fallback_channel  # for rules that name no channel
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # SURFACE:HOST:PID:RANDOM; the surface tells a console's hold (which a Slack bot takes over) from a bot's
+        self.holder = f"{surface}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.preempt = PREEMPTS.get(surface)
+        self.on_lead = on_lead  # told (leading, the holder when not) once at the first poll, then at each change
+        self._announced = False
         # Above a hung master's 30 s read timeout: a slow poll never loses the lease halfway.
         self.lease_ttl_ms = int(max(LEASE_TTL_SECONDS, poll_seconds * 5) * 1000)
         self.thresholds = Thresholds()
@@ -151,7 +162,10 @@ class AuditFeed:
                 log.exception("audit feed poll failed")
 
     def _lead(self) -> bool:
-        leading = lease.acquire(LEASE, self.holder, self.lease_ttl_ms)
+        before = lease.holder_of(LEASE) if self.preempt and not self.leading else None
+        leading = lease.acquire(LEASE, self.holder, self.lease_ttl_ms, self.preempt)
+        if leading and not self.leading and before and before != self.holder:
+            log.info("taking the audit feed over from %s", before)
         if leading != self.leading:
             log.info("this process %s the audit feed (%s)", "pulls" if leading else "no longer pulls", self.holder)
             if not leading:  # another process holds the feed: its view replaces ours
@@ -160,8 +174,20 @@ class AuditFeed:
                 self._silent.clear()
                 self._problems.clear()
                 self._down.clear()
+        if leading != self.leading or not self._announced:
+            self._announce(leading)
         self.leading = leading
         return leading
+
+    def _announce(self, leading: bool) -> None:
+        """Tell `on_lead` who pulls now; a failure there never stops the feed."""
+        self._announced = True
+        if self.on_lead is None:
+            return
+        try:
+            self.on_lead(leading, None if leading else lease.holder_of(LEASE))
+        except Exception:
+            log.exception("could not report who pulls the audit feed")
 
     # -- one poll ------------------------------------------------------------------------------------
 
@@ -353,10 +379,13 @@ class AuditFeed:
 
 
 def start_feed(router: Router, idcs: list[str], settings: FeedSettings,
-               alerts: Callable[[Callable[[str], str]], Alerts], timers: Timers) -> AuditFeed:
+               alerts: Callable[[Callable[[str], str]], Alerts], timers: Timers, surface: str = "slack",
+               on_lead: Callable[[bool, str | None], None] | None = None) -> AuditFeed:
     """The feed of `[bot]`'s audit settings, started on `timers`: its rules file loaded (an error
     stops the bot at start, not at the first alert), its alerts handed to what `alerts(redact)` makes
-    (the chat surface's, e.g. bot.alerts.AlertPoster; `redact` hides the secrets in the commands shown)."""
+    (the chat surface's, e.g. bot.alerts.AlertPoster; `redact` hides the secrets in the commands shown).
+    `surface` ("slack" or "console") says whose holds it may take over (PREEMPTS); `on_lead(leading,
+    holder)` hears at the first poll, and at each change, whether this process pulls, else who does."""
     rules = load_rules(settings.rules) if settings.rules is not None else None
     default_channel = _default_channel(settings.rules) if settings.rules is not None else None
     silent_channel = settings.alert_channel or default_channel
@@ -365,7 +394,8 @@ def start_feed(router: Router, idcs: list[str], settings: FeedSettings,
     if silent_channel is None:
         log.warning("no [bot] audit_alert_channel and no channel in the rules file: silent agents are only logged")
     feed = AuditFeed(router, idcs, rules, alerts(rules.redact if rules is not None else redact), settings.poll_seconds,
-                     settings.silent_after_seconds, silent_channel, fallback_channel=settings.alert_channel)
+                     settings.silent_after_seconds, silent_channel, fallback_channel=settings.alert_channel,
+                     surface=surface, on_lead=on_lead)
     feed.start(timers)
     return feed
 

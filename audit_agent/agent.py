@@ -29,6 +29,7 @@ from ombot.audit_agent.link import MasterLinks, Unreachable
 from ombot.audit_agent.queue import EventQueue
 from ombot.audit_agent.records import Event, notice
 from ombot.audit_agent.settings import AgentSettings
+from ombot import __version__
 from ombot.envelope import Refused
 from ombot.keys import Identity
 
@@ -114,8 +115,7 @@ class Agent:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        log.info("audit agent for %s: spool %s, %d event(s) queued", self.settings.host, self.settings.spool_dir,
-                 self.queue.depth())
+        log.info("%s", self.describe())
         try:
             while not self.stopping:
                 self.collect()
@@ -125,6 +125,15 @@ class Agent:
         finally:
             self.links.close()
             self.queue.close()
+
+    def describe(self) -> str:
+        """The start line: what it reads and where it ships, so a wrong agent.toml shows at once."""
+        s = self.settings
+        sources = [f"spool {s.spool_dir}"] + ([f"auditd {s.auditd_log}"] if s.auditd_log is not None else [])
+        masters = ", ".join(f"{m.id}@{m.host}:{m.port}" if ":" not in m.host else f"{m.id}@[{m.host}]:{m.port}"
+                            for m in s.masters)
+        return (f"audit agent {__version__} for {s.host} in {s.idc}: sources {', '.join(sources)}; masters {masters}; "
+                f"{self.queue.depth()} event(s) queued")
 
     def _stop(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -190,8 +199,10 @@ class Agent:
         return queued
 
     def status(self) -> dict[str, Any]:
-        """The heartbeat: queue depth, drops and sent, and what is wrong, if anything."""
+        """The heartbeat: queue depth, drops and sent, its version and capture layers, and what is wrong,
+        if anything."""
         status: dict[str, Any] = dict(self.queue.status())
+        status.update(version=__version__, sources=self.settings.sources())
         if self.problems:
             status["problem"] = "; ".join(self.problems.values())[:MAX_PROBLEM_CHARS]
         return status

@@ -78,17 +78,25 @@ def remove_rules(root: Path, unload: bool = True) -> list[str]:
     if path.exists():
         path.unlink()
         done.append(f"removed {path}")
-    if unload:
+    if unload and loaded_arches():  # none loaded: done, even where the rules are locked
         if status().get("enabled") == "2":
             raise AuditdError("the audit rules are locked (enabled 2): they stay loaded until reboot")
-        if loaded_arches():
-            _auditctl("-D", "-k", KEY)
-            done.append(f"unloaded the rules keyed {KEY}")
+        _auditctl("-D", "-k", KEY)
+        done.append(f"unloaded the rules keyed {KEY}")
     return done
 
 
+def available() -> bool:
+    """auditctl is installed: without it nothing of ours can be loaded, or unloaded."""
+    return _auditctl_path() is not None
+
+
+def _auditctl_path() -> str | None:
+    return shutil.which("auditctl", path="/usr/sbin:/sbin:" + os.environ.get("PATH", ""))
+
+
 def _auditctl(*args: str) -> str:
-    exe = shutil.which("auditctl", path="/usr/sbin:/sbin:" + os.environ.get("PATH", ""))
+    exe = _auditctl_path()
     if exe is None:
         raise AuditdError("auditctl not found: install auditd (apt-get install auditd)")
     proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=30)

@@ -16,9 +16,11 @@ SPOOL_DIR/UID/spool. The agent trusts the owner of that directory and file, neve
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
+import stat
 from pathlib import Path
 
 DEFAULT_SPOOL_DIR = "/var/spool/ombot-audit"
@@ -29,6 +31,8 @@ ZSH_BODY = "etc/zsh/ombot-audit.zsh"  # the zsh code, sourced from the global zs
 ZSHRC = "etc/zsh/zshrc"  # every interactive zsh, login or not (Debian's path; zsh -f skips it)
 ZSHRC_OTHER = "etc/zshrc"  # where other distributions keep it, used when there is no etc/zsh
 ZSHRC_D = "etc/zsh/zshrc.d"  # used instead when the zshrc sources such a directory
+ZSHRC_D_BODY = f"{ZSHRC_D}/ombot-audit.zsh"
+INSTALLED = "var/lib/ombot-audit/installed.json"  # what install made (in the agent's state directory)
 MARKER = "# ombot-audit hook"
 RECORD_VERSION = "om1"
 MAX_COMMAND_CHARS = 16384  # the hook cuts longer command lines; the agent marks them truncated
@@ -254,38 +258,48 @@ def install(root: Path, spool_dir: str = DEFAULT_SPOOL_DIR) -> list[Path]:
     it in interactive non-login shells. Where zsh is installed, its hook goes to /etc/zsh (sourced by
     one marked line in /etc/zsh/zshrc, or placed in /etc/zsh/zshrc.d when the zshrc sources that).
     Running it again rewrites the hooks and adds no second line. `root` prefixes every path, the
-    spool directory's too (made here: the installer's, mode 1733, with root's own directory in it)."""
+    spool directory's too (made here: the installer's, mode 1733, with root's own directory in it).
+    What it created (files, directories), and the files whose last line it ended with a newline, are
+    kept in ROOT/INSTALLED, so that `uninstall_hook` and `remove_created` undo exactly this."""
     spool, body = root / spool_dir.lstrip("/"), shlex.quote(str(root / HOOK_BODY))
+    watched = _watched(spool_dir)
+    existed = {rel for rel in watched if os.path.lexists(root / rel)}
+    ended: list[str] = []
     changed = [_write(root / HOOK_BODY, hook_text(str(spool))),
                _write(root / PROFILE_LOADER, _LOADER.replace("@MARKER@", MARKER).replace("@BODY@", body))]
-    changed += _source_once(root / BASHRC, body)
+    changed += _source_once(root, BASHRC, body, ended)
     if (root / ZSHRC).parent.is_dir() or (root / ZSHRC_OTHER).exists() or shutil.which("zsh") is not None:
-        changed += _install_zsh(root, str(spool))
+        changed += _install_zsh(root, str(spool), ended)
     spool.mkdir(parents=True, exist_ok=True)
     os.chmod(spool, 0o1733)  # create-only for users, sticky: nobody lists or removes another's entries
     if os.geteuid() == 0 and not os.path.lexists(spool / "0"):
         os.mkdir(spool / "0", 0o700)  # root's own, made now: no user can take it before root's first shell
+    _remember(root, [rel for rel in watched if rel not in existed], ended)
     return changed + [spool]
 
 
-def _install_zsh(root: Path, spool: str) -> list[Path]:
-    zshrc, rc_dir = root / ZSHRC, root / ZSHRC_D
-    if not zshrc.parent.is_dir() and (root / ZSHRC_OTHER).exists():
-        zshrc = root / ZSHRC_OTHER  # the distribution keeps it there (Fedora, RHEL, Arch)
-    if rc_dir.is_dir() and "zshrc.d" in (zshrc.read_text(errors="replace") if zshrc.exists() else ""):
-        return [_write(rc_dir / "ombot-audit.zsh", hook_text(spool, "zsh"))]
+def _install_zsh(root: Path, spool: str, ended: list[str]) -> list[Path]:
+    zshrc, rc_dir = ZSHRC, root / ZSHRC_D
+    if not (root / zshrc).parent.is_dir() and (root / ZSHRC_OTHER).exists():
+        zshrc = ZSHRC_OTHER  # the distribution keeps it there (Fedora, RHEL, Arch)
+    if rc_dir.is_dir() and "zshrc.d" in ((root / zshrc).read_text(errors="replace") if (root / zshrc).exists() else ""):
+        return [_write(root / ZSHRC_D_BODY, hook_text(spool, "zsh"))]
     body = root / ZSH_BODY
-    return [_write(body, hook_text(spool, "zsh")), *_source_once(zshrc, shlex.quote(str(body)))]
+    return [_write(body, hook_text(spool, "zsh")), *_source_once(root, zshrc, shlex.quote(str(body)), ended)]
 
 
-def _source_once(rc: Path, body: str) -> list[Path]:
-    """One marked line in `rc` that sources `body` (quoted); none added if the marker is there."""
+def _source_once(root: Path, rel: str, body: str, ended: list[str]) -> list[Path]:
+    """One marked line in ROOT/REL that sources `body` (quoted); none added if the marker is there. A
+    last line without a newline gets one first, and REL goes to `ended` (uninstall takes it off again)."""
+    rc = root / rel
     text = rc.read_text() if rc.exists() else ""
     if MARKER in text:
         return []
     rc.parent.mkdir(parents=True, exist_ok=True)
+    if text and not text.endswith("\n"):
+        ended.append(rel)
     with open(rc, "a") as f:
-        f.write(("" if not text or text.endswith("\n") else "\n") + f'[ -r {body} ] && . {body}  {MARKER}\n')
+        f.write(("\n" if rel in ended else "") + f'[ -r {body} ] && . {body}  {MARKER}\n')
     return [rc]
 
 
@@ -296,3 +310,165 @@ def _write(path: Path, text: str) -> Path:
     os.chmod(partial, 0o644)
     partial.replace(path)  # a shell starting now reads the old hook or the new, never half of one
     return path
+
+
+# -- what install made, and its undoing ---------------------------------------------------------------
+
+
+def _watched(spool_dir: str) -> list[str]:
+    """Every path (relative to the root) that install may create, parents before children."""
+    spool = os.path.normpath(spool_dir.lstrip("/"))
+    ends = (HOOK_BODY, PROFILE_LOADER, BASHRC, ZSH_BODY, ZSHRC, ZSHRC_OTHER, ZSHRC_D_BODY, spool, INSTALLED)
+    found: list[str] = []
+    for end in ends:
+        parts = Path(end).parts
+        for i in range(1, len(parts) + 1):
+            rel = str(Path(*parts[:i]))
+            if rel not in found and rel not in (".", ".."):
+                found.append(rel)
+    return found
+
+
+def installed_record(root: Path) -> dict[str, list[str]]:
+    """ROOT/INSTALLED: {"created": paths install made, "ended": files whose last line it ended}, root-
+    relative; empty lists for an install from before the record (then files and lines still go, but no
+    directory, and no file that held only our line)."""
+    try:
+        data = json.loads((root / INSTALLED).read_text())
+    except (OSError, ValueError):
+        return {"created": [], "ended": []}
+    if not isinstance(data, dict):
+        return {"created": [], "ended": []}
+    return {key: [v for v in data.get(key, []) if isinstance(v, str)] if isinstance(data.get(key), list) else []
+            for key in ("created", "ended")}
+
+
+def _remember(root: Path, created: list[str], ended: list[str]) -> None:
+    old = installed_record(root)
+    keep = [rel for rel in old["created"] if os.path.lexists(root / rel)]  # made by an earlier run
+    made = [rel for rel in created if rel not in keep
+            and (os.path.lexists(root / rel) or rel == INSTALLED or INSTALLED.startswith(rel + "/"))]
+    _write_record(root, {"created": keep + made, "ended": old["ended"] + [r for r in ended if r not in old["ended"]]})
+
+
+def _write_record(root: Path, record: dict[str, list[str]]) -> None:
+    path = root / INSTALLED
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    os.chmod(partial, 0o600)
+    partial.replace(path)
+
+
+def uninstall_hook(root: Path, record: dict[str, list[str]] | None = None) -> list[str]:
+    """Remove the hook files and the one marked line from each rc file, leaving every other byte of it
+    as it was: an rc file that install created and that now holds nothing else is removed; a newline
+    install added before its line is taken off when its line is still the last. Returns a line per
+    path changed."""
+    record = installed_record(root) if record is None else record
+    done = []
+    for rel in (HOOK_BODY, PROFILE_LOADER, ZSH_BODY, ZSHRC_D_BODY):
+        for name in (rel, rel + ".partial"):
+            if unlink_entry(root / name):
+                done.append(f"removed {root / name}")
+    for rel in (BASHRC, ZSHRC, ZSHRC_OTHER):
+        done += _unsource(root, rel, record)
+    return done
+
+
+def _unsource(root: Path, rel: str, record: dict[str, list[str]]) -> list[str]:
+    path = root / rel
+    if not path.is_file():
+        return []
+    real = Path(os.path.realpath(path))  # a symlinked rc file (an admin's choice, in root's /etc) stays one
+    data = real.read_bytes()
+    lines = data.splitlines(keepends=True)
+    ours = [i for i, line in enumerate(lines) if _is_our_line(line)]
+    if not ours:
+        return []
+    last = ours[-1] == len(lines) - 1
+    rest = b"".join(line for i, line in enumerate(lines) if i not in ours)
+    if rel in record["ended"] and last and rest.endswith(b"\n"):
+        rest = rest[:-1]  # the newline install put after a last line that had none
+    if not rest and rel in record["created"]:
+        unlink_entry(path)
+        return [f"removed {path} (install had made it for the hook line alone)"]
+    _rewrite(real, rest)
+    return [f"removed the hook line from {path}"]
+
+
+def _is_our_line(line: bytes) -> bool:
+    text = line.decode("utf-8", "replace").rstrip("\r\n")
+    return text.startswith("[ -r ") and text.endswith(f"  {MARKER}")
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    """Replace `path`'s content at once (a shell starting now reads the old or the new), keeping its
+    mode and owner."""
+    st = os.stat(path)
+    partial = path.with_name(f".{path.name}.ombot-uninstall")
+    if os.path.lexists(partial):
+        os.unlink(partial)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, path)
+
+
+def remove_created(root: Path, spool_dir: str, record: dict[str, list[str]], purge: bool) -> list[str]:
+    """After the rest is gone: the directories install made that are now empty (deepest first), and
+    the record. Without `purge` the spool directory stays, and with it the record of which of its
+    parents install made (a later `uninstall --purge` removes them)."""
+    spool = os.path.normpath(spool_dir.lstrip("/"))
+    created = [rel for rel in record["created"] if rel in _watched(spool_dir)]  # never a path from elsewhere
+
+    def holds(rel: str, inner: str) -> bool:
+        return rel == inner or inner.startswith(rel + "/")
+
+    spool_kept = [rel for rel in created if not purge and holds(rel, spool) and os.path.lexists(root / rel)]
+    done = []
+    for rel in sorted(created, key=lambda r: -len(Path(r).parts)):
+        if holds(rel, INSTALLED) or rel in spool_kept:
+            continue
+        if _rmdir(root / rel):
+            done.append(f"removed {root / rel}")
+    if spool_kept:
+        _write_record(root, {"created": [r for r in created if r in spool_kept or holds(r, INSTALLED)], "ended": []})
+        return done
+    if unlink_entry(root / INSTALLED):
+        done.append(f"removed {root / INSTALLED}")
+    for rel in sorted(created, key=lambda r: -len(Path(r).parts)):
+        if holds(rel, INSTALLED) and rel != INSTALLED and _rmdir(root / rel):
+            done.append(f"removed {root / rel}")
+    return done
+
+
+def _rmdir(path: Path) -> bool:
+    """Only an empty directory (never a file, a symlink, or one holding anything) is removed."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        os.rmdir(path)
+        return True
+    except OSError:
+        return False
+
+
+def unlink_entry(path: Path) -> bool:
+    """Remove the entry itself (a symlink, never what it points to); False if there was none."""
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        os.unlink(path.name, dir_fd=dfd)
+        return True
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+    finally:
+        os.close(dfd)

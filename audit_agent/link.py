@@ -3,10 +3,18 @@
 Unlike a job, a batch may be re-sent anywhere: every event has a stable id and the masters insert
 with insert-ignore, so a batch whose reply was lost is simply sent again (to the same master or
 the next one) and acknowledged there.
+
+A key made on the host is known at first only to the master that bound it (the rollout's). A master
+that answers `unknown_sender` is passed over while the agent has no certificate; once a master takes
+a batch, the agent asks it for the certificate of its key (`binding`) and keeps it in its state
+directory. A master that does not know the key is then sent that certificate (or the one in
+`binding_file`) with the `bind` operation, once, and the batch again.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import socket
 from typing import Any
 
@@ -16,6 +24,10 @@ from rpyc.core.stream import SocketStream
 from ombot.audit_agent.settings import AgentSettings, MasterAddress
 from ombot.envelope import Peer, Refused, new_request
 from ombot.keys import Identity, decode_public
+
+log = logging.getLogger("ombot.audit_agent")
+MAX_BINDING_BYTES = 16 * 1024  # a certificate is about 500 bytes
+FETCHED_BINDING = "agent.binding"  # in the state directory: the certificate asked of the master that bound the key
 
 _CONFIG: dict[str, Any] = {
     "allow_safe_attrs": False, "allow_public_attrs": False, "allow_all_attrs": False, "allow_pickle": False,
@@ -38,6 +50,8 @@ class MasterLinks:
         self.current = 0  # the master that answered last is tried first
         self.conn: Any = None
         self.connected_to: str | None = None
+        self.fetched = False  # asked a master for this key's certificate (once per start)
+        self.fetched_path = settings.state_dir / FETCHED_BINDING
 
     def ingest(self, events: list[dict[str, Any]], status: dict[str, int]) -> tuple[str, dict[str, Any]]:
         """(master id, its reply). Refused is raised as the master said it; Unreachable if none answered."""
@@ -46,23 +60,87 @@ class MasterLinks:
             index = (self.current + step) % len(self.masters)
             master = self.masters[index]
             try:
-                reply = self._call(master, {"host": self.settings.host, "events": events, "status": status})
+                reply = self._ship(master, {"host": self.settings.host, "events": events, "status": status})
             except (OSError, EOFError, TimeoutError, rpyc.AsyncResultTimeout) as exc:
                 self.close()
                 errors.append(f"{master.id}: {type(exc).__name__}: {exc}")
                 continue
+            except Refused as exc:
+                if exc.code != "unknown_sender" or step == len(self.masters) - 1:
+                    raise
+                errors.append(f"{master.id}: does not know this key yet")  # the next may: it bound it
+                continue
             self.current = index
+            self._fetch_certificate(master)
             return master.id, reply
         raise Unreachable("; ".join(errors))
 
-    def _call(self, master: MasterAddress, args: dict[str, Any]) -> dict[str, Any]:
+    def _ship(self, master: MasterAddress, args: dict[str, Any]) -> dict[str, Any]:
+        """`ingest`; a master that does not know this key yet is sent its binding certificate, if the
+        host has one, and then the batch again (once: a second refusal is the master's answer)."""
+        try:
+            return self._call(master, "ingest", args)
+        except Refused as exc:
+            certificate = self._certificate() if exc.code == "unknown_sender" else None
+            if certificate is None:
+                raise
+        try:
+            reply = self._call(master, "bind", {"certificate": certificate})
+        except Refused as exc:  # this master will not take the key: the next one may know it already
+            log.warning("master %s refused this key's binding certificate: %s", master.id, exc)
+            raise Refused("unknown_sender", f"this key is unknown there, and its certificate was refused: {exc}") from None
+        log.info("master %s %s this host's key (the binding certificate in %s)", master.id,
+                 "had bound" if reply.get("result") == "already" else "bound", self.settings.binding)
+        return self._call(master, "ingest", args)
+
+    def _fetch_certificate(self, master: MasterAddress) -> None:
+        """Once per start, from the master that took a batch: the certificate of this key, if that
+        master bound it (a rollout's), kept for the IDC's other masters. A key enrolled with `--out`
+        has none (`no_binding`), and one IDC of a single master needs none."""
+        if self.fetched or len(self.masters) < 2 or self._certificate() is not None:
+            return
+        self.fetched = True
+        try:
+            certificate = self._call(master, "binding", {})["certificate"]
+        except Refused as exc:
+            if exc.code != "no_binding":
+                log.warning("master %s did not give this key's binding certificate: %s", master.id, exc)
+            return
+        except (OSError, EOFError, TimeoutError, rpyc.AsyncResultTimeout, KeyError, TypeError) as exc:
+            log.warning("could not fetch this key's binding certificate from %s: %s", master.id, exc)
+            return
+        path = self.fetched_path
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(certificate))
+        partial.replace(path)
+        log.info("kept the binding certificate master %s signed for this key in %s", master.id, path)
+
+    def _certificate(self) -> dict[str, Any] | None:
+        """The binding certificate the rollout wrote (`binding_file`), else the one fetched from the master
+        that bound the key, or None (a key enrolled with `--out` needs none); one that cannot be read
+        is said, then treated as none."""
+        path = self.settings.binding if self.settings.binding.exists() else self.fetched_path
+        try:
+            with open(path, "rb") as f:
+                certificate = json.loads(f.read(MAX_BINDING_BYTES))  # a longer file is cut: not JSON
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the binding certificate %s: %s", path, exc)
+            return None
+        if not isinstance(certificate, dict):
+            log.warning("the binding certificate %s is not a JSON object", path)
+            return None
+        return certificate
+
+    def _call(self, master: MasterAddress, op: str, args: dict[str, Any]) -> dict[str, Any]:
         if self.conn is None or self.conn.closed or self.connected_to != master.id:
             self.close()
             self.conn = self._connect(master)
             self.connected_to = master.id
-        request = new_request("ingest", master.id, f"agent:{self.settings.host}", "agent", args)
+        request = new_request(op, master.id, f"agent:{self.settings.host}", "agent", args)
         peer = self.peers[master.id]
-        frame = self.conn.root.ingest(peer.seal_request(request))
+        frame = getattr(self.conn.root, op)(peer.seal_request(request))
         if type(frame) is not bytes:
             raise Refused("bad_reply", "the master's reply is not bytes")
         return peer.open_reply(frame, request)

@@ -10,7 +10,10 @@ from ombot.tables import HOST_NAME, TableReader, parse_address, public_key, read
 from ombot.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/ombot/agent.toml"
+DEFAULT_KEY = "/etc/ombot/agent.key"  # `keygen`'s default: where the rollout makes the key on the host
 DEFAULT_STATE_DIR = "/var/lib/ombot-audit"
+BINDING_FILE = "agent.binding"  # beside the key, unless binding_file says otherwise
+AUDITD_LOG = "/var/log/audit/audit.log"  # where auditd writes; `auditd_log` names it once `install --auditd` ran
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,28 @@ class AgentSettings:
     retry_max_seconds: float = 30.0
     connect_timeout_seconds: float = 3.0
     auditd_log: Path | None = None  # the raw audit log to read `-k ombot` execve records from; None: no auditd source
+    # the binding certificate of a key made on this host (the rollout writes it), sent to a master that
+    # does not know the key yet; None: key_file's directory / agent.binding
+    binding_file: Path | None = None
+
+    @property
+    def binding(self) -> Path:
+        """Where the binding certificate is (it need not exist: a key enrolled with `--out` has none)."""
+        return self.binding_file or self.key_file.parent / BINDING_FILE
+
+    def sources(self) -> list[str]:
+        """The capture layers it ships, as its heartbeat names them."""
+        return ["spool", "auditd"] if self.auditd_log is not None else ["spool"]
 
 
 _NUMBERS = {"max_events": int, "batch_events": int, "batch_bytes": int, "scan_seconds": float,
             "heartbeat_seconds": float, "retry_min_seconds": float, "retry_max_seconds": float,
             "connect_timeout_seconds": float}
+
+
+# The top-level keys, which must come before the first [[masters]] table: TOML reads a key written
+# after a table header as that table's.
+TOP_KEYS = ("host", "idc", "key_file", "spool_dir", "state_dir", "auditd_log", "binding_file", *_NUMBERS)
 
 
 def load(path: Path) -> AgentSettings:
@@ -70,24 +90,47 @@ def load(path: Path) -> AgentSettings:
         path=path, host=host, idc=r.get("idc", str), key_file=key_file, masters=masters,
         spool_dir=path.parent / r.get("spool_dir", str, DEFAULT_SPOOL_DIR),
         state_dir=path.parent / r.get("state_dir", str, DEFAULT_STATE_DIR),
-        auditd_log=path.parent / auditd_log if (auditd_log := r.get("auditd_log", str, "")) else None, **numbers,
+        auditd_log=path.parent / auditd_log if (auditd_log := r.get("auditd_log", str, "")) else None,
+        binding_file=r.file("binding_file", None), **numbers,
     )
     r.done()
     return settings
 
 
 def _master(r: TableReader) -> MasterAddress:
+    misplaced = [k for k in r.table if k in TOP_KEYS]
+    if misplaced:  # appended at the end of the file, it landed in the last [[masters]] table
+        raise ConfigError(r.path, r.key(misplaced[0]), f"no {misplaced[0]} here: it is a top-level key, so it "
+                          "goes above the first [[masters]] table (uncomment its line there)")
     host, port = parse_address(r, "address")
     master = MasterAddress(r.get("id", str), host, port, public_key(r, "public_key"))
     r.done()
     return master
 
 
+# The optional keys `render` writes as comments, with their defaults, and what each is for.
+_OPTIONAL = (
+    ("auditd_log", f'"{AUDITD_LOG}"', "the auditd layer, once `install --auditd` ran (unset: no auditd source)"),
+    ("binding_file", f'"{BINDING_FILE}"', "the binding certificate of a key made on the host (beside key_file)"),
+    *((name, repr(getattr(AgentSettings, name)), "") for name in _NUMBERS),
+)
+
+
 def render(host: str, idc: str, key_file: str, masters: list[tuple[str, str, int, str]],
            spool_dir: str = DEFAULT_SPOOL_DIR, state_dir: str = DEFAULT_STATE_DIR) -> str:
-    """An agent.toml for `host`; masters are (id, host, port, public key) in failover order."""
-    lines = [f'host = "{host}"', f'idc = "{idc}"', f'key_file = "{key_file}"', f'spool_dir = "{spool_dir}"',
-             f'state_dir = "{state_dir}"', ""]
+    """An agent.toml for `host`; masters are (id, host, port, public key) in failover order. Every
+    top-level key comes first, the optional ones as comments holding their defaults (uncommenting one
+    keeps it at the top level), then the [[masters]] tables."""
+    lines = ["# The audit agent's settings (docs/audit.md). Relative paths are relative to this file.",
+             "# Every setting goes above the first [[masters]] table: to change an optional one,",
+             "# uncomment its line here rather than adding a line at the end.",
+             f'host = "{host}"', f'idc = "{idc}"', f'key_file = "{key_file}"', f'spool_dir = "{spool_dir}"',
+             f'state_dir = "{state_dir}"', "", "# Optional, with their defaults:"]
+    width = max(len(f"# {name} = {value}") for name, value, _ in _OPTIONAL)
+    for name, value, why in _OPTIONAL:
+        line = f"# {name} = {value}"
+        lines.append(f"{line:<{width}}  # {why}" if why else line)
+    lines += ["", f"# The masters of {idc}, in failover order."]
     for mid, mhost, port, key in masters:
         address = f"[{mhost}]:{port}" if ":" in mhost else f"{mhost}:{port}"
         lines += ["[[masters]]", f'id = "{mid}"', f'address = "{address}"', f'public_key = "{key}"', ""]

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ombot import audit
 from ombot.approvals import Gate, bind, load_policy
-from ombot.audit import AuditFeed, FeedSettings, redact_patterns, start_feed
+from ombot.audit import Alerts, AuditFeed, FeedSettings, redact_patterns, start_feed
 from ombot.bot import multi, replay, schedules, store
 from ombot.bot.alerts import AlertPoster
 from ombot.bot.dispatcher import CatalogCache, Dispatcher
@@ -104,13 +104,30 @@ class BotService:
         if resumed:
             log.info("following %d unfinished job(s) again", resumed)
         self.schedules.start(transport, self.timers)  # restores the schedules from the table; fires if it holds the lease
-        if self.origin == "slack":  # alerts go to Slack: a console on the same database never takes the feed
-            settings = self.settings
-            feed = FeedSettings(settings.audit_rules, settings.audit_alert_channel, settings.audit_poll_seconds,
-                                settings.audit_silent_after_seconds)
-            self.audit_feed = start_feed(self.router, list(self.config.idcs), feed,
+        if self.origin == "slack":  # alerts go to Slack: it takes the feed from a console that holds it
+            self.audit_feed = start_feed(self.router, list(self.config.idcs), self._feed_settings(None),
                                          lambda redact: AlertPoster(transport, redact, self.timers),
                                          self.timers)  # its polls and its alerts' retries: jobs on the scheduler
+
+    def start_console_audit(self, alerts: Callable[[Callable[[str], str]], Alerts], channel: str,
+                            on_lead: Callable[[bool, str | None], None]) -> bool:
+        """The console's share of the audit (after `start`): with a chat key, the only kind masters let
+        read the feed, it pulls whenever no other process holds the feed, never from a Slack bot, and
+        hands a bot the feed when one starts (audit.feed.PREEMPTS). Its alerts go to `alerts(redact)`,
+        every one of them (`channel` stands in for rules and notices that name none); `on_lead` hears
+        who pulls. False (nothing started) for a console key."""
+        if self.registration.kind != "chat":
+            log.info("the console's key %s is of kind %s: only a chat key may read the audit feed, so the "
+                     "Slack bot pulls it", self.registration.id, self.registration.kind)
+            return False
+        self.audit_feed = start_feed(self.router, list(self.config.idcs), self._feed_settings(channel), alerts,
+                                     self.timers, surface="console", on_lead=on_lead)
+        return True
+
+    def _feed_settings(self, default_channel: str | None) -> FeedSettings:
+        settings = self.settings
+        return FeedSettings(settings.audit_rules, settings.audit_alert_channel or default_channel,
+                            settings.audit_poll_seconds, settings.audit_silent_after_seconds)
 
     def close(self) -> None:
         self.schedules.close()  # first: no run fires into pools that are shutting down

@@ -46,6 +46,9 @@ EVENT_KINDS = ("command", "dropped", "notice")
 _EVENT_ID_TAIL = re.compile(r"^[0-9a-f-]{1,64}:[a-z][a-z0-9_.-]{0,31}:[0-9]{1,19}$")
 _STATUS_FIELDS = ("spool_depth", "dropped_total", "sent_total")
 MAX_PROBLEM_CHARS = 500  # a heartbeat's `problem`: what the agent says is wrong with it
+_VERSION = re.compile(r"[ -~]{1,64}")  # a heartbeat's `version`: printable ASCII
+_SOURCE = re.compile(r"[a-z][a-z0-9_-]{0,15}")  # a capture layer's name in a heartbeat's `sources`
+MAX_SOURCES = 8
 FUTURE_MS = 60_000  # an event dated later than its arrival by more than this is stored at its arrival
 PULLED_MARGIN_MS = 3_600_000  # events every reader pulled are deleted this long after (a reader behind it)
 PRUNE_SECONDS = 60.0  # at most; more often for a retention under four minutes
@@ -76,6 +79,8 @@ class AuditAgent(BaseModel):
     dropped_total = peewee.BigIntegerField()
     sent_total = peewee.BigIntegerField()
     problem = peewee.TextField(null=True)  # what the agent says is wrong with it; None when nothing is
+    version = peewee.CharField(max_length=64, null=True)  # the agent's software ("ombot-agent 0.2.0"); None: older
+    sources = JSONField(null=True)  # what it captures: ["spool"] or ["spool", "auditd"]; None: an older agent
 
 
 class AuditReader(BaseModel):
@@ -103,8 +108,20 @@ def _agent_problem_and_readers(db: peewee.Database) -> None:
         db.create_tables([AuditReader])
 
 
+def _agent_version_and_sources(db: peewee.Database) -> None:
+    """Heartbeats say which agent software sends them and what it captures (`ombot audit agents`); a
+    database made since has the columns (step 1 creates the current model)."""
+    columns = [d[0] for d in db.execute_sql("SELECT * FROM auditagent WHERE 1 = 0").description]
+    migrator = SchemaMigrator.from_database(db)
+    if "version" not in columns:
+        run_migration(migrator.add_column("auditagent", "version", peewee.CharField(max_length=64, null=True)))
+    if "sources" not in columns:
+        run_migration(migrator.add_column("auditagent", "sources", JSONField(null=True)))
+
+
 # Append-only: a new step goes at the end, never edit one that has shipped.
-MIGRATIONS = [create_tables(AuditEvent, AuditAgent), _index_received, _agent_problem_and_readers]
+MIGRATIONS = [create_tables(AuditEvent, AuditAgent), _index_received, _agent_problem_and_readers,
+              _agent_version_and_sources]
 
 
 class AuditIngest:
@@ -137,7 +154,7 @@ class AuditIngest:
         host, events = self._batch(client, request.args)
         if not self.enabled():  # an agent revoked since its frame opened: nothing to store it in
             raise Refused("revoked", f"client {client.id} was revoked at this master")
-        status = _status(request.args.get("status"))
+        status = _status(request.args.get("status"), getattr(request, "software", ""))
         kept, rejected = _checked(events, host)
         taken, wait = self.budget.take(host, [size for _, size in kept])
         stored = self._store(client, host, [event for event, _ in kept[:taken]])
@@ -225,10 +242,40 @@ class AuditIngest:
 
     @staticmethod
     def _heartbeat(host: str, status: dict[str, Any]) -> None:
-        values = {f: status[f] for f in _STATUS_FIELDS} | {"last_seen": now_ms(), "problem": status.get("problem")}
+        values = {f: status[f] for f in _STATUS_FIELDS} | {"last_seen": now_ms(), "problem": status.get("problem"),
+                                                           "version": status.get("version"),
+                                                           "sources": status.get("sources")}
         with db.atomic():  # update, else insert: portable across SQLite, MariaDB and PostgreSQL
             if not AuditAgent.update(**values).where(AuditAgent.host == host).execute():
                 AuditAgent.insert(host=host, **values).on_conflict_ignore().execute()
+        with HEARD:
+            HEARD.notify_all()
+
+
+HEARD = threading.Condition()  # notified whenever a heartbeat is stored: a rollout waits on it
+
+
+def wait_for_heartbeat(host: str, since_ms: int, timeout: float) -> int | None:
+    """When this master heard `host`'s agent at `since_ms` or later, waiting up to `timeout` seconds."""
+    found: int | None = None
+
+    def heard() -> bool:
+        nonlocal found
+        found = heartbeat_since(host, since_ms)
+        return found is not None
+
+    with HEARD:
+        HEARD.wait_for(heard, timeout)
+    return found
+
+
+def heartbeat_since(host: str, since_ms: int) -> int | None:
+    """When this master last heard `host`'s agent, if that was at `since_ms` or later (a rollout waits on it)."""
+    try:
+        row = AuditAgent.get_or_none(AuditAgent.host == host)
+    except peewee.DatabaseError:  # no audit tables yet: the first agent's first batch makes them
+        return None
+    return int(row.last_seen) if row is not None and row.last_seen >= since_ms else None
 
 
 def read_page(enabled: bool, args: dict[str, Any]) -> dict[str, Any]:
@@ -281,8 +328,10 @@ def prune_events(now: int, retention_ms: int, margin_ms: int = PULLED_MARGIN_MS)
     return int(deleted), int(unpulled)
 
 
-def _status(status: Any) -> dict[str, Any] | None:
-    """The heartbeat: counters, and what the agent says is wrong with it (a short text), if anything."""
+def _status(status: Any, software: str = "") -> dict[str, Any] | None:
+    """The heartbeat: counters, what the agent says is wrong with it (a short text), if anything, and,
+    from agents since 0.2.0, its `version` and `sources` (older agents send neither: still accepted).
+    `software` is the envelope's "sw", where the sender gave one: the version when the status has none."""
     if status is None:
         return None
     if not (isinstance(status, dict) and all(_count(status.get(f)) for f in _STATUS_FIELDS)):
@@ -290,7 +339,15 @@ def _status(status: Any) -> dict[str, Any] | None:
     problem = status.get("problem")
     if problem is not None and not (isinstance(problem, str) and len(problem) <= MAX_PROBLEM_CHARS):
         raise Refused("bad_request", f"status.problem must be text of at most {MAX_PROBLEM_CHARS} characters")
-    return status
+    version = status.get("version") or software or None
+    if version is not None and not (isinstance(version, str) and _VERSION.fullmatch(version)):
+        raise Refused("bad_request", "status.version must be printable text of at most 64 characters")
+    sources = status.get("sources")
+    if sources is not None and not (isinstance(sources, list) and len(sources) <= MAX_SOURCES
+                                    and all(isinstance(s, str) and _SOURCE.fullmatch(s) for s in sources)):
+        raise Refused("bad_request", f"status.sources must be a list of at most {MAX_SOURCES} short names "
+                                     "(spool, auditd)")
+    return {**status, "version": version, "sources": sources}
 
 
 def _checked(events: list[Any], host: str) -> tuple[list[tuple[dict[str, Any], int]], list[dict[str, Any]]]:

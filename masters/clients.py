@@ -6,8 +6,8 @@ every identity a request names against it: the request's own word is never enoug
 - A `chat` client (the bot) attests chat identities: it may name Slack users as requesters and
   approvers, each in canonical form (no spaces, no case variants), or speak as itself.
 - Every client may run only the modules and hosts its registration's globs allow.
-- An `agent` client (a server's audit agent) speaks as `agent:HOST` and may call only `ingest`,
-  which no other client may call.
+- An `agent` client (a server's audit agent) speaks as `agent:HOST` and may call only `ingest` (and
+  `bind`, which a key not registered yet may send too: masters.registry), which no other client may call.
 - Only a `chat` client (the bot, whose store holds the audit trail) reads stored audit events.
 - Only an `admin` client (a `cli` key marked so in ombot.toml) changes the master's registrations.
 """
@@ -26,7 +26,9 @@ SLACK_USER = re.compile(r"^[UW][A-Z0-9]{2,31}$")
 CHAT_ORIGINS = ("slack", "console")
 
 
-AGENT_OPS = ("ingest",)
+# bind: an agent's key made on its host, bound by a master's certificate; binding: that certificate, asked
+# of the master that bound the key (the rollout binds at one master; the agent shows it to the others)
+AGENT_OPS = ("ingest", "bind", "binding")
 CHAT_ONLY_OPS = ("audit_read",)
 ADMIN_OPS = ("registry",)
 
@@ -37,7 +39,7 @@ def check_operation(client: ClientRegistration, op: str) -> None:
     if client.kind == "agent" and op not in AGENT_OPS:
         raise Refused("not_permitted", f"client {client.id} is an audit agent: it may only ingest, not {op}")
     if client.kind != "agent" and op in AGENT_OPS:
-        raise Refused("not_permitted", f"client {client.id} is a {client.kind} client: only audit agents ingest")
+        raise Refused("not_permitted", f"client {client.id} is a {client.kind} client: only audit agents {op}")
     if client.kind != "chat" and op in CHAT_ONLY_OPS:
         raise Refused("not_permitted", f"client {client.id} is a {client.kind} client: only the bot reads audit events")
     if op in ADMIN_OPS and not client.admin:

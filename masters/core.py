@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ombot
 from ombot.masters.backends.base import Backend
 from ombot.masters.backends.base import close as close_backend
-from ombot.masters.audit import PRUNE_SECONDS, AuditIngest
+from ombot.masters.audit import PRUNE_SECONDS, AuditIngest, wait_for_heartbeat
 from ombot.masters.clients import check_operation, check_requester
 from ombot.envelope import Opener, Peer, Refused, Request
 from ombot.masters.housekeeping import SECONDS_PER_DAY, Housekeeping, purge_interval
@@ -29,7 +29,8 @@ from ombot.masters.inventory import Inventory, TargetError
 from ombot.masters.jobspec import SubmitChecks, require_inventory
 from ombot.masters.jobstore import JobStore, summary
 from ombot.keys import Identity
-from ombot.masters.registry import ClientRegistry
+from ombot.masters.registry import MAX_BIND_FRAME, ClientRegistry, Signer
+from ombot.masters.rollout import AgentRollout, IdcMaster
 from ombot.masters.lograte import LogBudget
 from ombot.masters.runner import JobRunner
 from ombot.modules import Module, catalog_of
@@ -45,27 +46,36 @@ class MasterCore:
     """One master's request handling: open each frame, check who asks, run the operation, seal the reply."""
 
     def __init__(self, settings: MasterSettings, identity: Identity, clients: Mapping[str, ClientRegistration],
-                 modules: dict[str, Module], inventory: Inventory | None, backend: Backend) -> None:
+                 modules: dict[str, Module], inventory: Inventory | None, backend: Backend,
+                 idc_masters: Sequence[IdcMaster] = ()) -> None:
         """`clients`: ombot.toml's registrations this master accepts; the live registry overlays them
-        with what `registry` stored in the database (which must be open)."""
+        with what `registry` stored in the database (which must be open). `idc_masters`: this IDC's
+        masters in failover order (ombot.toml): whose binding certificates this master believes, and
+        what the agent.toml of a rollout names."""
         self.settings, self.modules, self.inventory, self.backend = settings, modules, inventory, backend
         # One live map of who is accepted now: the opener asks it per frame, everything else reads it.
-        self.clients = ClientRegistry(settings.id, clients)
+        idc_masters = idc_masters or [IdcMaster(settings.id, settings.host, settings.port, settings.public_key)]
+        signer = Signer(identity, settings.idc, {m.id: m.public_key for m in idc_masters})
+        self.clients = ClientRegistry(settings.id, clients, signer)
         self.catalog = catalog_of(modules)
         limits = settings.limits
         self.opener = Opener(identity, settings.id, self.clients.sender, limits.max_frame_bytes,
-                             limits.clock_skew_seconds, limits.max_validity_seconds)
+                             limits.clock_skew_seconds, limits.max_validity_seconds,
+                             unregistered={"bind": MAX_BIND_FRAME})  # an agent's first contact, its key not bound here yet
         self.jobs = JobStore(settings.id, settings.limits.lock_lease_seconds)
         self.checks = SubmitChecks(settings, self.clients, modules, inventory, backend)
-        self.runner = JobRunner(settings, backend, inventory, self.jobs)
+        self.rollout = AgentRollout(settings.state_dir, settings.idc, list(idc_masters), self.clients.bind,
+                                    wait_for_heartbeat)
+        self.runner = JobRunner(settings, backend, inventory, self.jobs, self.rollout)
         self.started_at = time.time()
         operations: dict[str, Callable[[Request], dict[str, Any]]] = {
             "catalog": self._catalog, "expand": self._expand, "submit": self._submit,
             "events": self._events, "cancel": self._cancel, "health": self._health,
             "ingest": self._ingest, "audit_read": lambda request: self.audit.read(request),
-            "preview": self.checks.preview,  # read-only: a dry run's hosts and generated playbook
+            "preview": self._preview,  # read-only: a dry run's hosts and generated playbook
             "registry": self.clients.operation,  # admin keys: add, revoke and list registrations
             "jobs": self._jobs,  # read-only: the asking client's recent jobs (`ombot jobs`)
+            "binding": self.clients.binding_of,  # agents: the certificate of their own key bound here
         }
         # Every operation first checks who is asking against the sender's registration.
         self.ops = {op: self._as_registered(op, work) for op, work in operations.items()}
@@ -93,15 +103,19 @@ class MasterCore:
         peer: Peer | None = None
         request: Request | None = None
         try:
+            if op == "bind":  # the one op a key this master does not know may send: rate-limited before any crypto
+                self.clients.admit_bind(frame)
             request, peer = self.opener.open(frame, op)
-            if authenticated is not None:  # the connection learns whose it is (and may refuse to carry it)
-                client = self.clients.get(request.sender)
+            if authenticated is not None and request.sender:  # the connection learns whose it is (and may
+                client = self.clients.get(request.sender)  # refuse to carry it); a stranger's bind stays a stranger's
                 authenticated(request.sender, "" if client is None else client.kind)
             if op in ("cancel", "registry"):  # state-changing: a replay must never act twice (submit: JobStore.record)
-                self._remember(request)
-            return self.opener.seal_reply(peer, request, self.ops[op](request))
+                self._remember(request)  # (bind is idempotent, and a stranger must not make the master write)
+            result = self._bind(request, peer) if op == "bind" else self.ops[op](request)
+            return self.opener.seal_reply(peer, request, result)
         except Refused as refused:
-            if peer is None:  # nothing proves who sent it: anyone can send these, as fast as they like
+            if peer is None or request is None or not request.sender:  # nothing proves who sent it: anyone can
+                # send these (a stranger's bind: any key), as fast as they like
                 self.strangers_log.info("refused %s: %s (%r)", op, refused.code, refused.message)
             else:
                 log.info("refused %s: %s (%r)", op, refused.code, refused.message)
@@ -110,6 +124,17 @@ class MasterCore:
             ref = uuid.uuid4().hex[:8]
             log.exception("internal error on %s, ref E-%s", op, ref)
             return self.opener.seal_refusal(peer, request, Refused("internal", f"internal error, ref E-{ref}"))
+
+    def _bind(self, request: Request, peer: Peer) -> dict[str, Any]:
+        """`bind`: an agent's key made on its host, bound here by the certificate a master of this IDC
+        signed (masters.registry). A key registered already must be an agent's, asking as itself."""
+        if request.sender:
+            client = self.clients.get(request.sender)
+            if client is None:  # revoked between opening the frame and now
+                raise Refused("revoked", f"client {request.sender} was revoked at this master")
+            check_operation(client, "bind")
+            check_requester(client, request)
+        return self.clients.bind_request(request, bytes(peer.peer_key))
 
     def _remember(self, request: Request) -> None:
         self.jobs.remember(request.nonce, self._keep_nonce_until(request))
@@ -184,6 +209,13 @@ class MasterCore:
         if reply is None:
             raise self._unknown_job(request)
         return reply
+
+    def _preview(self, request: Request) -> dict[str, Any]:
+        """The dry run; for the agent's rollout, also what this master would install and where."""
+        shown = self.checks.preview(request)
+        if request.args.get("module") in ("audit.rollout", "audit.remove"):
+            shown["steps"] = [*shown["steps"], *self.rollout.describe(request.args.get("module") == "audit.rollout")]
+        return shown
 
     def _jobs(self, request: Request) -> dict[str, Any]:
         """The newest jobs this client submitted as this requester; no other client's jobs."""

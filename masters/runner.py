@@ -30,6 +30,7 @@ from ombot.masters.inventory import Inventory
 from ombot.masters.jobspec import JobSpec
 from ombot.masters.jobstore import Busy, Event, JobStore
 from ombot.masters.leases import HostLeases
+from ombot.masters.rollout import AgentRollout, RolloutError
 from ombot.masters.slots import JobSlots
 from ombot.masters.states import FINAL_STATES, JobState
 from ombot.modules import Concurrency
@@ -85,8 +86,9 @@ class JobRunner:
     answers for them while they run (events, cancel); the store answers once they are done."""
 
     def __init__(self, settings: MasterSettings, backend: Backend, inventory: Inventory | None,
-                 jobs: JobStore) -> None:
+                 jobs: JobStore, rollout: AgentRollout | None = None) -> None:
         self.settings, self.backend, self.inventory, self.jobs = settings, backend, inventory, jobs
+        self.rollout = rollout  # fills in the agent's rollout (AgentSetup steps) and enrols the hosts
         self.live: dict[str, LiveJob] = {}
         self.waiting: dict[str, LiveJob] = {}  # jobs waiting for their hosts, oldest first
         self.lock = threading.Lock()
@@ -219,9 +221,20 @@ class JobRunner:
         started = time.time()
         live.state = JobState.RUNNING  # in memory only: one write less per job; a restart reports it unknown anyway
         limits = self.settings.limits
+        def report(result: HostResult) -> None:
+            self._report(live, result)
+
+        plan, enrolment = spec.plan, None
+        if self.rollout is not None:
+            try:
+                plan = self.rollout.fill(plan, spec.check)
+            except RolloutError as exc:
+                self._finish_or_lose(live, spec.hosts, started, HostResult("", HostStatus.FAILED, error=str(exc)))
+                return
+            enrolment = self.rollout.after_hosts(plan, live.id, spec.check, report)
         ctx = RunContext(
-            job_id=live.id, plan=spec.plan, hosts=spec.hosts, host_vars=self._host_vars,
-            report=lambda r: self._report(live, r), output_cap=limits.output_cap_bytes,
+            job_id=live.id, plan=plan, hosts=spec.hosts, host_vars=self._host_vars,
+            report=enrolment.take if enrolment is not None else report, output_cap=limits.output_cap_bytes,
             deadline=time.monotonic() + spec.timeout - live.waited, cancelled=live.cancelled,
             max_parallel=limits.max_parallel_hosts, file_store=self.settings.state_dir / "files", check=spec.check,
         )
@@ -229,6 +242,8 @@ class JobRunner:
             self.backend.run(ctx)
         except Exception:
             log.exception("backend %s failed on job %s", self.backend.name, live.id)
+        if enrolment is not None:
+            enrolment.finish()  # every installed host bound and heard from, or said why not
         self._finish_or_lose(live, spec.hosts, started)
 
     def _finish_or_lose(self, live: LiveJob, hosts: list[str], started: float,

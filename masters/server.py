@@ -18,6 +18,7 @@ from ombot.masters.connections import RPYC_OVERHEAD_BYTES, BoundedChannel, Cappe
 from ombot.masters.core import MasterCore
 from ombot.envelope import OPS
 from ombot.masters.inventory import open_inventory
+from ombot.masters.rollout import IdcMaster
 from ombot.keys import Identity
 from ombot.modules import load_modules
 from ombot.config import Config, MasterSettings
@@ -116,6 +117,12 @@ class MasterService(rpyc.Service):
     def exposed_jobs(self, frame: bytes) -> bytes:
         return self._call("jobs", frame)
 
+    def exposed_bind(self, frame: bytes) -> bytes:
+        return self._call("bind", frame)
+
+    def exposed_binding(self, frame: bytes) -> bytes:
+        return self._call("binding", frame)
+
 
 def build_core(config: Config, settings: MasterSettings) -> MasterCore:
     """Everything a master needs, validated before it listens: keys, modules, inventory, store."""
@@ -128,7 +135,10 @@ def build_core(config: Config, settings: MasterSettings) -> MasterCore:
     modules = load_modules(config.module_dirs)
     inventory = open_inventory(settings)
     store.open_store(settings.database_url)
-    return MasterCore(settings, identity, accepted, modules, inventory, backend_named(settings.backend, settings))
+    # The IDC's masters in failover order: whose certificates count, and what a rolled-out agent.toml names.
+    peers = [IdcMaster(m.id, m.host, m.port, m.public_key) for m in (config.masters[mid] for mid in config.idcs[settings.idc])]
+    return MasterCore(settings, identity, accepted, modules, inventory, backend_named(settings.backend, settings),
+                      peers)
 
 
 def _claim_state(settings: MasterSettings) -> int:

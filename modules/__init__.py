@@ -11,7 +11,7 @@
 from ombot.modules import params
 from ombot.modules.params import Param, ParamError, within, yes_or_no
 from ombot.modules.plan import (
-    Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, SaltState, Shell, Step,
+    AgentSetup, Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, SaltState, Shell, Step,
     TailFile, TempPath,
 )
 from ombot.modules.registry import (
@@ -20,7 +20,7 @@ from ombot.modules.registry import (
 )
 
 __all__ = [
-    "RESERVED_COMMANDS", "RESERVED_PARAMS", "Arg", "Catalog", "Command", "Concurrency", "Emit", "FirstAvailable", "Module", "ModuleLoadError",
+    "RESERVED_COMMANDS", "RESERVED_PARAMS", "AgentSetup", "Arg", "Catalog", "Command", "Concurrency", "Emit", "FirstAvailable", "Module", "ModuleLoadError",
     "ModuleSpec", "Param", "ParamError", "Ping", "Plan", "PutFile", "RequireWithin", "Risk", "RunPlaybook", "SaltState", "Shell", "Step", "TailFile", "TempPath",
     "catalog_of", "load_modules", "module", "params", "within", "yes_or_no",
 ]

@@ -95,6 +95,31 @@ class PutFile:
     param: str | None = None
 
 
+AGENT_ACTIONS = ("install", "remove")
+
+
+@dataclass(frozen=True)
+class AgentSetup:
+    """Install or remove OMBot's own audit agent on the host: the one step that writes outside any
+    module's roots, so it is a step of its own that only the built-in `audit.rollout` and `audit.remove`
+    use, and it touches only the agent's paths (docs/audit.md, "Rolling the agent out").
+
+    The module says what is wanted; the master fills in `payload` when the job runs (the agent's wheels
+    from its wheelhouse, the IDC's agent.toml: modules never see the master's files), and each backend
+    runs masters/backends/agent_setup.py on the host with it. `python` is the host's interpreter that
+    makes the agent's venv (3.9 or later)."""
+
+    action: str
+    auditd: bool = False
+    python: str = "/usr/bin/python3"
+    payload: str | None = field(default=None, repr=False)
+    wheelhouse: str | None = None  # filled in by the master: its directory of wheels, which the backend copies over
+
+    def __post_init__(self) -> None:
+        if self.action not in AGENT_ACTIONS:
+            raise ValueError(f"AgentSetup action must be one of {', '.join(AGENT_ACTIONS)}")
+
+
 @dataclass(frozen=True)
 class RequireWithin:
     """Refuse the host unless `path`, symlinks resolved on that host, lies under one of `roots`.
@@ -139,7 +164,8 @@ class SaltState:
     name: str
 
 
-Step = Emit | Ping | Command | FirstAvailable | Shell | PutFile | RequireWithin | TailFile | RunPlaybook | SaltState
+Step = (Emit | Ping | Command | FirstAvailable | Shell | PutFile | RequireWithin | TailFile | RunPlaybook | SaltState
+        | AgentSetup)
 
 
 @dataclass(frozen=True)
@@ -198,4 +224,7 @@ def _describe(step: Step) -> str:
             return f"run playbook {playbook!r}" + (f" with {' '.join(variables)}" if variables else "")
         case SaltState(name):
             return f"apply salt state {name!r}"
+        case AgentSetup(action, auditd, python):
+            return (f"{action} the OMBot audit agent (venv by {python}" + (", with the auditd layer" if auditd else "")
+                    + "; docs/audit.md: Rolling the agent out)")
     raise TypeError(f"not a plan step: {step!r}")

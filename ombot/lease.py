@@ -13,6 +13,7 @@ they are. `bind` points it at the bot's database (bot.store.open_store does, whe
 from __future__ import annotations
 
 import peewee
+from peewee import fn
 
 from ombot import storage
 from ombot.storage import create_tables, migrate
@@ -50,15 +51,21 @@ def database_now_ms() -> int:
     return storage.database_now_ms(db.obj)
 
 
-def acquire(name: str, holder: str, ttl_ms: int) -> bool:
+def acquire(name: str, holder: str, ttl_ms: int, preempt: str | None = None) -> bool:
     """Take or renew the lease: True when `holder` holds it now, for `ttl_ms` from the database's now.
+    `preempt`: a holder prefix this caller may take the lease from even before it runs out (the Slack
+    bot takes the audit feed from a console, `console:`); the one it took it from learns so at its
+    next renewal, which fails.
 
-    One conditional UPDATE (ours, or expired), else one INSERT that a unique key lets only one
-    process win: no read-then-write race between bots."""
+    One conditional UPDATE (ours, expired, or a preemptible holder's), else one INSERT that a unique
+    key lets only one process win: no read-then-write race between bots."""
     with db.atomic():
         now = database_now_ms()
+        free = (Lease.holder == holder) | (Lease.expires_at < now)
+        if preempt:  # SUBSTR, not LIKE: a `_` or `%` in the prefix is no wildcard
+            free |= fn.SUBSTR(Lease.holder, 1, len(preempt)) == preempt
         taken = (Lease.update(holder=holder, expires_at=now + ttl_ms)
-                 .where((Lease.name == name) & ((Lease.holder == holder) | (Lease.expires_at < now))).execute())
+                 .where((Lease.name == name) & free).execute())
         if taken:
             return True
         inserted = (Lease.insert(name=name, holder=holder, expires_at=now + ttl_ms)

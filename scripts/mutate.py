@@ -70,12 +70,18 @@ def toml_list(items: list[str]) -> str:
     return "[" + ", ".join(json.dumps(item) for item in items) + "]"
 
 
+def installed_path(source: str) -> str:
+    """Where a source file sits in the scratch copy: a room's under ombot/ (masters/x.py -> ombot/masters/x.py),
+    the base's where it is (ombot/envelope.py)."""
+    return source if source.startswith("ombot/") else "ombot/" + source
+
+
 def mutmut_section(target: Target) -> str:
     # Every package is a source path so that mutants/ holds the whole importable tree; only one file mutates.
     return (
         "\n[tool.mutmut]\n"
         f"source_paths = {toml_list(['ombot'])}\n"
-        f"only_mutate = {toml_list(['ombot/' + target.source])}\n"
+        f"only_mutate = {toml_list([installed_path(target.source)])}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(target.tests)}\n"
         "pytest_add_cli_args = [\"-p\", \"no:cacheprovider\"]\n"
         f"do_not_mutate_patterns = {toml_list(list(target.unmutated))}\n"

@@ -313,3 +313,16 @@ class SteppedClock:
 
     def monotonic(self) -> float:
         return self.readings.pop() if self.readings else self.then
+
+
+def type_line(argv: list[str], line: str) -> None:
+    """`line` typed at the interactive shell `argv` starts in a pty (a hooked shell records it), then `exit`."""
+    import pexpect
+
+    child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=30)
+    try:
+        child.sendline(line)
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)

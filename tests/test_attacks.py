@@ -131,7 +131,7 @@ def test_malformed_signed_messages_are_bad_request(shared: Cluster, attacker: At
     good = attacker.request().payload()
     cases: list[tuple[bytes, str]] = [
         (b"not json", "not JSON"), (b"\xff\xfe", "not JSON"), (b"[" * 3000, "not JSON"), (b"[]", "not a JSON object"),
-        (dumps({**good, "v": 2}), "version"), (dumps({k: v for k, v in good.items() if k != "nonce"}), "nonce"),
+        (dumps({**good, "v": "1"}), "version"), (dumps({k: v for k, v in good.items() if k != "nonce"}), "nonce"),
         (dumps({**good, "iat": "now"}), "iat"), (dumps({**good, "iat": True}), "iat"),
         (dumps({**good, "args": []}), "args"), (dumps({**good, "nonce": "0" * 31}), "nonce"),
         (dumps({**good, "nonce": "G" * 32}), "nonce"), (dumps({**good, "id": "1 OR 1=1"}), "UUID"),
@@ -364,7 +364,9 @@ def test_garbage_to_every_method_gets_a_refusal_frame(shared: Cluster, router: R
             for value in GARBAGE:
                 reply = method(value)
                 assert type(reply) is bytes and reply.startswith(REFUSAL_MAGIC), (op, value, reply)
-                assert b'"code":"bad_frame"' in reply or b'"code":"unknown_sender"' in reply, (op, value, reply)
+                # bind, open to keys the master does not know, gets as far as the Box: bad_mac
+                codes = (b'"code":"bad_frame"', b'"code":"unknown_sender"', *([b'"code":"bad_mac"'] if op == "bind" else []))
+                assert any(code in reply for code in codes), (op, value, reply)
             for args, kwargs in [((), {}), ((b"", b""), {}), ((), {"frame": b"", "extra": 1})]:
                 with pytest.raises(TypeError):
                     method(*args, **kwargs)

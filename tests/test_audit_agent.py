@@ -3,7 +3,6 @@ real process, a real master storing what it ships, and the attacks on the ingest
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -19,7 +18,7 @@ import rpyc
 from ombot.audit_agent import hook, spool
 from ombot.envelope import Peer, Refused, new_request
 from ombot.keys import Identity, decode_public
-from tests.rigs import AGENT, HOST, UID, AgentProcess, agent_cluster, event, stored
+from tests.rigs import AGENT, HOST, UID, AgentProcess, agent_cluster, event, stored, write_records
 from tests.shells import PROMPT, Shell
 from tests.support import REPO, Cluster, child_env, wait_for
 
@@ -44,16 +43,6 @@ def spooled(spool_dir: Path) -> list[dict[str, Any]]:
 
 def commands(spool_dir: Path) -> list[str]:
     return [e["command"] for e in spooled(spool_dir)]
-
-
-def write_records(spool_dir: Path, texts: list[str]) -> None:
-    """Lines as the hook writes them, for a steady stream without a shell per line."""
-    user_dir = spool_dir / str(UID)
-    user_dir.mkdir(mode=0o700, exist_ok=True)
-    with open(user_dir / "spool", "a") as f:
-        for n, text in enumerate(texts):
-            f.write("\t".join(["om1", f"{time.time():.6f}", str(os.getpid()), str(n), "0", "history", "1000", "",
-                               "tester", "/dev/pts/9", "", "/tmp", text, str(len(text))]) + "\n")
 
 
 @pytest.fixture

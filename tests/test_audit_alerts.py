@@ -20,7 +20,8 @@ from apscheduler.triggers.date import DateTrigger
 
 from ombot.audit.alerts import AlertGroup, Grouper, Thresholds, alert_message
 from ombot.audit.rules import Match, Threshold, parse_rules
-from ombot.bot.alerts import AlertPoster, TokenBucket
+from ombot.bot.alerts import AlertPoster
+from ombot.ratelimit import TokenBucket
 from ombot.masters import audit
 from ombot.envelope import Peer, Refused, new_request
 from ombot.keys import decode_public

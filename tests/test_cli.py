@@ -229,7 +229,7 @@ def test_masters_shows_health(cluster: Cluster) -> None:
     result = cluster.ombot("masters")
     assert result.returncode == 0, result.stderr
     (line,) = result.stdout.splitlines()
-    assert re.match(r"m1\s+local\s+up\s+[\d.]+ ms\s+backend=local running=0 catalog=\w+$", line), line
+    assert re.match(r"m1\s+local\s+up\s+[\d.]+ ms\s+backend=local running=0 catalog=\w+ version=\d+\.\d+\.\d+$", line), line
 
 
 @pytest.mark.slow

@@ -156,6 +156,9 @@ TARGETS: dict[tuple[str, str], Target] = {
                                    value=suffix(lambda w: "root")),
     ("ansible.playbook", "playbook"): Target(base=lambda w: {}, value=suffix(lambda w: "motd")),
     ("salt.state", "state"): Target(base=lambda w: {}, value=suffix(lambda w: "nginx")),  # tests/test_salt.py too
+    # The interpreter the rollout runs on the host: only a fixed path shape passes (tests/test_rollout.py runs it).
+    ("audit.rollout", "python"): Target(base=lambda w: {}, value=suffix(lambda w: "/usr/bin/python3")),
+    ("audit.remove", "python"): Target(base=lambda w: {}, value=suffix(lambda w: "/usr/bin/python3")),
 }
 
 

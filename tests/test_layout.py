@@ -3,7 +3,7 @@
     ombot.app (the CLI: composes everything; nothing imports it)
       -> bot -> audit (the central audit) -> approvals -> masters (the client library and the master)
                                                             -> modules -> ombot (the base)
-                 audit_agent -> ombot (its four files the agent's distribution ships: AGENT_BASE)
+                 audit_agent -> ombot (the five base files its distribution, ombot-agent, ships: AGENT_BASE)
 
 A package imports only packages below it; the master side never imports the bot; nobody outside
 `masters` reaches its internals; no two project files import each other, however indirectly; and
@@ -32,7 +32,7 @@ ONLY: dict[str, set[str]] = {"audit_agent": set()}  # it runs on every server: n
 AGENT_BASE = {"ombot", "ombot.envelope", "ombot.keys", "ombot.tables", "ombot.errors"}
 MASTER_INTERNALS = ("masters.core", "masters.server", "masters.connections", "masters.backends", "masters.store", "masters.jobstore",
                     "masters.runner", "masters.jobspec", "masters.slots", "masters.lograte", "masters.audit",
-                    "masters.housekeeping", "masters.registry", "masters.ingest_budget")
+                    "masters.housekeeping", "masters.registry", "masters.ingest_budget", "masters.rollout")
 ENTRY_POINTS = {"ombot/__main__.py"}  # `python -m ombot` starts the root: the one upward arrow, by design
 # third-party library -> the only files allowed to import it
 LIBRARY_HOMES = {
@@ -268,3 +268,14 @@ def _classes(body: list[ast.stmt]) -> list[ast.ClassDef]:
         elif isinstance(node, ast.ClassDef):
             found += [node, *_classes(node.body)]
     return found
+
+
+def test_the_agents_distribution_links_exactly_what_the_agent_imports() -> None:
+    """packaging/agent/ombot/ (what ombot-agent ships, docs/packaging.md) holds a relative link to each
+    AGENT_BASE file and to audit_agent/, and nothing else: the two cannot drift apart."""
+    shipped = REPO / "packaging" / "agent" / "ombot"
+    links = {entry.name: entry for entry in shipped.iterdir() if entry.name != "__pycache__"}
+    assert all(entry.is_symlink() and not Path(entry.readlink()).is_absolute() for entry in links.values()), links
+    files = {("__init__" if module == "ombot" else module.split(".")[1]) + ".py" for module in AGENT_BASE}
+    assert {name: entry.resolve() for name, entry in links.items()} == {
+        **{name: REPO / "ombot" / name for name in files}, "audit_agent": REPO / "audit_agent"}

@@ -527,7 +527,7 @@ def test_sample_policy_of_init_is_valid(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "ombot", "--config", str(config), "policy", "check"],
                             capture_output=True, text=True, timeout=60, env=child_env())
     assert result.returncode == 0, result.stderr
-    assert "ok, 2 roles, 2 rules (1 with approval)" in result.stdout
+    assert "ok, 2 roles, 3 rules (2 with approval)" in result.stdout
 
 
 def test_policy_explain(cluster: Cluster) -> None:

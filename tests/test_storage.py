@@ -79,6 +79,7 @@ TIMESTAMPS: dict[str, tuple[str, ...]] = {
     "seennonce": ("keep_until",), "job": ("created_at", "finished_at"), "jobevent": ("at",), "hostlock": ("taken_at", "expires_at"),
     "auditevent": ("at", "received_at"), "auditagent": ("last_seen",), "auditreader": ("after", "read_at"),
     "registeredclient": ("added_at",), "revokedkey": ("revoked_at",),
+    "agentenrolment": ("enrolled_at", "bound_at", "revoked_at"),
     # the bot's database, the approvals' tables included
     "bot_job": ("created_at", "finished_at"), "bot_seen_request": ("seen_at", "expires_at"), "bot_lease": ("expires_at",),
     "bot_multi_request": ("created_at",), "bot_multi_part": (),
@@ -342,7 +343,7 @@ def test_approval_tables_round_trip(bot_db: peewee.Database) -> None:
 # Every model, each in the database its component opens it in (test_every_model_is_listed_here).
 MASTER_MODELS = [store.SeenNonce, store.Job, store.JobEvent, store.HostLock, master_audit.AuditEvent,
                  master_audit.AuditAgent, master_audit.AuditReader,
-                 master_registry.RegisteredClient, master_registry.RevokedKey]
+                 master_registry.RegisteredClient, master_registry.RevokedKey, master_registry.AgentEnrolment]
 BOT_MODELS = [bot_store.BotJob, replay.SeenRequest, lease.Lease, multi.MultiRequest, multi.MultiPart,
               schedules.Schedule, schedules.ScheduleRun, bot_audit.AuditRecord, bot_audit.AuditCursor,
               astore.ApprovalRequest, astore.ApprovalVote, astore.TrailEntry, SchemaVersion]

@@ -32,7 +32,7 @@ from ombot.masters.backends.ansible_snippets import CHILD_PATH
 from ombot.masters.backends.base import CappedText, HostStatus, RunContext, Unsupported
 from ombot.masters.inventory import INVENTORY_SETTINGS
 from ombot.modules import (
-    Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, TailFile,
+    AgentSetup, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, TailFile,
 )
 from ombot.config import AnsibleSettings, MasterSettings
 from ombot.errors import OmbotError
@@ -52,7 +52,7 @@ PEXPECT_POLL_SECONDS = 0.2  # how often ansible-runner asks whether the job was 
 STOP_RUN_SECONDS = 30  # bound on the run that ends a stopped job's leftovers
 _CONTROL_PATH_MAX = 60  # unix socket paths are short (108 bytes), and ssh appends a hash
 _CONTROL_PREFIX = "ombot-cp-"  # a control directory made under the temp dir (a long state path)
-_STEPS = (Emit, Ping, Command, FirstAvailable, Shell, PutFile, RequireWithin, TailFile, RunPlaybook)  # what it runs
+_STEPS = (Emit, Ping, Command, FirstAvailable, Shell, PutFile, RequireWithin, TailFile, RunPlaybook, AgentSetup)  # what it runs
 
 
 class AnsibleBackend:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ombot.masters.backends import ansible_play as play
-from ombot.masters.backends import put_file
+from ombot.masters.backends import agent_setup, put_file
 from ombot.masters.backends.ansible_snippets import TAIL_TOTAL_MARK
 from ombot.masters.backends.base import CappedText, HostResult, HostStatus, RunContext
 from ombot.modules import Command, Emit, FirstAvailable, Ping, Plan, Shell, Step
@@ -136,7 +136,7 @@ class Events:
             host.out.total += max(0, total - len(data))  # the snippet sent at most the cap
         if stderr:
             host.err.write(stderr.encode() + (b"" if stderr.endswith("\n") else b"\n"))
-        if role.startswith("run") or role == "tail":
+        if role.startswith("run") or role in ("tail", "agent"):
             host.rc = _rc(res)
         host.next_emit = index + 1
 
@@ -190,6 +190,8 @@ class Events:
                 return f"command not found: {program}"
             if rc is not None:
                 return f"{program} exited with {rc}"
+        if role == "agent":  # agent_setup.py says why in one message, which may quote a log's last lines
+            return " / ".join(line for line in _text(res.get("stderr")).splitlines() if line)[:1000] or msg or "failed"
         if role in ("probe", "tail", "put"):  # our snippets say why on their last stderr line
             lines = [line for line in _text(res.get("stderr")).split(TAIL_TOTAL_MARK)[0].splitlines() if line]
             if lines:
@@ -264,6 +266,8 @@ def _changed(role: str, res: dict[str, Any]) -> bool:
     """Whether a task changed something; put_file says so itself (a command task is always `changed`)."""
     if role == "put":
         return put_file.reply(_text(res.get("stdout")))[0]
+    if role == "agent":  # agent_setup.py lists what it changed (in a check run: what it would)
+        return bool(agent_setup.reply(_text(res.get("stdout"))).get("changes"))
     return bool(res.get("changed"))
 
 

@@ -27,10 +27,10 @@ from typing import Any
 import yaml
 
 from ombot.masters.backends import ansible_snippets as snippets
-from ombot.masters.backends import put_file
+from ombot.masters.backends import agent_setup, put_file
 from ombot.masters.backends.playbooks import ResolvedPlaybook
 from ombot.modules import (
-    Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
+    AgentSetup, Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
     TempPath, within,
 )
 
@@ -183,6 +183,12 @@ def _tasks(step: Step, index: int, file_store: Path | None, cap: int,
             return [("probe", _snippet(snippets.REQUIRE_WITHIN, [_label(param), path, *roots]))]
         case TailFile(path, lines, roots, param):
             return [("tail", _snippet(snippets.TAIL, [_label(param), path, str(lines), str(cap), *roots]))]
+        case AgentSetup(wheelhouse=str(house)):  # the wheels by Ansible's own copy, then the setup
+            copy = {"ansible.builtin.copy": {"src": Unsafe(house.rstrip("/") + "/"), "dest": "/opt/ombot-agent/wheels/",
+                                             "mode": "0644", "directory_mode": "0755"}}
+            return [("agentcopy", {**copy, "register": f"ombot_copy_{index}"}), ("agent", _agent_setup(step))]
+        case AgentSetup():
+            return [("agent", _agent_setup(step))]
     raise PlanError(f"the ansible backend cannot run {type(step).__name__}")
 
 
@@ -218,6 +224,17 @@ def _put(step: PutFile, file_store: Path | None, check: bool) -> dict[str, Any]:
     argv = [PYTHON, Unsafe("-c"), Unsafe(put_file.source()), _arg(step.dest), *map(Unsafe, args)]
     return {"ansible.builtin.command": {"argv": argv, "stdin": Unsafe(put_file.stdin(put_data(step, file_store))),
                                         "stdin_add_newline": False, **_LITERAL_ARGV}}
+
+
+def _agent_setup(step: AgentSetup) -> dict[str, Any]:
+    """agent_setup.py run on the host by its own interpreter, the request (the wheels, the agent.toml,
+    whether this is a check run: it then changes nothing itself) on stdin; the one templated value is
+    the host's inventory name, which the master's inventory gave."""
+    if step.payload is None:
+        raise PlanError("the master filled in no agent payload (AgentSetup is the built-in audit modules' own)")
+    argv = [Unsafe(step.python), Unsafe("-c"), Unsafe(agent_setup.source()), "{{ inventory_hostname }}"]
+    return {"ansible.builtin.command": {"argv": argv, "stdin": Unsafe(step.payload), "stdin_add_newline": False,
+                                        **_LITERAL_ARGV}, "check_mode": False}
 
 
 def put_label(step: PutFile) -> str:

@@ -25,7 +25,7 @@ from typing import IO
 from ombot.masters.backends import cgroup, put_file
 from ombot.masters.backends.base import CappedText, HostResult, HostStatus, RunContext, Unsupported
 from ombot.modules import (
-    Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
+    AgentSetup, Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, RunPlaybook, Shell, Step, TailFile,
     TempPath, within,
 )
 
@@ -58,6 +58,9 @@ class LocalBackend:
             raise Unsupported("the local backend has no check mode: check=yes needs an Ansible or Salt master")
         if any(isinstance(step, RunPlaybook) for step in plan.steps):
             raise Unsupported("the local backend cannot run Ansible playbooks")
+        if any(isinstance(step, AgentSetup) for step in plan.steps):  # it would install on the master's own host
+            raise Unsupported("the local backend does not install audit agents: roll out through an Ansible or Salt "
+                              "master, or install by hand (docs/audit.md)")
         return plan
 
     def run(self, ctx: RunContext) -> None:

@@ -17,14 +17,14 @@ from collections.abc import Generator
 from typing import Any, Protocol
 
 from ombot.masters.backends import ansible_snippets as snippets
-from ombot.masters.backends import put_file
+from ombot.masters.backends import agent_setup, put_file
 from ombot.masters.backends.ansible_play import PlanError, put_data, put_label, tmp_prefix
 from ombot.masters.backends.base import CappedText, HostResult, HostStatus, RunContext
 from ombot.masters.backends.salt_replies import (
     StepFailed, Call, HostRun, ok_or_fail, put_reply, ran, Reply, state_run, tail_reply,
 )
 from ombot.modules import (
-    Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, SaltState, Shell, Step, TailFile,
+    AgentSetup, Arg, Command, Emit, FirstAvailable, Ping, Plan, PutFile, RequireWithin, SaltState, Shell, Step, TailFile,
     TempPath,
 )
 from ombot.config import SaltSettings
@@ -301,13 +301,16 @@ class SaltJob:
                 tail_reply(reply, host)
             case SaltState(name):
                 state_run((yield Call("state.apply", {"mods": name, "test": check, "queue": False})), host, check)
+            case AgentSetup():
+                ran((yield self._agent_setup(step, host)), host, f"the agent's setup ({step.python})")
             case _:
                 raise StepFailed(f"the salt backend cannot run {type(step).__name__}")
 
     def _cmd_options(self) -> dict[str, Any]:
-        # Output keeps its trailing newlines; request data is never written to the minion's log.
+        # Output keeps its trailing newlines; request data is never written to the minion's log; stdin
+        # arrives as sent (Salt otherwise turns each backslash-n in it into a newline: JSON breaks).
         return {"env": self.env, "rstrip": False, "output_loglevel": "quiet", "ignore_retcode": True,
-                "bg": False}
+                "bg": False, "stdin_raw_newlines": True}
 
     def _command(self, step: Command, host: HostRun) -> Call:
         kwarg: dict[str, Any] = {"cmd": [self._arg(a, host) for a in step.argv], "python_shell": False,
@@ -321,6 +324,15 @@ class SaltJob:
 
     def _arg(self, arg: Arg, host: HostRun) -> str:
         return f"{host.tmp}/{arg.name}" if isinstance(arg, TempPath) else arg
+
+    def _agent_setup(self, step: AgentSetup, host: HostRun) -> Call:
+        """agent_setup.py run by the minion's own interpreter (`step.python`), with the minion's name
+        (the master's inventory name for it) as its argument and the request on stdin."""
+        if step.payload is None:
+            raise StepFailed("the master filled in no agent payload (AgentSetup is the built-in audit modules' own)")
+        payload = agent_setup.with_wheels(step.payload, step.wheelhouse) if step.wheelhouse else step.payload
+        return Call("cmd.run_all", {"cmd": [step.python, "-c", agent_setup.source(), host.name], "python_shell": False,
+                                     **self._cmd_options(), "stdin": payload})
 
     def _put_file(self, step: PutFile, host: HostRun) -> Call:
         """put_file.py run on the minion: the path check and the write in one step, by descriptors; the
@@ -366,6 +378,9 @@ def preview_lines(step: Step, check: bool) -> list[str]:
             return [f"cmd.run_all [python, -c, SNIPPET]: {Plan(step).describe()[0]}"]
         case SaltState(name):
             return [f"state.apply mods={name} test={check}"]
+        case AgentSetup():
+            return [f"cmd.run_all [{step.python}, -c, AGENT_SETUP, MINION] (the request on stdin): "
+                    f"{Plan(step).describe()[0]}" + (" (check: changes nothing)" if check else "")]
     return [f"(cannot run {type(step).__name__})"]
 
 

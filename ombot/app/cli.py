@@ -33,11 +33,22 @@ RootConfigOpt = Annotated[
 ]
 
 
+def _print_version(wanted: bool) -> None:
+    """--version: eager, so it answers before any subcommand or config is looked at."""
+    if wanted:
+        import ombot
+
+        typer.echo(f"ombot {ombot.__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(ctx: typer.Context, config: RootConfigOpt = None,
           client: Annotated[Optional[str], typer.Option(
               "--client", envvar=cfg.CLIENT_ENV, help="The [clients.NAME] registration to speak as [default: [client] id]")] = None,
-          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail")] = False) -> None:
+          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail")] = False,
+          version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                                help="Print the version (ombot X.Y.Z) and exit")] = False) -> None:
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(exits.REFUSED)  # as a usage error: nothing was asked
@@ -84,7 +95,8 @@ def up(ctx: typer.Context, config: ConfigOpt = None,
        directory: Annotated[Path, typer.Argument(help="Demo directory, created on first use")] = Path("demo"),
        master_port: Annotated[int, typer.Option(help="Port for the demo's master, on first use")] = initdir.DEFAULT_PORT) -> None:
     """Start OMBot on the embedded default: a local master on SQLite (configured on first use) and
-    the chat front end: Slack when its tokens are set, else the console."""
+    the chat front end: Slack when its tokens are set, else the console, which then also prints the
+    shell audit's alerts while no Slack bot pulls them (docs/audit.md, "Quickstart")."""
     from ombot.bot import SlackSecrets
     from ombot.app.launch import local_masters
 
@@ -126,7 +138,8 @@ def _from_here(path: Path) -> str:
 
 @app.command()
 def console(ctx: typer.Context, config: ConfigOpt = None) -> None:
-    """The /om grammar in this terminal, through the same handlers as Slack."""
+    """The /om grammar in this terminal, through the same handlers as Slack; with a chat key (the
+    demo's), audit alerts too, while no Slack bot pulls the audit feed."""
     _serve_console(config_of(ctx, config))
 
 
@@ -200,7 +213,7 @@ def masters(ctx: typer.Context, config: ConfigOpt = None) -> None:
     for m in report:
         if m["ok"]:
             typer.echo(f"{m['master']:<16} {m['idc']:<10} up    {m['rtt_ms']:>7} ms  backend={m['backend']} "
-                       f"running={m['running_jobs']} catalog={m['catalog_version']}")
+                       f"running={m['running_jobs']} catalog={m['catalog_version']} version={m.get('version', '?')}")
         else:
             typer.echo(f"{m['master']:<16} {m['idc']:<10} DOWN  {m['error']}")
     raise typer.Exit(0 if all(m["ok"] for m in report) else 1)

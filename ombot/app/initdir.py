@@ -83,6 +83,7 @@ job_timeout_seconds = 600
 "file.push" = 1
 "ansible.playbook" = 1
 "salt.state" = 1
+"audit.*" = 1
 
 # With backend = "ansible": the directory ansible.playbook runs playbooks from, each with its
 # typed vars in NAME.params.toml beside it (docs/backends.md, "Playbooks"); playbooks/ holds
@@ -153,6 +154,14 @@ name = "risky changes need a lead"
 modules = ["shell.exec", "script.run", "file.push", "ansible.playbook", "salt.state"]
 request = ["ops"]
 max_hosts = 20
+approval = {{ count = 1, roles = ["leads"], expiry_seconds = 1800 }}
+cancel = ["leads"]
+
+[[rules]]
+name = "the audit agent's rollout needs a lead"
+modules = ["audit.rollout", "audit.remove"]
+request = ["ops"]
+max_hosts = 500
 approval = {{ count = 1, roles = ["leads"], expiry_seconds = 1800 }}
 cancel = ["leads"]
 

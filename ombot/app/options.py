@@ -54,3 +54,28 @@ def masters_named(conf: cfg.Config, idc: str | None, master: str | None) -> list
             raise OmbotError(f"no IDC {idc!r} in {conf.path} (known: {', '.join(conf.idcs)})")
         return list(conf.idcs[idc])
     return list(conf.masters)
+
+
+def plain_names(targets: str) -> list[str] | None:
+    """The host names of a comma list of plain names (no ranges, groups' patterns, `!`, `&` or `~`), each
+    once; None when TARGETS is more than that (only a master can expand it)."""
+    names = [t.strip() for t in targets.split(",")]
+    if not all(cfg.HOST_NAME.fullmatch(n) for n in names):
+        return None
+    return list(dict.fromkeys(names))
+
+
+def targets_in(router: Any, idc: str, targets: str) -> tuple[list[str], str]:
+    """The hosts TARGETS names in IDC, expanded by its first master that answers, as chat's are; and a
+    note when they were taken as written instead: plain names its inventory does not hold (a server not,
+    or no longer, in it), or that no master of the IDC was there to expand."""
+    from ombot.masters import NoMasterAvailable, Refused
+
+    try:
+        return router.expand(idc, targets), ""
+    except (Refused, NoMasterAvailable) as exc:
+        names = plain_names(targets)
+        if names is None or (isinstance(exc, Refused) and exc.code != "bad_targets"):
+            raise
+        why = exc.message if isinstance(exc, Refused) else "no master of it answered"
+        return names, f"taken as host names, not expanded in {idc} ({why})"

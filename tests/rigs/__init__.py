@@ -13,20 +13,22 @@ Slack-facing suite"): one door, four rooms.
 
 from tests.rigs.audit import (
     AGENT, AGENT_CLIENTS, ALERT_RULES, AUDIT_CHANNEL, HOST, OTHER_AUDIT_CHANNEL, UID, AgentProcess, AuditRig,
-    agent_cluster, audit_site, event, ingest, record, stored, with_agent_hosts,
+    agent_cluster, audit_site, event, ingest, record, stored, with_agent_hosts, write_records,
 )
 from tests.rigs.console import (
     CONSOLE_TIMEOUT, SHOWN_PROMPT, TERMINAL_ENV, ConsoleLog, console, console_site, quit_console, say, spawn_console,
 )
 from tests.rigs.policies import approval, policy, role, rule, table
 from tests.rigs.slack import (
-    ALICE, CHANNEL, REPLY_WAIT, SECRET, SITE_MODULES, Reply, SlackRig, floor, slack_env, slack_rig, state_of,
+    ALICE, CHANNEL, REPLY_WAIT, SECRET, SITE_MODULES, ApprovalRig, Pending, Reply, SlackRig, floor, slack_env, slack_rig,
+    state_of,
 )
 
 __all__ = [
     "AGENT", "AGENT_CLIENTS", "ALERT_RULES", "ALICE", "AUDIT_CHANNEL", "CHANNEL", "CONSOLE_TIMEOUT", "HOST",
     "OTHER_AUDIT_CHANNEL", "REPLY_WAIT", "SECRET", "SHOWN_PROMPT", "SITE_MODULES", "TERMINAL_ENV", "UID", "AgentProcess",
+    "ApprovalRig", "Pending",
     "AuditRig", "ConsoleLog", "Reply", "SlackRig", "agent_cluster", "approval", "audit_site", "console", "console_site",
     "event", "floor", "ingest", "policy", "quit_console", "record", "role", "rule", "say", "slack_env", "slack_rig",
-    "spawn_console", "state_of", "stored", "table", "with_agent_hosts",
+    "spawn_console", "state_of", "stored", "table", "with_agent_hosts", "write_records",
 ]

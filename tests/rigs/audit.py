@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,13 @@ class AuditRig(SlackRig):
         for agent in self.agents:
             agent.stop(signal.SIGKILL)
         super().close()
+
+
+def write_records(spool_dir: Path, texts: list[str]) -> None:
+    """Lines as the hook writes them, for a steady stream without a shell per line."""
+    user_dir = spool_dir / str(UID)
+    user_dir.mkdir(mode=0o700, exist_ok=True)
+    with open(user_dir / "spool", "a") as f:
+        for n, text in enumerate(texts):
+            f.write("\t".join(["om1", f"{time.time():.6f}", str(os.getpid()), str(n), "0", "history", "1000", "",
+                               "tester", "/dev/pts/9", "", "/tmp", text, str(len(text))]) + "\n")

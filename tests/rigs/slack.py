@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
-from ombot.masters import FINAL_STATES
+from ombot.masters import FINAL_STATES, JobRef
 from tests.fakeslack import TEAM_ID, Call, FakeSlack, interactive_body, post_to_bot
 from tests.support import ALLOW_ALL_POLICY, REPO, BotProcess, Cluster, bot_table, free_port
 
@@ -217,6 +217,46 @@ class SlackRig:
 
 R = TypeVar("R", bound=SlackRig)
 CLUSTER_KEYWORDS = ("limits", "inventory", "clients", "admins")  # the rest of slack_rig's keywords are [bot] keys
+
+
+@dataclass
+class Pending:
+    """An approval request as the channel shows it."""
+
+    number: int
+    request_id: str
+    ts: str
+    asked: Reply  # the requester's command: "Starting job #N" arrives there once approved
+
+
+class ApprovalRig(SlackRig):
+    """A Slack rig with the approval flow's words: ask, approve, and the channel's approval messages."""
+
+    def approve(self, pending: Pending, user: str) -> Reply:
+        return self.click("om_approve", pending.request_id, pending.ts, user)
+
+    def ask(self, text: str, user: str = ALICE) -> Pending:
+        """A command that needs approval: its request number and the Approve/Deny message."""
+        reply = self.command(text, user)
+        number = reply.number("Waiting as request #")
+        message = self.approval_message(number)
+        buttons = next(b for b in message["blocks"] if b["type"] == "actions")["elements"]
+        assert [b["action_id"] for b in buttons] == ["om_approve", "om_deny"]
+        return Pending(number, buttons[0]["value"], message["ts"], reply)
+
+    def approval_message(self, number: int, state: str = "") -> dict[str, Any]:
+        lead = f"[approval #{number} {state}"
+        return self.fake.wait_for(lambda: next((m for m in self.fake.messages(CHANNEL)
+                                                if m.get("text", "").startswith(lead)), None),
+                                  what=f"approval message {lead!r}")
+
+    def master_events(self, job_id: str, master: str = "m1") -> list[dict[str, Any]]:
+        """A job's events at its master, seen with the bot's key (the bot's jobs are its own)."""
+        router = self.cluster.router("chat:bot")
+        try:
+            return router.events(JobRef(job_id, "local", master))["events"]
+        finally:
+            router.close()
 
 
 @contextmanager
