@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -118,7 +117,6 @@ class Enrolment:
         self.rollout, self.job_id, self.report = rollout, job_id, report
         self.started_ms = int(time.time() * MS_PER_SECOND)
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ombot-rollout")
-        self.lock = threading.Lock()
 
     def take(self, result: HostResult) -> None:
         """A host's result from the backend: an installed host goes on to be bound, the others as they are."""

@@ -131,12 +131,13 @@ class Setup:
 
     def _wheels(self) -> bool:
         """The wheelhouse on the host is exactly the master's (checked by sha256): sent ones written,
-        stale ones removed; True if it changed (the backend's own copy of them counts too)."""
+        stale ones removed; True if it wrote or removed one (a wheel the backend copied itself does not
+        count: a changed wheel under the same version is not reinstalled)."""
         wheels, data = self.req.get("wheels"), self.req.get("wheel_data") or {}
         if not isinstance(wheels, dict) or not wheels or not all(_WHEEL.fullmatch(n) for n in wheels):
             raise SetupError("the master sent no usable wheelhouse")
         house = PREFIX / "wheels"
-        changed = bool(self.req.get("copied"))
+        changed = False
         for name, encoded in sorted(data.items()):
             if name in wheels:
                 changed |= self._write(house / name, base64.b64decode(encoded), 0o644)
