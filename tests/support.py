@@ -91,8 +91,13 @@ class Cluster:
     admins: tuple[str, ...] = ()
     ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, "MasterProcess"] = field(default_factory=dict)
+    # True: `root` already holds a site a user wrote (`ombot init` and their edits): read, never rewritten
+    existing: bool = False
 
     def __post_init__(self) -> None:
+        if self.existing:
+            self.ports = {mid: master.port for mid, master in self.config().masters.items()}
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         keys = self.root / "keys"
         lines = ['[client]', f'id = "{CLI_CLIENT}"', f'default_idc = "{next(iter(self.idcs))}"', '']
@@ -127,6 +132,16 @@ class Cluster:
 
     def config(self) -> cfg.Config:
         return cfg.load(self.config_path)
+
+    @classmethod
+    def adopt(cls, root: Path) -> "Cluster":
+        """The site in `root` as its user left it: IDCs, masters and their ports from its ombot.toml."""
+        conf = cfg.load(root / "ombot.toml")
+        return cls(root, {idc: list(masters) for idc, masters in conf.idcs.items()}, existing=True)
+
+    def master_db(self, master: str) -> Path:
+        """A master's own SQLite database (its state_dir/ID.db)."""
+        return self.config().masters[master].state_dir / f"{master}.db"
 
     def start(self, master_id: str, env: dict[str, str] | None = None) -> "MasterProcess":
         proc = MasterProcess(self, master_id, env or {})

@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +22,9 @@ from ombot.masters.backends import agent_setup
 from ombot.masters.rollout import AgentRollout, IdcMaster, RolloutError
 from ombot.modules import AgentSetup, Plan, load_modules
 from tests import sshd
-from tests.rigs import ALERT_RULES, ALICE, ApprovalRig, AuditRig, approval, floor, policy, role, rule, stored
-from tests.support import CLI_CLIENT, Cluster, type_line, wait_for
+from tests.fakeslack import TEAM_ID
+from tests.rigs import ALICE, ApprovalRig, AuditRig, stored
+from tests.support import Cluster, child_env, free_port, type_line, wait_for
 
 MASTERS = [IdcMaster("m1", "127.0.0.1", 7000, "k" * 43 + "="), IdcMaster("m2", "::1", 7001, "j" * 43 + "=")]
 
@@ -91,10 +95,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sshd.SshHosts]:
     hosts.stop()
 
 
-LEAD = "U0LEAD1"
-ROLLOUT_POLICY = policy(role("ops", ALICE), role("leads", LEAD),
-                        rule("the agent's rollout needs a lead", modules=["audit.rollout", "audit.remove"],
-                             targets=["web*"], request=["ops"], max_hosts=100, approval=approval()))
+LEAD = "U0LEAD1"  # a lead in `ombot init`'s sample policy
 
 
 class RolloutRig(ApprovalRig, AuditRig):
@@ -105,7 +106,7 @@ class RolloutRig(ApprovalRig, AuditRig):
         pending = self.ask(text)
         self.approve(pending, LEAD).wait(f"Approved request #{pending.number}; its job starts now")
         card = self.final_card(pending.asked.number("Starting job #"), timeout=600)
-        events = self.master_events(pending.request_id)
+        events = self.master_events(pending.request_id, FIRST_MASTER)
         results = {e["data"]["host"]: e["data"] for e in events if e["kind"] == "host"}
         state = next(e["data"]["state"] for e in events if e["kind"] == "finished")
         assert f"[#{pending.asked.number('Starting job #')} {state}]" in card["text"]
@@ -116,19 +117,68 @@ class RolloutRig(ApprovalRig, AuditRig):
         return {command for _, command in self.stored()}
 
 
-def ansible_with_a_wheelhouse(cluster: Cluster) -> None:
-    """The masters run the Ansible backend and carry a wheelhouse (the agent's wheel built from this checkout)."""
-    text = cluster.config_path.read_text()
-    for mid in cluster.ports:
-        text = text.replace(f'state_dir = "state-{mid}"', f'state_dir = "state-{mid}"\nbackend = "ansible"')
-    cluster.config_path.write_text(text)
-    house = cluster.root / "wheelhouse"
-    made = cluster.ombot("audit", "wheelhouse", str(house), "--python", "3.11", timeout=600)
-    if made.returncode != 0 and "pip download failed" in made.stderr:
-        pytest.skip(f"no package index reachable to fill the wheelhouse: {made.stderr[-300:]}")
-    assert made.returncode == 0, made.stderr
-    for mid in cluster.ports:
-        shutil.copytree(house, cluster.root / f"state-{mid}" / "wheelhouse")
+FIRST_MASTER, SECOND_MASTER = "local-1", "local-2"  # `ombot init`'s master, and the one the user adds
+
+
+def ombot_in(root: Path, *args: str, timeout: float = 60) -> str:
+    """`ombot ARGS` run in `root` as its user would; its output (it must succeed)."""
+    done = subprocess.run([sys.executable, "-m", "ombot", *args], cwd=root, capture_output=True, text=True,
+                          timeout=timeout, env=child_env())
+    if done.returncode != 0 and "pip download failed" in done.stderr:
+        pytest.skip(f"no package index reachable to fill the wheelhouse: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path.name} no longer holds {old!r}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def site_from_init(root: Path, fleet: sshd.SshHosts) -> Cluster:
+    """A fresh `ombot init`, then only what a user does for this (README, docs/audit.md): the Slack
+    team and port, a Slack user among the ops, the fleet's inventory, the Ansible backend, a second
+    master for the IDC (a key from `ombot keygen`), and a wheelhouse on each master."""
+    ombot_in(root.parent, "init", root.name, "--master-port", str(free_port()))
+    config = root / "ombot.toml"
+    second = ombot_in(root, "keygen", SECOND_MASTER).strip()
+    cli = tomllib.loads(config.read_text())["client"]["id"]
+    edit(config, '# team_id = "T0123456"', f'team_id = "{TEAM_ID}"')
+    edit(config, 'listen = "127.0.0.1:3000"', f'listen = "127.0.0.1:{free_port()}"')
+    edit(config, 'backend = "local"', 'backend = "ansible"')
+    edit(config, f'masters = ["{FIRST_MASTER}"]', f'masters = ["{FIRST_MASTER}", "{SECOND_MASTER}"]')
+    config.write_text(config.read_text() + f"""
+[masters.{SECOND_MASTER}]
+idc = "local"
+address = "127.0.0.1:{free_port()}"
+public_key = "{second}"
+key_file = "keys/{SECOND_MASTER}.key"
+inventory = "inventory/local.ini"
+backend = "ansible"
+accept = ["bot", "console", "{cli}"]
+state_dir = "state-2"
+
+[masters.{SECOND_MASTER}.approvals]
+"audit.*" = 1
+""")
+    edit(root / "policy.toml", "[roles.ops]\nusers = [", f'[roles.ops]\nusers = ["{ALICE}", ')
+    (root / "inventory" / "local.ini").write_text(fleet.inventory(unreachable=None))
+    ombot_in(root, "audit", "wheelhouse", "state/wheelhouse", "--python", "3.11", timeout=600)
+    shutil.copytree(root / "state" / "wheelhouse", root / "state-2" / "wheelhouse")
+    return Cluster.adopt(root)
+
+
+@pytest.fixture
+def site(tmp_path: Path, fleet: sshd.SshHosts) -> Iterator[Cluster]:
+    """The user's site with both masters started."""
+    cluster = site_from_init(tmp_path / "site", fleet)
+    try:
+        for master in cluster.ports:
+            cluster.start(master)
+        yield cluster
+    finally:
+        cluster.stop_all()
 
 
 def type_in(hosts: sshd.SshHosts, name: str, line: str) -> None:
@@ -145,24 +195,28 @@ def failed(results: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
 
 
 @pytest.mark.slow
-def test_enrol_roll_out_ship_revoke_and_remove_across_ten_hosts(fleet: sshd.SshHosts,
+def test_enrol_roll_out_ship_revoke_and_remove_across_ten_hosts(fleet: sshd.SshHosts, site: Cluster,
                                                                  make_slack_rig: Callable[..., RolloutRig]) -> None:
-    """One command enrols ten hosts; one job, approved in Slack by a lead (and demanded by the masters'
+    """From a fresh `ombot init` (site_from_init): one command enrols ten hosts; one job, approved in Slack by a lead (and demanded by the masters'
     own floor), installs the agent (keys made on the hosts, bound by the master, each host's first
     heartbeat checked); a re-run and a check run change nothing; each host's typed commands reach the
     bot's store without a restart; with the first master down, the second takes each key by the
     certificate the first signed; revoking one host is refused within seconds; `audit.remove` leaves
     every host as it was."""
     before = {h.name: h.snapshot(skip=HOST_NOISE) for h in fleet.hosts}
-    rig = make_slack_rig({"local": ["m1", "m2"]}, kind=RolloutRig, policy=ROLLOUT_POLICY,
-                         inventory=fleet.inventory(unreachable=None), admins=(CLI_CLIENT,),
-                         prepare=ansible_with_a_wheelhouse, extra_toml=floor("m1", "m2", module="audit.*"),
-                         files={"audit-rules.toml": ALERT_RULES}, audit_rules="audit-rules.toml", audit_poll_seconds=0.2)
+    rig = make_slack_rig(cluster=site, kind=RolloutRig)
     cluster = rig.cluster
     enrolled = cluster.ombot("audit", "enroll", "web[01-10]", "--idc", "local")
     assert enrolled.returncode == 0, enrolled.stderr
-    with pytest.raises(Refused) as unapproved:  # the masters' own floor, whatever a client says
-        cluster.run_job("audit.rollout", {}, FLEET)
+    assert enrolled.stdout.count("10 enrolled pending") == 2, enrolled.stdout  # at both masters, no restart
+    conf = cluster.config()
+    assert conf.client is not None
+    router = cluster.router(f"cli:{conf.clients[conf.client.id].user}", client=conf.client.id)
+    try:
+        with pytest.raises(Refused) as unapproved:  # the masters' own floor, whatever a client says
+            router.submit("local", "audit.rollout", {}, FLEET)
+    finally:
+        router.close()
     assert unapproved.value.code == "approval_required"
 
     state, results = rig.approved_job("audit.rollout web[01-10]")
@@ -184,13 +238,14 @@ def test_enrol_roll_out_ship_revoke_and_remove_across_ten_hosts(fleet: sshd.SshH
         type_in(fleet, name, f"echo rolled-out-{name}")
     wait_for(lambda: {f"echo rolled-out-{n}" for n in FLEET} <= rig.commands(), within=60,
              why="every host's command in the bot's store")
-    # m1 goes down: each agent shows m2, which never saw its key, the certificate m1 signed for it.
-    cluster.processes["m1"].stop()
+    # The first master goes down: each agent shows the second, which never saw its key, the
+    # certificate the first signed for it.
+    cluster.processes[FIRST_MASTER].stop()
     for name in FLEET:
         type_in(fleet, name, f"echo failed-over-{name}")
-    wait_for(lambda: all(any(d.get("command") == f"echo failed-over-{n}" for _, _, d in stored(cluster, "m2"))
-                         for n in FLEET), within=90, why="every host's command stored at m2")
-    cluster.start("m1")
+    wait_for(lambda: all(any(d.get("command") == f"echo failed-over-{n}" for _, _, d in stored(cluster, SECOND_MASTER))
+                         for n in FLEET), within=90, why="every host's command stored at the second master")
+    cluster.start(FIRST_MASTER)
     listed = cluster.ombot("audit", "agents", "--json")
     assert listed.returncode == 0, listed.stderr
     agents = {a["host"]: a for a in json.loads(listed.stdout)["agents"]}
@@ -202,7 +257,7 @@ def test_enrol_roll_out_ship_revoke_and_remove_across_ten_hosts(fleet: sshd.SshH
     type_in(fleet, "web04", "echo after-revoke-web04")
     wait_for(lambda: "echo after-revoke-web04" in rig.commands(), within=30, why="web04 still ships")
     time.sleep(3)
-    assert not any(d.get("command") == "echo after-revoke-web03" for _, _, d in stored(cluster, "m1") + stored(cluster, "m2"))
+    assert not any(d.get("command") == "echo after-revoke-web03" for _, _, d in stored(cluster, FIRST_MASTER) + stored(cluster, SECOND_MASTER))
 
     gone, removal = rig.approved_job("audit.remove web[01-10]")
     assert gone == "ok", failed(removal)

@@ -109,7 +109,7 @@ def event(seq: int, host: str = HOST, **changes: Any) -> dict[str, Any]:
 
 def stored(cluster: Cluster, master: str = "m1") -> list[tuple[str, str, dict[str, Any]]]:
     """(id, kind, data) of every audit event in a master's own SQLite database, oldest first."""
-    path = cluster.root / f"state-{master}" / f"{master}.db"
+    path = cluster.master_db(master)
     if not path.exists():
         return []
     with sqlite3.connect(path) as db:

@@ -210,8 +210,8 @@ class SlackRig:
             return conn.execute(sql, args).fetchall()
 
     def master_rows(self, master: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        """Rows of a master's database (SQLite, state-M/M.db)."""
-        with sqlite3.connect(self.cluster.root / f"state-{master}" / f"{master}.db", timeout=10) as conn:
+        """Rows of a master's database (SQLite, STATE_DIR/M.db)."""
+        with sqlite3.connect(self.cluster.master_db(master), timeout=10) as conn:
             return conn.execute(sql, args).fetchall()
 
 
