@@ -97,7 +97,8 @@ def _run(config: Path, verbose: bool) -> int:
 
 
 def _service_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`uninstall` and `service`: the agent's removal and its service (audit_agent/service.py)."""
+    """`uninstall` and `service`: the agent's removal (audit_agent/uninstall.py) and its service
+    (audit_agent/service.py)."""
     from ombot.audit_agent import service
 
     remove = sub.add_parser("uninstall", help="undo install: the hooks and their lines, the service; with --auditd "
@@ -119,9 +120,10 @@ def _service_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def _service_command(args: argparse.Namespace) -> int:
     from ombot.audit_agent import service
+    from ombot.audit_agent.uninstall import uninstall
 
     if args.command == "uninstall":
-        code, lines = service.uninstall(args.root, args.spool_dir, args.auditd, args.purge)
+        code, lines = uninstall(args.root, args.spool_dir, args.auditd, args.purge)
     elif args.action == "status":
         code, lines = service.status(args.config)
     else:

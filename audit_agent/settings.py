@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ombot.audit_agent.hook import DEFAULT_SPOOL_DIR
 from ombot.tables import HOST_NAME, TableReader, parse_address, public_key, read_toml
-from ombot.errors import ConfigError
+from ombot.errors import ConfigError, OmbotError
 
 DEFAULT_CONFIG = "/etc/ombot/agent.toml"
 DEFAULT_KEY = "/etc/ombot/agent.key"  # `keygen`'s default: where the rollout makes the key on the host
@@ -95,6 +96,21 @@ def load(path: Path) -> AgentSettings:
     )
     r.done()
     return settings
+
+
+def agent_dirs(config_file: Path, relative_to: Path) -> tuple[str, str]:
+    """(spool_dir, state_dir) that the agent.toml at `config_file` names (relative ones against the
+    directory `relative_to`, as the agent resolves them); the defaults when there is no such file yet."""
+    if not config_file.is_file():
+        return DEFAULT_SPOOL_DIR, DEFAULT_STATE_DIR
+    data = read_toml(config_file, "an agent.toml")
+    found = []
+    for key, default in (("spool_dir", DEFAULT_SPOOL_DIR), ("state_dir", DEFAULT_STATE_DIR)):
+        value = data.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise OmbotError(f"{config_file}: {key} must be a path")
+        found.append(os.path.normpath(os.path.join(str(relative_to), value)))
+    return found[0], found[1]
 
 
 def _master(r: TableReader) -> MasterAddress:

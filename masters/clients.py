@@ -7,7 +7,7 @@ every identity a request names against it: the request's own word is never enoug
   approvers, each in canonical form (no spaces, no case variants), or speak as itself.
 - Every client may run only the modules and hosts its registration's globs allow.
 - An `agent` client (a server's audit agent) speaks as `agent:HOST` and may call only `ingest` (and
-  `bind`, which a key not registered yet may send too: masters.registry), which no other client may call.
+  `bind`, which a key not registered yet may send too: masters.enrolment), which no other client may call.
 - Only a `chat` client (the bot, whose store holds the audit trail) reads stored audit events.
 - Only an `admin` client (a `cli` key marked so in ombot.toml) changes the master's registrations.
 """

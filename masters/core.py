@@ -29,7 +29,8 @@ from ombot.masters.inventory import Inventory, TargetError
 from ombot.masters.jobspec import SubmitChecks, require_inventory
 from ombot.masters.jobstore import JobStore, summary
 from ombot.keys import Identity
-from ombot.masters.registry import MAX_BIND_FRAME, ClientRegistry, Signer
+from ombot.masters.enrolment import MAX_BIND_FRAME, Signer
+from ombot.masters.registry import ClientRegistry
 from ombot.masters.rollout import AgentRollout, IdcMaster
 from ombot.masters.lograte import LogBudget
 from ombot.masters.runner import JobRunner
@@ -127,7 +128,7 @@ class MasterCore:
 
     def _bind(self, request: Request, peer: Peer) -> dict[str, Any]:
         """`bind`: an agent's key made on its host, bound here by the certificate a master of this IDC
-        signed (masters.registry). A key registered already must be an agent's, asking as itself."""
+        signed (masters.enrolment). A key registered already must be an agent's, asking as itself."""
         if request.sender:
             client = self.clients.get(request.sender)
             if client is None:  # revoked between opening the frame and now

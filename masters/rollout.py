@@ -4,7 +4,7 @@ A module only says "install" or "remove" (the AgentSetup step); the master fills
 when the job runs: the agent's wheels from the wheelhouse it carries, and the IDC's agent.toml (its
 masters in failover order with their public keys; `@HOST@` becomes each host's name there). The host
 makes its own key; its reply carries only the public key. Once a host reports success, the master
-binds that key to the host's pending enrolment (masters/registry.py, where an admin's
+binds that key to the host's pending enrolment (masters/enrolment.py, where an admin's
 `ombot audit enroll` put it) and waits for the agent's first heartbeat here: the host's result says
 whether it came. The agent fetches its binding certificate from this master and presents it to the
 IDC's other masters itself, so no master has to reach another.

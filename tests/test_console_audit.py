@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import peewee
@@ -168,6 +169,21 @@ def console_lines(child: pexpect.spawn) -> str:
     return str(child.logfile_read.text)
 
 
+@contextmanager
+def running_console(cluster: Cluster) -> Iterator[pexpect.spawn]:
+    """A real console (spawn_console) that quits when the block ends, or is killed when the block
+    failed; what it printed is shown either way."""
+    child = spawn_console(cluster)
+    try:
+        yield child
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        print(child.logfile_read.text)
+        if child.isalive():
+            child.terminate(force=True)
+
+
 def reader_rows(rig: AuditRig) -> dict[str, int]:
     """Which client ids read the master's audit, and how far: the console reads as `console`, the bot as `bot`."""
     return {reader: after for reader, after in rig.master_rows("m1", "SELECT reader, after FROM auditreader")}
@@ -179,8 +195,7 @@ def test_the_console_yields_the_feed_to_a_slack_bot_and_takes_it_while_none_runs
     rig = make_slack_rig(kind=AuditRig, console_user="U0DEMO", **audit_site(ALERT_RULES))
     wait_for(lambda: (rig.rows("SELECT holder FROM bot_lease WHERE name = ?", LEASE) or [("",)])[0][0]
              .startswith("slack:"), 30, "the bot to hold the audit feed")
-    child = spawn_console(rig.cluster)
-    try:
+    with running_console(rig.cluster) as child:
         child.expect_exact(f"{TO_SLACK}")  # said once at the start: a bot holds the feed
         child.expect_exact(SHOWN_PROMPT)
         # 1. A bot runs: the alert goes to Slack only, and the console never even reads the masters.
@@ -210,12 +225,6 @@ def test_the_console_yields_the_feed_to_a_slack_bot_and_takes_it_while_none_runs
         assert sorted(command for _, command in rig.stored()) == ["echo ALARM 1", "echo MARKER 2", "echo TWICE 3"]
         text = child.logfile_read.text
         assert text.count(TAKEN) == 1 and text.count(TO_SLACK) == 2  # once per change, not once per poll
-        child.sendline("/quit")
-        child.expect(pexpect.EOF)
-    finally:
-        print(child.logfile_read.text)
-        if child.isalive():
-            child.terminate(force=True)
     assert "Traceback" not in child.logfile_read.text
 
 
@@ -231,21 +240,16 @@ def test_only_a_console_with_a_chat_key_pulls_the_audit(tmp_path: Path, kind: st
         audit_rules="audit-rules.toml", audit_poll_seconds=0.2, **settings)))
     (cluster.root / "audit-rules.toml").write_text(ALERT_RULES)
     cluster.start("m1")
-    child = spawn_console(cluster)
     try:
-        child.expect_exact("OMBot console: you are ")
-        if kind == "chat":
-            child.expect_exact(TAKEN)  # said once, when its first poll took the feed
-        assert ingest(cluster, "m1", [alarm(1, "ALARM")])["stored"] == 1
-        if kind == "chat":
-            child.expect_exact("[audit alert #1] :warning: *warning* \u00b7 audit rule *alarm* on `web01` in `local`")
-        text = console_lines(child)
-        child.sendline("/quit")
-        child.expect(pexpect.EOF)
+        with running_console(cluster) as child:
+            child.expect_exact("OMBot console: you are ")
+            if kind == "chat":
+                child.expect_exact(TAKEN)  # said once, when its first poll took the feed
+            assert ingest(cluster, "m1", [alarm(1, "ALARM")])["stored"] == 1
+            if kind == "chat":
+                child.expect_exact("[audit alert #1] :warning: *warning* \u00b7 audit rule *alarm* on `web01` in `local`")
+            text = console_lines(child)
     finally:
-        print(child.logfile_read.text)
-        if child.isalive():
-            child.terminate(force=True)
         cluster.stop_all()
     with sqlite3.connect(cluster.root / "state-m1" / "m1.db") as db:
         readers = [reader for reader, in db.execute("SELECT reader FROM auditreader")]

@@ -53,7 +53,8 @@ class Site:
         self.idc = {"m1": IDC, "m2": IDC, "f1": "far"}
 
     def registry(self, master: str, configured: dict[str, ClientRegistration] | None = None) -> Any:
-        from ombot.masters.registry import ClientRegistry, Signer
+        from ombot.masters.enrolment import Signer
+        from ombot.masters.registry import ClientRegistry
 
         peers = {m: k.public for m, k in self.keys.items() if self.idc[m] == self.idc[master]}
         return ClientRegistry(master, configured or {}, Signer(self.keys[master], self.idc[master], peers))
@@ -319,12 +320,12 @@ def test_the_heartbeat_table_of_an_older_master_gains_version_and_sources(master
 
 def test_a_registry_from_before_enrolments_is_upgraded_in_place(master_db: peewee.Database) -> None:
     from ombot.masters import registry as master_registry
+    from ombot.masters.registrations import RegisteredClient
 
     migrate(master_db, "registry", master_registry.MIGRATIONS[:1])  # issue 17's tables only
     kept = Identity.generate()
-    master_registry.RegisteredClient.create(master_id="m1", client_id="agent-db01", kind="agent", public_key=kept.public,
-                                            user="agent-db01", host="db01", modules=[], hosts=[], added_at=1,
-                                            added_by="test")
+    RegisteredClient.create(master_id="m1", client_id="agent-db01", kind="agent", public_key=kept.public,
+                            user="agent-db01", host="db01", modules=[], hosts=[], added_at=1, added_by="test")
     m1 = Site().registry("m1")
     assert m1.sender(kept.verify_key_bytes) == "agent-db01"
     assert m1.enroll([{"host": "web01", "enrolment": enrolment()}], "t")[0] == {"web01": "pending"}
@@ -332,7 +333,7 @@ def test_a_registry_from_before_enrolments_is_upgraded_in_place(master_db: peewe
 
 
 def test_binds_from_unknown_keys_are_rate_limited_before_any_crypto(site: Site) -> None:
-    from ombot.masters.registry import BIND_BURST
+    from ombot.masters.enrolment import BIND_BURST
 
     m1 = site.registry("m1")
     m1.add([{"id": "agent-web01", "kind": "agent", "host": "web01", "public_key": (known := Identity.generate()).public}],
@@ -498,10 +499,11 @@ def agents_of(cluster: Cluster, *args: str) -> dict[str, dict[str, Any]]:
 
 
 def bound_at(cluster: Cluster, master: str, host: str, public_key: str) -> dict[str, str]:
-    """What the rollout job does on `master` once `host` made its key: masters.registry's `bind`, which
+    """What the rollout job does on `master` once `host` made its key: masters.enrolment's `bind`, which
     returns the certificate. Here the master is stopped meanwhile and this process opens its database."""
     from ombot.masters import store
-    from ombot.masters.registry import ClientRegistry, Signer
+    from ombot.masters.enrolment import Signer
+    from ombot.masters.registry import ClientRegistry
 
     conf = cluster.config()
     settings = conf.masters[master]

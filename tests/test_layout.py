@@ -32,7 +32,8 @@ ONLY: dict[str, set[str]] = {"audit_agent": set()}  # it runs on every server: n
 AGENT_BASE = {"ombot", "ombot.envelope", "ombot.keys", "ombot.tables", "ombot.errors"}
 MASTER_INTERNALS = ("masters.core", "masters.server", "masters.connections", "masters.backends", "masters.store", "masters.jobstore",
                     "masters.runner", "masters.jobspec", "masters.slots", "masters.lograte", "masters.audit",
-                    "masters.housekeeping", "masters.registry", "masters.ingest_budget", "masters.rollout")
+                    "masters.housekeeping", "masters.registry", "masters.registrations", "masters.enrolment",
+                    "masters.ingest_budget", "masters.rollout")
 ENTRY_POINTS = {"ombot/__main__.py"}  # `python -m ombot` starts the root: the one upward arrow, by design
 # third-party library -> the only files allowed to import it
 LIBRARY_HOMES = {

@@ -27,6 +27,7 @@ from ombot.audit import store as bot_audit
 from ombot.bot import multi, replay, schedules
 from ombot.bot import store as bot_store
 from ombot.masters import audit as master_audit
+from ombot.masters import registrations as master_tables
 from ombot.masters import registry as master_registry
 from ombot.masters import store
 from ombot import config as cfg
@@ -343,7 +344,7 @@ def test_approval_tables_round_trip(bot_db: peewee.Database) -> None:
 # Every model, each in the database its component opens it in (test_every_model_is_listed_here).
 MASTER_MODELS = [store.SeenNonce, store.Job, store.JobEvent, store.HostLock, master_audit.AuditEvent,
                  master_audit.AuditAgent, master_audit.AuditReader,
-                 master_registry.RegisteredClient, master_registry.RevokedKey, master_registry.AgentEnrolment]
+                 master_tables.RegisteredClient, master_tables.RevokedKey, master_tables.AgentEnrolment]
 BOT_MODELS = [bot_store.BotJob, replay.SeenRequest, lease.Lease, multi.MultiRequest, multi.MultiPart,
               schedules.Schedule, schedules.ScheduleRun, bot_audit.AuditRecord, bot_audit.AuditCursor,
               astore.ApprovalRequest, astore.ApprovalVote, astore.TrailEntry, SchemaVersion]

@@ -11,7 +11,7 @@ import typer
 
 from ombot.app.options import ConfigOpt, MasterOpt, admin_router, config_of, masters_named
 
-MAX_PER_CALL = 1000  # names one registry call may carry (the masters refuse more: masters.registry.MAX_CLIENTS)
+MAX_PER_CALL = 1000  # names one registry call may carry (the masters refuse more: masters.registrations.MAX_CLIENTS)
 clients_app = typer.Typer(no_args_is_help=True, help="List, add and revoke the clients the masters accept (admin keys).")
 
 
