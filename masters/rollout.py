@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -61,13 +62,15 @@ class AgentRollout:
                  wait_heartbeat: WaitHeartbeat, wait_seconds: float = HEARTBEAT_WAIT_SECONDS) -> None:
         self.wheelhouse, self.idc, self.masters = state_dir / WHEELHOUSE, idc, masters
         self.bind, self.wait_heartbeat, self.wait_seconds = bind, wait_heartbeat, wait_seconds
+        self._digests: dict[tuple[str, int, int], str] = {}  # (name, size, mtime_ns) -> sha256
 
     def fill(self, plan: Plan, check: bool) -> Plan:
-        """The plan with each AgentSetup's payload filled in (the wheels are read once per job)."""
+        """The plan with each AgentSetup's payload filled in (each wheel hashed when it changed)."""
         if not any(isinstance(step, AgentSetup) for step in plan.steps):
             return plan
         wheels, version = self._wheels()
-        digests = {name: hashlib.sha256(data).hexdigest() for name, data in wheels.items()}
+        install = any(isinstance(s, AgentSetup) and s.action == "install" for s in plan.steps)
+        digests = self._hashed(wheels) if install else {}  # a removal sends no wheels
         toml = render("@HOST@", self.idc, "agent.key", [(m.id, m.host, m.port, m.public_key) for m in self.masters])
         steps = [replace(step, payload=agent_setup.request(step.action, check, digests if step.action == "install" else {},
                                                            toml, version, step.auditd),
@@ -95,18 +98,37 @@ class AgentRollout:
         installs = [s for s in plan.steps if isinstance(s, AgentSetup) and s.action == "install"]
         return None if check or not installs else Enrolment(self, job_id, report)
 
-    def _wheels(self) -> tuple[dict[str, bytes], str]:
+    def _wheels(self) -> tuple[dict[str, os.stat_result], str]:
+        """The wheelhouse's wheels (name -> stat) and the agent's version in it."""
         try:
-            files = sorted(p for p in self.wheelhouse.iterdir() if p.name.endswith(".whl") and p.is_file())
+            files = {p.name: p.stat() for p in sorted(self.wheelhouse.iterdir())
+                     if p.name.endswith(".whl") and p.is_file()}
         except OSError:
-            files = []
-        versions = [m[1] for p in files if (m := _AGENT_WHEEL.fullmatch(p.name))]
+            files = {}
+        versions = [m[1] for name in files if (m := _AGENT_WHEEL.fullmatch(name))]
         if len(versions) != 1:
             raise RolloutError(f"the wheelhouse {self.wheelhouse} must hold exactly one ombot-agent wheel (it has "
                                f"{len(versions)}): fill it with `ombot audit wheelhouse {self.wheelhouse}`")
-        if sum(p.stat().st_size for p in files) > MAX_WHEELHOUSE_BYTES:
+        if sum(st.st_size for st in files.values()) > MAX_WHEELHOUSE_BYTES:
             raise RolloutError(f"the wheelhouse {self.wheelhouse} is over {MAX_WHEELHOUSE_BYTES >> 20} MiB")
-        return {p.name: p.read_bytes() for p in files}, versions[0]
+        return files, versions[0]
+
+    def _hashed(self, wheels: dict[str, os.stat_result]) -> dict[str, str]:
+        """Each wheel's sha256, read again only if its size or mtime changed (the cache is replaced
+        whole, never changed in place: jobs and previews may fill at once)."""
+        fresh = {}
+        for name, st in wheels.items():
+            key = (name, st.st_size, st.st_mtime_ns)
+            fresh[key] = self._digests.get(key) or self._digest(name)
+        self._digests = fresh
+        return {name: digest for (name, _, _), digest in fresh.items()}
+
+    def _digest(self, name: str) -> str:
+        try:
+            with open(self.wheelhouse / name, "rb") as wheel:
+                return hashlib.file_digest(wheel, "sha256").hexdigest()
+        except OSError as exc:
+            raise RolloutError(f"cannot read {self.wheelhouse / name}: {exc}") from None
 
 
 class Enrolment:

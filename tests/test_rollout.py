@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -47,14 +48,33 @@ def test_the_master_fills_in_the_wheelhouse_and_the_idcs_agent_toml(tmp_path: Pa
     assert request["action"] == "install" and request["version"] == "0.2.0" and request["auditd"] is True
     assert request["wheels"] == {"ombot_agent-0.2.0-py3-none-any.whl": hashlib.sha256(b"agent").hexdigest(),
                                  "rpyc-6.0.2-py3-none-any.whl": hashlib.sha256(b"rpyc").hexdigest()}
-    assert step.wheelhouse == str(house)  # Ansible copies it over; Salt sends the bytes along:
-    assert json.loads(agent_setup.with_wheels(step.payload, step.wheelhouse))["wheel_data"]["rpyc-6.0.2-py3-none-any.whl"] == "cnB5Yw=="
+    assert step.wheelhouse == str(house)  # the backend copies it over (Ansible's copy, Salt's cp.recv_chunked):
+    assert set(request) == {"action", "check", "version", "auditd", "agent_toml", "wheels"}  # no wheel's bytes
     toml = request["agent_toml"]
     assert '\nhost = "@HOST@"' in toml and 'address = "127.0.0.1:7000"' in toml and 'address = "[::1]:7001"' in toml
     assert toml.index('id = "m1"') < toml.index('id = "m2"')  # failover order
     assert filled.parse is agent_setup.reply  # the host's reply becomes the result's data
     removal = rollout(tmp_path).fill(Plan(AgentSetup("remove")), check=True)
     assert json.loads(removal.steps[0].payload or "{}")["wheels"] == {}  # a removal carries no wheels
+
+
+def test_a_wheel_is_hashed_again_only_when_its_size_or_mtime_changed(tmp_path: Path) -> None:
+    """The master keeps each wheel's sha256 by (name, size, mtime): a job or preview reads only changed wheels."""
+    (tmp_path / "wheelhouse").mkdir()
+    wheel = tmp_path / "wheelhouse" / "ombot_agent-0.2.0-py3-none-any.whl"
+    wheel.write_bytes(b"agent")
+    master, plan = rollout(tmp_path), Plan(AgentSetup("install"))
+
+    def digest() -> str:
+        return str(json.loads(master.fill(plan, check=False).steps[0].payload or "{}")["wheels"][wheel.name])
+
+    assert digest() == hashlib.sha256(b"agent").hexdigest()
+    was = wheel.stat()
+    wheel.write_bytes(b"AGENT")  # the same size; its mtime put back: not read again
+    os.utime(wheel, ns=(was.st_atime_ns, was.st_mtime_ns))
+    assert digest() == hashlib.sha256(b"agent").hexdigest()
+    os.utime(wheel, ns=(was.st_atime_ns, was.st_mtime_ns + 1_000_000))
+    assert digest() == hashlib.sha256(b"AGENT").hexdigest()
 
 
 @pytest.mark.parametrize("wheels, why", [

@@ -1,16 +1,20 @@
 """Rolling the audit agent out through the Salt backend (`audit.rollout`, `audit.remove`; the Salt side
-of masters/backends/salt_job.py's AgentSetup), end to end: a real salt-master and a minion whose root is
-its own (tests/saltrig.py with private roots, as tests/sshd.py's hosts), a real OMBot master on Salt.
+of masters/backends/salt_job.py's AgentSetup, the wheels sent by salt_copy.py), end to end: a real
+salt-master and minions whose roots are their own (tests/saltrig.py with private roots, as
+tests/sshd.py's hosts), a real OMBot master on Salt.
 
 From enrolment to a first command typed at a login shell on the minion stored at the master, then the
-removal leaving the minion's tree as it was. tests/test_rollout.py does the same through Ansible.
+removal leaving the minion's tree as it was; the wheels go to both minions in one publish per chunk,
+as the salt-master's job cache shows. tests/test_rollout.py does the same through Ansible.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 import pytest
 
 import ombot
+from ombot.masters.backends import salt_copy
 from tests import saltrig, sshd
 from tests.rigs import stored
 from tests.saltrig import salt_cluster
@@ -25,6 +30,7 @@ from tests.support import CLI_CLIENT, Cluster, type_line, wait_for
 
 pytestmark = [pytest.mark.slow]
 MINION = "minion1"
+OTHER = "minion2"  # takes the wheels with MINION until one it cannot write: its copy fails, nothing else runs there
 # What the minion's tree gains that is not the agent's: its own salt state lives in /tmp, Python's and
 # pip's caches in root's home (the machine's, as on sshd hosts) and /var/cache.
 NOISE = ("/tmp", "/root", "/var/log", "/var/cache", "/var/lib/dpkg", "/var/lib/apt", "/var/lib/systemd")
@@ -32,12 +38,12 @@ NOISE = ("/tmp", "/root", "/var/log", "/var/cache", "/var/lib/dpkg", "/var/lib/a
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[saltrig.SaltRig]:
-    """A salt-master and one minion in a mount namespace of its own (its /etc, /opt, /var/lib ... its tree)."""
+    """A salt-master and two minions, each in a mount namespace of its own (its /etc, /opt, /var/lib ...)."""
     if not saltrig.available():
         pytest.skip("needs the salt extra (pip install 'ombot[salt]') and root, to run a salt-master and minions")
     if (why := sshd.private_roots_unavailable(tmp_path_factory.mktemp("probe"))) is not None:
         pytest.skip(f"a salt minion with a root of its own: {why}")
-    started = saltrig.SaltRig(tmp_path_factory.mktemp("salt"), minions=[MINION], private_roots=True).start()
+    started = saltrig.SaltRig(tmp_path_factory.mktemp("salt"), minions=[MINION, OTHER], private_roots=True).start()
     yield started
     started.stop()
 
@@ -56,6 +62,20 @@ def cluster(rig: saltrig.SaltRig, tmp_path: Path) -> Iterator[Cluster]:
     made.start("m1")
     yield made
     made.stop_all()
+
+
+def in_minion(rig: saltrig.SaltRig, name: str, *argv: str) -> None:
+    """Run `argv` in the minion's mount namespace (its own /opt)."""
+    subprocess.run(["nsenter", "--target", str(rig.pid(name)), "--mount", *argv], check=True)
+
+
+def copies(rig: saltrig.SaltRig) -> dict[str, dict[str, Any]]:
+    """Every cp.recv_chunked job in the salt-master's job cache, by jid: its target and arguments."""
+    listed = subprocess.run([str(saltrig.BIN / "salt-run"), "-c", str(rig.master_dir), "--out=json",
+                             "jobs.list_jobs", "search_function=cp.recv_chunked"],
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr[-800:]
+    return dict(json.loads(listed.stdout))
 
 
 def type_in(rig: saltrig.SaltRig, name: str, line: str) -> None:
@@ -77,10 +97,10 @@ def agents_running(rig: saltrig.SaltRig, name: str) -> list[str]:
     return found
 
 
-def job(cluster: Cluster, module: str, check: bool = False) -> dict[str, Any]:
+def job(cluster: Cluster, module: str, check: bool = False, minion: str = MINION) -> dict[str, Any]:
     """Run `module` on the minion through m1; the minion's result, which must be ok."""
-    state, results, _ = cluster.run_job(module, {}, [MINION], check=check)
-    result = results[MINION]
+    state, results, _ = cluster.run_job(module, {}, [minion], check=check)
+    result = results[minion]
     assert state == "ok", (result["status"], result["error"], result["stdout"][-600:], result["stderr"][-800:])
     return result
 
@@ -98,13 +118,40 @@ def test_enrol_roll_out_ship_and_remove_on_a_salt_minion(rig: saltrig.SaltRig, c
         shown = router.preview("local", "audit.rollout", {}, MINION, check=False)
     finally:
         router.close()
-    assert shown["salt"]["calls"] == ["cmd.run_all [/usr/bin/python3, -c, AGENT_SETUP, MINION] (the request on stdin): "
-                                      "install the OMBot audit agent (venv by /usr/bin/python3; docs/audit.md: "
-                                      "Rolling the agent out)"]
+    house = cluster.root / "state-m1" / "wheelhouse"
+    wheels = sorted(p.name for p in house.glob("*.whl"))
+    assert shown["steps"][1:] == [  # what this master would install, and where
+        f"on each host: ombot-agent {ombot.__version__} into /opt/ombot-agent from {len(wheels)} wheels in {house}",
+        f"on each host: /etc/ombot/agent.toml naming m1@127.0.0.1:{cluster.ports['m1']}; a key made there; the hook; "
+        "the service", "then: each host's key bound here, and its first heartbeat awaited"]
+    assert shown["salt"]["calls"] == [
+        "cp.recv_chunked: the master's wheelhouse to /opt/ombot-agent/wheels/, as salt-cp --chunked does, one publish "
+        "per chunk for all the hosts of a batch",
+        "cmd.run_all [/usr/bin/python3, -c, AGENT_SETUP, MINION] (the request on stdin): install the OMBot audit agent "
+        "(venv by /usr/bin/python3; docs/audit.md: Rolling the agent out)"]
 
     state, results, _ = cluster.run_job("audit.rollout", {"python": "/usr/bin/python3.99"}, [MINION])
     assert (state, results[MINION]["error"]) == ("failed", "command not found: the agent's setup (/usr/bin/python3.99)")
-    data = job(cluster, "audit.rollout")["data"]
+    blocked = wheels[-1]  # OTHER cannot write the last wheel: a directory stands where it goes
+    in_minion(rig, OTHER, "mkdir", "-p", f"/opt/ombot-agent/wheels/{blocked}")
+    state, results, _ = cluster.run_job("audit.rollout", {}, [MINION, OTHER])
+    assert state == "partial" and results[MINION]["status"] == "ok", results[MINION]["error"]
+    assert results[OTHER]["status"] == "failed"
+    error = results[OTHER]["error"]
+    assert error.startswith(f"copying the agent's wheels to /opt/ombot-agent/wheels failed at {blocked}: ")
+    assert "Is a directory" in error
+    cached = copies(rig)
+    sent = [jid for jid in results[MINION]["data"]["salt"]["jids"] if jid in cached]
+    chunks = [w for w in wheels for _ in range(max(1, math.ceil((house / w).stat().st_size / salt_copy.CHUNK_BYTES)))]
+    assert [cached[jid]["Arguments"][0]["dest"] for jid in sent] == [f"/opt/ombot-agent/wheels/{w}" for w in chunks]
+    together = chunks.index(blocked) + 1  # one publish per chunk to both, until OTHER's write failed
+    targets = [sorted(cached[jid]["Target"]) for jid in sent]
+    assert targets == [[MINION, OTHER]] * together + [[MINION]] * (len(sent) - together)
+    assert results[OTHER]["data"]["salt"]["jids"] == sent[:together]  # no publish of its own, no setup run
+    # A check run copies nothing and names the wheel that did not come (the others came intact).
+    checked = job(cluster, "audit.rollout", check=True, minion=OTHER)["data"]["changes"]
+    assert [c for c in checked if "copied" in c] == [f"would have copied the wheel /opt/ombot-agent/wheels/{blocked}"]
+    data = results[MINION]["data"]
     assert data["public_key"] and data["heartbeat_at"] > 0 and data["version"] == ombot.__version__
     assert "started the agent" in data["changes"] and any("wrote /etc/ombot/agent.toml" in c for c in data["changes"])
     root = rig.host_root(MINION)

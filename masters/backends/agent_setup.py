@@ -15,7 +15,6 @@ compared by content, and the reply lists only what really changed (`check` lists
 
 from __future__ import annotations
 
-import base64
 import difflib
 import hashlib
 import json
@@ -50,18 +49,10 @@ class SetupError(Exception):
 def request(action: str, check: bool, wheels: Dict[str, str], agent_toml: str, version: str,
             auditd: bool) -> str:
     """The JSON the master sends on stdin (the agent.toml's `@HOST@` is filled in on each host).
-    `wheels`: each wheel's name and sha256; the backend copies them to PREFIX/wheels first (Ansible's
-    copy), or sends their bytes along (`with_wheels`)."""
+    `wheels`: each wheel's name and sha256; the backend copies the wheels to PREFIX/wheels first
+    (Ansible's copy, Salt's cp.recv_chunked), and this checks each one."""
     return json.dumps({"action": action, "check": check, "version": version, "auditd": auditd,
                        "agent_toml": agent_toml, "wheels": wheels})
-
-
-def with_wheels(payload: str, wheelhouse: str) -> str:
-    """The request with the wheels' bytes in it, for a backend that has no copy of its own (Salt)."""
-    req = json.loads(payload)
-    req["wheel_data"] = {name: base64.b64encode((Path(wheelhouse) / name).read_bytes()).decode("ascii")
-                         for name in req["wheels"]}
-    return json.dumps(req)
 
 
 def source() -> str:
@@ -130,23 +121,22 @@ class Setup:
         return {}
 
     def _wheels(self) -> bool:
-        """The wheelhouse on the host is exactly the master's (checked by sha256): sent ones written,
-        stale ones removed; True if it wrote or removed one (a wheel the backend copied itself does not
+        """The wheelhouse on the host is exactly the master's (checked by sha256; the backend copied it,
+        except in a check run), stale wheels removed; True if it removed one (a copied wheel does not
         count: a changed wheel under the same version is not reinstalled)."""
-        wheels, data = self.req.get("wheels"), self.req.get("wheel_data") or {}
+        wheels = self.req.get("wheels")
         if not isinstance(wheels, dict) or not wheels or not all(_WHEEL.fullmatch(n) for n in wheels):
             raise SetupError("the master sent no usable wheelhouse")
         house = PREFIX / "wheels"
         changed = False
-        for name, encoded in sorted(data.items()):
-            if name in wheels:
-                changed |= self._write(house / name, base64.b64decode(encoded), 0o644)
         for name, digest in sorted(wheels.items()):
             try:
                 ok = hashlib.sha256((house / name).read_bytes()).hexdigest() == digest
             except OSError:
                 ok = False
-            if not ok and not self.check:
+            if not ok and self.check:
+                self.changes.append(f"would have copied the wheel {house / name}")
+            elif not ok:
                 raise SetupError(f"the wheel {name} did not arrive intact in {house}")
         for stale in sorted(house.glob("*.whl")) if house.is_dir() else []:
             if stale.name not in wheels:

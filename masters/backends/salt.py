@@ -7,7 +7,9 @@ bus as they arrive) and is reported as soon as it is done. Every request value t
 argument (`kwarg`), never as a positional string: Salt turns a positional `runas=root` into a
 keyword argument, a value in `kwarg` stays data. A minion silent for `answer_seconds` is asked
 whether it still runs the job (`saltutil.find_job`); one that does not answer that either is
-unreachable. docs/backends.md describes the set-up, what each step becomes, and the limits.
+unreachable. An install of the audit agent first sends the master's wheelhouse, each chunk published
+once to a batch of hosts (salt_copy.py). docs/backends.md describes the set-up, what each step
+becomes, and the limits.
 
 Here the backend and its set-up; a job's run is salt_job.py's, the reading of minions' replies
 salt_replies.py's. Only this file imports Salt.

@@ -13,11 +13,11 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 from ombot.masters.backends import ansible_snippets as snippets
-from ombot.masters.backends import agent_setup, put_file
+from ombot.masters.backends import agent_setup, put_file, salt_copy
 from ombot.masters.backends.ansible_play import PlanError, put_data, put_label, tmp_prefix
 from ombot.masters.backends.base import CappedText, HostResult, HostStatus, RunContext
 from ombot.masters.backends.salt_replies import (
@@ -44,6 +44,7 @@ class SaltClient(Protocol):
     """What a job uses of Salt's `salt.client.LocalClient`: publishing, and the master's event bus."""
 
     event: Any  # salt.utils.event.MasterEvent: get_event(), close_pub()
+    opts: dict[str, Any]  # the salt-master's config as the client read it
 
     def run_job(self, tgt: Any, fun: str, **kwargs: Any) -> Any:
         """Publish `fun` to the minions `tgt`; {"jid": ..., "minions": [...]} or empty."""
@@ -61,30 +62,45 @@ class SaltJob:
         self.waiting: dict[str, list[HostRun]] = {}  # jid -> hosts whose call it is
         self.asking: dict[str, list[HostRun]] = {}  # find_job jid -> hosts asked
         self.env = {"PATH": snippets.CHILD_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMBOT_JOB_ID": ctx.job_id}
+        self.copying = False  # walking the hosts through the wheels' copy, not their plans
 
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        queue = list(self.hosts.values())
-        active: list[HostRun] = []
         try:
-            while queue or active:
-                if self._stopped():
-                    self._stop(active, queue)
-                    return
-                while queue and len(active) < self.ctx.max_parallel:  # limits.max_parallel_hosts at once
-                    host = queue.pop(0)
-                    active.append(host)
-                    host.program = self._program(host)
-                    self._advance(host, None)
-                self._publish([h for h in active if h.call is not None])
-                self._read_events(max(0.001, min(EVENT_WAIT_SECONDS, self.ctx.remaining())))
-                self._watch_silent([h for h in active if h.jid is not None])
-                active = [h for h in active if not h.reported]
+            copy = salt_copy.wheel_copy(self.ctx.plan, self.ctx.check, self.client.opts)
+            if copy is not None:  # an install's wheels first, to each batch of hosts at once (salt_copy.py)
+                self._walk(list(self.hosts.values()), copy.program, together=True)
+            self._walk([h for h in self.hosts.values() if not h.reported], self._program, together=False)
         finally:
             for host in self.hosts.values():
                 if not host.reported:  # a bug in the loop must cost the hosts, loudly, not leave them unreported
                     self._finish(host, HostStatus.FAILED, "backend error: the job ended without this host's result")
+
+    def _walk(self, queue: list[HostRun], program: Callable[[HostRun], Generator[Call, Reply, None]],
+              together: bool) -> None:
+        """Each host of `queue` through `program`, at most max_parallel_hosts at once. `together`: as batches,
+        each call published once for the batch when all of it is ready (a failed host drops out); a host
+        at the end of the copy is not reported (its plan follows)."""
+        self.copying = together
+        active: list[HostRun] = []
+        while queue or active:
+            if self._stopped():
+                self._stop(active, queue)
+                return
+            if not (together and active):  # together: the next batch once this one is done
+                while queue and len(active) < self.ctx.max_parallel:
+                    host = queue.pop(0)
+                    active.append(host)
+                    host.program = program(host)
+                    self._advance(host, None)
+            active = [h for h in active if not h.reported and h.program is not None]
+            ready = [h for h in active if h.call is not None]
+            if ready and (len(ready) == len(active) or not together):
+                self._publish(ready)
+            self._read_events(max(0.001, min(EVENT_WAIT_SECONDS, self.ctx.remaining())))
+            self._watch_silent([h for h in active if h.jid is not None])
+            active = [h for h in active if not h.reported and h.program is not None]
 
     def _stopped(self) -> bool:
         return self.ctx.cancelled.is_set() or self.ctx.remaining() <= 0
@@ -93,7 +109,7 @@ class SaltJob:
         groups: dict[str, list[HostRun]] = {}
         for host in ready:
             assert host.call is not None
-            groups.setdefault(host.call.key(), []).append(host)
+            groups.setdefault(host.call.key, []).append(host)
         for hosts in groups.values():
             call = hosts[0].call
             assert call is not None
@@ -218,7 +234,9 @@ class SaltJob:
         try:
             host.call = next(host.program) if reply is None else host.program.send(reply)
         except StopIteration:
-            self._finish(host, HostStatus.OK, None)
+            host.program = None
+            if not self.copying:  # after the wheels' copy the host goes on to its plan
+                self._finish(host, HostStatus.OK, None)
         except StepFailed as exc:
             host.rc = exc.rc if exc.rc is not None else host.rc
             self._finish(host, HostStatus.FAILED, str(exc))
@@ -327,12 +345,12 @@ class SaltJob:
 
     def _agent_setup(self, step: AgentSetup, host: HostRun) -> Call:
         """agent_setup.py run by the minion's own interpreter (`step.python`), with the minion's name
-        (the master's inventory name for it) as its argument and the request on stdin."""
+        (the master's inventory name for it) as its argument and the request on stdin. An install's
+        wheels are in place already: `run` copied them first (salt_copy.py)."""
         if step.payload is None:
             raise StepFailed("the master filled in no agent payload (AgentSetup is the built-in audit modules' own)")
-        payload = agent_setup.with_wheels(step.payload, step.wheelhouse) if step.wheelhouse else step.payload
         return Call("cmd.run_all", {"cmd": [step.python, "-c", agent_setup.source(), host.name], "python_shell": False,
-                                     **self._cmd_options(), "stdin": payload})
+                                     **self._cmd_options(), "stdin": step.payload})
 
     def _put_file(self, step: PutFile, host: HostRun) -> Call:
         """put_file.py run on the minion: the path check and the write in one step, by descriptors; the
@@ -379,7 +397,8 @@ def preview_lines(step: Step, check: bool) -> list[str]:
         case SaltState(name):
             return [f"state.apply mods={name} test={check}"]
         case AgentSetup():
-            return [f"cmd.run_all [{step.python}, -c, AGENT_SETUP, MINION] (the request on stdin): "
+            return [*salt_copy.preview_line(step, check),
+                    f"cmd.run_all [{step.python}, -c, AGENT_SETUP, MINION] (the request on stdin): "
                     f"{Plan(step).describe()[0]}" + (" (check: changes nothing)" if check else "")]
     return [f"(cannot run {type(step).__name__})"]
 

@@ -7,6 +7,7 @@ feeds the replies is salt_job.py's `SaltJob`.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Generator
@@ -35,7 +36,9 @@ class Call:
     fun: str
     kwarg: dict[str, Any]
 
+    @functools.cached_property
     def key(self) -> str:
+        """What hosts ready for the same call share one publish by (made once: a call may be large and shared)."""
         return self.fun + json.dumps(self.kwarg, sort_keys=True, default=str)
 
 
