@@ -26,6 +26,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
 from slack_sdk.webhook import WebhookClient
 
+from ombot import sdnotify
 from ombot.bot import forms, http_front, replay, store
 from ombot.bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK
 from ombot.bot.service import BotService
@@ -320,6 +321,7 @@ def http_server(app: App, host: str, port: int) -> WSGIServer:
 
 
 def serve_slack(config: Config) -> None:
+    sdnotify.claim()  # before any child starts: nothing else may speak to systemd for the bot
     secrets = SlackSecrets.from_env()
     if not secrets.bot_token:
         raise OmbotError("SLACK_BOT_TOKEN is not set (see the README: creating the Slack app)")
@@ -335,18 +337,24 @@ def serve_slack(config: Config) -> None:
     app, transport = build_app(service, secrets, client, socket_mode)
     service.start(transport)
     _stop_on_sigterm()
+    team = service.settings.team_id
     try:
         if socket_mode:
             from slack_bolt.adapter.socket_mode import SocketModeHandler
 
-            log.info("connecting to Slack in Socket Mode, serving workspace %s", service.settings.team_id)
-            SocketModeHandler(app, secrets.app_token, web_client=client).start()
+            log.info("connecting to Slack in Socket Mode, serving workspace %s", team)
+            handler = SocketModeHandler(app, secrets.app_token, web_client=client)
+            handler.connect()  # returns once the WebSocket is open: only then is the bot ready
+            sdnotify.ready(f"serving workspace {team} over Socket Mode", service.timers)
+            threading.Event().wait()  # what SocketModeHandler.start() does after connect()
         else:
             server = http_server(app, service.settings.listen_host, service.settings.listen_port)
-            log.info("serving Slack requests of workspace %s on http://%s:%s/slack/events", service.settings.team_id,
-                     *server.server_address[:2])
+            host, port = server.socket.getsockname()[:2]
+            log.info("serving Slack requests of workspace %s on http://%s:%s/slack/events", team, host, port)
+            sdnotify.ready(f"serving workspace {team} on http://{host}:{port}/slack/events", service.timers)
             server.serve_forever()
     finally:
+        sdnotify.stopping("bot stopping")
         service.close()
 
 

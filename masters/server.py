@@ -12,6 +12,7 @@ from typing import Any
 import rpyc
 from rpyc.core.channel import Channel
 
+from ombot import sdnotify
 from ombot.masters import store
 from ombot.masters.backends import backend_named
 from ombot.masters.connections import RPYC_OVERHEAD_BYTES, BoundedChannel, CappedThreadedServer, ConnectionGate
@@ -157,6 +158,7 @@ def _claim_state(settings: MasterSettings) -> int:
 
 
 def serve(config: Config, settings: MasterSettings, ready_file: Path | None = None) -> None:
+    sdnotify.claim()  # before any child starts: no job may speak to systemd for the master
     _claim_state(settings)
     core = build_core(config, settings)
     try:
@@ -168,6 +170,7 @@ def serve(config: Config, settings: MasterSettings, ready_file: Path | None = No
     _announce(core, settings, server, ready_file)
 
     def shutdown(signum: int, frame: Any) -> None:
+        sdnotify.stopping(f"master {settings.id} stopping")
         server.close()
 
     signal.signal(signal.SIGTERM, shutdown)
@@ -198,3 +201,4 @@ def _announce(core: MasterCore, settings: MasterSettings, server: CappedThreaded
         partial = ready_file.with_name(ready_file.name + ".partial")
         partial.write_text(f"{host}:{port}\n")
         partial.replace(ready_file)
+    sdnotify.ready(f"master {settings.id} (IDC {settings.idc}) serving on {host}:{port}", core.timers)

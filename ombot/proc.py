@@ -19,7 +19,9 @@ ALLOWED_NAMES = frozenset({
     "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
 })
 ALLOWED_PREFIXES = ("LC_",)
-NEVER_PREFIXES = ("SLACK_",)  # refused even when a caller names one in `keep`
+# Refused even when a caller names one in `keep`: Slack secrets; systemd's notify socket and watchdog,
+# which only the bot or the master itself may use (ombot.sdnotify)
+NEVER_PREFIXES = ("SLACK_", "NOTIFY_SOCKET", "WATCHDOG_")
 
 PR_SET_PDEATHSIG = 1
 PR_GET_DUMPABLE = 3

@@ -12,7 +12,6 @@ be PID 1 and `systemctl` is a recording stand-in (systemd is not PID 1 on the te
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -30,12 +29,12 @@ import pytest
 from ombot.audit_agent import hook, service
 from ombot.errors import OmbotError
 from ombot.keys import Identity
+from tests import systemd_units
 from tests.rigs import AGENT, agent_cluster, stored
 from tests.support import Cluster, child_env, wait_for
 
 NOBODY = 65534
 UNIT = "ombot-audit-agent.service"
-ANALYZE = shutil.which("systemd-analyze")
 # What `systemd-analyze security` may find unset in our unit, and why the agent needs it so. Any other
 # unset item (a protection dropped from the unit) fails the test.
 ACCEPTED_EXPOSURE = {
@@ -276,22 +275,14 @@ def test_uninstall_auditd_removes_the_rules_file_and_never_the_kernels_rules_und
 
 
 def test_the_unit_passes_systemd_analyze_verify_and_its_exposure_is_low(tmp_path: Path) -> None:
-    if ANALYZE is None:
-        pytest.skip("systemd-analyze is not installed")
     unit = tmp_path / UNIT
     unit.write_text(service.render_unit([sys.executable, "-m", "ombot.audit_agent", "run", "--config",
                                          "/etc/ombot/agent.toml"]))
-    verify = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60)
-    # verify exits 0 on an unknown key (it only warns): any line it prints fails the test
-    assert verify.returncode == 0 and not verify.stdout.strip() and not verify.stderr.strip(), verify.stderr
-    shown = subprocess.run([ANALYZE, "security", "--offline=true", str(unit)], capture_output=True, text=True, timeout=60)
-    print(shown.stdout)  # -s shows it
-    table = subprocess.run([ANALYZE, "security", "--offline=true", "--json=short", str(unit)], capture_output=True,
-                           text=True, timeout=60)
-    unset = {i["json_field"] for i in json.loads(table.stdout) if not i["set"] and i.get("exposure")}
-    assert unset <= set(ACCEPTED_EXPOSURE), sorted(unset - set(ACCEPTED_EXPOSURE))
-    score = float(shown.stdout.rsplit("exposure level for", 1)[1].split(":", 1)[1].split()[0])
-    assert score <= MAX_EXPOSURE, shown.stdout
+    systemd_units.verify(unit)
+    exposure = systemd_units.security(unit)
+    print(exposure.text)  # -s shows it
+    assert exposure.unset <= set(ACCEPTED_EXPOSURE), sorted(exposure.unset - set(ACCEPTED_EXPOSURE))
+    assert exposure.score <= MAX_EXPOSURE, exposure.text
 
 
 def test_the_unit_runs_the_agent_as_root_with_the_spool_and_state_writable() -> None:

@@ -8,7 +8,7 @@ command's environment carries a random token, and the sweep kills every descenda
 that carries the token (or carries none: the environment was wiped to hide) and reaps them.
 
 `OMBOT_JOB_CGROUPS=off` in the master's environment forces the fallback (for tests and for hosts
-where another manager owns the master's cgroup).
+where another manager owns the master's cgroup); falling back for any other reason is logged, once.
 """
 
 from __future__ import annotations
@@ -99,13 +99,24 @@ def _job_cgroup_root() -> Path | None:
     """The master's own cgroup v2 directory, if jobs can be placed below it (checked once)."""
     global _root_checked, _root
     if not _root_checked:
-        _root = None if os.environ.get(SWITCH_ENV, "").lower() in ("off", "0", "no") else own_cgroup()
+        switched_off = os.environ.get(SWITCH_ENV, "").lower() in ("off", "0", "no")
+        _root = None if switched_off else own_cgroup()
         if _root is not None and not os.access(_root, os.W_OK):
+            _fallback_warning(f"the master's cgroup {_root} is not writable")
             _root = None
+        elif _root is None and not switched_off:
+            _fallback_warning("the master is in no cgroup v2 hierarchy")
         if _root is not None:
             _sweep_dead_masters(_root)
         _root_checked = True
     return _root
+
+
+def _fallback_warning(why: str) -> None:
+    # Said once, at the first job: the fallback is weaker (it finds leftovers among the master's
+    # descendants by a token in their environment), and under systemd it means the unit is wrong.
+    log.warning("%s: each job's commands run under the subreaper fallback, not in a cgroup of their own "
+                "(under systemd: Delegate=yes, and no ProtectControlGroups=, in the master's unit)", why)
 
 
 def own_cgroup() -> Path | None:

@@ -19,6 +19,7 @@ from ombot.app.auditcmd import audit_app
 from ombot.app.options import ConfigOpt, IdcOpt, config_of, masters_named, router_for
 from ombot.app.policycmd import cli_gate, policy_app
 from ombot.app.registrycmd import clients_app
+from ombot.app.unitscmd import install_units
 from ombot.errors import OmbotError
 from ombot.logs import setup_logging
 
@@ -60,8 +61,17 @@ def _root(ctx: typer.Context, config: RootConfigOpt = None,
 
 @app.command()
 def init(directory: Annotated[Path, typer.Argument(help="Directory to create")],
-         master_port: Annotated[int, typer.Option(help="Port for the local master")] = initdir.DEFAULT_PORT) -> None:
-    """Write a working starter set: ombot.toml, fresh keys, an inventory, a sample policy."""
+         master_port: Annotated[int, typer.Option(help="Port for the local master")] = initdir.DEFAULT_PORT,
+         production: Annotated[bool, typer.Option("--production", help="A configuration for several IDCs, each "
+                                                  "master on its own host (docs/production.md)")] = False,
+         idc: Annotated[Optional[str], typer.Option("--idc", help="With --production: the IDCs, e.g. bj,sh")] = None,
+         masters_per_idc: Annotated[int, typer.Option(help="With --production: masters per IDC")] = 2) -> None:
+    """Write a working starter set: ombot.toml, fresh keys, an inventory, a sample policy; with
+    --production, a commented configuration for several IDCs to deploy from."""
+    if production or idc:
+        for line in initdir.init_production(directory, idc, masters_per_idc):
+            typer.echo(line)
+        return
     path = initdir.init(directory, master_port)
     typer.echo(f"wrote {path}")
     typer.echo(f"start a master:  {self_command()} --config {shlex.quote(str(path))} master")
@@ -280,14 +290,17 @@ def audit_agent_command(ctx: typer.Context) -> None:
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(clients_app, name="clients")
+app.command("install-units")(install_units)
 
 
 def main() -> None:
     from ombot.masters import ConnectFailed, MasterLost, NoMasterAvailable, Refused
     from ombot.proc import make_undumpable
+    from ombot.sdnotify import claim
 
     os.umask(0o077)  # databases, logs, keys, state: every file OMBot writes is its user's alone
     make_undumpable()  # jobs of the same uid must not read our secrets from /proc/PID/{environ,mem}
+    claim()  # systemd's notify socket and watchdog: this process's alone, never a child's
     try:
         app()
     except Refused as exc:

@@ -202,6 +202,22 @@ def init(directory: Path, port: int = DEFAULT_PORT, demo: bool = False) -> Path:
     return config
 
 
+def init_production(directory: Path, idcs: str | None, masters_per_idc: int) -> list[str]:
+    """`ombot init --production` (ombot/app/initprod.py); what to tell the user."""
+    from ombot.app import initprod
+
+    if idcs is None:
+        raise OmbotError("--production needs the IDCs: --idc bj,sh")
+    config, master_keys = initprod.init_production(directory, initprod.idc_names(idcs), masters_per_idc, _unix_user())
+    _copy_example_playbooks(directory / "playbooks")
+    return [f"wrote {config}", "edit every line marked EDIT, then on each host (docs/production.md):",
+            "  a master's host: this directory as /etc/ombot, keeping of the private keys only that master's "
+            f"(one of {', '.join(master_keys)})",
+            "  the bot's host: the same with keys/bot.key only, and /etc/ombot/bot.env (root, 0600) made from "
+            "bot.env.example",
+            "  then: ombot install-units"]
+
+
 def _copy_example_playbooks(target: Path) -> None:
     """OMBot's example playbooks (examples/playbooks in the source tree), for `playbooks = "playbooks"`."""
     examples = Path(__file__).resolve().parents[2] / "examples" / "playbooks"
