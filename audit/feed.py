@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ombot.audit import store
+from ombot.audit import metrics, store
 from ombot.audit.alerts import Thresholds
 from ombot.audit.notices import (back_message, degraded_message, notice_alert, reachable_message, recovered_message,
                            silent_message, unreachable_message)
@@ -272,6 +272,7 @@ class AuditFeed:
         if not events:
             return 0
         fresh = store.insert_new(idc, events)
+        metrics.pulled(len(events), len(fresh))
         for record in fresh:
             if record.kind == "command":
                 if self.rules is not None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ombot.audit import metrics
 from ombot.audit.alerts import MAX_GROUPS, AlertGroup, Grouper, alert_message
 from ombot.audit.overflow import Overflow, overflow_message, rank
 from ombot.audit.rules import Match
@@ -105,9 +106,17 @@ class AlertQueue:
         self.channels: dict[str, _Channel] = {}
         self._changed = threading.Condition()
         self._closed = False
+        metrics.watch_queue(self.depth)
+
+    def depth(self) -> int:
+        """Items waiting in every channel's queue (not the one on its way)."""
+        with self._changed:
+            return sum(len(state.pending) for state in self.channels.values())
 
     def alert(self, match: Match, event: Mapping[str, Any], fired: bool, channel: str) -> None:
         """One match of a newly stored event; `fired`: its threshold and cooldown let it alert."""
+        if fired:
+            metrics.alerted(match)
         with self._changed:
             group = self.grouper.add(match, event, fired, channel)
             if group is not None:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ombot.approvals import PENDING, ApprovalRequest, Decision, Gate, Viewer
-from ombot.bot import grammar, multi
+from ombot.bot import grammar, metrics, multi
 from ombot.bot.messages import CHECK, RequestView, approval_card, deny_form, params_text
 from ombot.bot.transport import ChatRequest, Transport
 from ombot.modules import ModuleSpec
@@ -84,6 +84,7 @@ class ApprovalFlow:
         request = vote.request
         self.show(request, transport)
         if vote.start:
+            metrics.approval_decided("approved", request.created_at, request.decided_at)
             schedule = self.schedules.label_of(request) if self.schedules is not None else ""
             starts = f"{schedule} is active now" if schedule else "its job starts now"
             transport.respond(req, text_message(f"Approved request #{request.number}; {starts}."))
@@ -116,6 +117,7 @@ class ApprovalFlow:
 
     def deny(self, ref: str, reason: str, req: ChatRequest, transport: Transport) -> None:
         request = self.gate.deny(ref, req.user, reason)
+        metrics.approval_decided("denied", request.created_at, request.decided_at)
         transport.respond(req, text_message(f"Denied request #{request.number}."))
         self._announce_denial(request, req.user, transport)
 
@@ -128,6 +130,7 @@ class ApprovalFlow:
             log.exception("announcing the denial of request %s", request.request_id)
 
     def expired(self, request: ApprovalRequest, transport: Transport) -> None:
+        metrics.approval_decided("expired", request.created_at, request.decided_at)
         self.show(request, transport)
         self._tell_requester(request, transport, f"Request #{request.number} (`{request.module}`) expired "
                                                  f"before it had enough approvals.")

@@ -17,7 +17,7 @@ from ombot.approvals import (
     ApprovalError, Decision, Gate, PolicyRefusal, authorize, record_trail, require_requester, viewer_of,
 )
 from ombot.audit import AuditQuery
-from ombot.bot import forms, grammar, multi, store
+from ombot.bot import forms, grammar, metrics, multi, store
 from ombot.bot.approval_flow import ApprovalFlow
 from ombot.bot.audit_search import AUDIT_USAGE, parse_audit_query, search_audit
 from ombot.bot.commands import REQUESTERS, CommandError, Prose, Word, available, chat_command
@@ -410,6 +410,7 @@ class Dispatcher:
                                             timeout=command.timeout, request_id=job.job_id, requester=req.user,
                                             check=command.check)
         except MasterLost as exc:  # sent, then the link broke: follow it where it went, never re-send
+            metrics.job_submitted(spec.name, "lost")
             if exc.ref is None:
                 self._end_early(job, transport, JobState.UNKNOWN, str(exc))
             else:
@@ -417,8 +418,10 @@ class Dispatcher:
                 self.follower.start(job, transport)
             return
         except (Refused, NoMasterAvailable) as exc:
+            metrics.job_submitted(spec.name, "refused")
             self._end_early(job, transport, JobState.FAILED, getattr(exc, "message", str(exc)))
             return
+        metrics.job_submitted(spec.name, "accepted")
         store.update_job(job, master_id=ref.master_id, state=JobState.QUEUED)
         self.follower.start(job, transport, reply.get("events", []))
 

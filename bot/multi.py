@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import peewee
 
 from ombot.approvals import ApprovalRequest, Decision, Gate, authorize_parts
-from ombot.bot import grammar, store
+from ombot.bot import grammar, metrics, store
 from ombot.bot.messages import CHECK, CardState, job_card
 from ombot.bot.transport import ChatRequest, Transport
 from ombot.masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
@@ -316,6 +316,7 @@ def _submit(d: Dispatching, job: store.BotJob, command: grammar.Run, spec: Modul
                                      timeout=command.timeout, request_id=job.job_id, requester=req.user,
                                      check=command.check)
     except MasterLost as exc:  # sent, then the link broke: follow it where it went, never re-send
+        metrics.job_submitted(spec.name, "lost")
         if exc.ref is None:
             d.follower.end_early(job, transport, JobState.UNKNOWN, str(exc))
         else:
@@ -323,8 +324,10 @@ def _submit(d: Dispatching, job: store.BotJob, command: grammar.Run, spec: Modul
             d.follower.start(job, transport)
         return
     except (Refused, NoMasterAvailable) as exc:
+        metrics.job_submitted(spec.name, "refused")
         d.follower.end_early(job, transport, JobState.FAILED, getattr(exc, "message", str(exc)))
         return
+    metrics.job_submitted(spec.name, "accepted")
     store.update_job(job, master_id=ref.master_id, state=JobState.QUEUED)
     d.follower.start(job, transport, reply.get("events", []))
 

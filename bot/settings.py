@@ -58,6 +58,7 @@ class BotSettings:
     audit_poll_seconds: float = 1.0  # how often the audit feed reads every master
     audit_silent_after_seconds: int = 300  # an agent without a heartbeat this long is reported silent
     audit_alert_channel: str | None = None  # silent agents, and rules without a channel; else the rules' default
+    ops_listen: tuple[str, int] | None = None  # `ombot bot`'s /metrics, /healthz, /readyz (docs/monitoring.md)
 
     @classmethod
     def from_config(cls, config: Config) -> BotSettings:
@@ -84,6 +85,7 @@ class BotSettings:
             audit_poll_seconds=_seconds(r, "audit_poll_seconds", 1.0),
             audit_silent_after_seconds=_positive(r, "audit_silent_after_seconds", 300),
             audit_alert_channel=_channel_id(r, "audit_alert_channel"),
+            ops_listen=parse_address(r, "ops_listen") if "ops_listen" in r.table else None,
         )
         r.done()
         return settings

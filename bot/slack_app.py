@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -23,12 +24,13 @@ from slack_bolt import App, BoltRequest, BoltResponse
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
 from slack_sdk.webhook import WebhookClient
 
 from ombot import sdnotify
-from ombot.bot import forms, http_front, replay, store
+from ombot.bot import forms, http_front, metrics, replay, store
 from ombot.bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK
+from ombot.bot.ops import start_bot_ops
+from ombot.bot.slack_client import socket_ready, slack_answers, web_client
 from ombot.bot.service import BotService
 from ombot.bot.settings import BotSettings, SlackSecrets
 from ombot.bot.transport import ChatRequest
@@ -40,18 +42,8 @@ log = logging.getLogger("ombot.bot.slack")
 
 COMMAND = "/om"
 RESPONSE_URL_USES = 5  # Slack accepts at most five posts to one response_url
-RATE_LIMIT_RETRIES = 6
 SEND_ATTEMPTS = 20  # after the client's own retries: a result is never dropped for a 429 storm
 SCOPES = ["commands", "chat:write", "chat:write.public", "files:write", "usergroups:read", "users:read"]
-
-
-def web_client(secrets: SlackSecrets, rate_limit_retries: int = RATE_LIMIT_RETRIES) -> WebClient:
-    # Both handlers: passing any replaces slack_sdk's default connection-error retry.
-    handlers = [ConnectionErrorRetryHandler(), RateLimitErrorRetryHandler(max_retry_count=rate_limit_retries)]
-    kwargs: dict[str, Any] = {"token": secrets.bot_token, "retry_handlers": handlers}
-    if secrets.api_url:
-        kwargs["base_url"] = secrets.api_url.rstrip("/") + "/"
-    return WebClient(**kwargs)
 
 
 class ChannelQueues:
@@ -89,6 +81,7 @@ def _persist(call: Callable[[], Any]) -> Any:
         except SlackApiError as exc:
             if exc.response.status_code != 429 or attempt == SEND_ATTEMPTS - 1:
                 raise
+            metrics.slack_retry("rate_limited")
             time.sleep(float(exc.response.headers.get("Retry-After", "1") or 1))
     raise AssertionError("unreachable")
 
@@ -126,8 +119,10 @@ class SlackTransport:
         try:
             reply = WebhookClient(url).send(text=message.text, blocks=message.blocks, response_type=response_type)
         except OSError as exc:
+            metrics.slack_call(metrics.RESPONSE_URL, "unreachable")
             log.warning("response_url post failed: %s", exc)
             return False
+        metrics.slack_call(metrics.RESPONSE_URL, {200: "ok", 429: "rate_limited"}.get(reply.status_code, "error"))
         if reply.status_code != 200:
             log.warning("response_url answered %s: %s", reply.status_code, reply.body[:200])
             return False
@@ -338,23 +333,29 @@ def serve_slack(config: Config) -> None:
     service.start(transport)
     _stop_on_sigterm()
     team = service.settings.team_id
+    ops = None
+    ready = partial(start_bot_ops, service.settings, service.router, list(service.config.idcs))
     try:
         if socket_mode:
             from slack_bolt.adapter.socket_mode import SocketModeHandler
 
             log.info("connecting to Slack in Socket Mode, serving workspace %s", team)
             handler = SocketModeHandler(app, secrets.app_token, web_client=client)
+            ops = ready("socket", lambda: socket_ready(handler.client.is_connected()))
             handler.connect()  # returns once the WebSocket is open: only then is the bot ready
             sdnotify.ready(f"serving workspace {team} over Socket Mode", service.timers)
             threading.Event().wait()  # what SocketModeHandler.start() does after connect()
         else:
             server = http_server(app, service.settings.listen_host, service.settings.listen_port)
+            ops = ready("http", partial(slack_answers, web_client(secrets, rate_limit_retries=0)))
             host, port = server.socket.getsockname()[:2]
             log.info("serving Slack requests of workspace %s on http://%s:%s/slack/events", team, host, port)
             sdnotify.ready(f"serving workspace {team} on http://{host}:{port}/slack/events", service.timers)
             server.serve_forever()
     finally:
         sdnotify.stopping("bot stopping")
+        if ops is not None:
+            ops.close()
         service.close()
 
 

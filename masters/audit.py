@@ -34,6 +34,7 @@ from ombot.envelope import Refused, Request, dumps
 from ombot.masters.store import BaseModel, db
 from ombot.clock import now_ms
 from ombot.masters.ingest_budget import IngestBudget
+from ombot.masters import metrics
 from ombot.config import ClientRegistration, MasterSettings
 from ombot.storage import JSONField, create_tables, migrate
 
@@ -158,6 +159,7 @@ class AuditIngest:
         kept, rejected = _checked(events, host)
         taken, wait = self.budget.take(host, [size for _, size in kept])
         stored = self._store(client, host, [event for event, _ in kept[:taken]])
+        metrics.audit_batch(stored, taken - stored, len(rejected), len(kept) - taken)
         if status is not None:
             self._heartbeat(host, status)
         reply: dict[str, Any] = {"acked": [event["id"] for event, _ in kept[:taken]], "stored": stored,

@@ -125,6 +125,9 @@ class MasterLink:
         self.peer = Peer(identity, decode_public(master.public_key))
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
+        # time.monotonic() of the last reply and of the last failure to connect or to get one (readiness)
+        self.answered_at: float | None = None
+        self.failed_at: float | None = None
 
     def call(self, op: str, args: dict[str, Any], request_id: str | None = None,
              requester: str | None = None) -> dict[str, Any]:
@@ -135,7 +138,9 @@ class MasterLink:
             reply = conn.method(op)(self.peer.seal_request(request))
         except (EOFError, OSError, TimeoutError, rpyc.AsyncResultTimeout) as exc:
             conn.close()
+            self.failed_at = time.monotonic()
             raise MasterLost(f"lost master {self.master.id} during {op}: {type(exc).__name__}") from None
+        self.answered_at = time.monotonic()
         self._checkin(conn)
         if type(reply) is not bytes:
             raise Refused("bad_reply", "the master's reply is not bytes")
@@ -166,6 +171,7 @@ class MasterLink:
             conn._config["sync_request_timeout"] = CLIENT_CONFIG["sync_request_timeout"]
             return conn
         except (OSError, EOFError, socket.timeout, rpyc.AsyncResultTimeout) as exc:
+            self.failed_at = time.monotonic()
             raise ConnectFailed(f"{self.master.id} at {self.master.host}:{self.master.port}: "
                                 f"{type(exc).__name__}: {exc}") from None
 
@@ -349,6 +355,25 @@ class Router:
         if master_id not in self.links:
             raise OmbotError(f"unknown master {master_id!r} (known: {', '.join(self.links) or 'none'})")
         return self.links[master_id].call("registry", args)
+
+    def answering(self, idc: str, within: float) -> bool:
+        """Whether a master of the IDC replied in the last `within` seconds and nothing failed with it
+        since: what this router's own traffic says, without a request of its own (a bot's readiness)."""
+        now = time.monotonic()
+        links = [self.links[master_id] for master_id in self.masters_of(idc)]
+        return any(link.answered_at is not None and now - link.answered_at <= within
+                   and (link.failed_at is None or link.failed_at <= link.answered_at) for link in links)
+
+    def probe(self, idc: str) -> str | None:
+        """The first master of the IDC that answers `health` now (on an idle pooled connection if one
+        is there), or None when none does."""
+        for master_id in self.masters_of(idc):
+            try:
+                self.links[master_id].call("health", {})
+                return master_id
+            except (ConnectFailed, MasterLost, Refused):
+                continue
+        return None
 
     def health(self) -> list[dict[str, Any]]:
         """Every configured master, reachable or not, with its round-trip time."""

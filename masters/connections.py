@@ -240,6 +240,15 @@ class CappedThreadedServer(ThreadedServer):
             link.calls += delta
             link.last_active = time.monotonic()
 
+    def connection_counts(self) -> dict[str, int]:
+        """Open connections by the kind of key bound to each ("unauthenticated" for a stranger's), for /metrics."""
+        with self._lock:
+            counts = {kind: 0 for kind in ("chat", "console", "cli", "agent", "unauthenticated")}
+            for link in self._open:
+                kind = link.kind or "unauthenticated"
+                counts[kind] = counts.get(kind, 0) + 1
+            return counts
+
     def close_clients(self, client_ids: set[str]) -> None:
         """Close every connection bound to one of these keys (revoked: its next frame would be refused)."""
         with self._lock:

@@ -169,6 +169,16 @@ class ClientRegistry(Enrolments, Mapping[str, ClientRegistration]):
             self._tell({c.id for c in gone})
         return results
 
+    def agent_counts(self) -> dict[str, int]:
+        """Agents by state, for /metrics: accepted (from ombot.toml, added or bound), pending (enrolled, no key
+        bound yet), revoked (keys refused for good)."""
+        state = self._state
+        hosts = [c.host for c in state.accepted.values() if c.kind == "agent"]
+        served = set(hosts)  # one pass, not one per enrolment: a scrape of 10,000 agents stays cheap
+        return {"accepted": len(hosts),
+                "pending": sum(e.state == PENDING and e.host not in served for e in state.enrolments.values()),
+                "revoked": sum(r.kind == "agent" for r in state.revoked.values())}
+
     def listing(self) -> dict[str, Any]:
         """Every registration accepted now, with its source, and the keys revoked here, with when and by whom."""
         state = self._state

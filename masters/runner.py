@@ -30,6 +30,7 @@ from ombot.masters.inventory import Inventory
 from ombot.masters.jobspec import JobSpec
 from ombot.masters.jobstore import Busy, Event, JobStore
 from ombot.masters.leases import HostLeases
+from ombot.masters import metrics
 from ombot.masters.rollout import AgentRollout, RolloutError
 from ombot.masters.slots import JobSlots
 from ombot.masters.states import FINAL_STATES, JobState
@@ -121,6 +122,7 @@ class JobRunner:
                 self.live[request.id] = live
                 if concurrency is Concurrency.WAIT:
                     self.waiting[request.id] = live
+            metrics.job_entered(spec.module.name, JobState.QUEUED)
         finally:
             self._leave_entry(request.requester)
         if concurrency is Concurrency.WAIT:
@@ -220,6 +222,7 @@ class JobRunner:
     def _run_backend(self, live: LiveJob, spec: JobSpec) -> None:
         started = time.time()
         live.state = JobState.RUNNING  # in memory only: one write less per job; a restart reports it unknown anyway
+        metrics.job_entered(spec.module.name, JobState.RUNNING)
         limits = self.settings.limits
         def report(result: HostResult) -> None:
             self._report(live, result)
@@ -240,7 +243,9 @@ class JobRunner:
         )
         try:
             self.backend.run(ctx)
+            metrics.backend_ran(self.backend.name, completed=True)
         except Exception:
+            metrics.backend_ran(self.backend.name, completed=False)
             log.exception("backend %s failed on job %s", self.backend.name, live.id)
         if enrolment is not None:
             enrolment.finish()  # every installed host bound and heard from, or said why not
@@ -294,6 +299,7 @@ class JobRunner:
         last = ([live.held] if live.held else []) + missing
         events: list[Event] = [("host", r.as_dict()) for r in last]
         reason = reason or live.stop_reason
+        ran = live.state is JobState.RUNNING  # a job that never got its hosts has no run to time
         finished: dict[str, Any] = {"state": state, "counts": counts, "duration": round(time.time() - started, 3)}
         events.append(("finished", finished | ({"reason": reason} if reason else {})))
         with live.changed:  # final state and "finished" event become visible together
@@ -304,6 +310,9 @@ class JobRunner:
             live.state, live.finished = state, True
             live.changed.notify_all()
         self._forget(live)
+        if live.spec is not None:
+            metrics.job_ended(live.spec.module.name, state, time.time() - started if ran else None,
+                              [str(r.status) for r in live.results])
 
     def _append(self, live: LiveJob, events: list[Event]) -> None:
         """Numbered in order under the job's lock, then announced to its long-polls."""

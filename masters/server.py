@@ -19,6 +19,7 @@ from ombot.masters.connections import RPYC_OVERHEAD_BYTES, BoundedChannel, Cappe
 from ombot.masters.core import MasterCore
 from ombot.envelope import OPS
 from ombot.masters.inventory import open_inventory
+from ombot.masters.ops import start_master_ops
 from ombot.masters.rollout import IdcMaster
 from ombot.keys import Identity
 from ombot.modules import load_modules
@@ -167,6 +168,7 @@ def serve(config: Config, settings: MasterSettings, ready_file: Path | None = No
         core.close()
         raise OmbotError(f"master {settings.id} cannot listen on {settings.host}:{settings.port}: "
                          f"{exc.strerror or exc}") from None
+    ops = start_master_ops(core, server)  # /metrics, /healthz, /readyz when `ops_listen` is set
     _announce(core, settings, server, ready_file)
 
     def shutdown(signum: int, frame: Any) -> None:
@@ -178,6 +180,8 @@ def serve(config: Config, settings: MasterSettings, ready_file: Path | None = No
     try:
         server.start()
     finally:
+        if ops is not None:
+            ops.close()
         core.close()
 
 

@@ -103,6 +103,7 @@ class MasterSettings:
     audit_retention_days: float = 7.0  # audit events are deleted once the bot pulled them, or this long after
     ansible: AnsibleSettings = field(default_factory=AnsibleSettings)
     salt: SaltSettings = field(default_factory=SaltSettings)
+    ops_listen: tuple[str, int] | None = None  # /metrics, /healthz, /readyz (docs/monitoring.md); None: none
 
 
 CLIENT_KINDS = ("chat", "console", "cli", "agent")
@@ -313,6 +314,7 @@ def _parse_master(r: TableReader, master_id: str, clients: dict[str, ClientRegis
         audit_retention_days=_positive_number(r, "audit_retention_days", 7.0),
         ansible=_ansible(r.sub("ansible")),
         salt=_salt(r.sub("salt")),
+        ops_listen=parse_address(r, "ops_listen") if "ops_listen" in r.table else None,
     )
     if settings.salt.inventory == "minions" and settings.inventory is not None:
         raise ConfigError(r.path, r.key("inventory"), "no inventory file: [salt] inventory = \"minions\" takes the "

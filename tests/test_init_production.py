@@ -4,7 +4,6 @@ its placeholder address is replaced (here by loopback ports), all answering `omb
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import stat
@@ -19,9 +18,6 @@ from ombot import config as cfg
 from tests.support import Cluster, child_env, free_port
 
 IDCS = {"bj": ["bj-1", "bj-2"], "sh": ["sh-1", "sh-2"]}
-# `ops_listen` is read by the ops listener (ombot/opsweb.py, another part of issue 21); until it is in
-# this tree the config reader refuses the key, so the test drops it before loading.
-OPS_LISTENER = importlib.util.find_spec("ombot.opsweb") is not None
 
 
 def ombot(*args: str) -> subprocess.CompletedProcess[str]:
@@ -36,10 +32,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert made.returncode == 0, made.stderr
     assert f"wrote {root / 'ombot.toml'}" in made.stdout and "docs/production.md" in made.stdout
     return root
-
-
-def loadable(text: str) -> str:
-    return text if OPS_LISTENER else re.sub(r"(?m)^ops_listen = .*\n", "", text)
 
 
 def test_it_names_every_idc_and_master_with_its_own_key_and_no_secret(site: Path) -> None:
@@ -68,7 +60,7 @@ def test_it_names_every_idc_and_master_with_its_own_key_and_no_secret(site: Path
 
 def test_it_loads_and_passes_its_checks(site: Path) -> None:
     checked = site / "checked.toml"  # beside it: its relative paths hold
-    checked.write_text(loadable((site / "ombot.toml").read_text()))
+    checked.write_text((site / "ombot.toml").read_text())
     conf = cfg.load(checked)
     assert conf.idcs == {idc: tuple(ids) for idc, ids in IDCS.items()}
     assert {m.state_dir for m in conf.masters.values()} == {Path(f"/var/lib/ombot/{mid}") for mid in conf.masters}
@@ -82,7 +74,7 @@ def test_every_master_starts_with_its_key_and_answers(site: Path, tmp_path: Path
     """What a user edits on each master's host: its address (here a loopback port each), and, as the
     test is not a systemd unit, the state directory's place."""
     site = Path(shutil.copytree(site, tmp_path / "etc-ombot"))
-    text = loadable((site / "ombot.toml").read_text())
+    text = (site / "ombot.toml").read_text()
     text = re.sub(r'address = "[a-z]+-master-\d\.example\.internal:18861"',
                   lambda _: f'address = "127.0.0.1:{free_port()}"', text)
     text = re.sub(r'(?m)^ops_listen = "127\.0\.0\.1:\d+"', lambda _: f'ops_listen = "127.0.0.1:{free_port()}"', text)

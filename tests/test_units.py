@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.util
 import os
 import re
 import shutil
@@ -30,7 +29,6 @@ from tests import shells, systemd_units
 from tests.support import Cluster, child_env, run_job
 
 MASTER, BOT = units.MASTER_UNIT, units.BOT_UNIT
-OPS_LISTENER = importlib.util.find_spec("ombot.opsweb") is not None  # another part of issue 21 reads ops_listen
 NOBODY = 65534
 FALLBACK = "each job's commands run under the subreaper fallback"
 
@@ -69,9 +67,6 @@ def root(tmp_path: Path) -> Path:
     """A host's root holding a production configuration in /etc/ombot, as `ombot init --production` writes it."""
     made = ombot("init", "--production", str(tmp_path / "etc" / "ombot"), "--idc", "bj,sh", "--masters-per-idc", "2")
     assert made.returncode == 0, made.stderr
-    config = tmp_path / "etc" / "ombot" / "ombot.toml"
-    if not OPS_LISTENER:
-        config.write_text(re.sub(r"(?m)^ops_listen = .*\n", "", config.read_text()))
     return tmp_path
 
 

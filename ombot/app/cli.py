@@ -16,6 +16,7 @@ import typer
 from ombot import config as cfg
 from ombot.app import exits, initdir
 from ombot.app.auditcmd import audit_app
+from ombot.app.healthcmd import health
 from ombot.app.options import ConfigOpt, IdcOpt, config_of, masters_named, router_for
 from ombot.app.policycmd import cli_gate, policy_app
 from ombot.app.registrycmd import clients_app
@@ -291,6 +292,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(clients_app, name="clients")
 app.command("install-units")(install_units)
+app.command("health")(health)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from ombot.errors import OmbotError
 
 DEFAULT_PORT = 18861
+BOT_OPS_PORT, MASTER_OPS_PORT = 9464, 9465  # the ops listeners (docs/monitoring.md): loopback, for a local scraper
 
 CONFIG_TEMPLATE = """\
 # OMBot settings. Secrets never go in this file: private keys are 0600 files named below;
@@ -68,6 +69,7 @@ inventory = "inventory/local.ini"  # Ansible INI or YAML
 backend = "local"
 accept = ["bot", "console", "{cli_id}"]  # read at start; revoke at once: ombot clients revoke ID
 state_dir = "state"                # SQLite database, file store; or set OMBOT_MASTER_DATABASE_URL
+ops_listen = "127.0.0.1:{master_ops_port}"      # /metrics, /healthz, /readyz (docs/monitoring.md); `ombot health`
 
 [masters.local-1.limits]
 max_frame_bytes = 1048576
@@ -98,6 +100,7 @@ job_timeout_seconds = 600
 # team_id = "T0123456"             # the one Slack workspace this bot serves
 listen = "127.0.0.1:3000"          # HTTP mode: Slack posts to http://HOST:PORT/slack/events
 workers = 8
+ops_listen = "127.0.0.1:{bot_ops_port}"      # /metrics, /healthz, /readyz (docs/monitoring.md); `ombot health`
 client = "bot"                     # the registration `ombot bot` speaks as
 console_client = "console"         # the registration `ombot console` speaks as
 policy = "policy.toml"             # who may run what; without it every request is refused
@@ -195,7 +198,8 @@ def init(directory: Path, port: int = DEFAULT_PORT, demo: bool = False) -> Path:
     _copy_example_playbooks(directory / "playbooks")
     (directory / "audit-rules.toml").write_text(SAMPLE_RULES)  # check edits with `ombot audit test-rules`
     config.write_text(CONFIG_TEMPLATE.format(
-        cli_id=cli_id, unix_user=unix_user, port=port, bot_public=keys["bot"].public,
+        cli_id=cli_id, unix_user=unix_user, port=port, bot_ops_port=BOT_OPS_PORT, master_ops_port=MASTER_OPS_PORT,
+        bot_public=keys["bot"].public,
         console_public=keys["console"].public, cli_public=keys[cli_id].public, master_public=keys["local-1"].public,
         console_kind="chat" if demo else "console", console_comment=DEMO_CONSOLE_COMMENT if demo else "",
         demo_console=DEMO_CONSOLE if demo else ""))
