@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ombot.audit import ExportSettings
 from ombot.config import Config
 from ombot.tables import TableReader, database_url, parse_address
 from ombot.errors import ConfigError
@@ -58,6 +59,7 @@ class BotSettings:
     audit_poll_seconds: float = 1.0  # how often the audit feed reads every master
     audit_silent_after_seconds: int = 300  # an agent without a heartbeat this long is reported silent
     audit_alert_channel: str | None = None  # silent agents, and rules without a channel; else the rules' default
+    audit_export: ExportSettings | None = None  # `[bot.audit_export]`: events and alerts to the SIEM (docs/audit.md)
 
     @classmethod
     def from_config(cls, config: Config) -> BotSettings:
@@ -84,6 +86,7 @@ class BotSettings:
             audit_poll_seconds=_seconds(r, "audit_poll_seconds", 1.0),
             audit_silent_after_seconds=_positive(r, "audit_silent_after_seconds", 300),
             audit_alert_channel=_channel_id(r, "audit_alert_channel"),
+            audit_export=ExportSettings.read(r.sub("audit_export")),
         )
         r.done()
         return settings

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from ombot import config as cfg
-from ombot.app import exits, initdir
+from ombot.app import backupcmd, exits, initdir
 from ombot.app.auditcmd import audit_app
 from ombot.app.options import ConfigOpt, IdcOpt, config_of, masters_named, router_for
 from ombot.app.policycmd import cli_gate, policy_app
@@ -280,6 +280,7 @@ def audit_agent_command(ctx: typer.Context) -> None:
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(clients_app, name="clients")
+backupcmd.register(app)
 
 
 def main() -> None:
