@@ -6,13 +6,15 @@ bot.alerts.AlertPoster, serving an `AlertQueue`), the way jobs go out through bo
 Inside: feed (pulling from the masters, under a lease), store (the tables), rules (matching and
 redaction), examples (a rules file's checks, the sample file), alerts (thresholds, grouping, the
 alert's text), queue and overflow (each channel's bounded queue and its summary), notices (what the
-pipeline says about itself), fields (whose word each field is), search (queries and who may ask).
+pipeline says about itself), fields (whose word each field is), search (queries and who may ask),
+export, ecs and syslog5424 (events and alerts to the SIEM: ECS lines to a file or RFC 5424 syslog).
 """
 
 import peewee
 
 from ombot.audit import store
 from ombot.audit.examples import SAMPLE_RULES, check_examples
+from ombot.audit.export import ExportSettings
 from ombot.audit.feed import AuditFeed, FeedSettings, start_feed
 from ombot.audit.fields import clock_note, login_status
 from ombot.audit.queue import MAX_PENDING, Alerts, AlertQueue, Courier, Outgoing
@@ -22,7 +24,7 @@ from ombot.audit.store import AuditRecord, forget_events_before
 
 # What the bot (the chat face) and ombot.app (`ombot audit test-rules`, `ombot init`) use.
 __all__ = ["MAX_PENDING", "SAMPLE_RULES", "AlertQueue", "Alerts", "AuditFeed", "AuditQuery", "AuditRecord", "Courier",
-           "FeedSettings", "Match", "Outgoing", "bind", "check_examples", "clock_note", "find_events",
+           "ExportSettings", "FeedSettings", "Match", "Outgoing", "bind", "check_examples", "clock_note", "find_events",
            "forget_events_before", "load_rules", "login_status", "prepare", "redact", "redact_patterns",
            "require_audit_viewer", "start_feed", "utc"]
 

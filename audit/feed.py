@@ -25,6 +25,7 @@ master answering are judged: an unreachable IDC is not a thousand silent agents,
 its own once no master of it has answered for UNREACHABLE_AFTER_SECONDS (or
 `audit_silent_after_seconds`, if shorter), and one when a master answers again. Agents' and
 masters' notices (audit.notices) alert like rule matches, whether a rules file is loaded or not.
+With `[bot.audit_export]`, each event stored and each alert go to the SIEM too (audit.export).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 
 from ombot.audit import metrics, store
 from ombot.audit.alerts import Thresholds
+from ombot.audit.export import Export, ExportSettings, open_export
 from ombot.audit.notices import (back_message, degraded_message, notice_alert, reachable_message, recovered_message,
                            silent_message, unreachable_message)
 from ombot.audit.queue import Alerts
@@ -51,7 +53,7 @@ from ombot import lease
 from ombot.clock import now_ms
 from ombot.tables import read_toml
 from ombot.errors import OmbotError
-from ombot.message import Message
+from ombot.message import Message, plain
 from ombot.timers import Timers
 
 log = logging.getLogger("ombot.bot.audit")  # its name from before the audit room: operators' filters keep working
@@ -82,6 +84,7 @@ class FeedSettings:
     alert_channel: str | None
     poll_seconds: float
     silent_after_seconds: int
+    export: ExportSettings | None = None  # `[bot.audit_export]`: events and alerts to the SIEM (audit.export)
 
 
 @dataclass
@@ -130,6 +133,7 @@ class AuditFeed:
         self._stop = threading.Event()
         self._polling = threading.Lock()  # held by the poll under way
         self._timers: Timers | None = None
+        self.export: Export | None = None  # every event stored and every alert, to the SIEM
 
     def start(self, timers: Timers) -> None:
         """Poll now, then every poll_seconds (a poll that takes longer delays the next one)."""
@@ -144,6 +148,8 @@ class AuditFeed:
             self._polling.release()
         if self.alerts is not None:
             self.alerts.close()
+        if self.export is not None:
+            self.export.close()
         if self.leading:
             try:
                 lease.release(LEASE, self.holder)  # the next bot takes over at once, not after the ttl
@@ -224,14 +230,14 @@ class AuditFeed:
         if answered:
             if down is not None and self._down.pop(idc).said:
                 log.info("audit feed: a master of %s answers again", idc)
-                self._notify(reachable_message(idc, time.monotonic() - down.since), "info")
+                self._notify(reachable_message(idc, time.monotonic() - down.since), "info", ("idc-reachable", idc, None))
             return
         if down is None:
             self._down[idc] = _Outage(time.monotonic(), now_ms())
         elif not down.said and time.monotonic() - down.since >= min(UNREACHABLE_AFTER_SECONDS, self.silent_after_ms / 1000):
             down.said = True
             log.warning("audit feed: no master of %s has answered for %.0f s", idc, time.monotonic() - down.since)
-            self._notify(unreachable_message(idc, down.since_ms))
+            self._notify(unreachable_message(idc, down.since_ms), about=("idc-unreachable", idc, None))
 
     def _poll_master(self, idc: str, master_id: str) -> int | None:
         """Read one master from its cursor on, page by page; the events stored now, None if it did not answer."""
@@ -273,6 +279,8 @@ class AuditFeed:
             return 0
         fresh = store.insert_new(idc, events)
         metrics.pulled(len(events), len(fresh))
+        if self.export is not None:
+            self.export.events(fresh)
         for record in fresh:
             if record.kind == "command":
                 if self.rules is not None:
@@ -288,7 +296,10 @@ class AuditFeed:
             return
         row = record.__data__
         match, event = notice_alert({name: row.get(name) for name in RULE_FIELDS}, row["data"], self.silent_channel)
-        self.alerts.alert(match, event, self.thresholds.fire(match, record.at), self.silent_channel)
+        fired = self.thresholds.fire(match, record.at)
+        if self.export is not None:
+            self.export.alert(match, event, fired, self.silent_channel)
+        self.alerts.alert(match, event, fired, self.silent_channel)
 
     def _match(self, record: store.AuditRecord) -> None:
         assert self.rules is not None
@@ -300,6 +311,8 @@ class AuditFeed:
         for match in self.rules.match(event):
             fired = self.thresholds.fire(match, record.at)
             channel = match.channel or self.fallback_channel
+            if self.export is not None:  # whether or not a channel hears of it
+                self.export.alert(match, event, fired, channel)
             if channel is None:
                 if fired:
                     log.warning("audit rule %r matched on %s but names no channel (set [bot] audit_alert_channel)",
@@ -351,11 +364,11 @@ class AuditFeed:
         if problem is not None and host not in self._problems:
             self._problems[host] = problem
             log.warning("audit agent on %s (%s) reports a problem: %s", host, idc, problem)
-            self._notify(degraded_message(host, idc, problem))
+            self._notify(degraded_message(host, idc, problem), about=("agent-degraded", idc, host))
         elif problem is None and host in self._problems:
             del self._problems[host]
             log.info("audit agent on %s (%s) reports no problem now", host, idc)
-            self._notify(recovered_message(host, idc), "info")
+            self._notify(recovered_message(host, idc), "info", ("agent-recovered", idc, host))
 
     def _judge_heartbeats(self, idc: str) -> None:
         here = now_ms()
@@ -367,13 +380,17 @@ class AuditFeed:
                 self._silent.add(host)
                 log.warning("audit agent on %s (%s) silent since %s", host, idc, time.strftime(
                     "%Y-%m-%d %H:%M:%S UTC", time.gmtime(seen / 1000)))
-                self._notify(silent_message(host, idc, seen))
+                self._notify(silent_message(host, idc, seen), about=("agent-silent", idc, host))
             elif not silent and host in self._silent:
                 self._silent.discard(host)
                 log.info("audit agent on %s (%s) is back", host, idc)
-                self._notify(back_message(host, idc, seen), "info")
+                self._notify(back_message(host, idc, seen), "info", ("agent-back", idc, host))
 
-    def _notify(self, message: Message, severity: str = "warning") -> None:
+    def _notify(self, message: Message, severity: str = "warning",
+                about: tuple[str, str, str | None] = ("notice", "", None)) -> None:
+        """Tell the alert channel; `about` (what happened, the IDC, the host) is for the SIEM export."""
+        if self.export is not None:
+            self.export.pipeline(about[0], severity, plain(message.text), about[1], about[2])
         if self.alerts is None or self.silent_channel is None:
             return
         self.alerts.notice(self.silent_channel, message, severity)
@@ -394,9 +411,13 @@ def start_feed(router: Router, idcs: list[str], settings: FeedSettings,
         log.info("no [bot] audit_rules file: audit events are stored and searchable, no rule alerts")
     if silent_channel is None:
         log.warning("no [bot] audit_alert_channel and no channel in the rules file: silent agents are only logged")
-    feed = AuditFeed(router, idcs, rules, alerts(rules.redact if rules is not None else redact), settings.poll_seconds,
+    redactor = rules.redact if rules is not None else redact
+    feed = AuditFeed(router, idcs, rules, alerts(redactor), settings.poll_seconds,
                      settings.silent_after_seconds, silent_channel, fallback_channel=settings.alert_channel,
                      surface=surface, on_lead=on_lead)
+    feed.export = open_export(settings.export, redactor)
+    if feed.export is not None:
+        metrics.watch_export(feed.export.stats)
     feed.start(timers)
     return feed
 

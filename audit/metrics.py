@@ -5,10 +5,10 @@ file, and every agent's or master's notice counts as the one rule "notice" (its 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ombot.audit.rules import Match
-from ombot.opsweb import Counter, Gauge
+from ombot.opsweb import REGISTRY, Collector, Counter, CounterMetricFamily, Gauge
 
 FEED_EVENTS = Counter("ombot_audit_feed_events_total", "Audit events the feed pulled from the masters: stored (new "
                       "to the bot's store) or duplicate (held already: read twice, or sent to two masters).",
@@ -30,3 +30,28 @@ def alerted(match: Match) -> None:
 def watch_queue(depth: Callable[[], int]) -> None:
     """Read the alert queue's depth at each scrape (one queue per process: the latest one made)."""
     QUEUE_DEPTH.set_function(depth)
+
+
+class _ExportLines(Collector):
+    """The SIEM export's own counts (audit.export.Export.stats), read at each scrape."""
+
+    def __init__(self) -> None:
+        self.stats: Callable[[], dict[str, int]] = dict
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("ombot_audit_export_lines", "Lines of the SIEM export ([bot.audit_export]) "
+                                     "by sink (file, syslog) and outcome (written, sent, dropped).",
+                                     labels=["sink", "outcome"])
+        for key, count in sorted(self.stats().items()):
+            sink, outcome = key.split("_", 1)
+            family.add_metric([sink, outcome], count)
+        yield family
+
+
+EXPORT_LINES = _ExportLines()
+REGISTRY.register(EXPORT_LINES)
+
+
+def watch_export(stats: Callable[[], dict[str, int]]) -> None:
+    """Read the export's counts at each scrape (one export per process: the latest one opened)."""
+    EXPORT_LINES.stats = stats

@@ -127,7 +127,7 @@ class BotService:
     def _feed_settings(self, default_channel: str | None) -> FeedSettings:
         settings = self.settings
         return FeedSettings(settings.audit_rules, settings.audit_alert_channel or default_channel,
-                            settings.audit_poll_seconds, settings.audit_silent_after_seconds)
+                            settings.audit_poll_seconds, settings.audit_silent_after_seconds, settings.audit_export)
 
     def close(self) -> None:
         self.schedules.close()  # first: no run fires into pools that are shutting down

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ombot.audit import ExportSettings
 from ombot.config import Config
 from ombot.tables import TableReader, database_url, parse_address
 from ombot.errors import ConfigError
@@ -59,6 +60,7 @@ class BotSettings:
     audit_silent_after_seconds: int = 300  # an agent without a heartbeat this long is reported silent
     audit_alert_channel: str | None = None  # silent agents, and rules without a channel; else the rules' default
     ops_listen: tuple[str, int] | None = None  # `ombot bot`'s /metrics, /healthz, /readyz (docs/monitoring.md)
+    audit_export: ExportSettings | None = None  # `[bot.audit_export]`: events and alerts to the SIEM (docs/audit.md)
 
     @classmethod
     def from_config(cls, config: Config) -> BotSettings:
@@ -86,6 +88,7 @@ class BotSettings:
             audit_silent_after_seconds=_positive(r, "audit_silent_after_seconds", 300),
             audit_alert_channel=_channel_id(r, "audit_alert_channel"),
             ops_listen=parse_address(r, "ops_listen") if "ops_listen" in r.table else None,
+            audit_export=ExportSettings.read(r.sub("audit_export")),
         )
         r.done()
         return settings

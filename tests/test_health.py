@@ -14,7 +14,7 @@ import pytest
 
 from tests.rigs import SlackRig
 from tests.support import Cluster, free_port, wait_for
-from tests.test_metrics import get, master_ops
+from tests.scrape import get, master_ops
 
 BAD_TOKEN = "xoxb-0000-refused-by-the-fake"
 

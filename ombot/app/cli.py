@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from ombot import config as cfg
-from ombot.app import exits, initdir
+from ombot.app import backupcmd, exits, initdir
 from ombot.app.auditcmd import audit_app
 from ombot.app.healthcmd import health
 from ombot.app.options import ConfigOpt, IdcOpt, config_of, masters_named, router_for
@@ -293,6 +293,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(clients_app, name="clients")
 app.command("install-units")(install_units)
 app.command("health")(health)
+backupcmd.register(app)
 
 
 def main() -> None:
