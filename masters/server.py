@@ -21,6 +21,7 @@ from ombot.masters.inventory import open_inventory
 from ombot.masters.rollout import IdcMaster
 from ombot.keys import Identity
 from ombot.modules import load_modules
+from ombot import context
 from ombot.config import Config, MasterSettings
 from ombot.errors import ConfigError, OmbotError
 
@@ -157,6 +158,7 @@ def _claim_state(settings: MasterSettings) -> int:
 
 
 def serve(config: Config, settings: MasterSettings, ready_file: Path | None = None) -> None:
+    context.for_process(master=settings.id, idc=settings.idc)  # on every line: masters' logs are shipped together
     _claim_state(settings)
     core = build_core(config, settings)
     try:
