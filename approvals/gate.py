@@ -139,7 +139,7 @@ class Gate:
 
     def open_request(self, *, requester: str, origin: str, channel: str, reply_url: str | None, idc: str,
                      module: str, params: dict[str, Any], hosts: list[str], timeout: int | None,
-                     decision: Decision) -> store.ApprovalRequest:
+                     decision: Decision, rid: str = "") -> store.ApprovalRequest:
         approval = decision.approval
         assert approval is not None
         now = now_ms()
@@ -148,6 +148,7 @@ class Gate:
             idc=idc, module=module, params=params, hosts=hosts, timeout=timeout, rules=list(decision.rules),
             needed=approval.count, approver_roles=list(approval.roles), self_approval=approval.self_approval,
             cancel_roles=list(decision.cancel_roles), created_at=now, expires_at=now + approval.expiry * MS_PER_SECOND,
+            rid=rid or None,
         )
         self._schedule(request)
         return request

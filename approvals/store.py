@@ -7,7 +7,7 @@ from typing import Any
 import peewee
 
 from ombot.clock import now_ms
-from ombot.storage import JSONField, create_tables, epoch_seconds_to_ms, find_by_number_or_id
+from ombot.storage import JSONField, add_columns, create_tables, epoch_seconds_to_ms, find_by_number_or_id
 
 db = peewee.DatabaseProxy()
 
@@ -49,6 +49,7 @@ class ApprovalRequest(BaseModel):
     reason = peewee.TextField(null=True)
     message_channel = peewee.CharField(max_length=64, null=True)
     message_ts = peewee.CharField(max_length=32, null=True)
+    rid = peewee.CharField(max_length=64, null=True)  # the asking command's request id: its job's too (ombot.context)
 
     class Meta:
         table_name = "approval_request"
@@ -87,6 +88,8 @@ MIGRATIONS = [
     # Version 1: seconds in 32-bit INTs, and the trail in a float (15 s off on a Postgres REAL).
     epoch_seconds_to_ms({"approval_request": ("created_at", "expires_at", "decided_at"), "approval_vote": ("at",),
                          "chat_trail": ("at",)}),
+    # Version 3: the request id, so the approved job is logged with its command's.
+    add_columns("approval_request", {"rid": peewee.CharField(max_length=64, null=True)}),
 ]
 
 

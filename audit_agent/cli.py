@@ -12,11 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-from ombot import __version__
+from ombot import __version__, context
 from ombot.audit_agent import auditd_rules, hook
 from ombot.audit_agent.settings import DEFAULT_CONFIG, DEFAULT_KEY
 from ombot.errors import OmbotError
 from ombot.keys import Identity, KeyFileError
+from ombot.logs import FORMAT_ENV, FORMATS, setup_logging
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent: ship spooled records to a master of this IDC")
     run.add_argument("--config", type=Path, default=Path(os.environ.get("OMBOT_AGENT_CONFIG", DEFAULT_CONFIG)))
     run.add_argument("--verbose", "-v", action="store_true")
+    run.add_argument("--log-format", choices=FORMATS, default=os.environ.get(FORMAT_ENV) or "text",
+                     help=f"log lines as text or one JSON object per line [default: ${FORMAT_ENV}, else text]")
     keygen = sub.add_parser("keygen", help="make this server's agent key (0600) unless it has one, and print "
                                            "its public key (the rollout runs it on the server)")
     keygen.add_argument("--key", type=Path, default=Path(DEFAULT_KEY), help=f"the key file [default: {DEFAULT_KEY}]")
@@ -48,7 +51,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    args = top.parse_args(argv)
+    if args.command == "run" and args.log_format not in FORMATS:  # a default from the environment is not checked
+        top.error(f"${FORMAT_ENV} must be one of {', '.join(FORMATS)}, not {args.log_format!r}")
     try:
         if args.command == "hook":
             sys.stdout.write(hook.hook_text(args.spool_dir, args.shell))
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("uninstall", "service"):
             return _service_command(args)
         else:
-            return _run(args.config, args.verbose)
+            return _run(args.config, args.verbose, args.log_format)
     except (OmbotError, OSError, auditd_rules.AuditdError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -85,14 +91,15 @@ def keygen(path: Path) -> Identity:
     return Identity.load(path)
 
 
-def _run(config: Path, verbose: bool) -> int:
+def _run(config: Path, verbose: bool, log_format: str) -> int:
     from ombot.audit_agent.agent import Agent
     from ombot.audit_agent.settings import load
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.DEBUG if verbose else logging.INFO, log_format, quiet=())  # UTC, redacted, to stderr
     os.umask(0o077)
-    Agent(load(config)).run()
+    settings = load(config)
+    context.for_process(host=settings.host, idc=settings.idc)  # every line says which server it comes from
+    Agent(settings).run()
     return 0
 
 

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from ombot import context
 from ombot.approvals import PENDING, ApprovalRequest, Decision, Gate, Viewer
 from ombot.bot import grammar, metrics, multi
 from ombot.bot.messages import CHECK, RequestView, approval_card, deny_form, params_text
@@ -62,7 +63,10 @@ class ApprovalFlow:
             requester=req.user, origin=req.origin, channel=req.channel, reply_url=req.response_url,
             idc=command.idc or self.default_idc, module=spec.name, hosts=hosts,
             params={**command.params, CHECK: "yes"} if command.check else command.params,  # approvers see it
-            timeout=command.timeout, decision=decision)
+            timeout=command.timeout, decision=decision, rid=context.rid())  # the job it starts keeps the rid
+        context.tie(approval=request.number)
+        log.info("approval #%d opened: %s on %d host(s) needs %d approval(s)", request.number, spec.name, len(hosts),
+                 decision.approval.count)
         if link is not None:
             link(request)
         where = decision.approval.channel or req.channel
@@ -79,9 +83,11 @@ class ApprovalFlow:
     def approve(self, ref: str, req: ChatRequest, transport: Transport) -> None:
         found = self.gate.find(ref)
         if found is not None:  # check it can still run before a vote could mark it approved
+            context.tie(rid=found.rid, approval=found.number)  # the click goes on with the command's rid
             self.spec_of(found.idc, found.module).validate(module_params(found.params))
         vote = self.gate.approve(ref, req.user)
         request = vote.request
+        log.info("approval #%d: %d/%d approval(s), %s", request.number, vote.approved, request.needed, request.state)
         self.show(request, transport)
         if vote.start:
             metrics.approval_decided("approved", request.created_at, request.decided_at)
@@ -118,6 +124,8 @@ class ApprovalFlow:
     def deny(self, ref: str, reason: str, req: ChatRequest, transport: Transport) -> None:
         request = self.gate.deny(ref, req.user, reason)
         metrics.approval_decided("denied", request.created_at, request.decided_at)
+        context.tie(rid=request.rid, approval=request.number)
+        log.info("approval #%d denied", request.number)
         transport.respond(req, text_message(f"Denied request #{request.number}."))
         self._announce_denial(request, req.user, transport)
 

@@ -3,6 +3,7 @@ OMBot's worker pool, and answers every input: a reply, a card, a form, or a clea
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import json
 import logging
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
+from ombot import context
 from ombot.approvals import (
     ApprovalError, Decision, Gate, PolicyRefusal, authorize, record_trail, require_requester, viewer_of,
 )
@@ -116,13 +118,28 @@ class Dispatcher:
 
     def later(self, req: ChatRequest, transport: Transport, action: str, detail: str,
               work: Callable[[], None]) -> None:
-        """Run work on the pool, answered and recorded like any entry point."""
-        self.pool.submit(self.answering, req, transport, action, detail, work)
+        """Run work on the pool, answered and recorded like any entry point, with the ids of the work
+        that asked for it (ombot.context): a form's job keeps its command's rid."""
+        self.pool.submit(contextvars.copy_context().run, self.answering, req, transport, action, detail, work)
 
     def answering(self, req: ChatRequest, transport: Transport, action: str, detail: str,
                   work: Callable[[], None]) -> None:
         """Run work; whatever goes wrong, the person gets an answer (never a traceback), and the
-        action and its outcome go into the trail. Transports wrap every entry point in it."""
+        action and its outcome go into the trail and the log. Transports wrap every entry point in it;
+        work that does not carry a request id yet (ombot.context) gets its own here."""
+        with context.scope(rid=context.rid() or context.new_rid(), user=req.user):
+            outcome = "interrupted"
+            try:
+                outcome = self._answer(req, transport, detail, work)
+            finally:
+                log.info("%s %r in %s: %s", action, clip(detail, 300), req.channel or "-", outcome)
+                try:
+                    record_trail(req.user, req.channel, req.origin, action, detail, outcome)
+                except Exception:
+                    log.exception("could not record %s by %s in the trail", action, req.user)
+
+    def _answer(self, req: ChatRequest, transport: Transport, detail: str, work: Callable[[], None]) -> str:
+        """Run work and answer whatever goes wrong; the outcome, as the trail records it."""
         outcome = "ok"
         try:
             work()
@@ -146,11 +163,7 @@ class Dispatcher:
             outcome = f"internal error E-{ref}"
             log.exception("internal error handling %r from %s, ref E-%s", detail, req.user, ref)
             transport.respond(req, text_message(f"Internal error, ref E-{ref}. The operators can find it in the bot's log."))
-        finally:
-            try:
-                record_trail(req.user, req.channel, req.origin, action, detail, outcome)
-            except Exception:
-                log.exception("could not record %s by %s in the trail", action, req.user)
+        return outcome
 
     # -- the chat commands ---------------------------------------------------------------------
 
@@ -392,7 +405,8 @@ class Dispatcher:
             self.follower.let_go(job_id)
             raise
         try:
-            self._submit(job, command, spec, hosts, req, transport, approvers, announce)
+            with context.scope(job=job_id, idc=idc, user=req.user):  # the requester's, whoever approved it
+                self._submit(job, command, spec, hosts, req, transport, approvers, announce)
         except Exception:  # whatever broke, the job is adopted on the next tick and never stays stuck
             self.follower.let_go(job_id)
             raise
@@ -423,6 +437,7 @@ class Dispatcher:
             return
         metrics.job_submitted(spec.name, "accepted")
         store.update_job(job, master_id=ref.master_id, state=JobState.QUEUED)
+        log.info("job #%d submitted: %s on %d host(s), at master %s", job.number, spec.name, len(hosts), ref.master_id)
         self.follower.start(job, transport, reply.get("events", []))
 
     def _end_early(self, job: store.BotJob, transport: Transport, state: JobState, reason: str) -> None:

@@ -9,6 +9,7 @@ card is finished once: the owner checks it still holds the lease before it posts
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import json
 import logging
@@ -31,7 +32,7 @@ from ombot.bot.messages import CardState, results_message
 from ombot.bot.schedules import schedule_label
 from ombot.bot.transport import ChatRequest, Transport
 from ombot.masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, Refused, Router
-from ombot import lease
+from ombot import context, lease
 from ombot.errors import CommandError
 from ombot.message import escape
 from ombot.since import MS_PER_DAY, parse_since
@@ -115,7 +116,8 @@ class JobFollower:
     def start(self, job: store.BotJob, transport: Transport, first: Sequence[dict[str, Any]] = ()) -> None:
         """Follow a job this process owns; `first` are events already in hand (from the submit reply)."""
         try:
-            self.pool.submit(self._guarded, self._follow, job, transport, list(first))
+            # with the ids of the work that started it (ombot.context): its end is logged with its rid
+            self.pool.submit(contextvars.copy_context().run, self._guarded, self._follow, job, transport, list(first))
         except RuntimeError:  # shutting down: the job's lease lapses and the next bot follows it
             log.info("not following job %s: the bot is stopping", job.job_id)
 
@@ -142,7 +144,8 @@ class JobFollower:
 
     def _guarded(self, work: Callable[..., None], job: store.BotJob, *args: Any) -> None:
         try:
-            work(job, *args)
+            with context.scope(job=job.job_id, idc=job.idc, master=job.master_id):
+                work(job, *args)
         except LeaseLost:
             log.info("job %s is followed by another bot process now", job.job_id)
         except Exception:
@@ -176,6 +179,7 @@ class JobFollower:
         if not self.claim(job.job_id):  # still ours, for the lease's whole length: post the end once
             raise LeaseLost(job.job_id)
         store.update_job(job, state=card.state, finished_at=card.finished_at or store.now(), note=card.note or None)
+        log.info("job #%d ended: %s", job.number, card.state)
         req = _request_of(job)
         if job.card_ts:
             dirty = True

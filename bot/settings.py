@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ombot.audit import ExportSettings
 from ombot.config import Config
+from ombot.logs import hide
 from ombot.tables import TableReader, database_url, parse_address
 from ombot.errors import ConfigError
 
@@ -29,7 +30,9 @@ class SlackSecrets:
     @classmethod
     def from_env(cls) -> SlackSecrets:
         get = lambda name: os.environ.get(name) or None  # noqa: E731
-        return cls(get("SLACK_BOT_TOKEN"), get("SLACK_APP_TOKEN"), get("SLACK_SIGNING_SECRET"), get(SLACK_API_ENV))
+        found = cls(get("SLACK_BOT_TOKEN"), get("SLACK_APP_TOKEN"), get("SLACK_SIGNING_SECRET"), get(SLACK_API_ENV))
+        hide(found.bot_token, found.app_token, found.signing_secret)  # read, so kept out of every log line
+        return found
 
     @property
     def configured(self) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 import rpyc
 from rpyc.core.stream import SocketStream
 
+from ombot import context
 from ombot.envelope import Peer, Refused, new_request
 from ombot.keys import Identity, decode_public
 from ombot.masters.states import JobState
@@ -133,7 +134,8 @@ class MasterLink:
              requester: str | None = None) -> dict[str, Any]:
         """One request; `requester` overrides the link's default (the bot acts for many users)."""
         conn = self._checkout()
-        request = new_request(op, self.master.id, requester or self.requester, self.origin, args, request_id)
+        request = new_request(op, self.master.id, requester or self.requester, self.origin, args, request_id,
+                              rid=context.rid())  # the master logs it with what the request does
         try:
             reply = conn.method(op)(self.peer.seal_request(request))
         except (EOFError, OSError, TimeoutError, rpyc.AsyncResultTimeout) as exc:

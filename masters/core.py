@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ombot
+from ombot import context
 from ombot.masters.backends.base import Backend
 from ombot.masters.backends.base import close as close_backend
 from ombot.masters.audit import PRUNE_SECONDS, AuditIngest, wait_for_heartbeat
@@ -101,12 +102,17 @@ class MasterCore:
         """`authenticated(client_id, kind)` is called once the frame has opened (a valid envelope from
         an accepted key), before any work: the transport binds the connection to that key, and may
         refuse (raise Refused) a key or kind that holds all the connections it may."""
+        with context.scope():  # the request's ids, once its envelope opened, on every line handling it writes
+            return self._handle(op, frame, authenticated)
+
+    def _handle(self, op: str, frame: object, authenticated: Callable[[str, str], None] | None) -> bytes:
         peer: Peer | None = None
         request: Request | None = None
         try:
             if op == "bind":  # the one op a key this master does not know may send: rate-limited before any crypto
                 self.clients.admit_bind(frame)
             request, peer = self.opener.open(frame, op)
+            context.tie(rid=request.rid, user=request.requester)
             if authenticated is not None and request.sender:  # the connection learns whose it is (and may
                 client = self.clients.get(request.sender)  # refuse to carry it); a stranger's bind stays a stranger's
                 authenticated(request.sender, "" if client is None else client.kind)

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ombot import context
 from ombot.masters.backends.base import Backend, HostResult, HostStatus, RunContext
 from ombot.envelope import Refused, Request
 from ombot.masters.inventory import Inventory
@@ -55,6 +56,7 @@ class LiveJob:
     host_count: int
     next_seq: int
     requester: str = ""
+    rid: str = ""  # the request id the client gave (ombot.context): on every line of the job
     spec: JobSpec | None = None
     state: JobState = JobState.QUEUED
     wait_started: float = 0.0  # monotonic; when it began waiting for its hosts
@@ -66,6 +68,9 @@ class LiveJob:
     changed: threading.Condition = field(default_factory=lambda: threading.Condition(threading.RLock()))
     results: list[HostResult] = field(default_factory=list)
     held: HostResult | None = None  # the last host's result, written together with the final state
+
+    def ids(self, host: str = "") -> dict[str, str]:
+        return {"rid": self.rid, "job": self.id, "user": self.requester, "host": host}
 
     def await_events(self, after: int, wait: float) -> None:
         """Long-poll: until an event after `after` exists (or `wait` passes), then briefly for the rest
@@ -117,7 +122,9 @@ class JobRunner:
             if concurrency is Concurrency.REFUSE:
                 self.leases.taken(request.id, len(spec.hosts), since)
             live = LiveJob(request.id, request.sender, len(spec.hosts), next_seq=2,  # seq 1: "accepted", recorded
-                           requester=request.requester, spec=spec, wait_started=time.monotonic())
+                           requester=request.requester, rid=request.rid, spec=spec, wait_started=time.monotonic())
+            context.tie(job=request.id)
+            log.info("job accepted: %s on %d host(s)%s", spec.module.name, len(spec.hosts), " (check)" * spec.check)
             with self.lock:
                 self.live[request.id] = live
                 if concurrency is Concurrency.WAIT:
@@ -214,7 +221,8 @@ class JobRunner:
 
     def _run(self, live: LiveJob, spec: JobSpec) -> None:
         try:
-            self._run_backend(live, spec)
+            with context.scope(**live.ids()):  # the slot's thread: the backend's lines name the job too
+                self._run_backend(live, spec)
         finally:
             if self.waiting:  # hosts this job held may be what they wait for
                 self.retry_waiting()
@@ -276,6 +284,8 @@ class JobRunner:
         return self.inventory.host_vars(host) if self.inventory else {}
 
     def _report(self, live: LiveJob, result: HostResult) -> None:
+        with context.scope(**live.ids(result.host)):  # backends report from threads of their own
+            log.info("host %s: %s", result.host, result.status)
         with live.changed:  # backends may report from several threads
             live.results.append(result)
             last = len(live.results) == live.host_count
@@ -313,6 +323,9 @@ class JobRunner:
         if live.spec is not None:
             metrics.job_ended(live.spec.module.name, state, time.time() - started if ran else None,
                               [str(r.status) for r in live.results])
+        with context.scope(**live.ids()):  # the state that stands, after the hosts this master saw
+            log.info("job finished: %s (%s) in %.1f s%s", state, ", ".join(f"{n} {status}" for status, n in counts.items()),
+                     finished["duration"], f": {reason}" * bool(reason))
 
     def _append(self, live: LiveJob, events: list[Event]) -> None:
         """Numbered in order under the job's lock, then announced to its long-polls."""

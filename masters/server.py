@@ -23,6 +23,7 @@ from ombot.masters.ops import start_master_ops
 from ombot.masters.rollout import IdcMaster
 from ombot.keys import Identity
 from ombot.modules import load_modules
+from ombot import context
 from ombot.config import Config, MasterSettings
 from ombot.errors import ConfigError, OmbotError
 
@@ -160,6 +161,7 @@ def _claim_state(settings: MasterSettings) -> int:
 
 def serve(config: Config, settings: MasterSettings, ready_file: Path | None = None) -> None:
     sdnotify.claim()  # before any child starts: no job may speak to systemd for the master
+    context.for_process(master=settings.id, idc=settings.idc)  # on every line: masters' logs are shipped together
     _claim_state(settings)
     core = build_core(config, settings)
     try:

@@ -10,14 +10,15 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import peewee
 from playhouse.db_url import connect
 from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as run_migration
 
 from ombot.errors import OmbotError
-from ombot.logs import redact
+from ombot.logs import hide, redact
 
 Migration = Callable[[peewee.Database], None]
 
@@ -85,6 +86,7 @@ def redact_url(url: str) -> str:
 def connect_url(url: str) -> peewee.Database:
     """A peewee database for the URL (not yet connected). User and password may be %-encoded."""
     scheme = url.split(":", 1)[0].lower()
+    _hide_password(url)
     kwargs: dict[str, Any] = {}
     if scheme.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -102,6 +104,16 @@ def connect_url(url: str) -> peewee.Database:
     if "passwd" in db.connect_params:  # playhouse still spells it the way PyMySQL deprecated
         db.connect_params["password"] = db.connect_params.pop("passwd")
     return db
+
+
+def _hide_password(url: str) -> None:
+    """The password, as written and %-decoded, is redacted from the logs wherever it shows (a driver's error)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return
+    if password:
+        hide(password, unquote(password))
 
 
 def open_database(
@@ -194,6 +206,18 @@ def epoch_seconds_to_ms(columns: dict[str, tuple[str, ...]]) -> Migration:
             found = {c.name: c for c in _columns(db, table)}
             for name in names:
                 _column_to_ms(db, migrator, table, found[name])
+
+    return step
+
+
+def add_columns(table: str, fields: dict[str, peewee.Field]) -> Migration:
+    """A migration adding these (nullable) columns where they are missing: a database created at its
+    version has them already, as the first step creates the current models."""
+
+    def step(db: peewee.Database) -> None:
+        present = {c.name for c in _columns(db, table)}
+        migrator = SchemaMigrator.from_database(db)
+        run_migration(*[migrator.add_column(table, name, field) for name, field in fields.items() if name not in present])
 
     return step
 

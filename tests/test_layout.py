@@ -3,7 +3,7 @@
     ombot.app (the CLI: composes everything; nothing imports it)
       -> bot -> audit (the central audit) -> approvals -> masters (the client library and the master)
                                                             -> modules -> ombot (the base)
-                 audit_agent -> ombot (the five base files its distribution, ombot-agent, ships: AGENT_BASE)
+                 audit_agent -> ombot (the seven base files its distribution, ombot-agent, ships: AGENT_BASE)
 
 A package imports only packages below it; the master side never imports the bot; nobody outside
 `masters` reaches its internals; no two project files import each other, however indirectly; and
@@ -29,7 +29,7 @@ RANK = {"ombot": 0, "audit_agent": 1, "modules": 1, "masters": 2, "approvals": 3
 # What a room may import besides the base, where it is narrower than "everything below".
 ONLY: dict[str, set[str]] = {"audit_agent": set()}  # it runs on every server: no Slack, no engines, no masters
 # The base files the agent imports: with audit_agent/, all that its own distribution (ombot-agent) ships.
-AGENT_BASE = {"ombot", "ombot.envelope", "ombot.keys", "ombot.tables", "ombot.errors"}
+AGENT_BASE = {"ombot", "ombot.envelope", "ombot.keys", "ombot.tables", "ombot.errors", "ombot.logs", "ombot.context"}
 MASTER_INTERNALS = ("masters.core", "masters.server", "masters.connections", "masters.backends", "masters.store", "masters.jobstore",
                     "masters.runner", "masters.jobspec", "masters.slots", "masters.lograte", "masters.audit",
                     "masters.housekeeping", "masters.registry", "masters.registrations", "masters.enrolment",

@@ -200,10 +200,11 @@ def test_the_agent_wheel_runs_on_python_39_and_ships_to_a_real_master(
                     "the agent's oldest Python is what this test runs it on")
     sdist, wheel = build(AGENT_DIR, tmp_path / "dist")
     assert (sdist.name, wheel.name) == (f"ombot_agent-{VERSION}.tar.gz", f"ombot_agent-{VERSION}-py3-none-any.whl")
-    base = {f"ombot/{name}.py": REPO / "ombot" / f"{name}.py" for name in ("__init__", "envelope", "keys", "tables", "errors")}
+    base = {f"ombot/{name}.py": REPO / "ombot" / f"{name}.py" for name in ("__init__", "envelope", "keys", "tables", "errors",
+                                                                                    "logs", "context")}
     agent = {f"ombot/audit_agent/{p.name}": p for p in (REPO / "audit_agent").glob("*.py")}
     files = wheel_files(wheel)
-    assert set(files) == set(base) | set(agent)  # the agent and its five base files: nothing else of OMBot
+    assert set(files) == set(base) | set(agent)  # the agent and its seven base files: nothing else of OMBot
     assert all(files[n] == p.read_bytes() for n, p in {**base, **agent}.items())
     meta = metadata(wheel)
     assert (meta["Name"], meta["Version"], meta["Requires-Python"]) == ("ombot-agent", VERSION, ">=3.9")

@@ -17,12 +17,12 @@ from ombot import config as cfg
 from ombot.app import backupcmd, exits, initdir
 from ombot.app.auditcmd import audit_app
 from ombot.app.healthcmd import health
-from ombot.app.options import ConfigOpt, IdcOpt, config_of, masters_named, router_for
+from ombot.app.options import ConfigOpt, IdcOpt, LogFormat, LogFormatOpt, config_of, masters_named, router_for
 from ombot.app.policycmd import cli_gate, policy_app
 from ombot.app.registrycmd import clients_app
 from ombot.app.unitscmd import install_units
 from ombot.errors import OmbotError
-from ombot.logs import setup_logging
+from ombot.logs import FORMAT_ENV, setup_logging
 
 # rich_markup_mode=None: help text is printed as written; Rich markup would eat `[client] id` and `[bot]`.
 # Without a subcommand `_root` prints the help to stdout (click's no_args_is_help would use stderr).
@@ -49,6 +49,7 @@ def _root(ctx: typer.Context, config: RootConfigOpt = None,
           client: Annotated[Optional[str], typer.Option(
               "--client", envvar=cfg.CLIENT_ENV, help="The [clients.NAME] registration to speak as [default: [client] id]")] = None,
           verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail")] = False,
+          log_format: LogFormatOpt = LogFormat.text,
           version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
                                                 help="Print the version (ombot X.Y.Z) and exit")] = False) -> None:
     if ctx.invoked_subcommand is None:
@@ -57,7 +58,8 @@ def _root(ctx: typer.Context, config: RootConfigOpt = None,
     ctx.obj = {"config": config}
     if client:  # read by Config.require_client; only a key this user can read can be used
         os.environ[cfg.CLIENT_ENV] = client
-    setup_logging(logging.DEBUG if verbose else logging.INFO)
+    os.environ[FORMAT_ENV] = log_format.value  # the masters `ombot up` starts log alike
+    setup_logging(logging.DEBUG if verbose else logging.INFO, log_format.value)
 
 
 @app.command()

@@ -17,10 +17,11 @@ from types import FrameType
 from ombot import proc as hygiene
 from ombot.config import Config
 from ombot.errors import OmbotError
+from ombot.logs import FORMAT_ENV
 
 # Of the environment of `ombot up` (which holds the Slack secrets), a master gets the allow-list
-# and these: its database URL, and Ansible's own settings for inventory parsing.
-MASTER_ENV_NAMES = ("OMBOT_MASTER_DATABASE_URL",)
+# and these: its database URL, the log format, and Ansible's own settings for inventory parsing.
+MASTER_ENV_NAMES = ("OMBOT_MASTER_DATABASE_URL", FORMAT_ENV)
 MASTER_ENV_PREFIXES = ("ANSIBLE_",)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 

@@ -3,6 +3,7 @@ config and router they lead to (kept apart from cli.py so that each group of com
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -10,6 +11,7 @@ import typer
 
 from ombot import config as cfg
 from ombot.errors import OmbotError
+from ombot.logs import FORMAT_ENV
 
 # After the subcommand: no envvar here, or $OMBOT_CONFIG would beat a --config given before it.
 ConfigOpt = Annotated[
@@ -18,6 +20,18 @@ ConfigOpt = Annotated[
 ]
 IdcOpt = Annotated[Optional[str], typer.Option("--idc", help="IDC to act in [default: the client's default_idc]")]
 MasterOpt = Annotated[Optional[str], typer.Option("--master", help="Only this master")]
+
+
+class LogFormat(str, Enum):
+    """How log lines are written to stderr (docs/logging.md)."""
+
+    text = "text"
+    json = "json"
+
+
+LogFormatOpt = Annotated[LogFormat, typer.Option(
+    "--log-format", envvar=FORMAT_ENV, case_sensitive=False,
+    help="Log lines as text, or as one JSON object per line (docs/logging.md)")]
 
 
 def config_of(ctx: typer.Context, local: Path | None) -> cfg.Config:

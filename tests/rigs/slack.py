@@ -93,6 +93,7 @@ class SlackRig:
     `bots` maps each bot's port to its process, `port` is the one in the site's own config."""
 
     reply_wait = REPLY_WAIT  # a suite whose answers come later (schedules) waits longer
+    bot_args: tuple[str, ...] = ("bot",)  # the command line after --config (global options may come first)
 
     def __init__(self, fake: FakeSlack, cluster: Cluster, env: dict[str, str], port: int) -> None:
         self.fake, self.cluster, self.env, self.port = fake, cluster, env, port
@@ -117,7 +118,7 @@ class SlackRig:
             config.write_text(self.cluster.config_path.read_text().replace(
                 f'listen = "127.0.0.1:{self.port}"', f'listen = "127.0.0.1:{port}"'))
             log = self.cluster.root / f"bot-{port}.log"
-        bot = BotProcess(self.cluster, {**self.env, **(env or {})}, config_path=config, log_path=log)
+        bot = BotProcess(self.cluster, {**self.env, **(env or {})}, self.bot_args, config_path=config, log_path=log)
         self.bots[port] = bot  # kept before it starts: one that fails to listen is still stopped at the end
         return bot.start(port or None)  # Socket Mode (port 0) listens on nothing
 

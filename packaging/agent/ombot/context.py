@@ -1,0 +1,1 @@
+../../../ombot/context.py

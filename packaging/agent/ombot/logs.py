@@ -1,0 +1,1 @@
+../../../ombot/logs.py
