@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ombot import config as cfg
+from ombot.bot.settings import BotSettings
 from tests.support import Cluster, child_env, free_port
 
 IDCS = {"bj": ["bj-1", "bj-2"], "sh": ["sh-1", "sh-2"]}
@@ -68,6 +69,10 @@ def test_it_loads_and_passes_its_checks(site: Path) -> None:
     assert policy.returncode == 0 and "ok" in policy.stdout, policy.stderr
     rules = ombot("audit", "test-rules", str(site / "audit-rules.toml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
+    # The commented SIEM export, uncommented as a user would, is a valid [bot.audit_export]
+    checked.write_text(re.sub(r"(?m)^# (\[bot\.audit_export\]|file = |syslog = )", r"\1", checked.read_text()))
+    export = BotSettings.from_config(cfg.load(checked)).audit_export
+    assert export is not None and export.syslog is not None and str(export.file).endswith("/bot/audit-export.jsonl")
 
 
 def test_every_master_starts_with_its_key_and_answers(site: Path, tmp_path: Path) -> None:

@@ -125,6 +125,12 @@ audit_rules = "audit-rules.toml"   # shell audit alerts; check edits with `ombot
 state_dir = "{state_root}/bot"     # the unit's StateDirectory; SQLite here unless OMBOT_BOT_DATABASE_URL is set
 ops_listen = "127.0.0.1:{ops_port}"  # /metrics, /healthz, /readyz for Prometheus (docs/monitoring.md)
 
+# The shell audit's events and alerts for the SIEM, one ECS JSON object a line (docs/audit.md,
+# "SIEM export"): a file for Filebeat, Vector or Fluent Bit to read, and/or a local syslog collector.
+# [bot.audit_export]
+# file = "{state_root}/bot/audit-export.jsonl"
+# syslog = "127.0.0.1:601"         # RFC 5424 over TCP, octet counting
+
 [modules]
 dirs = []                          # directories of your own task modules (docs/writing-a-module.md)
 """
