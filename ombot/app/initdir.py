@@ -7,6 +7,8 @@ import pwd
 import re
 from pathlib import Path
 
+from ombot.app import starter
+from ombot.app.starter import POLICY_RULES
 from ombot.errors import OmbotError
 
 DEFAULT_PORT = 18861
@@ -152,44 +154,19 @@ viewers = ["leads"]
 [console_groups]
 # S0123OPS = ["U0DEMO"]
 
-[[rules]]
-name = "risky changes need a lead"
-modules = ["shell.exec", "script.run", "file.push", "ansible.playbook", "salt.state"]
-request = ["ops"]
-max_hosts = 20
-approval = {{ count = 1, roles = ["leads"], expiry_seconds = 1800 }}
-cancel = ["leads"]
-
-[[rules]]
-name = "the audit agent's rollout needs a lead"
-modules = ["audit.rollout", "audit.remove"]
-request = ["ops"]
-max_hosts = 500
-approval = {{ count = 1, roles = ["leads"], expiry_seconds = 1800 }}
-cancel = ["leads"]
-
-[[rules]]
-name = "everyday operations"
-modules = ["echo", "ping", "facts", "log.tail", "service"]
-request = ["ops"]
-max_hosts = 100
-cancel = ["leads"]
-"""
+""" + POLICY_RULES
 
 
 def init(directory: Path, port: int = DEFAULT_PORT, demo: bool = False) -> Path:
     """Write a starter set. `demo` (for `ombot up`) lets the console play the demo's chat users."""
     from ombot.audit import SAMPLE_RULES
-    from ombot.masters import Identity
 
     config = directory / "ombot.toml"
     if config.exists():
         raise OmbotError(f"{config} exists; refusing to overwrite it")
     unix_user = _unix_user()
-    cli_id = f"cli-{unix_user}".replace("_", "-")[:63]
-    keys = {name: Identity.generate() for name in ("bot", "console", cli_id, "local-1")}
-    for name, identity in keys.items():
-        identity.save(directory / "keys" / f"{name}.key")
+    cli_id = starter.cli_id(unix_user)
+    keys = starter.make_keys(directory, ["bot", "console", cli_id, "local-1"])
     (directory / "inventory").mkdir(parents=True, exist_ok=True)
     (directory / "inventory" / "local.ini").write_text(INVENTORY)
     (directory / "state" / "files").mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ombot.app import starter
+from ombot.app.starter import POLICY_RULES
 from ombot.errors import OmbotError
 
 if TYPE_CHECKING:
@@ -165,29 +167,7 @@ viewers = ["leads"]
 [jobs]
 viewers = ["leads"]
 
-[[rules]]
-name = "risky changes need a lead"
-modules = ["shell.exec", "script.run", "file.push", "ansible.playbook", "salt.state"]
-request = ["ops"]
-max_hosts = 20
-approval = {{ count = 1, roles = ["leads"], expiry_seconds = 1800 }}
-cancel = ["leads"]
-
-[[rules]]
-name = "the audit agent's rollout needs a lead"
-modules = ["audit.rollout", "audit.remove"]
-request = ["ops"]
-max_hosts = 500
-approval = {{ count = 1, roles = ["leads"], expiry_seconds = 1800 }}
-cancel = ["leads"]
-
-[[rules]]
-name = "everyday operations"
-modules = ["echo", "ping", "facts", "log.tail", "service"]
-request = ["ops"]
-max_hosts = 100
-cancel = ["leads"]
-"""
+""" + POLICY_RULES
 
 BOT_ENV = """\
 # /etc/ombot/bot.env: root-owned, mode 0600. systemd reads it before it starts the bot (EnvironmentFile=).
@@ -225,17 +205,13 @@ def master_ids(idcs: list[str], per_idc: int) -> dict[str, list[str]]:
 def init_production(directory: Path, idcs: list[str], per_idc: int, unix_user: str) -> tuple[Path, list[str]]:
     """Write the set; return ombot.toml's path and each master's key file (each for its own host only)."""
     from ombot.audit import SAMPLE_RULES
-    from ombot.masters import Identity
 
     config = directory / "ombot.toml"
     if config.exists():
         raise OmbotError(f"{config} exists; refusing to overwrite it")
     masters = master_ids(idcs, per_idc)
-    cli_id = f"cli-{unix_user}".replace("_", "-")[:63]
-    names = ["bot", "console", cli_id, *(mid for ids in masters.values() for mid in ids)]
-    keys = {name: Identity.generate() for name in names}
-    for name, identity in keys.items():
-        identity.save(directory / "keys" / f"{name}.key")
+    cli_id = starter.cli_id(unix_user)
+    keys = starter.make_keys(directory, ["bot", "console", cli_id, *(mid for ids in masters.values() for mid in ids)])
     (directory / "inventory").mkdir(parents=True, exist_ok=True)
     for idc in idcs:
         (directory / "inventory" / f"{idc}.ini").write_text(INVENTORY.format(idc=idc))
