@@ -3,11 +3,12 @@ the rules run on them, alerts raised, the store searched. It runs in the bot's p
 chat face, and imports no chat code: alerts go out through what the bot provides (a `Courier`, e.g.
 bot.alerts.AlertPoster, serving an `AlertQueue`), the way jobs go out through bot.transport.Transport.
 
-Inside: feed (pulling from the masters, under a lease), store (the tables), rules (matching and
-redaction), examples (a rules file's checks, the sample file), alerts (thresholds, grouping, the
-alert's text), queue and overflow (each channel's bounded queue and its summary), notices (what the
-pipeline says about itself), fields (whose word each field is), search (queries and who may ask),
-export, ecs and syslog5424 (events and alerts to the SIEM: ECS lines to a file or RFC 5424 syslog).
+Inside: feed (pulling from the masters, under a lease), heartbeats (silent agents, unreachable
+IDCs), store (the tables), rules (matching and redaction), examples (a rules file's checks, the
+sample file), alerts (thresholds, grouping, the alert's text), queue and overflow (each channel's
+bounded queue and its summary), notices (what the pipeline says about itself), fields (whose word
+each field is), search (queries and who may ask), export, ecs and syslog5424 (events and alerts to
+the SIEM: ECS lines to a file or RFC 5424 syslog).
 """
 
 import peewee

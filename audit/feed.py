@@ -23,9 +23,10 @@ raises one alert, and one "back" message when it returns; one whose agent report
 heartbeat raises one "degraded" alert, and one when it recovers. Only servers of an IDC with a
 master answering are judged: an unreachable IDC is not a thousand silent agents, but one alert of
 its own once no master of it has answered for UNREACHABLE_AFTER_SECONDS (or
-`audit_silent_after_seconds`, if shorter), and one when a master answers again. Agents' and
-masters' notices (audit.notices) alert like rule matches, whether a rules file is loaded or not.
-With `[bot.audit_export]`, each event stored and each alert go to the SIEM too (audit.export).
+`audit_silent_after_seconds`, if shorter), and one when a master answers again (audit.heartbeats
+judges all this). Agents' and masters' notices (audit.notices) alert like rule matches, whether a
+rules file is loaded or not. With `[bot.audit_export]`, each event stored and each alert go to the
+SIEM too (audit.export).
 """
 
 from __future__ import annotations
@@ -44,13 +45,12 @@ from typing import Any
 from ombot.audit import metrics, store
 from ombot.audit.alerts import Thresholds
 from ombot.audit.export import Export, ExportSettings, open_export
-from ombot.audit.notices import (back_message, degraded_message, notice_alert, reachable_message, recovered_message,
-                           silent_message, unreachable_message)
+from ombot.audit.heartbeats import Heartbeats
+from ombot.audit.notices import notice_alert
 from ombot.audit.queue import Alerts
 from ombot.audit.rules import RuleSet, load_rules, redact
 from ombot.masters import Router
 from ombot import lease
-from ombot.clock import now_ms
 from ombot.tables import read_toml
 from ombot.errors import OmbotError
 from ombot.message import Message, plain
@@ -69,7 +69,6 @@ JOB_ID = "audit-feed"
 # Which holders each surface takes the feed from before their lease runs out: the Slack bot from a
 # console (alerts belong in the channel once a bot runs); a console from nobody.
 PREEMPTS = {"slack": "console:"}
-UNREACHABLE_AFTER_SECONDS = 60.0  # no master of an IDC answered this long (or silent_after, if less): said
 RULE_FIELDS = ("id", "idc", "host", "kind", "at", "user", "login_user", "uid", "tty", "cwd", "command",
                "exit_status", "ssh_client", "source")
 DATA_FIELDS = ("login_check", "kernel_login_user", "claimed_at")  # shown in alerts: what the kernel says, the claim
@@ -85,15 +84,6 @@ class FeedSettings:
     poll_seconds: float
     silent_after_seconds: int
     export: ExportSettings | None = None  # `[bot.audit_export]`: events and alerts to the SIEM (audit.export)
-
-
-@dataclass
-class _Outage:
-    """An IDC none of whose masters answers: since when, and whether the channel was told."""
-
-    since: float  # monotonic
-    since_ms: int
-    said: bool = False
 
 
 @dataclass
@@ -126,10 +116,7 @@ class AuditFeed:
         self.thresholds = Thresholds()
         self.leading = False
         self._masters: dict[str, _Master] = {}
-        self._heartbeats: dict[str, tuple[str, int]] = {}  # host -> (idc, newest heartbeat by this bot's clock)
-        self._silent: set[str] = set()
-        self._problems: dict[str, str] = {}  # host -> the problem its agent reports, once alerted
-        self._down: dict[str, _Outage] = {}  # idc -> since when none of its masters answers
+        self.heartbeats = Heartbeats(self.silent_after_ms, self._notify)  # silent agents, unreachable IDCs
         self._stop = threading.Event()
         self._polling = threading.Lock()  # held by the poll under way
         self._timers: Timers | None = None
@@ -176,10 +163,7 @@ class AuditFeed:
             log.info("this process %s the audit feed (%s)", "pulls" if leading else "no longer pulls", self.holder)
             if not leading:  # another process holds the feed: its view replaces ours
                 self._masters.clear()
-                self._heartbeats.clear()
-                self._silent.clear()
-                self._problems.clear()
-                self._down.clear()
+                self.heartbeats.clear()
         if leading != self.leading or not self._announced:
             self._announce(leading)
         self.leading = leading
@@ -206,9 +190,9 @@ class AuditFeed:
             answered, count = self._poll_idc(idc)
             stored += count
             if answered is not None:
-                self._reachable(idc, answered)
+                self.heartbeats.reachable(idc, answered)
             if answered:
-                self._judge_heartbeats(idc)
+                self.heartbeats.judge(idc)
         return stored
 
     def _poll_idc(self, idc: str) -> tuple[bool | None, int]:
@@ -223,21 +207,6 @@ class AuditFeed:
             answered = bool(answered) or count is not None
             stored += count or 0
         return answered, stored
-
-    def _reachable(self, idc: str, answered: bool) -> None:
-        """Say once when no master of an IDC has answered for UNREACHABLE_AFTER_SECONDS, and when one does again."""
-        down = self._down.get(idc)
-        if answered:
-            if down is not None and self._down.pop(idc).said:
-                log.info("audit feed: a master of %s answers again", idc)
-                self._notify(reachable_message(idc, time.monotonic() - down.since), "info", ("idc-reachable", idc, None))
-            return
-        if down is None:
-            self._down[idc] = _Outage(time.monotonic(), now_ms())
-        elif not down.said and time.monotonic() - down.since >= min(UNREACHABLE_AFTER_SECONDS, self.silent_after_ms / 1000):
-            down.said = True
-            log.warning("audit feed: no master of %s has answered for %.0f s", idc, time.monotonic() - down.since)
-            self._notify(unreachable_message(idc, down.since_ms), about=("idc-unreachable", idc, None))
 
     def _poll_master(self, idc: str, master_id: str) -> int | None:
         """Read one master from its cursor on, page by page; the events stored now, None if it did not answer."""
@@ -254,7 +223,8 @@ class AuditFeed:
             self._answered(master_id)
             if first_now is None:
                 first_now = int(reply["now"])
-                self._heartbeat_rows(idc, master_id, reply)  # only the first page asks for them
+                self.heartbeats.rows(idc, reply)  # only the first page asks for them
+                state.agents_since = max(0, first_now - OVERLAP_MS)
             stored += self._store(idc, reply["events"])
             if not (reply["more"] and reply["events"]):
                 self._advance(master_id, start, first_now - OVERLAP_MS)
@@ -346,45 +316,7 @@ class AuditFeed:
             log.info("audit feed: master %s answers again after %d failed reads", master_id, state.failures)
         state.failures, state.retry_at = 0, 0.0
 
-    # -- silent agents ----------------------------------------------------------------------------------
-
-    def _heartbeat_rows(self, idc: str, master_id: str, reply: dict[str, Any]) -> None:
-        master_now, here = int(reply["now"]), now_ms()
-        for row in reply["agents"]:
-            seen = here - max(0, master_now - int(row["last_seen"]))  # the master's age of it, on our clock
-            known = self._heartbeats.get(row["host"])
-            if known is None or seen > known[1]:
-                self._heartbeats[row["host"]] = (idc, seen)
-                self._judge_problem(row["host"], idc, row.get("problem"))
-        self._masters[master_id].agents_since = max(0, master_now - OVERLAP_MS)
-
-    def _judge_problem(self, host: str, idc: str, problem: Any) -> None:
-        """An agent that says something is wrong with it: one alert, and one when it no longer does."""
-        problem = problem if isinstance(problem, str) and problem else None
-        if problem is not None and host not in self._problems:
-            self._problems[host] = problem
-            log.warning("audit agent on %s (%s) reports a problem: %s", host, idc, problem)
-            self._notify(degraded_message(host, idc, problem), about=("agent-degraded", idc, host))
-        elif problem is None and host in self._problems:
-            del self._problems[host]
-            log.info("audit agent on %s (%s) reports no problem now", host, idc)
-            self._notify(recovered_message(host, idc), "info", ("agent-recovered", idc, host))
-
-    def _judge_heartbeats(self, idc: str) -> None:
-        here = now_ms()
-        for host, (host_idc, seen) in self._heartbeats.items():
-            if host_idc != idc:
-                continue
-            silent = here - seen > self.silent_after_ms
-            if silent and host not in self._silent:
-                self._silent.add(host)
-                log.warning("audit agent on %s (%s) silent since %s", host, idc, time.strftime(
-                    "%Y-%m-%d %H:%M:%S UTC", time.gmtime(seen / 1000)))
-                self._notify(silent_message(host, idc, seen), about=("agent-silent", idc, host))
-            elif not silent and host in self._silent:
-                self._silent.discard(host)
-                log.info("audit agent on %s (%s) is back", host, idc)
-                self._notify(back_message(host, idc, seen), "info", ("agent-back", idc, host))
+    # -- what the feed says about itself and its agents -------------------------------------------------
 
     def _notify(self, message: Message, severity: str = "warning",
                 about: tuple[str, str, str | None] = ("notice", "", None)) -> None:

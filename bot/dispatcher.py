@@ -22,21 +22,21 @@ from ombot.audit import AuditQuery
 from ombot.bot import forms, grammar, metrics, multi, store
 from ombot.bot.approval_flow import ApprovalFlow
 from ombot.bot.audit_search import AUDIT_USAGE, parse_audit_query, search_audit
-from ombot.bot.commands import REQUESTERS, CommandError, Prose, Word, available, chat_command
-from ombot.bot.jobs import JOBS_USAGE, JobFilter, JobFollower, card_of, history, parse_job_filter
+from ombot.bot.commands import REQUESTERS, CommandError, Prose, Word, chat_command
+from ombot.bot.jobs import JOBS_USAGE, JobFilter, JobFollower, card_of, parse_job_filter
+from ombot.bot.listings import (commands_help, few_hosts, find_job, job_status, jobs_message, masters_message,
+                                module_help, modules_message)
 from ombot.bot.messages import CHECK, job_card, preview_message
 from ombot.bot.schedules import SCHEDULE_USAGE, Schedules, schedule_words
 from ombot.bot.transport import ChatRequest, Transport
-from ombot.masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
+from ombot.masters import ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
 from ombot.modules import Catalog, ModuleSpec, ParamError
 from ombot.errors import OmbotError
-from ombot.message import Markup, Message, clip, code, error_message, escape, slack_date, text_message
+from ombot.message import Markup, Message, clip, error_message, escape, text_message
 
 log = logging.getLogger("ombot.bot")
 
 CATALOG_TTL = 60.0
-PREVIEW_HOSTS = 30
-JOBS_LISTED = 15
 
 
 class CatalogCache:
@@ -169,11 +169,12 @@ class Dispatcher:
 
     @chat_command("help", Word("module", optional=True), summary="the commands, or one module's parameters")
     def help_command(self, req: ChatRequest, transport: Transport, module: str | None) -> None:
-        transport.respond(req, self._help(module, req.user))
+        transport.respond(req, module_help(self.spec_of(self.default_idc, module)) if module
+                          else commands_help(self._allowed_specs(req.user)))
 
     @chat_command("modules", Word("category", optional=True), summary="the modules you may run")
     def modules_command(self, req: ChatRequest, transport: Transport, category: str | None) -> None:
-        transport.respond(req, self._modules(category, req.user))
+        transport.respond(req, modules_message(self._allowed_specs(req.user), category))
 
     @chat_command("run", summary="run a module on hosts", access=REQUESTERS, usage=grammar.RUN_USAGE,
                   parse=grammar.run_words)
@@ -187,11 +188,11 @@ class Dispatcher:
     @chat_command("jobs", summary="recent jobs you may see: `mine`, and filters by module, host and time (UTC)",
                   usage=JOBS_USAGE, parse=parse_job_filter)
     def jobs_command(self, req: ChatRequest, transport: Transport, filters: JobFilter) -> None:
-        transport.respond(req, self._jobs(filters, req.user))
+        transport.respond(req, jobs_message(self.gate, filters, req.user))
 
     @chat_command("status", Word("job"), summary="where a job stands")
     def status_command(self, req: ChatRequest, transport: Transport, job: str) -> None:
-        transport.respond(req, self._status(job, req.user))
+        transport.respond(req, job_status(self.router, self.gate, job, req.user))
 
     @chat_command("cancel", Word("job"), summary="cancel a job (its requester, approvers, or the policy's roles)")
     def cancel_command(self, req: ChatRequest, transport: Transport, job: str) -> None:
@@ -199,7 +200,7 @@ class Dispatcher:
 
     @chat_command("masters", summary="the health of every master")
     def masters_command(self, req: ChatRequest, transport: Transport) -> None:
-        transport.respond(req, self._masters())
+        transport.respond(req, masters_message(self.router))
 
     @chat_command("approvals", summary="pending approval requests")
     def approvals_command(self, req: ChatRequest, transport: Transport) -> None:
@@ -263,67 +264,6 @@ class Dispatcher:
     def _allowed_specs(self, user: str) -> list[ModuleSpec]:
         specs = self.catalogs.get(self.default_idc).modules.values()
         return [s for s in specs if self.gate is not None and self.gate.may_run(user, s.name, self.default_idc)]
-
-    def _help(self, module: str | None, user: str) -> Message:
-        if module:
-            spec = self.spec_of(self.default_idc, module)
-            lines = [f"*{spec.name}* ({spec.category}, risk {spec.risk}): {spec.description}",
-                     f"usage: `/om {spec.usage()}`"]
-            for p in spec.params:
-                lines.append(f"\u2022 `{p.name}` {p.kind}{'' if p.required else ' (optional)'}"
-                             + (f": {p.help}" if p.help else "") + _choices(p))
-            return text_message("\n".join(lines))
-        usage = "\n".join(f"`{c.usage}` \u2014 {c.summary}" for c in available())
-        names = ", ".join(f"`{s.name}`" for s in self._allowed_specs(user)) or "none (ask your admins for access)"
-        return text_message(f"*OMBot commands*\n{usage}\nShort form: `/om MODULE TARGETS key=value ...`\n"
-                            f"Modules you may run: {names}")
-
-    def _modules(self, category: str | None, user: str) -> Message:
-        specs = [s for s in self._allowed_specs(user) if category is None or s.category == category]
-        if not specs:
-            return text_message("No modules you may run" + (f" in category {category!r}." if category else "."))
-        return text_message("\n".join(f"`{s.name}` ({s.category}, risk {s.risk}) {s.description}" for s in specs))
-
-    def _jobs(self, filters: JobFilter, user: str) -> Message:
-        """The newest jobs `user` may see (approvals.Viewer) that match the filters."""
-        viewer = viewer_of(self.gate, user)
-        lines = [f"#{j.number} {j.state:<9} `{j.module}` on {j.host_count} host(s) in {j.idc} by <@{j.requester}> "
-                 f"{slack_date(j.created_at)}" for j in history(filters, user, JOBS_LISTED, viewer)]
-        some = "" if viewer.everything else " that you may see"
-        empty = f"No jobs{some} match." if filters != JobFilter() else f"No jobs{some} yet."
-        return text_message("\n".join(lines) or empty)
-
-    def _status(self, ref: str, user: str) -> Message:
-        """A job's whole record from the bot's database, for those who may see it; the owning master
-        says where a live one stands."""
-        job = _find(ref)
-        if not viewer_of(self.gate, user).sees(job.requester, job.approvers, job.cancel_roles):
-            raise PolicyRefusal(f"job #{job.number} is not yours to see: its requester, its approvers, its rule's "
-                                f"`cancel` roles and the policy's `[jobs] viewers` may")
-        state, live = job.state, ""
-        if job.master_id and state not in FINAL_STATES:
-            try:
-                state = self.router.job_state(JobRef(job.job_id, job.idc, job.master_id))
-            except (ConnectFailed, MasterLost, Refused) as exc:
-                live = f" (as last seen: master `{job.master_id}` does not answer: {clip(str(exc), 200)})"
-        hosts = list(job.hosts) if job.hosts else []
-        shown = (", ".join(hosts[:PREVIEW_HOSTS]) + (f" \u2026 and {len(hosts) - PREVIEW_HOSTS} more"
-                                                    if len(hosts) > PREVIEW_HOSTS else "")) if hosts else "(not recorded)"
-        ended = f", ended {slack_date(job.finished_at)}" if job.finished_at and state in FINAL_STATES else ""
-        lines = [f"#{job.number} `{job.module}` on {job.host_count} host(s) in {job.idc}: *{state}*{live}",
-                 f"requested by <@{job.requester}> {slack_date(job.created_at)}{ended}",
-                 f"hosts: {shown}",
-                 f"job id `{job.job_id}` on master `{job.master_id or 'none'}`"]
-        if job.note and state in FINAL_STATES:
-            lines.append(f"why: {clip(job.note, 1000)}")
-        return text_message("\n".join(lines))
-
-    def _masters(self) -> Message:
-        rows = []
-        for m in self.router.health():
-            status = f"up, {m['rtt_ms']} ms, {m['running_jobs']} running" if m["ok"] else f"DOWN: {m['error']}"
-            rows.append(f"{m['master']:<16} {m['idc']:<8} {status}")
-        return text_message(code("\n".join(rows) or "no masters configured"))
 
     # -- acting --------------------------------------------------------------------------------
 
@@ -444,7 +384,7 @@ class Dispatcher:
         self.follower.end_early(job, transport, state, reason)
 
     def _cancel(self, ref: str, req: ChatRequest, transport: Transport) -> None:
-        job = _find(ref)
+        job = find_job(ref)
         allowed = req.user == job.requester or (
             self.gate is not None and self.gate.may_cancel(req.user, job.requester, list(job.approvers),
                                                            list(job.cancel_roles)))
@@ -464,18 +404,5 @@ class Dispatcher:
             transport.respond(req, text_message(f"Job #{job.number} already ended: {reply['state']}."))
 
 
-def _find(ref: str) -> store.BotJob:
-    job = store.find_job(ref)
-    if job is None:
-        raise OmbotError(f"No job {ref!r}. `/om jobs` lists recent jobs.")
-    return job
-
-
-def _choices(param: Any) -> str:
-    choices = getattr(param, "choices", ())
-    return f" (one of: {', '.join(choices)})" if choices else ""
-
-
 def _preview(module: str, idc: str, hosts: list[str], lead: str) -> Message:
-    shown = ", ".join(hosts[:PREVIEW_HOSTS]) + (f" \u2026 and {len(hosts) - PREVIEW_HOSTS} more" if len(hosts) > PREVIEW_HOSTS else "")
-    return text_message(f"{lead} `{module}` on {len(hosts)} host(s) in {idc}: {shown}")
+    return text_message(f"{lead} `{module}` on {len(hosts)} host(s) in {idc}: {few_hosts(hosts)}")

@@ -6,8 +6,8 @@ is also in the master's log.
 
 The work behind the operations lives elsewhere: the submit checks in masters.jobspec, every query
 in masters.jobstore, and a job's life once recorded (run, report, finish, cancel, long-poll,
-restart recovery) in masters.runner. This module keeps the transport entry, the replay check and
-the table of operations.
+restart recovery) in masters.runner (the job in memory and its end: masters.livejob). This module
+keeps the transport entry, the replay check and the table of operations.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The master's counters (docs/monitoring.md), counted where the thing happens (masters.runner,
-masters.audit). Figures that describe a state (jobs under way, connections, agents) are read at each
-scrape instead: masters.ops. Labels stay bounded: modules, states, statuses, backends, outcomes.
+masters.livejob, masters.audit). Figures that describe a state (jobs under way, connections,
+agents) are read at each scrape instead: masters.ops. Labels stay bounded: modules, states,
+statuses, backends, outcomes.
 """
 
 from __future__ import annotations

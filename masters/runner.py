@@ -12,8 +12,8 @@ whose lease it cannot renew is stopped before the lease could lapse, and a dead 
 lapse and are taken over. One requester has at most `max_waiting_per_requester` jobs waiting (for
 hosts or a job slot); more are refused at submit (`queue_full`), nothing recorded.
 
-While a job runs, its `LiveJob` is where events are announced (a condition) and its cancel is
-signalled; everything durable goes through the `JobStore`.
+While a job runs, its `LiveJob` (masters.livejob, which also records its end) is where events are
+announced (a condition) and its cancel is signalled; everything durable goes through the `JobStore`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from ombot import context
@@ -29,8 +28,9 @@ from ombot.masters.backends.base import Backend, HostResult, HostStatus, RunCont
 from ombot.envelope import Refused, Request
 from ombot.masters.inventory import Inventory
 from ombot.masters.jobspec import JobSpec
-from ombot.masters.jobstore import Busy, Event, JobStore
+from ombot.masters.jobstore import Event, JobStore
 from ombot.masters.leases import HostLeases
+from ombot.masters.livejob import LiveJob, finish
 from ombot.masters import metrics
 from ombot.masters.rollout import AgentRollout, RolloutError
 from ombot.masters.slots import JobSlots
@@ -42,49 +42,7 @@ log = logging.getLogger("ombot.master")
 
 MAX_WAIT_SECONDS = 20.0  # below rpyc's 30 s sync timeout
 MAX_SUBMIT_WAIT_SECONDS = 2.0
-COALESCE_SECONDS = 0.01  # once events exist, wait this long for more so a quick job ends in one reply
 INTERRUPTED = "the master stopped while the job ran; hosts may or may not have finished"
-NO_RESULT = "the backend reported no result"
-
-
-@dataclass
-class LiveJob:
-    """A job this process is running: where its events are announced and its cancel is signalled."""
-
-    id: str
-    sender: str
-    host_count: int
-    next_seq: int
-    requester: str = ""
-    rid: str = ""  # the request id the client gave (ombot.context): on every line of the job
-    spec: JobSpec | None = None
-    state: JobState = JobState.QUEUED
-    wait_started: float = 0.0  # monotonic; when it began waiting for its hosts
-    waited: float = 0.0  # seconds it waited for its hosts: taken from its timeout
-    blocked: Busy | None = None  # what its last "waiting" event said
-    stop_reason: str | None = None  # why the master itself stopped it (its host locks' lease): the end's reason
-    finished: bool = False  # set once the final state and "finished" event are committed
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    changed: threading.Condition = field(default_factory=lambda: threading.Condition(threading.RLock()))
-    results: list[HostResult] = field(default_factory=list)
-    held: HostResult | None = None  # the last host's result, written together with the final state
-
-    def ids(self, host: str = "") -> dict[str, str]:
-        return {"rid": self.rid, "job": self.id, "user": self.requester, "host": host}
-
-    def await_events(self, after: int, wait: float) -> None:
-        """Long-poll: until an event after `after` exists (or `wait` passes), then briefly for the rest
-        of a burst, so a quick job comes back whole in one reply instead of one event per round trip."""
-        deadline = time.monotonic() + wait
-        with self.changed:
-            if not self.changed.wait_for(lambda: self.next_seq > after + 1, timeout=wait):
-                return
-            self.changed.wait_for(lambda: self.finished,
-                                  timeout=max(0.0, min(COALESCE_SECONDS, deadline - time.monotonic())))
-
-    def await_finished(self, wait: float) -> None:
-        with self.changed:
-            self.changed.wait_for(lambda: self.finished, timeout=wait)
 
 
 class JobRunner:
@@ -263,7 +221,7 @@ class JobRunner:
                         unreported: HostResult | None = None, reason: str | None = None) -> None:
         self.leases.released(live.id)  # the run is over; locks the end cannot release lapse unrenewed
         try:
-            self._finish(live, hosts, started, unreported, reason)
+            finish(self.jobs, live, hosts, started, self._forget, unreported, reason)
         except Exception:
             # The final record could not be written: say so, and never leave a follower waiting forever.
             log.exception("could not record the end of job %s", live.id)
@@ -293,39 +251,6 @@ class JobRunner:
             live.held = result  # saves a commit: written with the final state, right after
         else:
             self._append(live, [("host", result.as_dict())])
-
-    def _finish(self, live: LiveJob, hosts: list[str], started: float, unreported: HostResult | None = None,
-                reason: str | None = None) -> None:
-        """Record the final state; hosts without a result get `unreported`'s status and error."""
-        unreported = unreported or HostResult("", HostStatus.FAILED, error=NO_RESULT)
-        done = {r.host for r in live.results}
-        # A backend bug must not leave a host unreported.
-        missing = [HostResult(h, unreported.status, error=unreported.error) for h in hosts if h not in done]
-        live.results.extend(missing)
-        state = final_state([r.status for r in live.results], live.cancelled.is_set())
-        counts: dict[str, int] = {}
-        for r in live.results:
-            counts[str(r.status)] = counts.get(str(r.status), 0) + 1
-        last = ([live.held] if live.held else []) + missing
-        events: list[Event] = [("host", r.as_dict()) for r in last]
-        reason = reason or live.stop_reason
-        ran = live.state is JobState.RUNNING  # a job that never got its hosts has no run to time
-        finished: dict[str, Any] = {"state": state, "counts": counts, "duration": round(time.time() - started, 3)}
-        events.append(("finished", finished | ({"reason": reason} if reason else {})))
-        with live.changed:  # final state and "finished" event become visible together
-            written = self.jobs.finish(live.id, state, live.next_seq, events)
-            if not written:  # another master ended it when its lease lapsed: that end stands
-                state = JobState(self.jobs.stored(live.id).state)
-            live.next_seq += written
-            live.state, live.finished = state, True
-            live.changed.notify_all()
-        self._forget(live)
-        if live.spec is not None:
-            metrics.job_ended(live.spec.module.name, state, time.time() - started if ran else None,
-                              [str(r.status) for r in live.results])
-        with context.scope(**live.ids()):  # the state that stands, after the hosts this master saw
-            log.info("job finished: %s (%s) in %.1f s%s", state, ", ".join(f"{n} {status}" for status, n in counts.items()),
-                     finished["duration"], f": {reason}" * bool(reason))
 
     def _append(self, live: LiveJob, events: list[Event]) -> None:
         """Numbered in order under the job's lock, then announced to its long-polls."""
@@ -411,17 +336,3 @@ class JobRunner:
                 self._end_unstarted(live, HostStatus.CANCELLED, "the master stopped before its hosts were free")
         self.slots.close()
 
-
-def final_state(statuses: list[HostStatus], cancelled: bool) -> JobState:
-    """A job's state from its hosts' statuses, and whether a cancel was requested."""
-    if any(s is HostStatus.UNKNOWN for s in statuses):  # what one host did is not known: never retry blindly
-        return JobState.UNKNOWN
-    if cancelled and any(s is HostStatus.CANCELLED for s in statuses):
-        return JobState.CANCELLED
-    if statuses and all(s is HostStatus.OK for s in statuses):
-        return JobState.OK
-    if any(s is HostStatus.TIMED_OUT for s in statuses) and not any(s is HostStatus.OK for s in statuses):
-        return JobState.TIMED_OUT
-    if any(s is HostStatus.OK for s in statuses):
-        return JobState.PARTIAL
-    return JobState.FAILED

@@ -10,7 +10,7 @@ import pytest
 from ombot.bot.jobs import apply_event
 from ombot.bot.messages import CardState
 from ombot.masters.backends.base import HostStatus
-from ombot.masters.runner import final_state
+from ombot.masters.livejob import final_state
 from ombot.masters.states import FINAL_STATES, JobState
 
 OK, FAILED, UNREACHABLE = HostStatus.OK, HostStatus.FAILED, HostStatus.UNREACHABLE

@@ -31,7 +31,7 @@ ONLY: dict[str, set[str]] = {"audit_agent": set()}  # it runs on every server: n
 # The base files the agent imports: with audit_agent/, all that its own distribution (ombot-agent) ships.
 AGENT_BASE = {"ombot", "ombot.envelope", "ombot.keys", "ombot.tables", "ombot.errors", "ombot.logs", "ombot.context"}
 MASTER_INTERNALS = ("masters.core", "masters.server", "masters.connections", "masters.backends", "masters.store", "masters.jobstore",
-                    "masters.runner", "masters.jobspec", "masters.slots", "masters.lograte", "masters.audit",
+                    "masters.runner", "masters.livejob", "masters.jobspec", "masters.slots", "masters.lograte", "masters.audit",
                     "masters.housekeeping", "masters.registry", "masters.registrations", "masters.enrolment",
                     "masters.ingest_budget", "masters.rollout", "masters.metrics", "masters.ops")
 ENTRY_POINTS = {"ombot/__main__.py"}  # `python -m ombot` starts the root: the one upward arrow, by design
