@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client.metrics_core import Metric
 
 import ombot
@@ -166,7 +168,26 @@ def test_a_job_an_approval_and_an_agent_show_in_the_metrics(site: tuple[OpsRig, 
     assert ("ombot_audit_alert_queue_depth", frozenset()) in bot
     assert value(bot, "ombot_bot_info", mode="http", version=ombot.__version__) == 1
 
-    assert convention_problems(families(master_port) + families(bot_port)) == []
+    scraped = families(master_port) + families(bot_port)
+    assert convention_problems(scraped) == []
+    assert unknown_in_alert_rules(scraped) == set()
+
+
+ALERT_RULES_FILE = Path(__file__).resolve().parents[1] / "examples" / "prometheus" / "ombot-alerts.yml"
+
+
+def unknown_in_alert_rules(scraped: list[Metric]) -> set[str]:
+    """The OMBot metric names examples/prometheus/ombot-alerts.yml uses that the processes do not serve."""
+    served = {sample.name for family in scraped for sample in family.samples}
+    served |= {family.name + ("_total" if family.type == "counter" else "") for family in scraped}
+    rules = yaml.safe_load(ALERT_RULES_FILE.read_text())["groups"][0]["rules"]
+    used = {name for rule in rules for name in re.findall(r"\bombot_[a-z_]+", rule["expr"])}
+    assert len(used) >= 10
+    return used - served
+
+
+def test_the_alert_rules_check_finds_a_metric_nobody_serves() -> None:
+    assert unknown_in_alert_rules([]) >= {"ombot_master_jobs_total", "ombot_audit_alert_queue_depth"}
 
 
 @pytest.mark.slow
