@@ -160,6 +160,9 @@ def test_ctrl_c_clears_a_half_typed_line_and_the_console_goes_on(site: Cluster) 
         console.expect_exact("(to U0DEMO) Starting job #1: `echo` on 1 host(s) in local: localhost")
         console.expect(r"localhost\s+ok\s+[\d.]+s\s+next")  # the half line never ran: this is job #1
         assert console.isalive()
+        # The prompt drawn again: the terminal is raw once more. A Ctrl-D sent between prompts meets the
+        # cooked terminal, whose line discipline eats it as an end of file the console never reads.
+        console.expect_exact(SHOWN_PROMPT)
         console.sendcontrol("d")  # Ctrl-D on an empty line leaves
         console.expect(pexpect.EOF)
         console.close()

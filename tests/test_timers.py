@@ -25,6 +25,9 @@ ALLOWED = {
     "audit/queue.py::AlertQueue.take":
         "pacing, not periodic work: a channel's worker waits for its token bucket's next token, "
         "and new alerts wake it at once",
+    "audit/syslog5424.py::SyslogSender._run":
+        "a connection's backoff, not periodic work: the sender waits before it connects again to a syslog "
+        "server that refused, and close() wakes it at once",
     "masters/client.py::Router.follow":
         "a retry inside one call: a master that stopped answering a job's long-poll is asked again "
         "every 0.5 s until lost_retry, then the job ends unknown",
