@@ -83,7 +83,9 @@ def test_a_slash_command_its_approval_and_its_job_share_one_request_id_and_no_se
         rig.approve(pending, BOB).wait(f"Approved request #{pending.number}; its job starts now")
         number = pending.asked.number("Starting job #")
         assert f"[#{number} ok]" in rig.final_card(number)["text"]
-        rig.fake.wait_for(lambda: "ended: ok" in rig.bot.log(), what="the bot's line for the job's end")
+        # the click's own line comes when its handler returns, which may be after the job ended
+        rig.fake.wait_for(lambda: all(line in rig.bot.log() for line in ("ended: ok", '"approve click')),
+                          what="the bot's lines for the job's end and for the click")
         bot_log, master_log = rig.bot.log(), rig.cluster.processes["m1"].log()
         bot, master = lines_of(bot_log), lines_of(master_log)
 
