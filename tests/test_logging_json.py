@@ -86,6 +86,8 @@ def test_a_slash_command_its_approval_and_its_job_share_one_request_id_and_no_se
         # the click's own line comes when its handler returns, which may be after the job ended
         rig.fake.wait_for(lambda: all(line in rig.bot.log() for line in ("ended: ok", '"approve click')),
                           what="the bot's lines for the job's end and for the click")
+        rig.fake.wait_for(lambda: "job finished: ok" in rig.cluster.processes["m1"].log(),
+                          what="the master's line for the job's end (written after it told its followers)")
         bot_log, master_log = rig.bot.log(), rig.cluster.processes["m1"].log()
         bot, master = lines_of(bot_log), lines_of(master_log)
 
