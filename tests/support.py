@@ -187,7 +187,9 @@ class Cluster:
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMBOT_")}
+    # Nor ANSIBLE_HOME and ANSIBLE_LOCAL_TEMP: a test that loaded an inventory in this process set them for this uid
+    # (masters/inventory.py), and a child running as another user must make its own.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMBOT_") and k not in ("ANSIBLE_HOME", "ANSIBLE_LOCAL_TEMP")}
     env["PYTHONPATH"] = str(REPO)
     return {**env, **(extra or {})}
 
