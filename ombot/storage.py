@@ -83,15 +83,22 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (sqlite:////abs/path.db), None for any other database or :memory:."""
+    scheme, sep, rest = url.partition(":///")
+    if not sep or not scheme.lower().startswith("sqlite") or not rest or rest.startswith(":memory:"):
+        return None
+    return Path(rest.split("?", 1)[0])
+
+
 def connect_url(url: str) -> peewee.Database:
     """A peewee database for the URL (not yet connected). User and password may be %-encoded."""
     scheme = url.split(":", 1)[0].lower()
     _hide_password(url)
     kwargs: dict[str, Any] = {}
     if scheme.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the chat trail is private
+        if (path := sqlite_file(url)) is not None:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the chat trail is private
         kwargs["pragmas"] = _SQLITE_PRAGMAS
         kwargs["check_same_thread"] = False
     elif scheme.startswith(("mysql", "mariadb")):

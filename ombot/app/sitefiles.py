@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from ombot import config as cfg
 from ombot.errors import OmbotError
+from ombot.storage import sqlite_file
 
 CONFIG_NAME = "ombot.toml"
 
@@ -52,14 +53,6 @@ class Skipped:
     of: str
     url: str  # without its password
     command: str
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file of a SQLite URL (sqlite:////abs/path.db), None for any other database."""
-    scheme, sep, rest = url.partition(":///")
-    if not sep or not scheme.lower().startswith("sqlite") or rest.startswith(":memory:"):
-        return None
-    return Path(rest.split("?", 1)[0])
 
 
 def dump_command(of: str, url: str) -> str:
@@ -119,7 +112,7 @@ def parts(conf: cfg.Config, secrets: bool) -> tuple[list[Part], list[Skipped], l
 def _database(found: list[Part], skipped: list[Skipped], of: str, url: str) -> None:
     from ombot.storage import redact_url
 
-    path = sqlite_path(url)
+    path = sqlite_file(url)
     if path is None:
         skipped.append(Skipped(of, redact_url(url), dump_command(of, url)))
     elif path.is_file():
@@ -145,7 +138,7 @@ def target(conf: cfg.Config, kind: str, of: str, rel: str) -> Path:
         return conf.path
     if kind in ("database", "policy", "audit_rules") and of == "bot":
         settings = bot_settings(conf)
-        path = sqlite_path(settings.database_url) if kind == "database" else getattr(settings, kind)
+        path = sqlite_file(settings.database_url) if kind == "database" else getattr(settings, kind)
     elif kind == "key":
         group, _, name = of.partition(".")
         path = (conf.masters if group == "masters" else conf.clients)[name].key_file
@@ -153,7 +146,7 @@ def target(conf: cfg.Config, kind: str, of: str, rel: str) -> Path:
         path = secret_files(conf.raw, conf.base_dir).get(of)
     else:
         master = conf.masters[of]
-        path = {"database": sqlite_path(master.database_url), "inventory": master.inventory,
+        path = {"database": sqlite_file(master.database_url), "inventory": master.inventory,
                 "file_store": master.state_dir / "files" / rel}[kind]
     if path is None:
         raise OmbotError(f"the restored {CONFIG_NAME} has no place for the {kind} of {of} (is its database set "

@@ -14,6 +14,7 @@ import typer
 from ombot import config as cfg
 from ombot.app import units
 from ombot.errors import OmbotError
+from ombot.storage import sqlite_file
 
 DEFAULT_CONFIG = "/etc/ombot/ombot.toml"
 DEFAULT_USER = "ombot"
@@ -87,10 +88,8 @@ def _writable_dirs(conf: cfg.Config, root: Path) -> tuple[dict[str, str], tuple[
 
 
 def _sqlite_dir(url: str, root: Path) -> str | None:
-    scheme, sep, rest = url.partition(":///")
-    if not (sep and scheme.lower().startswith("sqlite") and rest.startswith("/")):
-        return None
-    return _on_host(root, Path(rest).parent)
+    path = sqlite_file(url)
+    return _on_host(root, path.parent) if path is not None and path.is_absolute() else None
 
 
 def _refuse_a_changed(path: Path, text: str) -> None:
