@@ -337,7 +337,12 @@ class _Pty:
     def _start(self, command: list[str], files: Mapping[str, Path | None], home: Path, env: dict[str, str],
                user: str | int | None, root: Path | None, rc: Path) -> None:
         self.child = _spawn(command, files, home, env, user, root, [rc])
-        self.child.expect_exact(self.prompt)
+        try:
+            self.child.expect_exact(self.prompt)
+        except pexpect.EOF:  # say how it ended (the isolating wrapper's status), not just "EOF"
+            self.child.close()
+            raise AssertionError(f"{command[0]} ended before its first prompt: exit {self.child.exitstatus}, "
+                                 f"signal {self.child.signalstatus}; it printed {self.child.before!r}") from None
         self.startup = str(self.child.before)
 
     def run(self, line: str) -> str:
