@@ -29,7 +29,6 @@ from ombot.approvals import Viewer, forget_trail_before
 from ombot.audit import forget_events_before
 from ombot.bot import multi, store
 from ombot.bot.messages import CardState, results_message
-from ombot.bot.schedules import schedule_label
 from ombot.bot.transport import ChatRequest, Transport
 from ombot.masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, Refused, Router
 from ombot import context, lease
@@ -153,7 +152,7 @@ class JobFollower:
             self.let_go(job.job_id)  # adopted again on a later tick, by this bot or another
 
     def _follow(self, job: store.BotJob, transport: Transport, first: Sequence[dict[str, Any]]) -> None:
-        card = card_of(job)
+        card = multi.card_of(job)
         results: dict[str, dict[str, Any]] = {}
         last_update, dirty = 0.0, False
 
@@ -178,7 +177,8 @@ class JobFollower:
         self.router.follow(ref, on_event, next_wait, flush, first)
         if not self.claim(job.job_id):  # still ours, for the lease's whole length: post the end once
             raise LeaseLost(job.job_id)
-        store.update_job(job, state=card.state, finished_at=card.finished_at or store.now(), note=card.note or None)
+        store.update_job(job, state=card.state, finished_at=card.finished_at or store.now(), note=card.note or None,
+                         hosts_ok=card.ok, hosts_failed=card.failed)
         log.info("job #%d ended: %s", job.number, card.state)
         req = _request_of(job)
         if job.card_ts:
@@ -230,7 +230,7 @@ class JobFollower:
 
     def _post_ending(self, job: store.BotJob, transport: Transport) -> None:
         try:
-            card = card_of(job)
+            card = multi.card_of(job)
             if job.card_ts:
                 multi.show_card(transport, job, card)
             else:
@@ -288,15 +288,6 @@ class Lifecycle:
         self.timers.cancel(TICK_JOB)
         self.timers.cancel(PRUNE_JOB)
         self.follower.release_all()
-
-
-def card_of(job: store.BotJob) -> CardState:
-    return CardState(
-        number=job.number, job_id=job.job_id, requester=job.requester, module=job.module,
-        params=job.params, idc=job.idc, hosts=job.host_count, created_at=job.created_at,
-        state=job.state, finished_at=job.finished_at if job.state in FINAL_STATES else None, note=job.note or "",
-        schedule=schedule_label(job.job_id),
-    )
 
 
 WAITING = "waiting for "  # the card's note while the master holds the job for busy hosts

@@ -38,6 +38,8 @@ class BotJob(peewee.Model):
     approvers = JSONField(default=list)  # who approved it (they may cancel it too)
     cancel_roles = JSONField(default=list)  # policy roles that may cancel it
     reported = peewee.BooleanField(default=False, index=True)  # final card and thread results are posted
+    hosts_ok = peewee.IntegerField(null=True)  # per-host results of an ended job (None: unknown, or ended
+    hosts_failed = peewee.IntegerField(null=True)  # before version 4): the card of another part shows them
     created_at = peewee.BigIntegerField()
     finished_at = peewee.BigIntegerField(null=True)
 
@@ -46,23 +48,34 @@ class BotJob(peewee.Model):
         table_name = "bot_job"
 
 
-def _hosts_and_notes(db: peewee.Database) -> None:
-    """Version 3: each job's host names and the reason it ended, and an index for the unfinished ones.
-    A database created at this version already has them (step 1 creates the current model)."""
+def _columns_and_indexes(db: peewee.Database) -> tuple[set[str], set[tuple[str, ...]]]:
     schema = db.execute_sql("SELECT current_schema()").fetchone()[0] if isinstance(db, peewee.PostgresqlDatabase) else None
-    columns = {c.name for c in db.get_columns("bot_job", schema=schema)}
-    indexes = {tuple(i.columns) for i in db.get_indexes("bot_job", schema=schema)}
+    return ({c.name for c in db.get_columns("bot_job", schema=schema)},
+            {tuple(i.columns) for i in db.get_indexes("bot_job", schema=schema)})
+
+
+def _add_missing(db: peewee.Database, fields: dict[str, peewee.Field]) -> None:
+    """Add the columns a database created at an earlier version lacks (step 1 creates the current model)."""
+    columns, _ = _columns_and_indexes(db)
     migrator = SchemaMigrator.from_database(db)
-    operations = [migrator.add_column("bot_job", name, field) for name, field in
-                  (("hosts", JSONField(null=True)), ("note", peewee.TextField(null=True))) if name not in columns]
-    if ("reported",) not in indexes:
-        operations.append(migrator.add_index("bot_job", ("reported",)))
-    run_operations(*operations)
+    run_operations(*(migrator.add_column("bot_job", name, field) for name, field in fields.items() if name not in columns))
+
+
+def _hosts_and_notes(db: peewee.Database) -> None:
+    """Version 3: each job's host names and the reason it ended, and an index for the unfinished ones."""
+    _add_missing(db, {"hosts": JSONField(null=True), "note": peewee.TextField(null=True)})
+    if ("reported",) not in _columns_and_indexes(db)[1]:
+        run_operations(SchemaMigrator.from_database(db).add_index("bot_job", ("reported",)))
+
+
+def _host_counts(db: peewee.Database) -> None:
+    """Version 4: an ended job's per-host counts."""
+    _add_missing(db, {"hosts_ok": peewee.IntegerField(null=True), "hosts_failed": peewee.IntegerField(null=True)})
 
 
 # Version 1 kept seconds in 32-bit INTs; its JSON text columns are already what JSONField reads.
 MIGRATIONS = [create_tables(BotJob), epoch_seconds_to_ms({"bot_job": ("created_at", "finished_at")}),
-              _hosts_and_notes]
+              _hosts_and_notes, _host_counts]
 
 
 def open_store(url: str) -> peewee.Database:

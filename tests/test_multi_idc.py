@@ -147,6 +147,9 @@ def test_one_request_runs_in_both_idcs_on_one_card(rig: Rig) -> None:
     jobs = rig.bot_jobs(parts["bj"], parts["sh"])
     bj_job, sh_job = jobs[parts["bj"]][0], jobs[parts["sh"]][0]
     assert (jobs[parts["bj"]][1:], jobs[parts["sh"]][1:]) == (("bj", "ok"), ("sh", "ok"))
+    # each part's counts are stored with its end: the other part's render (or a restarted bot's) shows them
+    assert rig.rows("SELECT hosts_ok, hosts_failed FROM bot_job WHERE number IN (?, ?)",
+                    parts["bj"], parts["sh"]) == [(2, 0), (2, 0)]
     assert rig.master_jobs("bj-1")[bj_job]["hosts"] == ["web01", "web02"]
     assert rig.master_jobs("sh-1")[sh_job]["hosts"] == ["web01", "web02"]
     assert bj_job not in rig.master_jobs("sh-1") and sh_job not in rig.master_jobs("bj-1")
