@@ -23,7 +23,7 @@ from ombot.bot import forms, grammar, metrics, multi, store
 from ombot.bot.approval_flow import ApprovalFlow
 from ombot.bot.audit_search import AUDIT_USAGE, parse_audit_query, search_audit
 from ombot.bot.commands import REQUESTERS, CommandError, Prose, Word, chat_command
-from ombot.bot.jobs import JOBS_USAGE, JobFilter, JobFollower, parse_job_filter
+from ombot.bot.jobs import JOBS_USAGE, JobFilter, JobFollower, card_of, parse_job_filter
 from ombot.bot.listings import (commands_help, few_hosts, find_job, job_status, jobs_message, masters_message,
                                 module_help, modules_message)
 from ombot.bot.messages import CHECK, job_card, preview_message
@@ -357,7 +357,7 @@ class Dispatcher:
         kind = " (a check run: it changes nothing)" if command.check else ""
         if announce:
             transport.respond(req, _preview(spec.name, idc, hosts, f"Starting job #{job.number}{kind}:"))
-        card_ts = transport.post(req.channel, job_card(multi.card_of(job)), req=req)
+        card_ts = transport.post(req.channel, job_card(card_of(job)), req=req)
         store.update_job(job, card_ts=card_ts)
         try:
             ref, reply = self.router.submit(idc, spec.name, command.params, hosts, approvers=approvers,

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import peewee
@@ -29,6 +29,7 @@ from ombot.approvals import Viewer, forget_trail_before
 from ombot.audit import forget_events_before
 from ombot.bot import multi, store
 from ombot.bot.messages import CardState, results_message
+from ombot.bot.schedules import schedule_label
 from ombot.bot.transport import ChatRequest, Transport
 from ombot.masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, Refused, Router
 from ombot import context, lease
@@ -152,7 +153,7 @@ class JobFollower:
             self.let_go(job.job_id)  # adopted again on a later tick, by this bot or another
 
     def _follow(self, job: store.BotJob, transport: Transport, first: Sequence[dict[str, Any]]) -> None:
-        card = multi.card_of(job)
+        card = card_of(job)
         results: dict[str, dict[str, Any]] = {}
         last_update, dirty = 0.0, False
 
@@ -230,7 +231,7 @@ class JobFollower:
 
     def _post_ending(self, job: store.BotJob, transport: Transport) -> None:
         try:
-            card = multi.card_of(job)
+            card = card_of(job)
             if job.card_ts:
                 multi.show_card(transport, job, card)
             else:
@@ -288,6 +289,10 @@ class Lifecycle:
         self.timers.cancel(TICK_JOB)
         self.timers.cancel(PRUNE_JOB)
         self.follower.release_all()
+
+
+def card_of(job: store.BotJob) -> CardState:
+    return replace(multi.stored_card(job), schedule=schedule_label(job.job_id))
 
 
 WAITING = "waiting for "  # the card's note while the master holds the job for busy hosts

@@ -25,7 +25,6 @@ import peewee
 from ombot.approvals import ApprovalRequest, Decision, Gate, authorize_parts
 from ombot.bot import grammar, metrics, store
 from ombot.bot.messages import CHECK, CardState, job_card
-from ombot.bot.schedules import schedule_label
 from ombot.bot.transport import ChatRequest, Transport
 from ombot.masters import FINAL_STATES, ConnectFailed, JobRef, JobState, MasterLost, NoMasterAvailable, Refused, Router
 from ombot.modules import ModuleSpec, ParamError
@@ -261,7 +260,7 @@ def start(d: Dispatching, command: grammar.Run, spec: ModuleSpec, req: ChatReque
     try:
         transport.respond(req, text_message(f"Starting job #{jobs[0].number}: `{spec.name}` in {len(jobs)} IDCs:\n"
                                             + "\n".join(f"{j.idc} #{j.number}: {j.host_count} host(s)" for j in jobs)))
-        card_ts = transport.post(req.channel, card_message(jobs[0], card_of(jobs[0])), req=req)
+        card_ts = transport.post(req.channel, card_message(jobs[0], stored_card(jobs[0])), req=req)
         for job in jobs:
             store.update_job(job, card_ts=card_ts)
     except Exception:  # the parts are adopted on the next tick and never stay stuck
@@ -374,19 +373,20 @@ def _request_card(request_id: str, job_id: str, card: CardState) -> Message:
         followed = dict(live)
     order = [p.job_id for p in MultiPart.select().where(MultiPart.request_id == request_id).order_by(MultiPart.position)]
     jobs = {j.job_id: j for j in store.BotJob.select().where(store.BotJob.job_id.in_(order))}
-    cards = [(followed.get(i) or card_of(jobs[i]), i in followed or jobs[i].hosts_ok is not None)
+    cards = [(followed.get(i) or stored_card(jobs[i]), i in followed or jobs[i].hosts_ok is not None)
              for i in order if i in jobs]
     return job_card(_combined(cards))
 
 
-def card_of(job: store.BotJob) -> CardState:
-    """A job's card as the database has it: per-host counts once it ended (its follower has them before)."""
+def stored_card(job: store.BotJob) -> CardState:
+    """A job's card as the database has it: per-host counts once it ended (its follower has them
+    before), no schedule label (bot.jobs.card_of adds it; a request's one card shows none)."""
     ok, failed = job.hosts_ok or 0, job.hosts_failed or 0
     return CardState(
         number=job.number, job_id=job.job_id, requester=job.requester, module=job.module,
         params=job.params, idc=job.idc, hosts=job.host_count, created_at=job.created_at,
         state=job.state, finished_at=job.finished_at if job.state in FINAL_STATES else None, note=job.note or "",
-        schedule=schedule_label(job.job_id), done=ok + failed, ok=ok, failed=failed,
+        done=ok + failed, ok=ok, failed=failed,
     )
 
 

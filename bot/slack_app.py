@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
-from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -27,6 +26,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.webhook import WebhookClient
 
 from ombot import sdnotify
+from ombot.proc import exit_cleanly_on
 from ombot.bot import forms, http_front, metrics, replay, store
 from ombot.bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK
 from ombot.bot.ops import start_bot_ops
@@ -331,7 +331,7 @@ def serve_slack(config: Config) -> None:
     socket_mode = bool(secrets.app_token)
     app, transport = build_app(service, secrets, client, socket_mode)
     service.start(transport)
-    _stop_on_sigterm()
+    exit_cleanly_on(signal.SIGTERM)  # the service closes, letting go of its job leases at once
     team = service.settings.team_id
     ops = None
     ready = partial(start_bot_ops, service.settings, service.router, list(service.config.idcs))
@@ -357,20 +357,6 @@ def serve_slack(config: Config) -> None:
         if ops is not None:
             ops.close()
         service.close()
-
-
-def _stop_on_sigterm() -> None:
-    """SIGTERM (systemd, `kill`) stops the bot cleanly: the service closes, letting go of the job
-    leases it holds, so another bot takes over its cards at once instead of after the lease runs out."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # `ombot up` already stops on it, and cleans up
-        return
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
 
 
 def manifest(http_url: str | None = None) -> dict[str, Any]:

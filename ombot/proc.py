@@ -11,7 +11,9 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import threading
 from collections.abc import Iterable, Mapping
+from types import FrameType
 
 # What a Python child of ours needs to start and behave: nothing that carries a credential.
 ALLOWED_NAMES = frozenset({
@@ -90,3 +92,18 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
     prctl(PR_SET_PDEATHSIG, int(sig))
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def exit_cleanly_on(*signals: signal.Signals) -> dict[int, signal._HANDLER]:
+    """Make `signals` end this process by SystemExit(0), so its `finally` blocks run: leases let go at
+    once (another process takes over now, not when they run out), a terminal put back as it was, the
+    masters `ombot up` started stopped. Nothing outside the main thread (signals cannot be caught there),
+    nor for a signal that already has a handler (`ombot up`'s, for the console it serves). Returns
+    the handlers replaced, to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    return {sig: signal.signal(sig, leave) for sig in signals if signal.getsignal(sig) is signal.SIG_DFL}

@@ -3,9 +3,13 @@ dispatcher as Slack, a real master with the local backend, cards printed as text
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import stat
 import subprocess
 import sys
+import termios
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -17,7 +21,7 @@ from ombot.bot.console import PROMPT
 from tests import rigs
 from tests.rigs import CONSOLE_TIMEOUT as TIMEOUT
 from tests.rigs import SHOWN_PROMPT, TERMINAL_ENV, console_site, quit_console, say
-from tests.support import Cluster, child_env
+from tests.support import Cluster, child_env, wait_for
 
 GREETING = "OMBot console: you are U0DEMO. Type /om help; /as USER switches user; /quit leaves."
 
@@ -169,6 +173,67 @@ def test_ctrl_c_clears_a_half_typed_line_and_the_console_goes_on(site: Cluster) 
         assert console.exitstatus == 0
     assert "half-typed" not in (site.root / "state" / "console_history").read_text()
     assert "Traceback" not in console.logfile_read.text and "KeyboardInterrupt" not in console.logfile_read.text
+
+
+def cooked(console: pexpect.spawn) -> bool:
+    """Whether the console's terminal is in canonical (line) mode: prompt_toolkit makes it raw while it
+    reads a line and puts it back while a command works, and when it leaves."""
+    return bool(termios.tcgetattr(console.child_fd)[3] & termios.ICANON)
+
+
+def audit_holder(console: pexpect.spawn) -> str:
+    """Who the console's first audit line says pulls the feed (it may print before the first prompt)."""
+    said = re.compile(r"audit: (this console|another process) pulls the audit feed")
+    if not said.search(console.logfile_read.text):
+        console.expect(said)
+    found = said.search(console.logfile_read.text)
+    assert found is not None
+    return found.group(1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_command_works_gives_the_prompt_back_and_its_answer_comes_later(site: Cluster) -> None:
+    with opened(site) as console:
+        say(console, "/om echo localhost message=warm")  # the console's link to the master is open now
+        console.expect_exact("Results of #1")
+        console.expect_exact(SHOWN_PROMPT)
+        master = site.processes["m1"].proc
+        assert master is not None
+        os.kill(master.pid, signal.SIGSTOP)  # the next command waits on it
+        try:
+            say(console, "/om echo localhost message=waited-for")
+            wait_for(lambda: cooked(console), why="the command to start (the prompt gone)")
+            console.send(CTRL_C)  # the terminal is cooked: its line discipline sends SIGINT
+            console.expect_exact("(still working on it: its answer will show here)")
+            console.expect_exact(SHOWN_PROMPT)
+            say(console, "/as U0BOB")  # the console goes on while the command still waits
+            console.expect_exact("/as is disabled")
+        finally:
+            os.kill(master.pid, signal.SIGCONT)
+        console.expect_exact("(to U0DEMO) Starting job #2: `echo` on 1 host(s) in local: localhost")
+        console.expect(r"localhost\s+ok\s+[\d.]+s\s+waited-for")
+        assert console.isalive()
+        assert quit_console(console) == 0
+    assert "Traceback" not in console.logfile_read.text and "KeyboardInterrupt" not in console.logfile_read.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_leaves_the_terminal_as_it_was_and_lets_go_at_once(site: Cluster, sig: signal.Signals) -> None:
+    """`kill` (SIGTERM) or a closed terminal (SIGHUP): the console leaves as /quit does, exit 0, the
+    terminal cooked again (not left raw for the shell), its hold on the audit feed let go: the next
+    console takes the feed at its start, not when the lease runs out."""
+    with opened(site) as console:
+        assert audit_holder(console) == "this console"
+        assert not cooked(console)
+        os.kill(console.pid, sig)
+        console.expect(pexpect.EOF)
+        assert cooked(console)
+        console.close()
+        assert (console.exitstatus, console.signalstatus) == (0, None)
+    with opened(site) as again:
+        assert audit_holder(again) == "this console"  # not "another process": the lease was let go
+        assert quit_console(again) == 0
 
 
 @pytest.mark.slow

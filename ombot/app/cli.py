@@ -7,6 +7,7 @@ import os
 import logging
 import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,6 +24,7 @@ from ombot.app.registrycmd import clients_app
 from ombot.app.unitscmd import install_units
 from ombot.errors import OmbotError
 from ombot.logs import FORMAT_ENV, setup_logging
+from ombot.proc import exit_cleanly_on
 
 # rich_markup_mode=None: help text is printed as written; Rich markup would eat `[client] id` and `[bot]`.
 # Without a subcommand `_root` prints the help to stdout (click's no_args_is_help would use stderr).
@@ -64,7 +66,7 @@ def _root(ctx: typer.Context, config: RootConfigOpt = None,
 
 @app.command()
 def init(directory: Annotated[Path, typer.Argument(help="Directory to create")],
-         master_port: Annotated[int, typer.Option(help="Port for the local master")] = initdir.DEFAULT_PORT,
+         master_port: Annotated[int, typer.Option(help="Port for the local master", min=1, max=65535)] = initdir.DEFAULT_PORT,
          production: Annotated[bool, typer.Option("--production", help="A configuration for several IDCs, each "
                                                   "master on its own host (docs/production.md)")] = False,
          idc: Annotated[Optional[str], typer.Option("--idc", help="With --production: the IDCs, e.g. bj,sh")] = None,
@@ -106,7 +108,7 @@ def master(ctx: typer.Context, config: ConfigOpt = None,
 @app.command()
 def up(ctx: typer.Context, config: ConfigOpt = None,
        directory: Annotated[Path, typer.Argument(help="Demo directory, created on first use")] = Path("demo"),
-       master_port: Annotated[int, typer.Option(help="Port for the demo's master, on first use")] = initdir.DEFAULT_PORT) -> None:
+       master_port: Annotated[int, typer.Option(help="Port for the demo's master, on first use", min=1, max=65535)] = initdir.DEFAULT_PORT) -> None:
     """Start OMBot on the embedded default: a local master on SQLite (configured on first use) and
     the chat front end: Slack when its tokens are set, else the console, which then also prints the
     shell audit's alerts while no Slack bot pulls them (docs/audit.md, "Quickstart")."""
@@ -175,6 +177,7 @@ def _serve_console(conf: cfg.Config) -> None:
     from ombot.bot import BotService, run_console
 
     service = BotService(conf, origin="console")
+    exit_cleanly_on(signal.SIGTERM, signal.SIGHUP)  # `kill` or a closed terminal: the terminal and leases set back
     try:
         run_console(service)
     finally:

@@ -8,11 +8,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 
 from ombot import proc as hygiene
 from ombot.config import Config
@@ -31,7 +29,7 @@ def local_masters(config: Config, timeout: float = 60) -> Iterator[list[str]]:
     """Start every master whose key file is here; stop them on exit. Yields what was started."""
     procs: list[subprocess.Popen[bytes]] = []
     lines: list[str] = []
-    previous = _stop_on_signals()
+    previous = hygiene.exit_cleanly_on(*STOP_SIGNALS)  # as Ctrl-C does: the masters are stopped, not orphaned
     with tempfile.TemporaryDirectory(prefix="ombot-up-") as tmp:
         try:
             for settings in config.masters.values():
@@ -59,18 +57,6 @@ def local_masters(config: Config, timeout: float = 60) -> Iterator[list[str]]:
                     proc.wait()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-
-
-def _stop_on_signals() -> dict[int, signal._HANDLER]:
-    """SIGTERM and SIGHUP end `up` the way Ctrl-C does, so its masters are stopped, not orphaned.
-    Returns the handlers replaced (none outside the main thread, where signals cannot be caught)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    return {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
 
 
 def _start_master(config: Config, master_id: str, ready: Path, log: Path) -> subprocess.Popen[bytes]:
