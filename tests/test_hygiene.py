@@ -143,7 +143,8 @@ def test_a_background_yes_holding_stdout_ends_with_its_job(confining: Confining)
     marker = f"ombot-yes-{uuid.uuid4().hex}"
     try:
         started = time.monotonic()
-        state, host = confining.shell(f"yes {marker} & echo started")
+        # echo first: a `yes` started first may write before it (the machine's scheduler decides)
+        state, host = confining.shell(f"echo started; yes {marker} &")
         assert state == "ok" and host["stdout"].startswith("started\n"), host
         assert time.monotonic() - started < 30  # generous: the job must not wait for `yes`
         assert wait_until(lambda: not processes_with(marker), 5), f"left behind: {processes_with(marker)}"
