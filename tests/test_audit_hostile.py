@@ -236,12 +236,14 @@ def test_agent_keys_holding_every_slot_they_can_lock_out_neither_the_cli_nor_the
     started = time.monotonic()
     masters = rig.cluster.ombot("masters")
     assert masters.returncode == 0 and "m1" in masters.stdout, masters.stdout + masters.stderr
-    assert time.monotonic() - started < 5
+    # Locked out, either would wait until the fleet's connections time out, which they never do here;
+    # 15 s is room for a loaded machine, not a figure to meet (bench/ measures speed)
+    assert time.monotonic() - started < 15
     started = time.monotonic()
     slash(rig, "echo localhost message=through")
     rig.fake.wait_for(lambda: [m for m in rig.fake.messages("C0OPS") if m.get("text", "").startswith("[#1 ok]")],
-                      what="the job's card, ended ok", timeout=5)
-    assert time.monotonic() - started < 5
+                      what="the job's card, ended ok", timeout=15)
+    assert time.monotonic() - started < 15
 
 
 def test_idle_and_misused_agent_connections_are_closed(make_rig: Callable[..., AuditRig]) -> None:

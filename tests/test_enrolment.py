@@ -479,6 +479,16 @@ class Sender:
                                                      request)
         return reply
 
+    def closed_by_master(self) -> bool:
+        """Whether the master closed this connection, seen without sending anything on it (what it sent
+        before closing is read and served as rpyc does)."""
+        try:
+            while self.conn.poll(0):
+                pass
+        except EOFError:
+            return True
+        return False
+
     def close(self) -> None:
         self.conn.close()
 
@@ -617,7 +627,8 @@ def test_a_fleet_enrolled_pending_binds_keys_made_on_the_hosts(
         assert refused(lambda: thief.call("bind", {"certificate": {"statement": "x" * 9000, "signature": ""}})).code \
             == "frame_too_large"
         assert refused(lambda: thief.call("ingest", {"host": "web01", "events": []})).code == "unknown_sender"
-        time.sleep(3)  # past auth_timeout_seconds: a refused stranger's bind never authenticated the connection
+        # past auth_timeout_seconds the master closes it: a refused stranger's bind never authenticated it
+        wait_for(thief.closed_by_master, within=15, why="the master to close the unauthenticated connection")
         with pytest.raises(EOFError):
             thief.call("bind", {"certificate": certificate})
     finally:

@@ -29,7 +29,7 @@ from ombot.masters import FINAL_STATES, JobRef, Refused
 from ombot.since import parse_since
 from tests.rigs import CHANNEL, Reply, SlackRig
 from tests.storage import scratch
-from tests.support import Cluster, bot_table, free_port
+from tests.support import Cluster, bot_table, free_port, wait_for
 
 ALICE, BOB = "U0ALICE", "U0BOB"
 # A dead bot's jobs are adopted within the lease (15 s) and a tick (5 s); generous for a shared machine.
@@ -101,8 +101,11 @@ def test_a_bot_killed_mid_job_finishes_the_card_in_place_when_restarted(make_rig
     final = rig.final_card(number, timeout=TAKEOVER_BOUND)
     assert final["ts"] == running["ts"] and f"[#{number} ok]" in final["text"]  # the same card, in place
     assert "woke" in rig.results_once(final, number)
-    assert rig.rows("SELECT state, reported FROM bot_job WHERE number = ?", number) == [("ok", 1)]
-    assert rig.rows("SELECT name FROM bot_lease WHERE name LIKE 'job:%'") == []  # released once finished
+    # stored as reported, and its lease let go, just after the results post the test saw
+    wait_for(lambda: rig.rows("SELECT state, reported FROM bot_job WHERE number = ?", number) == [("ok", 1)],
+             why="the job stored as reported")
+    wait_for(lambda: rig.rows("SELECT name FROM bot_lease WHERE name LIKE 'job:%'") == [],
+             why="the job's lease let go once finished")
 
 
 @pytest.mark.slow
@@ -170,8 +173,9 @@ def test_jobs_caught_submitting_are_asked_for_at_every_master_and_never_resent(m
     assert f"[#{second} unknown]" in never["text"] and "never reached a master" in never["text"]
     assert "not re-sent" in never["text"]
     assert not rig.results_posts(never)  # nothing ran: no results
-    assert rig.rows("SELECT master_id, state, reported FROM bot_job WHERE number IN (?, ?) ORDER BY number",
-                    first, second) == [("m2", "ok", 1), (None, "unknown", 1)]
+    wait_for(lambda: rig.rows("SELECT master_id, state, reported FROM bot_job WHERE number IN (?, ?) ORDER BY number",
+                              first, second) == [("m2", "ok", 1), (None, "unknown", 1)],
+             why="both jobs stored as reported (just after their cards)")
     router = rig.cluster.router(ALICE)
     try:  # the lost job was asked about, never sent: no master has it even now
         for master in ("m1", "m2"):

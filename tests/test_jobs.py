@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ombot.masters import JobState, MasterLost, Refused
-from tests.support import INVENTORY, REPO, Cluster, child_env
+from tests.support import INVENTORY, REPO, Cluster, child_env, wait_for
 
 SITE = [REPO / "tests" / "site_modules"]
 
@@ -32,7 +32,7 @@ def test_a_cancelled_job_starts_nothing_more(cluster, tmp_path: Path) -> None:
     # One host at a time: cancelling during web01's sleep must keep web02 and web03 from running.
     ref, _ = router.submit("local", "shell.exec", {"cmd": f"touch {marks}/$OMBOT_HOST; sleep 2"},
                            ["web01", "web02", "web03"])
-    time.sleep(0.8)
+    wait_for(lambda: (marks / "web01").exists(), why="web01 to start")  # then 2 s of sleep left to cancel in
     router.cancel(ref)
     events: list[dict] = []
     assert router.follow(ref, events.append) == "cancelled"

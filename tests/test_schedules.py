@@ -84,6 +84,14 @@ class Rig(SlackRig):
         return self.fake.wait_for(lambda: (lambda c: c if len(c) >= count else None)(self.cards(channel, schedule)),
                                   timeout, what=f"{count} cards of schedule #{schedule}")
 
+    def settle(self, schedule: int) -> None:
+        """Wait until every run the schedule claimed has posted its card: a run claimed just before a
+        pause, a delete or a policy change stores its job and posts its card moments later."""
+        unposted = ("SELECT count(*) FROM bot_schedule_run r LEFT JOIN bot_job j ON j.job_id = r.job_id "
+                    "WHERE r.schedule = ? AND j.card_ts IS NULL")
+        self.fake.wait_for(lambda: self.rows(unposted, schedule)[0][0] == 0, 30,
+                           what=f"a card for every run schedule #{schedule} claimed")
+
     def said(self, channel: str, needle: str, timeout: float = 30) -> dict[str, Any]:
         return self.posted(channel, needle, timeout, replies=False)
 
@@ -279,7 +287,7 @@ def test_a_schedule_fires_cards_naming_it_and_survives_a_restart(rig: Rig) -> No
     assert rig.fake.wait_for(lambda: claimed <= set(rig.master_jobs()), what="every claimed run at the master")
 
     rig.command(f"schedule delete {number}", channel).wait(f"Deleted schedule #{number}")
-    time.sleep(1)  # a run already claimed may still post its card
+    rig.settle(number)
     settled = len(rig.cards(channel, number))
     time.sleep(5)
     assert len(rig.cards(channel, number)) == settled and rig.state_of(number) == "deleted"
@@ -293,7 +301,7 @@ def test_pause_and_resume(rig: Rig) -> None:
     rig.wait_cards(channel, number, 1)
     rig.command(f"schedule pause {number}", channel, user=MALLORY).wait("Refused: only its requester")
     rig.command(f"schedule pause {number}", channel).wait(f"Paused schedule #{number}")
-    time.sleep(1)
+    rig.settle(number)
     paused = len(rig.cards(channel, number))
     time.sleep(5)
     assert len(rig.cards(channel, number)) == paused and rig.state_of(number) == "paused"
@@ -311,7 +319,7 @@ def runs_of(rig: Rig, number: int) -> int:
 
 def assert_still(rig: Rig, channel: str, number: int, seconds: float = 5) -> None:
     """Several firings pass and none runs: no card, no claimed run."""
-    time.sleep(1)  # a run claimed just before may still post its card
+    rig.settle(number)
     cards, runs = len(rig.cards(channel, number)), runs_of(rig, number)
     time.sleep(seconds)
     assert (len(rig.cards(channel, number)), runs_of(rig, number)) == (cards, runs)
@@ -417,7 +425,8 @@ def test_jobs_and_schedules_are_shown_only_to_those_the_policy_names(rig: Rig) -
     plain = rig.schedule("every 2s run echo localhost message=seen", channel)
     rig.wait_cards(channel, plain, 1)
     rig.command(f"schedule pause {plain}", channel).wait(f"Paused schedule #{plain}")
-    time.sleep(1)  # a run claimed before the pause may still store its job
+    rig.settle(shell)
+    rig.settle(plain)
 
     def jobs_of(number: int) -> set[int]:
         return {row[0] for row in rig.rows("SELECT number FROM bot_job WHERE job_id IN "
@@ -637,7 +646,7 @@ def test_approval_covers_the_schedule_and_a_lost_right_pauses_it(rig: Rig) -> No
         policy(leads='"U0LEAD2"', ops='"U0OTHER"')))
     rig.said(channel, f"Schedule #{number} is paused: <@{ALICE}> may no longer run it", TAKEOVER)
     assert rig.state_of(number) == "paused"
-    time.sleep(1)
+    rig.settle(number)
     settled = len(rig.cards(channel, number))
     time.sleep(4)
     assert len(rig.cards(channel, number)) == settled
@@ -681,7 +690,8 @@ def test_a_rule_that_now_asks_more_approvals_pauses_the_schedule_and_asks_again(
                           "Asking for approval again.", TAKEOVER)
         asked_shell, asked_plain = rig.approval(channel, shell), rig.approval(channel, plain)
         assert rig.state_of(shell) == rig.state_of(plain) == "awaiting"
-        time.sleep(1)
+        rig.settle(shell)
+        rig.settle(plain)
         cards = len(rig.cards(channel, shell)), len(rig.cards(channel, plain))
         time.sleep(4)  # firings pass while they wait: none runs
         assert (len(rig.cards(channel, shell)), len(rig.cards(channel, plain))) == cards
@@ -782,7 +792,12 @@ def test_two_bots_fire_each_run_once_and_one_takes_over_when_the_other_dies(tmp_
                                                  (killed_at,)).fetchone()[0] >= 2, TAKEOVER,
                           what="runs fired by the bot that took over")
             db.execute_sql("UPDATE bot_schedule SET state = 'paused' WHERE number = %s", (number,))
-            time.sleep(3)  # runs claimed before the pause start their jobs
+
+            def in_flight() -> int:  # runs the living bots claimed and have not yet sent to the master
+                fired = db.execute_sql("SELECT job_id FROM bot_schedule_run WHERE schedule = %s AND fired_at > %s",
+                                       (number, killed_at)).fetchall()
+                return len({row[0] for row in fired} - set(rig.master_jobs()))
+            fake.wait_for(lambda: in_flight() == 0, TAKEOVER, what="every run of the living bots at the master")
 
             runs = db.execute_sql("SELECT job_id, scheduled_at FROM bot_schedule_run WHERE schedule = %s",
                                   (number,)).fetchall()

@@ -26,7 +26,7 @@ from tests.fakeslack import TEAM_ID, FakeSlack
 from tests.rigs.slack import slack_env
 from tests.support import BotProcess, Cluster, bot_table, child_env, free_port, run_job, wait_for
 
-WATCHDOG_USEC = 1_000_000  # a ping every 0.5 s
+WATCHDOG_USEC = 3_000_000  # a ping every 1.5 s: a loaded machine's stall of a second still passes
 UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -112,8 +112,8 @@ def pings(sock: NotifySocket, seconds: float) -> list[Datagram]:
 
 
 def assert_watchdog_beats(sock: NotifySocket, pid: int) -> None:
-    beats = pings(sock, 3.2)
-    assert len(beats) >= 4, [d.lines for d in sock.received]  # 6 or 7 at 0.5 s on a quiet machine
+    beats = pings(sock, 8.0)
+    assert len(beats) >= 4, [d.lines for d in sock.received]  # 5 or 6 at 1.5 s on a quiet machine
     gaps = [b.at - a.at for a, b in zip(beats, beats[1:])]
     assert max(gaps) < WATCHDOG_USEC / 1e6, gaps  # never as late as the watchdog's whole period
     assert {b.pid for b in beats} == {pid}

@@ -211,7 +211,8 @@ def test_an_expansion_too_costly_for_the_inventory_is_refused_at_once(fleet: Clu
             started = time.monotonic()
             assert [m["master"] for m in other.health()] == ["m1"]
             assert other.expand("local", f"{fleet_host(7)},{fleet_host(1999)}") == [fleet_host(7), fleet_host(1999)]
-            assert time.monotonic() - started < EXPAND_SECONDS + 1, "another client waited behind the expansion"
+            # bounded, not a figure: a loaded machine may stall a round; the old master never answered
+            assert time.monotonic() - started < ANSWER_SECONDS, "another client waited behind the expansion"
             served += 1
         attacking.join(ANSWER_SECONDS)
         assert not attacking.is_alive() and "result" in attacked, attacked
@@ -220,7 +221,7 @@ def test_an_expansion_too_costly_for_the_inventory_is_refused_at_once(fleet: Clu
             assert refused.message.startswith("9999 target terms are patterns or names that are not hosts; matching "
                                               "them against the inventory's 3 groups and 2000 hosts"), refused.message
             assert "over the cap of 1,500,000" in refused.message, refused.message
-            assert took < EXPAND_SECONDS + 1, f"the refusal took {took:.1f} s"
+            assert took < ANSWER_SECONDS, f"the refusal took {took:.1f} s"  # the cap (its message), not a wait
         # What names hosts, however many, costs no matching and still expands.
         everyone = other.expand("local", f"host[00000-{FLEET_SIZE - 1:05d}].example.internal")
         assert everyone == [fleet_host(n) for n in range(FLEET_SIZE)]
