@@ -1,6 +1,6 @@
 """The SIEM export: each audit event the feed stores (once: only events not stored before) and each
 alert it raises, as one line of JSON in Elastic Common Schema (audit.ecs), to a rotating file, a
-syslog server (RFC 5424 over TCP with octet counting: audit.syslog5424), or both. Configured by
+syslog server (RFC 5424 over TCP or TLS with octet counting: audit.syslog5424), or both. Configured by
 `[bot.audit_export]` (docs/audit.md, "SIEM export"); the process that pulls the audit feed (the one
 holding its lease) writes, so one process writes at a time.
 
@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from ombot.audit.store import AuditRecord
 from ombot.audit.syslog5424 import FACILITIES, SyslogSender, message
 from ombot.clock import now_ms
 from ombot.errors import ConfigError
-from ombot.tables import TableReader, parse_address
+from ombot.tables import TableReader, parse_address, read_secret_file
 
 log = logging.getLogger("ombot.audit.export")
 
@@ -44,6 +45,10 @@ class ExportSettings:
     syslog: tuple[str, int] | None = None
     syslog_facility: str = "local0"
     syslog_queue: int = 10_000  # lines waiting for the syslog server; past it new lines are dropped
+    syslog_tls: bool = False  # RFC 5425: the server's certificate verified against syslog_ca (else the system's CAs)
+    syslog_ca: Path | None = None
+    syslog_cert: Path | None = None  # a client certificate, for a server that asks for one, and its key (0600)
+    syslog_key: Path | None = None
 
     @classmethod
     def read(cls, r: TableReader) -> ExportSettings | None:
@@ -57,12 +62,47 @@ class ExportSettings:
         settings = cls(file=r.file("file", None), file_max_bytes=_at_least(r, "file_max_bytes", defaults.file_max_bytes, 4096),
                        file_backups=_at_least(r, "file_backups", defaults.file_backups, 1),
                        syslog=parse_address(r, "syslog") if "syslog" in r.table else None, syslog_facility=facility,
-                       syslog_queue=_at_least(r, "syslog_queue", defaults.syslog_queue, 1))
+                       syslog_queue=_at_least(r, "syslog_queue", defaults.syslog_queue, 1),
+                       syslog_tls=r.get("syslog_tls", bool, False), syslog_ca=r.file("syslog_ca", None),
+                       syslog_cert=r.file("syslog_cert", None), syslog_key=r.file("syslog_key", None))
         r.known.add("syslog")
         r.done()
         if settings.file is None and settings.syslog is None:
             raise ConfigError(r.path, r.key("file"), "a file, a syslog address (host:port), or both")
+        _check_tls(r, settings)
         return settings
+
+
+def _check_tls(r: TableReader, settings: ExportSettings) -> None:
+    """The TLS keys make sense together and their files load (a client key only its owner can read)."""
+    if not settings.syslog_tls:
+        given = [k for k in ("syslog_ca", "syslog_cert", "syslog_key") if getattr(settings, k) is not None]
+        if given:
+            raise ConfigError(r.path, r.key("syslog_tls"), f"true when {given[0]} is set (TLS to the syslog server)", False)
+        return
+    if settings.syslog is None:
+        raise ConfigError(r.path, r.key("syslog_tls"), "false without a syslog address (host:port)", True)
+    if (settings.syslog_cert is None) != (settings.syslog_key is None):
+        missing = "syslog_key" if settings.syslog_key is None else "syslog_cert"
+        raise ConfigError(r.path, r.key(missing), "a file path too: a client certificate (syslog_cert) goes with its "
+                          "key (syslog_key)")
+    if settings.syslog_key is not None:
+        read_secret_file(settings.syslog_key, r.path, r.key("syslog_key"))
+    try:
+        tls_context(settings)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: a file that is not PEM, a key that does not match
+        raise ConfigError(r.path, r.key("syslog_tls"), f"certificate files that load ({exc})") from None
+
+
+def tls_context(settings: ExportSettings) -> ssl.SSLContext | None:
+    """The TLS client context `[bot.audit_export]` asks for (TLS 1.2 at least, the server verified), or None."""
+    if not settings.syslog_tls:
+        return None
+    context = ssl.create_default_context(cafile=str(settings.syslog_ca) if settings.syslog_ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.syslog_cert is not None and settings.syslog_key is not None:
+        context.load_cert_chain(settings.syslog_cert, settings.syslog_key)
+    return context
 
 
 def _at_least(r: TableReader, key: str, default: int, least: int) -> int:
@@ -150,7 +190,8 @@ class Export:
         self.observer = ecs.observer(self.hostname)
         self.facility = FACILITIES[settings.syslog_facility]
         self.file = RotatingFile(settings.file, settings.file_max_bytes, settings.file_backups) if settings.file else None
-        self.syslog = SyslogSender(*settings.syslog, settings.syslog_queue) if settings.syslog else None
+        self.syslog = (SyslogSender(*settings.syslog, settings.syslog_queue, tls_context(settings))
+                       if settings.syslog else None)
         self._procid = str(os.getpid())
 
     def events(self, records: Iterable[AuditRecord]) -> None:
@@ -200,6 +241,7 @@ def open_export(settings: ExportSettings | None, redact: Callable[[str], str]) -
         return None
     export = Export(settings, redact)
     sinks = [str(settings.file)] if settings.file else []
-    sinks += [f"syslog {settings.syslog[0]}:{settings.syslog[1]} (RFC 5424 over TCP)"] if settings.syslog else []
+    if export.syslog is not None:
+        sinks.append(f"syslog {export.syslog.where} (RFC 5424 over {'TLS' if settings.syslog_tls else 'TCP'})")
     log.info("audit export (ECS %s) to %s", ecs.ECS_VERSION, " and ".join(sinks))
     return export

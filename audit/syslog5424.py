@@ -11,6 +11,10 @@ a connection that fails is made again with a growing pause, and the message it f
 again (a collector may see a line twice: its `event.id` says so). TCP syslog has no
 acknowledgement: lines in the kernel's buffer when a connection breaks are lost. The rotating file
 sink (audit.export) is the one to use where no line may go missing.
+
+With a TLS context the connection is RFC 5425's (syslog over TLS, the same octet-counted frames): the
+server's certificate is verified, and its name checked against the host the address names; a server
+that fails the check is treated as one that is away (retried, its lines wait in the queue).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 
@@ -60,10 +65,10 @@ def frame(data: bytes) -> bytes:
 
 
 class SyslogSender:
-    """Frames to one syslog server over TCP, from a bounded queue, by a thread of its own."""
+    """Frames to one syslog server over TCP (or TLS, with `tls`), from a bounded queue, by a thread of its own."""
 
-    def __init__(self, host: str, port: int, capacity: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, capacity: int, tls: ssl.SSLContext | None = None) -> None:
+        self.host, self.port, self.tls = host, port, tls
         self.queue: queue.Queue[bytes] = queue.Queue(capacity)
         self.sent = self.dropped = 0
         self._said_at = {"dropped": 0.0, "down": 0.0}  # monotonic: when each was last logged
@@ -74,7 +79,7 @@ class SyslogSender:
 
     @property
     def where(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{'tls://' if self.tls else ''}{self.host}:{self.port}"
 
     def offer(self, data: bytes) -> bool:
         """Queue one message; False (dropped, counted) when the queue is full. Never blocks."""
@@ -144,6 +149,13 @@ class SyslogSender:
             conn.close()
             self._failed("nothing listens (the connection met itself)")
             return None
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_hostname=self.host)  # the handshake, within the timeout
+            except OSError as exc:  # ssl.SSLError among them: a certificate that does not verify, say
+                conn.close()
+                self._failed(f"TLS handshake failed: {exc}")
+                return None
         conn.settimeout(SEND_TIMEOUT_SECONDS)
         if self._down_since is not None:
             log.info("audit export: connected to syslog %s again after %.0f s", self.where,

@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import logging
 import os
 import re
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -24,13 +26,14 @@ from typing import Any
 
 import pytest
 
-from ombot.audit.export import ExportSettings, RotatingFile
-from ombot.audit.syslog5424 import FACILITIES, frame, message
+from ombot.audit.export import ExportSettings, RotatingFile, tls_context
+from ombot.audit.syslog5424 import FACILITIES, SyslogSender, frame, message
 from ombot.bot.settings import BotSettings
 from ombot.errors import ConfigError
 from tests.rigs import ALERT_RULES, HOST, UID, AuditRig, audit_site, event
 from tests.scrape import samples, value
 from tests.support import Cluster, bot_table, free_port, wait_for
+from tests.tlspki import Authority, Issued
 
 ECS_FIELDS = Path(__file__).parent / "data" / "ecs_fields.txt"
 EXPORT_FILE = "state/export/audit.jsonl"
@@ -96,10 +99,12 @@ class SyslogListener:
     """A TCP syslog server on loopback: it splits octet-counted frames (RFC 6587) and keeps each message;
     stopped and started again on the same port, as a collector that restarts."""
 
-    def __init__(self) -> None:
-        self.port = 0
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.port, self.tls = 0, tls
         self.messages: list[bytes] = []
         self.unframed: list[bytes] = []  # data that was not an octet-counted frame
+        self.clients: list[str] = []  # with `tls`: the common name of each client certificate shown
+        self.handshakes_failed: list[str] = []
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
 
@@ -132,7 +137,20 @@ class SyslogListener:
             except OSError:
                 return
             self._sockets.append(conn)
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        if self.tls is not None:  # RFC 5425: the same frames, inside TLS
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError as exc:
+                self.handshakes_failed.append(str(exc))
+                conn.close()
+                return
+            self._sockets.append(conn)
+            subject = dict(pair for rdn in (conn.getpeercert() or {}).get("subject", ()) for pair in rdn)
+            self.clients.append(str(subject.get("commonName", "")))
+        self._read(conn)
 
     def _read(self, conn: socket.socket) -> None:
         buffer = b""
@@ -298,6 +316,64 @@ def assert_syslog(messages: list[bytes], lines: list[str], lines_now: list[str],
     assert max(Counter(seen).values()) == 1 and set(lines) <= set(seen) <= set(lines_now)
 
 
+# -- over TLS (RFC 5425) ----------------------------------------------------------------------------------
+
+
+def server_tls(authority: Authority, server: Issued) -> ssl.SSLContext:
+    """A collector's context: its own certificate, and client certificates required, from `authority`."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(authority.ca))
+    context.load_cert_chain(server.cert, server.key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+@pytest.mark.slow
+def test_syslog_over_tls_verifies_the_collector_and_shows_the_bot_s_certificate(
+        make_slack_rig: Callable[..., AuditRig], tmp_path: Path) -> None:
+    pki = Authority(tmp_path / "pki", "site-ca")
+    collector = SyslogListener(server_tls(pki, pki.issue("collector", "127.0.0.1"))).start()
+    client = pki.issue("ombot-bot")
+    try:
+        export = (f'[bot.audit_export]\nfile = "{EXPORT_FILE}"\nsyslog = "127.0.0.1:{collector.port}"\n'
+                  f'syslog_tls = true\nsyslog_ca = "{pki.ca}"\nsyslog_cert = "{client.cert}"\n'
+                  f'syslog_key = "{client.key}"\n')
+        rig = make_slack_rig({"local": ["m1"]}, kind=AuditRig, extra_toml=export, **audit_site(ALERT_RULES))
+        rig.ingest("m1", [event(n) for n in range(3)])
+        lines_for(rig, 3, "three lines in the export file")
+        lines = (rig.cluster.root / EXPORT_FILE).read_text().splitlines()
+        wait_for(lambda: len(collector.received()) >= len(lines), 30, "every line at the collector, over TLS")
+        assert_syslog(collector.received(), lines, (rig.cluster.root / EXPORT_FILE).read_text().splitlines(), rig)
+        assert set(collector.clients) == {"ombot-bot"} and not collector.handshakes_failed and not collector.unframed
+        assert f"syslog tls://127.0.0.1:{collector.port} (RFC 5424 over TLS)" in rig.bot.log()
+    finally:
+        collector.stop()
+
+
+@pytest.mark.parametrize("wrong", ["another CA", "another address"])
+def test_a_collector_that_fails_verification_gets_nothing(tmp_path: Path, wrong: str,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The sender's TLS (the context `[bot.audit_export]` builds) against a collector whose certificate
+    comes from another CA, or names another address: no line is sent, the failure is logged as the
+    server being away, and the lines wait in the queue."""
+    pki = Authority(tmp_path / "pki", "site-ca")
+    impostor = Authority(tmp_path / "other", "other-ca") if wrong == "another CA" else pki
+    served = impostor.issue("collector", "127.0.0.1" if wrong == "another CA" else "127.0.0.2")
+    collector = SyslogListener(server_tls(pki, served)).start()
+    settings = ExportSettings(syslog=("127.0.0.1", collector.port), syslog_tls=True, syslog_ca=pki.ca)
+    sender = SyslogSender("127.0.0.1", collector.port, 10, tls_context(settings))
+    try:
+        caplog.set_level(logging.INFO, logger="ombot.audit.export")
+        assert sender.offer(b"never sent")
+        wait_for(lambda: collector.handshakes_failed, 15, "the handshake the sender gave up")
+        wait_for(lambda: "TLS handshake failed" in caplog.text, 15, "the failure, logged")
+        reason = "certificate verify failed" if wrong == "another CA" else "IP address mismatch"
+        assert reason in caplog.text and "trying again, lines wait in its queue" in caplog.text, caplog.text
+        assert collector.received() == [] and sender.sent == 0
+    finally:
+        sender.close(wait=0)
+        collector.stop()
+
+
 # -- the formats and the settings, directly -------------------------------------------------------------
 
 
@@ -322,6 +398,22 @@ def test_the_file_rotates_and_follows_a_file_moved_away(tmp_path: Path) -> None:
     sink.close()
 
 
+def test_a_client_key_others_can_read_is_refused(make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
+    pki = Authority(tmp_path / "pki", "site-ca")
+    client = pki.issue("ombot-bot")
+    table = (f'syslog = "127.0.0.1:6514"\nsyslog_tls = true\nsyslog_ca = "{pki.ca}"\nsyslog_cert = "{client.cert}"\n'
+             f'syslog_key = "{client.key}"')
+    cluster = make_cluster(extra_toml=bot_table() + f"\n[bot.audit_export]\n{table}\n")
+    assert BotSettings.from_config(cluster.config()).audit_export is not None  # 0600: accepted
+    client.key.chmod(0o640)
+    with pytest.raises(ConfigError, match=re.escape(f"only its owner can read (chmod 600 {client.key})")):
+        BotSettings.from_config(cluster.config())
+    client.key.chmod(0o600)
+    client.key.write_text("not a key")
+    with pytest.raises(ConfigError, match="certificate files that load"):
+        BotSettings.from_config(cluster.config())
+
+
 @pytest.mark.parametrize(("table", "expected"), [
     ("", None),
     ('file = "audit.jsonl"', ExportSettings(file=Path("audit.jsonl"))),
@@ -332,6 +424,12 @@ def test_the_file_rotates_and_follows_a_file_moved_away(tmp_path: Path) -> None:
     ('file = "a"\nfile_max_bytes = 10', "at least 4096"),
     ('file = "a"\nsyslog_port = 514', "a known key"),
     ('syslog = "collector"', "'host:port'"),
+    ('syslog = "127.0.0.1:6514"\nsyslog_tls = true',  # the system's CAs verify the collector
+     ExportSettings(syslog=("127.0.0.1", 6514), syslog_tls=True)),
+    ('file = "a"\nsyslog_ca = "ca.pem"', "true when syslog_ca is set"),
+    ('file = "a"\nsyslog_tls = true', "syslog_tls: expected false without a syslog address"),
+    ('syslog = "127.0.0.1:6514"\nsyslog_tls = true\nsyslog_cert = "bot.crt"', "syslog_key: expected a file path too"),
+    ('syslog = "127.0.0.1:6514"\nsyslog_tls = true\nsyslog_ca = "missing.pem"', "certificate files that load"),
 ])
 def test_the_export_settings_are_checked(make_cluster: Callable[..., Cluster], table: str, expected: Any) -> None:
     extra = bot_table() + (f"\n[bot.audit_export]\n{table}\n" if table else "")

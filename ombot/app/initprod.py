@@ -128,10 +128,12 @@ state_dir = "{state_root}/bot"     # the unit's StateDirectory; SQLite here unle
 ops_listen = "127.0.0.1:{ops_port}"  # /metrics, /healthz, /readyz for Prometheus (docs/monitoring.md)
 
 # The shell audit's events and alerts for the SIEM, one ECS JSON object a line (docs/audit.md,
-# "SIEM export"): a file for Filebeat, Vector or Fluent Bit to read, and/or a local syslog collector.
+# "SIEM export"): a file for Filebeat, Vector or Fluent Bit to read, and/or a syslog collector.
 # [bot.audit_export]
 # file = "{state_root}/bot/audit-export.jsonl"
 # syslog = "127.0.0.1:601"         # RFC 5424 over TCP, octet counting
+# syslog_tls = true                # over TLS to a remote collector (port 6514), its certificate verified
+# syslog_ca = "/etc/ombot/siem-ca.pem"
 
 [modules]
 dirs = []                          # directories of your own task modules (docs/writing-a-module.md)
