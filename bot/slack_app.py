@@ -26,7 +26,6 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.webhook import WebhookClient
 
 from ombot import sdnotify
-from ombot.proc import exit_cleanly_on
 from ombot.bot import forms, http_front, metrics, replay, store
 from ombot.bot.messages import APPROVE_ACTION, CANCEL_ACTION, DENY_ACTION, DENY_CALLBACK
 from ombot.bot.ops import start_bot_ops
@@ -36,6 +35,7 @@ from ombot.bot.settings import BotSettings, SlackSecrets
 from ombot.bot.transport import ChatRequest
 from ombot.config import Config
 from ombot.errors import OmbotError
+from ombot.proc import exit_cleanly_on
 from ombot.message import Message, for_slack
 
 log = logging.getLogger("ombot.bot.slack")

@@ -38,8 +38,10 @@ class BotJob(peewee.Model):
     approvers = JSONField(default=list)  # who approved it (they may cancel it too)
     cancel_roles = JSONField(default=list)  # policy roles that may cancel it
     reported = peewee.BooleanField(default=False, index=True)  # final card and thread results are posted
-    hosts_ok = peewee.IntegerField(null=True)  # per-host results of an ended job (None: unknown, or ended
-    hosts_failed = peewee.IntegerField(null=True)  # before version 4): the card of another part shows them
+    # An ended job's per-host results, for cards drawn from the database (None: it ended before a
+    # master ran it, refused or lost, or before version 4)
+    hosts_ok = peewee.IntegerField(null=True)
+    hosts_failed = peewee.IntegerField(null=True)
     created_at = peewee.BigIntegerField()
     finished_at = peewee.BigIntegerField(null=True)
 
