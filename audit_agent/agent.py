@@ -132,8 +132,7 @@ class Agent:
         sources = [f"spool {s.spool_dir}"] + ([f"auditd {s.auditd_log}"] if s.auditd_log is not None else [])
         masters = ", ".join(f"{m.id}@{m.host}:{m.port}" if ":" not in m.host else f"{m.id}@[{m.host}]:{m.port}"
                             for m in s.masters)
-        return (f"audit agent {__version__} for {s.host} in {s.idc}: sources {', '.join(sources)}; masters {masters}; "
-                f"{self.queue.depth()} event(s) queued")
+        return f"{s.start_line()}sources {', '.join(sources)}; masters {masters}; {self.queue.depth()} event(s) queued"
 
     def _stop(self, signum: int, frame: Any) -> None:
         self.stopping = True

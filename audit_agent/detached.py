@@ -26,7 +26,7 @@ from ombot.errors import OmbotError
 
 PIDFILE = "agent.pid"
 LOGFILE = "agent.log"
-START_CHECK_SECONDS = 1.5  # a started agent that dies this soon (a bad key, a broken install) is reported
+START_TIMEOUT_SECONDS = 30.0  # at most this long to see the agent start (its start line) or die at once
 STOP_SECONDS = 15.0  # SIGTERM, then SIGKILL after this long (the agent ends its pass first)
 FRESH_PIDFILE_SECONDS = 10.0  # an empty pidfile this young is another `service start` under way
 
@@ -44,6 +44,7 @@ def start(config: Path) -> list[str]:
         return [f"the agent already runs (pid {pid}, {pidfile}): not started again"]
     fd = _claim(pidfile, pid, config, done)
     log = settings.state_dir / LOGFILE
+    offset = log.stat().st_size if log.exists() else 0
     try:
         pid = _spawn([sys.executable, "-m", "ombot.audit_agent", "run", "--config", str(config)], log)
         os.write(fd, f"{pid}\n".encode())
@@ -52,7 +53,7 @@ def start(config: Path) -> list[str]:
         hook.unlink_entry(pidfile)
         raise
     os.close(fd)
-    if not _stays_up(pid, config):
+    if not _starts(pid, config, log, offset, settings.start_line()):
         hook.unlink_entry(pidfile)
         raise OmbotError(f"the agent exited at once; the end of {log}:\n{_tail(log)}")
     return done + [f"started the agent: pid {pid}, pidfile {pidfile}, log {log}"]
@@ -247,14 +248,27 @@ def _wait_exit(handle: int, pid: int, seconds: float) -> bool:
     return False
 
 
-def _stays_up(pid: int, config: Path) -> bool:
-    """The agent is still there, and is the agent (it has exec'd), after START_CHECK_SECONDS."""
-    deadline = time.monotonic() + START_CHECK_SECONDS
+def _starts(pid: int, config: Path, log: Path, offset: int, start_line: str) -> bool:
+    """The agent got through its start (its start line is in the log past `offset`: key and config
+    loaded) and is still there; False if it died first (a bad key, a broken install). A machine too slow
+    for either within START_TIMEOUT_SECONDS: the process being the agent (it has exec'd) counts."""
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if _state(pid) in ("Z", "X", ""):
             return False
+        if start_line in _read_from(log, offset):
+            return _state(pid) not in ("Z", "X", "")
         time.sleep(0.05)
     return _is_agent(pid, config)
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(65536).decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 def _spawn(argv: list[str], log: Path) -> int:

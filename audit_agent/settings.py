@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ombot import __version__
 from ombot.audit_agent.hook import DEFAULT_SPOOL_DIR
 from ombot.tables import HOST_NAME, TableReader, parse_address, public_key, read_toml
 from ombot.errors import ConfigError, OmbotError
@@ -55,6 +56,10 @@ class AgentSettings:
     def binding(self) -> Path:
         """Where the binding certificate is (it need not exist: a key enrolled with `--out` has none)."""
         return self.binding_file or self.key_file.parent / BINDING_FILE
+
+    def start_line(self) -> str:
+        """How the agent's start line begins (logged once its key and config loaded: it is running)."""
+        return f"audit agent {__version__} for {self.host} in {self.idc}: "
 
     def sources(self) -> list[str]:
         """The capture layers it ships, as its heartbeat names them."""

@@ -45,7 +45,7 @@ class Load(threading.Thread):
 
     def __init__(self, rig: Rig) -> None:
         super().__init__(daemon=True)
-        self.rig, self.rounds, self.error = rig, 0, None
+        self.rig, self.rounds, self.steps, self.error = rig, 0, 0, None  # steps: writes acknowledged, 3 a round
         self.ingested: list[str] = []  # audit event ids the master acknowledged: committed there
         self.stop = threading.Event()
 
@@ -55,10 +55,13 @@ class Load(threading.Thread):
             while not self.stop.is_set():
                 n = self.rounds
                 self.rig.command(f"run echo localhost message=load-{n}")
+                self.steps += 1
                 batch = [event(10_000 + n * 10 + i, data={"command": f"load {n} {i}"}) for i in range(10)]
                 self.rig.ingest("m1", batch)
                 self.ingested += [e["id"] for e in batch]
+                self.steps += 1
                 router.submit("local", "echo", {"message": f"load-{n}"}, ["localhost"])
+                self.steps += 1
                 self.rounds += 1
         except Exception as exc:  # the test fails on it after the backup
             self.error = exc
@@ -104,9 +107,9 @@ def test_a_backup_under_load_restores_into_a_working_site(make_slack_rig: Callab
     backup = tmp_path / "backup"
     # What each database had committed before the backup began is in it, whatever came since
     master_had, bot_had = set(load.ingested), {i for i, _ in rig.stored()}
-    started_at = load.rounds
+    started_at = load.steps
     taken = ombot("backup", str(backup), "--keys", config=conf)
-    during = load.rounds - started_at  # rounds that ended while the backup ran
+    during = load.steps - started_at  # writes acknowledged while the backup ran
     load.stop.set()
     load.join(60)
     assert load.error is None, load.error

@@ -113,9 +113,9 @@ def test_an_alert_prints_whole_in_the_console_and_its_update_names_it() -> None:
                "exit_status": 0}
     try:
         poster.alert(match, command, True, AUDIT_CHANNEL)
-        wait_for(lambda: "$ mysql" in out.getvalue(), 5, "the alert printed")
+        wait_for(lambda: "$ mysql" in out.getvalue(), 30, "the alert printed")
         poster.alert(match, {**command, "id": "web01:b:q:2", "at": 1_700_000_001_000}, False, AUDIT_CHANNEL)
-        wait_for(lambda: "updated" in out.getvalue(), 5, "the update printed")
+        wait_for(lambda: "updated" in out.getvalue(), 30, "the update printed")
     finally:
         poster.close()
         timers.close()
@@ -142,7 +142,7 @@ def test_what_a_server_user_typed_cannot_drive_the_operators_terminal() -> None:
         poster.alert(match, {"id": "web01:b:q:1", "idc": "bj", "host": "web\x1b[8m01", "kind": "command",
                              "at": 1_700_000_000_000, "user": "alice", "uid": 1000, "cwd": "/tmp\r/etc",
                              "command": typed, "exit_status": 0}, True, AUDIT_CHANNEL)
-        wait_for(lambda: "$ rm" in out.getvalue(), 5, "the alert printed")
+        wait_for(lambda: "$ rm" in out.getvalue(), 30, "the alert printed")
     finally:
         poster.close()
         timers.close()

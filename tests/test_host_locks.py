@@ -189,7 +189,7 @@ def router(cluster: Cluster) -> Iterator[Router]:
 
 @pytest.mark.slow
 def test_a_second_job_on_a_host_waits_for_the_first(cluster: Cluster, router: Router) -> None:
-    first, _ = router.submit("local", "test.sleep", {"seconds": 2}, ["web01"])
+    first, _ = router.submit("local", "test.sleep", {"seconds": 8}, ["web01"])  # long enough to look at, loaded
     wait_until(running(router, first))
     second, _ = router.submit("local", "test.sleep", {"seconds": 0}, ["web01"])
     wait_until(lambda: any(e["kind"] == "waiting" for e in router.events(second)["events"]))
@@ -209,10 +209,11 @@ def test_a_second_job_on_a_host_waits_for_the_first(cluster: Cluster, router: Ro
 
 @pytest.mark.slow
 def test_the_wait_counts_against_the_timeout(router: Router) -> None:
-    first, _ = router.submit("local", "test.sleep", {"seconds": 2}, ["web01"])
+    first, _ = router.submit("local", "test.sleep", {"seconds": 8}, ["web01"])
     wait_until(running(router, first))
-    # 2 s of sleep fit in a 3 s timeout, but not after about 2 s of waiting for web01.
-    late, _ = router.submit("local", "test.sleep", {"seconds": 2}, ["web01"], timeout=3)
+    # 2 s of sleep fit in a 4 s timeout, but not after waiting for web01 (up to 8 s: the submit may come
+    # a few seconds late on a loaded machine and still wait long enough). Were only the run timed, it would end ok.
+    late, _ = router.submit("local", "test.sleep", {"seconds": 2}, ["web01"], timeout=4)
     # This one never gets web01 at all within its 1 s.
     never, _ = router.submit("local", "test.sleep", {"seconds": 0}, ["web01"], timeout=1)
     never_state, never_events = followed(router, never)
@@ -228,7 +229,7 @@ def test_the_wait_counts_against_the_timeout(router: Router) -> None:
 
 @pytest.mark.slow
 def test_read_only_modules_do_not_wait(router: Router) -> None:
-    busy, _ = router.submit("local", "test.sleep", {"seconds": 5}, ["web01", "web02"])
+    busy, _ = router.submit("local", "test.sleep", {"seconds": 60}, ["web01", "web02"])  # cancelled below
     wait_until(running(router, busy))
     for module, params in (("echo", {"message": "hi"}), ("ping", {}), ("facts", {})):
         ref, _ = router.submit("local", module, params, ["web01"])
@@ -241,7 +242,7 @@ def test_read_only_modules_do_not_wait(router: Router) -> None:
 
 @pytest.mark.slow
 def test_a_job_takes_all_its_hosts_or_none(cluster: Cluster, router: Router) -> None:
-    a, _ = router.submit("local", "test.sleep", {"seconds": 3}, ["web01"])
+    a, _ = router.submit("local", "test.sleep", {"seconds": 10}, ["web01"])  # still running after c, loaded
     wait_until(running(router, a))
     b, _ = router.submit("local", "test.sleep", {"seconds": 0}, ["web01", "web02"])
     wait_until(lambda: any(e["kind"] == "waiting" for e in router.events(b)["events"]))
@@ -271,7 +272,7 @@ def test_a_refusing_module_is_refused_on_a_busy_host_and_nothing_is_recorded(clu
     assert lock_rows(sqlite_url(cluster)) == {"web01": busy.job_id}
 
     # On free hosts it runs, holding them from the submit: a waiting job queues behind it.
-    mine, _ = router.submit("local", "test.exclusive", {"seconds": 2}, ["web02"])
+    mine, _ = router.submit("local", "test.exclusive", {"seconds": 8}, ["web02"])  # still running when behind comes
     assert lock_rows(sqlite_url(cluster))["web02"] == mine.job_id
     behind, _ = router.submit("local", "test.sleep", {"seconds": 0}, ["web02"])
     assert followed(router, mine)[0] == "ok"

@@ -241,7 +241,12 @@ class ApprovalRig(SlackRig):
         reply = self.command(text, user)
         number = reply.number("Waiting as request #")
         message = self.approval_message(number)
-        buttons = next(b for b in message["blocks"] if b["type"] == "actions")["elements"]
+        # the buttons as posted: a short expiry may have taken them off the message already
+        posted = self.fake.wait_for_call("chat.postMessage", lambda c: str(c.body.get("text", "")).startswith(
+            f"[approval #{number} "))
+        blocks = posted.body["blocks"]
+        blocks = json.loads(blocks) if isinstance(blocks, str) else blocks
+        buttons = next(b for b in blocks if b["type"] == "actions")["elements"]
         assert [b["action_id"] for b in buttons] == ["om_approve", "om_deny"]
         return Pending(number, buttons[0]["value"], message["ts"], reply)
 
