@@ -48,6 +48,14 @@ class Terminal:
         self.prompt = prompt
         self.session: PromptSession[str] = PromptSession(history=FileHistory(str(_private_file(history))),
                                                          interrupt_exception=LineCleared)
+        self.waiting = False  # a command runs and this thread waits for it: Ctrl-C (SIGINT) lets go
+
+    def interrupt(self, signum: int, frame: object) -> None:
+        """SIGINT, for the whole session: the terminal sends it while cooked, between prompts. It lets go
+        of a command being waited for; at any other moment (the line just entered, its command not yet
+        started) it does nothing: Ctrl-C never ends the console."""
+        if self.waiting:
+            raise _LetGo
 
     def read(self) -> str | None:
         """The next line typed; "" after Ctrl-C (the line is dropped); None at Ctrl-D (leave)."""
@@ -58,8 +66,7 @@ class Terminal:
         except EOFError:
             return None
 
-    @staticmethod
-    def run(work: Callable[[], None]) -> None:
+    def run(self, work: Callable[[], None]) -> None:
         """Run one command on a thread and wait for it; Ctrl-C stops the waiting, not the command
         (whose answer then prints above the next prompt), so it never ends the console."""
         done = threading.Event()
@@ -71,34 +78,32 @@ class Terminal:
                 done.set()
 
         threading.Thread(target=command, name="om-console-command", daemon=True).start()
-        if threading.current_thread() is not threading.main_thread():  # no signals here: just wait
-            done.wait()
-            return
-        previous = signal.signal(signal.SIGINT, _let_go)
         try:
+            self.waiting = True
             done.wait()  # a lock wait, which a signal interrupts (POSIX): the handler runs at once
         except _LetGo:
             print("(still working on it: its answer will show here)")
         finally:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _let_go(signum: int, frame: object) -> None:
-    raise _LetGo
+            self.waiting = False
 
 
 @contextlib.contextmanager
 def terminal(prompt: str, history: Path) -> Iterator[tuple[Terminal, TextIO]]:
     """The prompt and the screen (a stdout that prints above the prompt) while the console runs; log
     lines go to that screen too, and back where they went afterwards."""
+    term = Terminal(prompt, history)
+    main = threading.current_thread() is threading.main_thread()  # elsewhere no signal reaches it: it just waits
+    previous = signal.signal(signal.SIGINT, term.interrupt) if main else None
     with patch_stdout():
         screen = sys.stdout
         moved = _log_handlers_to(screen)
         try:
-            yield Terminal(prompt, history), screen
+            yield term, screen
         finally:
             for handler, stream in moved:
                 handler.setStream(stream)
+            if main:
+                signal.signal(signal.SIGINT, previous)
 
 
 def _log_handlers_to(screen: TextIO) -> list[tuple[logging.StreamHandler[TextIO], TextIO]]:

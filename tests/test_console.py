@@ -213,6 +213,10 @@ def test_ctrl_c_while_a_command_works_gives_the_prompt_back_and_its_answer_comes
             os.kill(master.pid, signal.SIGCONT)
         console.expect_exact("(to U0DEMO) Starting job #2: `echo` on 1 host(s) in local: localhost")
         console.expect(r"localhost\s+ok\s+[\d.]+s\s+waited-for")
+        console.expect_exact(SHOWN_PROMPT)
+        os.kill(console.pid, signal.SIGINT)  # a SIGINT between commands (`kill -INT`) ends nothing either
+        say(console, "/as U0BOB")
+        console.expect_exact("/as is disabled")
         assert console.isalive()
         assert quit_console(console) == 0
     assert "Traceback" not in console.logfile_read.text and "KeyboardInterrupt" not in console.logfile_read.text
