@@ -8,7 +8,7 @@ IDCs), store (the tables), rules (matching and redaction), examples (a rules fil
 sample file), alerts (thresholds, grouping, the alert's text), queue and overflow (each channel's
 bounded queue and its summary), notices (what the pipeline says about itself), fields (whose word
 each field is), search (queries and who may ask), export, ecs and syslog5424 (events and alerts to
-the SIEM: ECS lines to a file or RFC 5424 syslog).
+the SIEM: ECS lines to a file or RFC 5424 syslog over TCP or TLS).
 """
 
 import peewee

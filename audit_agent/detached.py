@@ -169,7 +169,7 @@ def _is_agent(pid: int, config: Path) -> bool:
     ombot-agent entry point) with this very config."""
     proc = f"/proc/{pid}"
     try:
-        if os.stat(proc).st_uid != os.geteuid() or _state(pid) in ("Z", "X", ""):
+        if os.stat(proc).st_uid != os.geteuid() or _gone(pid):
             return False
         argv = Path(proc, "cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -192,6 +192,11 @@ def _names_config(words: list[str], config: Path) -> bool:
     return any(a == "--config" and os.path.abspath(b) == wanted for a, b in zip(words, words[1:]))
 
 
+def _gone(pid: int) -> bool:
+    """The process has ended: no /proc/PID, or a zombie (Z) or dead (X) one."""
+    return _state(pid) in ("Z", "X", "")
+
+
 def _state(pid: int) -> str:
     """The process state letter from /proc/PID/stat ('' if it is gone): Z, a zombie, is no agent."""
     try:
@@ -208,7 +213,7 @@ def _describe(pid: Optional[int]) -> str:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
     except OSError:
         return f"pid {pid} is not running"
-    if not argv or _state(pid) in ("Z", "X", ""):
+    if not argv or _gone(pid):
         return f"pid {pid} is not running"
     shown = printable(argv[:120].decode("utf-8", "surrogateescape"))
     return f"pid {pid} is not this agent: {shown!r}"
@@ -242,7 +247,7 @@ def _wait_exit(handle: int, pid: int, seconds: float) -> bool:
         poller.register(handle, select.POLLIN)
         return bool(poller.poll(int(seconds * 1000)))
     while time.monotonic() < deadline:
-        if _state(pid) in ("Z", "X", ""):
+        if _gone(pid):
             return True
         time.sleep(0.05)
     return False
@@ -254,10 +259,11 @@ def _starts(pid: int, config: Path, log: Path, offset: int, start_line: str) -> 
     for either within START_TIMEOUT_SECONDS: the process being the agent (it has exec'd) counts."""
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
-        if _state(pid) in ("Z", "X", ""):
+        started = start_line in _read_from(log, offset)  # read first: a start line and then still there
+        if _gone(pid):
             return False
-        if start_line in _read_from(log, offset):
-            return _state(pid) not in ("Z", "X", "")
+        if started:
+            return True
         time.sleep(0.05)
     return _is_agent(pid, config)
 

@@ -92,9 +92,7 @@ def terminal(prompt: str, history: Path) -> Iterator[tuple[Terminal, TextIO]]:
     """The prompt and the screen (a stdout that prints above the prompt) while the console runs; log
     lines go to that screen too, and back where they went afterwards."""
     term = Terminal(prompt, history)
-    main = threading.current_thread() is threading.main_thread()  # elsewhere no signal reaches it: it just waits
-    previous = signal.signal(signal.SIGINT, term.interrupt) if main else None
-    with patch_stdout():
+    with _sigint_to(term.interrupt), patch_stdout():
         screen = sys.stdout
         moved = _log_handlers_to(screen)
         try:
@@ -102,8 +100,20 @@ def terminal(prompt: str, history: Path) -> Iterator[tuple[Terminal, TextIO]]:
         finally:
             for handler, stream in moved:
                 handler.setStream(stream)
-            if main:
-                signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _sigint_to(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """SIGINT goes to `handler` while the block runs (only the main thread can catch signals; elsewhere
+    nothing changes and a command is simply waited for)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _log_handlers_to(screen: TextIO) -> list[tuple[logging.StreamHandler[TextIO], TextIO]]:

@@ -319,11 +319,11 @@ def assert_syslog(messages: list[bytes], lines: list[str], lines_now: list[str],
 # -- over TLS (RFC 5425) ----------------------------------------------------------------------------------
 
 
-def server_tls(authority: Authority, server: Issued) -> ssl.SSLContext:
-    """A collector's context: its own certificate, and client certificates required, from `authority`."""
+def server_tls(authority: Authority, server: Issued, clients: bool = True) -> ssl.SSLContext:
+    """A collector's context: its own certificate, and (`clients`) client certificates from `authority` required."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(authority.ca))
     context.load_cert_chain(server.cert, server.key)
-    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_mode = ssl.CERT_REQUIRED if clients else ssl.CERT_NONE
     return context
 
 
@@ -358,7 +358,7 @@ def test_a_collector_that_fails_verification_gets_nothing(tmp_path: Path, wrong:
     pki = Authority(tmp_path / "pki", "site-ca")
     impostor = Authority(tmp_path / "other", "other-ca") if wrong == "another CA" else pki
     served = impostor.issue("collector", "127.0.0.1" if wrong == "another CA" else "127.0.0.2")
-    collector = SyslogListener(server_tls(pki, served)).start()
+    collector = SyslogListener(server_tls(pki, served, clients=False)).start()  # only the sender's check can fail
     settings = ExportSettings(syslog=("127.0.0.1", collector.port), syslog_tls=True, syslog_ca=pki.ca)
     sender = SyslogSender("127.0.0.1", collector.port, 10, tls_context(settings))
     try:
